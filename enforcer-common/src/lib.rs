@@ -1,0 +1,292 @@
+//! Types shared by the kernel programs and the daemon.
+//!
+//! Every type here crosses the user/kernel boundary through a BPF map, so each
+//! is `#[repr(C)]` with explicit, named padding and a compile-time size check:
+//! a layout change on one side that the other side does not see would silently
+//! corrupt verdicts.
+#![no_std]
+
+/// Numeric security identity of an address, as found by the identity maps.
+pub type IdentityId = u32;
+
+/// No identity: never stored in a map.
+pub const IDENTITY_NONE: IdentityId = 0;
+/// Reserved identity of every address that belongs to no declared identity.
+pub const IDENTITY_WORLD: IdentityId = 1;
+/// Reserved identity of the node's own addresses.
+pub const IDENTITY_HOST: IdentityId = 2;
+/// First identity number the policy compiler hands out.
+pub const IDENTITY_FIRST_DYNAMIC: IdentityId = 256;
+
+/// Why a packet was dropped. Append-only: the discriminant is both the index
+/// into the drop counter map and, through [`DropReason::label`], the
+/// Prometheus `reason` label, so renumbering would corrupt dashboards.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// No allow rule admits the packet (zero-trust default).
+    DefaultDeny = 0,
+    /// A deny rule matches the packet.
+    DenyRule = 1,
+    /// The packet's headers are inconsistent or truncated.
+    Malformed = 2,
+    /// A later IP fragment whose first fragment was never seen.
+    FragmentUnknown = 3,
+}
+
+impl DropReason {
+    /// Number of reasons; sizes the counter map.
+    pub const COUNT: u32 = 4;
+    /// Every reason, in discriminant order.
+    pub const ALL: [DropReason; Self::COUNT as usize] = [
+        DropReason::DefaultDeny,
+        DropReason::DenyRule,
+        DropReason::Malformed,
+        DropReason::FragmentUnknown,
+    ];
+
+    /// The Prometheus `reason` label.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            DropReason::DefaultDeny => "default_deny",
+            DropReason::DenyRule => "deny_rule",
+            DropReason::Malformed => "malformed",
+            DropReason::FragmentUnknown => "fragment_unknown",
+        }
+    }
+}
+
+/// Where a packet was judged.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Entering the node through an enforced interface (XDP).
+    Ingress = 0,
+    /// Leaving the node, originated by the node itself (TC egress).
+    Egress = 1,
+}
+
+impl Direction {
+    /// Number of directions; sizes the counter maps.
+    pub const COUNT: u32 = 2;
+    /// Every direction, in discriminant order.
+    pub const ALL: [Direction; Self::COUNT as usize] = [Direction::Ingress, Direction::Egress];
+
+    /// The Prometheus `direction` label.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// Index into the drop counter array for a (reason, direction) pair.
+#[must_use]
+pub const fn drop_counter_index(reason: DropReason, direction: Direction) -> u32 {
+    reason as u32 * Direction::COUNT + direction as u32
+}
+
+/// Entries in the drop counter array.
+pub const DROP_COUNTER_ENTRIES: u32 = DropReason::COUNT * Direction::COUNT;
+
+/// Packets and bytes, per CPU; the daemon sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Value of the identity maps (exact-address hash and prefix trie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityValue {
+    pub id: IdentityId,
+    /// Reserved for per-identity flags; always 0 for now.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<IdentityValue>() == 8);
+
+/// Data part of the policy trie key. The trie matches it most significant bit
+/// first, so the fields are ordered from always-exact to possibly-wildcarded:
+/// both identities are always matched in full (64 bits), then the protocol and
+/// port together form a 24-bit space in which the compiler places aligned
+/// prefixes, so one lookup resolves any port range or protocol wildcard.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKeyData {
+    /// Source identity, big-endian bytes.
+    pub src_identity: [u8; 4],
+    /// Destination identity, big-endian bytes.
+    pub dst_identity: [u8; 4],
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Destination port (TCP/UDP) or ICMP `type << 8 | code`, big-endian.
+    pub port: [u8; 2],
+    /// Never matched: prefixes stop at [`POLICY_KEY_MAX_PREFIX`].
+    pub padding: u8,
+}
+const _: () = assert!(core::mem::size_of::<PolicyKeyData>() == 12);
+
+/// Prefix length covering both identities.
+pub const POLICY_KEY_IDENTITY_BITS: u32 = 64;
+/// Prefix length covering identities, protocol and port.
+pub const POLICY_KEY_MAX_PREFIX: u32 = POLICY_KEY_IDENTITY_BITS + 24;
+
+impl PolicyKeyData {
+    #[must_use]
+    pub const fn new(src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Self {
+        Self {
+            src_identity: src.to_be_bytes(),
+            dst_identity: dst.to_be_bytes(),
+            protocol,
+            port: port.to_be_bytes(),
+            padding: 0,
+        }
+    }
+}
+
+/// A policy verdict stored in the trie.
+pub const ACTION_ALLOW: u32 = 1;
+/// A deny-rule verdict stored in the trie.
+pub const ACTION_DENY: u32 = 2;
+
+/// Value of the policy trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// [`ACTION_ALLOW`] or [`ACTION_DENY`].
+    pub action: u32,
+    /// Index of the deciding rule in the compiled policy's rule table.
+    pub rule_index: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+/// Address family tag of a [`FlowKey`].
+pub const FAMILY_IPV4: u8 = 4;
+/// Address family tag of a [`FlowKey`].
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Connection-tracking key: one per direction of a connection, as the packet
+/// carries it, so an established flow costs exactly one lookup. IPv4 addresses
+/// use the first four bytes; the rest are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// Source port, or ICMP echo identifier on requests (host order).
+    pub src_port: u16,
+    /// Destination port, or ICMP echo identifier on replies (host order).
+    pub dst_port: u16,
+    pub protocol: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    pub padding: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    /// The key the other direction of this connection carries.
+    #[must_use]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            protocol: self.protocol,
+            family: self.family,
+            padding: [0; 2],
+        }
+    }
+}
+
+/// The entry was created for the connection's originator.
+pub const FLOW_ORIGINAL: u32 = 0;
+/// The entry was created for the connection's replies.
+pub const FLOW_REPLY: u32 = 1;
+
+/// TCP handshake seen in one direction only.
+pub const TCP_STATE_OPENING: u32 = 0;
+/// TCP data may flow.
+pub const TCP_STATE_ESTABLISHED: u32 = 1;
+/// FIN or RST seen: the entry lingers briefly for the last segments.
+pub const TCP_STATE_CLOSING: u32 = 2;
+
+/// Connection-tracking value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// `bpf_ktime_get_ns` of the last packet in this entry's direction.
+    pub last_seen_ns: u64,
+    /// When this entry last refreshed the other direction's entry: a
+    /// one-way stream keeps its return path open without a second lookup on
+    /// every packet.
+    pub peer_refreshed_ns: u64,
+    /// Policy generation that last admitted the originator's packets.
+    pub policy_generation: u32,
+    /// [`FLOW_ORIGINAL`] or [`FLOW_REPLY`].
+    pub direction: u32,
+    /// One of the `TCP_STATE_*` constants; 0 for other protocols.
+    pub tcp_state: u32,
+    /// Rule that admitted the connection.
+    pub rule_index: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
+
+/// Index of the single entry of the config array.
+pub const CONFIG_INDEX: u32 = 0;
+
+/// Daemon-wide settings the kernel reads on every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Bumped by the daemon on every policy change; flows admitted under an
+    /// older generation are judged again by the policy on their next packet.
+    pub policy_generation: u32,
+    /// Reserved for daemon-wide flags; always 0 for now.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
+
+/// Connection-tracking timeouts, in nanoseconds.
+pub mod timeouts {
+    /// How often an entry refreshes its peer entry.
+    pub const PEER_REFRESH_NS: u64 = 1_000_000_000;
+    pub const TCP_OPENING_NS: u64 = 60 * 1_000_000_000;
+    pub const TCP_ESTABLISHED_NS: u64 = 2 * 60 * 60 * 1_000_000_000;
+    pub const TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+    pub const UDP_NS: u64 = 60 * 1_000_000_000;
+    pub const ICMP_NS: u64 = 30 * 1_000_000_000;
+}
+
+/// Map names, shared so the daemon never misspells one.
+pub mod maps {
+    pub const IDENTITY_V4_EXACT: &str = "IDENTITY_V4_EXACT";
+    pub const IDENTITY_V4_PREFIX: &str = "IDENTITY_V4_PREFIX";
+    pub const IDENTITY_V6_EXACT: &str = "IDENTITY_V6_EXACT";
+    pub const IDENTITY_V6_PREFIX: &str = "IDENTITY_V6_PREFIX";
+    pub const POLICY: &str = "POLICY";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CONFIG: &str = "CONFIG";
+    pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
+    pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] plain integers and byte arrays with
+    // explicit padding fields, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::IdentityValue {}
+    unsafe impl aya::Pod for super::PolicyKeyData {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::Config {}
+}

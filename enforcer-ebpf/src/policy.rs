@@ -1,0 +1,26 @@
+//! The policy lookup: one longest-prefix match on (source identity,
+//! destination identity, protocol, port). The compiler has already resolved
+//! deny-over-allow and port ranges into disjoint prefixes, so the cost does
+//! not depend on how many rules exist.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use enforcer_common::{ACTION_ALLOW, DropReason, IdentityId, POLICY_KEY_MAX_PREFIX, PolicyKeyData};
+
+use crate::maps::POLICY;
+
+pub enum Outcome {
+    Allow { rule_index: u32 },
+    Deny(DropReason),
+}
+
+#[inline(always)]
+pub fn decide(src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Outcome {
+    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(src, dst, protocol, port));
+    match POLICY.get(&key) {
+        None => Outcome::Deny(DropReason::DefaultDeny),
+        Some(value) if value.action == ACTION_ALLOW => Outcome::Allow {
+            rule_index: value.rule_index,
+        },
+        Some(_) => Outcome::Deny(DropReason::DenyRule),
+    }
+}

@@ -1,0 +1,80 @@
+//! `bulkhead`: the Bulkhead daemon and CLI.
+
+mod check;
+mod datapath;
+mod metrics;
+mod run;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// eBPF/XDP micro-segmentation enforcer.
+#[derive(Parser)]
+#[command(name = "bulkhead", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enforce the policy in DIR on the given interfaces until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Work with policy files without touching the kernel.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Directory of policy files (*.yaml, *.yml), merged.
+    #[arg(long, value_name = "DIR")]
+    policy_dir: PathBuf,
+    /// Interface to enforce on (XDP on its ingress); repeat for several.
+    #[arg(long = "interface", value_name = "IF", required = true)]
+    interfaces: Vec<String>,
+    /// Address for the plain-HTTP /metrics, /healthz and /readyz endpoints.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    metrics_addr: SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files or directories; exit 1 with one `file:line:col: message` line per problem.
+    Check {
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show which identities, rule and verdict the policy gives a packet.
+    Explain {
+        /// Directory (or file) of policy files.
+        #[arg(long, value_name = "DIR")]
+        policy_dir: PathBuf,
+        /// Source address.
+        #[arg(long, value_name = "ADDR")]
+        from: String,
+        /// Destination: ADDR, or ADDR:PORT/PROTO (IPv6 as [ADDR]:PORT/PROTO), or ADDR/PROTO.
+        #[arg(long, value_name = "ADDR[:PORT/PROTO]")]
+        to: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Policy(PolicyCommand::Check { paths }) => check::check(&paths),
+        Command::Policy(PolicyCommand::Explain { policy_dir, from, to }) => check::explain(&policy_dir, &from, &to),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

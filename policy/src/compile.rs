@@ -1,0 +1,381 @@
+//! Compiles a validated policy into plain map entries.
+//!
+//! Addresses are partitioned into *atoms*: sets of addresses that every
+//! selector treats alike (same owning identity, inside the same CIDR peers).
+//! Each atom gets a numeric identity, so the kernel needs one identity lookup
+//! per address and one policy lookup per packet however many rules exist.
+//! Per pair of atoms, the rules are resolved (deny beats allow) into disjoint
+//! (protocol, port) intervals, each stored as aligned prefixes of a 24-bit
+//! space in the policy trie.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use enforcer_common::{
+    ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_WORLD, IdentityId, POLICY_KEY_IDENTITY_BITS,
+    PolicyKeyData, PolicyValue,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::model::{Action, Policy, Selector, WORLD};
+
+/// One entry of the identity maps: addresses in `net` (unless a longer entry
+/// covers them) have identity `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityEntry {
+    pub net: IpNet,
+    pub id: IdentityId,
+}
+
+/// One entry of the policy trie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub prefix_len: u32,
+    pub key: PolicyKeyData,
+    pub value: PolicyValue,
+}
+
+/// A rule as the kernel's `rule_index` refers to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledRule {
+    pub name: String,
+    pub action: Action,
+}
+
+/// A numeric identity and what it stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Atom {
+    pub id: IdentityId,
+    /// Owning identity, or `world`.
+    pub owner: String,
+}
+
+/// Everything the daemon writes to the maps for one policy.
+#[derive(Debug, Clone, Default)]
+pub struct CompiledPolicy {
+    /// Ordered by name; a rule's position is its `rule_index`.
+    pub rules: Vec<CompiledRule>,
+    pub atoms: Vec<Atom>,
+    pub identity_entries: Vec<IdentityEntry>,
+    pub policy_entries: Vec<PolicyEntry>,
+}
+
+/// Width of the (protocol, port) space resolved per identity pair.
+const PROTO_PORT_BITS: u32 = 24;
+const PROTO_PORT_MAX: u32 = (1 << PROTO_PORT_BITS) - 1;
+
+/// Compiles a policy that passed validation.
+#[must_use]
+pub fn compile(policy: &Policy) -> CompiledPolicy {
+    let mut rules: Vec<_> = policy.rules.iter().collect();
+    rules.sort_by(|a, b| a.name.cmp(&b.name));
+
+    // Distinct CIDR selectors, numbered.
+    let mut cidr_selectors: Vec<(IpNet, Vec<IpNet>)> = Vec::new();
+    for rule in &rules {
+        for peer in rule.from.iter().chain(&rule.to) {
+            if let Selector::Cidr { cidr, except } = &peer.selector {
+                if !cidr_selectors.iter().any(|(c, e)| c == cidr && e == except) {
+                    cidr_selectors.push((*cidr, except.clone()));
+                }
+            }
+        }
+    }
+
+    let identity_owner: HashMap<IpNet, usize> = policy
+        .identities
+        .iter()
+        .enumerate()
+        .flat_map(|(index, identity)| identity.addresses.iter().map(move |a| (a.net, index)))
+        .collect();
+    let owner_index = PrefixIndex::new(identity_owner.keys().copied());
+    let mut cidr_members: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    let mut except_members: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    for (k, (cidr, except)) in cidr_selectors.iter().enumerate() {
+        cidr_members.entry(*cidr).or_default().push(k);
+        for e in except {
+            except_members.entry(*e).or_default().push(k);
+        }
+    }
+    let cidr_index = PrefixIndex::new(cidr_members.keys().chain(except_members.keys()).copied());
+
+    let mut prefixes: BTreeSet<IpNet> = identity_owner.keys().copied().collect();
+    prefixes.extend(cidr_members.keys().copied());
+    prefixes.extend(except_members.keys().copied());
+    prefixes.insert(IpNet::V4(Ipv4Net::default()));
+    prefixes.insert(IpNet::V6(Ipv6Net::default()));
+    let all_index = PrefixIndex::new(prefixes.iter().copied());
+
+    // Atom of every prefix: owner and the CIDR selectors containing it.
+    type AtomKey = (Option<usize>, Vec<usize>);
+    let mut atom_ids: HashMap<AtomKey, IdentityId> = HashMap::new();
+    atom_ids.insert((None, Vec::new()), IDENTITY_WORLD);
+    let mut next_id = IDENTITY_FIRST_DYNAMIC;
+    let mut atom_of_prefix: HashMap<IpNet, IdentityId> = HashMap::new();
+    let mut atoms = vec![Atom { id: IDENTITY_WORLD, owner: WORLD.to_owned() }];
+    let mut by_owner: HashMap<Option<usize>, Vec<IdentityId>> = HashMap::new();
+    by_owner.entry(None).or_default().push(IDENTITY_WORLD);
+    let mut by_cidr: HashMap<usize, Vec<IdentityId>> = HashMap::new();
+    let mut identity_entries = Vec::new();
+    // BTreeSet order puts every prefix after the prefixes containing it.
+    for net in &prefixes {
+        let owner = owner_index.covering(net).find_map(|outer| identity_owner.get(&outer).copied());
+        let mut inside: BTreeSet<usize> = BTreeSet::new();
+        let mut excluded: BTreeSet<usize> = BTreeSet::new();
+        for outer in cidr_index.covering(net) {
+            inside.extend(cidr_members.get(&outer).into_iter().flatten());
+            excluded.extend(except_members.get(&outer).into_iter().flatten());
+        }
+        let key: AtomKey = (owner, inside.difference(&excluded).copied().collect());
+        let id = *atom_ids.entry(key.clone()).or_insert_with(|| {
+            let id = next_id;
+            next_id += 1;
+            atoms.push(Atom {
+                id,
+                owner: owner.map_or(WORLD, |i| policy.identities[i].name.as_str()).to_owned(),
+            });
+            by_owner.entry(key.0).or_default().push(id);
+            for k in &key.1 {
+                by_cidr.entry(*k).or_default().push(id);
+            }
+            id
+        });
+        atom_of_prefix.insert(*net, id);
+        let parent = all_index
+            .covering(net)
+            .filter(|outer| outer != net)
+            .filter_map(|outer| atom_of_prefix.get(&outer).copied())
+            .last()
+            .unwrap_or(IDENTITY_WORLD);
+        if parent != id {
+            identity_entries.push(IdentityEntry { net: *net, id });
+        }
+    }
+    let mut pairs: BTreeMap<(IdentityId, IdentityId), Vec<(Action, u32, (u32, u32))>> = BTreeMap::new();
+    for (rule_index, rule) in rules.iter().enumerate() {
+        let select = |peers: &[crate::model::Peer]| -> BTreeSet<IdentityId> {
+            let mut ids = BTreeSet::new();
+            for peer in peers {
+                match &peer.selector {
+                    Selector::Identity(name) if name == WORLD => {
+                        ids.extend(by_owner.get(&None).into_iter().flatten());
+                    }
+                    Selector::Identity(name) => {
+                        let index = policy.identities.iter().position(|i| &i.name == name);
+                        ids.extend(index.and_then(|i| by_owner.get(&Some(i))).into_iter().flatten());
+                    }
+                    Selector::Labels(wanted) => {
+                        for (i, identity) in policy.identities.iter().enumerate() {
+                            if wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v)) {
+                                ids.extend(by_owner.get(&Some(i)).into_iter().flatten());
+                            }
+                        }
+                    }
+                    Selector::Cidr { cidr, except } => {
+                        let k = cidr_selectors.iter().position(|(c, e)| c == cidr && e == except);
+                        ids.extend(k.and_then(|k| by_cidr.get(&k)).into_iter().flatten());
+                    }
+                }
+            }
+            ids
+        };
+        let sources = select(&rule.from);
+        let destinations = select(&rule.to);
+        let intervals: Vec<(u32, u32)> = match &rule.ports {
+            None => vec![(0, PROTO_PORT_MAX)],
+            Some(specs) => specs
+                .iter()
+                .map(|s| {
+                    let base = u32::from(s.protocol.number()) << 16;
+                    (base | u32::from(s.first), base | u32::from(s.last))
+                })
+                .collect(),
+        };
+        let rule_index = rule_index as u32;
+        for &src in &sources {
+            for &dst in &destinations {
+                let entry = pairs.entry((src, dst)).or_default();
+                entry.extend(intervals.iter().map(|&iv| (rule.action, rule_index, iv)));
+            }
+        }
+    }
+
+    let mut policy_entries = Vec::new();
+    for ((src, dst), claims) in &pairs {
+        for (first, last, value) in resolve(claims) {
+            for (start, bits) in aligned_blocks(first, last) {
+                policy_entries.push(PolicyEntry {
+                    prefix_len: POLICY_KEY_IDENTITY_BITS + bits,
+                    key: PolicyKeyData::new(*src, *dst, (start >> 16) as u8, start as u16),
+                    value,
+                });
+            }
+        }
+    }
+
+    CompiledPolicy {
+        rules: rules
+            .iter()
+            .map(|r| CompiledRule { name: r.name.clone(), action: r.action })
+            .collect(),
+        atoms,
+        identity_entries,
+        policy_entries,
+    }
+}
+
+/// Resolves overlapping claims on the (protocol, port) space of one identity
+/// pair into disjoint intervals: any deny beats every allow, and among claims
+/// of the winning action the lowest rule index (first by name) is reported.
+fn resolve(claims: &[(Action, u32, (u32, u32))]) -> Vec<(u32, u32, PolicyValue)> {
+    let mut cuts: BTreeSet<u32> = BTreeSet::new();
+    for &(_, _, (first, last)) in claims {
+        cuts.insert(first);
+        if last < PROTO_PORT_MAX {
+            cuts.insert(last + 1);
+        }
+    }
+    let cuts: Vec<u32> = cuts.into_iter().collect();
+    let mut out: Vec<(u32, u32, PolicyValue)> = Vec::new();
+    for (i, &start) in cuts.iter().enumerate() {
+        let end = cuts.get(i + 1).map_or(PROTO_PORT_MAX, |next| next - 1);
+        let covering = claims.iter().filter(|(_, _, (f, l))| *f <= start && end <= *l);
+        let winner = covering.min_by_key(|(action, rule, _)| (*action != Action::Deny, *rule));
+        let Some(&(action, rule_index, _)) = winner else { continue };
+        let value = PolicyValue {
+            action: if action == Action::Deny { ACTION_DENY } else { ACTION_ALLOW },
+            rule_index,
+        };
+        match out.last_mut() {
+            Some(last) if last.2 == value && last.1 + 1 == start => last.1 = end,
+            _ => out.push((start, end, value)),
+        }
+    }
+    out
+}
+
+/// Splits `[first, last]` of the 24-bit space into the fewest aligned blocks,
+/// each as (start, prefix bits within the 24).
+fn aligned_blocks(mut first: u32, last: u32) -> Vec<(u32, u32)> {
+    let mut blocks = Vec::new();
+    loop {
+        let mut size_log = if first == 0 { PROTO_PORT_BITS } else { first.trailing_zeros().min(PROTO_PORT_BITS) };
+        while first + (1 << size_log) - 1 > last {
+            size_log -= 1;
+        }
+        blocks.push((first, PROTO_PORT_BITS - size_log));
+        let next = first + (1 << size_log);
+        if next > last {
+            return blocks;
+        }
+        first = next;
+    }
+}
+
+/// The distinct prefix lengths of a set of prefixes, per family, to find the
+/// prefixes of the set that contain a given prefix without scanning the set.
+struct PrefixIndex {
+    v4: Vec<u8>,
+    v6: Vec<u8>,
+}
+
+impl PrefixIndex {
+    fn new(nets: impl Iterator<Item = IpNet>) -> Self {
+        let mut v4 = BTreeSet::new();
+        let mut v6 = BTreeSet::new();
+        for net in nets {
+            match net {
+                IpNet::V4(n) => v4.insert(n.prefix_len()),
+                IpNet::V6(n) => v6.insert(n.prefix_len()),
+            };
+        }
+        Self { v4: v4.into_iter().collect(), v6: v6.into_iter().collect() }
+    }
+
+    /// Candidate prefixes containing `net` (itself included), shortest first;
+    /// the caller checks which of them are actually in its set.
+    fn covering(&self, net: &IpNet) -> impl Iterator<Item = IpNet> + '_ {
+        let lengths = if net.addr().is_ipv4() { &self.v4 } else { &self.v6 };
+        let net = *net;
+        lengths
+            .iter()
+            .take_while(move |&&len| len <= net.prefix_len())
+            .filter_map(move |&len| IpNet::new(net.addr(), len).ok().map(|n| n.trunc()))
+    }
+}
+
+impl CompiledPolicy {
+    /// What the kernel's identity lookup answers for `addr`: the exact
+    /// address first, then the longest prefix, else `world`.
+    #[must_use]
+    pub fn lookup_identity(&self, addr: IpAddr) -> IdentityId {
+        self.identity_entries
+            .iter()
+            .filter(|e| e.net.contains(&addr))
+            .max_by_key(|e| e.net.prefix_len())
+            .map_or(IDENTITY_WORLD, |e| e.id)
+    }
+
+    /// What the kernel's policy trie answers: the longest matching prefix.
+    #[must_use]
+    pub fn lookup_policy(&self, src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Option<PolicyValue> {
+        let wanted = u128::from_be_bytes(key_bytes(&PolicyKeyData::new(src, dst, protocol, port)));
+        self.policy_entries
+            .iter()
+            .filter(|e| {
+                let mask = if e.prefix_len == 0 { 0 } else { u128::MAX << (128 - e.prefix_len) };
+                u128::from_be_bytes(key_bytes(&e.key)) & mask == wanted & mask
+            })
+            .max_by_key(|e| e.prefix_len)
+            .map(|e| e.value)
+    }
+
+    /// The owner name of a numeric identity.
+    #[must_use]
+    pub fn atom_owner(&self, id: IdentityId) -> Option<&str> {
+        self.atoms.iter().find(|a| a.id == id).map(|a| a.owner.as_str())
+    }
+}
+
+fn key_bytes(key: &PolicyKeyData) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    bytes[..4].copy_from_slice(&key.src_identity);
+    bytes[4..8].copy_from_slice(&key.dst_identity);
+    bytes[8] = key.protocol;
+    bytes[9..11].copy_from_slice(&key.port);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_blocks_cover_exactly() {
+        for (first, last) in [(0, PROTO_PORT_MAX), (5, 5), (1, 1023), (80, 443), (6 << 16, (6 << 16) | 0xffff)] {
+            let blocks = aligned_blocks(first, last);
+            let mut next = first;
+            for (start, bits) in &blocks {
+                assert_eq!(*start, next);
+                let size = 1u32 << (PROTO_PORT_BITS - bits);
+                assert_eq!(start % size, 0, "block not aligned");
+                next = start + size;
+            }
+            assert_eq!(next, last + 1);
+        }
+        assert_eq!(aligned_blocks(6 << 16, (6 << 16) | 0xffff), vec![(6 << 16, 8)]);
+        assert_eq!(aligned_blocks(0, PROTO_PORT_MAX), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn deny_beats_allow_and_splits_ranges() {
+        let claims = [
+            (Action::Allow, 0, (100, 200)),
+            (Action::Deny, 1, (150, 150)),
+        ];
+        let resolved = resolve(&claims);
+        let allow = PolicyValue { action: ACTION_ALLOW, rule_index: 0 };
+        let deny = PolicyValue { action: ACTION_DENY, rule_index: 1 };
+        assert_eq!(resolved, vec![(100, 149, allow), (150, 150, deny), (151, 200, allow)]);
+    }
+}

@@ -1,0 +1,151 @@
+//! The policy as written, after parsing: identities and rules with the
+//! positions they came from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ipnet::IpNet;
+
+use crate::error::Location;
+
+/// Reserved identity of addresses that belong to no declared identity.
+pub const WORLD: &str = "world";
+/// Reserved identity of the node's own addresses.
+pub const HOST: &str = "host";
+
+/// All policy documents of one load, merged.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// `metadata.name` of every document, in load order.
+    pub documents: Vec<String>,
+    pub identities: Vec<Identity>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub addresses: Vec<Address>,
+    pub location: Location,
+}
+
+/// One entry of an identity's `addresses`.
+#[derive(Debug, Clone)]
+pub struct Address {
+    pub net: IpNet,
+    pub location: Location,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub action: Action,
+    pub from: Vec<Peer>,
+    pub to: Vec<Peer>,
+    /// `None` when `ports` is omitted: the rule covers every protocol.
+    pub ports: Option<Vec<PortSpec>>,
+    pub location: Location,
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub selector: Selector,
+    pub location: Location,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Selector {
+    /// A declared identity, or the reserved `world`.
+    Identity(String),
+    /// Every declared identity carrying all of these labels.
+    Labels(BTreeMap<String, String>),
+    /// Every address inside `cidr` and outside all of `except`.
+    Cidr { cidr: IpNet, except: Vec<IpNet> },
+}
+
+/// A protocol a rule can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Icmp => 1,
+            Protocol::Icmpv6 => 58,
+        }
+    }
+
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "icmp" => Some(Protocol::Icmp),
+            "icmpv6" => Some(Protocol::Icmpv6),
+            _ => None,
+        }
+    }
+
+    /// Whether the protocol has ports a rule can restrict.
+    #[must_use]
+    pub const fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+            Protocol::Icmpv6 => "icmpv6",
+        })
+    }
+}
+
+/// One entry of a rule's `ports`: a protocol and an inclusive port range
+/// (for ICMP, the `type << 8 | code` range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    pub first: u16,
+    pub last: u16,
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == 0 && self.last == u16::MAX {
+            write!(f, "{}", self.protocol)
+        } else if self.first == self.last {
+            write!(f, "{}/{}", self.first, self.protocol)
+        } else {
+            write!(f, "{}-{}/{}", self.first, self.last, self.protocol)
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Turns YAML trees into a [`Policy`], collecting every problem with its
+//! position instead of stopping at the first.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::error::{Diagnostic, Location};
+use crate::model::{Action, Address, Identity, Peer, Policy, PortSpec, Protocol, Rule, Selector};
+use crate::yaml::{Node, Value};
+
+pub const API_VERSION: &str = "bulkhead/v1";
+pub const KIND: &str = "SegmentPolicy";
+
+/// Appends the documents of one file to `policy`, recording problems in `problems`.
+pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &mut Vec<Diagnostic>) {
+    let documents = match crate::yaml::parse_documents(file, text) {
+        Ok(documents) => documents,
+        Err(problem) => {
+            problems.push(problem);
+            return;
+        }
+    };
+    for document in &documents {
+        Parser { problems: &mut *problems }.document(document, policy);
+    }
+}
+
+struct Parser<'a> {
+    problems: &'a mut Vec<Diagnostic>,
+}
+
+/// The fields of one mapping, checked against the fields it may have.
+struct Fields<'n> {
+    entries: Vec<(&'n str, &'n Node)>,
+    location: Location,
+}
+
+impl<'n> Fields<'n> {
+    fn get(&self, name: &str) -> Option<&'n Node> {
+        self.entries.iter().find(|(key, _)| *key == name).map(|(_, value)| *value)
+    }
+}
+
+impl Parser<'_> {
+    fn problem(&mut self, location: &Location, message: impl Into<String>) {
+        self.problems.push(Diagnostic::new(location.clone(), message));
+    }
+
+    /// Reads a mapping, reporting unknown and repeated keys.
+    fn fields<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str]) -> Option<Fields<'n>> {
+        let Value::Mapping(entries) = &node.value else {
+            self.problem(&node.location, format!("{what} must be a mapping, found {}", node.kind()));
+            return None;
+        };
+        let mut fields = Fields {
+            entries: Vec::new(),
+            location: node.location.clone(),
+        };
+        for (key, value) in entries {
+            let Value::Scalar { text, .. } = &key.value else {
+                self.problem(&key.location, format!("keys in {what} must be plain names"));
+                continue;
+            };
+            if !allowed.contains(&text.as_str()) {
+                self.problem(
+                    &key.location,
+                    format!("unknown field `{text}` in {what}; expected one of: {}", allowed.join(", ")),
+                );
+                continue;
+            }
+            if fields.get(text).is_some() {
+                self.problem(&key.location, format!("field `{text}` appears twice in {what}; keep one"));
+                continue;
+            }
+            fields.entries.push((text.as_str(), value));
+        }
+        Some(fields)
+    }
+
+    fn required<'n>(&mut self, fields: &Fields<'n>, name: &str, what: &str) -> Option<&'n Node> {
+        let node = fields.get(name);
+        if node.is_none() {
+            self.problem(&fields.location, format!("{what} is missing required field `{name}`"));
+        }
+        node
+    }
+
+    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+        match &node.value {
+            Value::Scalar { text, .. } if !node.is_null() => Some(text.clone()),
+            _ => {
+                self.problem(&node.location, format!("{what} must be a string, found {}", node.kind()));
+                None
+            }
+        }
+    }
+
+    fn sequence<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n [Node]> {
+        if let Value::Sequence(items) = &node.value {
+            Some(items)
+        } else {
+            self.problem(&node.location, format!("{what} must be a list, found {}", node.kind()));
+            None
+        }
+    }
+
+    fn name(&mut self, node: &Node, what: &str) -> Option<String> {
+        let name = self.string(node, what)?;
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
+            && name.as_bytes()[0].is_ascii_alphanumeric();
+        if valid {
+            Some(name)
+        } else {
+            self.problem(
+                &node.location,
+                format!("{what} `{name}` is not a valid name; use 1-63 lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"),
+            );
+            None
+        }
+    }
+
+    fn document(&mut self, node: &Node, policy: &mut Policy) {
+        let Some(fields) = self.fields(node, "a policy document", &["apiVersion", "kind", "metadata", "spec"]) else {
+            return;
+        };
+        if let Some(version) = self.required(&fields, "apiVersion", "the policy document") {
+            if let Some(text) = self.string(version, "apiVersion") {
+                if text != API_VERSION {
+                    self.problem(&version.location, format!("unsupported apiVersion `{text}`; use `{API_VERSION}`"));
+                }
+            }
+        }
+        if let Some(kind) = self.required(&fields, "kind", "the policy document") {
+            if let Some(text) = self.string(kind, "kind") {
+                if text != KIND {
+                    self.problem(&kind.location, format!("unsupported kind `{text}`; use `{KIND}`"));
+                }
+            }
+        }
+        if let Some(metadata) = self.required(&fields, "metadata", "the policy document") {
+            if let Some(meta) = self.fields(metadata, "metadata", &["name"]) {
+                if let Some(name) = self.required(&meta, "name", "metadata") {
+                    if let Some(name) = self.name(name, "metadata.name") {
+                        policy.documents.push(name);
+                    }
+                }
+            }
+        }
+        let Some(spec) = self.required(&fields, "spec", "the policy document") else {
+            return;
+        };
+        let Some(spec) = self.fields(spec, "spec", &["identities", "rules"]) else {
+            return;
+        };
+        if let Some(identities) = spec.get("identities") {
+            if !identities.is_null() {
+                for item in self.sequence(identities, "spec.identities").unwrap_or_default() {
+                    if let Some(identity) = self.identity(item) {
+                        policy.identities.push(identity);
+                    }
+                }
+            }
+        }
+        if let Some(rules) = spec.get("rules") {
+            if !rules.is_null() {
+                for item in self.sequence(rules, "spec.rules").unwrap_or_default() {
+                    if let Some(rule) = self.rule(item) {
+                        policy.rules.push(rule);
+                    }
+                }
+            }
+        }
+    }
+
+    fn identity(&mut self, node: &Node) -> Option<Identity> {
+        let fields = self.fields(node, "an identity", &["name", "labels", "addresses"])?;
+        let name = self.required(&fields, "name", "the identity").and_then(|n| self.name(n, "identity name"));
+        let labels = match fields.get("labels") {
+            Some(labels) => self.labels(labels, "labels")?,
+            None => BTreeMap::new(),
+        };
+        let mut addresses = Vec::new();
+        if let Some(list) = self.required(&fields, "addresses", "the identity") {
+            let items = self.sequence(list, "addresses")?;
+            if items.is_empty() {
+                self.problem(&list.location, "addresses is empty; list at least one CIDR or address");
+            }
+            for item in items {
+                if let Some(net) = self.net(item) {
+                    addresses.push(Address {
+                        net,
+                        location: item.location.clone(),
+                    });
+                }
+            }
+        }
+        Some(Identity {
+            name: name?,
+            labels,
+            addresses,
+            location: fields.location,
+        })
+    }
+
+    fn labels(&mut self, node: &Node, what: &str) -> Option<BTreeMap<String, String>> {
+        let Value::Mapping(entries) = &node.value else {
+            self.problem(&node.location, format!("{what} must be a mapping of label names to values, found {}", node.kind()));
+            return None;
+        };
+        let mut labels = BTreeMap::new();
+        for (key, value) in entries {
+            let key_text = self.string(key, "a label name")?;
+            let value_text = self.string(value, &format!("label `{key_text}`"))?;
+            if labels.insert(key_text.clone(), value_text).is_some() {
+                self.problem(&key.location, format!("label `{key_text}` appears twice; keep one"));
+            }
+        }
+        Some(labels)
+    }
+
+    /// A CIDR or single address; host bits must be clear.
+    fn net(&mut self, node: &Node) -> Option<IpNet> {
+        let text = self.string(node, "an address")?;
+        let parsed = if text.contains('/') {
+            text.parse::<IpNet>().ok()
+        } else {
+            text.parse::<IpAddr>().ok().map(IpNet::from)
+        };
+        let Some(net) = parsed else {
+            self.problem(
+                &node.location,
+                format!("`{text}` is not a valid IPv4/IPv6 address or CIDR; write e.g. 10.0.1.0/24, 10.0.3.10 or fd00::/64"),
+            );
+            return None;
+        };
+        if net.trunc() != net {
+            self.problem(
+                &node.location,
+                format!("`{text}` has host bits set beyond its prefix; did you mean {}?", net.trunc()),
+            );
+            return None;
+        }
+        Some(net)
+    }
+
+    fn rule(&mut self, node: &Node) -> Option<Rule> {
+        let fields = self.fields(node, "a rule", &["name", "action", "from", "to", "ports"])?;
+        let name = self.required(&fields, "name", "the rule").and_then(|n| self.name(n, "rule name"));
+        let action = match fields.get("action") {
+            None => Some(Action::Allow),
+            Some(node) => match self.string(node, "action")?.as_str() {
+                "allow" => Some(Action::Allow),
+                "deny" => Some(Action::Deny),
+                other => {
+                    self.problem(&node.location, format!("unknown action `{other}`; use `allow` or `deny`"));
+                    None
+                }
+            },
+        };
+        let from = self.required(&fields, "from", "the rule").and_then(|n| self.peers(n, "from"));
+        let to = self.required(&fields, "to", "the rule").and_then(|n| self.peers(n, "to"));
+        // Bad ports or a bad action are already recorded as problems, so the
+        // policy can never be applied; keeping the rule lets validation still
+        // report problems in its peers in the same run.
+        let ports = fields.get("ports").and_then(|node| {
+            let items = self.sequence(node, "ports")?;
+            if items.is_empty() {
+                self.problem(&node.location, "ports is empty; omit `ports` to cover every protocol, or list at least one");
+            }
+            Some(items.iter().filter_map(|item| self.port(item)).collect())
+        });
+        Some(Rule {
+            name: name?,
+            action: action.unwrap_or(Action::Allow),
+            from: from?,
+            to: to?,
+            ports,
+            location: fields.location,
+        })
+    }
+
+    fn peers(&mut self, node: &Node, what: &str) -> Option<Vec<Peer>> {
+        let items = self.sequence(node, what)?;
+        if items.is_empty() {
+            self.problem(&node.location, format!("`{what}` is empty, so the rule could never match; list at least one peer"));
+            return None;
+        }
+        let peers: Vec<_> = items.iter().map(|item| self.peer(item)).collect();
+        peers.into_iter().collect()
+    }
+
+    fn peer(&mut self, node: &Node) -> Option<Peer> {
+        let fields = self.fields(node, "a peer", &["identity", "labels", "cidr", "except"])?;
+        let chosen: Vec<&str> = ["identity", "labels", "cidr"]
+            .into_iter()
+            .filter(|key| fields.get(key).is_some())
+            .collect();
+        if chosen.len() != 1 {
+            self.problem(
+                &node.location,
+                "a peer needs exactly one of `identity`, `labels` or `cidr`; write one peer per list item",
+            );
+            return None;
+        }
+        if fields.get("except").is_some() && chosen[0] != "cidr" {
+            self.problem(&node.location, "`except` only goes with `cidr`");
+            return None;
+        }
+        let selector = match chosen[0] {
+            "identity" => Selector::Identity(self.string(fields.get("identity")?, "identity")?),
+            "labels" => {
+                let labels_node = fields.get("labels")?;
+                let labels = self.labels(labels_node, "labels")?;
+                if labels.is_empty() {
+                    self.problem(&labels_node.location, "an empty label selector is ambiguous; name at least one label");
+                    return None;
+                }
+                Selector::Labels(labels)
+            }
+            _ => {
+                let cidr = self.net(fields.get("cidr")?)?;
+                let mut except = Vec::new();
+                if let Some(list) = fields.get("except") {
+                    for item in self.sequence(list, "except")? {
+                        let net = self.net(item)?;
+                        if !cidr.contains(&net) || net == cidr {
+                            self.problem(&item.location, format!("except entry {net} is not strictly inside cidr {cidr}; remove it or fix the cidr"));
+                            return None;
+                        }
+                        except.push(net);
+                    }
+                }
+                except.sort();
+                except.dedup();
+                Selector::Cidr { cidr, except }
+            }
+        };
+        Some(Peer {
+            selector,
+            location: node.location.clone(),
+        })
+    }
+
+    fn port(&mut self, node: &Node) -> Option<PortSpec> {
+        let text = self.string(node, "a port")?;
+        let (range, protocol_name) = match text.split_once('/') {
+            Some((range, protocol)) => (Some(range), protocol),
+            None => (None, text.as_str()),
+        };
+        let Some(protocol) = Protocol::from_name(protocol_name) else {
+            self.problem(&node.location, format!("unknown protocol `{protocol_name}` in `{text}`; use tcp, udp, icmp or icmpv6"));
+            return None;
+        };
+        let Some(range) = range else {
+            return Some(PortSpec { protocol, first: 0, last: u16::MAX });
+        };
+        if !protocol.has_ports() {
+            self.problem(&node.location, format!("{protocol} has no ports; write just `{protocol}`"));
+            return None;
+        }
+        let parse = |s: &str| s.trim().parse::<u32>().ok();
+        let (first, last) = match range.split_once('-') {
+            Some((a, b)) => (parse(a), parse(b)),
+            None => (parse(range), parse(range)),
+        };
+        let (Some(first), Some(last)) = (first, last) else {
+            self.problem(&node.location, format!("`{text}` is not a port; write N/{protocol} or N-M/{protocol}"));
+            return None;
+        };
+        if first == 0 || first > 65535 || last == 0 || last > 65535 {
+            self.problem(&node.location, format!("port in `{text}` is out of range; ports go from 1 to 65535"));
+            return None;
+        }
+        if first > last {
+            self.problem(&node.location, format!("port range `{text}` is reversed; write {last}-{first}/{protocol}"));
+            return None;
+        }
+        Some(PortSpec { protocol, first: first as u16, last: last as u16 })
+    }
+}

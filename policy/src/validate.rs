@@ -1,0 +1,102 @@
+//! Checks that need the whole merged policy: unique names, non-overlapping
+//! identity addresses, and selectors that match something.
+
+use std::collections::{BTreeSet, HashMap};
+
+use ipnet::IpNet;
+
+use crate::error::Diagnostic;
+use crate::model::{HOST, Policy, Selector, WORLD};
+
+pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
+    let mut identity_names = HashMap::new();
+    for identity in &policy.identities {
+        if identity.name == WORLD || identity.name == HOST {
+            problems.push(Diagnostic::new(
+                identity.location.clone(),
+                format!("identity name `{}` is reserved; choose another name", identity.name),
+            ));
+        } else if let Some(first) = identity_names.insert(identity.name.as_str(), &identity.location) {
+            problems.push(Diagnostic::new(
+                identity.location.clone(),
+                format!("duplicate identity name `{}` (first declared at {first}); rename or merge them", identity.name),
+            ));
+        }
+    }
+    let mut rule_names = HashMap::new();
+    for rule in &policy.rules {
+        if let Some(first) = rule_names.insert(rule.name.as_str(), &rule.location) {
+            problems.push(Diagnostic::new(
+                rule.location.clone(),
+                format!("duplicate rule name `{}` (first declared at {first}); rename one of them", rule.name),
+            ));
+        }
+    }
+    overlapping_addresses(policy, problems);
+    for rule in &policy.rules {
+        for peer in rule.from.iter().chain(&rule.to) {
+            match &peer.selector {
+                Selector::Identity(name) => {
+                    if name != WORLD && !identity_names.contains_key(name.as_str()) {
+                        problems.push(Diagnostic::new(
+                            peer.location.clone(),
+                            format!("rule `{}` names identity `{name}`, which is not declared; declare it or use `world`", rule.name),
+                        ));
+                    }
+                }
+                Selector::Labels(wanted) => {
+                    let matches = policy.identities.iter().any(|identity| {
+                        wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v))
+                    });
+                    if !matches {
+                        let shown: Vec<_> = wanted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        problems.push(Diagnostic::new(
+                            peer.location.clone(),
+                            format!("label selector {{{}}} in rule `{}` matches no identity; fix the labels or add an identity carrying them", shown.join(", "), rule.name),
+                        ));
+                    }
+                }
+                Selector::Cidr { .. } => {}
+            }
+        }
+    }
+}
+
+/// Two identities may not claim the same address: an address must have
+/// exactly one identity. Prefixes nest or are disjoint, so checking every
+/// shorter prefix length of each address finds every overlap in
+/// O(addresses × distinct prefix lengths).
+fn overlapping_addresses(policy: &Policy, problems: &mut Vec<Diagnostic>) {
+    let mut owners: HashMap<IpNet, (&str, &crate::error::Location)> = HashMap::new();
+    let mut lengths: BTreeSet<(bool, u8)> = BTreeSet::new();
+    let mut all = Vec::new();
+    for identity in &policy.identities {
+        for address in &identity.addresses {
+            all.push((identity, address));
+        }
+    }
+    // Shorter prefixes first so the report always points at the more specific one.
+    all.sort_by_key(|(_, address)| (address.net.prefix_len(), address.location.clone()));
+    for (identity, address) in all {
+        let net = address.net;
+        let is_v4 = matches!(net, IpNet::V4(_));
+        for &(_, length) in lengths.range((is_v4, 0)..=(is_v4, net.prefix_len())) {
+            let Ok(outer) = IpNet::new(net.addr(), length) else { continue };
+            if let Some((owner, location)) = owners.get(&outer.trunc()) {
+                let message = if *owner == identity.name && outer.trunc() == net {
+                    format!("address {net} is listed twice in identity `{owner}` (also at {location}); remove one")
+                } else {
+                    format!(
+                        "address {net} of identity `{}` overlaps {} of identity `{owner}` (at {location}); every address must belong to exactly one identity",
+                        identity.name,
+                        outer.trunc()
+                    )
+                };
+                problems.push(Diagnostic::new(address.location.clone(), message));
+                break;
+            }
+        }
+        owners.entry(net).or_insert((identity.name.as_str(), &address.location));
+        lengths.insert((is_v4, net.prefix_len()));
+    }
+}

@@ -1,0 +1,246 @@
+//! Real traffic between lab namespaces: echo servers and the clients that
+//! probe them.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::netns::{LabError, Netns};
+
+/// How long a denied probe waits before calling the path blocked. Shorter
+/// than TCP's initial 1 s retransmission timeout, so a blocked connect sends
+/// exactly one SYN and tests can count drops exactly.
+pub const BLOCKED_AFTER: Duration = Duration::from_millis(700);
+
+/// What a probe saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Data went both ways.
+    Connected,
+    /// Nothing came back in time: the traffic was dropped.
+    TimedOut,
+    /// Something else happened (refused, reset, wrong echo): never expected.
+    Failed(String),
+}
+
+/// An echo server for TCP (line based) and UDP on one address, inside a namespace.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Serves TCP and UDP echo on every port in `ports` at `addr` in `ns`.
+    pub fn start(ns: &Netns, addr: Ipv4Addr, tcp_ports: &[u16], udp_ports: &[u16]) -> Result<Self, LabError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &port in tcp_ports {
+            let listener = ns.enter(|| TcpListener::bind(SocketAddrV4::new(addr, port)))??;
+            listener.set_nonblocking(true)?;
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || serve_tcp(&listener, &stop)));
+        }
+        for &port in udp_ports {
+            let socket = ns.enter(|| UdpSocket::bind(SocketAddrV4::new(addr, port)))??;
+            socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || serve_udp(&socket, &stop)));
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve_tcp(listener: &TcpListener, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut reader = BufReader::new(&stream);
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        if (&stream).write_all(format!("echo {line}").as_bytes()).is_err() {
+                            break;
+                        }
+                        line.clear();
+                    }
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn serve_udp(socket: &UdpSocket, stop: &AtomicBool) {
+    let mut buffer = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((len, peer)) = socket.recv_from(&mut buffer) {
+            let mut reply = b"echo ".to_vec();
+            reply.extend_from_slice(&buffer[..len]);
+            let _ = socket.send_to(&reply, peer);
+        }
+    }
+}
+
+/// Connects from `ns` to `to`, sends two lines and checks both echoes.
+pub fn tcp(ns: &Netns, to: SocketAddrV4) -> Result<Outcome, LabError> {
+    ns.enter(|| {
+        let stream = match TcpStream::connect_timeout(&SocketAddr::V4(to), BLOCKED_AFTER) {
+            Ok(stream) => stream,
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => return Outcome::TimedOut,
+            Err(error) => return Outcome::Failed(format!("connect: {error}")),
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+        let mut reader = BufReader::new(&stream);
+        for round in 0..2 {
+            let message = format!("bulkhead probe {round}\n");
+            if let Err(error) = (&stream).write_all(message.as_bytes()) {
+                return Outcome::Failed(format!("write: {error}"));
+            }
+            let mut reply = String::new();
+            match reader.read_line(&mut reply) {
+                Ok(_) if reply == format!("echo {message}") => {}
+                Ok(_) => return Outcome::Failed(format!("unexpected echo {reply:?}")),
+                Err(error) => return Outcome::Failed(format!("read: {error}")),
+            }
+        }
+        Outcome::Connected
+    })
+}
+
+/// Sends one datagram from `ns` to `to` and waits for its echo.
+pub fn udp(ns: &Netns, to: SocketAddrV4) -> Result<Outcome, LabError> {
+    ns.enter(|| {
+        let socket = match UdpSocket::bind("0.0.0.0:0") {
+            Ok(socket) => socket,
+            Err(error) => return Outcome::Failed(format!("bind: {error}")),
+        };
+        let _ = socket.set_read_timeout(Some(BLOCKED_AFTER));
+        if let Err(error) = socket.send_to(b"bulkhead probe", to) {
+            return Outcome::Failed(format!("send: {error}"));
+        }
+        let mut buffer = [0u8; 256];
+        match socket.recv_from(&mut buffer) {
+            Ok((len, _)) if &buffer[..len] == b"echo bulkhead probe" => Outcome::Connected,
+            Ok((len, _)) => Outcome::Failed(format!("unexpected echo {:?}", &buffer[..len])),
+            Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Outcome::TimedOut
+            }
+            Err(error) => Outcome::Failed(format!("recv: {error}")),
+        }
+    })
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends one ICMP echo request from `ns` to `to` over a raw socket and
+/// waits for the matching reply.
+pub fn ping(ns: &Netns, to: Ipv4Addr) -> Result<Outcome, LabError> {
+    ns.enter(|| {
+        // SAFETY: plain socket syscalls on a descriptor this closure owns.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            if fd < 0 {
+                return Outcome::Failed(format!("raw socket: {}", std::io::Error::last_os_error()));
+            }
+            let identifier = (std::process::id() as u16) ^ 0x5a5a;
+            let mut request = [8u8, 0, 0, 0, 0, 0, 0, 1, b'b', b'h', b'!', b'!'];
+            request[4..6].copy_from_slice(&identifier.to_be_bytes());
+            let sum = checksum(&request);
+            request[2..4].copy_from_slice(&sum.to_be_bytes());
+            let address = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: u32::from(to).to_be() },
+                sin_zero: [0; 8],
+            };
+            let sent = libc::sendto(
+                fd,
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+                std::ptr::from_ref(&address).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            );
+            if sent < 0 {
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                return Outcome::Failed(format!("sendto: {error}"));
+            }
+            let deadline = Instant::now() + BLOCKED_AFTER;
+            let mut buffer = [0u8; 512];
+            let outcome = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break Outcome::TimedOut;
+                }
+                let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                if libc::poll(&raw mut poll, 1, left.as_millis() as i32) <= 0 {
+                    continue;
+                }
+                let len = libc::recv(fd, buffer.as_mut_ptr().cast(), buffer.len(), 0);
+                let Ok(len) = usize::try_from(len) else { continue };
+                // A raw ICMP socket sees the IP header too.
+                let header_len = usize::from(buffer[0] & 0x0f) * 4;
+                let icmp = &buffer[header_len.min(len)..len];
+                let source = Ipv4Addr::new(buffer[12], buffer[13], buffer[14], buffer[15]);
+                if icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == identifier.to_be_bytes() && source == to {
+                    break Outcome::Connected;
+                }
+            };
+            libc::close(fd);
+            outcome
+        }
+    })
+}
+
+/// A plain HTTP/1.1 GET from inside `ns`; returns (status, body).
+pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String), LabError> {
+    ns.enter(|| -> std::io::Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+        Ok((status, body))
+    })?
+    .map_err(LabError::Io)
+}
+
+/// The value of one sample in a Prometheus text exposition, e.g.
+/// `bulkhead_drop_packets_total{direction="ingress",reason="deny_rule"}`.
+#[must_use]
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|value| value.trim().parse().ok())
+}

@@ -1,0 +1,208 @@
+//! The demo topology: a router namespace running `bulkhead`, and hosts
+//! `gateway`, `logic`, `db` and the unlabelled `outsider`, each on its own
+//! /24 behind a veth pair.
+//!
+//! ```text
+//!   gateway 10.0.1.10 ─┐
+//!   logic   10.0.2.10 ─┼─ router (bulkhead, XDP on every router-side veth)
+//!   db      10.0.3.10 ─┤
+//!   outsider 10.0.9.10 ┘
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::netns::{LabError, Netns, unique_stem};
+use crate::probe;
+
+/// One host of the topology.
+#[derive(Debug)]
+pub struct Host {
+    pub name: &'static str,
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+    /// The router-side interface this host hangs off.
+    pub router_interface: String,
+}
+
+/// The router and its hosts.
+pub struct ThreeTier {
+    /// Hosts are declared before the router so they are dropped first.
+    pub hosts: Vec<Host>,
+    pub router: Netns,
+    pub stem: String,
+}
+
+/// Host name, subnet's third octet.
+pub const HOSTS: [(&str, u8); 4] = [("gateway", 1), ("logic", 2), ("db", 3), ("outsider", 9)];
+
+impl ThreeTier {
+    pub fn new(label: &str) -> Result<Self, LabError> {
+        let stem = unique_stem(label);
+        let router = Netns::new(&format!("{stem}-router"))?;
+        router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let mut hosts = Vec::new();
+        for (name, octet) in HOSTS {
+            let ns = Netns::new(&format!("{stem}-{name}"))?;
+            let router_interface = format!("to-{name}");
+            router.ip(&["link", "add", &router_interface, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+            router.ip(&["addr", "add", &format!("10.0.{octet}.1/24"), "dev", &router_interface])?;
+            router.ip(&["link", "set", &router_interface, "up"])?;
+            let addr = Ipv4Addr::new(10, 0, octet, 10);
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["route", "add", "default", "via", &format!("10.0.{octet}.1")])?;
+            hosts.push(Host { name, ns, addr, router_interface });
+        }
+        Ok(Self { hosts, router, stem })
+    }
+
+    /// The host called `name`.
+    ///
+    /// # Panics
+    /// If there is no such host: a typo in the caller.
+    #[must_use]
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// Router-side interfaces, where Bulkhead enforces.
+    #[must_use]
+    pub fn router_interfaces(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.router_interface.clone()).collect()
+    }
+
+    /// Whether any router-side interface has an XDP program attached.
+    pub fn any_xdp_attached(&self) -> Result<bool, LabError> {
+        let output = self.router.ip(&["-d", "link", "show"])?;
+        Ok(String::from_utf8_lossy(&output.stdout).contains("prog/xdp"))
+    }
+}
+
+/// The `bulkhead` daemon running in a namespace; SIGTERM on drop.
+pub struct Daemon {
+    child: Child,
+    ns_name: String,
+    log: PathBuf,
+    pub metrics_addr: SocketAddr,
+}
+
+/// Where the release binary is, unless `BULKHEAD_BIN` says otherwise.
+#[must_use]
+pub fn bulkhead_binary() -> PathBuf {
+    std::env::var_os("BULKHEAD_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/bulkhead"),
+        PathBuf::from,
+    )
+}
+
+impl Daemon {
+    /// Starts `bulkhead run` in `ns` with the given extra arguments, without
+    /// waiting for it.
+    pub fn spawn(ns: &Netns, args: &[String], log: &Path) -> Result<Self, LabError> {
+        let binary = bulkhead_binary();
+        let log_file = std::fs::File::create(log)?;
+        let child = ns
+            .command(binary.to_str().unwrap_or("bulkhead"))
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .map_err(|source| LabError::Spawn { command: format!("{} run", binary.display()), source })?;
+        Ok(Self {
+            child,
+            ns_name: ns.name().to_owned(),
+            log: log.to_path_buf(),
+            metrics_addr: "127.0.0.1:9090".parse().expect("literal address"),
+        })
+    }
+
+    /// Starts the daemon enforcing `policy_dir` on the router's interfaces
+    /// and waits until `/readyz` answers 200.
+    pub fn start(lab: &ThreeTier, policy_dir: &Path, log: &Path) -> Result<Self, LabError> {
+        let mut args = vec!["--policy-dir".to_owned(), policy_dir.display().to_string()];
+        for interface in lab.router_interfaces() {
+            args.push("--interface".to_owned());
+            args.push(interface);
+        }
+        let mut daemon = Self::spawn(&lab.router, &args, log)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = daemon.child.try_wait()? {
+                return Err(LabError::Daemon(format!("exited with {status}: {}", daemon.log_text())));
+            }
+            if let Ok((200, _)) = probe::http_get(&lab.router, daemon.metrics_addr, "/readyz") {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Daemon(format!("no 200 from /readyz within 30 s: {}", daemon.log_text())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, LabError> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(None)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> Result<Option<ExitStatus>, LabError> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(Some(status));
+        }
+        // `ip netns exec` execs the daemon, so the child pid is the daemon's.
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).output();
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Everything the daemon printed so far.
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The namespace the daemon runs in.
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.ns_name
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !matches!(self.stop(), Ok(Some(_))) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(stem: &str) -> Result<Self, LabError> {
+        let path = std::env::temp_dir().join(stem);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
