@@ -10,7 +10,9 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("enforcer has no parent directory"))?
         .join("enforcer-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("workspace path is not UTF-8"))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("workspace path is not UTF-8"))?;
     aya_build::build_ebpf(
         [Package {
             name: "enforcer-ebpf",

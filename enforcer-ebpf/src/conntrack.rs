@@ -5,8 +5,8 @@
 //! generation changes, which is how a revoked rule reaches live flows.
 
 use enforcer_common::{
-    FLOW_ORIGINAL, FLOW_REPLY, FlowKey, FlowValue, TCP_STATE_CLOSING, TCP_STATE_ESTABLISHED, TCP_STATE_OPENING,
-    timeouts,
+    FLOW_ORIGINAL, FLOW_REPLY, FlowKey, FlowValue, TCP_STATE_CLOSING, TCP_STATE_ESTABLISHED,
+    TCP_STATE_OPENING, timeouts,
 };
 
 use crate::maps::CONNTRACK;
@@ -46,7 +46,7 @@ fn tcp_state_after(current: u32, flags: u8) -> u32 {
 /// Looks the packet's tuple up and, on a hit, refreshes the entry.
 #[inline(always)]
 pub fn lookup(packet: &Packet, generation: u32, now: u64) -> Hit {
-    let Some(entry) = CONNTRACK.get_ptr_mut(&packet.flow) else {
+    let Some(entry) = CONNTRACK.get_ptr_mut(packet.flow) else {
         return Hit::Miss;
     };
     // SAFETY: the entry pointer is valid for this program run; concurrent
@@ -77,7 +77,7 @@ pub fn lookup(packet: &Packet, generation: u32, now: u64) -> Hit {
 
 #[inline(always)]
 fn update_peer(flow: &FlowKey, now: u64, tcp_state: Option<u32>) {
-    if let Some(peer) = CONNTRACK.get_ptr_mut(&flow.reversed()) {
+    if let Some(peer) = CONNTRACK.get_ptr_mut(flow.reversed()) {
         // SAFETY: as in `lookup`.
         unsafe {
             (*peer).last_seen_ns = now;
@@ -111,13 +111,13 @@ pub fn admit(packet: &Packet, generation: u32, rule_index: u32, now: u64) {
     // An LRU map evicts instead of failing when full; an insert can still
     // fail under memory pressure, and then the packet itself still passes
     // (the policy allowed it) but its replies will be judged by policy.
-    let _ = CONNTRACK.insert(&packet.flow, &original, 0);
-    let _ = CONNTRACK.insert(&packet.flow.reversed(), &reply, 0);
+    let _ = CONNTRACK.insert(packet.flow, original, 0);
+    let _ = CONNTRACK.insert(packet.flow.reversed(), reply, 0);
 }
 
 /// Forgets a connection whose originator the policy no longer allows.
 #[inline(always)]
 pub fn revoke(packet: &Packet) {
-    let _ = CONNTRACK.remove(&packet.flow);
-    let _ = CONNTRACK.remove(&packet.flow.reversed());
+    let _ = CONNTRACK.remove(packet.flow);
+    let _ = CONNTRACK.remove(packet.flow.reversed());
 }

@@ -12,15 +12,19 @@ pub fn lookup(family: u8, addr: &[u8; 16]) -> IdentityId {
     if family == FAMILY_IPV4 {
         let v4 = [addr[0], addr[1], addr[2], addr[3]];
         // SAFETY: identity values are plain integers written whole by the daemon.
-        if let Some(value) = unsafe { IDENTITY_V4_EXACT.get(&v4) } {
+        if let Some(value) = unsafe { IDENTITY_V4_EXACT.get(v4) } {
             return value.id;
         }
-        IDENTITY_V4_PREFIX.get(Key::new(32, v4)).map_or(IDENTITY_WORLD, |v| v.id)
+        IDENTITY_V4_PREFIX
+            .get(Key::new(32, v4))
+            .map_or(IDENTITY_WORLD, |v| v.id)
     } else {
         // SAFETY: as above.
         if let Some(value) = unsafe { IDENTITY_V6_EXACT.get(addr) } {
             return value.id;
         }
-        IDENTITY_V6_PREFIX.get(Key::new(128, *addr)).map_or(IDENTITY_WORLD, |v| v.id)
+        IDENTITY_V6_PREFIX
+            .get(Key::new(128, *addr))
+            .map_or(IDENTITY_WORLD, |v| v.id)
     }
 }

@@ -6,6 +6,9 @@
 //! reason; nothing classifiable returns `XDP_ABORTED`.
 #![no_std]
 #![no_main]
+// BPF programs inline their helpers on purpose: it keeps bounds checks next
+// to the accesses they guard, where the verifier can see them.
+#![allow(clippy::inline_always)]
 
 mod conntrack;
 mod identity;
@@ -24,6 +27,10 @@ use crate::parse::{Frame, Kind, Parsed};
 
 /// Judges every frame entering an enforced interface.
 #[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the signature #[xdp] requires"
+)]
 pub fn bulkhead_xdp(ctx: XdpContext) -> u32 {
     let frame = Frame {
         start: ctx.data(),
@@ -52,13 +59,15 @@ fn judge(frame: &Frame) -> Result<(), DropReason> {
     if packet.kind == Kind::NeighbourDiscovery {
         return Ok(());
     }
-    let generation = maps::CONFIG.get(CONFIG_INDEX).map_or(0, |c| c.policy_generation);
+    let generation = maps::CONFIG
+        .get(CONFIG_INDEX)
+        .map_or(0, |c| c.policy_generation);
     // SAFETY: a plain helper call with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if matches!(packet.kind, Kind::Trackable | Kind::EchoReply) {
-        if let conntrack::Hit::Pass = conntrack::lookup(&packet, generation, now) {
-            return Ok(());
-        }
+    if matches!(packet.kind, Kind::Trackable | Kind::EchoReply)
+        && let conntrack::Hit::Pass = conntrack::lookup(&packet, generation, now)
+    {
+        return Ok(());
     }
     let src = identity::lookup(packet.flow.family, &packet.flow.src_addr);
     let dst = identity::lookup(packet.flow.family, &packet.flow.dst_addr);

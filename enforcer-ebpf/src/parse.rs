@@ -78,7 +78,8 @@ impl Frame {
     #[inline(always)]
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         // SAFETY: `at` checked that the N bytes lie inside the frame.
-        self.at::<[u8; N]>(offset).map(|p| unsafe { p.read_unaligned() })
+        self.at::<[u8; N]>(offset)
+            .map(|p| unsafe { p.read_unaligned() })
     }
 
     #[inline(always)]
@@ -111,7 +112,11 @@ fn parse_ipv4(frame: &Frame, l3: usize) -> Parsed {
     };
     let header_len = ((header[0] & 0x0f) as usize) * 4;
     let total_len = u16::from_be_bytes([header[2], header[3]]) as usize;
-    if header[0] >> 4 != 4 || header_len < 20 || total_len < header_len || l3 + total_len > frame.end - frame.start {
+    if header[0] >> 4 != 4
+        || header_len < 20
+        || total_len < header_len
+        || l3 + total_len > frame.end - frame.start
+    {
         return Parsed::Drop(DropReason::Malformed);
     }
     let fragment = u16::from_be_bytes([header[6], header[7]]);
@@ -148,12 +153,18 @@ fn parse_ipv6(frame: &Frame, l3: usize) -> Parsed {
     let mut next = header[6];
     let mut offset = l3 + 40;
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
-        if !matches!(next, IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_AUTH | IPV6_FRAGMENT) {
+        if !matches!(
+            next,
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_AUTH | IPV6_FRAGMENT
+        ) {
             flow.protocol = next;
             let mut packet = parse_l4(frame, offset, l3_end, flow);
             if let Parsed::Ip(p) = &mut packet {
                 let nd_type = (p.policy_port >> 8) as u8;
-                if p.flow.protocol == PROTO_ICMPV6 && hop_limit == 255 && (133..=137).contains(&nd_type) {
+                if p.flow.protocol == PROTO_ICMPV6
+                    && hop_limit == 255
+                    && (133..=137).contains(&nd_type)
+                {
                     p.kind = Kind::NeighbourDiscovery;
                 }
             }
@@ -228,7 +239,11 @@ fn parse_l4(frame: &Frame, l4: usize, l3_end: usize, mut flow: FlowKey) -> Parse
             if l4 + 8 > l3_end {
                 return Parsed::Drop(DropReason::Malformed);
             }
-            let (request, reply) = if flow.protocol == PROTO_ICMP { (8, 0) } else { (128, 129) };
+            let (request, reply) = if flow.protocol == PROTO_ICMP {
+                (8, 0)
+            } else {
+                (128, 129)
+            };
             let identifier = u16::from_be_bytes([icmp[4], icmp[5]]);
             packet.policy_port = u16::from_be_bytes([icmp[0], icmp[1]]);
             if icmp[0] == request {

@@ -15,7 +15,10 @@ pub enum Outcome {
 
 #[inline(always)]
 pub fn decide(src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Outcome {
-    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(src, dst, protocol, port));
+    let key = Key::new(
+        POLICY_KEY_MAX_PREFIX,
+        PolicyKeyData::new(src, dst, protocol, port),
+    );
     match POLICY.get(&key) {
         None => Outcome::Deny(DropReason::DefaultDeny),
         Some(value) if value.action == ACTION_ALLOW => Outcome::Allow {

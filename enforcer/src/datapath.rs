@@ -9,8 +9,8 @@ use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError};
 use enforcer_common::{
-    CONFIG_INDEX, Config, Counter, Direction, DropReason, IdentityValue, PolicyKeyData, PolicyValue, drop_counter_index,
-    maps,
+    CONFIG_INDEX, Config, Counter, Direction, DropReason, IdentityValue, PolicyKeyData,
+    PolicyValue, drop_counter_index, maps,
 };
 use ipnet::IpNet;
 use policy::CompiledPolicy;
@@ -20,10 +20,17 @@ const XDP_PROGRAM: &str = "bulkhead_xdp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("loading the eBPF object failed: {0}; check that the kernel has BTF and that bulkhead runs as root (or with CAP_BPF and CAP_NET_ADMIN)")]
+    #[error(
+        "loading the eBPF object failed: {0}; check that the kernel has BTF and that bulkhead runs as root (or with CAP_BPF and CAP_NET_ADMIN)"
+    )]
     Load(#[source] EbpfError),
-    #[error("the eBPF object has no {what} `{name}`; the binary is corrupt, rebuild it with `cargo xtask build`")]
-    Missing { what: &'static str, name: &'static str },
+    #[error(
+        "the eBPF object has no {what} `{name}`; the binary is corrupt, rebuild it with `cargo xtask build`"
+    )]
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
     #[error("map `{name}` has an unexpected type: {source}")]
     MapType {
         name: &'static str,
@@ -32,7 +39,9 @@ pub enum DatapathError {
     },
     #[error("the kernel verifier rejected the XDP program: {0}")]
     Verify(#[source] ProgramError),
-    #[error("attaching XDP to interface `{interface}` failed: {source}; check that the interface exists (`ip link`) and has no other XDP program")]
+    #[error(
+        "attaching XDP to interface `{interface}` failed: {source}; check that the interface exists (`ip link`) and has no other XDP program"
+    )]
     Attach {
         interface: String,
         #[source]
@@ -77,7 +86,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(DatapathError::Missing { what: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Missing { what: "map", name })?;
     T::try_from(map).map_err(|source| DatapathError::MapType { name, source })
 }
 
@@ -87,7 +98,10 @@ impl Datapath {
         let mut ebpf = Ebpf::load(PROGRAM).map_err(DatapathError::Load)?;
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
-            .ok_or(DatapathError::Missing { what: "program", name: XDP_PROGRAM })?
+            .ok_or(DatapathError::Missing {
+                what: "program",
+                name: XDP_PROGRAM,
+            })?
             .try_into()
             .map_err(DatapathError::Verify)?;
         program.load().map_err(DatapathError::Verify)?;
@@ -111,13 +125,18 @@ impl Datapath {
         let program: &mut Xdp = self
             .ebpf
             .program_mut(XDP_PROGRAM)
-            .ok_or(DatapathError::Missing { what: "program", name: XDP_PROGRAM })?
+            .ok_or(DatapathError::Missing {
+                what: "program",
+                name: XDP_PROGRAM,
+            })?
             .try_into()
             .map_err(DatapathError::Verify)?;
-        let link = program.attach(interface, XdpMode::Default).map_err(|source| DatapathError::Attach {
-            interface: interface.to_owned(),
-            source,
-        })?;
+        let link = program
+            .attach(interface, XdpMode::Default)
+            .map_err(|source| DatapathError::Attach {
+                interface: interface.to_owned(),
+                source,
+            })?;
         self.links.push((interface.to_owned(), link));
         Ok(())
     }
@@ -129,10 +148,17 @@ impl Datapath {
 
     /// Writes a compiled policy and announces it with `generation`, so that
     /// tracked flows are judged again on their next packet.
-    pub fn apply(&mut self, compiled: &CompiledPolicy, generation: u32) -> Result<(), DatapathError> {
+    pub fn apply(
+        &mut self,
+        compiled: &CompiledPolicy,
+        generation: u32,
+    ) -> Result<(), DatapathError> {
         let write = |name| move |source| DatapathError::Write { name, source };
         for entry in &compiled.identity_entries {
-            let value = IdentityValue { id: entry.id, flags: 0 };
+            let value = IdentityValue {
+                id: entry.id,
+                flags: 0,
+            };
             match entry.net {
                 IpNet::V4(net) if net.prefix_len() == 32 => self
                     .identity_v4_exact
@@ -140,7 +166,11 @@ impl Datapath {
                     .map_err(write(maps::IDENTITY_V4_EXACT))?,
                 IpNet::V4(net) => self
                     .identity_v4_prefix
-                    .insert(&Key::new(u32::from(net.prefix_len()), net.addr().octets()), value, 0)
+                    .insert(
+                        &Key::new(u32::from(net.prefix_len()), net.addr().octets()),
+                        value,
+                        0,
+                    )
                     .map_err(write(maps::IDENTITY_V4_PREFIX))?,
                 IpNet::V6(net) if net.prefix_len() == 128 => self
                     .identity_v6_exact
@@ -148,7 +178,11 @@ impl Datapath {
                     .map_err(write(maps::IDENTITY_V6_EXACT))?,
                 IpNet::V6(net) => self
                     .identity_v6_prefix
-                    .insert(&Key::new(u32::from(net.prefix_len()), net.addr().octets()), value, 0)
+                    .insert(
+                        &Key::new(u32::from(net.prefix_len()), net.addr().octets()),
+                        value,
+                        0,
+                    )
                     .map_err(write(maps::IDENTITY_V6_PREFIX))?,
             }
         }
@@ -170,7 +204,9 @@ impl Datapath {
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Result<CounterSnapshot, DatapathError> {
         let sum = |map: &PerCpuArray<MapData, Counter>, index: u32, name| {
-            let values = map.get(&index, 0).map_err(|source| DatapathError::Read { name, source })?;
+            let values = map
+                .get(&index, 0)
+                .map_err(|source| DatapathError::Read { name, source })?;
             Ok::<_, DatapathError>(values.iter().fold(Counter::default(), |total, c| Counter {
                 packets: total.packets + c.packets,
                 bytes: total.bytes + c.bytes,
@@ -179,10 +215,18 @@ impl Datapath {
         let mut snapshot = CounterSnapshot::default();
         for direction in Direction::ALL {
             for reason in DropReason::ALL {
-                let counter = sum(&self.drop_counters, drop_counter_index(reason, direction), maps::DROP_COUNTERS)?;
+                let counter = sum(
+                    &self.drop_counters,
+                    drop_counter_index(reason, direction),
+                    maps::DROP_COUNTERS,
+                )?;
                 snapshot.drops.insert((reason, direction), counter);
             }
-            let counter = sum(&self.forward_counters, direction as u32, maps::FORWARD_COUNTERS)?;
+            let counter = sum(
+                &self.forward_counters,
+                direction as u32,
+                maps::FORWARD_COUNTERS,
+            )?;
             snapshot.forwards.insert(direction, counter);
         }
         Ok(snapshot)

@@ -68,7 +68,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Policy(PolicyCommand::Check { paths }) => check::check(&paths),
-        Command::Policy(PolicyCommand::Explain { policy_dir, from, to }) => check::explain(&policy_dir, &from, &to),
+        Command::Policy(PolicyCommand::Explain {
+            policy_dir,
+            from,
+            to,
+        }) => check::explain(&policy_dir, &from, &to),
     };
     match result {
         Ok(code) => code,

@@ -17,7 +17,7 @@ use crate::RunArgs;
 use crate::datapath::Datapath;
 use crate::metrics::{PolicyStats, Shared};
 
-/// CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_BPF bit numbers.
+/// Capability bit numbers from `linux/capability.h`.
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
@@ -35,7 +35,21 @@ fn has_capabilities() -> bool {
     has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN))
 }
 
+/// A parent may have blocked SIGINT/SIGTERM (masks are inherited across
+/// exec); the daemon must still stop cleanly on them.
+fn unblock_stop_signals() {
+    // SAFETY: plain signal-mask calls on a stack-allocated set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut());
+    }
+}
+
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    unblock_stop_signals();
     let policy = match policy::load(std::slice::from_ref(&args.policy_dir)) {
         Ok(policy) => policy,
         Err(PolicyError::Invalid { diagnostics }) => bail!(
@@ -48,14 +62,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         Err(other) => return Err(other.into()),
     };
     for interface in &args.interfaces {
-        let name = CString::new(interface.as_str()).context("interface names cannot contain NUL bytes")?;
+        let name =
+            CString::new(interface.as_str()).context("interface names cannot contain NUL bytes")?;
         // SAFETY: `name` is a valid NUL-terminated string.
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-            bail!("interface `{interface}` does not exist in this network namespace; check `ip link` and --interface");
+            bail!(
+                "interface `{interface}` does not exist in this network namespace; check `ip link` and --interface"
+            );
         }
     }
     if !has_capabilities() {
-        bail!("bulkhead run needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN; run it as root or grant those capabilities");
+        bail!(
+            "bulkhead run needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN; run it as root or grant those capabilities"
+        );
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
@@ -76,11 +95,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     let shared = Shared::new();
-    *shared.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = PolicyStats {
+    *shared
+        .stats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = PolicyStats {
         identities: policy.identities.len(),
         rules: policy.rules.len(),
     };
-    *shared.datapath.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(datapath);
+    *shared
+        .datapath
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(datapath);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -109,6 +134,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     shared.ready.store(false, Ordering::Release);
     // Dropping the datapath detaches the programs and frees the maps.
-    shared.datapath.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    shared
+        .datapath
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
     Ok(ExitCode::SUCCESS)
 }

@@ -12,12 +12,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_WORLD, IdentityId, POLICY_KEY_IDENTITY_BITS,
-    PolicyKeyData, PolicyValue,
+    ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_WORLD, IdentityId,
+    POLICY_KEY_IDENTITY_BITS, PolicyKeyData, PolicyValue,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{Action, Policy, Selector, WORLD};
+use crate::model::{Action, Peer, Policy, Selector, WORLD};
 
 /// One entry of the identity maps: addresses in `net` (unless a longer entry
 /// covers them) have identity `id`.
@@ -64,24 +64,157 @@ pub struct CompiledPolicy {
 const PROTO_PORT_BITS: u32 = 24;
 const PROTO_PORT_MAX: u32 = (1 << PROTO_PORT_BITS) - 1;
 
+/// A rule's claim on part of one identity pair's (protocol, port) space.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    action: Action,
+    rule_index: u32,
+    first: u32,
+    last: u32,
+}
+
+/// A CIDR peer: addresses inside `.0` and outside all of `.1`.
+type CidrSelector = (IpNet, Vec<IpNet>);
+
+/// The address partition: numeric identities and how selectors map to them.
+struct Partition {
+    atoms: Vec<Atom>,
+    identity_entries: Vec<IdentityEntry>,
+    /// Atoms by owning identity index (`None` for world).
+    by_owner: HashMap<Option<usize>, Vec<IdentityId>>,
+    /// Atoms by CIDR selector index.
+    by_cidr: HashMap<usize, Vec<IdentityId>>,
+}
+
 /// Compiles a policy that passed validation.
 #[must_use]
 pub fn compile(policy: &Policy) -> CompiledPolicy {
     let mut rules: Vec<_> = policy.rules.iter().collect();
     rules.sort_by(|a, b| a.name.cmp(&b.name));
 
-    // Distinct CIDR selectors, numbered.
-    let mut cidr_selectors: Vec<(IpNet, Vec<IpNet>)> = Vec::new();
+    let mut cidr_selectors: Vec<CidrSelector> = Vec::new();
     for rule in &rules {
         for peer in rule.from.iter().chain(&rule.to) {
-            if let Selector::Cidr { cidr, except } = &peer.selector {
-                if !cidr_selectors.iter().any(|(c, e)| c == cidr && e == except) {
-                    cidr_selectors.push((*cidr, except.clone()));
-                }
+            if let Selector::Cidr { cidr, except } = &peer.selector
+                && !cidr_selectors.iter().any(|(c, e)| c == cidr && e == except)
+            {
+                cidr_selectors.push((*cidr, except.clone()));
+            }
+        }
+    }
+    let atoms = partition_addresses(policy, &cidr_selectors);
+
+    let mut pairs: BTreeMap<(IdentityId, IdentityId), Vec<Claim>> = BTreeMap::new();
+    for (rule_index, rule) in rules.iter().enumerate() {
+        let select = |peers: &[Peer]| {
+            let mut ids = BTreeSet::new();
+            for peer in peers {
+                ids.extend(select_atoms(
+                    policy,
+                    &atoms,
+                    &cidr_selectors,
+                    &peer.selector,
+                ));
+            }
+            ids
+        };
+        let sources = select(&rule.from);
+        let destinations = select(&rule.to);
+        let ranges: Vec<(u32, u32)> = match &rule.ports {
+            None => vec![(0, PROTO_PORT_MAX)],
+            Some(specs) => specs
+                .iter()
+                .map(|s| {
+                    let base = u32::from(s.protocol.number()) << 16;
+                    (base | u32::from(s.first), base | u32::from(s.last))
+                })
+                .collect(),
+        };
+        for &src in &sources {
+            for &dst in &destinations {
+                pairs
+                    .entry((src, dst))
+                    .or_default()
+                    .extend(ranges.iter().map(|&(first, last)| Claim {
+                        action: rule.action,
+                        rule_index: rule_index as u32,
+                        first,
+                        last,
+                    }));
             }
         }
     }
 
+    let mut policy_entries = Vec::new();
+    for ((src, dst), claims) in &pairs {
+        for (first, last, value) in resolve(claims) {
+            for (start, bits) in aligned_blocks(first, last) {
+                policy_entries.push(PolicyEntry {
+                    prefix_len: POLICY_KEY_IDENTITY_BITS + bits,
+                    key: PolicyKeyData::new(*src, *dst, (start >> 16) as u8, start as u16),
+                    value,
+                });
+            }
+        }
+    }
+
+    CompiledPolicy {
+        rules: rules
+            .iter()
+            .map(|r| CompiledRule {
+                name: r.name.clone(),
+                action: r.action,
+            })
+            .collect(),
+        atoms: atoms.atoms,
+        identity_entries: atoms.identity_entries,
+        policy_entries,
+    }
+}
+
+/// The atoms a selector matches.
+fn select_atoms<'a>(
+    policy: &Policy,
+    atoms: &'a Partition,
+    cidr_selectors: &[CidrSelector],
+    selector: &Selector,
+) -> Vec<&'a IdentityId> {
+    let owned_by = |owner: Option<usize>| atoms.by_owner.get(&owner).into_iter().flatten();
+    match selector {
+        Selector::Identity(name) if name == WORLD => owned_by(None).collect(),
+        Selector::Identity(name) => policy
+            .identities
+            .iter()
+            .position(|i| &i.name == name)
+            .map_or_else(Vec::new, |i| owned_by(Some(i)).collect()),
+        Selector::Labels(wanted) => policy
+            .identities
+            .iter()
+            .enumerate()
+            .filter(|(_, identity)| {
+                wanted
+                    .iter()
+                    .all(|(k, v)| identity.labels.get(k) == Some(v))
+            })
+            .flat_map(|(i, _)| owned_by(Some(i)))
+            .collect(),
+        Selector::Cidr { cidr, except } => cidr_selectors
+            .iter()
+            .position(|(c, e)| c == cidr && e == except)
+            .and_then(|k| atoms.by_cidr.get(&k))
+            .into_iter()
+            .flatten()
+            .collect(),
+    }
+}
+
+/// Partitions the address space into atoms. Every prefix that appears in the
+/// policy (identity addresses, CIDR peers and their exceptions, and the two
+/// default routes) is an entry whose atom is its owner plus the set of CIDR
+/// peers containing it; prefixes nest or are disjoint, so that set is the
+/// same for every address the entry covers.
+fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector]) -> Partition {
+    type AtomKey = (Option<usize>, Vec<usize>);
     let identity_owner: HashMap<IpNet, usize> = policy
         .identities
         .iter()
@@ -106,20 +239,24 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
     prefixes.insert(IpNet::V6(Ipv6Net::default()));
     let all_index = PrefixIndex::new(prefixes.iter().copied());
 
-    // Atom of every prefix: owner and the CIDR selectors containing it.
-    type AtomKey = (Option<usize>, Vec<usize>);
-    let mut atom_ids: HashMap<AtomKey, IdentityId> = HashMap::new();
-    atom_ids.insert((None, Vec::new()), IDENTITY_WORLD);
+    let mut atom_ids: HashMap<AtomKey, IdentityId> =
+        HashMap::from([((None, Vec::new()), IDENTITY_WORLD)]);
     let mut next_id = IDENTITY_FIRST_DYNAMIC;
     let mut atom_of_prefix: HashMap<IpNet, IdentityId> = HashMap::new();
-    let mut atoms = vec![Atom { id: IDENTITY_WORLD, owner: WORLD.to_owned() }];
-    let mut by_owner: HashMap<Option<usize>, Vec<IdentityId>> = HashMap::new();
-    by_owner.entry(None).or_default().push(IDENTITY_WORLD);
-    let mut by_cidr: HashMap<usize, Vec<IdentityId>> = HashMap::new();
-    let mut identity_entries = Vec::new();
+    let mut out = Partition {
+        atoms: vec![Atom {
+            id: IDENTITY_WORLD,
+            owner: WORLD.to_owned(),
+        }],
+        identity_entries: Vec::new(),
+        by_owner: HashMap::from([(None, vec![IDENTITY_WORLD])]),
+        by_cidr: HashMap::new(),
+    };
     // BTreeSet order puts every prefix after the prefixes containing it.
     for net in &prefixes {
-        let owner = owner_index.covering(net).find_map(|outer| identity_owner.get(&outer).copied());
+        let owner = owner_index
+            .covering(net)
+            .find_map(|outer| identity_owner.get(&outer).copied());
         let mut inside: BTreeSet<usize> = BTreeSet::new();
         let mut excluded: BTreeSet<usize> = BTreeSet::new();
         for outer in cidr_index.covering(net) {
@@ -130,17 +267,20 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
         let id = *atom_ids.entry(key.clone()).or_insert_with(|| {
             let id = next_id;
             next_id += 1;
-            atoms.push(Atom {
+            out.atoms.push(Atom {
                 id,
-                owner: owner.map_or(WORLD, |i| policy.identities[i].name.as_str()).to_owned(),
+                owner: owner
+                    .map_or(WORLD, |i| policy.identities[i].name.as_str())
+                    .to_owned(),
             });
-            by_owner.entry(key.0).or_default().push(id);
+            out.by_owner.entry(key.0).or_default().push(id);
             for k in &key.1 {
-                by_cidr.entry(*k).or_default().push(id);
+                out.by_cidr.entry(*k).or_default().push(id);
             }
             id
         });
         atom_of_prefix.insert(*net, id);
+        // An entry that repeats its enclosing entry's atom is redundant.
         let parent = all_index
             .covering(net)
             .filter(|outer| outer != net)
@@ -148,88 +288,18 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
             .last()
             .unwrap_or(IDENTITY_WORLD);
         if parent != id {
-            identity_entries.push(IdentityEntry { net: *net, id });
+            out.identity_entries.push(IdentityEntry { net: *net, id });
         }
     }
-    let mut pairs: BTreeMap<(IdentityId, IdentityId), Vec<(Action, u32, (u32, u32))>> = BTreeMap::new();
-    for (rule_index, rule) in rules.iter().enumerate() {
-        let select = |peers: &[crate::model::Peer]| -> BTreeSet<IdentityId> {
-            let mut ids = BTreeSet::new();
-            for peer in peers {
-                match &peer.selector {
-                    Selector::Identity(name) if name == WORLD => {
-                        ids.extend(by_owner.get(&None).into_iter().flatten());
-                    }
-                    Selector::Identity(name) => {
-                        let index = policy.identities.iter().position(|i| &i.name == name);
-                        ids.extend(index.and_then(|i| by_owner.get(&Some(i))).into_iter().flatten());
-                    }
-                    Selector::Labels(wanted) => {
-                        for (i, identity) in policy.identities.iter().enumerate() {
-                            if wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v)) {
-                                ids.extend(by_owner.get(&Some(i)).into_iter().flatten());
-                            }
-                        }
-                    }
-                    Selector::Cidr { cidr, except } => {
-                        let k = cidr_selectors.iter().position(|(c, e)| c == cidr && e == except);
-                        ids.extend(k.and_then(|k| by_cidr.get(&k)).into_iter().flatten());
-                    }
-                }
-            }
-            ids
-        };
-        let sources = select(&rule.from);
-        let destinations = select(&rule.to);
-        let intervals: Vec<(u32, u32)> = match &rule.ports {
-            None => vec![(0, PROTO_PORT_MAX)],
-            Some(specs) => specs
-                .iter()
-                .map(|s| {
-                    let base = u32::from(s.protocol.number()) << 16;
-                    (base | u32::from(s.first), base | u32::from(s.last))
-                })
-                .collect(),
-        };
-        let rule_index = rule_index as u32;
-        for &src in &sources {
-            for &dst in &destinations {
-                let entry = pairs.entry((src, dst)).or_default();
-                entry.extend(intervals.iter().map(|&iv| (rule.action, rule_index, iv)));
-            }
-        }
-    }
-
-    let mut policy_entries = Vec::new();
-    for ((src, dst), claims) in &pairs {
-        for (first, last, value) in resolve(claims) {
-            for (start, bits) in aligned_blocks(first, last) {
-                policy_entries.push(PolicyEntry {
-                    prefix_len: POLICY_KEY_IDENTITY_BITS + bits,
-                    key: PolicyKeyData::new(*src, *dst, (start >> 16) as u8, start as u16),
-                    value,
-                });
-            }
-        }
-    }
-
-    CompiledPolicy {
-        rules: rules
-            .iter()
-            .map(|r| CompiledRule { name: r.name.clone(), action: r.action })
-            .collect(),
-        atoms,
-        identity_entries,
-        policy_entries,
-    }
+    out
 }
 
 /// Resolves overlapping claims on the (protocol, port) space of one identity
 /// pair into disjoint intervals: any deny beats every allow, and among claims
 /// of the winning action the lowest rule index (first by name) is reported.
-fn resolve(claims: &[(Action, u32, (u32, u32))]) -> Vec<(u32, u32, PolicyValue)> {
+fn resolve(claims: &[Claim]) -> Vec<(u32, u32, PolicyValue)> {
     let mut cuts: BTreeSet<u32> = BTreeSet::new();
-    for &(_, _, (first, last)) in claims {
+    for &Claim { first, last, .. } in claims {
         cuts.insert(first);
         if last < PROTO_PORT_MAX {
             cuts.insert(last + 1);
@@ -239,11 +309,20 @@ fn resolve(claims: &[(Action, u32, (u32, u32))]) -> Vec<(u32, u32, PolicyValue)>
     let mut out: Vec<(u32, u32, PolicyValue)> = Vec::new();
     for (i, &start) in cuts.iter().enumerate() {
         let end = cuts.get(i + 1).map_or(PROTO_PORT_MAX, |next| next - 1);
-        let covering = claims.iter().filter(|(_, _, (f, l))| *f <= start && end <= *l);
-        let winner = covering.min_by_key(|(action, rule, _)| (*action != Action::Deny, *rule));
-        let Some(&(action, rule_index, _)) = winner else { continue };
+        let covering = claims.iter().filter(|c| c.first <= start && end <= c.last);
+        let winner = covering.min_by_key(|c| (c.action != Action::Deny, c.rule_index));
+        let Some(&Claim {
+            action, rule_index, ..
+        }) = winner
+        else {
+            continue;
+        };
         let value = PolicyValue {
-            action: if action == Action::Deny { ACTION_DENY } else { ACTION_ALLOW },
+            action: if action == Action::Deny {
+                ACTION_DENY
+            } else {
+                ACTION_ALLOW
+            },
             rule_index,
         };
         match out.last_mut() {
@@ -259,7 +338,11 @@ fn resolve(claims: &[(Action, u32, (u32, u32))]) -> Vec<(u32, u32, PolicyValue)>
 fn aligned_blocks(mut first: u32, last: u32) -> Vec<(u32, u32)> {
     let mut blocks = Vec::new();
     loop {
-        let mut size_log = if first == 0 { PROTO_PORT_BITS } else { first.trailing_zeros().min(PROTO_PORT_BITS) };
+        let mut size_log = if first == 0 {
+            PROTO_PORT_BITS
+        } else {
+            first.trailing_zeros().min(PROTO_PORT_BITS)
+        };
         while first + (1 << size_log) - 1 > last {
             size_log -= 1;
         }
@@ -289,13 +372,20 @@ impl PrefixIndex {
                 IpNet::V6(n) => v6.insert(n.prefix_len()),
             };
         }
-        Self { v4: v4.into_iter().collect(), v6: v6.into_iter().collect() }
+        Self {
+            v4: v4.into_iter().collect(),
+            v6: v6.into_iter().collect(),
+        }
     }
 
     /// Candidate prefixes containing `net` (itself included), shortest first;
     /// the caller checks which of them are actually in its set.
     fn covering(&self, net: &IpNet) -> impl Iterator<Item = IpNet> + '_ {
-        let lengths = if net.addr().is_ipv4() { &self.v4 } else { &self.v6 };
+        let lengths = if net.addr().is_ipv4() {
+            &self.v4
+        } else {
+            &self.v6
+        };
         let net = *net;
         lengths
             .iter()
@@ -318,12 +408,22 @@ impl CompiledPolicy {
 
     /// What the kernel's policy trie answers: the longest matching prefix.
     #[must_use]
-    pub fn lookup_policy(&self, src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Option<PolicyValue> {
+    pub fn lookup_policy(
+        &self,
+        src: IdentityId,
+        dst: IdentityId,
+        protocol: u8,
+        port: u16,
+    ) -> Option<PolicyValue> {
         let wanted = u128::from_be_bytes(key_bytes(&PolicyKeyData::new(src, dst, protocol, port)));
         self.policy_entries
             .iter()
             .filter(|e| {
-                let mask = if e.prefix_len == 0 { 0 } else { u128::MAX << (128 - e.prefix_len) };
+                let mask = if e.prefix_len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - e.prefix_len)
+                };
                 u128::from_be_bytes(key_bytes(&e.key)) & mask == wanted & mask
             })
             .max_by_key(|e| e.prefix_len)
@@ -333,7 +433,10 @@ impl CompiledPolicy {
     /// The owner name of a numeric identity.
     #[must_use]
     pub fn atom_owner(&self, id: IdentityId) -> Option<&str> {
-        self.atoms.iter().find(|a| a.id == id).map(|a| a.owner.as_str())
+        self.atoms
+            .iter()
+            .find(|a| a.id == id)
+            .map(|a| a.owner.as_str())
     }
 }
 
@@ -352,7 +455,13 @@ mod tests {
 
     #[test]
     fn aligned_blocks_cover_exactly() {
-        for (first, last) in [(0, PROTO_PORT_MAX), (5, 5), (1, 1023), (80, 443), (6 << 16, (6 << 16) | 0xffff)] {
+        for (first, last) in [
+            (0, PROTO_PORT_MAX),
+            (5, 5),
+            (1, 1023),
+            (80, 443),
+            (6 << 16, (6 << 16) | 0xffff),
+        ] {
             let blocks = aligned_blocks(first, last);
             let mut next = first;
             for (start, bits) in &blocks {
@@ -363,19 +472,41 @@ mod tests {
             }
             assert_eq!(next, last + 1);
         }
-        assert_eq!(aligned_blocks(6 << 16, (6 << 16) | 0xffff), vec![(6 << 16, 8)]);
+        assert_eq!(
+            aligned_blocks(6 << 16, (6 << 16) | 0xffff),
+            vec![(6 << 16, 8)]
+        );
         assert_eq!(aligned_blocks(0, PROTO_PORT_MAX), vec![(0, 0)]);
     }
 
     #[test]
     fn deny_beats_allow_and_splits_ranges() {
         let claims = [
-            (Action::Allow, 0, (100, 200)),
-            (Action::Deny, 1, (150, 150)),
+            Claim {
+                action: Action::Allow,
+                rule_index: 0,
+                first: 100,
+                last: 200,
+            },
+            Claim {
+                action: Action::Deny,
+                rule_index: 1,
+                first: 150,
+                last: 150,
+            },
         ];
         let resolved = resolve(&claims);
-        let allow = PolicyValue { action: ACTION_ALLOW, rule_index: 0 };
-        let deny = PolicyValue { action: ACTION_DENY, rule_index: 1 };
-        assert_eq!(resolved, vec![(100, 149, allow), (150, 150, deny), (151, 200, allow)]);
+        let allow = PolicyValue {
+            action: ACTION_ALLOW,
+            rule_index: 0,
+        };
+        let deny = PolicyValue {
+            action: ACTION_DENY,
+            rule_index: 1,
+        };
+        assert_eq!(
+            resolved,
+            vec![(100, 149, allow), (150, 150, deny), (151, 200, allow)]
+        );
     }
 }

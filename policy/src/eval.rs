@@ -65,12 +65,24 @@ impl<'p> Evaluator<'p> {
         let src = self.identity_of(packet.src);
         let dst = self.identity_of(packet.dst);
         let matches = |rule: &Rule| {
-            rule.from.iter().any(|p| selector_matches(&p.selector, packet.src, src))
-                && rule.to.iter().any(|p| selector_matches(&p.selector, packet.dst, dst))
+            rule.from
+                .iter()
+                .any(|p| selector_matches(&p.selector, packet.src, src))
+                && rule
+                    .to
+                    .iter()
+                    .any(|p| selector_matches(&p.selector, packet.dst, dst))
                 && ports_match(rule.ports.as_deref(), packet.protocol, packet.port)
         };
-        let deny = self.rules.iter().find(|r| r.action == Action::Deny && matches(r));
-        let allow = || self.rules.iter().find(|r| r.action == Action::Allow && matches(r));
+        let deny = self
+            .rules
+            .iter()
+            .find(|r| r.action == Action::Deny && matches(r));
+        let allow = || {
+            self.rules
+                .iter()
+                .find(|r| r.action == Action::Allow && matches(r))
+        };
         let (verdict, rule) = match deny {
             Some(rule) => (Verdict::Drop(DropReason::DenyRule), Some(rule)),
             None => match allow() {
@@ -93,17 +105,21 @@ fn selector_matches(selector: &Selector, addr: IpAddr, owner: Option<&Identity>)
             Some(identity) => identity.name == *name,
             None => name == WORLD,
         },
-        Selector::Labels(wanted) => {
-            owner.is_some_and(|identity| wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v)))
+        Selector::Labels(wanted) => owner.is_some_and(|identity| {
+            wanted
+                .iter()
+                .all(|(k, v)| identity.labels.get(k) == Some(v))
+        }),
+        Selector::Cidr { cidr, except } => {
+            cidr.contains(&addr) && !except.iter().any(|e| e.contains(&addr))
         }
-        Selector::Cidr { cidr, except } => cidr.contains(&addr) && !except.iter().any(|e| e.contains(&addr)),
     }
 }
 
 fn ports_match(ports: Option<&[PortSpec]>, protocol: u8, port: u16) -> bool {
     ports.is_none_or(|specs| {
-        specs
-            .iter()
-            .any(|spec| spec.protocol.number() == protocol && (spec.first..=spec.last).contains(&port))
+        specs.iter().any(|spec| {
+            spec.protocol.number() == protocol && (spec.first..=spec.last).contains(&port)
+        })
     })
 }

@@ -43,7 +43,9 @@ pub fn parse_sources(sources: &[Source]) -> Result<Policy, PolicyError> {
     } else {
         problems.sort_by(|a, b| a.location.cmp(&b.location));
         problems.dedup();
-        Err(PolicyError::Invalid { diagnostics: problems })
+        Err(PolicyError::Invalid {
+            diagnostics: problems,
+        })
     }
 }
 
@@ -57,12 +59,15 @@ pub fn parse_str(name: &str, text: &str) -> Result<Policy, PolicyError> {
 
 /// Reads policy files: each path is a file, or a directory whose `*.yaml`
 /// and `*.yml` files (not hidden, not recursive) are read in name order. A
-/// Kubernetes ConfigMap mount works as is: its files are symlinks into a
+/// Kubernetes `ConfigMap` mount works as is: its files are symlinks into a
 /// hidden `..data` directory.
 pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, PolicyError> {
     let mut files = Vec::new();
     for path in paths {
-        let read_error = |source| PolicyError::Read { path: path.clone(), source };
+        let read_error = |source| PolicyError::Read {
+            path: path.clone(),
+            source,
+        };
         if path.is_dir() {
             let mut found = Vec::new();
             for entry in std::fs::read_dir(path).map_err(read_error)? {
@@ -83,7 +88,9 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, PolicyError> {
         }
     }
     if files.is_empty() {
-        return Err(PolicyError::NoFiles { paths: paths.to_vec() });
+        return Err(PolicyError::NoFiles {
+            paths: paths.to_vec(),
+        });
     }
     files
         .into_iter()

@@ -15,7 +15,12 @@ pub const API_VERSION: &str = "bulkhead/v1";
 pub const KIND: &str = "SegmentPolicy";
 
 /// Appends the documents of one file to `policy`, recording problems in `problems`.
-pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &mut Vec<Diagnostic>) {
+pub fn parse_file(
+    file: &Arc<str>,
+    text: &str,
+    policy: &mut Policy,
+    problems: &mut Vec<Diagnostic>,
+) {
     let documents = match crate::yaml::parse_documents(file, text) {
         Ok(documents) => documents,
         Err(problem) => {
@@ -24,7 +29,10 @@ pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &m
         }
     };
     for document in &documents {
-        Parser { problems: &mut *problems }.document(document, policy);
+        Parser {
+            problems: &mut *problems,
+        }
+        .document(document, policy);
     }
 }
 
@@ -40,19 +48,26 @@ struct Fields<'n> {
 
 impl<'n> Fields<'n> {
     fn get(&self, name: &str) -> Option<&'n Node> {
-        self.entries.iter().find(|(key, _)| *key == name).map(|(_, value)| *value)
+        self.entries
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| *value)
     }
 }
 
 impl Parser<'_> {
     fn problem(&mut self, location: &Location, message: impl Into<String>) {
-        self.problems.push(Diagnostic::new(location.clone(), message));
+        self.problems
+            .push(Diagnostic::new(location.clone(), message));
     }
 
     /// Reads a mapping, reporting unknown and repeated keys.
     fn fields<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str]) -> Option<Fields<'n>> {
         let Value::Mapping(entries) = &node.value else {
-            self.problem(&node.location, format!("{what} must be a mapping, found {}", node.kind()));
+            self.problem(
+                &node.location,
+                format!("{what} must be a mapping, found {}", node.kind()),
+            );
             return None;
         };
         let mut fields = Fields {
@@ -65,14 +80,21 @@ impl Parser<'_> {
                 continue;
             };
             if !allowed.contains(&text.as_str()) {
+                let hint = match allowed.iter().find(|name| edit_distance(name, text) <= 2) {
+                    Some(near) => format!("did you mean `{near}`?"),
+                    None => format!("expected one of: {}", allowed.join(", ")),
+                };
                 self.problem(
                     &key.location,
-                    format!("unknown field `{text}` in {what}; expected one of: {}", allowed.join(", ")),
+                    format!("unknown field `{text}` in {what}; {hint}"),
                 );
                 continue;
             }
             if fields.get(text).is_some() {
-                self.problem(&key.location, format!("field `{text}` appears twice in {what}; keep one"));
+                self.problem(
+                    &key.location,
+                    format!("field `{text}` appears twice in {what}; keep one"),
+                );
                 continue;
             }
             fields.entries.push((text.as_str(), value));
@@ -83,7 +105,10 @@ impl Parser<'_> {
     fn required<'n>(&mut self, fields: &Fields<'n>, name: &str, what: &str) -> Option<&'n Node> {
         let node = fields.get(name);
         if node.is_none() {
-            self.problem(&fields.location, format!("{what} is missing required field `{name}`"));
+            self.problem(
+                &fields.location,
+                format!("{what} is missing required field `{name}`"),
+            );
         }
         node
     }
@@ -92,7 +117,10 @@ impl Parser<'_> {
         match &node.value {
             Value::Scalar { text, .. } if !node.is_null() => Some(text.clone()),
             _ => {
-                self.problem(&node.location, format!("{what} must be a string, found {}", node.kind()));
+                self.problem(
+                    &node.location,
+                    format!("{what} must be a string, found {}", node.kind()),
+                );
                 None
             }
         }
@@ -102,7 +130,10 @@ impl Parser<'_> {
         if let Value::Sequence(items) = &node.value {
             Some(items)
         } else {
-            self.problem(&node.location, format!("{what} must be a list, found {}", node.kind()));
+            self.problem(
+                &node.location,
+                format!("{what} must be a list, found {}", node.kind()),
+            );
             None
         }
     }
@@ -111,7 +142,9 @@ impl Parser<'_> {
         let name = self.string(node, what)?;
         let valid = !name.is_empty()
             && name.len() <= 63
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
+            && name.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+            })
             && name.as_bytes()[0].is_ascii_alphanumeric();
         if valid {
             Some(name)
@@ -125,31 +158,21 @@ impl Parser<'_> {
     }
 
     fn document(&mut self, node: &Node, policy: &mut Policy) {
-        let Some(fields) = self.fields(node, "a policy document", &["apiVersion", "kind", "metadata", "spec"]) else {
+        let Some(fields) = self.fields(
+            node,
+            "a policy document",
+            &["apiVersion", "kind", "metadata", "spec"],
+        ) else {
             return;
         };
-        if let Some(version) = self.required(&fields, "apiVersion", "the policy document") {
-            if let Some(text) = self.string(version, "apiVersion") {
-                if text != API_VERSION {
-                    self.problem(&version.location, format!("unsupported apiVersion `{text}`; use `{API_VERSION}`"));
-                }
-            }
-        }
-        if let Some(kind) = self.required(&fields, "kind", "the policy document") {
-            if let Some(text) = self.string(kind, "kind") {
-                if text != KIND {
-                    self.problem(&kind.location, format!("unsupported kind `{text}`; use `{KIND}`"));
-                }
-            }
-        }
-        if let Some(metadata) = self.required(&fields, "metadata", "the policy document") {
-            if let Some(meta) = self.fields(metadata, "metadata", &["name"]) {
-                if let Some(name) = self.required(&meta, "name", "metadata") {
-                    if let Some(name) = self.name(name, "metadata.name") {
-                        policy.documents.push(name);
-                    }
-                }
-            }
+        self.expect_value(&fields, "apiVersion", API_VERSION);
+        self.expect_value(&fields, "kind", KIND);
+        if let Some(metadata) = self.required(&fields, "metadata", "the policy document")
+            && let Some(meta) = self.fields(metadata, "metadata", &["name"])
+            && let Some(name) = self.required(&meta, "name", "metadata")
+            && let Some(name) = self.name(name, "metadata.name")
+        {
+            policy.documents.push(name);
         }
         let Some(spec) = self.required(&fields, "spec", "the policy document") else {
             return;
@@ -157,29 +180,43 @@ impl Parser<'_> {
         let Some(spec) = self.fields(spec, "spec", &["identities", "rules"]) else {
             return;
         };
-        if let Some(identities) = spec.get("identities") {
-            if !identities.is_null() {
-                for item in self.sequence(identities, "spec.identities").unwrap_or_default() {
-                    if let Some(identity) = self.identity(item) {
-                        policy.identities.push(identity);
-                    }
+        if let Some(identities) = spec.get("identities").filter(|n| !n.is_null()) {
+            for item in self
+                .sequence(identities, "spec.identities")
+                .unwrap_or_default()
+            {
+                if let Some(identity) = self.identity(item) {
+                    policy.identities.push(identity);
                 }
             }
         }
-        if let Some(rules) = spec.get("rules") {
-            if !rules.is_null() {
-                for item in self.sequence(rules, "spec.rules").unwrap_or_default() {
-                    if let Some(rule) = self.rule(item) {
-                        policy.rules.push(rule);
-                    }
+        if let Some(rules) = spec.get("rules").filter(|n| !n.is_null()) {
+            for item in self.sequence(rules, "spec.rules").unwrap_or_default() {
+                if let Some(rule) = self.rule(item) {
+                    policy.rules.push(rule);
                 }
             }
         }
     }
 
+    /// Checks a required field that must hold exactly `expected`.
+    fn expect_value(&mut self, fields: &Fields<'_>, name: &str, expected: &str) {
+        if let Some(node) = self.required(fields, name, "the policy document")
+            && let Some(text) = self.string(node, name)
+            && text != expected
+        {
+            self.problem(
+                &node.location,
+                format!("unsupported {name} `{text}`; use `{expected}`"),
+            );
+        }
+    }
+
     fn identity(&mut self, node: &Node) -> Option<Identity> {
         let fields = self.fields(node, "an identity", &["name", "labels", "addresses"])?;
-        let name = self.required(&fields, "name", "the identity").and_then(|n| self.name(n, "identity name"));
+        let name = self
+            .required(&fields, "name", "the identity")
+            .and_then(|n| self.name(n, "identity name"));
         let labels = match fields.get("labels") {
             Some(labels) => self.labels(labels, "labels")?,
             None => BTreeMap::new(),
@@ -188,7 +225,10 @@ impl Parser<'_> {
         if let Some(list) = self.required(&fields, "addresses", "the identity") {
             let items = self.sequence(list, "addresses")?;
             if items.is_empty() {
-                self.problem(&list.location, "addresses is empty; list at least one CIDR or address");
+                self.problem(
+                    &list.location,
+                    "addresses is empty; list at least one CIDR or address",
+                );
             }
             for item in items {
                 if let Some(net) = self.net(item) {
@@ -209,7 +249,13 @@ impl Parser<'_> {
 
     fn labels(&mut self, node: &Node, what: &str) -> Option<BTreeMap<String, String>> {
         let Value::Mapping(entries) = &node.value else {
-            self.problem(&node.location, format!("{what} must be a mapping of label names to values, found {}", node.kind()));
+            self.problem(
+                &node.location,
+                format!(
+                    "{what} must be a mapping of label names to values, found {}",
+                    node.kind()
+                ),
+            );
             return None;
         };
         let mut labels = BTreeMap::new();
@@ -217,7 +263,10 @@ impl Parser<'_> {
             let key_text = self.string(key, "a label name")?;
             let value_text = self.string(value, &format!("label `{key_text}`"))?;
             if labels.insert(key_text.clone(), value_text).is_some() {
-                self.problem(&key.location, format!("label `{key_text}` appears twice; keep one"));
+                self.problem(
+                    &key.location,
+                    format!("label `{key_text}` appears twice; keep one"),
+                );
             }
         }
         Some(labels)
@@ -241,7 +290,10 @@ impl Parser<'_> {
         if net.trunc() != net {
             self.problem(
                 &node.location,
-                format!("`{text}` has host bits set beyond its prefix; did you mean {}?", net.trunc()),
+                format!(
+                    "`{text}` has host bits set beyond its prefix; did you mean {}?",
+                    net.trunc()
+                ),
             );
             return None;
         }
@@ -250,27 +302,39 @@ impl Parser<'_> {
 
     fn rule(&mut self, node: &Node) -> Option<Rule> {
         let fields = self.fields(node, "a rule", &["name", "action", "from", "to", "ports"])?;
-        let name = self.required(&fields, "name", "the rule").and_then(|n| self.name(n, "rule name"));
+        let name = self
+            .required(&fields, "name", "the rule")
+            .and_then(|n| self.name(n, "rule name"));
         let action = match fields.get("action") {
             None => Some(Action::Allow),
             Some(node) => match self.string(node, "action")?.as_str() {
                 "allow" => Some(Action::Allow),
                 "deny" => Some(Action::Deny),
                 other => {
-                    self.problem(&node.location, format!("unknown action `{other}`; use `allow` or `deny`"));
+                    self.problem(
+                        &node.location,
+                        format!("unknown action `{other}`; use `allow` or `deny`"),
+                    );
                     None
                 }
             },
         };
-        let from = self.required(&fields, "from", "the rule").and_then(|n| self.peers(n, "from"));
-        let to = self.required(&fields, "to", "the rule").and_then(|n| self.peers(n, "to"));
+        let from = self
+            .required(&fields, "from", "the rule")
+            .and_then(|n| self.peers(n, "from"));
+        let to = self
+            .required(&fields, "to", "the rule")
+            .and_then(|n| self.peers(n, "to"));
         // Bad ports or a bad action are already recorded as problems, so the
         // policy can never be applied; keeping the rule lets validation still
         // report problems in its peers in the same run.
         let ports = fields.get("ports").and_then(|node| {
             let items = self.sequence(node, "ports")?;
             if items.is_empty() {
-                self.problem(&node.location, "ports is empty; omit `ports` to cover every protocol, or list at least one");
+                self.problem(
+                    &node.location,
+                    "ports is empty; omit `ports` to cover every protocol, or list at least one",
+                );
             }
             Some(items.iter().filter_map(|item| self.port(item)).collect())
         });
@@ -287,7 +351,10 @@ impl Parser<'_> {
     fn peers(&mut self, node: &Node, what: &str) -> Option<Vec<Peer>> {
         let items = self.sequence(node, what)?;
         if items.is_empty() {
-            self.problem(&node.location, format!("`{what}` is empty, so the rule could never match; list at least one peer"));
+            self.problem(
+                &node.location,
+                format!("`{what}` is empty, so the rule could never match; list at least one peer"),
+            );
             return None;
         }
         let peers: Vec<_> = items.iter().map(|item| self.peer(item)).collect();
@@ -317,7 +384,10 @@ impl Parser<'_> {
                 let labels_node = fields.get("labels")?;
                 let labels = self.labels(labels_node, "labels")?;
                 if labels.is_empty() {
-                    self.problem(&labels_node.location, "an empty label selector is ambiguous; name at least one label");
+                    self.problem(
+                        &labels_node.location,
+                        "an empty label selector is ambiguous; name at least one label",
+                    );
                     return None;
                 }
                 Selector::Labels(labels)
@@ -353,14 +423,26 @@ impl Parser<'_> {
             None => (None, text.as_str()),
         };
         let Some(protocol) = Protocol::from_name(protocol_name) else {
-            self.problem(&node.location, format!("unknown protocol `{protocol_name}` in `{text}`; use tcp, udp, icmp or icmpv6"));
+            self.problem(
+                &node.location,
+                format!(
+                    "unknown protocol `{protocol_name}` in `{text}`; use tcp, udp, icmp or icmpv6"
+                ),
+            );
             return None;
         };
         let Some(range) = range else {
-            return Some(PortSpec { protocol, first: 0, last: u16::MAX });
+            return Some(PortSpec {
+                protocol,
+                first: 0,
+                last: u16::MAX,
+            });
         };
         if !protocol.has_ports() {
-            self.problem(&node.location, format!("{protocol} has no ports; write just `{protocol}`"));
+            self.problem(
+                &node.location,
+                format!("{protocol} has no ports; write just `{protocol}`"),
+            );
             return None;
         }
         let parse = |s: &str| s.trim().parse::<u32>().ok();
@@ -369,17 +451,46 @@ impl Parser<'_> {
             None => (parse(range), parse(range)),
         };
         let (Some(first), Some(last)) = (first, last) else {
-            self.problem(&node.location, format!("`{text}` is not a port; write N/{protocol} or N-M/{protocol}"));
+            self.problem(
+                &node.location,
+                format!("`{text}` is not a port; write N/{protocol} or N-M/{protocol}"),
+            );
             return None;
         };
         if first == 0 || first > 65535 || last == 0 || last > 65535 {
-            self.problem(&node.location, format!("port in `{text}` is out of range; ports go from 1 to 65535"));
+            self.problem(
+                &node.location,
+                format!("port in `{text}` is out of range; ports go from 1 to 65535"),
+            );
             return None;
         }
         if first > last {
-            self.problem(&node.location, format!("port range `{text}` is reversed; write {last}-{first}/{protocol}"));
+            self.problem(
+                &node.location,
+                format!("port range `{text}` is reversed; write {last}-{first}/{protocol}"),
+            );
             return None;
         }
-        Some(PortSpec { protocol, first: first as u16, last: last as u16 })
+        Some(PortSpec {
+            protocol,
+            first: first as u16,
+            last: last as u16,
+        })
     }
+}
+
+/// Levenshtein distance, for "did you mean" hints on short field names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
 }

@@ -19,7 +19,10 @@ pub struct Node {
 pub enum Value {
     /// A scalar; `quoted` is false for plain scalars, which YAML may read as
     /// null, booleans or numbers.
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
     Sequence(Vec<Node>),
     Mapping(Vec<(Node, Node)>),
 }
@@ -121,9 +124,13 @@ impl MarkedEventReceiver for TreeBuilder {
                         value: Value::Sequence(items),
                         location,
                     },
+                    // A block mapping's start mark lies past its first key;
+                    // point at the first key, where a reader expects it.
                     Some(Partial::Mapping(location, entries, _)) => Node {
+                        location: entries
+                            .first()
+                            .map_or(location, |(key, _)| key.location.clone()),
                         value: Value::Mapping(entries),
-                        location,
                     },
                     None => return,
                 };
@@ -152,9 +159,16 @@ mod tests {
     fn positions_are_one_based_line_and_column() {
         let file: Arc<str> = Arc::from("p.yaml");
         let docs = parse_documents(&file, "a: 1\nb:\n  - x\n").unwrap();
-        let Value::Mapping(entries) = &docs[0].value else { panic!("mapping") };
-        assert_eq!((entries[0].0.location.line, entries[0].0.location.column), (1, 1));
-        let Value::Sequence(items) = &entries[1].1.value else { panic!("sequence") };
+        let Value::Mapping(entries) = &docs[0].value else {
+            panic!("mapping")
+        };
+        assert_eq!(
+            (entries[0].0.location.line, entries[0].0.location.column),
+            (1, 1)
+        );
+        let Value::Sequence(items) = &entries[1].1.value else {
+            panic!("sequence")
+        };
         assert_eq!((items[0].location.line, items[0].location.column), (3, 5));
     }
 

@@ -1,1 +1,162 @@
-fn main(){}
+//! `cargo xtask`: one-command setup, build, test and demo for Bulkhead.
+
+mod demo;
+mod setup;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Bulkhead developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything the build and tests need (idempotent).
+    Setup,
+    /// Set up if needed, then build the release binary at target/release/bulkhead.
+    Build,
+    /// Set up, build, lint, and run every unit and privileged integration test.
+    Test,
+    /// Build, then enforce examples/three-tier.yaml in a namespace topology and probe it.
+    Demo {
+        /// Leave the topology and daemon running until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace, failing if it fails.
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{command:?}");
+    let status = command
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Builds the release daemon and returns its path.
+fn build() -> anyhow::Result<PathBuf> {
+    setup::setup()?;
+    println!("build: cargo build --release -p enforcer");
+    run(cargo().args(["build", "--release", "-p", "enforcer"]))?;
+    let binary = workspace_root().join("target/release/bulkhead");
+    if !binary.exists() {
+        bail!("the build finished but {} is missing", binary.display());
+    }
+    println!("build: {}", binary.display());
+    Ok(binary)
+}
+
+fn test() -> anyhow::Result<()> {
+    let binary = build()?;
+    println!("test: formatting");
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    println!("test: clippy (pedantic, warnings are errors)");
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "enforcer-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    println!(
+        "test: unit and integration tests (integration tests run real traffic through the XDP program in namespaces)"
+    );
+    let mut command = cargo();
+    command
+        .args(["test", "--workspace", "--exclude", "enforcer-ebpf"])
+        .env("BULKHEAD_BIN", &binary)
+        .current_dir(workspace_root())
+        .stdout(Stdio::piped());
+    let mut child = command.spawn().context("cannot start cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().context("cargo test has no stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run, so the total is not hidden behind
+    // the last crate's (often empty) doc-test summary.
+    println!("xtask: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+/// Reads `test result: ok. 12 passed; 0 failed; ...` into (passed, failed).
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches("ok. ")
+                    .trim_start_matches("FAILED. ")
+                    .strip_suffix(word)
+            })
+            .and_then(|n| n.trim().parse::<u64>().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Build => build().map(drop),
+        Task::Test => test(),
+        Task::Demo { keep } => {
+            let binary = build()?;
+            demo::demo(&binary, keep)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn reads_cargo_test_summaries() {
+        let ok = "test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 10.07s";
+        assert_eq!(parse_test_result(ok), Some((12, 0)));
+        let failed =
+            "test result: FAILED. 11 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(parse_test_result(failed), Some((11, 1)));
+        assert_eq!(parse_test_result("test foo ... ok"), None);
+    }
+}

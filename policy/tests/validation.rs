@@ -1,0 +1,388 @@
+//! One test per kind of policy error: each asserts the exact position and
+//! the message, because operators act on both.
+
+use policy::{Diagnostic, PolicyError, parse_str};
+
+const HEADER: &str =
+    "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata:\n  name: test\nspec:\n";
+
+/// Parses `HEADER + body` and returns its problems as `line:col: message`.
+fn problems(body: &str) -> Vec<String> {
+    match parse_str("p.yaml", &format!("{HEADER}{body}")) {
+        Ok(_) => Vec::new(),
+        Err(PolicyError::Invalid { diagnostics }) => {
+            diagnostics.iter().map(Diagnostic::to_string).collect()
+        }
+        Err(other) => panic!("unexpected error {other}"),
+    }
+}
+
+fn assert_one(body: &str, expected_prefix: &str, expected_text: &str) {
+    let found = problems(body);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one problem, got {found:#?}"
+    );
+    assert!(
+        found[0].starts_with(expected_prefix),
+        "{} does not start with {expected_prefix}",
+        found[0]
+    );
+    assert!(
+        found[0].contains(expected_text),
+        "{} does not contain {expected_text}",
+        found[0]
+    );
+}
+
+const IDENTITIES: &str = "  identities:\n    - name: a\n      labels: {tier: a}\n      addresses: [\"10.0.1.0/24\"]\n    - name: b\n      labels: {tier: b}\n      addresses: [\"10.0.2.10\", \"fd00::/64\"]\n";
+
+#[test]
+fn valid_policy_parses() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: a-to-b\n      from: [{{identity: a}}]\n      to: [{{labels: {{tier: b}}}}]\n      ports: [\"80/tcp\", \"1000-2000/udp\", \"icmp\"]\n"
+    );
+    let policy = parse_str("p.yaml", &format!("{HEADER}{body}")).unwrap();
+    assert_eq!(policy.identities.len(), 2);
+    assert_eq!(policy.rules.len(), 1);
+    assert_eq!(policy.rules[0].ports.as_ref().unwrap().len(), 3);
+}
+
+#[test]
+fn yaml_syntax_error() {
+    assert_one("  identities: [\n", "p.yaml:7:", "invalid YAML");
+}
+
+#[test]
+fn unknown_field_in_identity() {
+    let found = problems("  identities:\n    - name: a\n      adresses: [\"10.0.0.1\"]\n");
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(
+        found[0].starts_with("p.yaml:7:7: the identity is missing required field `addresses`"),
+        "{}",
+        found[0]
+    );
+    assert_eq!(
+        found[1],
+        "p.yaml:8:7: unknown field `adresses` in an identity; did you mean `addresses`?"
+    );
+}
+
+#[test]
+fn unknown_field_in_rule() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a}}]\n      to: [{{identity: b}}]\n      port: [\"80/tcp\"]\n"
+    );
+    assert_one(
+        &body,
+        "p.yaml:17:7:",
+        "unknown field `port` in a rule; did you mean `ports`?",
+    );
+}
+
+#[test]
+fn unknown_top_level_field() {
+    assert_one(
+        "  identities: []\nstatus: {}\n",
+        "p.yaml:7:1:",
+        "unknown field `status` in a policy document",
+    );
+}
+
+#[test]
+fn missing_required_field() {
+    assert_one(
+        "  identities:\n    - name: a\n",
+        "p.yaml:7:7:",
+        "missing required field `addresses`",
+    );
+}
+
+#[test]
+fn wrong_api_version_and_kind() {
+    let found = problems_of(
+        "apiVersion: bulkhead/v9\nkind: NetworkPolicy\nmetadata: {name: x}\nspec: {}\n",
+    );
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(
+        found[0].starts_with("p.yaml:1:13: unsupported apiVersion `bulkhead/v9`"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[1].starts_with("p.yaml:2:7: unsupported kind `NetworkPolicy`"),
+        "{}",
+        found[1]
+    );
+}
+
+fn problems_of(text: &str) -> Vec<String> {
+    parse_str("p.yaml", text)
+        .unwrap_err()
+        .diagnostics()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn duplicate_identity_name() {
+    let body = "  identities:\n    - name: a\n      addresses: [\"10.0.0.1\"]\n    - name: a\n      addresses: [\"10.0.0.2\"]\n";
+    assert_one(
+        body,
+        "p.yaml:9:7:",
+        "duplicate identity name `a` (first declared at p.yaml:7:7)",
+    );
+}
+
+#[test]
+fn duplicate_rule_name_across_files() {
+    let rule =
+        "  rules:\n    - name: r\n      from: [{identity: world}]\n      to: [{identity: world}]\n";
+    let sources = [
+        policy::Source {
+            name: "one.yaml".into(),
+            text: format!("{HEADER}{rule}"),
+        },
+        policy::Source {
+            name: "two.yaml".into(),
+            text: format!("{HEADER}{rule}"),
+        },
+    ];
+    let error = policy::parse_sources(&sources).unwrap_err();
+    let found: Vec<String> = error
+        .diagnostics()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0]
+            .starts_with("two.yaml:7:7: duplicate rule name `r` (first declared at one.yaml:7:7)"),
+        "{}",
+        found[0]
+    );
+}
+
+#[test]
+fn reserved_identity_name() {
+    assert_one(
+        "  identities:\n    - name: world\n      addresses: [\"10.0.0.1\"]\n",
+        "p.yaml:7:7:",
+        "identity name `world` is reserved",
+    );
+}
+
+#[test]
+fn overlapping_identity_addresses() {
+    let body = "  identities:\n    - name: a\n      addresses: [\"10.0.0.0/16\"]\n    - name: b\n      addresses: [\"10.0.5.7\"]\n";
+    assert_one(
+        body,
+        "p.yaml:10:19:",
+        "address 10.0.5.7/32 of identity `b` overlaps 10.0.0.0/16 of identity `a` (at p.yaml:8:19)",
+    );
+}
+
+#[test]
+fn duplicate_address_in_one_identity() {
+    let body = "  identities:\n    - name: a\n      addresses: [\"10.0.0.1\", \"10.0.0.1/32\"]\n";
+    assert_one(
+        body,
+        "p.yaml:8:31:",
+        "address 10.0.0.1/32 is listed twice in identity `a`",
+    );
+}
+
+#[test]
+fn identity_selector_matches_nothing() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: c}}]\n      to: [{{identity: b}}]\n"
+    );
+    assert_one(
+        &body,
+        "p.yaml:15:15:",
+        "rule `r` names identity `c`, which is not declared",
+    );
+}
+
+#[test]
+fn label_selector_matches_nothing() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a}}]\n      to: [{{labels: {{tier: c}}}}]\n"
+    );
+    assert_one(
+        &body,
+        "p.yaml:16:13:",
+        "label selector {tier=c} in rule `r` matches no identity",
+    );
+}
+
+#[test]
+fn bad_cidr() {
+    assert_one(
+        "  identities:\n    - name: a\n      addresses: [\"10.0.0.300/24\"]\n",
+        "p.yaml:8:19:",
+        "`10.0.0.300/24` is not a valid IPv4/IPv6 address or CIDR",
+    );
+}
+
+#[test]
+fn cidr_with_host_bits() {
+    assert_one(
+        "  identities:\n    - name: a\n      addresses: [\"10.0.1.5/24\"]\n",
+        "p.yaml:8:19:",
+        "did you mean 10.0.1.0/24?",
+    );
+}
+
+#[test]
+fn except_outside_cidr() {
+    let body = "  rules:\n    - name: r\n      from: [{cidr: \"10.0.0.0/16\", except: [\"10.1.0.0/24\"]}]\n      to: [{identity: world}]\n";
+    assert_one(
+        body,
+        "p.yaml:8:45:",
+        "except entry 10.1.0.0/24 is not strictly inside cidr 10.0.0.0/16",
+    );
+}
+
+fn rule_with_ports(ports: &str) -> String {
+    format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a}}]\n      to: [{{identity: b}}]\n      ports: [{ports}]\n"
+    )
+}
+
+#[test]
+fn port_out_of_range() {
+    assert_one(
+        &rule_with_ports("\"65536/tcp\""),
+        "p.yaml:17:15:",
+        "port in `65536/tcp` is out of range; ports go from 1 to 65535",
+    );
+    assert_one(
+        &rule_with_ports("\"0/udp\""),
+        "p.yaml:17:15:",
+        "out of range",
+    );
+}
+
+#[test]
+fn reversed_port_range() {
+    assert_one(
+        &rule_with_ports("\"90-80/tcp\""),
+        "p.yaml:17:15:",
+        "port range `90-80/tcp` is reversed; write 80-90/tcp",
+    );
+}
+
+#[test]
+fn unknown_protocol() {
+    assert_one(
+        &rule_with_ports("\"80/sctp\""),
+        "p.yaml:17:15:",
+        "unknown protocol `sctp` in `80/sctp`",
+    );
+}
+
+#[test]
+fn port_on_icmp() {
+    assert_one(
+        &rule_with_ports("\"8/icmp\""),
+        "p.yaml:17:15:",
+        "icmp has no ports; write just `icmp`",
+    );
+}
+
+#[test]
+fn not_a_port() {
+    assert_one(
+        &rule_with_ports("\"http/tcp\""),
+        "p.yaml:17:15:",
+        "`http/tcp` is not a port",
+    );
+}
+
+#[test]
+fn unknown_action() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      action: reject\n      from: [{{identity: a}}]\n      to: [{{identity: b}}]\n"
+    );
+    assert_one(
+        &body,
+        "p.yaml:15:15:",
+        "unknown action `reject`; use `allow` or `deny`",
+    );
+}
+
+#[test]
+fn peer_with_two_selectors() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a, cidr: \"10.0.0.0/8\"}}]\n      to: [{{identity: b}}]\n"
+    );
+    assert_one(
+        &body,
+        "p.yaml:15:15:",
+        "a peer needs exactly one of `identity`, `labels` or `cidr`",
+    );
+}
+
+#[test]
+fn empty_from_list() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      from: []\n      to: [{{identity: b}}]\n"
+    );
+    assert_one(
+        &body,
+        "p.yaml:15:13:",
+        "`from` is empty, so the rule could never match",
+    );
+}
+
+#[test]
+fn wrong_type() {
+    assert_one(
+        "  identities:\n    - name: a\n      addresses: \"10.0.0.1\"\n",
+        "p.yaml:8:18:",
+        "addresses must be a list, found a scalar",
+    );
+}
+
+#[test]
+fn invalid_name() {
+    assert_one(
+        "  identities:\n    - name: Web Tier\n      addresses: [\"10.0.0.1\"]\n",
+        "p.yaml:7:13:",
+        "identity name `Web Tier` is not a valid name",
+    );
+}
+
+#[test]
+fn repeated_yaml_key() {
+    assert_one(
+        "  identities:\n    - name: a\n      name: b\n      addresses: [\"10.0.0.1\"]\n",
+        "p.yaml:8:7:",
+        "field `name` appears twice",
+    );
+}
+
+#[test]
+fn every_problem_is_reported_in_one_run() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: nope}}]\n      to: [{{identity: b}}]\n      ports: [\"99999/tcp\", \"1/gre\"]\n"
+    );
+    assert_eq!(problems(&body).len(), 3, "{:#?}", problems(&body));
+}
+
+#[test]
+fn empty_directory_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("bulkhead-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let error = policy::load(std::slice::from_ref(&dir)).unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        error
+            .to_string()
+            .contains("no policy files (*.yaml, *.yml) found"),
+        "{error}"
+    );
+}

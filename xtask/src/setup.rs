@@ -1,0 +1,192 @@
+//! `cargo xtask setup`: installs what is missing, says what it did, and is
+//! quick when everything is already there.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// bpf-linker release known to work with aya 0.14 and LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests and the demo use.
+const PACKAGES: [&str; 2] = ["iproute2", "bpftool"];
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let output = Command::new(program).args(args).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn run(program: &str, args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let mut command = Command::new(program);
+    command.args(args);
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn setup() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("setup, tests and the demo need root (BPF, XDP, network namespaces); run as root");
+    }
+    nightly_rust_src()?;
+    bpf_linker()?;
+    packages()?;
+    bpffs()?;
+    Ok(())
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    if output("rustc", &["+nightly", "--print", "sysroot"]).is_none() {
+        println!("setup: installing the nightly toolchain (eBPF programs need it)");
+        run(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+            &[],
+        )?;
+    }
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])
+        .context("rustc +nightly does not run")?;
+    Ok(PathBuf::from(sysroot))
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let sysroot = nightly_sysroot()?;
+    if sysroot
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .exists()
+    {
+        println!("setup: nightly rust-src already installed");
+        return Ok(());
+    }
+    println!("setup: installing nightly rust-src (build-std for bpfel-unknown-none)");
+    run(
+        "rustup",
+        &["component", "add", "rust-src", "--toolchain", "nightly"],
+        &[],
+    )
+}
+
+/// bpf-linker must link against the very LLVM that nightly rustc uses.
+/// Nightly ships it as `libLLVM.so.<major>.<minor>-rust-<version>-nightly`;
+/// bpf-linker's build wants an LLVM prefix with `lib/libLLVM.so`, so we make
+/// one of symlinks in a directory that stays (the binary's rpath points at it).
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Some(version) = output("bpf-linker", &["--version"])
+        && version.contains(BPF_LINKER_VERSION)
+    {
+        println!("setup: {version} already installed");
+        return Ok(());
+    }
+    let sysroot_lib = nightly_sysroot()?.join("lib");
+    let library = std::fs::read_dir(&sysroot_lib)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}; is the nightly toolchain complete?",
+                sysroot_lib.display()
+            )
+        })?;
+    let major: u32 = library
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("cannot read the LLVM version from {library}"))?;
+    if !(19..=22).contains(&major) {
+        bail!(
+            "nightly uses LLVM {major}, which bpf-linker {BPF_LINKER_VERSION} does not support; use a nightly with LLVM 19-22"
+        );
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home).join(".local/share/bulkhead").join(format!(
+        "llvm-{}",
+        library.trim_start_matches("libLLVM.so.")
+    ));
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    for link in ["libLLVM.so", library.as_str()] {
+        let path = lib.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(sysroot_lib.join(&library), &path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} (a few minutes, once)"
+    );
+    let feature = format!("llvm-{major}");
+    run(
+        "cargo",
+        &[
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            &feature,
+            "--force",
+        ],
+        &[("LLVM_PREFIX", &prefix)],
+    )?;
+    let version = output("bpf-linker", &["--version"])
+        .context("bpf-linker was installed but does not run; is ~/.cargo/bin on PATH?")?;
+    println!("setup: {version} installed");
+    Ok(())
+}
+
+fn packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .into_iter()
+        .filter(|package| {
+            output("dpkg-query", &["-W", "-f=${Status}", package])
+                .is_none_or(|status| !status.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "setup: Debian packages already installed: {}",
+            PACKAGES.join(", ")
+        );
+        return Ok(());
+    }
+    println!("setup: installing Debian packages: {}", missing.join(", "));
+    run("apt-get", &["update", "-qq"], &[])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    let status = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("cannot start apt-get")?;
+    if !status.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|line| line.split_whitespace().nth(2) == Some("bpf"))
+    {
+        println!("setup: bpffs already mounted");
+        return Ok(());
+    }
+    println!("setup: mounting bpffs at /sys/fs/bpf");
+    std::fs::create_dir_all("/sys/fs/bpf").ok();
+    run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"], &[])
+}
