@@ -10,15 +10,9 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("enforcer has no parent directory"))?
         .join("enforcer-ebpf");
-    let root = root
-        .to_str()
-        .ok_or_else(|| anyhow!("workspace path is not UTF-8"))?;
+    let root = root.to_str().ok_or_else(|| anyhow!("workspace path is not UTF-8"))?;
     aya_build::build_ebpf(
-        [Package {
-            name: "enforcer-ebpf",
-            root_dir: root,
-            ..Package::default()
-        }],
+        [Package { name: "enforcer-ebpf", root_dir: root, ..Package::default() }],
         Toolchain::default(),
     )
     .context("building the eBPF programs failed; run `cargo xtask setup` to install nightly rust-src and bpf-linker")

@@ -32,17 +32,21 @@ pub enum DropReason {
     Malformed = 2,
     /// A later IP fragment whose first fragment was never seen.
     FragmentUnknown = 3,
+    /// A packet entering the node that claims one of the node's own
+    /// addresses as its source.
+    HostSpoofed = 4,
 }
 
 impl DropReason {
     /// Number of reasons; sizes the counter map.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
     /// Every reason, in discriminant order.
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::DefaultDeny,
         DropReason::DenyRule,
         DropReason::Malformed,
         DropReason::FragmentUnknown,
+        DropReason::HostSpoofed,
     ];
 
     /// The Prometheus `reason` label.
@@ -53,7 +57,21 @@ impl DropReason {
             DropReason::DenyRule => "deny_rule",
             DropReason::Malformed => "malformed",
             DropReason::FragmentUnknown => "fragment_unknown",
+            DropReason::HostSpoofed => "host_spoofed",
         }
+    }
+
+    /// The reason with this discriminant, if any.
+    #[must_use]
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        if value < Self::COUNT { Some(Self::ALL[value as usize]) } else { None }
+    }
+
+    /// Whether audit mode may turn this drop into a pass: policy decisions
+    /// can be audited, broken or spoofed packets cannot.
+    #[must_use]
+    pub const fn is_policy(self) -> bool {
+        matches!(self, DropReason::DefaultDeny | DropReason::DenyRule | DropReason::FragmentUnknown)
     }
 }
 
@@ -101,12 +119,15 @@ pub struct Counter {
 }
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
+/// Traffic towards this identity is audited, not dropped.
+pub const IDENTITY_FLAG_AUDIT: u32 = 1;
+
 /// Value of the identity maps (exact-address hash and prefix trie).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdentityValue {
     pub id: IdentityId,
-    /// Reserved for per-identity flags; always 0 for now.
+    /// `IDENTITY_FLAG_*` bits.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<IdentityValue>() == 8);
@@ -155,6 +176,10 @@ pub const ACTION_ALLOW: u32 = 1;
 /// A deny-rule verdict stored in the trie.
 pub const ACTION_DENY: u32 = 2;
 
+/// The verdict covers every port of its protocol, so later fragments, whose
+/// ports are unknown, may pass on it.
+pub const POLICY_FLAG_WHOLE_PROTOCOL: u32 = 1;
+
 /// Value of the policy trie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -163,8 +188,10 @@ pub struct PolicyValue {
     pub action: u32,
     /// Index of the deciding rule in the compiled policy's rule table.
     pub rule_index: u32,
+    /// `POLICY_FLAG_*` bits.
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 12);
 
 /// Address family tag of a [`FlowKey`].
 pub const FAMILY_IPV4: u8 = 4;
@@ -236,8 +263,54 @@ pub struct FlowValue {
     pub tcp_state: u32,
     /// Rule that admitted the connection.
     pub rule_index: u32,
+    /// For an original entry admitted by audit mode: the drop reason the
+    /// policy gave, counted again for every packet of the flow; otherwise
+    /// [`NO_AUDIT`].
+    pub audit_reason: u32,
+    /// The [`Direction`] at which this entry's packets are expected: an entry
+    /// matches only there, so a packet spoofing a tracked tuple at the other
+    /// hook is judged afresh.
+    pub hook: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 40);
+
+/// [`FlowValue::audit_reason`] of a flow the policy admitted.
+pub const NO_AUDIT: u32 = u32::MAX;
+
+/// Identifies the fragments of one IP datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    pub protocol: u8,
+    pub family: u8,
+    pub padding: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 40);
+
+/// The first fragment passed.
+pub const FRAGMENT_PASS: u32 = 0;
+/// The first fragment was dropped (reason in `reason`).
+pub const FRAGMENT_DROP: u32 = 1;
+/// The first fragment passed in audit mode (would-be reason in `reason`).
+pub const FRAGMENT_AUDIT: u32 = 2;
+
+/// What happened to a datagram's first fragment: later fragments share it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentValue {
+    /// When the first fragment was seen; older entries are ignored, since
+    /// identification numbers wrap.
+    pub seen_ns: u64,
+    /// One of the `FRAGMENT_*` constants.
+    pub verdict: u32,
+    /// A [`DropReason`] discriminant for drops and audits.
+    pub reason: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragmentValue>() == 16);
 
 /// Index of the single entry of the config array.
 pub const CONFIG_INDEX: u32 = 0;
@@ -249,10 +322,13 @@ pub struct Config {
     /// Bumped by the daemon on every policy change; flows admitted under an
     /// older generation are judged again by the policy on their next packet.
     pub policy_generation: u32,
-    /// Reserved for daemon-wide flags; always 0 for now.
+    /// `CONFIG_FLAG_*` bits.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 8);
+
+/// Daemon-wide audit mode: policy drops become counted passes.
+pub const CONFIG_FLAG_AUDIT: u32 = 1;
 
 /// Connection-tracking timeouts, in nanoseconds.
 pub mod timeouts {
@@ -263,6 +339,8 @@ pub mod timeouts {
     pub const TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
     pub const UDP_NS: u64 = 60 * 1_000_000_000;
     pub const ICMP_NS: u64 = 30 * 1_000_000_000;
+    /// How long a datagram's first-fragment verdict is remembered.
+    pub const FRAGMENT_NS: u64 = 30 * 1_000_000_000;
 }
 
 /// Map names, shared so the daemon never misspells one.
@@ -275,6 +353,8 @@ pub mod maps {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const CONFIG: &str = "CONFIG";
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
+    pub const AUDIT_COUNTERS: &str = "AUDIT_COUNTERS";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
 }
 
@@ -289,4 +369,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentValue {}
 }

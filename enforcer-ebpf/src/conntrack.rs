@@ -5,8 +5,8 @@
 //! generation changes, which is how a revoked rule reaches live flows.
 
 use enforcer_common::{
-    FLOW_ORIGINAL, FLOW_REPLY, FlowKey, FlowValue, TCP_STATE_CLOSING, TCP_STATE_ESTABLISHED,
-    TCP_STATE_OPENING, timeouts,
+    Direction, DropReason, FLOW_ORIGINAL, FLOW_REPLY, FlowKey, FlowValue, NO_AUDIT, TCP_STATE_CLOSING,
+    TCP_STATE_ESTABLISHED, TCP_STATE_OPENING, timeouts,
 };
 
 use crate::maps::CONNTRACK;
@@ -15,6 +15,9 @@ use crate::parse::{PROTO_TCP, PROTO_UDP, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_
 pub enum Hit {
     /// The packet belongs to a live connection and passes.
     Pass,
+    /// The packet belongs to a connection only audit mode let through: it
+    /// passes and is counted as audited with the policy's reason.
+    Audit(DropReason),
     /// No usable entry: the policy decides.
     Miss,
 }
@@ -45,7 +48,7 @@ fn tcp_state_after(current: u32, flags: u8) -> u32 {
 
 /// Looks the packet's tuple up and, on a hit, refreshes the entry.
 #[inline(always)]
-pub fn lookup(packet: &Packet, generation: u32, now: u64) -> Hit {
+pub fn lookup(packet: &Packet, direction: Direction, generation: u32, now: u64) -> Hit {
     let Some(entry) = CONNTRACK.get_ptr_mut(packet.flow) else {
         return Hit::Miss;
     };
@@ -55,24 +58,39 @@ pub fn lookup(packet: &Packet, generation: u32, now: u64) -> Hit {
     if now.saturating_sub(entry.last_seen_ns) > timeout(packet.flow.protocol, entry.tcp_state) {
         return Hit::Miss;
     }
-    if entry.direction == FLOW_ORIGINAL && entry.policy_generation != generation {
+    if entry.hook != direction as u32 || (entry.direction == FLOW_ORIGINAL && entry.policy_generation != generation) {
         return Hit::Miss;
     }
     entry.last_seen_ns = now;
+    let hit = match DropReason::from_u32(entry.audit_reason) {
+        Some(reason) if entry.direction == FLOW_ORIGINAL => Hit::Audit(reason),
+        _ => Hit::Pass,
+    };
     if packet.flow.protocol == PROTO_TCP {
         let state = tcp_state_after(entry.tcp_state, packet.tcp_flags);
         if state != entry.tcp_state {
             entry.tcp_state = state;
             update_peer(&packet.flow, now, Some(state));
             entry.peer_refreshed_ns = now;
-            return Hit::Pass;
+            return hit;
         }
     }
     if now.saturating_sub(entry.peer_refreshed_ns) > timeouts::PEER_REFRESH_NS {
         update_peer(&packet.flow, now, None);
         entry.peer_refreshed_ns = now;
     }
-    Hit::Pass
+    hit
+}
+
+/// Whether `flow` (either direction of it) is a live tracked connection:
+/// ICMP errors quoting it pass as related.
+#[inline(always)]
+pub fn is_tracked(flow: &FlowKey, now: u64) -> bool {
+    // SAFETY: values are plain integers; a torn read can only misjudge age.
+    match unsafe { CONNTRACK.get(flow) } {
+        Some(entry) => now.saturating_sub(entry.last_seen_ns) <= timeout(flow.protocol, entry.tcp_state),
+        None => false,
+    }
 }
 
 #[inline(always)]
@@ -89,13 +107,20 @@ fn update_peer(flow: &FlowKey, now: u64, tcp_state: Option<u32>) {
 }
 
 /// Records an allowed connection (or re-admits one under a new generation).
+/// `audit_reason` is the policy's drop reason when only audit mode admits it.
+/// `hooks` are where the originator's and the replies' packets are seen:
+/// replies are seen at egress when the node itself answers.
 #[inline(always)]
-pub fn admit(packet: &Packet, generation: u32, rule_index: u32, now: u64) {
-    let state = if packet.flow.protocol == PROTO_TCP {
-        tcp_state_after(TCP_STATE_OPENING, packet.tcp_flags)
-    } else {
-        0
-    };
+pub fn admit(
+    packet: &Packet,
+    hooks: (Direction, Direction),
+    generation: u32,
+    rule_index: u32,
+    audit_reason: Option<DropReason>,
+    now: u64,
+) {
+    let state =
+        if packet.flow.protocol == PROTO_TCP { tcp_state_after(TCP_STATE_OPENING, packet.tcp_flags) } else { 0 };
     let original = FlowValue {
         last_seen_ns: now,
         peer_refreshed_ns: now,
@@ -103,11 +128,10 @@ pub fn admit(packet: &Packet, generation: u32, rule_index: u32, now: u64) {
         direction: FLOW_ORIGINAL,
         tcp_state: state,
         rule_index,
+        audit_reason: audit_reason.map_or(NO_AUDIT, |r| r as u32),
+        hook: hooks.0 as u32,
     };
-    let reply = FlowValue {
-        direction: FLOW_REPLY,
-        ..original
-    };
+    let reply = FlowValue { direction: FLOW_REPLY, audit_reason: NO_AUDIT, hook: hooks.1 as u32, ..original };
     // An LRU map evicts instead of failing when full; an insert can still
     // fail under memory pressure, and then the packet itself still passes
     // (the policy allowed it) but its replies will be judged by policy.

@@ -1,5 +1,10 @@
 //! Bulkhead's kernel programs: thin entry points over small modules.
 //!
+//! XDP on an enforced interface judges everything entering the node; TC
+//! egress on it judges what the node itself originates (source identity
+//! `host`) and lets forwarded traffic, already judged at ingress, through
+//! uncounted. So every packet is judged and counted exactly once.
+//!
 //! Verdict order for an IP packet: parse (malformed → drop), connection
 //! tracking (replies and unchanged-generation originators pass with one
 //! lookup), then identities and policy. Every drop is counted with its
@@ -11,80 +16,193 @@
 #![allow(clippy::inline_always)]
 
 mod conntrack;
+mod fragments;
 mod identity;
 mod maps;
 mod metrics;
 mod parse;
 mod policy;
 
-use aya_ebpf::bindings::xdp_action;
+use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use aya_ebpf::macros::xdp;
-use aya_ebpf::programs::XdpContext;
-use enforcer_common::{CONFIG_INDEX, Direction, DropReason};
+use aya_ebpf::macros::{classifier, xdp};
+use aya_ebpf::programs::{TcContext, XdpContext};
+use enforcer_common::{
+    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityValue,
+};
 
-use crate::parse::{Frame, Kind, Parsed};
+use crate::parse::{Fragment, Frame, Kind, Packet, Parsed};
+
+/// What happens to a packet, and how it is counted.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    /// Passes; counted as forwarded.
+    Pass,
+    /// Dropped; counted under the reason.
+    Drop(DropReason),
+    /// Passes by audit mode; counted as audited under the would-be reason.
+    Audit(DropReason),
+    /// Forwarded traffic seen again at egress: passes, counted at ingress already.
+    Ignore,
+}
+
+/// How much of a socket buffer must be readable directly: the deepest
+/// header read is an `ICMPv6` error quoting IPv6 + transport behind two VLAN tags.
+const HEADERS_NEEDED: u32 = 160;
 
 /// Judges every frame entering an enforced interface.
 #[xdp]
-#[allow(
-    clippy::needless_pass_by_value,
-    reason = "the signature #[xdp] requires"
-)]
+#[allow(clippy::needless_pass_by_value, reason = "the signature #[xdp] requires")]
 pub fn bulkhead_xdp(ctx: XdpContext) -> u32 {
-    let frame = Frame {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
-    match judge(&frame) {
-        Ok(()) => {
-            metrics::count_forward(Direction::Ingress, frame.len());
-            xdp_action::XDP_PASS
+    let frame = Frame { start: ctx.data(), end: ctx.data_end(), wire_len: ctx.data_end() - ctx.data() };
+    if account(judge(&frame, Direction::Ingress), Direction::Ingress, frame.wire_len as u64) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// Judges what the node itself sends out of an enforced interface.
+#[classifier]
+#[allow(clippy::needless_pass_by_value, reason = "the signature #[classifier] requires")]
+pub fn bulkhead_tc_egress(ctx: TcContext) -> i32 {
+    let wire_len = ctx.len();
+    let wanted = if wire_len < HEADERS_NEEDED { wire_len } else { HEADERS_NEEDED };
+    if ((ctx.data_end() - ctx.data()) as u32) < wanted {
+        // Headers in paged data: make them readable. On failure the bounds
+        // checks below classify what is readable, so nothing is guessed.
+        let _ = ctx.pull_data(wanted);
+    }
+    let frame = Frame { start: ctx.data(), end: ctx.data_end(), wire_len: wire_len as usize };
+    if account(judge(&frame, Direction::Egress), Direction::Egress, u64::from(wire_len)) {
+        // Let any later program on the hook have its say.
+        TC_ACT_UNSPEC
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+/// Counts the verdict; true if the packet passes.
+#[inline(always)]
+fn account(verdict: Verdict, direction: Direction, bytes: u64) -> bool {
+    match verdict {
+        Verdict::Pass => {
+            metrics::count_forward(direction, bytes);
+            true
         }
-        Err(reason) => {
-            metrics::count_drop(reason, Direction::Ingress, frame.len());
-            xdp_action::XDP_DROP
+        Verdict::Drop(reason) => {
+            metrics::count_drop(reason, direction, bytes);
+            false
+        }
+        Verdict::Audit(reason) => {
+            metrics::count_audit(reason, direction, bytes);
+            true
+        }
+        Verdict::Ignore => true,
+    }
+}
+
+#[inline(always)]
+fn judge(frame: &Frame, direction: Direction) -> Verdict {
+    let mut packet = Packet::empty();
+    match parse::parse(frame, &mut packet) {
+        Parsed::NotIp => return Verdict::Pass,
+        Parsed::Drop(reason) => return Verdict::Drop(reason),
+        Parsed::Ip => {}
+    }
+    if packet.kind == Kind::NeighbourDiscovery {
+        return Verdict::Pass;
+    }
+    let config = maps::CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
+    // SAFETY: a plain helper call with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    // Fast path: one conntrack lookup for established flows at ingress.
+    if direction == Direction::Ingress && matches!(packet.kind, Kind::Trackable | Kind::EchoReply) {
+        match conntrack::lookup(&packet, direction, config.policy_generation, now) {
+            conntrack::Hit::Pass => return Verdict::Pass,
+            conntrack::Hit::Audit(reason) => return Verdict::Audit(reason),
+            conntrack::Hit::Miss => {}
+        }
+    }
+    let src = identity::lookup(packet.flow.family, &packet.flow.src_addr);
+    match direction {
+        Direction::Ingress if src.id == IDENTITY_HOST => {
+            return Verdict::Drop(DropReason::HostSpoofed);
+        }
+        Direction::Egress if src.id != IDENTITY_HOST => return Verdict::Ignore,
+        Direction::Egress if matches!(packet.kind, Kind::Trackable | Kind::EchoReply) => {
+            match conntrack::lookup(&packet, direction, config.policy_generation, now) {
+                conntrack::Hit::Pass => return Verdict::Pass,
+                conntrack::Hit::Audit(reason) => return Verdict::Audit(reason),
+                conntrack::Hit::Miss => {}
+            }
+        }
+        _ => {}
+    }
+    let dst = identity::lookup(packet.flow.family, &packet.flow.dst_addr);
+    let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
+
+    if let Fragment::Later(id) = packet.fragment {
+        if let Some(verdict) = fragments::recall(&packet, id, now) {
+            return verdict;
+        }
+        return match policy::decide_any_port(src.id, dst.id, packet.flow.protocol) {
+            policy::Outcome::Allow { .. } => Verdict::Pass,
+            policy::Outcome::Deny(reason) => audited(reason, audit),
+        };
+    }
+    if packet.kind == Kind::IcmpError && conntrack::is_tracked(&packet.quoted, now) {
+        return Verdict::Pass;
+    }
+    let verdict = decide(&packet, direction, src, dst, config.policy_generation, audit, now);
+    if let Fragment::First(id) = packet.fragment {
+        fragments::remember(&packet, id, verdict, now);
+    }
+    verdict
+}
+
+/// Policy verdict for a packet no tracked flow covers, with the conntrack
+/// bookkeeping it implies.
+#[inline(always)]
+fn decide(
+    packet: &Packet,
+    direction: Direction,
+    src: IdentityValue,
+    dst: IdentityValue,
+    generation: u32,
+    audit: bool,
+    now: u64,
+) -> Verdict {
+    // Replies come back in at ingress, unless the node itself answers.
+    let reply_hook = if dst.id == IDENTITY_HOST { Direction::Egress } else { Direction::Ingress };
+    let hooks = (direction, reply_hook);
+    let trackable = packet.kind == Kind::Trackable;
+    match policy::decide(src.id, dst.id, packet.flow.protocol, packet.policy_port) {
+        policy::Outcome::Allow { rule_index } => {
+            if trackable {
+                conntrack::admit(packet, hooks, generation, rule_index, None, now);
+            }
+            Verdict::Pass
+        }
+        policy::Outcome::Deny(reason) => {
+            let verdict = audited(reason, audit);
+            if trackable {
+                match verdict {
+                    Verdict::Audit(reason) => {
+                        conntrack::admit(packet, hooks, generation, u32::MAX, Some(reason), now);
+                    }
+                    _ => conntrack::revoke(packet),
+                }
+            }
+            verdict
         }
     }
 }
 
-/// `Ok` to pass the frame, `Err(reason)` to drop it.
 #[inline(always)]
-fn judge(frame: &Frame) -> Result<(), DropReason> {
-    let packet = match parse::parse(frame) {
-        Parsed::NotIp => return Ok(()),
-        Parsed::Drop(reason) => return Err(reason),
-        Parsed::Ip(packet) => packet,
-    };
-    if packet.kind == Kind::NeighbourDiscovery {
-        return Ok(());
-    }
-    let generation = maps::CONFIG
-        .get(CONFIG_INDEX)
-        .map_or(0, |c| c.policy_generation);
-    // SAFETY: a plain helper call with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if matches!(packet.kind, Kind::Trackable | Kind::EchoReply)
-        && let conntrack::Hit::Pass = conntrack::lookup(&packet, generation, now)
-    {
-        return Ok(());
-    }
-    let src = identity::lookup(packet.flow.family, &packet.flow.src_addr);
-    let dst = identity::lookup(packet.flow.family, &packet.flow.dst_addr);
-    match policy::decide(src, dst, packet.flow.protocol, packet.policy_port) {
-        policy::Outcome::Allow { rule_index } => {
-            if packet.kind == Kind::Trackable {
-                conntrack::admit(&packet, generation, rule_index, now);
-            }
-            Ok(())
-        }
-        policy::Outcome::Deny(reason) => {
-            if packet.kind == Kind::Trackable {
-                conntrack::revoke(&packet);
-            }
-            Err(reason)
-        }
-    }
+fn audited(reason: DropReason, audit: bool) -> Verdict {
+    if audit && reason.is_policy() { Verdict::Audit(reason) } else { Verdict::Drop(reason) }
 }
 
 #[cfg(not(test))]

@@ -4,29 +4,25 @@
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use enforcer_common::{
-    Config, Counter, DROP_COUNTER_ENTRIES, Direction, FlowKey, FlowValue, IdentityValue,
+    Config, Counter, DROP_COUNTER_ENTRIES, Direction, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityValue,
     PolicyKeyData, PolicyValue,
 };
 
 /// Single addresses (/32): one hash lookup answers most identity queries.
 #[map]
-pub static IDENTITY_V4_EXACT: HashMap<[u8; 4], IdentityValue> =
-    HashMap::with_max_entries(131_072, 0);
+pub static IDENTITY_V4_EXACT: HashMap<[u8; 4], IdentityValue> = HashMap::with_max_entries(131_072, 0);
 
 /// Real prefixes only; consulted when the exact lookup misses.
 #[map]
-pub static IDENTITY_V4_PREFIX: LpmTrie<[u8; 4], IdentityValue> =
-    LpmTrie::with_max_entries(65_536, 0);
+pub static IDENTITY_V4_PREFIX: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
 
 /// Single addresses (/128).
 #[map]
-pub static IDENTITY_V6_EXACT: HashMap<[u8; 16], IdentityValue> =
-    HashMap::with_max_entries(131_072, 0);
+pub static IDENTITY_V6_EXACT: HashMap<[u8; 16], IdentityValue> = HashMap::with_max_entries(131_072, 0);
 
 /// Real IPv6 prefixes.
 #[map]
-pub static IDENTITY_V6_PREFIX: LpmTrie<[u8; 16], IdentityValue> =
-    LpmTrie::with_max_entries(65_536, 0);
+pub static IDENTITY_V6_PREFIX: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
 
 /// (source identity, destination identity, protocol, port) → verdict.
 #[map]
@@ -42,10 +38,16 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 /// Dropped packets and bytes per (reason, direction).
 #[map]
-pub static DROP_COUNTERS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(DROP_COUNTER_ENTRIES, 0);
+pub static DROP_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DROP_COUNTER_ENTRIES, 0);
 
 /// Forwarded packets and bytes per direction.
 #[map]
-pub static FORWARD_COUNTERS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(Direction::COUNT, 0);
+pub static FORWARD_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Direction::COUNT, 0);
+
+/// Packets passed by audit mode per (would-be reason, direction).
+#[map]
+pub static AUDIT_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DROP_COUNTER_ENTRIES, 0);
+
+/// First-fragment verdicts, so a datagram's later fragments share them.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::with_max_entries(16_384, 0);

@@ -4,7 +4,9 @@
 //! not depend on how many rules exist.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use enforcer_common::{ACTION_ALLOW, DropReason, IdentityId, POLICY_KEY_MAX_PREFIX, PolicyKeyData};
+use enforcer_common::{
+    ACTION_ALLOW, DropReason, IdentityId, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_MAX_PREFIX, PolicyKeyData,
+};
 
 use crate::maps::POLICY;
 
@@ -15,15 +17,23 @@ pub enum Outcome {
 
 #[inline(always)]
 pub fn decide(src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Outcome {
-    let key = Key::new(
-        POLICY_KEY_MAX_PREFIX,
-        PolicyKeyData::new(src, dst, protocol, port),
-    );
+    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(src, dst, protocol, port));
     match POLICY.get(&key) {
         None => Outcome::Deny(DropReason::DefaultDeny),
-        Some(value) if value.action == ACTION_ALLOW => Outcome::Allow {
-            rule_index: value.rule_index,
-        },
+        Some(value) if value.action == ACTION_ALLOW => Outcome::Allow { rule_index: value.rule_index },
         Some(_) => Outcome::Deny(DropReason::DenyRule),
+    }
+}
+
+/// For a later fragment whose ports are unknown: allowed only if the pair
+/// is allowed on every port of the protocol.
+#[inline(always)]
+pub fn decide_any_port(src: IdentityId, dst: IdentityId, protocol: u8) -> Outcome {
+    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(src, dst, protocol, 0));
+    match POLICY.get(&key) {
+        Some(value) if value.action == ACTION_ALLOW && value.flags & POLICY_FLAG_WHOLE_PROTOCOL != 0 => {
+            Outcome::Allow { rule_index: value.rule_index }
+        }
+        _ => Outcome::Deny(DropReason::FragmentUnknown),
     }
 }

@@ -28,77 +28,73 @@ pub fn check(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
             for diagnostic in &diagnostics {
                 println!("{diagnostic}");
             }
-            eprintln!(
-                "{} problem(s); the policy would not be applied",
-                diagnostics.len()
-            );
+            eprintln!("{} problem(s); the policy would not be applied", diagnostics.len());
             Ok(ExitCode::FAILURE)
         }
         Err(other) => Err(other.into()),
     }
 }
 
-/// Parses `ADDR`, `ADDR/PROTO`, `ADDR:PORT/PROTO` or `[V6]:PORT/PROTO`.
+/// Parses `ADDR`, `ADDR/PROTO`, `ADDR/icmp/TYPE`, `ADDR:PORT/PROTO` or
+/// `[V6]:PORT/PROTO` into (address, protocol number, policy port).
 fn parse_destination(text: &str) -> anyhow::Result<(IpAddr, u8, u16)> {
-    let (host_port, protocol) = match text.rsplit_once('/') {
-        Some((rest, proto)) => {
-            let protocol = Protocol::from_name(proto).with_context(|| {
-                format!("unknown protocol `{proto}` in `{text}`; use tcp, udp, icmp or icmpv6")
-            })?;
-            (rest, Some(protocol))
-        }
-        None => (text, None),
+    let mut parts = text.splitn(3, '/');
+    let host_port = parts.next().unwrap_or_default();
+    let protocol = match parts.next() {
+        Some(name) => Some(
+            Protocol::from_name(name)
+                .with_context(|| format!("unknown protocol `{name}` in `{text}`; use tcp, udp, icmp or icmpv6"))?,
+        ),
+        None => None,
     };
+    let icmp_type = parts.next();
     let (addr, port) = if let Ok(addr) = host_port.parse::<IpAddr>() {
         (addr, None)
     } else if let Some((host, port)) = host_port.rsplit_once(':') {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addr = host
-            .parse::<IpAddr>()
-            .with_context(|| format!("`{host}` is not an IP address"))?;
-        let port = port
-            .parse::<u16>()
-            .with_context(|| format!("`{port}` is not a port (1-65535)"))?;
+        let addr = host.parse::<IpAddr>().with_context(|| format!("`{host}` is not an IP address"))?;
+        let port = port.parse::<u16>().with_context(|| format!("`{port}` is not a port (1-65535)"))?;
         (addr, Some(port))
     } else {
-        bail!("`{text}` is not ADDR, ADDR/PROTO or ADDR:PORT/PROTO");
+        bail!("`{text}` is not ADDR, ADDR/PROTO, ADDR/icmp/TYPE or ADDR:PORT/PROTO");
     };
     let protocol = match (protocol, port) {
         (Some(p), _) => p,
-        (None, Some(_)) => {
-            bail!("`{text}` has a port but no protocol; write ADDR:PORT/tcp or ADDR:PORT/udp")
-        }
-        (None, None) => {
-            if addr.is_ipv4() {
-                Protocol::Icmp
-            } else {
-                Protocol::Icmpv6
-            }
-        }
+        (None, Some(_)) => bail!("`{text}` has a port but no protocol; write ADDR:PORT/tcp or ADDR:PORT/udp"),
+        (None, None) if addr.is_ipv4() => Protocol::Icmp,
+        (None, None) => Protocol::Icmpv6,
     };
-    let port = match (protocol, port) {
-        (p, Some(port)) if p.has_ports() => port,
-        (p, Some(_)) => bail!("{p} has no ports; write ADDR/{p}"),
-        (Protocol::Icmp, None) => 8 << 8,
-        (Protocol::Icmpv6, None) => 128 << 8,
-        (_, None) => bail!("`{text}` needs a port for {protocol}; write ADDR:PORT/{protocol}"),
+    let port = match (protocol, port, icmp_type) {
+        (p, Some(port), None) if p.has_ports() => port,
+        (p, None, None) if p.has_ports() => bail!("`{text}` needs a port for {p}; write ADDR:PORT/{p}"),
+        (p, None, Some(name)) if !p.has_ports() => {
+            let number = p
+                .icmp_types()
+                .iter()
+                .find(|(known, _)| *known == name)
+                .map(|(_, t)| *t)
+                .or_else(|| name.parse().ok())
+                .with_context(|| format!("unknown {p} type `{name}`"))?;
+            u16::from(number) << 8
+        }
+        // An ICMP destination without a type: an echo request.
+        (Protocol::Icmp, None, None) => 8 << 8,
+        (Protocol::Icmpv6, None, None) => 128 << 8,
+        (p, _, _) => {
+            bail!("`{text}` does not fit {p}; write ADDR:PORT/tcp, ADDR:PORT/udp, ADDR/icmp or ADDR/icmp/TYPE")
+        }
     };
     Ok((addr, protocol.number(), port))
 }
 
-pub fn explain(policy_dir: &Path, from: &str, to: &str) -> anyhow::Result<ExitCode> {
+pub fn explain(policy_dir: &Path, from: &str, to: &str, audit: bool) -> anyhow::Result<ExitCode> {
     let parsed = policy::load(&[policy_dir.to_path_buf()])?;
-    let src: IpAddr = from
-        .parse()
-        .with_context(|| format!("--from `{from}` is not an IP address"))?;
+    let src: IpAddr = from.parse().with_context(|| format!("--from `{from}` is not an IP address"))?;
     let (dst, protocol, port) = parse_destination(to)?;
-    let packet = Packet {
-        src,
-        dst,
-        protocol,
-        port,
-    };
-    let decision = policy::Evaluator::new(&parsed).evaluate(&packet);
+    let packet = Packet { src, dst, protocol, port };
+    // The node's own addresses are identity `host` here as in the daemon.
+    let hosts = enforcer::host::addresses().unwrap_or_default();
+    let decision = policy::Evaluator::new(&parsed).with_host_addresses(hosts).with_audit(audit).evaluate(&packet);
     println!("source:      {src} (identity {})", decision.src_identity);
     println!("destination: {dst} (identity {})", decision.dst_identity);
     let what = if protocol == 1 || protocol == 58 {
@@ -107,18 +103,13 @@ pub fn explain(policy_dir: &Path, from: &str, to: &str) -> anyhow::Result<ExitCo
         format!("port {port}")
     };
     println!("protocol:    {protocol} ({what})");
-    match (&decision.verdict, &decision.rule) {
-        (Verdict::Forward, Some(rule)) => println!("verdict:     allow (rule {rule})"),
-        (Verdict::Drop(reason), Some(rule)) => {
-            println!("verdict:     drop, reason {} (rule {rule})", reason.label());
+    let rule = decision.rule.map_or_else(|| "no allow rule admits this packet".to_owned(), |r| format!("rule {r}"));
+    match decision.verdict {
+        Verdict::Forward => println!("verdict:     allow ({rule})"),
+        Verdict::Drop(reason) => println!("verdict:     drop, reason {} ({rule})", reason.label()),
+        Verdict::Audit(reason) => {
+            println!("verdict:     audit: passed and counted, would drop for {} ({rule})", reason.label());
         }
-        (Verdict::Drop(reason), None) => {
-            println!(
-                "verdict:     drop, reason {} (no allow rule admits this packet)",
-                reason.label()
-            );
-        }
-        (Verdict::Forward, None) => println!("verdict:     allow"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -129,18 +120,16 @@ mod tests {
 
     #[test]
     fn destinations() {
+        assert_eq!(parse_destination("10.0.0.1:80/tcp").unwrap(), ("10.0.0.1".parse().unwrap(), 6, 80));
+        assert_eq!(parse_destination("[fd00::1]:53/udp").unwrap(), ("fd00::1".parse().unwrap(), 17, 53));
+        assert_eq!(parse_destination("10.0.0.1").unwrap(), ("10.0.0.1".parse().unwrap(), 1, 8 << 8));
         assert_eq!(
-            parse_destination("10.0.0.1:80/tcp").unwrap(),
-            ("10.0.0.1".parse().unwrap(), 6, 80)
+            parse_destination("10.0.0.1/icmp/time-exceeded").unwrap(),
+            ("10.0.0.1".parse().unwrap(), 1, 11 << 8)
         );
-        assert_eq!(
-            parse_destination("[fd00::1]:53/udp").unwrap(),
-            ("fd00::1".parse().unwrap(), 17, 53)
-        );
-        assert_eq!(
-            parse_destination("10.0.0.1").unwrap(),
-            ("10.0.0.1".parse().unwrap(), 1, 8 << 8)
-        );
+        assert_eq!(parse_destination("fd00::1/icmpv6/3").unwrap(), ("fd00::1".parse().unwrap(), 58, 3 << 8));
+        assert!(parse_destination("10.0.0.1/tcp").is_err());
+        assert!(parse_destination("10.0.0.1/icmp/nonsense").is_err());
         assert!(parse_destination("10.0.0.1:80").is_err());
         assert!(parse_destination("10.0.0.1:80/icmp").is_err());
         assert!(parse_destination("nonsense").is_err());

@@ -1,10 +1,7 @@
 //! `bulkhead`: the Bulkhead daemon and CLI.
 
 mod check;
-mod datapath;
-mod metrics;
 mod run;
-mod server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +37,10 @@ pub struct RunArgs {
     /// Address for the plain-HTTP /metrics, /healthz and /readyz endpoints.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
     metrics_addr: SocketAddr,
+    /// Audit mode for all traffic: pass what the policy would drop, and
+    /// count it in bulkhead_audit_packets_total with the would-be reason.
+    #[arg(long)]
+    audit: bool,
 }
 
 #[derive(Subcommand)]
@@ -57,9 +58,12 @@ enum PolicyCommand {
         /// Source address.
         #[arg(long, value_name = "ADDR")]
         from: String,
-        /// Destination: ADDR, or ADDR:PORT/PROTO (IPv6 as [ADDR]:PORT/PROTO), or ADDR/PROTO.
+        /// Destination: ADDR:PORT/PROTO (IPv6 as [ADDR]:PORT/PROTO), ADDR/icmp[/TYPE], or ADDR alone for an echo request.
         #[arg(long, value_name = "ADDR[:PORT/PROTO]")]
         to: String,
+        /// Evaluate as a daemon running with --audit would.
+        #[arg(long)]
+        audit: bool,
     },
 }
 
@@ -68,11 +72,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Policy(PolicyCommand::Check { paths }) => check::check(&paths),
-        Command::Policy(PolicyCommand::Explain {
-            policy_dir,
-            from,
-            to,
-        }) => check::explain(&policy_dir, &from, &to),
+        Command::Policy(PolicyCommand::Explain { policy_dir, from, to, audit }) => {
+            check::explain(&policy_dir, &from, &to, audit)
+        }
     };
     match result {
         Ok(code) => code,

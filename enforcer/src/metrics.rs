@@ -13,17 +13,20 @@ use crate::datapath::{CounterSnapshot, Datapath};
 pub struct PolicyStats {
     pub identities: usize,
     pub rules: usize,
+    /// Generation of the enforced policy; bumped by every applied change.
+    pub generation: u32,
+    /// Candidate policies rejected since start.
+    pub load_errors: u64,
 }
 
 /// Renders the text exposition of `snapshot` and `stats`.
 pub fn render(snapshot: &CounterSnapshot, stats: PolicyStats) -> Result<String, prometheus::Error> {
     let registry = Registry::new();
-    let labelled =
-        |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(vec.clone()))?;
-            Ok(vec)
-        };
+    let labelled = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+        let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(vec.clone()))?;
+        Ok(vec)
+    };
     let drop_packets = labelled(
         "bulkhead_drop_packets_total",
         "Packets dropped, by drop reason and direction.",
@@ -34,56 +37,27 @@ pub fn render(snapshot: &CounterSnapshot, stats: PolicyStats) -> Result<String, 
         "Bytes of dropped packets, by drop reason and direction.",
         &["reason", "direction"],
     )?;
-    let forward_packets = labelled(
-        "bulkhead_forward_packets_total",
-        "Packets passed, by direction.",
-        &["direction"],
-    )?;
-    let forward_bytes = labelled(
-        "bulkhead_forward_bytes_total",
-        "Bytes of passed packets, by direction.",
-        &["direction"],
-    )?;
+    let forward_packets = labelled("bulkhead_forward_packets_total", "Packets passed, by direction.", &["direction"])?;
+    let forward_bytes =
+        labelled("bulkhead_forward_bytes_total", "Bytes of passed packets, by direction.", &["direction"])?;
     for direction in Direction::ALL {
         for reason in DropReason::ALL {
-            let counter = snapshot
-                .drops
-                .get(&(reason, direction))
-                .copied()
-                .unwrap_or_default();
+            let counter = snapshot.drops.get(&(reason, direction)).copied().unwrap_or_default();
             let labels = [reason.label(), direction.label()];
-            drop_packets
-                .with_label_values(&labels)
-                .inc_by(counter.packets);
+            drop_packets.with_label_values(&labels).inc_by(counter.packets);
             drop_bytes.with_label_values(&labels).inc_by(counter.bytes);
         }
-        let counter = snapshot
-            .forwards
-            .get(&direction)
-            .copied()
-            .unwrap_or_default();
-        forward_packets
-            .with_label_values(&[direction.label()])
-            .inc_by(counter.packets);
-        forward_bytes
-            .with_label_values(&[direction.label()])
-            .inc_by(counter.bytes);
+        let counter = snapshot.forwards.get(&direction).copied().unwrap_or_default();
+        forward_packets.with_label_values(&[direction.label()]).inc_by(counter.packets);
+        forward_bytes.with_label_values(&[direction.label()]).inc_by(counter.bytes);
     }
     let gauge = |name: &str, help: &str, value: usize| -> Result<(), prometheus::Error> {
         let gauge = IntGauge::new(name, help)?;
         gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         registry.register(Box::new(gauge))
     };
-    gauge(
-        "bulkhead_identities",
-        "Identities declared by the enforced policy.",
-        stats.identities,
-    )?;
-    gauge(
-        "bulkhead_policy_rules",
-        "Rules in the enforced policy.",
-        stats.rules,
-    )?;
+    gauge("bulkhead_identities", "Identities declared by the enforced policy.", stats.identities)?;
+    gauge("bulkhead_policy_rules", "Rules in the enforced policy.", stats.rules)?;
 
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
@@ -116,51 +90,20 @@ mod tests {
     #[test]
     fn renders_every_reason_and_direction_with_values() {
         let mut snapshot = CounterSnapshot::default();
-        snapshot.drops.insert(
-            (DropReason::DenyRule, Direction::Ingress),
-            Counter {
-                packets: 3,
-                bytes: 180,
-            },
-        );
-        snapshot.forwards.insert(
-            Direction::Ingress,
-            Counter {
-                packets: 7,
-                bytes: 700,
-            },
-        );
-        let text = render(
-            &snapshot,
-            PolicyStats {
-                identities: 4,
-                rules: 2,
-            },
-        )
-        .unwrap();
-        assert!(
-            text.contains(
-                "bulkhead_drop_packets_total{direction=\"ingress\",reason=\"deny_rule\"} 3"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "bulkhead_drop_bytes_total{direction=\"ingress\",reason=\"deny_rule\"} 180"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "bulkhead_drop_packets_total{direction=\"egress\",reason=\"malformed\"} 0"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("bulkhead_forward_packets_total{direction=\"ingress\"} 7"),
-            "{text}"
-        );
+        snapshot.drops.insert((DropReason::DenyRule, Direction::Ingress), Counter { packets: 3, bytes: 180 });
+        snapshot.forwards.insert(Direction::Ingress, Counter { packets: 7, bytes: 700 });
+        snapshot.audits.insert((DropReason::DefaultDeny, Direction::Egress), Counter { packets: 5, bytes: 500 });
+        let stats = PolicyStats { identities: 4, rules: 2, generation: 3, load_errors: 1 };
+        let text = render(&snapshot, stats).unwrap();
+        assert!(text.contains("bulkhead_drop_packets_total{direction=\"ingress\",reason=\"deny_rule\"} 3"), "{text}");
+        assert!(text.contains("bulkhead_drop_bytes_total{direction=\"ingress\",reason=\"deny_rule\"} 180"), "{text}");
+        assert!(text.contains("bulkhead_drop_packets_total{direction=\"egress\",reason=\"malformed\"} 0"), "{text}");
+        assert!(text.contains("bulkhead_forward_packets_total{direction=\"ingress\"} 7"), "{text}");
         assert!(text.contains("bulkhead_identities 4"), "{text}");
         assert!(text.contains("bulkhead_policy_rules 2"), "{text}");
+        let audit = "bulkhead_audit_packets_total{direction=\"egress\",reason=\"default_deny\"} 5";
+        assert!(text.contains(audit), "{text}");
+        assert!(text.contains("bulkhead_policy_generation 3"), "{text}");
+        assert!(text.contains("bulkhead_policy_load_errors_total 1"), "{text}");
     }
 }

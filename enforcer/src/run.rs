@@ -1,4 +1,5 @@
-//! `bulkhead run`: validate, load, fill the maps, attach, serve, wait.
+//! `bulkhead run`: validate, load, fill the maps, attach, serve, keep the
+//! maps in step with the policy directory and the node's addresses.
 //!
 //! The order matters: everything that can fail on bad input (policy,
 //! interfaces, privileges) is checked before anything touches the kernel,
@@ -6,21 +7,28 @@
 //! failed start never leaves a half-configured datapath behind.
 
 use std::ffi::CString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use policy::PolicyError;
+use enforcer::datapath::Datapath;
+use enforcer::metrics::{PolicyStats, Shared};
+use policy::{PolicyError, Source};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::RunArgs;
-use crate::datapath::Datapath;
-use crate::metrics::{PolicyStats, Shared};
 
 /// Capability bit numbers from `linux/capability.h`.
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
+
+/// How often the policy directory and the node's addresses are re-read.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 fn has_capabilities() -> bool {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
@@ -44,31 +52,35 @@ fn unblock_stop_signals() {
         libc::sigemptyset(&raw mut set);
         libc::sigaddset(&raw mut set, libc::SIGINT);
         libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::sigaddset(&raw mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut());
+    }
+}
+
+fn one_line(error: &PolicyError, dir: &Path) -> String {
+    match error {
+        PolicyError::Invalid { diagnostics } => format!(
+            "policy in {} is invalid: {} problem(s), first: {}; run `bulkhead policy check {}` to list them all",
+            dir.display(),
+            diagnostics.len(),
+            diagnostics[0],
+            dir.display()
+        ),
+        other => other.to_string(),
     }
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     unblock_stop_signals();
-    let policy = match policy::load(std::slice::from_ref(&args.policy_dir)) {
-        Ok(policy) => policy,
-        Err(PolicyError::Invalid { diagnostics }) => bail!(
-            "policy in {} is invalid, nothing was attached: {} problem(s), first: {}; run `bulkhead policy check {}` to list them all",
-            args.policy_dir.display(),
-            diagnostics.len(),
-            diagnostics[0],
-            args.policy_dir.display()
-        ),
-        Err(other) => return Err(other.into()),
-    };
+    let dir = args.policy_dir.clone();
+    let sources = policy::read_sources(std::slice::from_ref(&dir))?;
+    let policy = policy::parse_sources(&sources)
+        .map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, &dir)))?;
     for interface in &args.interfaces {
-        let name =
-            CString::new(interface.as_str()).context("interface names cannot contain NUL bytes")?;
+        let name = CString::new(interface.as_str()).context("interface names cannot contain NUL bytes")?;
         // SAFETY: `name` is a valid NUL-terminated string.
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-            bail!(
-                "interface `{interface}` does not exist in this network namespace; check `ip link` and --interface"
-            );
+            bail!("interface `{interface}` does not exist in this network namespace; check `ip link` and --interface");
         }
     }
     if !has_capabilities() {
@@ -80,64 +92,138 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     let compiled = policy::compile(&policy);
     let mut datapath = Datapath::load()?;
-    datapath.apply(&compiled, 1)?;
+    datapath.set_host_addresses(&enforcer::host::addresses().context("listing the node's addresses failed")?)?;
+    datapath.apply(&compiled, 1, args.audit)?;
     for interface in &args.interfaces {
         // On error `datapath` is dropped, which detaches what was attached.
         datapath.attach(interface)?;
     }
     log::info!(
-        "enforcing {} identities and {} rules ({} identity entries, {} policy entries) on {}",
+        "enforcing {} identities and {} rules ({} identity entries, {} policy entries){} on {}",
         policy.identities.len(),
         policy.rules.len(),
         compiled.identity_entries.len(),
         compiled.policy_entries.len(),
+        if args.audit { " in audit mode" } else { "" },
         datapath.attached().collect::<Vec<_>>().join(", ")
     );
 
     let shared = Shared::new();
-    *shared
-        .stats
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = PolicyStats {
-        identities: policy.identities.len(),
-        rules: policy.rules.len(),
+    *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) =
+        PolicyStats { identities: policy.identities.len(), rules: policy.rules.len(), generation: 1, load_errors: 0 };
+    *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
+
+    let (resync_tx, resync_rx) = mpsc::channel::<Resync>();
+    let maintenance = {
+        let shared = Arc::clone(&shared);
+        let audit = args.audit;
+        std::thread::spawn(move || maintain(&shared, &dir, sources, audit, &resync_rx))
     };
-    *shared
-        .datapath
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(datapath);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime failed")?;
-    runtime.block_on(async {
-        let listener = crate::server::bind(args.metrics_addr)
-            .await
-            .with_context(|| format!("cannot listen on --metrics-addr {}; pick a free address", args.metrics_addr))?;
-        log::info!("serving /metrics, /healthz and /readyz on http://{}", args.metrics_addr);
-        shared.ready.store(true, Ordering::Release);
-        let server = tokio::spawn(crate::server::serve(listener, std::sync::Arc::clone(&shared)));
-        let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler failed")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler failed")?;
-        tokio::select! {
-            _ = terminate.recv() => log::info!("SIGTERM received, shutting down"),
-            _ = interrupt.recv() => log::info!("SIGINT received, shutting down"),
-            result = server => match result {
-                Ok(Ok(())) => bail!("the metrics server stopped unexpectedly"),
-                Ok(Err(error)) => return Err(anyhow::Error::new(error).context("the metrics server failed")),
-                Err(error) => return Err(anyhow::Error::new(error).context("the metrics server panicked")),
-            },
-        }
-        Ok(())
-    })?;
+    let served = runtime.block_on(serve_until_signal(args, &shared, &resync_tx));
+    let _ = resync_tx.send(Resync::Stop);
+    let _ = maintenance.join();
     shared.ready.store(false, Ordering::Release);
     // Dropping the datapath detaches the programs and frees the maps.
-    shared
-        .datapath
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
+    shared.datapath.lock().unwrap_or_else(PoisonError::into_inner).take();
+    served?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_until_signal(args: &RunArgs, shared: &Arc<Shared>, resync: &mpsc::Sender<Resync>) -> anyhow::Result<()> {
+    let listener = enforcer::server::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {}; pick a free address", args.metrics_addr))?;
+    log::info!("serving /metrics, /healthz and /readyz on http://{}", args.metrics_addr);
+    shared.ready.store(true, Ordering::Release);
+    let mut server = tokio::spawn(enforcer::server::serve(listener, Arc::clone(shared)));
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler failed")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler failed")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler failed")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { log::info!("SIGTERM received, shutting down"); return Ok(()); }
+            _ = interrupt.recv() => { log::info!("SIGINT received, shutting down"); return Ok(()); }
+            _ = hangup.recv() => { let _ = resync.send(Resync::Now); }
+            result = &mut server => return match result {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the metrics server stopped unexpectedly")),
+                Ok(Err(error)) => Err(anyhow::Error::new(error).context("the metrics server failed")),
+                Err(error) => Err(anyhow::Error::new(error).context("the metrics server panicked")),
+            },
+        }
+    }
+}
+
+enum Resync {
+    /// Re-read now (SIGHUP).
+    Now,
+    Stop,
+}
+
+/// Keeps the maps in step with the policy directory (re-read every second
+/// and on SIGHUP; any change of any file, including a Kubernetes ConfigMap's
+/// symlink swap, is seen as a change of content) and with the node's
+/// addresses. An invalid candidate is rejected whole and logged with its
+/// positions; the enforced policy stays.
+fn maintain(shared: &Shared, dir: &PathBuf, mut last_seen: Vec<Source>, audit: bool, resync: &mpsc::Receiver<Resync>) {
+    loop {
+        match resync.recv_timeout(RESYNC_INTERVAL) {
+            Ok(Resync::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(Resync::Now) | Err(RecvTimeoutError::Timeout) => {}
+        }
+        let mut guard = shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(datapath) = guard.as_mut() else { return };
+        match enforcer::host::addresses() {
+            Ok(addresses) if &addresses != datapath.host_addresses() => {
+                log::info!("node addresses changed: {addresses:?}");
+                if let Err(error) = datapath.set_host_addresses(&addresses) {
+                    log::error!("updating the node's addresses failed: {error}");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => log::warn!("listing the node's addresses failed: {error}"),
+        }
+        let candidate = policy::read_sources(std::slice::from_ref(dir));
+        if candidate.as_ref().is_ok_and(|sources| *sources == last_seen) {
+            continue;
+        }
+        let mut stats = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let parsed = candidate.and_then(|sources| policy::parse_sources(&sources).map(|p| (sources, p)));
+        match parsed {
+            Ok((sources, policy)) => {
+                let compiled = policy::compile(&policy);
+                let generation = stats.generation.wrapping_add(1);
+                match datapath.apply(&compiled, generation, audit) {
+                    Ok(()) => {
+                        log::info!(
+                            "applied policy generation {generation}: {} identities, {} rules",
+                            policy.identities.len(),
+                            policy.rules.len()
+                        );
+                        stats.generation = generation;
+                        stats.identities = policy.identities.len();
+                        stats.rules = policy.rules.len();
+                    }
+                    Err(error) => {
+                        log::error!("applying the new policy failed: {error}");
+                        stats.load_errors += 1;
+                    }
+                }
+                last_seen = sources;
+            }
+            Err(error) => {
+                log::error!("rejected policy change, previous policy stays enforced: {error}");
+                stats.load_errors += 1;
+                // Remember the rejected content so it is reported once, not every second.
+                if let Ok(sources) = policy::read_sources(std::slice::from_ref(dir)) {
+                    last_seen = sources;
+                }
+            }
+        }
+    }
 }

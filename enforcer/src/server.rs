@@ -29,23 +29,14 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     if shared.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: policy not yet enforced\n",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: policy not yet enforced\n")
     }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let stats = *shared
-        .stats
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let stats = *shared.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let snapshot = {
-        let datapath = shared
-            .datapath
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let datapath = shared.datapath.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match datapath.as_ref().map(crate::datapath::Datapath::counters) {
             Some(Ok(snapshot)) => snapshot,
             Some(Err(error)) => {
@@ -59,15 +50,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         }
     };
     match render(&snapshot, stats) {
-        Ok(text) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            text,
-        ),
-        Err(error) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain")],
-            format!("{error}\n"),
-        ),
+        Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], format!("{error}\n")),
     }
 }

@@ -12,12 +12,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_WORLD, IdentityId,
-    POLICY_KEY_IDENTITY_BITS, PolicyKeyData, PolicyValue,
+    ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IDENTITY_WORLD, IdentityId,
+    IdentityValue, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_IDENTITY_BITS, PolicyKeyData, PolicyValue,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{Action, Peer, Policy, Selector, WORLD};
+use crate::model::{Action, HOST, Mode, Peer, Policy, Selector, WORLD};
 
 /// One entry of the identity maps: addresses in `net` (unless a longer entry
 /// covers them) have identity `id`.
@@ -25,6 +25,8 @@ use crate::model::{Action, Peer, Policy, Selector, WORLD};
 pub struct IdentityEntry {
     pub net: IpNet,
     pub id: IdentityId,
+    /// `IDENTITY_FLAG_*` bits of the atom.
+    pub flags: u32,
 }
 
 /// One entry of the policy trie.
@@ -46,8 +48,10 @@ pub struct CompiledRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Atom {
     pub id: IdentityId,
-    /// Owning identity, or `world`.
+    /// Owning identity, `world` or `host`.
     pub owner: String,
+    /// `IDENTITY_FLAG_*` bits.
+    pub flags: u32,
 }
 
 /// Everything the daemon writes to the maps for one policy.
@@ -109,12 +113,7 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
         let select = |peers: &[Peer]| {
             let mut ids = BTreeSet::new();
             for peer in peers {
-                ids.extend(select_atoms(
-                    policy,
-                    &atoms,
-                    &cidr_selectors,
-                    &peer.selector,
-                ));
+                ids.extend(select_atoms(policy, &atoms, &cidr_selectors, &peer.selector));
             }
             ids
         };
@@ -132,40 +131,34 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
         };
         for &src in &sources {
             for &dst in &destinations {
-                pairs
-                    .entry((src, dst))
-                    .or_default()
-                    .extend(ranges.iter().map(|&(first, last)| Claim {
-                        action: rule.action,
-                        rule_index: rule_index as u32,
-                        first,
-                        last,
-                    }));
+                pairs.entry((src, dst)).or_default().extend(ranges.iter().map(|&(first, last)| Claim {
+                    action: rule.action,
+                    rule_index: rule_index as u32,
+                    first,
+                    last,
+                }));
             }
         }
     }
 
     let mut policy_entries = Vec::new();
     for ((src, dst), claims) in &pairs {
-        for (first, last, value) in resolve(claims) {
+        let segments = resolve(claims);
+        for &(first, last, value) in &segments {
             for (start, bits) in aligned_blocks(first, last) {
+                let whole_protocol = value.action == ACTION_ALLOW && allows_whole_protocol(&segments, start >> 16);
+                let flags = if whole_protocol { POLICY_FLAG_WHOLE_PROTOCOL } else { 0 };
                 policy_entries.push(PolicyEntry {
                     prefix_len: POLICY_KEY_IDENTITY_BITS + bits,
                     key: PolicyKeyData::new(*src, *dst, (start >> 16) as u8, start as u16),
-                    value,
+                    value: PolicyValue { flags, ..value },
                 });
             }
         }
     }
 
     CompiledPolicy {
-        rules: rules
-            .iter()
-            .map(|r| CompiledRule {
-                name: r.name.clone(),
-                action: r.action,
-            })
-            .collect(),
+        rules: rules.iter().map(|r| CompiledRule { name: r.name.clone(), action: r.action }).collect(),
         atoms: atoms.atoms,
         identity_entries: atoms.identity_entries,
         policy_entries,
@@ -182,6 +175,7 @@ fn select_atoms<'a>(
     let owned_by = |owner: Option<usize>| atoms.by_owner.get(&owner).into_iter().flatten();
     match selector {
         Selector::Identity(name) if name == WORLD => owned_by(None).collect(),
+        Selector::Identity(name) if name == HOST => vec![&IDENTITY_HOST],
         Selector::Identity(name) => policy
             .identities
             .iter()
@@ -191,11 +185,7 @@ fn select_atoms<'a>(
             .identities
             .iter()
             .enumerate()
-            .filter(|(_, identity)| {
-                wanted
-                    .iter()
-                    .all(|(k, v)| identity.labels.get(k) == Some(v))
-            })
+            .filter(|(_, identity)| wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v)))
             .flat_map(|(i, _)| owned_by(Some(i)))
             .collect(),
         Selector::Cidr { cidr, except } => cidr_selectors
@@ -239,24 +229,22 @@ fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector]) -> Part
     prefixes.insert(IpNet::V6(Ipv6Net::default()));
     let all_index = PrefixIndex::new(prefixes.iter().copied());
 
-    let mut atom_ids: HashMap<AtomKey, IdentityId> =
-        HashMap::from([((None, Vec::new()), IDENTITY_WORLD)]);
+    let mut atom_ids: HashMap<AtomKey, IdentityId> = HashMap::from([((None, Vec::new()), IDENTITY_WORLD)]);
     let mut next_id = IDENTITY_FIRST_DYNAMIC;
     let mut atom_of_prefix: HashMap<IpNet, IdentityId> = HashMap::new();
     let mut out = Partition {
-        atoms: vec![Atom {
-            id: IDENTITY_WORLD,
-            owner: WORLD.to_owned(),
-        }],
+        atoms: vec![
+            Atom { id: IDENTITY_WORLD, owner: WORLD.to_owned(), flags: 0 },
+            // The node's addresses are found at run time; only the daemon writes them.
+            Atom { id: IDENTITY_HOST, owner: HOST.to_owned(), flags: 0 },
+        ],
         identity_entries: Vec::new(),
         by_owner: HashMap::from([(None, vec![IDENTITY_WORLD])]),
         by_cidr: HashMap::new(),
     };
     // BTreeSet order puts every prefix after the prefixes containing it.
     for net in &prefixes {
-        let owner = owner_index
-            .covering(net)
-            .find_map(|outer| identity_owner.get(&outer).copied());
+        let owner = owner_index.covering(net).find_map(|outer| identity_owner.get(&outer).copied());
         let mut inside: BTreeSet<usize> = BTreeSet::new();
         let mut excluded: BTreeSet<usize> = BTreeSet::new();
         for outer in cidr_index.covering(net) {
@@ -264,14 +252,17 @@ fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector]) -> Part
             excluded.extend(except_members.get(&outer).into_iter().flatten());
         }
         let key: AtomKey = (owner, inside.difference(&excluded).copied().collect());
+        let flags = match owner.map(|i| policy.identities[i].mode) {
+            Some(Mode::Audit) => IDENTITY_FLAG_AUDIT,
+            _ => 0,
+        };
         let id = *atom_ids.entry(key.clone()).or_insert_with(|| {
             let id = next_id;
             next_id += 1;
             out.atoms.push(Atom {
                 id,
-                owner: owner
-                    .map_or(WORLD, |i| policy.identities[i].name.as_str())
-                    .to_owned(),
+                owner: owner.map_or(WORLD, |i| policy.identities[i].name.as_str()).to_owned(),
+                flags,
             });
             out.by_owner.entry(key.0).or_default().push(id);
             for k in &key.1 {
@@ -288,7 +279,7 @@ fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector]) -> Part
             .last()
             .unwrap_or(IDENTITY_WORLD);
         if parent != id {
-            out.identity_entries.push(IdentityEntry { net: *net, id });
+            out.identity_entries.push(IdentityEntry { net: *net, id, flags });
         }
     }
     out
@@ -311,19 +302,13 @@ fn resolve(claims: &[Claim]) -> Vec<(u32, u32, PolicyValue)> {
         let end = cuts.get(i + 1).map_or(PROTO_PORT_MAX, |next| next - 1);
         let covering = claims.iter().filter(|c| c.first <= start && end <= c.last);
         let winner = covering.min_by_key(|c| (c.action != Action::Deny, c.rule_index));
-        let Some(&Claim {
-            action, rule_index, ..
-        }) = winner
-        else {
+        let Some(&Claim { action, rule_index, .. }) = winner else {
             continue;
         };
         let value = PolicyValue {
-            action: if action == Action::Deny {
-                ACTION_DENY
-            } else {
-                ACTION_ALLOW
-            },
+            action: if action == Action::Deny { ACTION_DENY } else { ACTION_ALLOW },
             rule_index,
+            flags: 0,
         };
         match out.last_mut() {
             Some(last) if last.2 == value && last.1 + 1 == start => last.1 = end,
@@ -333,16 +318,32 @@ fn resolve(claims: &[Claim]) -> Vec<(u32, u32, PolicyValue)> {
     out
 }
 
+/// Whether the resolved segments allow every port of `protocol` (so a later
+/// fragment, whose port is unknown, may pass).
+fn allows_whole_protocol(segments: &[(u32, u32, PolicyValue)], protocol: u32) -> bool {
+    let (start, end) = (protocol << 16, (protocol << 16) | 0xffff);
+    let mut next = start;
+    for &(first, last, value) in segments {
+        if last < next || first > end {
+            continue;
+        }
+        if first > next || value.action != ACTION_ALLOW {
+            return false;
+        }
+        if last >= end {
+            return true;
+        }
+        next = last + 1;
+    }
+    false
+}
+
 /// Splits `[first, last]` of the 24-bit space into the fewest aligned blocks,
 /// each as (start, prefix bits within the 24).
 fn aligned_blocks(mut first: u32, last: u32) -> Vec<(u32, u32)> {
     let mut blocks = Vec::new();
     loop {
-        let mut size_log = if first == 0 {
-            PROTO_PORT_BITS
-        } else {
-            first.trailing_zeros().min(PROTO_PORT_BITS)
-        };
+        let mut size_log = if first == 0 { PROTO_PORT_BITS } else { first.trailing_zeros().min(PROTO_PORT_BITS) };
         while first + (1 << size_log) - 1 > last {
             size_log -= 1;
         }
@@ -372,20 +373,13 @@ impl PrefixIndex {
                 IpNet::V6(n) => v6.insert(n.prefix_len()),
             };
         }
-        Self {
-            v4: v4.into_iter().collect(),
-            v6: v6.into_iter().collect(),
-        }
+        Self { v4: v4.into_iter().collect(), v6: v6.into_iter().collect() }
     }
 
     /// Candidate prefixes containing `net` (itself included), shortest first;
     /// the caller checks which of them are actually in its set.
     fn covering(&self, net: &IpNet) -> impl Iterator<Item = IpNet> + '_ {
-        let lengths = if net.addr().is_ipv4() {
-            &self.v4
-        } else {
-            &self.v6
-        };
+        let lengths = if net.addr().is_ipv4() { &self.v4 } else { &self.v6 };
         let net = *net;
         lengths
             .iter()
@@ -395,35 +389,26 @@ impl PrefixIndex {
 }
 
 impl CompiledPolicy {
-    /// What the kernel's identity lookup answers for `addr`: the exact
-    /// address first, then the longest prefix, else `world`.
+    /// What the kernel's identity lookup answers for `addr` (before the
+    /// daemon adds the node's own addresses): the exact address first, then
+    /// the longest prefix, else `world`.
     #[must_use]
-    pub fn lookup_identity(&self, addr: IpAddr) -> IdentityId {
+    pub fn lookup_identity(&self, addr: IpAddr) -> IdentityValue {
         self.identity_entries
             .iter()
             .filter(|e| e.net.contains(&addr))
             .max_by_key(|e| e.net.prefix_len())
-            .map_or(IDENTITY_WORLD, |e| e.id)
+            .map_or(IdentityValue { id: IDENTITY_WORLD, flags: 0 }, |e| IdentityValue { id: e.id, flags: e.flags })
     }
 
     /// What the kernel's policy trie answers: the longest matching prefix.
     #[must_use]
-    pub fn lookup_policy(
-        &self,
-        src: IdentityId,
-        dst: IdentityId,
-        protocol: u8,
-        port: u16,
-    ) -> Option<PolicyValue> {
+    pub fn lookup_policy(&self, src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Option<PolicyValue> {
         let wanted = u128::from_be_bytes(key_bytes(&PolicyKeyData::new(src, dst, protocol, port)));
         self.policy_entries
             .iter()
             .filter(|e| {
-                let mask = if e.prefix_len == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - e.prefix_len)
-                };
+                let mask = if e.prefix_len == 0 { 0 } else { u128::MAX << (128 - e.prefix_len) };
                 u128::from_be_bytes(key_bytes(&e.key)) & mask == wanted & mask
             })
             .max_by_key(|e| e.prefix_len)
@@ -433,10 +418,7 @@ impl CompiledPolicy {
     /// The owner name of a numeric identity.
     #[must_use]
     pub fn atom_owner(&self, id: IdentityId) -> Option<&str> {
-        self.atoms
-            .iter()
-            .find(|a| a.id == id)
-            .map(|a| a.owner.as_str())
+        self.atoms.iter().find(|a| a.id == id).map(|a| a.owner.as_str())
     }
 }
 
@@ -455,13 +437,7 @@ mod tests {
 
     #[test]
     fn aligned_blocks_cover_exactly() {
-        for (first, last) in [
-            (0, PROTO_PORT_MAX),
-            (5, 5),
-            (1, 1023),
-            (80, 443),
-            (6 << 16, (6 << 16) | 0xffff),
-        ] {
+        for (first, last) in [(0, PROTO_PORT_MAX), (5, 5), (1, 1023), (80, 443), (6 << 16, (6 << 16) | 0xffff)] {
             let blocks = aligned_blocks(first, last);
             let mut next = first;
             for (start, bits) in &blocks {
@@ -472,41 +448,19 @@ mod tests {
             }
             assert_eq!(next, last + 1);
         }
-        assert_eq!(
-            aligned_blocks(6 << 16, (6 << 16) | 0xffff),
-            vec![(6 << 16, 8)]
-        );
+        assert_eq!(aligned_blocks(6 << 16, (6 << 16) | 0xffff), vec![(6 << 16, 8)]);
         assert_eq!(aligned_blocks(0, PROTO_PORT_MAX), vec![(0, 0)]);
     }
 
     #[test]
     fn deny_beats_allow_and_splits_ranges() {
         let claims = [
-            Claim {
-                action: Action::Allow,
-                rule_index: 0,
-                first: 100,
-                last: 200,
-            },
-            Claim {
-                action: Action::Deny,
-                rule_index: 1,
-                first: 150,
-                last: 150,
-            },
+            Claim { action: Action::Allow, rule_index: 0, first: 100, last: 200 },
+            Claim { action: Action::Deny, rule_index: 1, first: 150, last: 150 },
         ];
         let resolved = resolve(&claims);
-        let allow = PolicyValue {
-            action: ACTION_ALLOW,
-            rule_index: 0,
-        };
-        let deny = PolicyValue {
-            action: ACTION_DENY,
-            rule_index: 1,
-        };
-        assert_eq!(
-            resolved,
-            vec![(100, 149, allow), (150, 150, deny), (151, 200, allow)]
-        );
+        let allow = PolicyValue { action: ACTION_ALLOW, rule_index: 0, flags: 0 };
+        let deny = PolicyValue { action: ACTION_DENY, rule_index: 1, flags: 0 };
+        assert_eq!(resolved, vec![(100, 149, allow), (150, 150, deny), (151, 200, allow)]);
     }
 }

@@ -28,10 +28,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(location: Location, message: impl Into<String>) -> Self {
-        Self {
-            location,
-            message: message.into(),
-        }
+        Self { location, message: message.into() }
     }
 }
 

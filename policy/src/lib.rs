@@ -23,7 +23,7 @@ pub use model::Policy;
 pub use parse::{API_VERSION, KIND};
 
 /// One policy file's name and contents.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
     pub name: String,
     pub text: String,
@@ -43,18 +43,13 @@ pub fn parse_sources(sources: &[Source]) -> Result<Policy, PolicyError> {
     } else {
         problems.sort_by(|a, b| a.location.cmp(&b.location));
         problems.dedup();
-        Err(PolicyError::Invalid {
-            diagnostics: problems,
-        })
+        Err(PolicyError::Invalid { diagnostics: problems })
     }
 }
 
 /// Parses and validates one policy text; `name` is used in positions.
 pub fn parse_str(name: &str, text: &str) -> Result<Policy, PolicyError> {
-    parse_sources(&[Source {
-        name: name.to_owned(),
-        text: text.to_owned(),
-    }])
+    parse_sources(&[Source { name: name.to_owned(), text: text.to_owned() }])
 }
 
 /// Reads policy files: each path is a file, or a directory whose `*.yaml`
@@ -64,19 +59,14 @@ pub fn parse_str(name: &str, text: &str) -> Result<Policy, PolicyError> {
 pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, PolicyError> {
     let mut files = Vec::new();
     for path in paths {
-        let read_error = |source| PolicyError::Read {
-            path: path.clone(),
-            source,
-        };
+        let read_error = |source| PolicyError::Read { path: path.clone(), source };
         if path.is_dir() {
             let mut found = Vec::new();
             for entry in std::fs::read_dir(path).map_err(read_error)? {
                 let entry = entry.map_err(read_error)?;
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                let is_policy = Path::new(name.as_ref())
-                    .extension()
-                    .is_some_and(|ext| ext == "yaml" || ext == "yml");
+                let is_policy = Path::new(name.as_ref()).extension().is_some_and(|ext| ext == "yaml" || ext == "yml");
                 if is_policy && !name.starts_with('.') && entry.path().is_file() {
                     found.push(entry.path());
                 }
@@ -88,21 +78,14 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, PolicyError> {
         }
     }
     if files.is_empty() {
-        return Err(PolicyError::NoFiles {
-            paths: paths.to_vec(),
-        });
+        return Err(PolicyError::NoFiles { paths: paths.to_vec() });
     }
     files
         .into_iter()
         .map(|file| {
-            let text = std::fs::read_to_string(&file).map_err(|source| PolicyError::Read {
-                path: file.clone(),
-                source,
-            })?;
-            Ok(Source {
-                name: file.display().to_string(),
-                text,
-            })
+            let text =
+                std::fs::read_to_string(&file).map_err(|source| PolicyError::Read { path: file.clone(), source })?;
+            Ok(Source { name: file.display().to_string(), text })
         })
         .collect()
 }

@@ -27,7 +27,19 @@ pub struct Identity {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub addresses: Vec<Address>,
+    /// How policy drops of traffic towards this identity are handled.
+    pub mode: Mode,
     pub location: Location,
+}
+
+/// Enforcement mode of an identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum Mode {
+    /// Drop what the policy does not admit.
+    #[default]
+    Enforce,
+    /// Pass it, and count it with the reason it would have been dropped for.
+    Audit,
 }
 
 /// One entry of an identity's `addresses`.
@@ -138,9 +150,56 @@ pub struct PortSpec {
     pub last: u16,
 }
 
+/// ICMP message type names usable as `icmp/NAME`.
+pub const ICMP_TYPES: [(&str, u8); 10] = [
+    ("echo-reply", 0),
+    ("destination-unreachable", 3),
+    ("redirect", 5),
+    ("echo-request", 8),
+    ("router-advertisement", 9),
+    ("router-solicitation", 10),
+    ("time-exceeded", 11),
+    ("parameter-problem", 12),
+    ("timestamp", 13),
+    ("timestamp-reply", 14),
+];
+
+/// ICMPv6 message type names usable as `icmpv6/NAME`.
+pub const ICMPV6_TYPES: [(&str, u8); 11] = [
+    ("destination-unreachable", 1),
+    ("packet-too-big", 2),
+    ("time-exceeded", 3),
+    ("parameter-problem", 4),
+    ("echo-request", 128),
+    ("echo-reply", 129),
+    ("router-solicitation", 133),
+    ("router-advertisement", 134),
+    ("neighbor-solicitation", 135),
+    ("neighbor-advertisement", 136),
+    ("redirect", 137),
+];
+
+impl Protocol {
+    /// The type table of an ICMP protocol.
+    #[must_use]
+    pub fn icmp_types(self) -> &'static [(&'static str, u8)] {
+        match self {
+            Protocol::Icmp => &ICMP_TYPES,
+            Protocol::Icmpv6 => &ICMPV6_TYPES,
+            Protocol::Tcp | Protocol::Udp => &[],
+        }
+    }
+}
+
 impl fmt::Display for PortSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.first == 0 && self.last == u16::MAX {
+        if !self.protocol.has_ports() && self.first & 0xff == 0 && self.last == self.first | 0xff {
+            let icmp_type = (self.first >> 8) as u8;
+            match self.protocol.icmp_types().iter().find(|(_, t)| *t == icmp_type) {
+                Some((name, _)) => write!(f, "{}/{name}", self.protocol),
+                None => write!(f, "{}/{icmp_type}", self.protocol),
+            }
+        } else if self.first == 0 && self.last == u16::MAX {
             write!(f, "{}", self.protocol)
         } else if self.first == self.last {
             write!(f, "{}/{}", self.first, self.protocol)

@@ -8,19 +8,14 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::error::{Diagnostic, Location};
-use crate::model::{Action, Address, Identity, Peer, Policy, PortSpec, Protocol, Rule, Selector};
+use crate::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
 use crate::yaml::{Node, Value};
 
 pub const API_VERSION: &str = "bulkhead/v1";
 pub const KIND: &str = "SegmentPolicy";
 
 /// Appends the documents of one file to `policy`, recording problems in `problems`.
-pub fn parse_file(
-    file: &Arc<str>,
-    text: &str,
-    policy: &mut Policy,
-    problems: &mut Vec<Diagnostic>,
-) {
+pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &mut Vec<Diagnostic>) {
     let documents = match crate::yaml::parse_documents(file, text) {
         Ok(documents) => documents,
         Err(problem) => {
@@ -29,10 +24,7 @@ pub fn parse_file(
         }
     };
     for document in &documents {
-        Parser {
-            problems: &mut *problems,
-        }
-        .document(document, policy);
+        Parser { problems: &mut *problems }.document(document, policy);
     }
 }
 
@@ -48,32 +40,22 @@ struct Fields<'n> {
 
 impl<'n> Fields<'n> {
     fn get(&self, name: &str) -> Option<&'n Node> {
-        self.entries
-            .iter()
-            .find(|(key, _)| *key == name)
-            .map(|(_, value)| *value)
+        self.entries.iter().find(|(key, _)| *key == name).map(|(_, value)| *value)
     }
 }
 
 impl Parser<'_> {
     fn problem(&mut self, location: &Location, message: impl Into<String>) {
-        self.problems
-            .push(Diagnostic::new(location.clone(), message));
+        self.problems.push(Diagnostic::new(location.clone(), message));
     }
 
     /// Reads a mapping, reporting unknown and repeated keys.
     fn fields<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str]) -> Option<Fields<'n>> {
         let Value::Mapping(entries) = &node.value else {
-            self.problem(
-                &node.location,
-                format!("{what} must be a mapping, found {}", node.kind()),
-            );
+            self.problem(&node.location, format!("{what} must be a mapping, found {}", node.kind()));
             return None;
         };
-        let mut fields = Fields {
-            entries: Vec::new(),
-            location: node.location.clone(),
-        };
+        let mut fields = Fields { entries: Vec::new(), location: node.location.clone() };
         for (key, value) in entries {
             let Value::Scalar { text, .. } = &key.value else {
                 self.problem(&key.location, format!("keys in {what} must be plain names"));
@@ -84,17 +66,11 @@ impl Parser<'_> {
                     Some(near) => format!("did you mean `{near}`?"),
                     None => format!("expected one of: {}", allowed.join(", ")),
                 };
-                self.problem(
-                    &key.location,
-                    format!("unknown field `{text}` in {what}; {hint}"),
-                );
+                self.problem(&key.location, format!("unknown field `{text}` in {what}; {hint}"));
                 continue;
             }
             if fields.get(text).is_some() {
-                self.problem(
-                    &key.location,
-                    format!("field `{text}` appears twice in {what}; keep one"),
-                );
+                self.problem(&key.location, format!("field `{text}` appears twice in {what}; keep one"));
                 continue;
             }
             fields.entries.push((text.as_str(), value));
@@ -105,10 +81,7 @@ impl Parser<'_> {
     fn required<'n>(&mut self, fields: &Fields<'n>, name: &str, what: &str) -> Option<&'n Node> {
         let node = fields.get(name);
         if node.is_none() {
-            self.problem(
-                &fields.location,
-                format!("{what} is missing required field `{name}`"),
-            );
+            self.problem(&fields.location, format!("{what} is missing required field `{name}`"));
         }
         node
     }
@@ -117,10 +90,7 @@ impl Parser<'_> {
         match &node.value {
             Value::Scalar { text, .. } if !node.is_null() => Some(text.clone()),
             _ => {
-                self.problem(
-                    &node.location,
-                    format!("{what} must be a string, found {}", node.kind()),
-                );
+                self.problem(&node.location, format!("{what} must be a string, found {}", node.kind()));
                 None
             }
         }
@@ -130,10 +100,7 @@ impl Parser<'_> {
         if let Value::Sequence(items) = &node.value {
             Some(items)
         } else {
-            self.problem(
-                &node.location,
-                format!("{what} must be a list, found {}", node.kind()),
-            );
+            self.problem(&node.location, format!("{what} must be a list, found {}", node.kind()));
             None
         }
     }
@@ -142,9 +109,9 @@ impl Parser<'_> {
         let name = self.string(node, what)?;
         let valid = !name.is_empty()
             && name.len() <= 63
-            && name.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
-            })
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
             && name.as_bytes()[0].is_ascii_alphanumeric();
         if valid {
             Some(name)
@@ -158,11 +125,7 @@ impl Parser<'_> {
     }
 
     fn document(&mut self, node: &Node, policy: &mut Policy) {
-        let Some(fields) = self.fields(
-            node,
-            "a policy document",
-            &["apiVersion", "kind", "metadata", "spec"],
-        ) else {
+        let Some(fields) = self.fields(node, "a policy document", &["apiVersion", "kind", "metadata", "spec"]) else {
             return;
         };
         self.expect_value(&fields, "apiVersion", API_VERSION);
@@ -181,10 +144,7 @@ impl Parser<'_> {
             return;
         };
         if let Some(identities) = spec.get("identities").filter(|n| !n.is_null()) {
-            for item in self
-                .sequence(identities, "spec.identities")
-                .unwrap_or_default()
-            {
+            for item in self.sequence(identities, "spec.identities").unwrap_or_default() {
                 if let Some(identity) = self.identity(item) {
                     policy.identities.push(identity);
                 }
@@ -205,18 +165,24 @@ impl Parser<'_> {
             && let Some(text) = self.string(node, name)
             && text != expected
         {
-            self.problem(
-                &node.location,
-                format!("unsupported {name} `{text}`; use `{expected}`"),
-            );
+            self.problem(&node.location, format!("unsupported {name} `{text}`; use `{expected}`"));
         }
     }
 
     fn identity(&mut self, node: &Node) -> Option<Identity> {
-        let fields = self.fields(node, "an identity", &["name", "labels", "addresses"])?;
-        let name = self
-            .required(&fields, "name", "the identity")
-            .and_then(|n| self.name(n, "identity name"));
+        let fields = self.fields(node, "an identity", &["name", "labels", "addresses", "mode"])?;
+        let mode = match fields.get("mode") {
+            None => Mode::Enforce,
+            Some(node) => match self.string(node, "mode")?.as_str() {
+                "enforce" => Mode::Enforce,
+                "audit" => Mode::Audit,
+                other => {
+                    self.problem(&node.location, format!("unknown mode `{other}`; use `enforce` or `audit`"));
+                    return None;
+                }
+            },
+        };
+        let name = self.required(&fields, "name", "the identity").and_then(|n| self.name(n, "identity name"));
         let labels = match fields.get("labels") {
             Some(labels) => self.labels(labels, "labels")?,
             None => BTreeMap::new(),
@@ -225,36 +191,22 @@ impl Parser<'_> {
         if let Some(list) = self.required(&fields, "addresses", "the identity") {
             let items = self.sequence(list, "addresses")?;
             if items.is_empty() {
-                self.problem(
-                    &list.location,
-                    "addresses is empty; list at least one CIDR or address",
-                );
+                self.problem(&list.location, "addresses is empty; list at least one CIDR or address");
             }
             for item in items {
                 if let Some(net) = self.net(item) {
-                    addresses.push(Address {
-                        net,
-                        location: item.location.clone(),
-                    });
+                    addresses.push(Address { net, location: item.location.clone() });
                 }
             }
         }
-        Some(Identity {
-            name: name?,
-            labels,
-            addresses,
-            location: fields.location,
-        })
+        Some(Identity { name: name?, labels, addresses, mode, location: fields.location })
     }
 
     fn labels(&mut self, node: &Node, what: &str) -> Option<BTreeMap<String, String>> {
         let Value::Mapping(entries) = &node.value else {
             self.problem(
                 &node.location,
-                format!(
-                    "{what} must be a mapping of label names to values, found {}",
-                    node.kind()
-                ),
+                format!("{what} must be a mapping of label names to values, found {}", node.kind()),
             );
             return None;
         };
@@ -263,10 +215,7 @@ impl Parser<'_> {
             let key_text = self.string(key, "a label name")?;
             let value_text = self.string(value, &format!("label `{key_text}`"))?;
             if labels.insert(key_text.clone(), value_text).is_some() {
-                self.problem(
-                    &key.location,
-                    format!("label `{key_text}` appears twice; keep one"),
-                );
+                self.problem(&key.location, format!("label `{key_text}` appears twice; keep one"));
             }
         }
         Some(labels)
@@ -275,25 +224,21 @@ impl Parser<'_> {
     /// A CIDR or single address; host bits must be clear.
     fn net(&mut self, node: &Node) -> Option<IpNet> {
         let text = self.string(node, "an address")?;
-        let parsed = if text.contains('/') {
-            text.parse::<IpNet>().ok()
-        } else {
-            text.parse::<IpAddr>().ok().map(IpNet::from)
-        };
+        let parsed =
+            if text.contains('/') { text.parse::<IpNet>().ok() } else { text.parse::<IpAddr>().ok().map(IpNet::from) };
         let Some(net) = parsed else {
             self.problem(
                 &node.location,
-                format!("`{text}` is not a valid IPv4/IPv6 address or CIDR; write e.g. 10.0.1.0/24, 10.0.3.10 or fd00::/64"),
+                format!(
+                    "`{text}` is not a valid IPv4/IPv6 address or CIDR; write e.g. 10.0.1.0/24, 10.0.3.10 or fd00::/64"
+                ),
             );
             return None;
         };
         if net.trunc() != net {
             self.problem(
                 &node.location,
-                format!(
-                    "`{text}` has host bits set beyond its prefix; did you mean {}?",
-                    net.trunc()
-                ),
+                format!("`{text}` has host bits set beyond its prefix; did you mean {}?", net.trunc()),
             );
             return None;
         }
@@ -302,29 +247,20 @@ impl Parser<'_> {
 
     fn rule(&mut self, node: &Node) -> Option<Rule> {
         let fields = self.fields(node, "a rule", &["name", "action", "from", "to", "ports"])?;
-        let name = self
-            .required(&fields, "name", "the rule")
-            .and_then(|n| self.name(n, "rule name"));
+        let name = self.required(&fields, "name", "the rule").and_then(|n| self.name(n, "rule name"));
         let action = match fields.get("action") {
             None => Some(Action::Allow),
             Some(node) => match self.string(node, "action")?.as_str() {
                 "allow" => Some(Action::Allow),
                 "deny" => Some(Action::Deny),
                 other => {
-                    self.problem(
-                        &node.location,
-                        format!("unknown action `{other}`; use `allow` or `deny`"),
-                    );
+                    self.problem(&node.location, format!("unknown action `{other}`; use `allow` or `deny`"));
                     None
                 }
             },
         };
-        let from = self
-            .required(&fields, "from", "the rule")
-            .and_then(|n| self.peers(n, "from"));
-        let to = self
-            .required(&fields, "to", "the rule")
-            .and_then(|n| self.peers(n, "to"));
+        let from = self.required(&fields, "from", "the rule").and_then(|n| self.peers(n, "from"));
+        let to = self.required(&fields, "to", "the rule").and_then(|n| self.peers(n, "to"));
         // Bad ports or a bad action are already recorded as problems, so the
         // policy can never be applied; keeping the rule lets validation still
         // report problems in its peers in the same run.
@@ -363,10 +299,8 @@ impl Parser<'_> {
 
     fn peer(&mut self, node: &Node) -> Option<Peer> {
         let fields = self.fields(node, "a peer", &["identity", "labels", "cidr", "except"])?;
-        let chosen: Vec<&str> = ["identity", "labels", "cidr"]
-            .into_iter()
-            .filter(|key| fields.get(key).is_some())
-            .collect();
+        let chosen: Vec<&str> =
+            ["identity", "labels", "cidr"].into_iter().filter(|key| fields.get(key).is_some()).collect();
         if chosen.len() != 1 {
             self.problem(
                 &node.location,
@@ -399,7 +333,12 @@ impl Parser<'_> {
                     for item in self.sequence(list, "except")? {
                         let net = self.net(item)?;
                         if !cidr.contains(&net) || net == cidr {
-                            self.problem(&item.location, format!("except entry {net} is not strictly inside cidr {cidr}; remove it or fix the cidr"));
+                            self.problem(
+                                &item.location,
+                                format!(
+                                    "except entry {net} is not strictly inside cidr {cidr}; remove it or fix the cidr"
+                                ),
+                            );
                             return None;
                         }
                         except.push(net);
@@ -410,14 +349,31 @@ impl Parser<'_> {
                 Selector::Cidr { cidr, except }
             }
         };
-        Some(Peer {
-            selector,
-            location: node.location.clone(),
-        })
+        Some(Peer { selector, location: node.location.clone() })
     }
 
     fn port(&mut self, node: &Node) -> Option<PortSpec> {
         let text = self.string(node, "a port")?;
+        if let Some((head, tail)) = text.split_once('/')
+            && let Some(protocol @ (Protocol::Icmp | Protocol::Icmpv6)) = Protocol::from_name(head)
+        {
+            let known = protocol.icmp_types();
+            let icmp_type =
+                known.iter().find(|(name, _)| *name == tail).map(|(_, t)| *t).or_else(|| tail.parse::<u8>().ok());
+            let Some(icmp_type) = icmp_type else {
+                let names: Vec<&str> = known.iter().map(|(name, _)| *name).collect();
+                self.problem(
+                    &node.location,
+                    format!(
+                        "unknown {protocol} type `{tail}` in `{text}`; use a number 0-255 or one of: {}",
+                        names.join(", ")
+                    ),
+                );
+                return None;
+            };
+            let first = u16::from(icmp_type) << 8;
+            return Some(PortSpec { protocol, first, last: first | 0xff });
+        }
         let (range, protocol_name) = match text.split_once('/') {
             Some((range, protocol)) => (Some(range), protocol),
             None => (None, text.as_str()),
@@ -425,24 +381,15 @@ impl Parser<'_> {
         let Some(protocol) = Protocol::from_name(protocol_name) else {
             self.problem(
                 &node.location,
-                format!(
-                    "unknown protocol `{protocol_name}` in `{text}`; use tcp, udp, icmp or icmpv6"
-                ),
+                format!("unknown protocol `{protocol_name}` in `{text}`; use tcp, udp, icmp or icmpv6"),
             );
             return None;
         };
         let Some(range) = range else {
-            return Some(PortSpec {
-                protocol,
-                first: 0,
-                last: u16::MAX,
-            });
+            return Some(PortSpec { protocol, first: 0, last: u16::MAX });
         };
         if !protocol.has_ports() {
-            self.problem(
-                &node.location,
-                format!("{protocol} has no ports; write just `{protocol}`"),
-            );
+            self.problem(&node.location, format!("{protocol} has no ports; write just `{protocol}`"));
             return None;
         }
         let parse = |s: &str| s.trim().parse::<u32>().ok();
@@ -451,31 +398,18 @@ impl Parser<'_> {
             None => (parse(range), parse(range)),
         };
         let (Some(first), Some(last)) = (first, last) else {
-            self.problem(
-                &node.location,
-                format!("`{text}` is not a port; write N/{protocol} or N-M/{protocol}"),
-            );
+            self.problem(&node.location, format!("`{text}` is not a port; write N/{protocol} or N-M/{protocol}"));
             return None;
         };
         if first == 0 || first > 65535 || last == 0 || last > 65535 {
-            self.problem(
-                &node.location,
-                format!("port in `{text}` is out of range; ports go from 1 to 65535"),
-            );
+            self.problem(&node.location, format!("port in `{text}` is out of range; ports go from 1 to 65535"));
             return None;
         }
         if first > last {
-            self.problem(
-                &node.location,
-                format!("port range `{text}` is reversed; write {last}-{first}/{protocol}"),
-            );
+            self.problem(&node.location, format!("port range `{text}` is reversed; write {last}-{first}/{protocol}"));
             return None;
         }
-        Some(PortSpec {
-            protocol,
-            first: first as u16,
-            last: last as u16,
-        })
+        Some(PortSpec { protocol, first: first as u16, last: last as u16 })
     }
 }
 

@@ -14,17 +14,15 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
         if identity.name == WORLD || identity.name == HOST {
             problems.push(Diagnostic::new(
                 identity.location.clone(),
-                format!(
-                    "identity name `{}` is reserved; choose another name",
-                    identity.name
-                ),
+                format!("identity name `{}` is reserved; choose another name", identity.name),
             ));
-        } else if let Some(first) =
-            identity_names.insert(identity.name.as_str(), &identity.location)
-        {
+        } else if let Some(first) = identity_names.insert(identity.name.as_str(), &identity.location) {
             problems.push(Diagnostic::new(
                 identity.location.clone(),
-                format!("duplicate identity name `{}` (first declared at {first}); rename or merge them", identity.name),
+                format!(
+                    "duplicate identity name `{}` (first declared at {first}); rename or merge them",
+                    identity.name
+                ),
             ));
         }
     }
@@ -33,10 +31,7 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
         if let Some(first) = rule_names.insert(rule.name.as_str(), &rule.location) {
             problems.push(Diagnostic::new(
                 rule.location.clone(),
-                format!(
-                    "duplicate rule name `{}` (first declared at {first}); rename one of them",
-                    rule.name
-                ),
+                format!("duplicate rule name `{}` (first declared at {first}); rename one of them", rule.name),
             ));
         }
     }
@@ -45,22 +40,20 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
                 Selector::Identity(name) => {
-                    if name != WORLD && !identity_names.contains_key(name.as_str()) {
+                    if name != WORLD && name != HOST && !identity_names.contains_key(name.as_str()) {
                         problems.push(Diagnostic::new(
                             peer.location.clone(),
-                            format!("rule `{}` names identity `{name}`, which is not declared; declare it or use `world`", rule.name),
+                            format!("rule `{}` names identity `{name}`, which is not declared; declare it, or use `world` or `host`", rule.name),
                         ));
                     }
                 }
                 Selector::Labels(wanted) => {
-                    let matches = policy.identities.iter().any(|identity| {
-                        wanted
-                            .iter()
-                            .all(|(k, v)| identity.labels.get(k) == Some(v))
-                    });
+                    let matches = policy
+                        .identities
+                        .iter()
+                        .any(|identity| wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v)));
                     if !matches {
-                        let shown: Vec<_> =
-                            wanted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        let shown: Vec<_> = wanted.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         problems.push(Diagnostic::new(
                             peer.location.clone(),
                             format!("label selector {{{}}} in rule `{}` matches no identity; fix the labels or add an identity carrying them", shown.join(", "), rule.name),
@@ -97,9 +90,7 @@ fn overlapping_addresses(policy: &Policy, problems: &mut Vec<Diagnostic>) {
             };
             if let Some((owner, location)) = owners.get(&outer.trunc()) {
                 let message = if *owner == identity.name && outer.trunc() == net {
-                    format!(
-                        "address {net} is listed twice in identity `{owner}` (also at {location}); remove one"
-                    )
+                    format!("address {net} is listed twice in identity `{owner}` (also at {location}); remove one")
                 } else {
                     format!(
                         "address {net} of identity `{}` overlaps {} of identity `{owner}` (at {location}); every address must belong to exactly one identity",
@@ -111,9 +102,7 @@ fn overlapping_addresses(policy: &Policy, problems: &mut Vec<Diagnostic>) {
                 break;
             }
         }
-        owners
-            .entry(net)
-            .or_insert((identity.name.as_str(), &address.location));
+        owners.entry(net).or_insert((identity.name.as_str(), &address.location));
         lengths.insert((is_v4, net.prefix_len()));
     }
 }

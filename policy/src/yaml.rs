@@ -46,35 +46,19 @@ impl Node {
 
 /// Parses every document of `text`; empty documents are dropped.
 pub fn parse_documents(file: &Arc<str>, text: &str) -> Result<Vec<Node>, Diagnostic> {
-    let mut builder = TreeBuilder {
-        file: Arc::clone(file),
-        stack: Vec::new(),
-        documents: Vec::new(),
-        error: None,
-    };
+    let mut builder = TreeBuilder { file: Arc::clone(file), stack: Vec::new(), documents: Vec::new(), error: None };
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, true).map_err(|error| {
-        Diagnostic::new(
-            location(file, *error.marker()),
-            format!("invalid YAML: {}", error.info()),
-        )
-    })?;
+    parser
+        .load(&mut builder, true)
+        .map_err(|error| Diagnostic::new(location(file, *error.marker()), format!("invalid YAML: {}", error.info())))?;
     if let Some(error) = builder.error {
         return Err(error);
     }
-    Ok(builder
-        .documents
-        .into_iter()
-        .filter(|document| !document.is_null())
-        .collect())
+    Ok(builder.documents.into_iter().filter(|document| !document.is_null()).collect())
 }
 
 fn location(file: &Arc<str>, mark: Marker) -> Location {
-    Location {
-        file: Arc::clone(file),
-        line: mark.line().max(1),
-        column: mark.col() + 1,
-    }
+    Location { file: Arc::clone(file), line: mark.line().max(1), column: mark.col() + 1 }
 }
 
 enum Partial {
@@ -110,26 +94,18 @@ impl MarkedEventReceiver for TreeBuilder {
         let here = location(&self.file, mark);
         match event {
             Event::Scalar(text, style, _, _) => self.finish(Node {
-                value: Value::Scalar {
-                    text,
-                    quoted: !matches!(style, TScalarStyle::Plain),
-                },
+                value: Value::Scalar { text, quoted: !matches!(style, TScalarStyle::Plain) },
                 location: here,
             }),
             Event::SequenceStart(..) => self.stack.push(Partial::Sequence(here, Vec::new())),
             Event::MappingStart(..) => self.stack.push(Partial::Mapping(here, Vec::new(), None)),
             Event::SequenceEnd | Event::MappingEnd => {
                 let node = match self.stack.pop() {
-                    Some(Partial::Sequence(location, items)) => Node {
-                        value: Value::Sequence(items),
-                        location,
-                    },
+                    Some(Partial::Sequence(location, items)) => Node { value: Value::Sequence(items), location },
                     // A block mapping's start mark lies past its first key;
                     // point at the first key, where a reader expects it.
                     Some(Partial::Mapping(location, entries, _)) => Node {
-                        location: entries
-                            .first()
-                            .map_or(location, |(key, _)| key.location.clone()),
+                        location: entries.first().map_or(location, |(key, _)| key.location.clone()),
                         value: Value::Mapping(entries),
                     },
                     None => return,
@@ -142,11 +118,7 @@ impl MarkedEventReceiver for TreeBuilder {
                     "YAML aliases (*name) are not supported in policy files; write the value out in full",
                 ));
             }
-            Event::Nothing
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::DocumentStart
-            | Event::DocumentEnd => {}
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
         }
     }
 }
@@ -159,16 +131,9 @@ mod tests {
     fn positions_are_one_based_line_and_column() {
         let file: Arc<str> = Arc::from("p.yaml");
         let docs = parse_documents(&file, "a: 1\nb:\n  - x\n").unwrap();
-        let Value::Mapping(entries) = &docs[0].value else {
-            panic!("mapping")
-        };
-        assert_eq!(
-            (entries[0].0.location.line, entries[0].0.location.column),
-            (1, 1)
-        );
-        let Value::Sequence(items) = &entries[1].1.value else {
-            panic!("sequence")
-        };
+        let Value::Mapping(entries) = &docs[0].value else { panic!("mapping") };
+        assert_eq!((entries[0].0.location.line, entries[0].0.location.column), (1, 1));
+        let Value::Sequence(items) = &entries[1].1.value else { panic!("sequence") };
         assert_eq!((items[0].location.line, items[0].location.column), (3, 5));
     }
 

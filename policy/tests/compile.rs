@@ -6,38 +6,79 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use enforcer_common::{ACTION_ALLOW, ACTION_DENY, DropReason, IDENTITY_WORLD};
+use enforcer_common::{
+    ACTION_ALLOW, ACTION_DENY, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IDENTITY_WORLD, IdentityValue,
+    POLICY_FLAG_WHOLE_PROTOCOL,
+};
 use ipnet::IpNet;
-use policy::model::{Action, Address, Identity, Peer, Policy, PortSpec, Protocol, Rule, Selector};
+use policy::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
 use policy::{CompiledPolicy, Evaluator, Location, Packet, Verdict, compile};
 use proptest::prelude::*;
 
 const THREE_TIER: &str = include_str!("../../examples/three-tier.yaml");
 
-/// The verdict and deciding rule the compiled maps give a packet.
-fn compiled_decision(compiled: &CompiledPolicy, packet: &Packet) -> (Verdict, Option<String>) {
-    let src = compiled.lookup_identity(packet.src);
-    let dst = compiled.lookup_identity(packet.dst);
-    match compiled.lookup_policy(src, dst, packet.protocol, packet.port) {
-        None => (Verdict::Drop(DropReason::DefaultDeny), None),
-        Some(value) => {
-            let rule = Some(compiled.rules[value.rule_index as usize].name.clone());
-            match value.action {
-                ACTION_ALLOW => (Verdict::Forward, rule),
-                ACTION_DENY => (Verdict::Drop(DropReason::DenyRule), rule),
-                other => panic!("unknown action {other}"),
+/// The node's addresses in generated cases (10.0.7.9 may also be claimed
+/// by a generated identity: the host wins, as in the kernel).
+const HOST_ADDRESSES: [&str; 2] = ["10.0.7.9", "fd00:1::1"];
+
+/// What the kernel's maps answer, as the kernel program combines them:
+/// host addresses first, identity maps, policy trie, audit flags.
+struct MapModel<'a> {
+    compiled: &'a CompiledPolicy,
+    hosts: Vec<IpAddr>,
+    audit_all: bool,
+}
+
+impl MapModel<'_> {
+    fn identity(&self, addr: IpAddr) -> IdentityValue {
+        if self.hosts.contains(&addr) {
+            return IdentityValue { id: IDENTITY_HOST, flags: 0 };
+        }
+        self.compiled.lookup_identity(addr)
+    }
+
+    fn policy_drop(&self, reason: DropReason, dst: &IdentityValue) -> Verdict {
+        if self.audit_all || dst.flags & IDENTITY_FLAG_AUDIT != 0 {
+            Verdict::Audit(reason)
+        } else {
+            Verdict::Drop(reason)
+        }
+    }
+
+    fn rule_name(&self, index: u32) -> Option<String> {
+        Some(self.compiled.rules[index as usize].name.clone())
+    }
+
+    fn decide(&self, packet: &Packet) -> (Verdict, Option<String>) {
+        let (src, dst) = (self.identity(packet.src), self.identity(packet.dst));
+        match self.compiled.lookup_policy(src.id, dst.id, packet.protocol, packet.port) {
+            None => (self.policy_drop(DropReason::DefaultDeny, &dst), None),
+            Some(value) if value.action == ACTION_ALLOW => (Verdict::Forward, self.rule_name(value.rule_index)),
+            Some(value) if value.action == ACTION_DENY => {
+                (self.policy_drop(DropReason::DenyRule, &dst), self.rule_name(value.rule_index))
             }
+            Some(value) => panic!("unknown action {}", value.action),
+        }
+    }
+
+    fn decide_orphan_fragment(&self, packet: &Packet) -> (Verdict, Option<String>) {
+        let (src, dst) = (self.identity(packet.src), self.identity(packet.dst));
+        match self.compiled.lookup_policy(src.id, dst.id, packet.protocol, 0) {
+            Some(v) if v.action == ACTION_ALLOW && v.flags & POLICY_FLAG_WHOLE_PROTOCOL != 0 => {
+                (Verdict::Forward, self.rule_name(v.rule_index))
+            }
+            _ => (self.policy_drop(DropReason::FragmentUnknown, &dst), None),
         }
     }
 }
 
+/// The verdict and deciding rule the compiled maps give a packet.
+fn compiled_decision(compiled: &CompiledPolicy, packet: &Packet) -> (Verdict, Option<String>) {
+    MapModel { compiled, hosts: Vec::new(), audit_all: false }.decide(packet)
+}
+
 fn tcp(src: &str, dst: &str, port: u16) -> Packet {
-    Packet {
-        src: src.parse().unwrap(),
-        dst: dst.parse().unwrap(),
-        protocol: 6,
-        port,
-    }
+    Packet { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol: 6, port }
 }
 
 #[test]
@@ -45,67 +86,29 @@ fn three_tier_compiles_to_the_expected_verdicts() {
     let parsed = policy::parse_str("three-tier.yaml", THREE_TIER).unwrap();
     let compiled = compile(&parsed);
     let cases = [
-        (
-            tcp("10.0.1.10", "10.0.2.10", 8080),
-            Verdict::Forward,
-            Some("gateway-to-logic"),
-        ),
-        (
-            tcp("10.0.1.10", "10.0.3.10", 5432),
-            Verdict::Drop(DropReason::DenyRule),
-            Some("gateway-never-touches-data"),
-        ),
-        (
-            tcp("10.0.1.10", "10.0.3.10", 22),
-            Verdict::Forward,
-            Some("gateway-admin-to-db"),
-        ),
-        (
-            tcp("10.0.2.10", "10.0.1.10", 8080),
-            Verdict::Drop(DropReason::DefaultDeny),
-            None,
-        ),
-        (
-            tcp("10.0.9.10", "10.0.3.10", 5432),
-            Verdict::Drop(DropReason::DefaultDeny),
-            None,
-        ),
+        (tcp("10.0.1.10", "10.0.2.10", 8080), Verdict::Forward, Some("gateway-to-logic")),
+        (tcp("10.0.1.10", "10.0.3.10", 5432), Verdict::Drop(DropReason::DenyRule), Some("gateway-never-touches-data")),
+        (tcp("10.0.1.10", "10.0.3.10", 22), Verdict::Forward, Some("gateway-admin-to-db")),
+        (tcp("10.0.2.10", "10.0.1.10", 8080), Verdict::Drop(DropReason::DefaultDeny), None),
+        (tcp("10.0.9.10", "10.0.3.10", 5432), Verdict::Drop(DropReason::DefaultDeny), None),
         // 10.0.3.11 is not db (db is a single address): world.
-        (
-            tcp("10.0.2.10", "10.0.3.11", 5432),
-            Verdict::Drop(DropReason::DefaultDeny),
-            None,
-        ),
+        (tcp("10.0.2.10", "10.0.3.11", 5432), Verdict::Drop(DropReason::DefaultDeny), None),
     ];
     for (packet, verdict, rule) in cases {
         let got = compiled_decision(&compiled, &packet);
         assert_eq!(got, (verdict, rule.map(str::to_owned)), "{packet:?}");
         let spec = Evaluator::new(&parsed).evaluate(&packet);
-        assert_eq!(
-            (spec.verdict, spec.rule),
-            got,
-            "evaluator disagrees on {packet:?}"
-        );
+        assert_eq!((spec.verdict, spec.rule), got, "evaluator disagrees on {packet:?}");
     }
-    assert_eq!(
-        compiled.lookup_identity("192.0.2.1".parse().unwrap()),
-        IDENTITY_WORLD
-    );
-    assert_eq!(
-        compiled.atom_owner(compiled.lookup_identity("10.0.3.10".parse().unwrap())),
-        Some("db")
-    );
+    assert_eq!(compiled.lookup_identity("192.0.2.1".parse().unwrap()).id, IDENTITY_WORLD);
+    assert_eq!(compiled.atom_owner(compiled.lookup_identity("10.0.3.10".parse().unwrap()).id), Some("db"));
 }
 
 #[test]
 fn single_addresses_and_prefixes_become_identity_entries() {
     let parsed = policy::parse_str("three-tier.yaml", THREE_TIER).unwrap();
     let compiled = compile(&parsed);
-    let nets: Vec<String> = compiled
-        .identity_entries
-        .iter()
-        .map(|e| e.net.to_string())
-        .collect();
+    let nets: Vec<String> = compiled.identity_entries.iter().map(|e| e.net.to_string()).collect();
     assert_eq!(nets, ["10.0.1.0/24", "10.0.2.0/24", "10.0.3.10/32"]);
 }
 
@@ -114,24 +117,15 @@ fn cidr_except_splits_an_identity_into_atoms() {
     let text = "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: t}\nspec:\n  identities:\n    - name: web\n      addresses: [\"10.1.0.0/16\"]\n  rules:\n    - name: part-of-web\n      from: [{cidr: \"10.1.0.0/17\", except: [\"10.1.1.0/24\"]}]\n      to: [{identity: world}]\n      ports: [\"443/tcp\"]\n";
     let parsed = policy::parse_str("t.yaml", text).unwrap();
     let compiled = compile(&parsed);
-    let inside = compiled.lookup_identity("10.1.2.3".parse().unwrap());
-    let excepted = compiled.lookup_identity("10.1.1.3".parse().unwrap());
-    let outside = compiled.lookup_identity("10.1.200.3".parse().unwrap());
+    let inside = compiled.lookup_identity("10.1.2.3".parse().unwrap()).id;
+    let excepted = compiled.lookup_identity("10.1.1.3".parse().unwrap()).id;
+    let outside = compiled.lookup_identity("10.1.200.3".parse().unwrap()).id;
     assert_ne!(inside, excepted);
-    assert_eq!(
-        excepted, outside,
-        "addresses outside the CIDR peer share web's plain atom"
-    );
+    assert_eq!(excepted, outside, "addresses outside the CIDR peer share web's plain atom");
     assert_eq!(compiled.atom_owner(inside), Some("web"));
-    let allowed = compiled
-        .lookup_policy(inside, IDENTITY_WORLD, 6, 443)
-        .unwrap();
+    let allowed = compiled.lookup_policy(inside, IDENTITY_WORLD, 6, 443).unwrap();
     assert_eq!(allowed.action, ACTION_ALLOW);
-    assert!(
-        compiled
-            .lookup_policy(excepted, IDENTITY_WORLD, 6, 443)
-            .is_none()
-    );
+    assert!(compiled.lookup_policy(excepted, IDENTITY_WORLD, 6, 443).is_none());
 }
 
 #[test]
@@ -140,37 +134,16 @@ fn port_ranges_become_few_prefixes() {
     let compiled = compile(&policy::parse_str("t.yaml", text).unwrap());
     // 1-65535 is 16 aligned blocks; 1024-2047 is exactly one.
     assert_eq!(compiled.policy_entries.len(), 17);
-    assert!(
-        compiled
-            .lookup_policy(IDENTITY_WORLD, IDENTITY_WORLD, 6, 0)
-            .is_none(),
-        "port 0 is not in 1-65535"
-    );
-    assert!(
-        compiled
-            .lookup_policy(IDENTITY_WORLD, IDENTITY_WORLD, 6, 65535)
-            .is_some()
-    );
-    assert!(
-        compiled
-            .lookup_policy(IDENTITY_WORLD, IDENTITY_WORLD, 17, 2047)
-            .is_some()
-    );
-    assert!(
-        compiled
-            .lookup_policy(IDENTITY_WORLD, IDENTITY_WORLD, 17, 2048)
-            .is_none()
-    );
+    assert!(compiled.lookup_policy(IDENTITY_WORLD, IDENTITY_WORLD, 6, 0).is_none(), "port 0 is not in 1-65535");
+    assert!(compiled.lookup_policy(IDENTITY_WORLD, IDENTITY_WORLD, 6, 65535).is_some());
+    assert!(compiled.lookup_policy(IDENTITY_WORLD, IDENTITY_WORLD, 17, 2047).is_some());
+    assert!(compiled.lookup_policy(IDENTITY_WORLD, IDENTITY_WORLD, 17, 2048).is_none());
 }
 
 // ---- generated policies ----------------------------------------------------
 
 fn here() -> Location {
-    Location {
-        file: Arc::from("generated.yaml"),
-        line: 1,
-        column: 1,
-    }
+    Location { file: Arc::from("generated.yaml"), line: 1, column: 1 }
 }
 
 const TIERS: [&str; 3] = ["web", "app", "db"];
@@ -178,7 +151,7 @@ const TIERS: [&str; 3] = ["web", "app", "db"];
 /// Identity `i` lives in 10.i.0.0/16 (as a /16, a /24 or a single address)
 /// or in `fd00:i::/32`, so identities never overlap.
 fn identity_strategy(index: usize) -> impl Strategy<Value = Identity> {
-    (0..4usize, 0..3usize, any::<bool>()).prop_map(move |(shape, tier, prod)| {
+    (0..4usize, 0..3usize, any::<bool>(), 0..4u8).prop_map(move |(shape, tier, prod, mode)| {
         let i = index as u8;
         let net: IpNet = match shape {
             0 => format!("10.{i}.0.0/16").parse().unwrap(),
@@ -188,17 +161,12 @@ fn identity_strategy(index: usize) -> impl Strategy<Value = Identity> {
         };
         let mut labels = BTreeMap::new();
         labels.insert("tier".to_owned(), TIERS[tier].to_owned());
-        labels.insert(
-            "env".to_owned(),
-            if prod { "prod" } else { "dev" }.to_owned(),
-        );
+        labels.insert("env".to_owned(), if prod { "prod" } else { "dev" }.to_owned());
         Identity {
             name: format!("id{index}"),
             labels,
-            addresses: vec![Address {
-                net,
-                location: here(),
-            }],
+            addresses: vec![Address { net, location: here() }],
+            mode: if mode == 0 { Mode::Audit } else { Mode::Enforce },
             location: here(),
         }
     })
@@ -206,23 +174,15 @@ fn identity_strategy(index: usize) -> impl Strategy<Value = Identity> {
 
 fn selector_strategy(identities: usize) -> impl Strategy<Value = Selector> {
     prop_oneof![
-        (0..=identities).prop_map(move |i| Selector::Identity(if i == identities {
-            "world".to_owned()
-        } else {
-            format!("id{i}")
+        (0..identities + 2).prop_map(move |i| Selector::Identity(match i {
+            i if i == identities => "world".to_owned(),
+            i if i == identities + 1 => "host".to_owned(),
+            i => format!("id{i}"),
         })),
-        (0..3usize).prop_map(|t| Selector::Labels(BTreeMap::from([(
-            "tier".to_owned(),
-            TIERS[t].to_owned()
-        )]))),
-        Just(Selector::Labels(BTreeMap::from([(
-            "env".to_owned(),
-            "prod".to_owned()
-        )]))),
+        (0..3usize).prop_map(|t| Selector::Labels(BTreeMap::from([("tier".to_owned(), TIERS[t].to_owned())]))),
+        Just(Selector::Labels(BTreeMap::from([("env".to_owned(), "prod".to_owned())]))),
         (0..6u8, 8..=24u8, proptest::option::of(0..3u8)).prop_map(|(second, len, except)| {
-            let cidr: IpNet = IpNet::new(IpAddr::V4(Ipv4Addr::new(10, second, 7, 0)), len)
-                .unwrap()
-                .trunc();
+            let cidr: IpNet = IpNet::new(IpAddr::V4(Ipv4Addr::new(10, second, 7, 0)), len).unwrap().trunc();
             let except = except
                 .map(|_| IpNet::new(IpAddr::V4(Ipv4Addr::new(10, second, 7, 9)), 32).unwrap())
                 .filter(|e| cidr.contains(e) && *e != cidr)
@@ -235,27 +195,19 @@ fn selector_strategy(identities: usize) -> impl Strategy<Value = Selector> {
 
 fn port_strategy() -> impl Strategy<Value = PortSpec> {
     prop_oneof![
+        (prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)], 1..100u16, 0..50u16)
+            .prop_map(|(protocol, first, width)| PortSpec { protocol, first, last: first + width }),
+        prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp), Just(Protocol::Icmp), Just(Protocol::Icmpv6)]
+            .prop_map(|protocol| PortSpec { protocol, first: 0, last: u16::MAX }),
         (
-            prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)],
-            1..100u16,
-            0..50u16
+            prop_oneof![Just(Protocol::Icmp), Just(Protocol::Icmpv6)],
+            prop_oneof![Just(0u8), Just(3), Just(8), Just(128)]
         )
-            .prop_map(|(protocol, first, width)| PortSpec {
+            .prop_map(|(protocol, t)| PortSpec {
                 protocol,
-                first,
-                last: first + width
+                first: u16::from(t) << 8,
+                last: (u16::from(t) << 8) | 0xff
             }),
-        prop_oneof![
-            Just(Protocol::Tcp),
-            Just(Protocol::Udp),
-            Just(Protocol::Icmp),
-            Just(Protocol::Icmpv6)
-        ]
-        .prop_map(|protocol| PortSpec {
-            protocol,
-            first: 0,
-            last: u16::MAX
-        }),
     ]
 }
 
@@ -278,20 +230,8 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
                     // Names not in index order, so "first by name" is exercised.
                     name: format!("rule-{}", (i * 7) % 11),
                     action: if deny { Action::Deny } else { Action::Allow },
-                    from: from
-                        .into_iter()
-                        .map(|selector| Peer {
-                            selector,
-                            location: here(),
-                        })
-                        .collect(),
-                    to: to
-                        .into_iter()
-                        .map(|selector| Peer {
-                            selector,
-                            location: here(),
-                        })
-                        .collect(),
+                    from: from.into_iter().map(|selector| Peer { selector, location: here() }).collect(),
+                    to: to.into_iter().map(|selector| Peer { selector, location: here() }).collect(),
                     ports,
                     location: here(),
                 })
@@ -302,15 +242,11 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
 
 fn address_strategy() -> impl Strategy<Value = IpAddr> {
     prop_oneof![
-        (
-            0..6u8,
-            prop_oneof![Just(7u8), any::<u8>()],
-            prop_oneof![Just(9u8), any::<u8>()]
-        )
+        (0..6u8, prop_oneof![Just(7u8), any::<u8>()], prop_oneof![Just(9u8), any::<u8>()])
             .prop_map(|(b, c, d)| IpAddr::V4(Ipv4Addr::new(10, b, c, d))),
         any::<u32>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a))),
-        (0..6u16, any::<u16>())
-            .prop_map(|(i, tail)| IpAddr::V6(Ipv6Addr::new(0xfd00, i, 0, 0, 0, 0, 0, tail))),
+        (0..6u16, any::<u16>()).prop_map(|(i, tail)| IpAddr::V6(Ipv6Addr::new(0xfd00, i, 0, 0, 0, 0, 0, tail))),
+        (0..HOST_ADDRESSES.len()).prop_map(|i| HOST_ADDRESSES[i].parse().unwrap()),
     ]
 }
 
@@ -321,12 +257,7 @@ fn packet_strategy() -> impl Strategy<Value = Packet> {
         prop_oneof![Just(6u8), Just(17), Just(1), Just(58), Just(47)],
         prop_oneof![0..160u16, any::<u16>()],
     )
-        .prop_map(|(src, dst, protocol, port)| Packet {
-            src,
-            dst,
-            protocol,
-            port,
-        })
+        .prop_map(|(src, dst, protocol, port)| Packet { src, dst, protocol, port })
 }
 
 proptest! {
@@ -336,16 +267,21 @@ proptest! {
     fn compiled_maps_agree_with_the_reference_evaluator(
         policy in policy_strategy(),
         packets in proptest::collection::vec(packet_strategy(), 1..40),
+        audit_all in proptest::bool::weighted(0.2),
     ) {
         // Generated names can repeat; keep the first of each, as validation would demand.
         let mut policy = policy;
         let mut seen = std::collections::HashSet::new();
         policy.rules.retain(|r| seen.insert(r.name.clone()));
         let compiled = compile(&policy);
-        let evaluator = Evaluator::new(&policy);
+        let hosts: Vec<IpAddr> = HOST_ADDRESSES.iter().map(|a| a.parse().unwrap()).collect();
+        let model = MapModel { compiled: &compiled, hosts: hosts.clone(), audit_all };
+        let evaluator = Evaluator::new(&policy).with_host_addresses(hosts).with_audit(audit_all);
         for packet in &packets {
             let spec = evaluator.evaluate(packet);
-            prop_assert_eq!((spec.verdict, spec.rule), compiled_decision(&compiled, packet), "packet {:?}", packet);
+            prop_assert_eq!((spec.verdict, spec.rule), model.decide(packet), "packet {:?}", packet);
+            let spec = evaluator.evaluate_orphan_fragment(packet);
+            prop_assert_eq!((spec.verdict, spec.rule), model.decide_orphan_fragment(packet), "orphan fragment {:?}", packet);
         }
     }
 }

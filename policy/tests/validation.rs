@@ -3,37 +3,22 @@
 
 use policy::{Diagnostic, PolicyError, parse_str};
 
-const HEADER: &str =
-    "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata:\n  name: test\nspec:\n";
+const HEADER: &str = "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata:\n  name: test\nspec:\n";
 
 /// Parses `HEADER + body` and returns its problems as `line:col: message`.
 fn problems(body: &str) -> Vec<String> {
     match parse_str("p.yaml", &format!("{HEADER}{body}")) {
         Ok(_) => Vec::new(),
-        Err(PolicyError::Invalid { diagnostics }) => {
-            diagnostics.iter().map(Diagnostic::to_string).collect()
-        }
+        Err(PolicyError::Invalid { diagnostics }) => diagnostics.iter().map(Diagnostic::to_string).collect(),
         Err(other) => panic!("unexpected error {other}"),
     }
 }
 
 fn assert_one(body: &str, expected_prefix: &str, expected_text: &str) {
     let found = problems(body);
-    assert_eq!(
-        found.len(),
-        1,
-        "expected exactly one problem, got {found:#?}"
-    );
-    assert!(
-        found[0].starts_with(expected_prefix),
-        "{} does not start with {expected_prefix}",
-        found[0]
-    );
-    assert!(
-        found[0].contains(expected_text),
-        "{} does not contain {expected_text}",
-        found[0]
-    );
+    assert_eq!(found.len(), 1, "expected exactly one problem, got {found:#?}");
+    assert!(found[0].starts_with(expected_prefix), "{} does not start with {expected_prefix}", found[0]);
+    assert!(found[0].contains(expected_text), "{} does not contain {expected_text}", found[0]);
 }
 
 const IDENTITIES: &str = "  identities:\n    - name: a\n      labels: {tier: a}\n      addresses: [\"10.0.1.0/24\"]\n    - name: b\n      labels: {tier: b}\n      addresses: [\"10.0.2.10\", \"fd00::/64\"]\n";
@@ -58,15 +43,8 @@ fn yaml_syntax_error() {
 fn unknown_field_in_identity() {
     let found = problems("  identities:\n    - name: a\n      adresses: [\"10.0.0.1\"]\n");
     assert_eq!(found.len(), 2, "{found:#?}");
-    assert!(
-        found[0].starts_with("p.yaml:7:7: the identity is missing required field `addresses`"),
-        "{}",
-        found[0]
-    );
-    assert_eq!(
-        found[1],
-        "p.yaml:8:7: unknown field `adresses` in an identity; did you mean `addresses`?"
-    );
+    assert!(found[0].starts_with("p.yaml:7:7: the identity is missing required field `addresses`"), "{}", found[0]);
+    assert_eq!(found[1], "p.yaml:8:7: unknown field `adresses` in an identity; did you mean `addresses`?");
 }
 
 #[test]
@@ -74,92 +52,49 @@ fn unknown_field_in_rule() {
     let body = format!(
         "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a}}]\n      to: [{{identity: b}}]\n      port: [\"80/tcp\"]\n"
     );
-    assert_one(
-        &body,
-        "p.yaml:17:7:",
-        "unknown field `port` in a rule; did you mean `ports`?",
-    );
+    assert_one(&body, "p.yaml:17:7:", "unknown field `port` in a rule; did you mean `ports`?");
 }
 
 #[test]
 fn unknown_top_level_field() {
-    assert_one(
-        "  identities: []\nstatus: {}\n",
-        "p.yaml:7:1:",
-        "unknown field `status` in a policy document",
-    );
+    assert_one("  identities: []\nstatus: {}\n", "p.yaml:7:1:", "unknown field `status` in a policy document");
 }
 
 #[test]
 fn missing_required_field() {
-    assert_one(
-        "  identities:\n    - name: a\n",
-        "p.yaml:7:7:",
-        "missing required field `addresses`",
-    );
+    assert_one("  identities:\n    - name: a\n", "p.yaml:7:7:", "missing required field `addresses`");
 }
 
 #[test]
 fn wrong_api_version_and_kind() {
-    let found = problems_of(
-        "apiVersion: bulkhead/v9\nkind: NetworkPolicy\nmetadata: {name: x}\nspec: {}\n",
-    );
+    let found = problems_of("apiVersion: bulkhead/v9\nkind: NetworkPolicy\nmetadata: {name: x}\nspec: {}\n");
     assert_eq!(found.len(), 2, "{found:#?}");
-    assert!(
-        found[0].starts_with("p.yaml:1:13: unsupported apiVersion `bulkhead/v9`"),
-        "{}",
-        found[0]
-    );
-    assert!(
-        found[1].starts_with("p.yaml:2:7: unsupported kind `NetworkPolicy`"),
-        "{}",
-        found[1]
-    );
+    assert!(found[0].starts_with("p.yaml:1:13: unsupported apiVersion `bulkhead/v9`"), "{}", found[0]);
+    assert!(found[1].starts_with("p.yaml:2:7: unsupported kind `NetworkPolicy`"), "{}", found[1]);
 }
 
 fn problems_of(text: &str) -> Vec<String> {
-    parse_str("p.yaml", text)
-        .unwrap_err()
-        .diagnostics()
-        .iter()
-        .map(ToString::to_string)
-        .collect()
+    parse_str("p.yaml", text).unwrap_err().diagnostics().iter().map(ToString::to_string).collect()
 }
 
 #[test]
 fn duplicate_identity_name() {
     let body = "  identities:\n    - name: a\n      addresses: [\"10.0.0.1\"]\n    - name: a\n      addresses: [\"10.0.0.2\"]\n";
-    assert_one(
-        body,
-        "p.yaml:9:7:",
-        "duplicate identity name `a` (first declared at p.yaml:7:7)",
-    );
+    assert_one(body, "p.yaml:9:7:", "duplicate identity name `a` (first declared at p.yaml:7:7)");
 }
 
 #[test]
 fn duplicate_rule_name_across_files() {
-    let rule =
-        "  rules:\n    - name: r\n      from: [{identity: world}]\n      to: [{identity: world}]\n";
+    let rule = "  rules:\n    - name: r\n      from: [{identity: world}]\n      to: [{identity: world}]\n";
     let sources = [
-        policy::Source {
-            name: "one.yaml".into(),
-            text: format!("{HEADER}{rule}"),
-        },
-        policy::Source {
-            name: "two.yaml".into(),
-            text: format!("{HEADER}{rule}"),
-        },
+        policy::Source { name: "one.yaml".into(), text: format!("{HEADER}{rule}") },
+        policy::Source { name: "two.yaml".into(), text: format!("{HEADER}{rule}") },
     ];
     let error = policy::parse_sources(&sources).unwrap_err();
-    let found: Vec<String> = error
-        .diagnostics()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let found: Vec<String> = error.diagnostics().iter().map(ToString::to_string).collect();
     assert_eq!(found.len(), 1, "{found:#?}");
     assert!(
-        found[0]
-            .starts_with("two.yaml:7:7: duplicate rule name `r` (first declared at one.yaml:7:7)"),
+        found[0].starts_with("two.yaml:7:7: duplicate rule name `r` (first declared at one.yaml:7:7)"),
         "{}",
         found[0]
     );
@@ -187,23 +122,14 @@ fn overlapping_identity_addresses() {
 #[test]
 fn duplicate_address_in_one_identity() {
     let body = "  identities:\n    - name: a\n      addresses: [\"10.0.0.1\", \"10.0.0.1/32\"]\n";
-    assert_one(
-        body,
-        "p.yaml:8:31:",
-        "address 10.0.0.1/32 is listed twice in identity `a`",
-    );
+    assert_one(body, "p.yaml:8:31:", "address 10.0.0.1/32 is listed twice in identity `a`");
 }
 
 #[test]
 fn identity_selector_matches_nothing() {
-    let body = format!(
-        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: c}}]\n      to: [{{identity: b}}]\n"
-    );
-    assert_one(
-        &body,
-        "p.yaml:15:15:",
-        "rule `r` names identity `c`, which is not declared",
-    );
+    let body =
+        format!("{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: c}}]\n      to: [{{identity: b}}]\n");
+    assert_one(&body, "p.yaml:15:15:", "rule `r` names identity `c`, which is not declared");
 }
 
 #[test]
@@ -211,11 +137,7 @@ fn label_selector_matches_nothing() {
     let body = format!(
         "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a}}]\n      to: [{{labels: {{tier: c}}}}]\n"
     );
-    assert_one(
-        &body,
-        "p.yaml:16:13:",
-        "label selector {tier=c} in rule `r` matches no identity",
-    );
+    assert_one(&body, "p.yaml:16:13:", "label selector {tier=c} in rule `r` matches no identity");
 }
 
 #[test]
@@ -239,11 +161,7 @@ fn cidr_with_host_bits() {
 #[test]
 fn except_outside_cidr() {
     let body = "  rules:\n    - name: r\n      from: [{cidr: \"10.0.0.0/16\", except: [\"10.1.0.0/24\"]}]\n      to: [{identity: world}]\n";
-    assert_one(
-        body,
-        "p.yaml:8:45:",
-        "except entry 10.1.0.0/24 is not strictly inside cidr 10.0.0.0/16",
-    );
+    assert_one(body, "p.yaml:8:45:", "except entry 10.1.0.0/24 is not strictly inside cidr 10.0.0.0/16");
 }
 
 fn rule_with_ports(ports: &str) -> String {
@@ -259,11 +177,7 @@ fn port_out_of_range() {
         "p.yaml:17:15:",
         "port in `65536/tcp` is out of range; ports go from 1 to 65535",
     );
-    assert_one(
-        &rule_with_ports("\"0/udp\""),
-        "p.yaml:17:15:",
-        "out of range",
-    );
+    assert_one(&rule_with_ports("\"0/udp\""), "p.yaml:17:15:", "out of range");
 }
 
 #[test]
@@ -277,29 +191,17 @@ fn reversed_port_range() {
 
 #[test]
 fn unknown_protocol() {
-    assert_one(
-        &rule_with_ports("\"80/sctp\""),
-        "p.yaml:17:15:",
-        "unknown protocol `sctp` in `80/sctp`",
-    );
+    assert_one(&rule_with_ports("\"80/sctp\""), "p.yaml:17:15:", "unknown protocol `sctp` in `80/sctp`");
 }
 
 #[test]
 fn port_on_icmp() {
-    assert_one(
-        &rule_with_ports("\"8/icmp\""),
-        "p.yaml:17:15:",
-        "icmp has no ports; write just `icmp`",
-    );
+    assert_one(&rule_with_ports("\"8/icmp\""), "p.yaml:17:15:", "icmp has no ports; write just `icmp`");
 }
 
 #[test]
 fn not_a_port() {
-    assert_one(
-        &rule_with_ports("\"http/tcp\""),
-        "p.yaml:17:15:",
-        "`http/tcp` is not a port",
-    );
+    assert_one(&rule_with_ports("\"http/tcp\""), "p.yaml:17:15:", "`http/tcp` is not a port");
 }
 
 #[test]
@@ -307,11 +209,7 @@ fn unknown_action() {
     let body = format!(
         "{IDENTITIES}  rules:\n    - name: r\n      action: reject\n      from: [{{identity: a}}]\n      to: [{{identity: b}}]\n"
     );
-    assert_one(
-        &body,
-        "p.yaml:15:15:",
-        "unknown action `reject`; use `allow` or `deny`",
-    );
+    assert_one(&body, "p.yaml:15:15:", "unknown action `reject`; use `allow` or `deny`");
 }
 
 #[test]
@@ -319,23 +217,13 @@ fn peer_with_two_selectors() {
     let body = format!(
         "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a, cidr: \"10.0.0.0/8\"}}]\n      to: [{{identity: b}}]\n"
     );
-    assert_one(
-        &body,
-        "p.yaml:15:15:",
-        "a peer needs exactly one of `identity`, `labels` or `cidr`",
-    );
+    assert_one(&body, "p.yaml:15:15:", "a peer needs exactly one of `identity`, `labels` or `cidr`");
 }
 
 #[test]
 fn empty_from_list() {
-    let body = format!(
-        "{IDENTITIES}  rules:\n    - name: r\n      from: []\n      to: [{{identity: b}}]\n"
-    );
-    assert_one(
-        &body,
-        "p.yaml:15:13:",
-        "`from` is empty, so the rule could never match",
-    );
+    let body = format!("{IDENTITIES}  rules:\n    - name: r\n      from: []\n      to: [{{identity: b}}]\n");
+    assert_one(&body, "p.yaml:15:13:", "`from` is empty, so the rule could never match");
 }
 
 #[test]
@@ -379,10 +267,5 @@ fn empty_directory_is_an_error() {
     std::fs::create_dir_all(&dir).unwrap();
     let error = policy::load(std::slice::from_ref(&dir)).unwrap_err();
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(
-        error
-            .to_string()
-            .contains("no policy files (*.yaml, *.yml) found"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("no policy files (*.yaml, *.yml) found"), "{error}");
 }

@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
-    #[error(
-        "`{command}` failed: {stderr}; the lab needs root and iproute2 (run through `cargo xtask test`)"
-    )]
+    #[error("`{command}` failed: {stderr}; the lab needs root and iproute2 (run through `cargo xtask test`)")]
     Command { command: String, stderr: String },
     #[error("cannot run `{command}`: {source}")]
     Spawn {
@@ -33,11 +31,7 @@ pub enum LabError {
 #[must_use]
 pub fn unique_stem(label: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "bh{}-{}-{label}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("bh{}-{}-{label}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Runs a command, failing with its stderr when it exits non-zero.
@@ -46,15 +40,9 @@ pub fn run(program: &str, args: &[&str]) -> Result<Output, LabError> {
     let output = Command::new(program)
         .args(args)
         .output()
-        .map_err(|source| LabError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        .map_err(|source| LabError::Spawn { command: command.clone(), source })?;
     if !output.status.success() {
-        return Err(LabError::Command {
-            command,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
+        return Err(LabError::Command { command, stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned() });
     }
     Ok(output)
 }
@@ -68,17 +56,10 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> Result<Self, LabError> {
         run("ip", &["netns", "add", name])?;
-        let ns = Self {
-            name: name.to_owned(),
-        };
+        let ns = Self { name: name.to_owned() };
         ns.ip(&["link", "set", "lo", "up"])?;
         // Keep tests deterministic: no IPv6 autoconfiguration chatter.
-        ns.exec(&[
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])?;
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
         Ok(ns)
     }
 
@@ -116,10 +97,7 @@ impl Netns {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let enter_error = |source| LabError::Enter {
-                        name: self.name.clone(),
-                        source,
-                    };
+                    let enter_error = |source| LabError::Enter { name: self.name.clone(), source };
                     let file = File::open(&path).map_err(enter_error)?;
                     // SAFETY: setns on this thread only, with a valid namespace fd.
                     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -135,8 +113,6 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }

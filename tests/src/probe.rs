@@ -34,12 +34,7 @@ pub struct EchoServer {
 
 impl EchoServer {
     /// Serves TCP and UDP echo on every port in `ports` at `addr` in `ns`.
-    pub fn start(
-        ns: &Netns,
-        addr: Ipv4Addr,
-        tcp_ports: &[u16],
-        udp_ports: &[u16],
-    ) -> Result<Self, LabError> {
+    pub fn start(ns: &Netns, addr: Ipv4Addr, tcp_ports: &[u16], udp_ports: &[u16]) -> Result<Self, LabError> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for &port in tcp_ports {
@@ -77,10 +72,7 @@ fn serve_tcp(listener: &TcpListener, stop: &AtomicBool) {
                     let mut reader = BufReader::new(&stream);
                     let mut line = String::new();
                     while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                        if (&stream)
-                            .write_all(format!("echo {line}").as_bytes())
-                            .is_err()
-                        {
+                        if (&stream).write_all(format!("echo {line}").as_bytes()).is_err() {
                             break;
                         }
                         line.clear();
@@ -144,12 +136,7 @@ pub fn udp(ns: &Netns, to: SocketAddrV4) -> Result<Outcome, LabError> {
         match socket.recv_from(&mut buffer) {
             Ok((len, _)) if &buffer[..len] == b"echo bulkhead probe" => Outcome::Connected,
             Ok((len, _)) => Outcome::Failed(format!("unexpected echo {:?}", &buffer[..len])),
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 Outcome::TimedOut
             }
             Err(error) => Outcome::Failed(format!("recv: {error}")),
@@ -187,9 +174,7 @@ pub fn ping(ns: &Netns, to: Ipv4Addr) -> Result<Outcome, LabError> {
             let address = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(to).to_be(),
-                },
+                sin_addr: libc::in_addr { s_addr: u32::from(to).to_be() },
                 sin_zero: [0; 8],
             };
             let sent = libc::sendto(
@@ -212,11 +197,7 @@ pub fn ping(ns: &Netns, to: Ipv4Addr) -> Result<Outcome, LabError> {
                 if left.is_zero() {
                     break Outcome::TimedOut;
                 }
-                let mut poll = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
+                let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
                 if libc::poll(&raw mut poll, 1, left.as_millis() as i32) <= 0 {
                     continue;
                 }
@@ -228,11 +209,7 @@ pub fn ping(ns: &Netns, to: Ipv4Addr) -> Result<Outcome, LabError> {
                 let header_len = usize::from(buffer[0] & 0x0f) * 4;
                 let icmp = &buffer[header_len.min(len)..len];
                 let source = Ipv4Addr::new(buffer[12], buffer[13], buffer[14], buffer[15]);
-                if icmp.len() >= 8
-                    && icmp[0] == 0
-                    && icmp[4..6] == identifier.to_be_bytes()
-                    && source == to
-                {
+                if icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == identifier.to_be_bytes() && source == to {
                     break Outcome::Connected;
                 }
             };
@@ -247,21 +224,11 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String
     ns.enter(|| -> std::io::Result<(u16, String)> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default();
+        let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
         Ok((status, body))
     })?
     .map_err(LabError::Io)
@@ -273,9 +240,6 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String
 #[must_use]
 pub fn metric(text: &str, sample: &str) -> Option<u64> {
     text.lines()
-        .find_map(|line| {
-            line.strip_prefix(sample)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
+        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|value| value.trim().parse().ok())
 }

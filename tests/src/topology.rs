@@ -59,30 +59,15 @@ impl ThreeTier {
                 "netns",
                 ns.name(),
             ])?;
-            router.ip(&[
-                "addr",
-                "add",
-                &format!("10.0.{octet}.1/24"),
-                "dev",
-                &router_interface,
-            ])?;
+            router.ip(&["addr", "add", &format!("10.0.{octet}.1/24"), "dev", &router_interface])?;
             router.ip(&["link", "set", &router_interface, "up"])?;
             let addr = Ipv4Addr::new(10, 0, octet, 10);
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
             ns.ip(&["route", "add", "default", "via", &format!("10.0.{octet}.1")])?;
-            hosts.push(Host {
-                name,
-                ns,
-                addr,
-                router_interface,
-            });
+            hosts.push(Host { name, ns, addr, router_interface });
         }
-        Ok(Self {
-            hosts,
-            router,
-            stem,
-        })
+        Ok(Self { hosts, router, stem })
     }
 
     /// The host called `name`.
@@ -91,19 +76,13 @@ impl ThreeTier {
     /// If there is no such host: a typo in the caller.
     #[must_use]
     pub fn host(&self, name: &str) -> &Host {
-        self.hosts
-            .iter()
-            .find(|h| h.name == name)
-            .unwrap_or_else(|| panic!("no host {name}"))
+        self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
     }
 
     /// Router-side interfaces, where Bulkhead enforces.
     #[must_use]
     pub fn router_interfaces(&self) -> Vec<String> {
-        self.hosts
-            .iter()
-            .map(|h| h.router_interface.clone())
-            .collect()
+        self.hosts.iter().map(|h| h.router_interface.clone()).collect()
     }
 
     /// Whether any router-side interface has an XDP program attached.
@@ -124,10 +103,8 @@ pub struct Daemon {
 /// Where the release binary is, unless `BULKHEAD_BIN` says otherwise.
 #[must_use]
 pub fn bulkhead_binary() -> PathBuf {
-    std::env::var_os("BULKHEAD_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/bulkhead"),
-        PathBuf::from,
-    )
+    std::env::var_os("BULKHEAD_BIN")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/bulkhead"), PathBuf::from)
 }
 
 impl Daemon {
@@ -144,10 +121,7 @@ impl Daemon {
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
-            .map_err(|source| LabError::Spawn {
-                command: format!("{} run", binary.display()),
-                source,
-            })?;
+            .map_err(|source| LabError::Spawn { command: format!("{} run", binary.display()), source })?;
         Ok(Self {
             child,
             ns_name: ns.name().to_owned(),
@@ -168,19 +142,13 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = daemon.child.try_wait()? {
-                return Err(LabError::Daemon(format!(
-                    "exited with {status}: {}",
-                    daemon.log_text()
-                )));
+                return Err(LabError::Daemon(format!("exited with {status}: {}", daemon.log_text())));
             }
             if let Ok((200, _)) = probe::http_get(&lab.router, daemon.metrics_addr, "/readyz") {
                 return Ok(daemon);
             }
             if Instant::now() > deadline {
-                return Err(LabError::Daemon(format!(
-                    "no 200 from /readyz within 30 s: {}",
-                    daemon.log_text()
-                )));
+                return Err(LabError::Daemon(format!("no 200 from /readyz within 30 s: {}", daemon.log_text())));
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -28,9 +28,7 @@ struct Enforced {
 fn servers(lab: &ThreeTier) -> Vec<EchoServer> {
     lab.hosts
         .iter()
-        .map(|host| {
-            EchoServer::start(&host.ns, host.addr, &TCP_PORTS, &UDP_PORTS).expect("echo server")
-        })
+        .map(|host| EchoServer::start(&host.ns, host.addr, &TCP_PORTS, &UDP_PORTS).expect("echo server"))
         .collect()
 }
 
@@ -40,14 +38,8 @@ fn enforced(label: &str, policy: &str) -> Enforced {
     let policy_dir = scratch.0.join("policy");
     std::fs::create_dir_all(&policy_dir).unwrap();
     std::fs::write(policy_dir.join("three-tier.yaml"), policy).unwrap();
-    let daemon =
-        Daemon::start(&lab, &policy_dir, &scratch.0.join("daemon.log")).expect("start bulkhead");
-    Enforced {
-        _servers: servers(&lab),
-        daemon,
-        lab,
-        _scratch: scratch,
-    }
+    let daemon = Daemon::start(&lab, &policy_dir, &scratch.0.join("daemon.log")).expect("start bulkhead");
+    Enforced { _servers: servers(&lab), daemon, lab, _scratch: scratch }
 }
 
 impl Enforced {
@@ -62,16 +54,13 @@ impl Enforced {
     }
 
     fn metrics(&self) -> String {
-        let (status, body) =
-            probe::http_get(&self.lab.router, self.daemon.metrics_addr, "/metrics")
-                .expect("scrape");
+        let (status, body) = probe::http_get(&self.lab.router, self.daemon.metrics_addr, "/metrics").expect("scrape");
         assert_eq!(status, 200, "{body}");
         body
     }
 
     fn drops(&self, reason: &str) -> u64 {
-        let sample =
-            format!("bulkhead_drop_packets_total{{direction=\"ingress\",reason=\"{reason}\"}}");
+        let sample = format!("bulkhead_drop_packets_total{{direction=\"ingress\",reason=\"{reason}\"}}");
         probe::metric(&self.metrics(), &sample).unwrap_or_else(|| panic!("no sample {sample}"))
     }
 }
@@ -82,27 +71,13 @@ fn without_bulkhead_every_pair_connects() {
     // so every blocked outcome in the other tests is Bulkhead's doing.
     let lab = ThreeTier::new("control").expect("create lab namespaces");
     let _servers = servers(&lab);
-    for (from, to, port) in [
-        ("logic", "gateway", 8080),
-        ("outsider", "db", 5432),
-        ("gateway", "db", 5432),
-    ] {
+    for (from, to, port) in [("logic", "gateway", 8080), ("outsider", "db", 5432), ("gateway", "db", 5432)] {
         let target = SocketAddrV4::new(lab.host(to).addr, port);
-        assert_eq!(
-            probe::tcp(&lab.host(from).ns, target).unwrap(),
-            Outcome::Connected,
-            "{from} -> {to}:{port}"
-        );
+        assert_eq!(probe::tcp(&lab.host(from).ns, target).unwrap(), Outcome::Connected, "{from} -> {to}:{port}");
     }
     let target = SocketAddrV4::new(lab.host("db").addr, 8125);
-    assert_eq!(
-        probe::udp(&lab.host("gateway").ns, target).unwrap(),
-        Outcome::Connected
-    );
-    assert_eq!(
-        probe::ping(&lab.host("outsider").ns, lab.host("db").addr).unwrap(),
-        Outcome::Connected
-    );
+    assert_eq!(probe::udp(&lab.host("gateway").ns, target).unwrap(), Outcome::Connected);
+    assert_eq!(probe::ping(&lab.host("outsider").ns, lab.host("db").addr).unwrap(), Outcome::Connected);
 }
 
 #[test]
@@ -116,17 +91,9 @@ fn allowed_pairs_exchange_data_both_ways() {
     for _ in 0..5 {
         assert_eq!(env.tcp("gateway", "logic", 8080), Outcome::Connected);
     }
-    assert_eq!(
-        env.drops("default_deny"),
-        0,
-        "allowed traffic and its replies must never be dropped"
-    );
+    assert_eq!(env.drops("default_deny"), 0, "allowed traffic and its replies must never be dropped");
     assert_eq!(env.drops("deny_rule"), 0);
-    let forwarded = probe::metric(
-        &env.metrics(),
-        "bulkhead_forward_packets_total{direction=\"ingress\"}",
-    )
-    .unwrap();
+    let forwarded = probe::metric(&env.metrics(), "bulkhead_forward_packets_total{direction=\"ingress\"}").unwrap();
     assert!(forwarded >= 20, "forwarded {forwarded}");
 }
 
@@ -136,25 +103,14 @@ fn denied_pairs_time_out_and_every_drop_is_counted() {
     let before = env.drops("default_deny");
     let mut blocked = 0;
     // Replies pass, but the reverse direction may not open connections.
-    for (from, to, port) in [
-        ("logic", "gateway", 8080),
-        ("db", "logic", 8080),
-        ("db", "gateway", 22),
-        ("logic", "db", 22),
-    ] {
-        assert_eq!(
-            env.tcp(from, to, port),
-            Outcome::TimedOut,
-            "{from} -> {to}:{port}/tcp"
-        );
+    for (from, to, port) in
+        [("logic", "gateway", 8080), ("db", "logic", 8080), ("db", "gateway", 22), ("logic", "db", 22)]
+    {
+        assert_eq!(env.tcp(from, to, port), Outcome::TimedOut, "{from} -> {to}:{port}/tcp");
         blocked += 1;
     }
     for (from, to, port) in [("gateway", "db", 8125), ("db", "logic", 8125)] {
-        assert_eq!(
-            env.udp(from, to, port),
-            Outcome::TimedOut,
-            "{from} -> {to}:{port}/udp"
-        );
+        assert_eq!(env.udp(from, to, port), Outcome::TimedOut, "{from} -> {to}:{port}/udp");
         blocked += 1;
     }
     // Each blocked TCP probe sent exactly one SYN, each UDP probe one datagram.
@@ -178,16 +134,9 @@ fn deny_rule_beats_allow_rule() {
 fn outsider_in_world_is_blocked() {
     let env = enforced("world", &three_tier_policy());
     for (to, port) in [("gateway", 8080), ("logic", 8080), ("db", 5432), ("db", 22)] {
-        assert_eq!(
-            env.tcp("outsider", to, port),
-            Outcome::TimedOut,
-            "outsider -> {to}:{port}"
-        );
+        assert_eq!(env.tcp("outsider", to, port), Outcome::TimedOut, "outsider -> {to}:{port}");
     }
-    assert_eq!(
-        probe::ping(&env.lab.host("outsider").ns, env.lab.host("db").addr).unwrap(),
-        Outcome::TimedOut
-    );
+    assert_eq!(probe::ping(&env.lab.host("outsider").ns, env.lab.host("db").addr).unwrap(), Outcome::TimedOut);
     assert_eq!(env.drops("default_deny"), 5);
 }
 
@@ -195,19 +144,10 @@ fn outsider_in_world_is_blocked() {
 fn icmp_echo_follows_policy() {
     let env = enforced("icmp", &three_tier_policy());
     // prod-ping admits ICMP between prod identities; the reply passes as tracked.
-    assert_eq!(
-        probe::ping(&env.lab.host("gateway").ns, env.lab.host("db").addr).unwrap(),
-        Outcome::Connected
-    );
-    assert_eq!(
-        probe::ping(&env.lab.host("db").ns, env.lab.host("logic").addr).unwrap(),
-        Outcome::Connected
-    );
+    assert_eq!(probe::ping(&env.lab.host("gateway").ns, env.lab.host("db").addr).unwrap(), Outcome::Connected);
+    assert_eq!(probe::ping(&env.lab.host("db").ns, env.lab.host("logic").addr).unwrap(), Outcome::Connected);
     // db answers the outsider's ping only if the request gets through: it must not.
-    assert_eq!(
-        probe::ping(&env.lab.host("outsider").ns, env.lab.host("gateway").addr).unwrap(),
-        Outcome::TimedOut
-    );
+    assert_eq!(probe::ping(&env.lab.host("outsider").ns, env.lab.host("gateway").addr).unwrap(), Outcome::TimedOut);
 }
 
 #[test]
@@ -236,8 +176,7 @@ fn cidr_peer_with_except() {
 #[test]
 fn health_ready_and_policy_gauges() {
     let env = enforced("health", &three_tier_policy());
-    let (status, _) =
-        probe::http_get(&env.lab.router, env.daemon.metrics_addr, "/healthz").unwrap();
+    let (status, _) = probe::http_get(&env.lab.router, env.daemon.metrics_addr, "/healthz").unwrap();
     assert_eq!(status, 200);
     let (status, _) = probe::http_get(&env.lab.router, env.daemon.metrics_addr, "/readyz").unwrap();
     assert_eq!(status, 200);
@@ -248,10 +187,7 @@ fn health_ready_and_policy_gauges() {
         for direction in ["ingress", "egress"] {
             for family in ["bulkhead_drop_packets_total", "bulkhead_drop_bytes_total"] {
                 let sample = format!("{family}{{direction=\"{direction}\",reason=\"{reason}\"}}");
-                assert!(
-                    probe::metric(&metrics, &sample).is_some(),
-                    "missing {sample}"
-                );
+                assert!(probe::metric(&metrics, &sample).is_some(), "missing {sample}");
             }
         }
     }
@@ -263,29 +199,15 @@ fn sigterm_detaches_everything() {
     let mut env = enforced("sigterm", &three_tier_policy());
     assert!(env.lab.any_xdp_attached().unwrap());
     let status = env.daemon.stop().unwrap().expect("daemon exits on SIGTERM");
-    assert!(
-        status.success(),
-        "exit status {status}: {}",
-        env.daemon.log_text()
-    );
-    assert!(
-        !env.lab.any_xdp_attached().unwrap(),
-        "XDP still attached after exit"
-    );
+    assert!(status.success(), "exit status {status}: {}", env.daemon.log_text());
+    assert!(!env.lab.any_xdp_attached().unwrap(), "XDP still attached after exit");
     // With nothing enforcing, the formerly denied path is open again.
     assert_eq!(env.tcp("outsider", "db", 5432), Outcome::Connected);
 }
 
-fn run_once(
-    lab: &ThreeTier,
-    scratch: &ScratchDir,
-    args: &[String],
-) -> (std::process::ExitStatus, String) {
+fn run_once(lab: &ThreeTier, scratch: &ScratchDir, args: &[String]) -> (std::process::ExitStatus, String) {
     let mut daemon = Daemon::spawn(&lab.router, args, &scratch.0.join("daemon.log")).unwrap();
-    let status = daemon
-        .wait_exit(std::time::Duration::from_secs(20))
-        .unwrap()
-        .expect("bulkhead should exit by itself");
+    let status = daemon.wait_exit(std::time::Duration::from_secs(20)).unwrap().expect("bulkhead should exit by itself");
     (status, daemon.log_text())
 }
 
@@ -303,10 +225,7 @@ fn invalid_policy_exits_non_zero_and_attaches_nothing() {
     }
     let (status, log) = run_once(&lab, &scratch, &args);
     assert!(!status.success());
-    assert!(
-        log.contains("three-tier.yaml:27:27:"),
-        "error names file and line: {log}"
-    );
+    assert!(log.contains("three-tier.yaml:27:27:"), "error names file and line: {log}");
     assert!(log.contains("unknown protocol `udpx`"), "{log}");
     assert_eq!(log.trim().lines().count(), 1, "one-line error: {log}");
     assert!(!lab.any_xdp_attached().unwrap());
@@ -319,17 +238,11 @@ fn missing_interface_exits_non_zero_and_attaches_nothing() {
     let policy_dir = scratch.0.join("policy");
     std::fs::create_dir_all(&policy_dir).unwrap();
     std::fs::write(policy_dir.join("three-tier.yaml"), three_tier_policy()).unwrap();
-    let args: Vec<String> = [
-        "--policy-dir",
-        &policy_dir.display().to_string(),
-        "--interface",
-        "to-gateway",
-        "--interface",
-        "no-such-if",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    let args: Vec<String> =
+        ["--policy-dir", &policy_dir.display().to_string(), "--interface", "to-gateway", "--interface", "no-such-if"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
     let (status, log) = run_once(&lab, &scratch, &args);
     assert!(!status.success());
     assert!(log.contains("no-such-if"), "{log}");

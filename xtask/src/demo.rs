@@ -28,12 +28,7 @@ impl Traffic {
             Traffic::Udp(port) => (17, port),
             Traffic::Ping => (1, 8 << 8),
         };
-        Packet {
-            src: src.into(),
-            dst: dst.into(),
-            protocol,
-            port,
-        }
+        Packet { src: src.into(), dst: dst.into(), protocol, port }
     }
 
     fn label(self) -> String {
@@ -90,31 +85,24 @@ pub fn demo(binary: &Path, keep: bool) -> anyhow::Result<()> {
     catch_signals()?;
     // SAFETY: set before any thread reads the environment.
     unsafe { std::env::set_var("BULKHEAD_BIN", binary) };
-    let parsed = policy::parse_str("examples/three-tier.yaml", POLICY)
-        .context("the embedded demo policy is invalid")?;
+    let parsed =
+        policy::parse_str("examples/three-tier.yaml", POLICY).context("the embedded demo policy is invalid")?;
 
     let lab = ThreeTier::new("demo").context("creating the demo namespaces failed")?;
     let scratch = ScratchDir::new(&lab.stem)?;
     let policy_dir = scratch.0.join("policy");
     std::fs::create_dir_all(&policy_dir)?;
     std::fs::write(policy_dir.join("three-tier.yaml"), POLICY)?;
-    println!(
-        "demo: topology {}-{{router,gateway,logic,db,outsider}}",
-        lab.stem
-    );
+    println!("demo: topology {}-{{router,gateway,logic,db,outsider}}", lab.stem);
     for host in &lab.hosts {
-        println!(
-            "demo:   {:<9} {:<11} via router interface {}",
-            host.name, host.addr, host.router_interface
-        );
+        println!("demo:   {:<9} {:<11} via router interface {}", host.name, host.addr, host.router_interface);
     }
     let servers: Vec<EchoServer> = lab
         .hosts
         .iter()
         .map(|host| EchoServer::start(&host.ns, host.addr, &[22, 5432, 8080], &[8125]))
         .collect::<Result<_, _>>()?;
-    let daemon = Daemon::start(&lab, &policy_dir, &scratch.0.join("bulkhead.log"))
-        .context("bulkhead did not start")?;
+    let daemon = Daemon::start(&lab, &policy_dir, &scratch.0.join("bulkhead.log")).context("bulkhead did not start")?;
     println!("demo: bulkhead is enforcing examples/three-tier.yaml on every router interface\n");
 
     let Some(mismatches) = probe_table(&lab, &policy::Evaluator::new(&parsed))? else {
@@ -146,14 +134,8 @@ pub fn demo(binary: &Path, keep: bool) -> anyhow::Result<()> {
 
 /// Probes every pair, prints what the policy says beside what happened,
 /// and returns how many disagreed (`None` if interrupted).
-fn probe_table(
-    lab: &ThreeTier,
-    evaluator: &policy::Evaluator<'_>,
-) -> anyhow::Result<Option<usize>> {
-    println!(
-        "{:<9} {:<9} {:<10} {:<46} OBSERVED",
-        "FROM", "TO", "TRAFFIC", "POLICY SAYS"
-    );
+fn probe_table(lab: &ThreeTier, evaluator: &policy::Evaluator<'_>) -> anyhow::Result<Option<usize>> {
+    println!("{:<9} {:<9} {:<10} {:<46} OBSERVED", "FROM", "TO", "TRAFFIC", "POLICY SAYS");
     let mut mismatches = 0;
     for (from, to, traffic) in PROBES {
         if STOP.load(Ordering::SeqCst) {
@@ -181,15 +163,8 @@ fn probe_table(
         if !agrees {
             mismatches += 1;
         }
-        let mark = if agrees {
-            ""
-        } else {
-            "   <-- differs from the policy"
-        };
-        println!(
-            "{from:<9} {to:<9} {:<10} {expected:<46} {observed}{mark}",
-            traffic.label()
-        );
+        let mark = if agrees { "" } else { "   <-- differs from the policy" };
+        println!("{from:<9} {to:<9} {:<10} {expected:<46} {observed}{mark}", traffic.label());
     }
     Ok(Some(mismatches))
 }
@@ -199,25 +174,15 @@ fn print_counters(lab: &ThreeTier, daemon: &Daemon) -> anyhow::Result<()> {
     if status != 200 {
         bail!("/metrics answered {status}");
     }
-    println!(
-        "\nCounters from http://{}/metrics (router namespace):",
-        daemon.metrics_addr
-    );
-    let value =
-        |name: &str, labels: &str| probe::metric(&metrics, &format!("{name}{labels}")).unwrap_or(0);
+    println!("\nCounters from http://{}/metrics (router namespace):", daemon.metrics_addr);
+    let value = |name: &str, labels: &str| probe::metric(&metrics, &format!("{name}{labels}")).unwrap_or(0);
     for reason in DropReason::ALL {
         for direction in Direction::ALL {
-            let labels = format!(
-                "{{direction=\"{}\",reason=\"{}\"}}",
-                direction.label(),
-                reason.label()
-            );
+            let labels = format!("{{direction=\"{}\",reason=\"{}\"}}", direction.label(), reason.label());
             let packets = value("bulkhead_drop_packets_total", &labels);
             let bytes = value("bulkhead_drop_bytes_total", &labels);
             if direction == Direction::Ingress || packets > 0 {
-                println!(
-                    "  bulkhead_drop_packets_total{labels:<48} {packets:>6}   ({bytes} bytes)"
-                );
+                println!("  bulkhead_drop_packets_total{labels:<48} {packets:>6}   ({bytes} bytes)");
             }
         }
     }

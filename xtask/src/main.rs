@@ -35,19 +35,13 @@ enum Task {
 
 /// The workspace root (xtask lives one level below it).
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
 }
 
 /// Runs a command in the workspace, failing if it fails.
 fn run(command: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{command:?}");
-    let status = command
-        .current_dir(workspace_root())
-        .status()
-        .with_context(|| format!("cannot start {shown}"))?;
+    let status = command.current_dir(workspace_root()).status().with_context(|| format!("cannot start {shown}"))?;
     if !status.success() {
         bail!("{shown} failed with {status}");
     }
@@ -123,12 +117,7 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     let rest = line.strip_prefix("test result: ")?;
     let count = |word: &str| {
         rest.split(';')
-            .find_map(|part| {
-                part.trim()
-                    .trim_start_matches("ok. ")
-                    .trim_start_matches("FAILED. ")
-                    .strip_suffix(word)
-            })
+            .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
             .and_then(|n| n.trim().parse::<u64>().ok())
     };
     Some((count(" passed")?, count(" failed")?))
@@ -154,8 +143,7 @@ mod tests {
     fn reads_cargo_test_summaries() {
         let ok = "test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 10.07s";
         assert_eq!(parse_test_result(ok), Some((12, 0)));
-        let failed =
-            "test result: FAILED. 11 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
+        let failed = "test result: FAILED. 11 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
         assert_eq!(parse_test_result(failed), Some((11, 1)));
         assert_eq!(parse_test_result("test foo ... ok"), None);
     }

@@ -13,10 +13,7 @@ const PACKAGES: [&str; 2] = ["iproute2", "bpftool"];
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let output = Command::new(program).args(args).output().ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 fn run(program: &str, args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {
@@ -25,9 +22,7 @@ fn run(program: &str, args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<(
     for (key, value) in envs {
         command.env(key, value);
     }
-    let status = command
-        .status()
-        .with_context(|| format!("cannot start {program}"))?;
+    let status = command.status().with_context(|| format!("cannot start {program}"))?;
     if !status.success() {
         bail!("`{program} {}` failed with {status}", args.join(" "));
     }
@@ -49,32 +44,20 @@ pub fn setup() -> anyhow::Result<()> {
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
     if output("rustc", &["+nightly", "--print", "sysroot"]).is_none() {
         println!("setup: installing the nightly toolchain (eBPF programs need it)");
-        run(
-            "rustup",
-            &["toolchain", "install", "nightly", "--profile", "minimal"],
-            &[],
-        )?;
+        run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"], &[])?;
     }
-    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])
-        .context("rustc +nightly does not run")?;
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"]).context("rustc +nightly does not run")?;
     Ok(PathBuf::from(sysroot))
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
-    if sysroot
-        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
-        .exists()
-    {
+    if sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml").exists() {
         println!("setup: nightly rust-src already installed");
         return Ok(());
     }
     println!("setup: installing nightly rust-src (build-std for bpfel-unknown-none)");
-    run(
-        "rustup",
-        &["component", "add", "rust-src", "--toolchain", "nightly"],
-        &[],
-    )
+    run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"], &[])
 }
 
 /// bpf-linker must link against the very LLVM that nightly rustc uses.
@@ -93,12 +76,7 @@ fn bpf_linker() -> anyhow::Result<()> {
         .filter_map(Result::ok)
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .find(|name| name.starts_with("libLLVM.so."))
-        .with_context(|| {
-            format!(
-                "no libLLVM.so.* in {}; is the nightly toolchain complete?",
-                sysroot_lib.display()
-            )
-        })?;
+        .with_context(|| format!("no libLLVM.so.* in {}; is the nightly toolchain complete?", sysroot_lib.display()))?;
     let major: u32 = library
         .trim_start_matches("libLLVM.so.")
         .split('.')
@@ -111,10 +89,9 @@ fn bpf_linker() -> anyhow::Result<()> {
         );
     }
     let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let prefix = Path::new(&home).join(".local/share/bulkhead").join(format!(
-        "llvm-{}",
-        library.trim_start_matches("libLLVM.so.")
-    ));
+    let prefix = Path::new(&home)
+        .join(".local/share/bulkhead")
+        .join(format!("llvm-{}", library.trim_start_matches("libLLVM.so.")));
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib)?;
     for link in ["libLLVM.so", library.as_str()] {
@@ -123,9 +100,7 @@ fn bpf_linker() -> anyhow::Result<()> {
         std::os::unix::fs::symlink(sysroot_lib.join(&library), &path)
             .with_context(|| format!("cannot create {}", path.display()))?;
     }
-    println!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} (a few minutes, once)"
-    );
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} (a few minutes, once)");
     let feature = format!("llvm-{major}");
     run(
         "cargo",
@@ -156,10 +131,7 @@ fn packages() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        println!(
-            "setup: Debian packages already installed: {}",
-            PACKAGES.join(", ")
-        );
+        println!("setup: Debian packages already installed: {}", PACKAGES.join(", "));
         return Ok(());
     }
     println!("setup: installing Debian packages: {}", missing.join(", "));
@@ -179,10 +151,7 @@ fn packages() -> anyhow::Result<()> {
 
 fn bpffs() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
-    if mounts
-        .lines()
-        .any(|line| line.split_whitespace().nth(2) == Some("bpf"))
-    {
+    if mounts.lines().any(|line| line.split_whitespace().nth(2) == Some("bpf")) {
         println!("setup: bpffs already mounted");
         return Ok(());
     }

@@ -1,0 +1,8 @@
+//! The Bulkhead daemon's building blocks, shared by the `bulkhead` binary,
+//! the integration tests and the benchmarks.
+
+pub mod datapath;
+pub mod host;
+pub mod metrics;
+pub mod server;
+mod testrun;
