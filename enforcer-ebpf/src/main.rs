@@ -113,13 +113,26 @@ fn judge(frame: &Frame, direction: Direction) -> Verdict {
     if packet.kind == Kind::NeighbourDiscovery {
         return Verdict::Pass;
     }
-    let config = maps::CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
     // SAFETY: a plain helper call with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let verdict = judge_ip(&packet, direction, now);
+    // Whatever decided a first fragment (conntrack, policy, audit) decides
+    // the datagram's later fragments too.
+    if let Fragment::First(id) = packet.fragment
+        && !matches!(verdict, Verdict::Ignore)
+    {
+        fragments::remember(&packet, id, verdict, now);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn judge_ip(packet: &Packet, direction: Direction, now: u64) -> Verdict {
+    let config = maps::CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
 
     // Fast path: one conntrack lookup for established flows at ingress.
     if direction == Direction::Ingress && matches!(packet.kind, Kind::Trackable | Kind::EchoReply) {
-        match conntrack::lookup(&packet, direction, config.policy_generation, now) {
+        match conntrack::lookup(packet, direction, config.policy_generation, now) {
             conntrack::Hit::Pass => return Verdict::Pass,
             conntrack::Hit::Audit(reason) => return Verdict::Audit(reason),
             conntrack::Hit::Miss => {}
@@ -132,7 +145,7 @@ fn judge(frame: &Frame, direction: Direction) -> Verdict {
         }
         Direction::Egress if src.id != IDENTITY_HOST => return Verdict::Ignore,
         Direction::Egress if matches!(packet.kind, Kind::Trackable | Kind::EchoReply) => {
-            match conntrack::lookup(&packet, direction, config.policy_generation, now) {
+            match conntrack::lookup(packet, direction, config.policy_generation, now) {
                 conntrack::Hit::Pass => return Verdict::Pass,
                 conntrack::Hit::Audit(reason) => return Verdict::Audit(reason),
                 conntrack::Hit::Miss => {}
@@ -144,7 +157,7 @@ fn judge(frame: &Frame, direction: Direction) -> Verdict {
     let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
 
     if let Fragment::Later(id) = packet.fragment {
-        if let Some(verdict) = fragments::recall(&packet, id, now) {
+        if let Some(verdict) = fragments::recall(packet, id, now) {
             return verdict;
         }
         return match policy::decide_any_port(src.id, dst.id, packet.flow.protocol) {
@@ -155,11 +168,7 @@ fn judge(frame: &Frame, direction: Direction) -> Verdict {
     if packet.kind == Kind::IcmpError && conntrack::is_tracked(&packet.quoted, now) {
         return Verdict::Pass;
     }
-    let verdict = decide(&packet, direction, src, dst, config.policy_generation, audit, now);
-    if let Fragment::First(id) = packet.fragment {
-        fragments::remember(&packet, id, verdict, now);
-    }
-    verdict
+    decide(packet, direction, src, dst, config.policy_generation, audit, now)
 }
 
 /// Policy verdict for a packet no tracked flow covers, with the conntrack

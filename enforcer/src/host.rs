@@ -4,6 +4,10 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Every address configured on any interface of this network namespace.
+#[allow(
+    clippy::cast_ptr_alignment,
+    reason = "getifaddrs hands out sockaddrs allocated for their real family, so aligned for it"
+)]
 pub fn addresses() -> std::io::Result<BTreeSet<IpAddr>> {
     let mut found = BTreeSet::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();

@@ -38,7 +38,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
     metrics_addr: SocketAddr,
     /// Audit mode for all traffic: pass what the policy would drop, and
-    /// count it in bulkhead_audit_packets_total with the would-be reason.
+    /// count it in `bulkhead_audit_packets_total` with the would-be reason.
     #[arg(long)]
     audit: bool,
 }

@@ -40,24 +40,45 @@ pub fn render(snapshot: &CounterSnapshot, stats: PolicyStats) -> Result<String, 
     let forward_packets = labelled("bulkhead_forward_packets_total", "Packets passed, by direction.", &["direction"])?;
     let forward_bytes =
         labelled("bulkhead_forward_bytes_total", "Bytes of passed packets, by direction.", &["direction"])?;
+    let audit_packets = labelled(
+        "bulkhead_audit_packets_total",
+        "Packets audit mode passed that the policy would have dropped, by would-be reason and direction.",
+        &["reason", "direction"],
+    )?;
+    let audit_bytes = labelled(
+        "bulkhead_audit_bytes_total",
+        "Bytes of packets audit mode passed, by would-be reason and direction.",
+        &["reason", "direction"],
+    )?;
     for direction in Direction::ALL {
         for reason in DropReason::ALL {
-            let counter = snapshot.drops.get(&(reason, direction)).copied().unwrap_or_default();
             let labels = [reason.label(), direction.label()];
+            let counter = snapshot.drops.get(&(reason, direction)).copied().unwrap_or_default();
             drop_packets.with_label_values(&labels).inc_by(counter.packets);
             drop_bytes.with_label_values(&labels).inc_by(counter.bytes);
+            let counter = snapshot.audits.get(&(reason, direction)).copied().unwrap_or_default();
+            audit_packets.with_label_values(&labels).inc_by(counter.packets);
+            audit_bytes.with_label_values(&labels).inc_by(counter.bytes);
         }
         let counter = snapshot.forwards.get(&direction).copied().unwrap_or_default();
         forward_packets.with_label_values(&[direction.label()]).inc_by(counter.packets);
         forward_bytes.with_label_values(&[direction.label()]).inc_by(counter.bytes);
     }
-    let gauge = |name: &str, help: &str, value: usize| -> Result<(), prometheus::Error> {
+    let gauge = |name: &str, help: &str, value: i64| -> Result<(), prometheus::Error> {
         let gauge = IntGauge::new(name, help)?;
-        gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        gauge.set(value);
         registry.register(Box::new(gauge))
     };
-    gauge("bulkhead_identities", "Identities declared by the enforced policy.", stats.identities)?;
-    gauge("bulkhead_policy_rules", "Rules in the enforced policy.", stats.rules)?;
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    gauge("bulkhead_identities", "Identities declared by the enforced policy.", count(stats.identities))?;
+    gauge("bulkhead_policy_rules", "Rules in the enforced policy.", count(stats.rules))?;
+    gauge("bulkhead_policy_generation", "Generation of the enforced policy.", i64::from(stats.generation))?;
+    let errors = prometheus::IntCounter::new(
+        "bulkhead_policy_load_errors_total",
+        "Candidate policies rejected (the previous policy stayed enforced).",
+    )?;
+    errors.inc_by(stats.load_errors);
+    registry.register(Box::new(errors))?;
 
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
@@ -72,6 +93,7 @@ pub struct Shared {
 }
 
 impl Shared {
+    #[must_use]
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             datapath: Mutex::new(None),

@@ -166,7 +166,7 @@ enum Resync {
 }
 
 /// Keeps the maps in step with the policy directory (re-read every second
-/// and on SIGHUP; any change of any file, including a Kubernetes ConfigMap's
+/// and on SIGHUP; any change of any file, including a Kubernetes `ConfigMap`'s
 /// symlink swap, is seen as a change of content) and with the node's
 /// addresses. An invalid candidate is rejected whole and logged with its
 /// positions; the enforced policy stays.

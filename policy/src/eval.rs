@@ -197,9 +197,9 @@ fn selector_matches(selector: &Selector, addr: IpAddr, owner: Owner<'_>) -> bool
         (Selector::Labels(wanted), Owner::Declared(identity)) => {
             wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v))
         }
-        (Selector::Labels(_), _) => false,
-        // The node's own addresses are matched only by `{identity: host}`.
-        (Selector::Cidr { .. }, Owner::Host) => false,
+        // Labels match declared identities only, and the node's own
+        // addresses are matched only by `{identity: host}`.
+        (Selector::Labels(_), _) | (Selector::Cidr { .. }, Owner::Host) => false,
         (Selector::Cidr { cidr, except }, _) => cidr.contains(&addr) && !except.iter().any(|e| e.contains(&addr)),
     }
 }

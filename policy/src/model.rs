@@ -164,7 +164,7 @@ pub const ICMP_TYPES: [(&str, u8); 10] = [
     ("timestamp-reply", 14),
 ];
 
-/// ICMPv6 message type names usable as `icmpv6/NAME`.
+/// `ICMPv6` message type names usable as `icmpv6/NAME`.
 pub const ICMPV6_TYPES: [(&str, u8); 11] = [
     ("destination-unreachable", 1),
     ("packet-too-big", 2),
@@ -193,7 +193,7 @@ impl Protocol {
 
 impl fmt::Display for PortSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.protocol.has_ports() && self.first & 0xff == 0 && self.last == self.first | 0xff {
+        if !self.protocol.has_ports() && self.first.trailing_zeros() >= 8 && self.last == self.first | 0xff {
             let icmp_type = (self.first >> 8) as u8;
             match self.protocol.icmp_types().iter().find(|(_, t)| *t == icmp_type) {
                 Some((name, _)) => write!(f, "{}/{name}", self.protocol),

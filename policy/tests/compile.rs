@@ -37,7 +37,7 @@ impl MapModel<'_> {
         self.compiled.lookup_identity(addr)
     }
 
-    fn policy_drop(&self, reason: DropReason, dst: &IdentityValue) -> Verdict {
+    fn policy_drop(&self, reason: DropReason, dst: IdentityValue) -> Verdict {
         if self.audit_all || dst.flags & IDENTITY_FLAG_AUDIT != 0 {
             Verdict::Audit(reason)
         } else {
@@ -45,17 +45,17 @@ impl MapModel<'_> {
         }
     }
 
-    fn rule_name(&self, index: u32) -> Option<String> {
-        Some(self.compiled.rules[index as usize].name.clone())
+    fn rule_name(&self, index: u32) -> String {
+        self.compiled.rules[index as usize].name.clone()
     }
 
     fn decide(&self, packet: &Packet) -> (Verdict, Option<String>) {
         let (src, dst) = (self.identity(packet.src), self.identity(packet.dst));
         match self.compiled.lookup_policy(src.id, dst.id, packet.protocol, packet.port) {
-            None => (self.policy_drop(DropReason::DefaultDeny, &dst), None),
-            Some(value) if value.action == ACTION_ALLOW => (Verdict::Forward, self.rule_name(value.rule_index)),
+            None => (self.policy_drop(DropReason::DefaultDeny, dst), None),
+            Some(value) if value.action == ACTION_ALLOW => (Verdict::Forward, Some(self.rule_name(value.rule_index))),
             Some(value) if value.action == ACTION_DENY => {
-                (self.policy_drop(DropReason::DenyRule, &dst), self.rule_name(value.rule_index))
+                (self.policy_drop(DropReason::DenyRule, dst), Some(self.rule_name(value.rule_index)))
             }
             Some(value) => panic!("unknown action {}", value.action),
         }
@@ -65,9 +65,9 @@ impl MapModel<'_> {
         let (src, dst) = (self.identity(packet.src), self.identity(packet.dst));
         match self.compiled.lookup_policy(src.id, dst.id, packet.protocol, 0) {
             Some(v) if v.action == ACTION_ALLOW && v.flags & POLICY_FLAG_WHOLE_PROTOCOL != 0 => {
-                (Verdict::Forward, self.rule_name(v.rule_index))
+                (Verdict::Forward, Some(self.rule_name(v.rule_index)))
             }
-            _ => (self.policy_drop(DropReason::FragmentUnknown, &dst), None),
+            _ => (self.policy_drop(DropReason::FragmentUnknown, dst), None),
         }
     }
 }

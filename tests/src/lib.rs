@@ -6,6 +6,7 @@
 //! interrupted runs never collide, and everything is removed in `Drop`.
 //! Traffic only ever flows between namespaces the lab created.
 
+pub mod frames;
 pub mod netns;
 pub mod probe;
 pub mod topology;

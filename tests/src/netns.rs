@@ -63,6 +63,12 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Turns IPv6 back on (labs start IPv4-only).
+    pub fn enable_ipv6(&self) -> Result<(), LabError> {
+        self.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0"])
+            .map(drop)
+    }
+
     #[must_use]
     pub fn name(&self) -> &str {
         &self.name

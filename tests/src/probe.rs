@@ -2,7 +2,7 @@
 //! probe them.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -33,21 +33,23 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
-    /// Serves TCP and UDP echo on every port in `ports` at `addr` in `ns`.
-    pub fn start(ns: &Netns, addr: Ipv4Addr, tcp_ports: &[u16], udp_ports: &[u16]) -> Result<Self, LabError> {
+    /// Serves TCP and UDP echo on every port in `ports` at each of `addrs` in `ns`.
+    pub fn start(ns: &Netns, addrs: &[IpAddr], tcp_ports: &[u16], udp_ports: &[u16]) -> Result<Self, LabError> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for &port in tcp_ports {
-            let listener = ns.enter(|| TcpListener::bind(SocketAddrV4::new(addr, port)))??;
-            listener.set_nonblocking(true)?;
-            let stop = Arc::clone(&stop);
-            threads.push(std::thread::spawn(move || serve_tcp(&listener, &stop)));
-        }
-        for &port in udp_ports {
-            let socket = ns.enter(|| UdpSocket::bind(SocketAddrV4::new(addr, port)))??;
-            socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-            let stop = Arc::clone(&stop);
-            threads.push(std::thread::spawn(move || serve_udp(&socket, &stop)));
+        for &addr in addrs {
+            for &port in tcp_ports {
+                let listener = ns.enter(|| TcpListener::bind(SocketAddr::new(addr, port)))??;
+                listener.set_nonblocking(true)?;
+                let stop = Arc::clone(&stop);
+                threads.push(std::thread::spawn(move || serve_tcp(&listener, &stop)));
+            }
+            for &port in udp_ports {
+                let socket = ns.enter(|| UdpSocket::bind(SocketAddr::new(addr, port)))??;
+                socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+                let stop = Arc::clone(&stop);
+                threads.push(std::thread::spawn(move || serve_udp(&socket, &stop)));
+            }
         }
         Ok(Self { stop, threads })
     }
@@ -85,7 +87,7 @@ fn serve_tcp(listener: &TcpListener, stop: &AtomicBool) {
 }
 
 fn serve_udp(socket: &UdpSocket, stop: &AtomicBool) {
-    let mut buffer = [0u8; 2048];
+    let mut buffer = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
         if let Ok((len, peer)) = socket.recv_from(&mut buffer) {
             let mut reply = b"echo ".to_vec();
@@ -96,46 +98,86 @@ fn serve_udp(socket: &UdpSocket, stop: &AtomicBool) {
 }
 
 /// Connects from `ns` to `to`, sends two lines and checks both echoes.
-pub fn tcp(ns: &Netns, to: SocketAddrV4) -> Result<Outcome, LabError> {
-    ns.enter(|| {
-        let stream = match TcpStream::connect_timeout(&SocketAddr::V4(to), BLOCKED_AFTER) {
-            Ok(stream) => stream,
-            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => return Outcome::TimedOut,
-            Err(error) => return Outcome::Failed(format!("connect: {error}")),
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
-        let mut reader = BufReader::new(&stream);
-        for round in 0..2 {
-            let message = format!("bulkhead probe {round}\n");
-            if let Err(error) = (&stream).write_all(message.as_bytes()) {
-                return Outcome::Failed(format!("write: {error}"));
-            }
-            let mut reply = String::new();
-            match reader.read_line(&mut reply) {
-                Ok(_) if reply == format!("echo {message}") => {}
-                Ok(_) => return Outcome::Failed(format!("unexpected echo {reply:?}")),
-                Err(error) => return Outcome::Failed(format!("read: {error}")),
-            }
+pub fn tcp(ns: &Netns, to: SocketAddr) -> Result<Outcome, LabError> {
+    let mut session = match TcpSession::connect(ns, to)? {
+        Ok(session) => session,
+        Err(outcome) => return Ok(outcome),
+    };
+    for round in 0..2 {
+        let outcome = session.exchange(&format!("bulkhead probe {round}"), Duration::from_secs(3));
+        if outcome != Outcome::Connected {
+            return Ok(outcome);
         }
-        Outcome::Connected
-    })
+    }
+    Ok(Outcome::Connected)
+}
+
+/// A TCP connection opened from inside a namespace, kept open so tests can
+/// watch what happens to a live flow.
+pub struct TcpSession {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl TcpSession {
+    /// Connects; `Err(outcome)` if the connection could not be made.
+    pub fn connect(ns: &Netns, to: SocketAddr) -> Result<Result<Self, Outcome>, LabError> {
+        ns.enter(|| {
+            let stream = match TcpStream::connect_timeout(&to, BLOCKED_AFTER) {
+                Ok(stream) => stream,
+                Err(error) if error.kind() == std::io::ErrorKind::TimedOut => return Err(Outcome::TimedOut),
+                Err(error) => return Err(Outcome::Failed(format!("connect: {error}"))),
+            };
+            let reader = stream.try_clone().map_err(|e| Outcome::Failed(format!("clone: {e}")))?;
+            Ok(Self { stream, reader: BufReader::new(reader) })
+        })
+    }
+
+    /// Sends `line` and waits up to `timeout` for its echo.
+    pub fn exchange(&mut self, line: &str, timeout: Duration) -> Outcome {
+        let _ = self.reader.get_ref().set_read_timeout(Some(timeout));
+        let message = format!("{line}\n");
+        if let Err(error) = self.stream.write_all(message.as_bytes()) {
+            return Outcome::Failed(format!("write: {error}"));
+        }
+        let mut reply = String::new();
+        match self.reader.read_line(&mut reply) {
+            Ok(_) if reply == format!("echo {message}") => Outcome::Connected,
+            Ok(0) => Outcome::Failed("connection closed".to_owned()),
+            Ok(_) => Outcome::Failed(format!("unexpected echo of {} bytes", reply.len())),
+            Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Outcome::TimedOut
+            }
+            Err(error) => Outcome::Failed(format!("read: {error}")),
+        }
+    }
 }
 
 /// Sends one datagram from `ns` to `to` and waits for its echo.
-pub fn udp(ns: &Netns, to: SocketAddrV4) -> Result<Outcome, LabError> {
+pub fn udp(ns: &Netns, to: SocketAddr) -> Result<Outcome, LabError> {
+    udp_sized(ns, to, b"bulkhead probe".len())
+}
+
+/// Sends one datagram of `size` payload bytes (large ones leave as IP
+/// fragments) and waits for its echo, checking every byte.
+pub fn udp_sized(ns: &Netns, to: SocketAddr, size: usize) -> Result<Outcome, LabError> {
     ns.enter(|| {
-        let socket = match UdpSocket::bind("0.0.0.0:0") {
+        let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+        let socket = match UdpSocket::bind(any) {
             Ok(socket) => socket,
             Err(error) => return Outcome::Failed(format!("bind: {error}")),
         };
         let _ = socket.set_read_timeout(Some(BLOCKED_AFTER));
-        if let Err(error) = socket.send_to(b"bulkhead probe", to) {
+        let payload: Vec<u8> = b"bulkhead probe".iter().copied().cycle().take(size).collect();
+        if let Err(error) = socket.send_to(&payload, to) {
             return Outcome::Failed(format!("send: {error}"));
         }
-        let mut buffer = [0u8; 256];
+        let mut expected = b"echo ".to_vec();
+        expected.extend_from_slice(&payload);
+        let mut buffer = vec![0u8; 65536];
         match socket.recv_from(&mut buffer) {
-            Ok((len, _)) if &buffer[..len] == b"echo bulkhead probe" => Outcome::Connected,
-            Ok((len, _)) => Outcome::Failed(format!("unexpected echo {:?}", &buffer[..len])),
+            Ok((len, _)) if buffer[..len] == expected[..] => Outcome::Connected,
+            Ok((len, _)) => Outcome::Failed(format!("unexpected echo of {len} bytes")),
             Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 Outcome::TimedOut
             }
@@ -157,7 +199,7 @@ fn checksum(data: &[u8]) -> u16 {
 }
 
 /// Sends one ICMP echo request from `ns` to `to` over a raw socket and
-/// waits for the matching reply.
+/// waits for the matching reply (IPv4).
 pub fn ping(ns: &Netns, to: Ipv4Addr) -> Result<Outcome, LabError> {
     ns.enter(|| {
         // SAFETY: plain socket syscalls on a descriptor this closure owns.

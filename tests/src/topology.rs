@@ -4,12 +4,14 @@
 //!
 //! ```text
 //!   gateway 10.0.1.10 ─┐
-//!   logic   10.0.2.10 ─┼─ router (bulkhead, XDP on every router-side veth)
+//!   logic   10.0.2.10 ─┼─ router (bulkhead, XDP and TC egress on every router-side veth)
 //!   db      10.0.3.10 ─┤
 //!   outsider 10.0.9.10 ┘
 //! ```
+//!
+//! With IPv6 each host also has `fd00:N::10/64` behind the router's `fd00:N::1`.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -23,8 +25,22 @@ pub struct Host {
     pub name: &'static str,
     pub ns: Netns,
     pub addr: Ipv4Addr,
+    /// The host's IPv6 address, in a dual-stack lab.
+    pub addr6: Option<Ipv6Addr>,
+    /// The router's address on this host's link.
+    pub router_addr: Ipv4Addr,
     /// The router-side interface this host hangs off.
     pub router_interface: String,
+}
+
+impl Host {
+    /// The host's addresses, IPv4 first.
+    #[must_use]
+    pub fn addrs(&self) -> Vec<IpAddr> {
+        let mut addrs = vec![IpAddr::V4(self.addr)];
+        addrs.extend(self.addr6.map(IpAddr::V6));
+        addrs
+    }
 }
 
 /// The router and its hosts.
@@ -39,33 +55,50 @@ pub struct ThreeTier {
 pub const HOSTS: [(&str, u8); 4] = [("gateway", 1), ("logic", 2), ("db", 3), ("outsider", 9)];
 
 impl ThreeTier {
+    /// An IPv4-only lab (no IPv6 chatter, so drop counts are exact).
     pub fn new(label: &str) -> Result<Self, LabError> {
+        Self::build(label, false)
+    }
+
+    /// A lab with IPv4 and IPv6 on every link.
+    pub fn dual_stack(label: &str) -> Result<Self, LabError> {
+        Self::build(label, true)
+    }
+
+    fn build(label: &str, ipv6: bool) -> Result<Self, LabError> {
         let stem = unique_stem(label);
         let router = Netns::new(&format!("{stem}-router"))?;
         router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        if ipv6 {
+            router.enable_ipv6()?;
+            router.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        }
         let mut hosts = Vec::new();
         for (name, octet) in HOSTS {
             let ns = Netns::new(&format!("{stem}-{name}"))?;
             let router_interface = format!("to-{name}");
-            router.ip(&[
-                "link",
-                "add",
-                &router_interface,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])?;
+            let peer = ["link", "add", &router_interface, "type", "veth", "peer", "name", "eth0", "netns", ns.name()];
+            router.ip(&peer)?;
             router.ip(&["addr", "add", &format!("10.0.{octet}.1/24"), "dev", &router_interface])?;
-            router.ip(&["link", "set", &router_interface, "up"])?;
             let addr = Ipv4Addr::new(10, 0, octet, 10);
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            let addr6 = if ipv6 {
+                ns.enable_ipv6()?;
+                let addr6 = Ipv6Addr::new(0xfd00, u16::from(octet), 0, 0, 0, 0, 0, 0x10);
+                router.ip(&["addr", "add", &format!("fd00:{octet}::1/64"), "dev", &router_interface, "nodad"])?;
+                ns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", "eth0", "nodad"])?;
+                Some(addr6)
+            } else {
+                None
+            };
+            router.ip(&["link", "set", &router_interface, "up"])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
             ns.ip(&["route", "add", "default", "via", &format!("10.0.{octet}.1")])?;
-            hosts.push(Host { name, ns, addr, router_interface });
+            if ipv6 {
+                ns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:{octet}::1")])?;
+            }
+            let router_addr = Ipv4Addr::new(10, 0, octet, 1);
+            hosts.push(Host { name, ns, addr, addr6, router_addr, router_interface });
         }
         Ok(Self { hosts, router, stem })
     }
@@ -85,7 +118,8 @@ impl ThreeTier {
         self.hosts.iter().map(|h| h.router_interface.clone()).collect()
     }
 
-    /// Whether any router-side interface has an XDP program attached.
+    /// Whether an XDP program is attached to any router interface. (This
+    /// bpftool cannot list tcx links; tests check TC egress by its effect.)
     pub fn any_xdp_attached(&self) -> Result<bool, LabError> {
         let output = self.router.ip(&["-d", "link", "show"])?;
         Ok(String::from_utf8_lossy(&output.stdout).contains("prog/xdp"))
@@ -133,7 +167,13 @@ impl Daemon {
     /// Starts the daemon enforcing `policy_dir` on the router's interfaces
     /// and waits until `/readyz` answers 200.
     pub fn start(lab: &ThreeTier, policy_dir: &Path, log: &Path) -> Result<Self, LabError> {
-        let mut args = vec!["--policy-dir".to_owned(), policy_dir.display().to_string()];
+        Self::start_with(lab, policy_dir, log, &[])
+    }
+
+    /// As [`Daemon::start`], with extra `bulkhead run` arguments.
+    pub fn start_with(lab: &ThreeTier, policy_dir: &Path, log: &Path, extra: &[&str]) -> Result<Self, LabError> {
+        let mut args: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+        args.extend(["--policy-dir".to_owned(), policy_dir.display().to_string()]);
         for interface in lab.router_interfaces() {
             args.push("--interface".to_owned());
             args.push(interface);

@@ -2,7 +2,7 @@
 //! ICMP traffic through the real XDP program between network namespaces.
 //! Needs root; run through `cargo xtask test`.
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use lab::probe::{self, EchoServer, Outcome};
@@ -28,7 +28,7 @@ struct Enforced {
 fn servers(lab: &ThreeTier) -> Vec<EchoServer> {
     lab.hosts
         .iter()
-        .map(|host| EchoServer::start(&host.ns, host.addr, &TCP_PORTS, &UDP_PORTS).expect("echo server"))
+        .map(|host| EchoServer::start(&host.ns, &host.addrs(), &TCP_PORTS, &UDP_PORTS).expect("echo server"))
         .collect()
 }
 
@@ -44,12 +44,12 @@ fn enforced(label: &str, policy: &str) -> Enforced {
 
 impl Enforced {
     fn tcp(&self, from: &str, to: &str, port: u16) -> Outcome {
-        let target = SocketAddrV4::new(self.lab.host(to).addr, port);
+        let target = SocketAddr::new(IpAddr::V4(self.lab.host(to).addr), port);
         probe::tcp(&self.lab.host(from).ns, target).expect("tcp probe")
     }
 
     fn udp(&self, from: &str, to: &str, port: u16) -> Outcome {
-        let target = SocketAddrV4::new(self.lab.host(to).addr, port);
+        let target = SocketAddr::new(IpAddr::V4(self.lab.host(to).addr), port);
         probe::udp(&self.lab.host(from).ns, target).expect("udp probe")
     }
 
@@ -72,10 +72,10 @@ fn without_bulkhead_every_pair_connects() {
     let lab = ThreeTier::new("control").expect("create lab namespaces");
     let _servers = servers(&lab);
     for (from, to, port) in [("logic", "gateway", 8080), ("outsider", "db", 5432), ("gateway", "db", 5432)] {
-        let target = SocketAddrV4::new(lab.host(to).addr, port);
+        let target = SocketAddr::new(IpAddr::V4(lab.host(to).addr), port);
         assert_eq!(probe::tcp(&lab.host(from).ns, target).unwrap(), Outcome::Connected, "{from} -> {to}:{port}");
     }
-    let target = SocketAddrV4::new(lab.host("db").addr, 8125);
+    let target = SocketAddr::new(IpAddr::V4(lab.host("db").addr), 8125);
     assert_eq!(probe::udp(&lab.host("gateway").ns, target).unwrap(), Outcome::Connected);
     assert_eq!(probe::ping(&lab.host("outsider").ns, lab.host("db").addr).unwrap(), Outcome::Connected);
 }
@@ -198,11 +198,16 @@ fn health_ready_and_policy_gauges() {
 fn sigterm_detaches_everything() {
     let mut env = enforced("sigterm", &three_tier_policy());
     assert!(env.lab.any_xdp_attached().unwrap());
+    // The node's own traffic to logic is denied at TC egress while enforcing.
+    let node_to_logic = SocketAddr::new(IpAddr::V4(env.lab.host("logic").addr), 8080);
+    assert_eq!(probe::tcp(&env.lab.router, node_to_logic).unwrap(), Outcome::TimedOut);
     let status = env.daemon.stop().unwrap().expect("daemon exits on SIGTERM");
     assert!(status.success(), "exit status {status}: {}", env.daemon.log_text());
     assert!(!env.lab.any_xdp_attached().unwrap(), "XDP still attached after exit");
-    // With nothing enforcing, the formerly denied path is open again.
+    // With nothing enforcing, the formerly denied paths are open again:
+    // through XDP, and from the node itself through TC egress.
     assert_eq!(env.tcp("outsider", "db", 5432), Outcome::Connected);
+    assert_eq!(probe::tcp(&env.lab.router, node_to_logic).unwrap(), Outcome::Connected);
 }
 
 fn run_once(lab: &ThreeTier, scratch: &ScratchDir, args: &[String]) -> (std::process::ExitStatus, String) {

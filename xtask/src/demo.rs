@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: the three-tier scenario with real connections.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -100,7 +100,7 @@ pub fn demo(binary: &Path, keep: bool) -> anyhow::Result<()> {
     let servers: Vec<EchoServer> = lab
         .hosts
         .iter()
-        .map(|host| EchoServer::start(&host.ns, host.addr, &[22, 5432, 8080], &[8125]))
+        .map(|host| EchoServer::start(&host.ns, &host.addrs(), &[22, 5432, 8080], &[8125]))
         .collect::<Result<_, _>>()?;
     let daemon = Daemon::start(&lab, &policy_dir, &scratch.0.join("bulkhead.log")).context("bulkhead did not start")?;
     println!("demo: bulkhead is enforcing examples/three-tier.yaml on every router interface\n");
@@ -143,16 +143,16 @@ fn probe_table(lab: &ThreeTier, evaluator: &policy::Evaluator<'_>) -> anyhow::Re
         }
         let (src, dst) = (lab.host(from), lab.host(to));
         let decision = evaluator.evaluate(&traffic.packet(src.addr, dst.addr));
-        let expected_allowed = decision.verdict == Verdict::Forward;
-        let expected = match (&decision.verdict, &decision.rule) {
-            (Verdict::Forward, Some(rule)) => format!("allow ({rule})"),
-            (Verdict::Drop(reason), Some(rule)) => format!("drop {} ({rule})", reason.label()),
-            (Verdict::Drop(reason), None) => format!("drop {}", reason.label()),
-            (Verdict::Forward, None) => "allow".to_owned(),
+        let expected_allowed = matches!(decision.verdict, Verdict::Forward | Verdict::Audit(_));
+        let rule = decision.rule.map_or_else(String::new, |rule| format!(" ({rule})"));
+        let expected = match decision.verdict {
+            Verdict::Forward => format!("allow{rule}"),
+            Verdict::Drop(reason) => format!("drop {}{rule}", reason.label()),
+            Verdict::Audit(reason) => format!("audit {}{rule}", reason.label()),
         };
         let outcome = match traffic {
-            Traffic::Tcp(port) => probe::tcp(&src.ns, SocketAddrV4::new(dst.addr, port))?,
-            Traffic::Udp(port) => probe::udp(&src.ns, SocketAddrV4::new(dst.addr, port))?,
+            Traffic::Tcp(port) => probe::tcp(&src.ns, SocketAddr::new(IpAddr::V4(dst.addr), port))?,
+            Traffic::Udp(port) => probe::udp(&src.ns, SocketAddr::new(IpAddr::V4(dst.addr), port))?,
             Traffic::Ping => probe::ping(&src.ns, dst.addr)?,
         };
         let (observed, agrees) = match outcome {

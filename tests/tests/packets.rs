@@ -1,0 +1,675 @@
+//! The packet table: hundreds of crafted frames through the real XDP and TC
+//! programs (`BPF_PROG_TEST_RUN`), each with its expected verdict and
+//! reason, plus truncations of each at every byte boundary, stateful
+//! sequences (conntrack, fragments, ICMP errors, audit), and a differential
+//! test against the reference evaluator. Needs root; run through
+//! `cargo xtask test`.
+
+mod kernel;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use Observed::{Audit, Drop, Ignored, Pass};
+use enforcer_common::DropReason::{self, DefaultDeny, DenyRule, FragmentUnknown, HostSpoofed, Malformed};
+use kernel::{Kernel, Observed};
+use lab::frames::{
+    self, ACK, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Extension, ICMP, ICMPV6, Ipv4, Ipv6, SYN, TCP, UDP,
+    echo, icmp, tcp, udp,
+};
+
+const POLICY: &str = r#"
+apiVersion: bulkhead/v1
+kind: SegmentPolicy
+metadata: {name: table}
+spec:
+  identities:
+    - name: web
+      labels: {tier: web}
+      addresses: ["10.1.0.0/24", "fd00:1::/64"]
+    - name: db
+      labels: {tier: db}
+      addresses: ["10.2.0.10", "fd00:2::10"]
+    - name: bulk
+      addresses: ["10.4.0.10", "fd00:4::10"]
+    - name: sandbox
+      mode: audit
+      addresses: ["10.3.0.0/24", "fd00:3::/64"]
+  rules:
+    - name: web-to-db
+      from: [{identity: web}]
+      to: [{identity: db}]
+      ports: ["tcp", "53/udp", "icmp/echo-request", "icmpv6/echo-request"]
+    - name: no-ssh-to-db
+      action: deny
+      from: [{identity: web}]
+      to: [{identity: db}]
+      ports: ["22/tcp"]
+    - name: web-to-bulk
+      from: [{identity: web}]
+      to: [{identity: bulk}]
+      ports: ["udp"]
+    - name: host-to-db
+      from: [{identity: host}]
+      to: [{identity: db}]
+      ports: ["5432/tcp"]
+    - name: web-to-host
+      from: [{identity: web}]
+      to: [{identity: host}]
+      ports: ["22/tcp"]
+"#;
+
+/// Addresses by role, per family.
+#[derive(Clone, Copy)]
+struct Hosts {
+    web: IpAddr,
+    db: IpAddr,
+    bulk: IpAddr,
+    sandbox: IpAddr,
+    world: IpAddr,
+    host: IpAddr,
+}
+
+const V4: Hosts = Hosts {
+    web: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5)),
+    db: IpAddr::V4(Ipv4Addr::new(10, 2, 0, 10)),
+    bulk: IpAddr::V4(Ipv4Addr::new(10, 4, 0, 10)),
+    sandbox: IpAddr::V4(Ipv4Addr::new(10, 3, 0, 7)),
+    world: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+    host: IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)),
+};
+
+const V6: Hosts = Hosts {
+    web: IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 5)),
+    db: IpAddr::V6(Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x10)),
+    bulk: IpAddr::V6(Ipv6Addr::new(0xfd00, 4, 0, 0, 0, 0, 0, 0x10)),
+    sandbox: IpAddr::V6(Ipv6Addr::new(0xfd00, 3, 0, 0, 0, 0, 0, 7)),
+    world: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+    host: IpAddr::V6(Ipv6Addr::new(0xfd00, 9, 0, 0, 0, 0, 0, 1)),
+};
+
+fn kernel(audit_all: bool) -> Kernel {
+    let mut kernel = Kernel::load(POLICY, audit_all);
+    let hosts: BTreeSet<IpAddr> = [V4.host, V6.host].into_iter().collect();
+    kernel.datapath.set_host_addresses(&hosts).unwrap();
+    kernel
+}
+
+fn is_v4(hosts: &Hosts) -> bool {
+    hosts.web.is_ipv4()
+}
+
+fn echo_request(hosts: &Hosts) -> (u8, u8) {
+    if is_v4(hosts) { (ICMP, 8) } else { (ICMPV6, 128) }
+}
+
+/// How a base packet is wrapped on the wire.
+#[derive(Clone, Copy, Debug)]
+enum Wrapping {
+    Plain,
+    Vlan,
+    QinQ,
+    /// IPv4 options (a 40-byte maximum) or a chain of IPv6 extension headers.
+    Options,
+}
+
+/// Builds a frame from `src` to `dst` with the L4 bytes, wrapped as asked.
+fn frame(src: IpAddr, dst: IpAddr, protocol: u8, l4: Vec<u8>, wrapping: Wrapping) -> Vec<u8> {
+    let (ether_type, l3) = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut packet = Ipv4::new(s, d, protocol, l4);
+            if let Wrapping::Options = wrapping {
+                // Record Route with room for nine addresses, then end of options.
+                let mut options = vec![7, 39, 4];
+                options.resize(39, 0);
+                options.push(0);
+                packet.options = options;
+            }
+            (ETH_P_IPV4, packet.bytes())
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut packet = Ipv6::new(s, d, protocol, l4);
+            if let Wrapping::Options = wrapping {
+                packet.extensions = vec![
+                    Extension::HopByHop,
+                    Extension::DestinationOptions,
+                    Extension::Routing,
+                    Extension::DestinationOptions,
+                ];
+            }
+            (ETH_P_IPV6, packet.bytes())
+        }
+        _ => panic!("mixed families"),
+    };
+    let tags: &[u16] = match wrapping {
+        Wrapping::Vlan => &[ETH_P_8021Q],
+        Wrapping::QinQ => &[ETH_P_8021AD, ETH_P_8021Q],
+        Wrapping::Plain | Wrapping::Options => &[],
+    };
+    frames::ethernet(tags, ether_type, &l3)
+}
+
+/// A named base case: (what, src, dst, protocol, L4 bytes, expected at ingress).
+type Case = (&'static str, IpAddr, IpAddr, u8, Vec<u8>, Observed);
+
+fn base_cases(h: &Hosts) -> Vec<Case> {
+    let (icmp_proto, request) = echo_request(h);
+    let timestamp = if is_v4(h) { 13 } else { 130 };
+    vec![
+        ("allowed tcp", h.web, h.db, TCP, tcp(40000, 5432, SYN), Pass),
+        ("allowed tcp, any port", h.web, h.db, TCP, tcp(40000, 8443, SYN), Pass),
+        ("deny rule beats allow", h.web, h.db, TCP, tcp(40000, 22, SYN), Drop(DenyRule)),
+        ("no rule, reverse direction", h.db, h.web, TCP, tcp(40000, 80, SYN), Drop(DefaultDeny)),
+        ("world to db", h.world, h.db, TCP, tcp(40000, 5432, SYN), Drop(DefaultDeny)),
+        ("allowed udp", h.web, h.db, UDP, udp(40000, 53, b"q"), Pass),
+        ("udp port not allowed", h.web, h.db, UDP, udp(40000, 54, b"q"), Drop(DefaultDeny)),
+        ("udp any port to bulk", h.web, h.bulk, UDP, udp(40000, 9999, b"q"), Pass),
+        ("tcp to bulk not allowed", h.web, h.bulk, TCP, tcp(40000, 9999, SYN), Drop(DefaultDeny)),
+        ("allowed echo request", h.web, h.db, icmp_proto, echo(request, 7), Pass),
+        ("icmp type not allowed", h.web, h.db, icmp_proto, icmp(timestamp, 0, [0; 4], &[0; 12]), Drop(DefaultDeny)),
+        ("audited identity", h.web, h.sandbox, TCP, tcp(40000, 80, SYN), Audit(DefaultDeny)),
+        ("host source at ingress", h.host, h.db, TCP, tcp(40000, 5432, SYN), Drop(HostSpoofed)),
+        ("to the node, allowed", h.web, h.host, TCP, tcp(40000, 22, SYN), Pass),
+        ("to the node, not allowed", h.web, h.host, TCP, tcp(40000, 23, SYN), Drop(DefaultDeny)),
+        ("other protocol", h.web, h.db, 47, vec![0; 8], Drop(DefaultDeny)),
+    ]
+}
+
+/// Bytes of the transport header a verdict needs, for consistent truncations.
+fn l4_header_len(protocol: u8) -> usize {
+    match protocol {
+        TCP => 20,
+        UDP | ICMP | ICMPV6 => 8,
+        _ => 0,
+    }
+}
+
+#[test]
+fn packet_table_every_shape_and_wrapping() {
+    let mut kernel = kernel(false);
+    let mut checked = 0;
+    for hosts in [V4, V6] {
+        for wrapping in [Wrapping::Plain, Wrapping::Vlan, Wrapping::QinQ, Wrapping::Options] {
+            for (what, src, dst, protocol, l4, expected) in base_cases(&hosts) {
+                kernel.datapath.clear_state().unwrap();
+                let frame = frame(src, dst, protocol, l4, wrapping);
+                assert_eq!(kernel.ingress(&frame), expected, "{what} ({src} -> {dst}, {wrapping:?})");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 128, "{checked} cases");
+}
+
+#[test]
+fn every_truncation_is_malformed_never_aborted() {
+    // A frame cut short anywhere past the Ethernet header contradicts its own
+    // IP length field: always `malformed`, whatever the policy would say.
+    let mut kernel = kernel(false);
+    let mut checked = 0;
+    for hosts in [V4, V6] {
+        for wrapping in [Wrapping::Plain, Wrapping::QinQ, Wrapping::Options] {
+            for (what, src, dst, protocol, l4, _) in base_cases(&hosts) {
+                let full = frame(src, dst, protocol, l4, wrapping);
+                for cut in 14..full.len() {
+                    kernel.datapath.clear_state().unwrap();
+                    assert_eq!(kernel.ingress(&full[..cut]), Drop(Malformed), "{what}, {wrapping:?}, cut at {cut}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 1000, "{checked} truncations");
+}
+
+#[test]
+fn consistent_truncations_need_the_whole_transport_header() {
+    // Length fields rewritten to match: the verdict stands once the
+    // transport header is complete, and is `malformed` before that.
+    let mut kernel = kernel(false);
+    for hosts in [V4, V6] {
+        for (what, src, dst, protocol, l4, expected) in base_cases(&hosts) {
+            for keep in 0..=l4.len() {
+                kernel.datapath.clear_state().unwrap();
+                let frame = frames::simple(src, dst, protocol, l4[..keep].to_vec());
+                let want = if keep < l4_header_len(protocol) { Drop(Malformed) } else { expected };
+                assert_eq!(kernel.ingress(&frame), want, "{what}, transport cut to {keep} bytes");
+            }
+        }
+    }
+}
+
+#[test]
+fn malformed_headers() {
+    let mut kernel = kernel(false);
+    let (IpAddr::V4(web), IpAddr::V4(db)) = (V4.web, V4.db) else { unreachable!() };
+    let base = Ipv4::new(web, db, TCP, tcp(1, 5432, SYN));
+    let cases = [
+        ("IHL below 5", Ipv4 { ihl_override: Some(4), ..base.clone() }),
+        ("IHL beyond the packet", Ipv4 { ihl_override: Some(15), ..base.clone() }),
+        ("total length beyond the frame", Ipv4 { total_length_override: Some(200), ..base.clone() }),
+        ("total length shorter than the header", Ipv4 { total_length_override: Some(10), ..base.clone() }),
+    ];
+    for (what, packet) in cases {
+        assert_eq!(kernel.ingress(&frames::v4(&packet)), Drop(Malformed), "{what}");
+    }
+    let mut bad_offset = tcp(1, 5432, SYN);
+    bad_offset[12] = 4 << 4;
+    assert_eq!(kernel.ingress(&frames::simple(V4.web, V4.db, TCP, bad_offset)), Drop(Malformed), "TCP data offset 4");
+
+    let mut version = frames::v4(&base);
+    version[14] = 0x55;
+    assert_eq!(kernel.ingress(&version), Drop(Malformed), "IP version 5");
+
+    let (IpAddr::V6(web6), IpAddr::V6(db6)) = (V6.web, V6.db) else { unreachable!() };
+    let long = Ipv6 { payload_length_override: Some(500), ..Ipv6::new(web6, db6, TCP, tcp(1, 5432, SYN)) };
+    assert_eq!(kernel.ingress(&frames::v6(&long)), Drop(Malformed), "IPv6 payload length beyond the frame");
+    let mut chain = Ipv6::new(web6, db6, TCP, tcp(1, 5432, SYN));
+    chain.extensions = vec![Extension::DestinationOptions; 9];
+    assert_eq!(kernel.ingress(&frames::v6(&chain)), Drop(Malformed), "nine extension headers");
+
+    let tagged = frames::ethernet(&[ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q], ETH_P_IPV4, &base.bytes());
+    assert_eq!(kernel.ingress(&tagged), Drop(Malformed), "three VLAN tags");
+    assert_eq!(kernel.ingress(&frames::arp()), Pass, "ARP passes");
+    let tagged_arp = frames::ethernet(&[ETH_P_8021Q], 0x0806, &frames::arp()[14..]);
+    assert_eq!(kernel.ingress(&tagged_arp), Pass, "tagged ARP passes");
+}
+
+#[test]
+fn tcp_connection_replies_pass_and_reverse_opens_do_not() {
+    let mut kernel = kernel(false);
+    for h in [V4, V6] {
+        kernel.datapath.clear_state().unwrap();
+        let f = |src, dst, l4| frames::simple(src, dst, TCP, l4);
+        assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, SYN))), Pass);
+        assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, SYN | ACK))), Pass, "SYN-ACK reply");
+        assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, ACK))), Pass);
+        assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, ACK))), Pass, "data reply");
+        assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40001, SYN))), Drop(DefaultDeny), "other port");
+        assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(80, 40000, SYN))), Drop(DefaultDeny), "new connection back");
+    }
+}
+
+#[test]
+fn udp_and_echo_replies_pass_only_for_tracked_flows() {
+    let mut kernel = kernel(false);
+    for h in [V4, V6] {
+        kernel.datapath.clear_state().unwrap();
+        let (proto, request) = echo_request(&h);
+        let reply = if is_v4(&h) { 0 } else { 129 };
+        assert_eq!(kernel.ingress(&frames::simple(h.web, h.db, UDP, udp(40000, 53, b"q"))), Pass);
+        assert_eq!(kernel.ingress(&frames::simple(h.db, h.web, UDP, udp(53, 40000, b"a"))), Pass);
+        assert_eq!(kernel.ingress(&frames::simple(h.db, h.web, UDP, udp(53, 40001, b"a"))), Drop(DefaultDeny));
+        assert_eq!(kernel.ingress(&frames::simple(h.web, h.db, proto, echo(request, 99))), Pass);
+        assert_eq!(kernel.ingress(&frames::simple(h.db, h.web, proto, echo(reply, 99))), Pass);
+        assert_eq!(kernel.ingress(&frames::simple(h.db, h.web, proto, echo(reply, 98))), Drop(DefaultDeny));
+        // An echo request the other way is not a reply, even with the same identifier.
+        assert_eq!(kernel.ingress(&frames::simple(h.db, h.web, proto, echo(request, 99))), Drop(DefaultDeny));
+    }
+}
+
+/// The first bytes of `packet` as an ICMP error quotes them.
+fn quote(src: IpAddr, dst: IpAddr, protocol: u8, l4: Vec<u8>) -> Vec<u8> {
+    let full = frames::simple(src, dst, protocol, l4);
+    full[14..].to_vec()
+}
+
+#[test]
+fn icmp_errors_quoting_tracked_flows_pass_as_related() {
+    let mut kernel = kernel(false);
+    for h in [V4, V6] {
+        kernel.datapath.clear_state().unwrap();
+        let (proto, unreachable, too_big) = if is_v4(&h) { (ICMP, 3, 3) } else { (ICMPV6, 1, 2) };
+        let code = if is_v4(&h) { 4 } else { 0 };
+        assert_eq!(kernel.ingress(&frames::simple(h.web, h.db, UDP, udp(40000, 53, b"q"))), Pass);
+        let quoted = quote(h.web, h.db, UDP, udp(40000, 53, b"q"));
+        let error = icmp(unreachable, 3, [0; 4], &quoted);
+        assert_eq!(kernel.ingress(&frames::simple(h.db, h.web, proto, error)), Pass, "port unreachable");
+        // A router on the path (world) reporting the MTU: PMTU discovery must work.
+        let error = icmp(too_big, code, [0, 0, 5, 0], &quoted);
+        assert_eq!(kernel.ingress(&frames::simple(h.world, h.web, proto, error)), Pass, "packet too big");
+        let untracked = quote(h.web, h.db, UDP, udp(40000, 54, b"q"));
+        let error = icmp(unreachable, 3, [0; 4], &untracked);
+        assert_eq!(kernel.ingress(&frames::simple(h.db, h.web, proto, error)), Drop(DefaultDeny), "untracked quote");
+        let error = icmp(unreachable, 3, [0; 4], &quoted[..10]);
+        assert_eq!(kernel.ingress(&frames::simple(h.db, h.web, proto, error)), Drop(DefaultDeny), "short quote");
+    }
+}
+
+fn fragment_v4(h: &Hosts, id: u16, offset: usize, more: bool, protocol: u8, payload: Vec<u8>) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (h.web, h.db) else { unreachable!() };
+    let mut packet = Ipv4::new(s, d, protocol, payload);
+    packet.id = id;
+    packet.fragment_offset = offset;
+    packet.more_fragments = more;
+    frames::v4(&packet)
+}
+
+fn fragment_v6(
+    src: IpAddr,
+    dst: IpAddr,
+    id: u32,
+    offset: usize,
+    more: bool,
+    protocol: u8,
+    payload: Vec<u8>,
+) -> Vec<u8> {
+    let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) else { unreachable!() };
+    let mut packet = Ipv6::new(s, d, protocol, payload);
+    packet.extensions = vec![Extension::HopByHop, Extension::Fragment { offset, more, id }];
+    frames::v6(&packet)
+}
+
+#[test]
+fn later_fragments_share_the_first_fragments_verdict() {
+    let mut kernel = kernel(false);
+    let with_data = |l4: Vec<u8>| {
+        let mut l4 = l4;
+        l4.extend_from_slice(&[0xab; 36]);
+        l4
+    };
+    let h = V4;
+    // Denied datagram: every fragment dropped for the same reason.
+    assert_eq!(kernel.ingress(&fragment_v4(&h, 1, 0, true, TCP, with_data(tcp(1, 22, SYN)))), Drop(DenyRule));
+    assert_eq!(kernel.ingress(&fragment_v4(&h, 1, 56, true, TCP, vec![0; 48])), Drop(DenyRule));
+    assert_eq!(kernel.ingress(&fragment_v4(&h, 1, 104, false, TCP, vec![0; 8])), Drop(DenyRule));
+    // Allowed datagram: every fragment passes.
+    assert_eq!(kernel.ingress(&fragment_v4(&h, 2, 0, true, TCP, with_data(tcp(1, 5432, SYN)))), Pass);
+    assert_eq!(kernel.ingress(&fragment_v4(&h, 2, 56, false, TCP, vec![0; 48])), Pass);
+    // The fragmented reply: its first fragment passes by conntrack, and so must the rest.
+    let reply = |offset, more, payload| {
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (h.db, h.web) else { unreachable!() };
+        let mut packet = Ipv4::new(s, d, TCP, payload);
+        packet.id = 9;
+        packet.fragment_offset = offset;
+        packet.more_fragments = more;
+        frames::v4(&packet)
+    };
+    assert_eq!(kernel.ingress(&reply(0, true, with_data(tcp(5432, 1, SYN | ACK)))), Pass);
+    assert_eq!(kernel.ingress(&reply(56, false, vec![0; 48])), Pass, "reply's later fragment");
+    // A later fragment whose first never came: unknown, unless every port is allowed.
+    assert_eq!(kernel.ingress(&fragment_v4(&h, 3, 56, false, TCP, vec![0; 48])), Drop(FragmentUnknown));
+    let to_bulk = |offset| {
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (h.web, h.bulk) else { unreachable!() };
+        let mut packet = Ipv4::new(s, d, UDP, vec![0; 48]);
+        packet.id = 4;
+        packet.fragment_offset = offset;
+        frames::v4(&packet)
+    };
+    assert_eq!(kernel.ingress(&to_bulk(56)), Pass, "all UDP ports allowed to bulk");
+    // RFC 1858: a fragment overlapping the TCP header, and a first fragment
+    // too small to hold it.
+    assert_eq!(kernel.ingress(&fragment_v4(&h, 2, 8, false, TCP, vec![0; 48])), Drop(Malformed));
+    assert_eq!(kernel.ingress(&fragment_v4(&h, 5, 0, true, TCP, tcp(1, 5432, SYN)[..16].to_vec())), Drop(Malformed));
+
+    let h = V6;
+    let first = |id, port| fragment_v6(h.web, h.db, id, 0, true, TCP, with_data(tcp(1, port, SYN)));
+    let later = |id, offset, more| fragment_v6(h.web, h.db, id, offset, more, TCP, vec![0; 48]);
+    assert_eq!(kernel.ingress(&first(11, 22)), Drop(DenyRule));
+    assert_eq!(kernel.ingress(&later(11, 56, false)), Drop(DenyRule));
+    assert_eq!(kernel.ingress(&first(12, 5432)), Pass);
+    assert_eq!(kernel.ingress(&later(12, 56, false)), Pass);
+    assert_eq!(kernel.ingress(&later(13, 56, false)), Drop(FragmentUnknown));
+    assert_eq!(kernel.ingress(&fragment_v6(h.web, h.bulk, 14, 56, false, UDP, vec![0; 48])), Pass);
+    assert_eq!(kernel.ingress(&later(12, 8, false)), Drop(Malformed), "overlaps the TCP header");
+}
+
+#[test]
+fn egress_judges_only_what_the_node_originates() {
+    let mut kernel = kernel(false);
+    for h in [V4, V6] {
+        kernel.datapath.clear_state().unwrap();
+        let f = |src, dst, port| frames::simple(src, dst, TCP, tcp(40000, port, SYN));
+        assert_eq!(kernel.egress(&f(h.host, h.db, 5432)), Pass, "host-to-db");
+        assert_eq!(kernel.egress(&f(h.host, h.web, 80)), Drop(DefaultDeny), "no rule from host to web");
+        assert_eq!(kernel.egress(&f(h.web, h.db, 22)), Ignored, "forwarded: judged at ingress");
+        // The node answering a connection it accepted at ingress.
+        assert_eq!(kernel.ingress(&f(h.web, h.host, 22)), Pass);
+        let reply = frames::simple(h.host, h.web, TCP, tcp(22, 40000, SYN | ACK));
+        assert_eq!(kernel.egress(&reply), Pass, "the node's reply");
+        // The reply of the node's own connection comes back in at ingress.
+        let back = frames::simple(h.db, h.host, TCP, tcp(5432, 40000, SYN | ACK));
+        assert_eq!(kernel.ingress(&back), Pass, "reply to the node");
+        // A packet entering with the node's connection tuple is not the node's.
+        let spoofed = frames::simple(h.host, h.db, TCP, tcp(40000, 5432, ACK));
+        assert_eq!(kernel.ingress(&spoofed), Drop(HostSpoofed));
+    }
+    assert_eq!(kernel.egress(&frames::arp()), Pass, "the node's ARP");
+}
+
+#[test]
+fn neighbour_discovery_passes_only_as_link_local_plumbing() {
+    let mut kernel = kernel(false);
+    let (IpAddr::V6(world), IpAddr::V6(db)) = (V6.world, V6.db) else { unreachable!() };
+    for nd_type in 133..=137 {
+        let mut packet = Ipv6::new(world, db, ICMPV6, icmp(nd_type, 0, [0; 4], &[0; 16]));
+        packet.hop_limit = 255;
+        assert_eq!(kernel.ingress(&frames::v6(&packet)), Pass, "ND type {nd_type}");
+        packet.hop_limit = 64;
+        assert_eq!(kernel.ingress(&frames::v6(&packet)), Drop(DefaultDeny), "ND type {nd_type} routed");
+    }
+}
+
+#[test]
+fn audit_mode_passes_and_counts_what_would_drop() {
+    let mut kernel = kernel(false);
+    for h in [V4, V6] {
+        kernel.datapath.clear_state().unwrap();
+        let f = |src, dst, l4| frames::simple(src, dst, TCP, l4);
+        assert_eq!(kernel.ingress(&f(h.web, h.sandbox, tcp(40000, 80, SYN))), Audit(DefaultDeny));
+        assert_eq!(kernel.ingress(&f(h.sandbox, h.web, tcp(80, 40000, SYN | ACK))), Pass, "reply of an audited flow");
+        assert_eq!(
+            kernel.ingress(&f(h.web, h.sandbox, tcp(40000, 80, ACK))),
+            Audit(DefaultDeny),
+            "every packet counted"
+        );
+        assert_eq!(
+            kernel.ingress(&f(h.sandbox, h.web, tcp(80, 40001, SYN))),
+            Drop(DefaultDeny),
+            "audit is towards sandbox only"
+        );
+    }
+    let mut audit_all = self::kernel(true);
+    let f = |src, dst, port| frames::simple(src, dst, TCP, tcp(40000, port, SYN));
+    assert_eq!(audit_all.ingress(&f(V4.db, V4.web, 80)), Audit(DefaultDeny));
+    assert_eq!(audit_all.ingress(&f(V4.web, V4.db, 22)), Audit(DenyRule));
+    assert_eq!(audit_all.ingress(&f(V4.web, V4.db, 5432)), Pass);
+    assert_eq!(audit_all.ingress(&f(V4.host, V4.db, 5432)), Drop(HostSpoofed), "spoofing is never audited");
+    let mut short = f(V4.web, V4.db, 5432);
+    short.truncate(40);
+    assert_eq!(audit_all.ingress(&short), Drop(Malformed), "malformed is never audited");
+}
+
+#[test]
+fn a_new_policy_generation_reaches_live_flows() {
+    let mut kernel = kernel(false);
+    let h = V4;
+    let f = |src, dst, l4| frames::simple(src, dst, TCP, l4);
+    assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, SYN))), Pass);
+    assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, SYN | ACK))), Pass);
+    // Revoke web-to-db (generation 2): the next originator packet is judged again.
+    let revoked = POLICY.replace("ports: [\"tcp\", \"53/udp\"", "ports: [\"8443/tcp\", \"53/udp\"");
+    let parsed = policy::parse_str("revoked.yaml", &revoked).unwrap();
+    kernel.datapath.apply(&policy::compile(&parsed), 2, false).unwrap();
+    assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, ACK))), Drop(DefaultDeny));
+    assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, ACK))), Drop(DefaultDeny), "replies stop too");
+}
+
+// ---- differential test against the reference evaluator ---------------------
+
+mod differential {
+    use std::fmt::Write as _;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const IDENTITIES: [(&str, &str); 4] = [
+        ("a", "[\"10.10.0.0/16\", \"fd10::/32\"]"),
+        ("b", "[\"10.20.0.5\", \"fd20::5\"]"),
+        ("c", "[\"10.30.1.0/24\"]"),
+        ("d", "[\"10.40.0.0/24\", \"10.40.1.7\"]"),
+    ];
+    const ADDRESSES: [&str; 12] = [
+        "10.10.3.4",
+        "10.20.0.5",
+        "10.30.1.9",
+        "10.40.0.1",
+        "10.40.1.7",
+        "192.0.2.9",
+        "10.9.0.1",
+        "fd10::1",
+        "fd20::5",
+        "2001:db8::1",
+        "fd09::1",
+        "10.20.0.6",
+    ];
+    const HOST: [&str; 2] = ["10.9.0.1", "fd09::1"];
+    const PEERS: [&str; 8] = [
+        "{identity: a}",
+        "{identity: b}",
+        "{identity: c}",
+        "{identity: world}",
+        "{identity: host}",
+        "{labels: {tier: front}}",
+        "{cidr: \"10.0.0.0/8\", except: [\"10.20.0.0/16\"]}",
+        "{cidr: \"fd00::/8\"}",
+    ];
+    const PORTS: [&str; 9] = [
+        "\"tcp\"",
+        "\"udp\"",
+        "\"80/tcp\"",
+        "\"1-1024/tcp\"",
+        "\"53/udp\"",
+        "\"icmp\"",
+        "\"icmpv6/echo-request\"",
+        "\"icmp/echo-request\"",
+        "\"1000-2000/udp\"",
+    ];
+
+    fn policy_text(audit_c: bool, rules: &[(bool, usize, usize, Option<usize>)]) -> String {
+        let mut text = String::from(
+            "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: generated}\nspec:\n  identities:\n",
+        );
+        for (i, (name, addresses)) in IDENTITIES.iter().enumerate() {
+            let mode = if audit_c && *name == "c" { ", mode: audit" } else { "" };
+            let tier = if i % 2 == 0 { "front" } else { "back" };
+            writeln!(text, "    - {{name: {name}, labels: {{tier: {tier}}}, addresses: {addresses}{mode}}}").unwrap();
+        }
+        text += "  rules:\n";
+        for (i, (deny, from, to, ports)) in rules.iter().enumerate() {
+            let action = if *deny { "deny" } else { "allow" };
+            let ports = ports.map_or(String::new(), |p| format!(", ports: [{}]", PORTS[p]));
+            writeln!(
+                text,
+                "    - {{name: r{}, action: {action}, from: [{}], to: [{}]{ports}}}",
+                (i * 5) % 7,
+                PEERS[*from],
+                PEERS[*to]
+            )
+            .unwrap();
+        }
+        text
+    }
+
+    /// One loaded program for all cases: loading and verifying it per case
+    /// would dominate the run. Each case gets a new generation and a clean slate.
+    static KERNEL: std::sync::Mutex<Option<(Kernel, u32)>> = std::sync::Mutex::new(None);
+
+    #[derive(Debug, Clone, Copy)]
+    enum Probe {
+        Tcp(u16, u16),
+        Udp(u16, u16),
+        EchoRequest(u16),
+        EchoReply(u16),
+    }
+
+    fn probe_strategy() -> impl Strategy<Value = (usize, usize, Probe)> {
+        let port = prop_oneof![Just(53u16), Just(80), Just(1500), Just(4000), 1..3000u16];
+        let probe = prop_oneof![
+            (port.clone(), port.clone()).prop_map(|(s, d)| Probe::Tcp(s, d)),
+            (port.clone(), port).prop_map(|(s, d)| Probe::Udp(s, d)),
+            (1..4u16).prop_map(Probe::EchoRequest),
+            (1..4u16).prop_map(Probe::EchoReply),
+        ];
+        (0..ADDRESSES.len(), 0..ADDRESSES.len(), probe)
+    }
+
+    /// The frame, the evaluator's packet, and the conntrack keys (own tuple, reply tuple).
+    fn build(src: IpAddr, dst: IpAddr, probe: Probe) -> (Vec<u8>, policy::Packet, (String, String)) {
+        let v4 = src.is_ipv4();
+        let (icmp_proto, request, reply) = if v4 { (ICMP, 8u8, 0u8) } else { (ICMPV6, 128, 129) };
+        let (protocol, l4, port, own, back) = match probe {
+            Probe::Tcp(s, d) => (TCP, tcp(s, d, SYN), d, format!("t{src}{s}{dst}{d}"), format!("t{dst}{d}{src}{s}")),
+            Probe::Udp(s, d) => (UDP, udp(s, d, b"x"), d, format!("u{src}{s}{dst}{d}"), format!("u{dst}{d}{src}{s}")),
+            Probe::EchoRequest(id) => (
+                icmp_proto,
+                echo(request, id),
+                u16::from(request) << 8,
+                format!("q{src}{dst}{id}"),
+                format!("r{dst}{src}{id}"),
+            ),
+            Probe::EchoReply(id) => {
+                (icmp_proto, echo(reply, id), u16::from(reply) << 8, format!("r{src}{dst}{id}"), String::from("-"))
+            }
+        };
+        (frames::simple(src, dst, protocol, l4), policy::Packet { src, dst, protocol, port }, (own, back))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn kernel_agrees_with_the_reference_evaluator(
+            rules in proptest::collection::vec((proptest::bool::weighted(0.3), 0..PEERS.len(), 0..PEERS.len(), proptest::option::of(0..PORTS.len())), 0..7),
+            audit_c in any::<bool>(),
+            audit_all in proptest::bool::weighted(0.15),
+            probes in proptest::collection::vec(probe_strategy(), 1..24),
+        ) {
+            let text = policy_text(audit_c, &rules);
+            let parsed = policy::parse_str("generated.yaml", &text).expect("generated policies are valid");
+            let mut guard = KERNEL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (kernel, generation) = guard.get_or_insert_with(|| (Kernel::load(POLICY, false), 1));
+            *generation += 1;
+            kernel.datapath.apply(&policy::compile(&parsed), *generation, audit_all).unwrap();
+            kernel.datapath.clear_state().unwrap();
+            let hosts: BTreeSet<IpAddr> = HOST.iter().map(|a| a.parse().unwrap()).collect();
+            kernel.datapath.set_host_addresses(&hosts).unwrap();
+            let evaluator = policy::Evaluator::new(&parsed).with_host_addresses(hosts.iter().copied()).with_audit(audit_all);
+            // Conntrack model: tuples whose packets pass as replies.
+            let mut replies: BTreeSet<String> = BTreeSet::new();
+            for (s, d, probe) in probes {
+                let (src, dst): (IpAddr, IpAddr) = (ADDRESSES[s].parse().unwrap(), ADDRESSES[d].parse().unwrap());
+                if src.is_ipv4() != dst.is_ipv4() {
+                    continue;
+                }
+                let (frame, packet, (own, back)) = build(src, dst, probe);
+                let expected = if hosts.contains(&src) {
+                    Drop(HostSpoofed)
+                } else if replies.contains(&own) {
+                    Pass
+                } else {
+                    match evaluator.evaluate(&packet).verdict {
+                        policy::Verdict::Forward => Pass,
+                        policy::Verdict::Drop(reason) => Drop(reason),
+                        policy::Verdict::Audit(reason) => Audit(reason),
+                    }
+                };
+                let observed = kernel.ingress(&frame);
+                prop_assert_eq!(observed, expected, "{:?} {} -> {}\n{}", probe, src, dst, text);
+                let trackable = !matches!(probe, Probe::EchoReply(_));
+                if trackable && matches!(observed, Pass | Audit(_)) && !replies.contains(&own) {
+                    replies.insert(back);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn drop_reason_labels_are_stable() {
+        // The differential test compares reasons by value; their labels are
+        // a public contract too.
+        let labels: Vec<&str> = DropReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels, ["default_deny", "deny_rule", "malformed", "fragment_unknown", "host_spoofed"]);
+    }
+}
