@@ -321,6 +321,7 @@ pub const CONFIG_INDEX: u32 = 0;
 pub struct Config {
     /// Bumped by the daemon on every policy change; flows admitted under an
     /// older generation are judged again by the policy on their next packet.
+    /// Its parity selects the map slot holding that generation ([`slot_of`]).
     pub policy_generation: u32,
     /// `CONFIG_FLAG_*` bits.
     pub flags: u32,
@@ -343,13 +344,23 @@ pub mod timeouts {
     pub const FRAGMENT_NS: u64 = 30 * 1_000_000_000;
 }
 
-/// Map names, shared so the daemon never misspells one.
+/// Which of the two policy slots a generation lives in. The daemon writes a
+/// new generation into the slot the kernel is not reading, then publishes
+/// it with one 4-byte write of the generation: identities and policy switch
+/// together, so no packet is judged by a mix of two policies.
+#[must_use]
+pub const fn slot_of(generation: u32) -> usize {
+    (generation & 1) as usize
+}
+
+/// Map names, shared so the daemon never misspells one. Maps that a verdict
+/// depends on come in two slots (see [`slot_of`]).
 pub mod maps {
-    pub const IDENTITY_V4_EXACT: &str = "IDENTITY_V4_EXACT";
-    pub const IDENTITY_V4_PREFIX: &str = "IDENTITY_V4_PREFIX";
-    pub const IDENTITY_V6_EXACT: &str = "IDENTITY_V6_EXACT";
-    pub const IDENTITY_V6_PREFIX: &str = "IDENTITY_V6_PREFIX";
-    pub const POLICY: &str = "POLICY";
+    pub const IDENTITY_V4_EXACT: [&str; 2] = ["IDENTITY_V4_EXACT_0", "IDENTITY_V4_EXACT_1"];
+    pub const IDENTITY_V4_PREFIX: [&str; 2] = ["IDENTITY_V4_PREFIX_0", "IDENTITY_V4_PREFIX_1"];
+    pub const IDENTITY_V6_EXACT: [&str; 2] = ["IDENTITY_V6_EXACT_0", "IDENTITY_V6_EXACT_1"];
+    pub const IDENTITY_V6_PREFIX: [&str; 2] = ["IDENTITY_V6_PREFIX_0", "IDENTITY_V6_PREFIX_1"];
+    pub const POLICY: [&str; 2] = ["POLICY_0", "POLICY_1"];
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const CONFIG: &str = "CONFIG";
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";

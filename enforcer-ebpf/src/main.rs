@@ -28,7 +28,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{classifier, xdp};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityValue,
+    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityValue, slot_of,
 };
 
 use crate::parse::{Fragment, Frame, Kind, Packet, Parsed};
@@ -138,7 +138,8 @@ fn judge_ip(packet: &Packet, direction: Direction, now: u64) -> Verdict {
             conntrack::Hit::Miss => {}
         }
     }
-    let src = identity::lookup(packet.flow.family, &packet.flow.src_addr);
+    let slot = slot_of(config.policy_generation);
+    let src = identity::lookup(slot, packet.flow.family, &packet.flow.src_addr);
     match direction {
         Direction::Ingress if src.id == IDENTITY_HOST => {
             return Verdict::Drop(DropReason::HostSpoofed);
@@ -153,14 +154,14 @@ fn judge_ip(packet: &Packet, direction: Direction, now: u64) -> Verdict {
         }
         _ => {}
     }
-    let dst = identity::lookup(packet.flow.family, &packet.flow.dst_addr);
+    let dst = identity::lookup(slot, packet.flow.family, &packet.flow.dst_addr);
     let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
 
     if let Fragment::Later(id) = packet.fragment {
         if let Some(verdict) = fragments::recall(packet, id, now) {
             return verdict;
         }
-        return match policy::decide_any_port(src.id, dst.id, packet.flow.protocol) {
+        return match policy::decide_any_port(slot, src.id, dst.id, packet.flow.protocol) {
             policy::Outcome::Allow { .. } => Verdict::Pass,
             policy::Outcome::Deny(reason) => audited(reason, audit),
         };
@@ -187,7 +188,7 @@ fn decide(
     let reply_hook = if dst.id == IDENTITY_HOST { Direction::Egress } else { Direction::Ingress };
     let hooks = (direction, reply_hook);
     let trackable = packet.kind == Kind::Trackable;
-    match policy::decide(src.id, dst.id, packet.flow.protocol, packet.policy_port) {
+    match policy::decide(slot_of(generation), src.id, dst.id, packet.flow.protocol, packet.policy_port) {
         policy::Outcome::Allow { rule_index } => {
             if trackable {
                 conntrack::admit(packet, hooks, generation, rule_index, None, now);

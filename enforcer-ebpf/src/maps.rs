@@ -8,25 +8,38 @@ use enforcer_common::{
     PolicyKeyData, PolicyValue,
 };
 
+// The identity and policy maps come in two slots: the daemon fills the slot
+// the kernel is not reading and flips `CONFIG` (see `enforcer_common::slot_of`).
+
 /// Single addresses (/32): one hash lookup answers most identity queries.
 #[map]
-pub static IDENTITY_V4_EXACT: HashMap<[u8; 4], IdentityValue> = HashMap::with_max_entries(131_072, 0);
+pub static IDENTITY_V4_EXACT_0: HashMap<[u8; 4], IdentityValue> = HashMap::with_max_entries(131_072, 0);
+#[map]
+pub static IDENTITY_V4_EXACT_1: HashMap<[u8; 4], IdentityValue> = HashMap::with_max_entries(131_072, 0);
 
 /// Real prefixes only; consulted when the exact lookup misses.
 #[map]
-pub static IDENTITY_V4_PREFIX: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
+pub static IDENTITY_V4_PREFIX_0: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
+#[map]
+pub static IDENTITY_V4_PREFIX_1: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
 
 /// Single addresses (/128).
 #[map]
-pub static IDENTITY_V6_EXACT: HashMap<[u8; 16], IdentityValue> = HashMap::with_max_entries(131_072, 0);
+pub static IDENTITY_V6_EXACT_0: HashMap<[u8; 16], IdentityValue> = HashMap::with_max_entries(131_072, 0);
+#[map]
+pub static IDENTITY_V6_EXACT_1: HashMap<[u8; 16], IdentityValue> = HashMap::with_max_entries(131_072, 0);
 
 /// Real IPv6 prefixes.
 #[map]
-pub static IDENTITY_V6_PREFIX: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
+pub static IDENTITY_V6_PREFIX_0: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
+#[map]
+pub static IDENTITY_V6_PREFIX_1: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
 
 /// (source identity, destination identity, protocol, port) → verdict.
 #[map]
-pub static POLICY: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::with_max_entries(524_288, 0);
+pub static POLICY_0: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::with_max_entries(524_288, 0);
+#[map]
+pub static POLICY_1: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::with_max_entries(524_288, 0);
 
 /// Connection tracking, one entry per direction of a connection.
 #[map]

@@ -8,7 +8,15 @@ use enforcer_common::{
     ACTION_ALLOW, DropReason, IdentityId, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_MAX_PREFIX, PolicyKeyData,
 };
 
-use crate::maps::POLICY;
+use aya_ebpf::maps::LpmTrie;
+use enforcer_common::PolicyValue;
+
+use crate::maps::{POLICY_0, POLICY_1};
+
+#[inline(always)]
+fn trie(slot: usize) -> &'static LpmTrie<PolicyKeyData, PolicyValue> {
+    if slot == 0 { &POLICY_0 } else { &POLICY_1 }
+}
 
 pub enum Outcome {
     Allow { rule_index: u32 },
@@ -16,9 +24,9 @@ pub enum Outcome {
 }
 
 #[inline(always)]
-pub fn decide(src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Outcome {
+pub fn decide(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Outcome {
     let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(src, dst, protocol, port));
-    match POLICY.get(&key) {
+    match trie(slot).get(&key) {
         None => Outcome::Deny(DropReason::DefaultDeny),
         Some(value) if value.action == ACTION_ALLOW => Outcome::Allow { rule_index: value.rule_index },
         Some(_) => Outcome::Deny(DropReason::DenyRule),
@@ -28,9 +36,9 @@ pub fn decide(src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Outc
 /// For a later fragment whose ports are unknown: allowed only if the pair
 /// is allowed on every port of the protocol.
 #[inline(always)]
-pub fn decide_any_port(src: IdentityId, dst: IdentityId, protocol: u8) -> Outcome {
+pub fn decide_any_port(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8) -> Outcome {
     let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(src, dst, protocol, 0));
-    match POLICY.get(&key) {
+    match trie(slot).get(&key) {
         Some(value) if value.action == ACTION_ALLOW && value.flags & POLICY_FLAG_WHOLE_PROTOCOL != 0 => {
             Outcome::Allow { rule_index: value.rule_index }
         }

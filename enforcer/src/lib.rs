@@ -5,4 +5,4 @@ pub mod datapath;
 pub mod host;
 pub mod metrics;
 pub mod server;
-mod testrun;
+pub mod testrun;

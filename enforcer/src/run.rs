@@ -93,7 +93,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let compiled = policy::compile(&policy);
     let mut datapath = Datapath::load()?;
     datapath.set_host_addresses(&enforcer::host::addresses().context("listing the node's addresses failed")?)?;
-    datapath.apply(&compiled, 1, args.audit)?;
+    let generation = datapath.apply(&compiled, args.audit)?;
     for interface in &args.interfaces {
         // On error `datapath` is dropped, which detaches what was attached.
         datapath.attach(interface)?;
@@ -110,7 +110,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     let shared = Shared::new();
     *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) =
-        PolicyStats { identities: policy.identities.len(), rules: policy.rules.len(), generation: 1, load_errors: 0 };
+        PolicyStats { identities: policy.identities.len(), rules: policy.rules.len(), generation, load_errors: 0 };
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
 
     let (resync_tx, resync_rx) = mpsc::channel::<Resync>();
@@ -197,9 +197,8 @@ fn maintain(shared: &Shared, dir: &PathBuf, mut last_seen: Vec<Source>, audit: b
         match parsed {
             Ok((sources, policy)) => {
                 let compiled = policy::compile(&policy);
-                let generation = stats.generation.wrapping_add(1);
-                match datapath.apply(&compiled, generation, audit) {
-                    Ok(()) => {
+                match datapath.apply(&compiled, audit) {
+                    Ok(generation) => {
                         log::info!(
                             "applied policy generation {generation}: {} identities, {} rules",
                             policy.identities.len(),

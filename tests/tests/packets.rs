@@ -490,7 +490,7 @@ fn a_new_policy_generation_reaches_live_flows() {
     // Revoke web-to-db (generation 2): the next originator packet is judged again.
     let revoked = POLICY.replace("ports: [\"tcp\", \"53/udp\"", "ports: [\"8443/tcp\", \"53/udp\"");
     let parsed = policy::parse_str("revoked.yaml", &revoked).unwrap();
-    kernel.datapath.apply(&policy::compile(&parsed), 2, false).unwrap();
+    assert_eq!(kernel.datapath.apply(&policy::compile(&parsed), false).unwrap(), 2);
     assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, ACK))), Drop(DefaultDeny));
     assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, ACK))), Drop(DefaultDeny), "replies stop too");
 }
@@ -574,7 +574,7 @@ mod differential {
 
     /// One loaded program for all cases: loading and verifying it per case
     /// would dominate the run. Each case gets a new generation and a clean slate.
-    static KERNEL: std::sync::Mutex<Option<(Kernel, u32)>> = std::sync::Mutex::new(None);
+    static KERNEL: std::sync::Mutex<Option<Kernel>> = std::sync::Mutex::new(None);
 
     #[derive(Debug, Clone, Copy)]
     enum Probe {
@@ -629,9 +629,8 @@ mod differential {
             let text = policy_text(audit_c, &rules);
             let parsed = policy::parse_str("generated.yaml", &text).expect("generated policies are valid");
             let mut guard = KERNEL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (kernel, generation) = guard.get_or_insert_with(|| (Kernel::load(POLICY, false), 1));
-            *generation += 1;
-            kernel.datapath.apply(&policy::compile(&parsed), *generation, audit_all).unwrap();
+            let kernel = guard.get_or_insert_with(|| Kernel::load(POLICY, false));
+            kernel.datapath.apply(&policy::compile(&parsed), audit_all).unwrap();
             kernel.datapath.clear_state().unwrap();
             let hosts: BTreeSet<IpAddr> = HOST.iter().map(|a| a.parse().unwrap()).collect();
             kernel.datapath.set_host_addresses(&hosts).unwrap();

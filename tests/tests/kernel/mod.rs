@@ -28,7 +28,7 @@ impl Kernel {
     pub fn load(policy_yaml: &str, audit_all: bool) -> Self {
         let parsed = policy::parse_str("table.yaml", policy_yaml).expect("test policy is valid");
         let mut datapath = Datapath::load().expect("load the eBPF programs (needs root)");
-        datapath.apply(&policy::compile(&parsed), 1, audit_all).expect("apply policy");
+        datapath.apply(&policy::compile(&parsed), audit_all).expect("apply policy");
         Self { datapath }
     }
 
