@@ -132,14 +132,42 @@ pub struct IdentityValue {
 }
 const _: () = assert!(core::mem::size_of::<IdentityValue>() == 8);
 
+/// Key of the exact IPv4 identity map: the policy slot, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdentityKeyV4 {
+    pub slot: u32,
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<IdentityKeyV4>() == 8);
+
+/// Key of the exact IPv6 identity map: the policy slot, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdentityKeyV6 {
+    pub slot: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<IdentityKeyV6>() == 20);
+
+/// Data of the IPv4 identity prefix trie key: slot byte, then the address.
+pub type IdentityPrefixV4 = [u8; 5];
+/// Data of the IPv6 identity prefix trie key: slot byte, then the address.
+pub type IdentityPrefixV6 = [u8; 17];
+/// Bits of the slot byte that lead every trie key.
+pub const SLOT_BITS: u32 = 8;
+
 /// Data part of the policy trie key. The trie matches it most significant bit
 /// first, so the fields are ordered from always-exact to possibly-wildcarded:
-/// both identities are always matched in full (64 bits), then the protocol and
-/// port together form a 24-bit space in which the compiler places aligned
-/// prefixes, so one lookup resolves any port range or protocol wildcard.
+/// the slot and both identities are always matched in full (72 bits), then
+/// the protocol and port together form a 24-bit space in which the compiler
+/// places aligned prefixes, so one lookup resolves any port range or
+/// protocol wildcard.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyKeyData {
+    /// The policy slot (see [`slot_of`]).
+    pub slot: u8,
     /// Source identity, big-endian bytes.
     pub src_identity: [u8; 4],
     /// Destination identity, big-endian bytes.
@@ -148,25 +176,23 @@ pub struct PolicyKeyData {
     pub protocol: u8,
     /// Destination port (TCP/UDP) or ICMP `type << 8 | code`, big-endian.
     pub port: [u8; 2],
-    /// Never matched: prefixes stop at [`POLICY_KEY_MAX_PREFIX`].
-    pub padding: u8,
 }
 const _: () = assert!(core::mem::size_of::<PolicyKeyData>() == 12);
 
-/// Prefix length covering both identities.
-pub const POLICY_KEY_IDENTITY_BITS: u32 = 64;
-/// Prefix length covering identities, protocol and port.
+/// Prefix length covering the slot and both identities.
+pub const POLICY_KEY_IDENTITY_BITS: u32 = SLOT_BITS + 64;
+/// Prefix length covering slot, identities, protocol and port.
 pub const POLICY_KEY_MAX_PREFIX: u32 = POLICY_KEY_IDENTITY_BITS + 24;
 
 impl PolicyKeyData {
     #[must_use]
-    pub const fn new(src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Self {
+    pub const fn new(slot: u8, src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Self {
         Self {
+            slot,
             src_identity: src.to_be_bytes(),
             dst_identity: dst.to_be_bytes(),
             protocol,
             port: port.to_be_bytes(),
-            padding: 0,
         }
     }
 }
@@ -344,27 +370,58 @@ pub mod timeouts {
     pub const FRAGMENT_NS: u64 = 30 * 1_000_000_000;
 }
 
-/// Which of the two policy slots a generation lives in. The daemon writes a
-/// new generation into the slot the kernel is not reading, then publishes
-/// it with one 4-byte write of the generation: identities and policy switch
+/// Which of the two policy slots a generation lives in. Every identity and
+/// policy key starts with its slot; the daemon writes a new generation's
+/// entries under the slot the kernel is not reading, then publishes it with
+/// one 4-byte write of the generation: identities and policy switch
 /// together, so no packet is judged by a mix of two policies.
 #[must_use]
 pub const fn slot_of(generation: u32) -> usize {
     (generation & 1) as usize
 }
 
-/// Map names, shared so the daemon never misspells one. Maps that a verdict
-/// depends on come in two slots (see [`slot_of`]).
+/// Rules a policy may have: the size of the per-rule verdict counters.
+pub const MAX_RULES: u32 = 65_536;
+
+/// A state-table insert the kernel could not make. Append-only: the
+/// discriminant indexes the error counter and names the `map` label.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StateError {
+    /// A connection could not be tracked; its replies will be judged by policy.
+    Conntrack = 0,
+    /// A first fragment's verdict could not be remembered; its later
+    /// fragments will be judged as orphans.
+    Fragments = 1,
+}
+
+impl StateError {
+    pub const COUNT: u32 = 2;
+    pub const ALL: [StateError; Self::COUNT as usize] = [StateError::Conntrack, StateError::Fragments];
+
+    /// The Prometheus `map` label.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            StateError::Conntrack => "conntrack",
+            StateError::Fragments => "fragments",
+        }
+    }
+}
+
+/// Map names, shared so the daemon never misspells one.
 pub mod maps {
-    pub const IDENTITY_V4_EXACT: [&str; 2] = ["IDENTITY_V4_EXACT_0", "IDENTITY_V4_EXACT_1"];
-    pub const IDENTITY_V4_PREFIX: [&str; 2] = ["IDENTITY_V4_PREFIX_0", "IDENTITY_V4_PREFIX_1"];
-    pub const IDENTITY_V6_EXACT: [&str; 2] = ["IDENTITY_V6_EXACT_0", "IDENTITY_V6_EXACT_1"];
-    pub const IDENTITY_V6_PREFIX: [&str; 2] = ["IDENTITY_V6_PREFIX_0", "IDENTITY_V6_PREFIX_1"];
-    pub const POLICY: [&str; 2] = ["POLICY_0", "POLICY_1"];
+    pub const IDENTITY_V4_EXACT: &str = "IDENTITY_V4_EXACT";
+    pub const IDENTITY_V4_PREFIX: &str = "IDENTITY_V4_PREFIX";
+    pub const IDENTITY_V6_EXACT: &str = "IDENTITY_V6_EXACT";
+    pub const IDENTITY_V6_PREFIX: &str = "IDENTITY_V6_PREFIX";
+    pub const POLICY: &str = "POLICY";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const CONFIG: &str = "CONFIG";
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
     pub const AUDIT_COUNTERS: &str = "AUDIT_COUNTERS";
+    pub const RULE_VERDICTS: &str = "RULE_VERDICTS";
+    pub const STATE_ERRORS: &str = "STATE_ERRORS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
 }
@@ -376,6 +433,8 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::IdentityValue {}
     unsafe impl aya::Pod for super::PolicyKeyData {}
+    unsafe impl aya::Pod for super::IdentityKeyV4 {}
+    unsafe impl aya::Pod for super::IdentityKeyV6 {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}

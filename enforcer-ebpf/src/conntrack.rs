@@ -5,7 +5,7 @@
 //! generation changes, which is how a revoked rule reaches live flows.
 
 use enforcer_common::{
-    Direction, DropReason, FLOW_ORIGINAL, FLOW_REPLY, FlowKey, FlowValue, NO_AUDIT, TCP_STATE_CLOSING,
+    Direction, DropReason, FLOW_ORIGINAL, FLOW_REPLY, FlowKey, FlowValue, NO_AUDIT, StateError, TCP_STATE_CLOSING,
     TCP_STATE_ESTABLISHED, TCP_STATE_OPENING, timeouts,
 };
 
@@ -134,9 +134,13 @@ pub fn admit(
     let reply = FlowValue { direction: FLOW_REPLY, audit_reason: NO_AUDIT, hook: hooks.1 as u32, ..original };
     // An LRU map evicts instead of failing when full; an insert can still
     // fail under memory pressure, and then the packet itself still passes
-    // (the policy allowed it) but its replies will be judged by policy.
-    let _ = CONNTRACK.insert(packet.flow, original, 0);
-    let _ = CONNTRACK.insert(packet.flow.reversed(), reply, 0);
+    // (the policy allowed it) but its replies will be judged by policy:
+    // counted, so it is never silent.
+    if CONNTRACK.insert(packet.flow, original, 0).is_err()
+        || CONNTRACK.insert(packet.flow.reversed(), reply, 0).is_err()
+    {
+        crate::metrics::count_state_error(StateError::Conntrack);
+    }
 }
 
 /// Forgets a connection whose originator the policy no longer allows.

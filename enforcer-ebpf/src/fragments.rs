@@ -2,7 +2,9 @@
 //! packet; its verdict is remembered so the datagram's later fragments,
 //! which carry no ports, get the same one.
 
-use enforcer_common::{DropReason, FRAGMENT_AUDIT, FRAGMENT_DROP, FRAGMENT_PASS, FragmentKey, FragmentValue, timeouts};
+use enforcer_common::{
+    DropReason, FRAGMENT_AUDIT, FRAGMENT_DROP, FRAGMENT_PASS, FragmentKey, FragmentValue, StateError, timeouts,
+};
 
 use crate::Verdict;
 use crate::maps::FRAGMENTS;
@@ -29,7 +31,9 @@ pub fn remember(packet: &Packet, id: u32, verdict: Verdict, now: u64) {
         Verdict::Pass | Verdict::Ignore => (FRAGMENT_PASS, 0),
     };
     let value = FragmentValue { seen_ns: now, verdict, reason };
-    let _ = FRAGMENTS.insert(key(packet, id), value, 0);
+    if FRAGMENTS.insert(key(packet, id), value, 0).is_err() {
+        crate::metrics::count_state_error(StateError::Fragments);
+    }
 }
 
 /// The verdict of a later fragment's first fragment, if it was seen recently.

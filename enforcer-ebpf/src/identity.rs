@@ -1,16 +1,15 @@
 //! Address → identity: an exact hash lookup first (most identities are
 //! single addresses, and the node's own addresses are always exact), the
 //! prefix trie only when that misses, and the reserved `world` identity
-//! when both miss. Reads the map slot of the packet's policy generation.
+//! when both miss. Keys carry the policy slot of the packet's generation.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{HashMap, LpmTrie};
-use enforcer_common::{FAMILY_IPV4, IDENTITY_WORLD, IdentityValue};
-
-use crate::maps::{
-    IDENTITY_V4_EXACT_0, IDENTITY_V4_EXACT_1, IDENTITY_V4_PREFIX_0, IDENTITY_V4_PREFIX_1, IDENTITY_V6_EXACT_0,
-    IDENTITY_V6_EXACT_1, IDENTITY_V6_PREFIX_0, IDENTITY_V6_PREFIX_1,
+use enforcer_common::{
+    FAMILY_IPV4, IDENTITY_WORLD, IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue,
+    SLOT_BITS,
 };
+
+use crate::maps::{IDENTITY_V4_EXACT, IDENTITY_V4_PREFIX, IDENTITY_V6_EXACT, IDENTITY_V6_PREFIX};
 
 const WORLD: IdentityValue = IdentityValue { id: IDENTITY_WORLD, flags: 0 };
 
@@ -18,27 +17,20 @@ const WORLD: IdentityValue = IdentityValue { id: IDENTITY_WORLD, flags: 0 };
 pub fn lookup(slot: usize, family: u8, addr: &[u8; 16]) -> IdentityValue {
     if family == FAMILY_IPV4 {
         let v4 = [addr[0], addr[1], addr[2], addr[3]];
-        if slot == 0 {
-            lookup_in(&IDENTITY_V4_EXACT_0, &IDENTITY_V4_PREFIX_0, v4)
-        } else {
-            lookup_in(&IDENTITY_V4_EXACT_1, &IDENTITY_V4_PREFIX_1, v4)
+        // SAFETY: identity values are plain integers written whole by the daemon.
+        if let Some(value) = unsafe { IDENTITY_V4_EXACT.get(IdentityKeyV4 { slot: slot as u32, addr: v4 }) } {
+            return *value;
         }
-    } else if slot == 0 {
-        lookup_in(&IDENTITY_V6_EXACT_0, &IDENTITY_V6_PREFIX_0, *addr)
+        let data: IdentityPrefixV4 = [slot as u8, v4[0], v4[1], v4[2], v4[3]];
+        IDENTITY_V4_PREFIX.get(Key::new(SLOT_BITS + 32, data)).copied().unwrap_or(WORLD)
     } else {
-        lookup_in(&IDENTITY_V6_EXACT_1, &IDENTITY_V6_PREFIX_1, *addr)
+        // SAFETY: as above.
+        if let Some(value) = unsafe { IDENTITY_V6_EXACT.get(IdentityKeyV6 { slot: slot as u32, addr: *addr }) } {
+            return *value;
+        }
+        let mut data: IdentityPrefixV6 = [0; 17];
+        data[0] = slot as u8;
+        data[1..].copy_from_slice(addr);
+        IDENTITY_V6_PREFIX.get(Key::new(SLOT_BITS + 128, data)).copied().unwrap_or(WORLD)
     }
-}
-
-#[inline(always)]
-fn lookup_in<const N: usize>(
-    exact: &HashMap<[u8; N], IdentityValue>,
-    prefix: &LpmTrie<[u8; N], IdentityValue>,
-    addr: [u8; N],
-) -> IdentityValue {
-    // SAFETY: identity values are plain integers written whole by the daemon.
-    if let Some(value) = unsafe { exact.get(addr) } {
-        return *value;
-    }
-    prefix.get(Key::new((N * 8) as u32, addr)).copied().unwrap_or(WORLD)
 }

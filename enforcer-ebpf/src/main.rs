@@ -163,7 +163,7 @@ fn judge_ip(packet: &Packet, direction: Direction, now: u64) -> Verdict {
         }
         return match policy::decide_any_port(slot, src.id, dst.id, packet.flow.protocol) {
             policy::Outcome::Allow { .. } => Verdict::Pass,
-            policy::Outcome::Deny(reason) => audited(reason, audit),
+            policy::Outcome::Deny { reason, .. } => audited(reason, audit),
         };
     }
     if packet.kind == Kind::IcmpError && conntrack::is_tracked(&packet.quoted, now) {
@@ -188,14 +188,18 @@ fn decide(
     let reply_hook = if dst.id == IDENTITY_HOST { Direction::Egress } else { Direction::Ingress };
     let hooks = (direction, reply_hook);
     let trackable = packet.kind == Kind::Trackable;
-    match policy::decide(slot_of(generation), src.id, dst.id, packet.flow.protocol, packet.policy_port) {
+    let slot = slot_of(generation);
+    // Rule counters are bumped last: a map lookup between the decision and
+    // the conntrack bookkeeping doubles the paths the verifier must walk.
+    match policy::decide(slot, src.id, dst.id, packet.flow.protocol, packet.policy_port) {
         policy::Outcome::Allow { rule_index } => {
             if trackable {
                 conntrack::admit(packet, hooks, generation, rule_index, None, now);
             }
+            metrics::count_rule(slot, rule_index);
             Verdict::Pass
         }
-        policy::Outcome::Deny(reason) => {
+        policy::Outcome::Deny { reason, rule_index } => {
             let verdict = audited(reason, audit);
             if trackable {
                 match verdict {
@@ -205,6 +209,7 @@ fn decide(
                     _ => conntrack::revoke(packet),
                 }
             }
+            metrics::count_rule(slot, rule_index);
             verdict
         }
     }

@@ -4,42 +4,34 @@
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use enforcer_common::{
-    Config, Counter, DROP_COUNTER_ENTRIES, Direction, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityValue,
-    PolicyKeyData, PolicyValue,
+    Config, Counter, DROP_COUNTER_ENTRIES, Direction, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityKeyV4,
+    IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, MAX_RULES, PolicyKeyData, PolicyValue,
+    StateError,
 };
 
-// The identity and policy maps come in two slots: the daemon fills the slot
-// the kernel is not reading and flips `CONFIG` (see `enforcer_common::slot_of`).
+// Identity and policy keys start with the policy slot (see
+// `enforcer_common::slot_of`), so each map holds two generations: sizes are
+// twice a policy's capacity.
 
 /// Single addresses (/32): one hash lookup answers most identity queries.
 #[map]
-pub static IDENTITY_V4_EXACT_0: HashMap<[u8; 4], IdentityValue> = HashMap::with_max_entries(131_072, 0);
-#[map]
-pub static IDENTITY_V4_EXACT_1: HashMap<[u8; 4], IdentityValue> = HashMap::with_max_entries(131_072, 0);
+pub static IDENTITY_V4_EXACT: HashMap<IdentityKeyV4, IdentityValue> = HashMap::with_max_entries(2 * 131_072, 0);
 
 /// Real prefixes only; consulted when the exact lookup misses.
 #[map]
-pub static IDENTITY_V4_PREFIX_0: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
-#[map]
-pub static IDENTITY_V4_PREFIX_1: LpmTrie<[u8; 4], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
+pub static IDENTITY_V4_PREFIX: LpmTrie<IdentityPrefixV4, IdentityValue> = LpmTrie::with_max_entries(2 * 65_536, 0);
 
 /// Single addresses (/128).
 #[map]
-pub static IDENTITY_V6_EXACT_0: HashMap<[u8; 16], IdentityValue> = HashMap::with_max_entries(131_072, 0);
-#[map]
-pub static IDENTITY_V6_EXACT_1: HashMap<[u8; 16], IdentityValue> = HashMap::with_max_entries(131_072, 0);
+pub static IDENTITY_V6_EXACT: HashMap<IdentityKeyV6, IdentityValue> = HashMap::with_max_entries(2 * 131_072, 0);
 
 /// Real IPv6 prefixes.
 #[map]
-pub static IDENTITY_V6_PREFIX_0: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
-#[map]
-pub static IDENTITY_V6_PREFIX_1: LpmTrie<[u8; 16], IdentityValue> = LpmTrie::with_max_entries(65_536, 0);
+pub static IDENTITY_V6_PREFIX: LpmTrie<IdentityPrefixV6, IdentityValue> = LpmTrie::with_max_entries(2 * 65_536, 0);
 
-/// (source identity, destination identity, protocol, port) → verdict.
+/// (slot, source identity, destination identity, protocol, port) → verdict.
 #[map]
-pub static POLICY_0: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::with_max_entries(524_288, 0);
-#[map]
-pub static POLICY_1: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::with_max_entries(524_288, 0);
+pub static POLICY: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::with_max_entries(2 * 524_288, 0);
 
 /// Connection tracking, one entry per direction of a connection.
 #[map]
@@ -64,3 +56,12 @@ pub static AUDIT_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(
 /// First-fragment verdicts, so a datagram's later fragments share them.
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::with_max_entries(16_384, 0);
+
+/// Policy decisions per (slot, rule index): rule indexes are only
+/// meaningful within their generation's rule table.
+#[map]
+pub static RULE_VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_RULES, 0);
+
+/// Failed state-table inserts, by `enforcer_common::StateError`.
+#[map]
+pub static STATE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(StateError::COUNT, 0);

@@ -1,9 +1,9 @@
 //! Per-CPU packet and byte counters: no atomics, no contention; the daemon
 //! sums the CPUs when Prometheus scrapes.
 
-use enforcer_common::{Direction, DropReason, drop_counter_index};
+use enforcer_common::{Direction, DropReason, MAX_RULES, StateError, drop_counter_index};
 
-use crate::maps::{AUDIT_COUNTERS, DROP_COUNTERS, FORWARD_COUNTERS};
+use crate::maps::{AUDIT_COUNTERS, DROP_COUNTERS, FORWARD_COUNTERS, RULE_VERDICTS, STATE_ERRORS};
 
 #[inline(always)]
 pub fn count_drop(reason: DropReason, direction: Direction, bytes: u64) {
@@ -35,5 +35,26 @@ pub fn count_audit(reason: DropReason, direction: Direction, bytes: u64) {
             (*counter).packets += 1;
             (*counter).bytes += bytes;
         }
+    }
+}
+
+/// Counts one policy decision made by rule `rule_index` of the slot's policy.
+#[inline(always)]
+pub fn count_rule(slot: usize, rule_index: u32) {
+    if rule_index >= MAX_RULES {
+        return;
+    }
+    if let Some(counter) = RULE_VERDICTS.get_ptr_mut(slot as u32 * MAX_RULES + rule_index) {
+        // SAFETY: per-CPU slot, so no other writer runs concurrently.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Counts a failed state-table insert.
+#[inline(always)]
+pub fn count_state_error(error: StateError) {
+    if let Some(counter) = STATE_ERRORS.get_ptr_mut(error as u32) {
+        // SAFETY: per-CPU slot, so no other writer runs concurrently.
+        unsafe { *counter += 1 };
     }
 }

@@ -8,28 +8,31 @@ use enforcer_common::{
     ACTION_ALLOW, DropReason, IdentityId, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_MAX_PREFIX, PolicyKeyData,
 };
 
-use aya_ebpf::maps::LpmTrie;
-use enforcer_common::PolicyValue;
+use crate::maps::POLICY;
 
-use crate::maps::{POLICY_0, POLICY_1};
-
-#[inline(always)]
-fn trie(slot: usize) -> &'static LpmTrie<PolicyKeyData, PolicyValue> {
-    if slot == 0 { &POLICY_0 } else { &POLICY_1 }
-}
+/// No rule decided (the zero-trust default).
+pub const NO_RULE: u32 = u32::MAX;
 
 pub enum Outcome {
-    Allow { rule_index: u32 },
-    Deny(DropReason),
+    Allow {
+        rule_index: u32,
+    },
+    /// Dropped for `reason`; `rule_index` is the deny rule, or [`NO_RULE`]
+    /// (a plain sentinel: an `Option` here lets LLVM read a register the
+    /// verifier considers uninitialised).
+    Deny {
+        reason: DropReason,
+        rule_index: u32,
+    },
 }
 
 #[inline(always)]
 pub fn decide(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Outcome {
-    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(src, dst, protocol, port));
-    match trie(slot).get(&key) {
-        None => Outcome::Deny(DropReason::DefaultDeny),
+    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(slot as u8, src, dst, protocol, port));
+    match POLICY.get(&key) {
+        None => Outcome::Deny { reason: DropReason::DefaultDeny, rule_index: NO_RULE },
         Some(value) if value.action == ACTION_ALLOW => Outcome::Allow { rule_index: value.rule_index },
-        Some(_) => Outcome::Deny(DropReason::DenyRule),
+        Some(value) => Outcome::Deny { reason: DropReason::DenyRule, rule_index: value.rule_index },
     }
 }
 
@@ -37,11 +40,11 @@ pub fn decide(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8, port:
 /// is allowed on every port of the protocol.
 #[inline(always)]
 pub fn decide_any_port(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8) -> Outcome {
-    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(src, dst, protocol, 0));
-    match trie(slot).get(&key) {
+    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(slot as u8, src, dst, protocol, 0));
+    match POLICY.get(&key) {
         Some(value) if value.action == ACTION_ALLOW && value.flags & POLICY_FLAG_WHOLE_PROTOCOL != 0 => {
             Outcome::Allow { rule_index: value.rule_index }
         }
-        _ => Outcome::Deny(DropReason::FragmentUnknown),
+        _ => Outcome::Deny { reason: DropReason::FragmentUnknown, rule_index: NO_RULE },
     }
 }

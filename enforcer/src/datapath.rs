@@ -2,23 +2,25 @@
 //! keeps the maps in step with the compiled policy and the node's addresses,
 //! and reads the counters.
 
-use std::collections::{BTreeSet, HashMap as StdHashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::net::IpAddr;
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues};
 use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use enforcer_common::{
     CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Counter, Direction, DropReason, FlowKey, FlowValue, FragmentKey,
-    FragmentValue, IDENTITY_HOST, IdentityValue, PolicyKeyData, PolicyValue, drop_counter_index, maps, slot_of,
+    FragmentValue, IDENTITY_HOST, IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue,
+    MAX_RULES, PolicyKeyData, PolicyValue, SLOT_BITS, StateError, drop_counter_index, maps, slot_of,
 };
 use ipnet::IpNet;
 use policy::CompiledPolicy;
+use policy::model::Action;
 
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
 const XDP_PROGRAM: &str = "bulkhead_xdp";
@@ -65,6 +67,8 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("cannot count the CPUs to size per-CPU values: {0}")]
+    Cpus(#[source] std::io::Error),
     #[error(
         "the policy needs {needed} entries in map `{map}`, which holds {capacity}; raise its size or shrink the policy"
     )]
@@ -100,6 +104,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     xdp_links: Vec<(String, XdpLinkId)>,
     tc_links: Vec<(String, SchedClassifierLinkId)>,
+    maps: PolicyMaps,
     /// The two policy slots; the kernel reads `slots[slot_of(generation)]`.
     slots: [Slot; 2],
     config: Array<MapData, Config>,
@@ -108,6 +113,9 @@ pub struct Datapath {
     drop_counters: PerCpuArray<MapData, Counter>,
     audit_counters: PerCpuArray<MapData, Counter>,
     forward_counters: PerCpuArray<MapData, Counter>,
+    state_errors: PerCpuArray<MapData, u64>,
+    /// Rule decisions of generations whose slot has since been reused.
+    harvested_rules: BTreeMap<(String, Action), u64>,
     host_addresses: BTreeSet<IpAddr>,
     config_value: Config,
     sizes: MapSizes,
@@ -143,16 +151,23 @@ impl Default for MapSizes {
     }
 }
 
-/// One slot's maps and what the daemon wrote into them.
-struct Slot {
-    identity_v4_exact: HashMap<MapData, [u8; 4], IdentityValue>,
-    identity_v4_prefix: LpmTrie<MapData, [u8; 4], IdentityValue>,
-    identity_v6_exact: HashMap<MapData, [u8; 16], IdentityValue>,
-    identity_v6_prefix: LpmTrie<MapData, [u8; 16], IdentityValue>,
+/// The maps a verdict depends on; every key carries its policy slot.
+struct PolicyMaps {
+    identity_v4_exact: HashMap<MapData, IdentityKeyV4, IdentityValue>,
+    identity_v4_prefix: LpmTrie<MapData, IdentityPrefixV4, IdentityValue>,
+    identity_v6_exact: HashMap<MapData, IdentityKeyV6, IdentityValue>,
+    identity_v6_prefix: LpmTrie<MapData, IdentityPrefixV6, IdentityValue>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
-    /// What the identity maps hold now.
+    rule_verdicts: PerCpuArray<MapData, u64>,
+}
+
+/// What the daemon wrote under one policy slot.
+struct Slot {
+    /// The rule table of the generation in this slot: `rule_index` → rule.
+    rule_table: Vec<(String, Action)>,
+    /// What the identity maps hold under this slot.
     identities: StdHashMap<IpNet, IdentityValue>,
-    /// What the policy trie holds now.
+    /// What the policy trie holds under this slot (keys with slot 0).
     rules: StdHashMap<(u32, PolicyKeyData), PolicyValue>,
     /// The compiled policy's identity entries, before host addresses overlay them.
     compiled_identities: StdHashMap<IpNet, IdentityValue>,
@@ -165,6 +180,10 @@ pub struct CounterSnapshot {
     pub drops: StdHashMap<(DropReason, Direction), Counter>,
     pub audits: StdHashMap<(DropReason, Direction), Counter>,
     pub forwards: StdHashMap<Direction, Counter>,
+    /// Policy decisions per rule (allow or deny), since start.
+    pub rules: BTreeMap<(String, Action), u64>,
+    /// Failed state-table inserts.
+    pub state_errors: StdHashMap<StateError, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -197,13 +216,12 @@ impl Datapath {
     /// Loads the object with the given map sizes.
     pub fn load_with(sizes: MapSizes) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
-        for slot in 0..2 {
-            loader.map_max_entries(maps::IDENTITY_V4_EXACT[slot], sizes.identities);
-            loader.map_max_entries(maps::IDENTITY_V6_EXACT[slot], sizes.identities);
-            loader.map_max_entries(maps::IDENTITY_V4_PREFIX[slot], sizes.prefixes);
-            loader.map_max_entries(maps::IDENTITY_V6_PREFIX[slot], sizes.prefixes);
-            loader.map_max_entries(maps::POLICY[slot], sizes.policy);
-        }
+        // Each map holds both slots.
+        loader.map_max_entries(maps::IDENTITY_V4_EXACT, 2 * sizes.identities);
+        loader.map_max_entries(maps::IDENTITY_V6_EXACT, 2 * sizes.identities);
+        loader.map_max_entries(maps::IDENTITY_V4_PREFIX, 2 * sizes.prefixes);
+        loader.map_max_entries(maps::IDENTITY_V6_PREFIX, 2 * sizes.prefixes);
+        loader.map_max_entries(maps::POLICY, 2 * sizes.policy);
         loader.map_max_entries(maps::CONNTRACK, sizes.conntrack);
         loader.map_max_entries(maps::FRAGMENTS, sizes.fragments);
         let mut ebpf = loader.load(PROGRAM).map_err(DatapathError::Load)?;
@@ -221,13 +239,16 @@ impl Datapath {
             .map_err(verify(TC_PROGRAM))?;
         classifier.load().map_err(verify(TC_PROGRAM))?;
         Ok(Self {
-            slots: [Slot::take(&mut ebpf, 0)?, Slot::take(&mut ebpf, 1)?],
+            maps: PolicyMaps::take(&mut ebpf)?,
+            slots: [Slot::new(0), Slot::new(1)],
             config: take(&mut ebpf, maps::CONFIG)?,
             conntrack: take(&mut ebpf, maps::CONNTRACK)?,
             fragments: take(&mut ebpf, maps::FRAGMENTS)?,
             drop_counters: take(&mut ebpf, maps::DROP_COUNTERS)?,
             audit_counters: take(&mut ebpf, maps::AUDIT_COUNTERS)?,
             forward_counters: take(&mut ebpf, maps::FORWARD_COUNTERS)?,
+            state_errors: take(&mut ebpf, maps::STATE_ERRORS)?,
+            harvested_rules: BTreeMap::new(),
             ebpf,
             xdp_links: Vec::new(),
             tc_links: Vec::new(),
@@ -291,12 +312,18 @@ impl Datapath {
             std::thread::sleep(wait);
         }
         let slot = &mut self.slots[slot_of(generation)];
+        // The slot's counters belong to the generation before last: keep
+        // their totals under the rules' names, then start the slot afresh.
+        for (rule, count) in slot.take_rule_verdicts(&mut self.maps)? {
+            *self.harvested_rules.entry(rule).or_default() += count;
+        }
+        slot.rule_table = compiled.rules.iter().map(|r| (r.name.clone(), r.action)).collect();
         slot.compiled_identities =
             compiled.identity_entries.iter().map(|e| (e.net, IdentityValue { id: e.id, flags: e.flags })).collect();
-        slot.sync_identities(&self.host_addresses)?;
+        slot.sync_identities(&mut self.maps, &self.host_addresses)?;
         let wanted: StdHashMap<(u32, PolicyKeyData), PolicyValue> =
             compiled.policy_entries.iter().map(|e| ((e.prefix_len, e.key), e.value)).collect();
-        slot.sync_policy(&wanted)?;
+        slot.sync_policy(&mut self.maps, &wanted)?;
         self.config_value =
             Config { policy_generation: generation, flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 } };
         self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))?;
@@ -312,6 +339,10 @@ impl Datapath {
 
     /// Refuses a policy whose entries exceed a map's capacity.
     fn check_capacity(&self, compiled: &CompiledPolicy) -> Result<(), DatapathError> {
+        let rules = u32::try_from(compiled.rules.len()).unwrap_or(u32::MAX);
+        if rules > MAX_RULES {
+            return Err(DatapathError::Capacity { map: "rules", needed: rules, capacity: MAX_RULES });
+        }
         let mut counts = [0u32; 4];
         for entry in &compiled.identity_entries {
             counts[map_of(entry.net)] += 1;
@@ -320,11 +351,11 @@ impl Datapath {
             counts[map_of(IpNet::from(*addr))] += 1;
         }
         let needs = [
-            (maps::IDENTITY_V4_EXACT[0], counts[0], self.sizes.identities),
-            (maps::IDENTITY_V4_PREFIX[0], counts[1], self.sizes.prefixes),
-            (maps::IDENTITY_V6_EXACT[0], counts[2], self.sizes.identities),
-            (maps::IDENTITY_V6_PREFIX[0], counts[3], self.sizes.prefixes),
-            (maps::POLICY[0], u32::try_from(compiled.policy_entries.len()).unwrap_or(u32::MAX), self.sizes.policy),
+            (maps::IDENTITY_V4_EXACT, counts[0], self.sizes.identities),
+            (maps::IDENTITY_V4_PREFIX, counts[1], self.sizes.prefixes),
+            (maps::IDENTITY_V6_EXACT, counts[2], self.sizes.identities),
+            (maps::IDENTITY_V6_PREFIX, counts[3], self.sizes.prefixes),
+            (maps::POLICY, u32::try_from(compiled.policy_entries.len()).unwrap_or(u32::MAX), self.sizes.policy),
         ];
         for (map, needed, capacity) in needs {
             if needed > capacity {
@@ -339,7 +370,7 @@ impl Datapath {
     pub fn set_host_addresses(&mut self, addresses: &BTreeSet<IpAddr>) -> Result<(), DatapathError> {
         self.host_addresses.clone_from(addresses);
         for slot in &mut self.slots {
-            slot.sync_identities(addresses)?;
+            slot.sync_identities(&mut self.maps, addresses)?;
         }
         Ok(())
     }
@@ -408,6 +439,19 @@ impl Datapath {
             let counter = sum(&self.forward_counters, direction as u32, maps::FORWARD_COUNTERS)?;
             snapshot.forwards.insert(direction, counter);
         }
+        snapshot.rules.clone_from(&self.harvested_rules);
+        for slot in &self.slots {
+            for (rule, count) in slot.read_rule_verdicts(&self.maps)? {
+                *snapshot.rules.entry(rule).or_default() += count;
+            }
+        }
+        for error in StateError::ALL {
+            let values = self
+                .state_errors
+                .get(&(error as u32), 0)
+                .map_err(|source| DatapathError::Read { name: maps::STATE_ERRORS, source })?;
+            snapshot.state_errors.insert(error, values.iter().sum());
+        }
         Ok(snapshot)
     }
 
@@ -444,92 +488,147 @@ fn map_of(net: IpNet) -> usize {
     }
 }
 
+/// Decisions counted for one rule (name, action).
+type RuleCount = ((String, Action), u64);
+
 impl Slot {
-    fn take(ebpf: &mut Ebpf, index: usize) -> Result<Self, DatapathError> {
-        Ok(Self {
-            identity_v4_exact: take(ebpf, maps::IDENTITY_V4_EXACT[index])?,
-            identity_v4_prefix: take(ebpf, maps::IDENTITY_V4_PREFIX[index])?,
-            identity_v6_exact: take(ebpf, maps::IDENTITY_V6_EXACT[index])?,
-            identity_v6_prefix: take(ebpf, maps::IDENTITY_V6_PREFIX[index])?,
-            policy: take(ebpf, maps::POLICY[index])?,
+    fn new(index: usize) -> Self {
+        Self {
+            rule_table: Vec::new(),
             identities: StdHashMap::new(),
             rules: StdHashMap::new(),
             compiled_identities: StdHashMap::new(),
             index,
-        })
+        }
     }
 
-    fn sync_policy(&mut self, wanted: &StdHashMap<(u32, PolicyKeyData), PolicyValue>) -> Result<(), DatapathError> {
-        let name = maps::POLICY[self.index];
+    fn verdict_index(&self, rule: usize) -> u32 {
+        self.index as u32 * MAX_RULES + rule as u32
+    }
+
+    /// Rule decisions counted in this slot, by rule.
+    fn read_rule_verdicts(&self, maps: &PolicyMaps) -> Result<Vec<RuleCount>, DatapathError> {
+        let mut out = Vec::with_capacity(self.rule_table.len());
+        for (index, rule) in self.rule_table.iter().enumerate() {
+            let values = maps
+                .rule_verdicts
+                .get(&self.verdict_index(index), 0)
+                .map_err(|source| DatapathError::Read { name: maps::RULE_VERDICTS, source })?;
+            let count: u64 = values.iter().sum();
+            if count > 0 {
+                out.push((rule.clone(), count));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads and zeroes this slot's rule decisions.
+    fn take_rule_verdicts(&mut self, maps: &mut PolicyMaps) -> Result<Vec<RuleCount>, DatapathError> {
+        let counts = self.read_rule_verdicts(maps)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
+        for index in 0..self.rule_table.len() {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
+            maps.rule_verdicts.set(self.verdict_index(index), zeros, 0).map_err(write_error(maps::RULE_VERDICTS))?;
+        }
+        Ok(counts)
+    }
+
+    fn sync_policy(
+        &mut self,
+        maps: &mut PolicyMaps,
+        wanted: &StdHashMap<(u32, PolicyKeyData), PolicyValue>,
+    ) -> Result<(), DatapathError> {
+        let slot = self.index as u8;
         for (&(prefix_len, key), value) in wanted {
             if self.rules.get(&(prefix_len, key)) != Some(value) {
-                self.policy.insert(&Key::new(prefix_len, key), *value, 0).map_err(write_error(name))?;
+                let key_in_slot = PolicyKeyData { slot, ..key };
+                maps.policy.insert(&Key::new(prefix_len, key_in_slot), *value, 0).map_err(write_error(maps::POLICY))?;
                 self.rules.insert((prefix_len, key), *value);
             }
         }
         let stale: Vec<_> = self.rules.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for (prefix_len, key) in stale {
-            ignore_missing(self.policy.remove(&Key::new(prefix_len, key))).map_err(write_error(name))?;
+            let key_in_slot = PolicyKeyData { slot, ..key };
+            ignore_missing(maps.policy.remove(&Key::new(prefix_len, key_in_slot)))
+                .map_err(write_error(maps::POLICY))?;
             self.rules.remove(&(prefix_len, key));
         }
         Ok(())
     }
 
-    fn sync_identities(&mut self, hosts: &BTreeSet<IpAddr>) -> Result<(), DatapathError> {
+    fn sync_identities(&mut self, maps: &mut PolicyMaps, hosts: &BTreeSet<IpAddr>) -> Result<(), DatapathError> {
         let mut wanted = self.compiled_identities.clone();
         for addr in hosts {
             wanted.insert(IpNet::from(*addr), IdentityValue { id: IDENTITY_HOST, flags: 0 });
         }
         for (net, value) in &wanted {
             if self.identities.get(net) != Some(value) {
-                self.write_identity(*net, Some(*value))?;
+                maps.write_identity(self.index, *net, Some(*value))?;
                 self.identities.insert(*net, *value);
             }
         }
         let stale: Vec<IpNet> = self.identities.keys().filter(|n| !wanted.contains_key(n)).copied().collect();
         for net in stale {
-            self.write_identity(net, None)?;
+            maps.write_identity(self.index, net, None)?;
             self.identities.remove(&net);
         }
         Ok(())
     }
+}
 
-    /// Inserts (`Some`) or removes (`None`) one identity entry in the map
-    /// its family and prefix length belong to.
-    fn write_identity(&mut self, net: IpNet, value: Option<IdentityValue>) -> Result<(), DatapathError> {
-        let i = self.index;
+impl PolicyMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        Ok(Self {
+            identity_v4_exact: take(ebpf, maps::IDENTITY_V4_EXACT)?,
+            identity_v4_prefix: take(ebpf, maps::IDENTITY_V4_PREFIX)?,
+            identity_v6_exact: take(ebpf, maps::IDENTITY_V6_EXACT)?,
+            identity_v6_prefix: take(ebpf, maps::IDENTITY_V6_PREFIX)?,
+            policy: take(ebpf, maps::POLICY)?,
+            rule_verdicts: take(ebpf, maps::RULE_VERDICTS)?,
+        })
+    }
+
+    /// Inserts (`Some`) or removes (`None`) one identity entry of `slot` in
+    /// the map its family and prefix length belong to.
+    fn write_identity(&mut self, slot: usize, net: IpNet, value: Option<IdentityValue>) -> Result<(), DatapathError> {
+        let tag = slot as u8;
         match net {
             IpNet::V4(n) if n.prefix_len() == 32 => {
-                let key = n.addr().octets();
+                let key = IdentityKeyV4 { slot: u32::from(tag), addr: n.addr().octets() };
                 let result = match value {
                     Some(v) => self.identity_v4_exact.insert(key, v, 0),
                     None => ignore_missing(self.identity_v4_exact.remove(&key)),
                 };
-                result.map_err(write_error(maps::IDENTITY_V4_EXACT[i]))
+                result.map_err(write_error(maps::IDENTITY_V4_EXACT))
             }
             IpNet::V4(n) => {
-                let key = Key::new(u32::from(n.prefix_len()), n.addr().octets());
+                let o = n.addr().octets();
+                let data: IdentityPrefixV4 = [tag, o[0], o[1], o[2], o[3]];
+                let key = Key::new(SLOT_BITS + u32::from(n.prefix_len()), data);
                 let result = match value {
                     Some(v) => self.identity_v4_prefix.insert(&key, v, 0),
                     None => ignore_missing(self.identity_v4_prefix.remove(&key)),
                 };
-                result.map_err(write_error(maps::IDENTITY_V4_PREFIX[i]))
+                result.map_err(write_error(maps::IDENTITY_V4_PREFIX))
             }
             IpNet::V6(n) if n.prefix_len() == 128 => {
-                let key = n.addr().octets();
+                let key = IdentityKeyV6 { slot: u32::from(tag), addr: n.addr().octets() };
                 let result = match value {
                     Some(v) => self.identity_v6_exact.insert(key, v, 0),
                     None => ignore_missing(self.identity_v6_exact.remove(&key)),
                 };
-                result.map_err(write_error(maps::IDENTITY_V6_EXACT[i]))
+                result.map_err(write_error(maps::IDENTITY_V6_EXACT))
             }
             IpNet::V6(n) => {
-                let key = Key::new(u32::from(n.prefix_len()), n.addr().octets());
+                let mut data: IdentityPrefixV6 = [0; 17];
+                data[0] = tag;
+                data[1..].copy_from_slice(&n.addr().octets());
+                let key = Key::new(SLOT_BITS + u32::from(n.prefix_len()), data);
                 let result = match value {
                     Some(v) => self.identity_v6_prefix.insert(&key, v, 0),
                     None => ignore_missing(self.identity_v6_prefix.remove(&key)),
                 };
-                result.map_err(write_error(maps::IDENTITY_V6_PREFIX[i]))
+                result.map_err(write_error(maps::IDENTITY_V6_PREFIX))
             }
         }
     }

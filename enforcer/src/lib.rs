@@ -6,3 +6,4 @@ pub mod host;
 pub mod metrics;
 pub mod server;
 pub mod testrun;
+pub mod watch;

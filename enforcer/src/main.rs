@@ -1,13 +1,15 @@
 //! `bulkhead`: the Bulkhead daemon and CLI.
 
 mod check;
+mod config;
 mod run;
 
-use std::net::SocketAddr;
+pub use config::RunArgs;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 /// eBPF/XDP micro-segmentation enforcer.
 #[derive(Parser)]
@@ -24,23 +26,6 @@ enum Command {
     /// Work with policy files without touching the kernel.
     #[command(subcommand)]
     Policy(PolicyCommand),
-}
-
-#[derive(Args)]
-pub struct RunArgs {
-    /// Directory of policy files (*.yaml, *.yml), merged.
-    #[arg(long, value_name = "DIR")]
-    policy_dir: PathBuf,
-    /// Interface to enforce on (XDP on its ingress); repeat for several.
-    #[arg(long = "interface", value_name = "IF", required = true)]
-    interfaces: Vec<String>,
-    /// Address for the plain-HTTP /metrics, /healthz and /readyz endpoints.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
-    metrics_addr: SocketAddr,
-    /// Audit mode for all traffic: pass what the policy would drop, and
-    /// count it in `bulkhead_audit_packets_total` with the would-be reason.
-    #[arg(long)]
-    audit: bool,
 }
 
 #[derive(Subcommand)]

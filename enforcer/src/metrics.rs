@@ -3,8 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use enforcer_common::{Direction, DropReason};
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use enforcer_common::{Direction, DropReason, StateError};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::datapath::{CounterSnapshot, Datapath};
 
@@ -19,9 +21,25 @@ pub struct PolicyStats {
     pub load_errors: u64,
 }
 
-/// Renders the text exposition of `snapshot` and `stats`.
-pub fn render(snapshot: &CounterSnapshot, stats: PolicyStats) -> Result<String, prometheus::Error> {
+/// How full the maps are; refreshed by the daemon's maintenance loop, since
+/// counting the conntrack table walks it.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    /// (map, entries, capacity) for the maps a policy fills.
+    pub maps: Vec<(&'static str, u64, u32)>,
+    /// Tracked connection entries and the table's capacity.
+    pub conntrack: (u64, u32),
+}
+
+/// Renders the text exposition.
+pub fn render(
+    snapshot: &CounterSnapshot,
+    stats: PolicyStats,
+    usage: &Usage,
+    apply_duration: &Histogram,
+) -> Result<String, prometheus::Error> {
     let registry = Registry::new();
+    registry.register(Box::new(apply_duration.clone()))?;
     let labelled = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
         let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
         registry.register(Box::new(vec.clone()))?;
@@ -80,6 +98,43 @@ pub fn render(snapshot: &CounterSnapshot, stats: PolicyStats) -> Result<String, 
     errors.inc_by(stats.load_errors);
     registry.register(Box::new(errors))?;
 
+    let verdicts = labelled(
+        "bulkhead_policy_verdicts_total",
+        "Policy decisions made by each rule (new and re-judged flows; established flows pass by conntrack).",
+        &["rule", "action"],
+    )?;
+    for ((rule, action), count) in &snapshot.rules {
+        verdicts.with_label_values(&[rule.as_str(), &action.to_string()]).inc_by(*count);
+    }
+    let failures = labelled(
+        "bulkhead_state_insert_failures_total",
+        "State-table inserts the kernel could not make (the packet was still judged).",
+        &["map"],
+    )?;
+    for error in StateError::ALL {
+        failures.with_label_values(&[error.label()]).inc_by(snapshot.state_errors.get(&error).copied().unwrap_or(0));
+    }
+    let gauge_vec = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+        let vec = IntGaugeVec::new(Opts::new(name, help), &["map"])?;
+        registry.register(Box::new(vec.clone()))?;
+        Ok(vec)
+    };
+    let entries = gauge_vec("bulkhead_map_entries", "Entries in each map.")?;
+    let capacity = gauge_vec("bulkhead_map_capacity", "Capacity of each map.")?;
+    let (ct_entries, ct_capacity) = usage.conntrack;
+    for (map, used, size) in usage.maps.iter().copied().chain(std::iter::once(("conntrack", ct_entries, ct_capacity))) {
+        entries.with_label_values(&[map]).set(i64::try_from(used).unwrap_or(i64::MAX));
+        capacity.with_label_values(&[map]).set(i64::from(size));
+    }
+    gauge(
+        "bulkhead_conntrack_entries",
+        "Tracked connection entries (two per connection).",
+        i64::try_from(ct_entries).unwrap_or(i64::MAX),
+    )?;
+    let build = IntGaugeVec::new(Opts::new("bulkhead_build_info", "Build of the running daemon."), &["version"])?;
+    build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    registry.register(Box::new(build))?;
+
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
@@ -89,7 +144,19 @@ pub fn render(snapshot: &CounterSnapshot, stats: PolicyStats) -> Result<String, 
 pub struct Shared {
     pub datapath: Mutex<Option<Datapath>>,
     pub stats: Mutex<PolicyStats>,
+    pub usage: Mutex<Usage>,
     pub ready: std::sync::atomic::AtomicBool,
+    /// Time from reading a changed policy to publishing its generation.
+    pub apply_duration: Histogram,
+}
+
+fn apply_duration_histogram() -> Histogram {
+    let opts = HistogramOpts::new(
+        "bulkhead_policy_apply_duration_seconds",
+        "Time from reading a changed policy to enforcing it: parse, validate, compile, write, switch.",
+    )
+    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+    Histogram::with_opts(opts).expect("static histogram options are valid")
 }
 
 impl Shared {
@@ -98,7 +165,9 @@ impl Shared {
         Arc::new(Self {
             datapath: Mutex::new(None),
             stats: Mutex::new(PolicyStats::default()),
+            usage: Mutex::new(Usage::default()),
             ready: std::sync::atomic::AtomicBool::new(false),
+            apply_duration: apply_duration_histogram(),
         })
     }
 }
@@ -116,7 +185,22 @@ mod tests {
         snapshot.forwards.insert(Direction::Ingress, Counter { packets: 7, bytes: 700 });
         snapshot.audits.insert((DropReason::DefaultDeny, Direction::Egress), Counter { packets: 5, bytes: 500 });
         let stats = PolicyStats { identities: 4, rules: 2, generation: 3, load_errors: 1 };
-        let text = render(&snapshot, stats).unwrap();
+        snapshot.rules.insert(("web-to-db".to_owned(), policy::model::Action::Allow), 9);
+        let usage = Usage { maps: vec![("policy", 12, 100)], conntrack: (4, 1000) };
+        let histogram = apply_duration_histogram();
+        histogram.observe(0.002);
+        let text = render(&snapshot, stats, &usage, &histogram).unwrap();
+        for line in [
+            "bulkhead_policy_verdicts_total{action=\"allow\",rule=\"web-to-db\"} 9",
+            "bulkhead_map_entries{map=\"policy\"} 12",
+            "bulkhead_map_capacity{map=\"conntrack\"} 1000",
+            "bulkhead_conntrack_entries 4",
+            "bulkhead_state_insert_failures_total{map=\"conntrack\"} 0",
+            "bulkhead_policy_apply_duration_seconds_count 1",
+            "bulkhead_build_info{version=",
+        ] {
+            assert!(text.contains(line), "missing {line} in {text}");
+        }
         assert!(text.contains("bulkhead_drop_packets_total{direction=\"ingress\",reason=\"deny_rule\"} 3"), "{text}");
         assert!(text.contains("bulkhead_drop_bytes_total{direction=\"ingress\",reason=\"deny_rule\"} 180"), "{text}");
         assert!(text.contains("bulkhead_drop_packets_total{direction=\"egress\",reason=\"malformed\"} 0"), "{text}");

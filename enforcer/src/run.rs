@@ -7,20 +7,21 @@
 //! failed start never leaves a half-configured datapath behind.
 
 use std::ffi::CString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use enforcer::datapath::Datapath;
-use enforcer::metrics::{PolicyStats, Shared};
+use enforcer::metrics::{PolicyStats, Shared, Usage};
 use policy::{PolicyError, Source};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::RunArgs;
+use crate::config::RunConfig;
 
 /// Capability bit numbers from `linux/capability.h`.
 const CAP_NET_ADMIN: u32 = 12;
@@ -72,6 +73,8 @@ fn one_line(error: &PolicyError, dir: &Path) -> String {
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     unblock_stop_signals();
+    let config = args.resolve()?;
+    let args = &config;
     let dir = args.policy_dir.clone();
     let sources = policy::read_sources(std::slice::from_ref(&dir))?;
     let policy = policy::parse_sources(&sources)
@@ -91,7 +94,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
     let compiled = policy::compile(&policy);
-    let mut datapath = Datapath::load()?;
+    let mut datapath = Datapath::load_with(args.sizes)?;
     datapath.set_host_addresses(&enforcer::host::addresses().context("listing the node's addresses failed")?)?;
     let generation = datapath.apply(&compiled, args.audit)?;
     for interface in &args.interfaces {
@@ -111,13 +114,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let shared = Shared::new();
     *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) =
         PolicyStats { identities: policy.identities.len(), rules: policy.rules.len(), generation, load_errors: 0 };
+    *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
+        Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
 
     let (resync_tx, resync_rx) = mpsc::channel::<Resync>();
     let maintenance = {
         let shared = Arc::clone(&shared);
         let audit = args.audit;
-        std::thread::spawn(move || maintain(&shared, &dir, sources, audit, &resync_rx))
+        let next_expiry = compiled.next_expiry;
+        std::thread::spawn(move || maintain(&shared, &dir, (sources, policy, next_expiry), audit, &resync_rx))
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -135,7 +141,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve_until_signal(args: &RunArgs, shared: &Arc<Shared>, resync: &mpsc::Sender<Resync>) -> anyhow::Result<()> {
+async fn serve_until_signal(
+    args: &RunConfig,
+    shared: &Arc<Shared>,
+    resync: &mpsc::Sender<Resync>,
+) -> anyhow::Result<()> {
     let listener = enforcer::server::bind(args.metrics_addr)
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {}; pick a free address", args.metrics_addr))?;
@@ -165,18 +175,77 @@ enum Resync {
     Stop,
 }
 
-/// Keeps the maps in step with the policy directory (re-read every second
-/// and on SIGHUP; any change of any file, including a Kubernetes `ConfigMap`'s
-/// symlink swap, is seen as a change of content) and with the node's
-/// addresses. An invalid candidate is rejected whole and logged with its
-/// positions; the enforced policy stays.
-fn maintain(shared: &Shared, dir: &PathBuf, mut last_seen: Vec<Source>, audit: bool, resync: &mpsc::Receiver<Resync>) {
-    loop {
-        match resync.recv_timeout(RESYNC_INTERVAL) {
-            Ok(Resync::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Ok(Resync::Now) | Err(RecvTimeoutError::Timeout) => {}
+/// How often map usage (which walks the conntrack table) is refreshed.
+const USAGE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long one wait for a change lasts before the loop looks at its other duties.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// Keeps the maps in step with the policy directory and the node's
+/// addresses: a change seen by inotify is applied at once, the directory is
+/// re-read every second and on SIGHUP as a backstop, and a policy with rules
+/// that expire is compiled again the moment the first of them lapses. An
+/// invalid candidate is rejected whole and logged with its positions; the
+/// enforced policy stays.
+struct Maintainer<'a> {
+    shared: &'a Shared,
+    dir: &'a Path,
+    audit: bool,
+    /// The sources last read: a candidate equal to them is no change.
+    last_seen: Vec<Source>,
+    /// The parsed policy in force, for re-compiling at expiry.
+    enforced: policy::Policy,
+    next_expiry: Option<SystemTime>,
+}
+
+fn maintain(
+    shared: &Shared,
+    dir: &Path,
+    start: (Vec<Source>, policy::Policy, Option<SystemTime>),
+    audit: bool,
+    resync: &mpsc::Receiver<Resync>,
+) {
+    let watcher = match enforcer::watch::Watcher::new(dir) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            log::warn!("cannot watch {} ({error}); re-reading it every second instead", dir.display());
+            None
         }
-        let mut guard = shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+    };
+    let (last_seen, enforced, next_expiry) = start;
+    let mut maintainer = Maintainer { shared, dir, audit, last_seen, enforced, next_expiry };
+    let mut last_resync = Instant::now();
+    let mut last_usage: Option<Instant> = None;
+    loop {
+        let changed = if let Some(watcher) = &watcher {
+            watcher.wait(WAIT_SLICE)
+        } else {
+            std::thread::sleep(WAIT_SLICE);
+            false
+        };
+        let forced = match resync.try_recv() {
+            Ok(Resync::Stop) | Err(TryRecvError::Disconnected) => return,
+            Ok(Resync::Now) => true,
+            Err(TryRecvError::Empty) => false,
+        };
+        let periodic = last_resync.elapsed() >= RESYNC_INTERVAL;
+        if periodic {
+            last_resync = Instant::now();
+            maintainer.sync_host_addresses();
+        }
+        if last_usage.is_none_or(|t| t.elapsed() >= USAGE_INTERVAL) {
+            last_usage = Some(Instant::now());
+            maintainer.refresh_usage();
+        }
+        let expired = maintainer.next_expiry.is_some_and(|t| SystemTime::now() >= t);
+        if changed || forced || periodic || expired {
+            maintainer.reload(expired);
+        }
+    }
+}
+
+impl Maintainer<'_> {
+    fn sync_host_addresses(&self) {
+        let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(datapath) = guard.as_mut() else { return };
         match enforcer::host::addresses() {
             Ok(addresses) if &addresses != datapath.host_addresses() => {
@@ -188,39 +257,65 @@ fn maintain(shared: &Shared, dir: &PathBuf, mut last_seen: Vec<Source>, audit: b
             Ok(_) => {}
             Err(error) => log::warn!("listing the node's addresses failed: {error}"),
         }
-        let candidate = policy::read_sources(std::slice::from_ref(dir));
-        if candidate.as_ref().is_ok_and(|sources| *sources == last_seen) {
-            continue;
+    }
+
+    fn refresh_usage(&self) {
+        let usage = {
+            let guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(datapath) = guard.as_ref() else { return };
+            Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() }
+        };
+        *self.shared.usage.lock().unwrap_or_else(PoisonError::into_inner) = usage;
+    }
+
+    /// Applies the directory's policy if it changed, or re-compiles the
+    /// enforced one if a rule expired.
+    fn reload(&mut self, expired: bool) {
+        let started = Instant::now();
+        let candidate = policy::read_sources(std::slice::from_ref(&self.dir.to_path_buf()));
+        let unchanged = candidate.as_ref().is_ok_and(|sources| *sources == self.last_seen);
+        if unchanged && !expired {
+            return;
         }
-        let mut stats = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
-        let parsed = candidate.and_then(|sources| policy::parse_sources(&sources).map(|p| (sources, p)));
+        let parsed = if unchanged {
+            Ok((self.last_seen.clone(), self.enforced.clone()))
+        } else {
+            candidate.and_then(|sources| policy::parse_sources(&sources).map(|p| (sources, p)))
+        };
+        let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(datapath) = guard.as_mut() else { return };
+        let mut stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
         match parsed {
             Ok((sources, policy)) => {
                 let compiled = policy::compile(&policy);
-                match datapath.apply(&compiled, audit) {
+                match datapath.apply(&compiled, self.audit) {
                     Ok(generation) => {
+                        self.shared.apply_duration.observe(started.elapsed().as_secs_f64());
                         log::info!(
-                            "applied policy generation {generation}: {} identities, {} rules",
+                            "applied policy generation {generation}: {} identities, {} rules in force{}",
                             policy.identities.len(),
-                            policy.rules.len()
+                            compiled.rules.len(),
+                            if expired { " (a rule expired)" } else { "" }
                         );
                         stats.generation = generation;
                         stats.identities = policy.identities.len();
-                        stats.rules = policy.rules.len();
+                        stats.rules = compiled.rules.len();
+                        self.enforced = policy;
+                        self.next_expiry = compiled.next_expiry;
                     }
                     Err(error) => {
-                        log::error!("applying the new policy failed: {error}");
+                        log::error!("rejected policy change, previous policy stays enforced: {error}");
                         stats.load_errors += 1;
                     }
                 }
-                last_seen = sources;
+                self.last_seen = sources;
             }
             Err(error) => {
                 log::error!("rejected policy change, previous policy stays enforced: {error}");
                 stats.load_errors += 1;
                 // Remember the rejected content so it is reported once, not every second.
-                if let Ok(sources) = policy::read_sources(std::slice::from_ref(dir)) {
-                    last_seen = sources;
+                if let Ok(sources) = policy::read_sources(std::slice::from_ref(&self.dir.to_path_buf())) {
+                    self.last_seen = sources;
                 }
             }
         }

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IDENTITY_WORLD, IdentityId,
@@ -62,6 +63,8 @@ pub struct CompiledPolicy {
     pub atoms: Vec<Atom>,
     pub identity_entries: Vec<IdentityEntry>,
     pub policy_entries: Vec<PolicyEntry>,
+    /// The earliest expiry among the rules compiled in, if any.
+    pub next_expiry: Option<SystemTime>,
 }
 
 /// Width of the (protocol, port) space resolved per identity pair.
@@ -90,11 +93,19 @@ struct Partition {
     by_cidr: HashMap<usize, Vec<IdentityId>>,
 }
 
-/// Compiles a policy that passed validation.
+/// Compiles a policy that passed validation, as it stands now.
 #[must_use]
 pub fn compile(policy: &Policy) -> CompiledPolicy {
-    let mut rules: Vec<_> = policy.rules.iter().collect();
+    compile_at(policy, SystemTime::now())
+}
+
+/// Compiles a policy as it stands at `now`: rules that expired by then are
+/// left out, and `next_expiry` says when the result must be compiled again.
+#[must_use]
+pub fn compile_at(policy: &Policy, now: SystemTime) -> CompiledPolicy {
+    let mut rules: Vec<_> = policy.rules.iter().filter(|r| r.is_active_at(now)).collect();
     rules.sort_by(|a, b| a.name.cmp(&b.name));
+    let next_expiry = rules.iter().filter_map(|r| r.expires).min();
 
     let mut cidr_selectors: Vec<CidrSelector> = Vec::new();
     for rule in &rules {
@@ -150,7 +161,8 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
                 let flags = if whole_protocol { POLICY_FLAG_WHOLE_PROTOCOL } else { 0 };
                 policy_entries.push(PolicyEntry {
                     prefix_len: POLICY_KEY_IDENTITY_BITS + bits,
-                    key: PolicyKeyData::new(*src, *dst, (start >> 16) as u8, start as u16),
+                    // Slot 0: the daemon sets the slot it writes the entry into.
+                    key: PolicyKeyData::new(0, *src, *dst, (start >> 16) as u8, start as u16),
                     value: PolicyValue { flags, ..value },
                 });
             }
@@ -162,6 +174,7 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
         atoms: atoms.atoms,
         identity_entries: atoms.identity_entries,
         policy_entries,
+        next_expiry,
     }
 }
 
@@ -404,7 +417,7 @@ impl CompiledPolicy {
     /// What the kernel's policy trie answers: the longest matching prefix.
     #[must_use]
     pub fn lookup_policy(&self, src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Option<PolicyValue> {
-        let wanted = u128::from_be_bytes(key_bytes(&PolicyKeyData::new(src, dst, protocol, port)));
+        let wanted = u128::from_be_bytes(key_bytes(&PolicyKeyData::new(0, src, dst, protocol, port)));
         self.policy_entries
             .iter()
             .filter(|e| {
@@ -424,10 +437,11 @@ impl CompiledPolicy {
 
 fn key_bytes(key: &PolicyKeyData) -> [u8; 16] {
     let mut bytes = [0u8; 16];
-    bytes[..4].copy_from_slice(&key.src_identity);
-    bytes[4..8].copy_from_slice(&key.dst_identity);
-    bytes[8] = key.protocol;
-    bytes[9..11].copy_from_slice(&key.port);
+    bytes[0] = key.slot;
+    bytes[1..5].copy_from_slice(&key.src_identity);
+    bytes[5..9].copy_from_slice(&key.dst_identity);
+    bytes[9] = key.protocol;
+    bytes[10..12].copy_from_slice(&key.port);
     bytes
 }
 

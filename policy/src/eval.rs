@@ -3,6 +3,7 @@
 //! and the kernel program are tested against, and what `policy explain` uses.
 
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use enforcer_common::DropReason;
 
@@ -65,6 +66,8 @@ pub struct Evaluator<'p> {
     host_addresses: Vec<IpAddr>,
     /// Daemon-wide audit mode.
     audit_all: bool,
+    /// The moment evaluated: rules expired by then do not apply.
+    now: SystemTime,
 }
 
 impl<'p> Evaluator<'p> {
@@ -72,7 +75,14 @@ impl<'p> Evaluator<'p> {
     pub fn new(policy: &'p Policy) -> Self {
         let mut rules: Vec<&Rule> = policy.rules.iter().collect();
         rules.sort_by(|a, b| a.name.cmp(&b.name));
-        Self { policy, rules, host_addresses: Vec::new(), audit_all: false }
+        Self { policy, rules, host_addresses: Vec::new(), audit_all: false, now: SystemTime::now() }
+    }
+
+    /// Evaluates as of `now` instead of the current time.
+    #[must_use]
+    pub fn at(mut self, now: SystemTime) -> Self {
+        self.now = now;
+        self
     }
 
     /// Declares the node's own addresses (identity `host`).
@@ -132,7 +142,8 @@ impl<'p> Evaluator<'p> {
     #[must_use]
     pub fn evaluate(&self, packet: &Packet) -> Decision {
         let matches = |rule: &&&Rule| {
-            self.rule_matches_peers(rule, packet.src, packet.dst)
+            rule.is_active_at(self.now)
+                && self.rule_matches_peers(rule, packet.src, packet.dst)
                 && ports_match(rule.ports.as_deref(), packet.protocol, packet.port)
         };
         let deny = self.rules.iter().filter(|r| r.action == Action::Deny).find(matches);
@@ -151,8 +162,11 @@ impl<'p> Evaluator<'p> {
     /// pair every port of the protocol; `packet.port` is ignored.
     #[must_use]
     pub fn evaluate_orphan_fragment(&self, packet: &Packet) -> Decision {
-        let matching: Vec<&&Rule> =
-            self.rules.iter().filter(|r| self.rule_matches_peers(r, packet.src, packet.dst)).collect();
+        let matching: Vec<&&Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.is_active_at(self.now) && self.rule_matches_peers(r, packet.src, packet.dst))
+            .collect();
         let port_ranges = |action| -> Vec<(u16, u16)> {
             let mut ranges: Vec<(u16, u16)> = Vec::new();
             for rule in matching.iter().filter(|r| r.action == action) {

@@ -11,12 +11,12 @@ pub mod eval;
 pub mod model;
 mod parse;
 mod validate;
-mod yaml;
+pub mod yaml;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use compile::{CompiledPolicy, compile};
+pub use compile::{CompiledPolicy, compile, compile_at};
 pub use error::{Diagnostic, Location, PolicyError};
 pub use eval::{Decision, Evaluator, Packet, Verdict};
 pub use model::Policy;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 
@@ -49,7 +50,7 @@ pub struct Address {
     pub location: Location,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
     Allow,
     Deny,
@@ -72,7 +73,17 @@ pub struct Rule {
     pub to: Vec<Peer>,
     /// `None` when `ports` is omitted: the rule covers every protocol.
     pub ports: Option<Vec<PortSpec>>,
+    /// When the rule lapses by itself (just-in-time access).
+    pub expires: Option<SystemTime>,
     pub location: Location,
+}
+
+impl Rule {
+    /// Whether the rule is in force at `now`.
+    #[must_use]
+    pub fn is_active_at(&self, now: SystemTime) -> bool {
+        self.expires.is_none_or(|expires| now < expires)
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 
@@ -246,7 +247,21 @@ impl Parser<'_> {
     }
 
     fn rule(&mut self, node: &Node) -> Option<Rule> {
-        let fields = self.fields(node, "a rule", &["name", "action", "from", "to", "ports"])?;
+        let fields = self.fields(node, "a rule", &["name", "action", "from", "to", "ports", "expires"])?;
+        let expires = match fields.get("expires") {
+            None => None,
+            Some(node) => {
+                let text = self.string(node, "expires")?;
+                let Some(time) = rfc3339(&text) else {
+                    self.problem(
+                        &node.location,
+                        format!("`{text}` is not an RFC 3339 time; write e.g. 2026-12-01T18:00:00Z or 2026-12-01T19:00:00+01:00"),
+                    );
+                    return None;
+                };
+                Some(time)
+            }
+        };
         let name = self.required(&fields, "name", "the rule").and_then(|n| self.name(n, "rule name"));
         let action = match fields.get("action") {
             None => Some(Action::Allow),
@@ -280,6 +295,7 @@ impl Parser<'_> {
             from: from?,
             to: to?,
             ports,
+            expires,
             location: fields.location,
         })
     }
@@ -427,4 +443,95 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+/// Parses an RFC 3339 timestamp (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`).
+fn rfc3339(text: &str) -> Option<SystemTime> {
+    let bytes = text.as_bytes();
+    if bytes.len() < 20 || !matches!(bytes[10], b'T' | b't' | b' ') || bytes[4] != b'-' || bytes[7] != b'-' {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = text.get(range)?;
+        if part.bytes().all(|b| b.is_ascii_digit()) { part.parse().ok() } else { None }
+    };
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if bytes[13] != b':' || bytes[16] != b':' {
+        return None;
+    }
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if !(1..=days_in_month).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut nanos = 0u32;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let kept = &fraction[..digits.min(9)];
+        nanos = kept.parse::<u32>().ok()? * 10u32.pow(9 - kept.len() as u32);
+        rest = &fraction[digits..];
+    }
+    let offset_seconds = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && &rest[3..4] == ":" => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            let hours: i64 = rest[1..3].parse().ok()?;
+            let minutes: i64 = rest[4..6].parse().ok()?;
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            sign * (hours * 3600 + minutes * 60)
+        }
+        _ => return None,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * m + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second.min(59) - offset_seconds;
+    let seconds = u64::try_from(seconds).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(seconds, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_times() {
+        let at = |s: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(rfc3339("1970-01-01T00:00:00Z"), at(0));
+        assert_eq!(rfc3339("2026-11-25T12:30:00Z"), at(1_795_609_800));
+        assert_eq!(rfc3339("2026-11-25T13:30:00+01:00"), at(1_795_609_800));
+        assert_eq!(
+            rfc3339("2026-11-25T12:30:00.5Z"),
+            Some(SystemTime::UNIX_EPOCH + Duration::new(1_795_609_800, 500_000_000))
+        );
+        assert_eq!(rfc3339("2024-02-29T00:00:00Z"), at(1_709_164_800));
+        for bad in [
+            "2026-11-25",
+            "2026-13-01T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-11-25T12:30:00",
+            "2026-11-25T25:00:00Z",
+            "tomorrow",
+        ] {
+            assert_eq!(rfc3339(bad), None, "{bad}");
+        }
+    }
 }

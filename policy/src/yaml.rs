@@ -29,11 +29,13 @@ pub enum Value {
 
 impl Node {
     /// True for an empty plain scalar, `~` or `null`.
+    #[must_use]
     pub fn is_null(&self) -> bool {
         matches!(&self.value, Value::Scalar { text, quoted: false } if text.is_empty() || text == "~" || text == "null" || text == "Null" || text == "NULL")
     }
 
     /// What kind of node this is, for error messages.
+    #[must_use]
     pub fn kind(&self) -> &'static str {
         match &self.value {
             _ if self.is_null() => "nothing (null)",

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IDENTITY_WORLD, IdentityValue,
@@ -12,8 +13,13 @@ use enforcer_common::{
 };
 use ipnet::IpNet;
 use policy::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
-use policy::{CompiledPolicy, Evaluator, Location, Packet, Verdict, compile};
+use policy::{CompiledPolicy, Evaluator, Location, Packet, Verdict, compile, compile_at};
 use proptest::prelude::*;
+
+/// The moment generated policies are compiled and evaluated at: 2026-11-25T12:30:00Z.
+fn now() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_mins(29_926_830)
+}
 
 const THREE_TIER: &str = include_str!("../../examples/three-tier.yaml");
 
@@ -219,6 +225,8 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
             proptest::collection::vec(selector_strategy(count), 1..3),
             proptest::collection::vec(selector_strategy(count), 1..3),
             proptest::option::of(proptest::collection::vec(port_strategy(), 1..3)),
+            // No expiry, expired before now(), or expiring after it.
+            0..3u8,
         );
         (identities, proptest::collection::vec(rule, 0..8)).prop_map(|(identities, rules)| Policy {
             documents: vec!["generated".to_owned()],
@@ -226,13 +234,18 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
             rules: rules
                 .into_iter()
                 .enumerate()
-                .map(|(i, (deny, from, to, ports))| Rule {
+                .map(|(i, (deny, from, to, ports, expiry))| Rule {
                     // Names not in index order, so "first by name" is exercised.
                     name: format!("rule-{}", (i * 7) % 11),
                     action: if deny { Action::Deny } else { Action::Allow },
                     from: from.into_iter().map(|selector| Peer { selector, location: here() }).collect(),
                     to: to.into_iter().map(|selector| Peer { selector, location: here() }).collect(),
                     ports,
+                    expires: match expiry {
+                        0 => None,
+                        1 => Some(now() - Duration::from_secs(1)),
+                        _ => Some(now() + Duration::from_hours(1)),
+                    },
                     location: here(),
                 })
                 .collect(),
@@ -273,10 +286,10 @@ proptest! {
         let mut policy = policy;
         let mut seen = std::collections::HashSet::new();
         policy.rules.retain(|r| seen.insert(r.name.clone()));
-        let compiled = compile(&policy);
+        let compiled = compile_at(&policy, now());
         let hosts: Vec<IpAddr> = HOST_ADDRESSES.iter().map(|a| a.parse().unwrap()).collect();
         let model = MapModel { compiled: &compiled, hosts: hosts.clone(), audit_all };
-        let evaluator = Evaluator::new(&policy).with_host_addresses(hosts).with_audit(audit_all);
+        let evaluator = Evaluator::new(&policy).with_host_addresses(hosts).with_audit(audit_all).at(now());
         for packet in &packets {
             let spec = evaluator.evaluate(packet);
             prop_assert_eq!((spec.verdict, spec.rule), model.decide(packet), "packet {:?}", packet);
@@ -284,4 +297,21 @@ proptest! {
             prop_assert_eq!((spec.verdict, spec.rule), model.decide_orphan_fragment(packet), "orphan fragment {:?}", packet);
         }
     }
+}
+
+#[test]
+fn expired_rules_lapse_by_themselves() {
+    let text = "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: t}\nspec:\n  identities:\n    - {name: ops, addresses: [\"10.9.0.0/24\"]}\n  rules:\n    - name: break-glass\n      from: [{identity: ops}]\n      to: [{identity: world}]\n      ports: [\"22/tcp\"]\n      expires: \"2026-11-25T12:30:00Z\"\n";
+    let parsed = policy::parse_str("t.yaml", text).unwrap();
+    let before = now() - Duration::from_secs(1);
+    let compiled = compile_at(&parsed, before);
+    assert_eq!(compiled.rules.len(), 1);
+    assert_eq!(compiled.next_expiry, Some(now()));
+    let ops = compiled.lookup_identity("10.9.0.1".parse().unwrap()).id;
+    assert!(compiled.lookup_policy(ops, IDENTITY_WORLD, 6, 22).is_some());
+    let after = compile_at(&parsed, now());
+    assert!(after.rules.is_empty() && after.policy_entries.is_empty() && after.next_expiry.is_none());
+    let ssh = tcp("10.9.0.1", "192.0.2.1", 22);
+    assert_eq!(Evaluator::new(&parsed).at(before).evaluate(&ssh).verdict, Verdict::Forward);
+    assert_eq!(Evaluator::new(&parsed).at(now()).evaluate(&ssh).verdict, Verdict::Drop(DropReason::DefaultDeny));
 }

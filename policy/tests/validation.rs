@@ -269,3 +269,11 @@ fn empty_directory_is_an_error() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(error.to_string().contains("no policy files (*.yaml, *.yml) found"), "{error}");
 }
+
+#[test]
+fn bad_expiry() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a}}]\n      to: [{{identity: b}}]\n      expires: \"next tuesday\"\n"
+    );
+    assert_one(&body, "p.yaml:17:16:", "`next tuesday` is not an RFC 3339 time");
+}

@@ -179,16 +179,22 @@ impl Daemon {
             args.push(interface);
         }
         let mut daemon = Self::spawn(&lab.router, &args, log)?;
+        daemon.wait_ready(&lab.router)?;
+        Ok(daemon)
+    }
+
+    /// Waits until `/readyz` on `metrics_addr` in `ns` answers 200.
+    pub fn wait_ready(&mut self, ns: &Netns) -> Result<(), LabError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = daemon.child.try_wait()? {
-                return Err(LabError::Daemon(format!("exited with {status}: {}", daemon.log_text())));
+            if let Some(status) = self.child.try_wait()? {
+                return Err(LabError::Daemon(format!("exited with {status}: {}", self.log_text())));
             }
-            if let Ok((200, _)) = probe::http_get(&lab.router, daemon.metrics_addr, "/readyz") {
-                return Ok(daemon);
+            if let Ok((200, _)) = probe::http_get(ns, self.metrics_addr, "/readyz") {
+                return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(LabError::Daemon(format!("no 200 from /readyz within 30 s: {}", daemon.log_text())));
+                return Err(LabError::Daemon(format!("no 200 from /readyz within 30 s: {}", self.log_text())));
             }
             std::thread::sleep(Duration::from_millis(50));
         }

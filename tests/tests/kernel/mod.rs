@@ -1,3 +1,6 @@
+// Shared by several test binaries, each using part of it.
+#![allow(dead_code)]
+
 //! Drives the real kernel programs through `BPF_PROG_TEST_RUN` and reports
 //! what they did to a frame, read from their own counters.
 

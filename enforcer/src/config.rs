@@ -1,0 +1,209 @@
+//! `bulkhead run` options: flags, a YAML config file (`--config`) that can
+//! set every one of them, and the defaults. Flags override the file; the file
+//! overrides the defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use enforcer::datapath::MapSizes;
+use policy::yaml::{Node, Value};
+
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9090";
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// YAML file setting any of the options below, named as the flags are
+    /// (`policy-dir`, `interface` as a list, `metrics-addr`, `audit`, `*-size`).
+    /// Flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of policy files (*.yaml, *.yml), merged. Required here or in the config file.
+    #[arg(long, value_name = "DIR")]
+    pub policy_dir: Option<PathBuf>,
+    /// Interface to enforce on (XDP ingress and TC egress); repeat for several. Required here or in the config file.
+    #[arg(long = "interface", value_name = "IF")]
+    pub interfaces: Vec<String>,
+    /// Address for the plain-HTTP /metrics, /healthz and /readyz endpoints [default: 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Audit mode for all traffic: pass what the policy would drop, and count
+    /// it in `bulkhead_audit_packets_total` with the would-be reason [default: off].
+    #[arg(long)]
+    pub audit: bool,
+    /// Tracked connection entries, two per connection [default: 262144].
+    #[arg(long, value_name = "N")]
+    pub conntrack_size: Option<u32>,
+    /// Single-address identity entries per address family, per policy slot [default: 131072].
+    #[arg(long, value_name = "N")]
+    pub identity_map_size: Option<u32>,
+    /// Prefix identity entries per address family, per policy slot [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub prefix_map_size: Option<u32>,
+    /// Policy trie entries, per policy slot [default: 524288].
+    #[arg(long, value_name = "N")]
+    pub policy_map_size: Option<u32>,
+    /// Remembered first fragments [default: 16384].
+    #[arg(long, value_name = "N")]
+    pub fragment_map_size: Option<u32>,
+}
+
+/// The options `bulkhead run` works with, after merging.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    pub policy_dir: PathBuf,
+    pub interfaces: Vec<String>,
+    pub metrics_addr: SocketAddr,
+    pub audit: bool,
+    pub sizes: MapSizes,
+}
+
+impl RunArgs {
+    /// Merges flags over the config file over the defaults.
+    pub fn resolve(&self) -> anyhow::Result<RunConfig> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --config {}; check the path", path.display()))?;
+                parse_file(&path.display().to_string(), &text)?
+            }
+            None => RunArgs::default(),
+        };
+        let defaults = MapSizes::default();
+        let interfaces = if self.interfaces.is_empty() { file.interfaces } else { self.interfaces.clone() };
+        let Some(policy_dir) = self.policy_dir.clone().or(file.policy_dir) else {
+            bail!("no policy directory: pass --policy-dir DIR or set `policy-dir` in the config file");
+        };
+        if interfaces.is_empty() {
+            bail!("no interface to enforce on: pass --interface IF (repeatable) or set `interface` in the config file");
+        }
+        let size = |flag: Option<u32>, file: Option<u32>, default: u32| flag.or(file).unwrap_or(default);
+        Ok(RunConfig {
+            policy_dir,
+            interfaces,
+            metrics_addr: self
+                .metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("default address is valid")),
+            audit: self.audit || file.audit,
+            sizes: MapSizes {
+                conntrack: size(self.conntrack_size, file.conntrack_size, defaults.conntrack),
+                identities: size(self.identity_map_size, file.identity_map_size, defaults.identities),
+                prefixes: size(self.prefix_map_size, file.prefix_map_size, defaults.prefixes),
+                policy: size(self.policy_map_size, file.policy_map_size, defaults.policy),
+                fragments: size(self.fragment_map_size, file.fragment_map_size, defaults.fragments),
+            },
+        })
+    }
+}
+
+/// Reads a config file into the same shape as the flags.
+fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
+    let file: Arc<str> = Arc::from(name);
+    let documents = policy::yaml::parse_documents(&file, text).map_err(|d| anyhow::anyhow!("{d}"))?;
+    let mut args = RunArgs::default();
+    let Some(document) = documents.first() else { return Ok(args) };
+    let Value::Mapping(entries) = &document.value else {
+        bail!("{}: the config file must be a mapping of option names to values", document.location);
+    };
+    let scalar = |node: &Node, key: &str| -> anyhow::Result<String> {
+        match &node.value {
+            Value::Scalar { text, .. } if !node.is_null() => Ok(text.clone()),
+            _ => bail!("{}: `{key}` must be a single value, found {}", node.location, node.kind()),
+        }
+    };
+    let number = |node: &Node, key: &str| -> anyhow::Result<u32> {
+        let text = scalar(node, key)?;
+        match text.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("{}: `{key}` must be a positive whole number, found `{text}`", node.location),
+        }
+    };
+    for (key_node, value) in entries {
+        let key = scalar(key_node, "option name")?;
+        let at = &value.location;
+        match key.as_str() {
+            "policy-dir" => args.policy_dir = Some(PathBuf::from(scalar(value, &key)?)),
+            "interface" | "interfaces" => match &value.value {
+                Value::Sequence(items) => {
+                    for item in items {
+                        args.interfaces.push(scalar(item, &key)?);
+                    }
+                }
+                _ => args.interfaces.push(scalar(value, &key)?),
+            },
+            "metrics-addr" => {
+                let text = scalar(value, &key)?;
+                args.metrics_addr = Some(
+                    text.parse().with_context(|| format!("{at}: `{text}` is not an address like 127.0.0.1:9090"))?,
+                );
+            }
+            "audit" => {
+                args.audit = match scalar(value, &key)?.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => bail!("{at}: `audit` must be true or false, found `{other}`"),
+                }
+            }
+            "conntrack-size" => args.conntrack_size = Some(number(value, &key)?),
+            "identity-map-size" => args.identity_map_size = Some(number(value, &key)?),
+            "prefix-map-size" => args.prefix_map_size = Some(number(value, &key)?),
+            "policy-map-size" => args.policy_map_size = Some(number(value, &key)?),
+            "fragment-map-size" => args.fragment_map_size = Some(number(value, &key)?),
+            other => bail!(
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size",
+                key_node.location
+            ),
+        }
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("bulkhead-config-{}-{}.yaml", std::process::id(), text.len()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let path = file(
+            "policy-dir: /etc/bulkhead/policy\ninterface: [eth0, eth1]\nmetrics-addr: 0.0.0.0:9100\nconntrack-size: 1000\naudit: true\n",
+        );
+        let args = RunArgs { config: Some(path.clone()), conntrack_size: Some(2000), ..RunArgs::default() };
+        let config = args.resolve().unwrap();
+        std::fs::remove_file(path).unwrap();
+        assert_eq!(config.policy_dir, PathBuf::from("/etc/bulkhead/policy"));
+        assert_eq!(config.interfaces, ["eth0", "eth1"]);
+        assert_eq!(config.metrics_addr, "0.0.0.0:9100".parse().unwrap());
+        assert!(config.audit);
+        assert_eq!(config.sizes.conntrack, 2000, "the flag wins");
+        assert_eq!(config.sizes.policy, MapSizes::default().policy, "default kept");
+    }
+
+    #[test]
+    fn file_errors_name_their_position() {
+        let path = file("policy-dir: /p\ninterface: eth0\nconntrack-sise: 5\n");
+        let error = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap_err();
+        std::fs::remove_file(path).unwrap();
+        assert!(error.to_string().contains(":3:1: unknown option `conntrack-sise`"), "{error}");
+        let path = file("policy-dir: /p\ninterface: eth0\nconntrack-size: lots\n");
+        let error = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap_err();
+        std::fs::remove_file(path).unwrap();
+        assert!(error.to_string().contains(":3:17: `conntrack-size` must be a positive whole number"), "{error}");
+    }
+
+    #[test]
+    fn required_options() {
+        let error = RunArgs { interfaces: vec!["eth0".into()], ..RunArgs::default() }.resolve().unwrap_err();
+        assert!(error.to_string().contains("--policy-dir"), "{error}");
+        let error = RunArgs { policy_dir: Some("/p".into()), ..RunArgs::default() }.resolve().unwrap_err();
+        assert!(error.to_string().contains("--interface"), "{error}");
+    }
+}

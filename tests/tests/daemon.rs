@@ -1,0 +1,177 @@
+//! The daemon as operators run it: a config file, map capacities, rules
+//! that expire by themselves, and the metrics SREs watch. Needs root; run
+//! through `cargo xtask test`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use lab::probe::{self, EchoServer, Outcome};
+use lab::{Daemon, ScratchDir, ThreeTier};
+
+fn three_tier() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier.yaml")).unwrap()
+}
+
+fn servers(lab: &ThreeTier) -> Vec<EchoServer> {
+    lab.hosts.iter().map(|h| EchoServer::start(&h.ns, &h.addrs(), &[22, 5432, 8080], &[8125]).unwrap()).collect()
+}
+
+fn addr(lab: &ThreeTier, host: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(lab.host(host).addr), port)
+}
+
+fn metric(lab: &ThreeTier, daemon: &Daemon, sample: &str) -> Option<u64> {
+    let (_, body) = probe::http_get(&lab.router, daemon.metrics_addr, "/metrics").unwrap();
+    probe::metric(&body, sample)
+}
+
+/// RFC 3339 for `time` (UTC), as an operator would write it.
+fn rfc3339(time: SystemTime) -> String {
+    let seconds = time.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+#[test]
+fn a_time_bound_rule_lapses_by_itself() {
+    let lab = ThreeTier::new("expires").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Room for the daemon to start and the first probes to run before it lapses.
+    let expiry = SystemTime::now() + Duration::from_secs(10);
+    let policy = three_tier().replace(
+        "      ports: [\"8080/tcp\"]\n",
+        &format!("      ports: [\"8080/tcp\"]\n      expires: \"{}\"\n", rfc3339(expiry)),
+    );
+    std::fs::write(dir.join("p.yaml"), &policy).unwrap();
+    let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
+    let _servers = servers(&lab);
+    let before = probe::tcp(&lab.host("gateway").ns, addr(&lab, "logic", 8080)).unwrap();
+    assert_eq!(before, Outcome::Connected, "{policy}\n{}", daemon.log_text());
+    assert!(SystemTime::now() < expiry, "the daemon took too long to start for this test's timing");
+    assert_eq!(probe::tcp(&lab.host("logic").ns, addr(&lab, "gateway", 8080)).unwrap(), Outcome::TimedOut);
+    // Wait out the expiry (the rule's time, plus the daemon's reaction).
+    while SystemTime::now() < expiry + Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&lab, &daemon, "bulkhead_policy_generation") < Some(2) {
+        assert!(Instant::now() < deadline, "no new generation after expiry: {}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(probe::tcp(&lab.host("gateway").ns, addr(&lab, "logic", 8080)).unwrap(), Outcome::TimedOut);
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_rules"), Some(4), "one rule fewer in force");
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total"), Some(0));
+    assert_eq!(probe::tcp(&lab.host("logic").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected, "others stay");
+}
+
+#[test]
+fn a_config_file_sets_every_option_and_flags_win() {
+    let lab = ThreeTier::new("config").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let interfaces: Vec<String> = lab.router_interfaces();
+    let config = format!(
+        "policy-dir: {}\ninterface: [{}]\nmetrics-addr: 127.0.0.1:9191\naudit: true\nconntrack-size: 4096\n",
+        dir.display(),
+        interfaces.join(", ")
+    );
+    let config_path = scratch.0.join("bulkhead.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let args =
+        ["--config".to_owned(), config_path.display().to_string(), "--conntrack-size".to_owned(), "2048".to_owned()];
+    let mut daemon = Daemon::spawn(&lab.router, &args, &scratch.0.join("log")).unwrap();
+    daemon.metrics_addr = "127.0.0.1:9191".parse().unwrap();
+    daemon.wait_ready(&lab.router).unwrap();
+    let _servers = servers(&lab);
+    // audit: true from the file: the outsider gets through, counted.
+    assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected);
+    let audited = "bulkhead_audit_packets_total{direction=\"ingress\",reason=\"default_deny\"}";
+    assert!(metric(&lab, &daemon, audited) >= Some(1));
+    assert_eq!(metric(&lab, &daemon, "bulkhead_map_capacity{map=\"conntrack\"}"), Some(2048), "the flag won");
+}
+
+#[test]
+fn a_policy_too_large_for_the_maps_is_refused_whole() {
+    let lab = ThreeTier::new("capacity").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let mut args =
+        vec!["--policy-dir".to_owned(), dir.display().to_string(), "--policy-map-size".to_owned(), "8".into()];
+    for interface in lab.router_interfaces() {
+        args.extend(["--interface".to_owned(), interface]);
+    }
+    let mut daemon = Daemon::spawn(&lab.router, &args, &scratch.0.join("log")).unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(20)).unwrap().expect("exits by itself");
+    assert!(!status.success());
+    let log = daemon.log_text();
+    assert!(log.contains("entries in map `POLICY`, which holds 8"), "{log}");
+    assert!(!lab.any_xdp_attached().unwrap());
+
+    // Enough room for the example, not for a larger change: the change is
+    // rejected, counted, and the example stays enforced.
+    let start = ["--policy-map-size", "40"];
+    let daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log2"), &start).unwrap();
+    let _servers = servers(&lab);
+    let bigger = three_tier().replace(
+        "  rules:\n",
+        "  rules:\n    - name: prod-anything\n      from: [{labels: {env: prod}}]\n      to: [{labels: {env: prod}}]\n      ports: [\"1-1000/udp\", \"2000-3000/udp\"]\n",
+    );
+    std::fs::write(dir.join(".p.yaml.new"), bigger).unwrap();
+    std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&lab, &daemon, "bulkhead_policy_load_errors_total") != Some(1) {
+        assert!(Instant::now() < deadline, "rejection not counted: {}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_generation"), Some(1));
+    assert_eq!(probe::tcp(&lab.host("gateway").ns, addr(&lab, "logic", 8080)).unwrap(), Outcome::Connected);
+}
+
+#[test]
+fn metrics_show_rule_hits_map_usage_and_apply_times() {
+    let lab = ThreeTier::new("metrics").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
+    let _servers = servers(&lab);
+    for _ in 0..3 {
+        assert_eq!(probe::tcp(&lab.host("gateway").ns, addr(&lab, "logic", 8080)).unwrap(), Outcome::Connected);
+    }
+    assert_eq!(probe::tcp(&lab.host("gateway").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut);
+    let hits = "bulkhead_policy_verdicts_total{action=\"allow\",rule=\"gateway-to-logic\"}";
+    assert_eq!(metric(&lab, &daemon, hits), Some(3), "one decision per new connection");
+    let denied = "bulkhead_policy_verdicts_total{action=\"deny\",rule=\"gateway-never-touches-data\"}";
+    assert_eq!(metric(&lab, &daemon, denied), Some(1));
+    assert_eq!(metric(&lab, &daemon, "bulkhead_map_capacity{map=\"policy\"}"), Some(524_288));
+    // Usage is refreshed every few seconds: wait for the connections to show.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&lab, &daemon, "bulkhead_conntrack_entries").unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "conntrack entries never reported");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let policy_entries = policy::compile(&policy::parse_str("p", &three_tier()).unwrap()).policy_entries.len() as u64;
+    assert_eq!(metric(&lab, &daemon, "bulkhead_map_entries{map=\"policy\"}"), Some(policy_entries));
+    assert!(metric(&lab, &daemon, "bulkhead_policy_apply_duration_seconds_count").is_some());
+    assert_eq!(metric(&lab, &daemon, "bulkhead_state_insert_failures_total{map=\"conntrack\"}"), Some(0));
+    let (_, body) = probe::http_get(&lab.router, daemon.metrics_addr, "/metrics").unwrap();
+    assert!(body.contains("bulkhead_build_info{version=\""), "{body}");
+}
