@@ -422,6 +422,23 @@ pub mod maps {
     pub const AUDIT_COUNTERS: &str = "AUDIT_COUNTERS";
     pub const RULE_VERDICTS: &str = "RULE_VERDICTS";
     pub const STATE_ERRORS: &str = "STATE_ERRORS";
+
+    /// Every map, for pinning.
+    pub const ALL: [&str; 13] = [
+        IDENTITY_V4_EXACT,
+        IDENTITY_V4_PREFIX,
+        IDENTITY_V6_EXACT,
+        IDENTITY_V6_PREFIX,
+        POLICY,
+        CONNTRACK,
+        CONFIG,
+        DROP_COUNTERS,
+        FORWARD_COUNTERS,
+        AUDIT_COUNTERS,
+        RULE_VERDICTS,
+        STATE_ERRORS,
+        FRAGMENTS,
+    ];
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
 }

@@ -48,6 +48,14 @@ pub struct RunArgs {
     /// Remembered first fragments [default: 16384].
     #[arg(long, value_name = "N")]
     pub fragment_map_size: Option<u32>,
+    /// Where maps and links are pinned, so enforcement survives restarts
+    /// and upgrades of the daemon [default: /sys/fs/bpf/bulkhead].
+    #[arg(long, value_name = "DIR")]
+    pub bpffs_root: Option<PathBuf>,
+    /// Detach and remove everything pinned when the daemon exits, instead of
+    /// leaving the node protected while it is down [default: off].
+    #[arg(long)]
+    pub detach_on_exit: bool,
 }
 
 /// The options `bulkhead run` works with, after merging.
@@ -58,7 +66,12 @@ pub struct RunConfig {
     pub metrics_addr: SocketAddr,
     pub audit: bool,
     pub sizes: MapSizes,
+    pub bpffs_root: PathBuf,
+    pub detach_on_exit: bool,
 }
+
+/// Where `bulkhead run` pins by default.
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/bulkhead";
 
 impl RunArgs {
     /// Merges flags over the config file over the defaults.
@@ -88,6 +101,12 @@ impl RunArgs {
                 .or(file.metrics_addr)
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("default address is valid")),
             audit: self.audit || file.audit,
+            bpffs_root: self
+                .bpffs_root
+                .clone()
+                .or(file.bpffs_root)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT)),
+            detach_on_exit: self.detach_on_exit || file.detach_on_exit,
             sizes: MapSizes {
                 conntrack: size(self.conntrack_size, file.conntrack_size, defaults.conntrack),
                 identities: size(self.identity_map_size, file.identity_map_size, defaults.identities),
@@ -152,8 +171,16 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             "prefix-map-size" => args.prefix_map_size = Some(number(value, &key)?),
             "policy-map-size" => args.policy_map_size = Some(number(value, &key)?),
             "fragment-map-size" => args.fragment_map_size = Some(number(value, &key)?),
+            "bpffs-root" => args.bpffs_root = Some(PathBuf::from(scalar(value, &key)?)),
+            "detach-on-exit" => {
+                args.detach_on_exit = match scalar(value, &key)?.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => bail!("{at}: `detach-on-exit` must be true or false, found `{other}`"),
+                }
+            }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, bpffs-root, detach-on-exit",
                 key_node.location
             ),
         }

@@ -5,12 +5,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::net::IpAddr;
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues};
-use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
-use aya::programs::xdp::XdpLinkId;
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachType};
+use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use enforcer_common::{
@@ -73,6 +75,18 @@ pub enum DatapathError {
         "the policy needs {needed} entries in map `{map}`, which holds {capacity}; raise its size or shrink the policy"
     )]
     Capacity { map: &'static str, needed: u32, capacity: u32 },
+    #[error("pinning under {path} failed: {source}; is bpffs mounted (`mount -t bpf bpf /sys/fs/bpf`)?")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the pinned link {path} cannot be used: {source}; run `bulkhead uninstall` and start again")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
     #[error("BPF_PROG_TEST_RUN of `{name}` failed: {source}")]
     TestRun {
         name: &'static str,
@@ -215,7 +229,21 @@ impl Datapath {
 
     /// Loads the object with the given map sizes.
     pub fn load_with(sizes: MapSizes) -> Result<Self, DatapathError> {
+        Self::load_pinned(sizes, None)
+    }
+
+    /// Loads the object with its maps pinned under `root/maps` (reusing the
+    /// maps already pinned there by an earlier daemon, so enforcement state,
+    /// policy and counters carry over), or unpinned if `root` is `None`.
+    pub fn load_pinned(sizes: MapSizes, root: Option<&Path>) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
+        let map_dir = root.map(|r| r.join("maps"));
+        if let Some(dir) = &map_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::Pin { path: dir.clone(), source })?;
+            for name in maps::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
         // Each map holds both slots.
         loader.map_max_entries(maps::IDENTITY_V4_EXACT, 2 * sizes.identities);
         loader.map_max_entries(maps::IDENTITY_V6_EXACT, 2 * sizes.identities);
@@ -278,20 +306,55 @@ impl Datapath {
     /// Attaches XDP (ingress; native mode where the driver has it) and the
     /// TC egress program (tcx where the kernel has it) to `interface`.
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        let link = self.xdp()?.attach(interface, XdpMode::Default).map_err(|source| DatapathError::Attach {
-            hook: "XDP",
-            interface: interface.to_owned(),
-            source,
-        })?;
-        self.xdp_links.push((interface.to_owned(), link));
+        self.attach_pinned(interface, None).map(drop)
+    }
+
+    /// As [`Datapath::attach`], keeping the links pinned under `root/links`
+    /// so they outlive the daemon. Where a link is already pinned there (an
+    /// earlier daemon's), its program is replaced atomically instead: the
+    /// interface is never unprotected. Returns whether links were adopted.
+    pub fn attach_pinned(&mut self, interface: &str, root: Option<&Path>) -> Result<bool, DatapathError> {
+        let attach_error = |hook| move |source| DatapathError::Attach { hook, interface: interface.to_owned(), source };
+        let link_error = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source: LinkError| DatapathError::Link { path, source }
+        };
+        let paths = root.map(|r| {
+            (r.join("links").join(format!("xdp-{interface}")), r.join("links").join(format!("tc-{interface}")))
+        });
+        if let Some((xdp_path, tc_path)) = &paths
+            && xdp_path.exists()
+            && tc_path.exists()
+        {
+            let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(xdp_path).map_err(link_error(xdp_path))?))
+                .map_err(link_error(xdp_path))?;
+            let id = self.xdp()?.attach_to_link(link).map_err(attach_error("XDP"))?;
+            self.xdp_links.push((interface.to_owned(), id));
+            let link = SchedClassifierLink::try_from(FdLink::from(
+                PinnedLink::from_pin(tc_path).map_err(link_error(tc_path))?,
+            ))
+            .map_err(link_error(tc_path))?;
+            let id = self.classifier()?.attach_to_link(link).map_err(attach_error("TC egress"))?;
+            self.tc_links.push((interface.to_owned(), id));
+            return Ok(true);
+        }
+        let id = self.xdp()?.attach(interface, XdpMode::Default).map_err(attach_error("XDP"))?;
+        if let Some((xdp_path, _)) = &paths {
+            let link = self.xdp()?.take_link(id).map_err(attach_error("XDP"))?;
+            pin_link(FdLink::try_from(link).map_err(link_error(xdp_path))?, xdp_path)?;
+        } else {
+            self.xdp_links.push((interface.to_owned(), id));
+        }
         // Kernels without tcx need a clsact qdisc; an existing one is fine.
         let _ = tc::qdisc_add_clsact(interface);
-        let link = self
-            .classifier()?
-            .attach(interface, TcAttachType::Egress)
-            .map_err(|source| DatapathError::Attach { hook: "TC egress", interface: interface.to_owned(), source })?;
-        self.tc_links.push((interface.to_owned(), link));
-        Ok(())
+        let id = self.classifier()?.attach(interface, TcAttachType::Egress).map_err(attach_error("TC egress"))?;
+        if let Some((_, tc_path)) = &paths {
+            let link = self.classifier()?.take_link(id).map_err(attach_error("TC egress"))?;
+            pin_link(FdLink::try_from(link).map_err(link_error(tc_path))?, tc_path)?;
+        } else {
+            self.tc_links.push((interface.to_owned(), id));
+        }
+        Ok(false)
     }
 
     /// Interfaces the programs are attached to.
@@ -329,6 +392,68 @@ impl Datapath {
         self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))?;
         self.last_flip = Instant::now();
         Ok(generation)
+    }
+
+    /// Takes over the state an earlier daemon left in pinned maps: the
+    /// enforced generation and what each slot holds, so the next `apply`
+    /// writes only what differs and flips slots as usual. Returns the
+    /// adopted generation (0 if the maps were new).
+    pub fn adopt_state(&mut self) -> Result<u32, DatapathError> {
+        let read = |name| move |source| DatapathError::Read { name, source };
+        let config = self.config.get(&CONFIG_INDEX, 0).map_err(read(maps::CONFIG))?;
+        if config.policy_generation == 0 {
+            return Ok(0);
+        }
+        self.config_value = config;
+        let mut found: [StdHashMap<IpNet, IdentityValue>; 2] = [StdHashMap::new(), StdHashMap::new()];
+        for key in self.maps.identity_v4_exact.keys() {
+            let key = key.map_err(read(maps::IDENTITY_V4_EXACT))?;
+            let value = self.maps.identity_v4_exact.get(&key, 0).map_err(read(maps::IDENTITY_V4_EXACT))?;
+            found[key.slot as usize & 1].insert(IpNet::from(IpAddr::from(key.addr)), value);
+        }
+        for key in self.maps.identity_v6_exact.keys() {
+            let key = key.map_err(read(maps::IDENTITY_V6_EXACT))?;
+            let value = self.maps.identity_v6_exact.get(&key, 0).map_err(read(maps::IDENTITY_V6_EXACT))?;
+            found[key.slot as usize & 1].insert(IpNet::from(IpAddr::from(key.addr)), value);
+        }
+        for key in self.maps.identity_v4_prefix.keys() {
+            let key = key.map_err(read(maps::IDENTITY_V4_PREFIX))?;
+            let value = self.maps.identity_v4_prefix.get(&key, 0).map_err(read(maps::IDENTITY_V4_PREFIX))?;
+            let data = key.data();
+            let addr = IpAddr::from([data[1], data[2], data[3], data[4]]);
+            if let Ok(net) = IpNet::new(addr, (key.prefix_len() - SLOT_BITS) as u8) {
+                found[data[0] as usize & 1].insert(net, value);
+            }
+        }
+        for key in self.maps.identity_v6_prefix.keys() {
+            let key = key.map_err(read(maps::IDENTITY_V6_PREFIX))?;
+            let value = self.maps.identity_v6_prefix.get(&key, 0).map_err(read(maps::IDENTITY_V6_PREFIX))?;
+            let data = key.data();
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&data[1..]);
+            if let Ok(net) = IpNet::new(IpAddr::from(octets), (key.prefix_len() - SLOT_BITS) as u8) {
+                found[data[0] as usize & 1].insert(net, value);
+            }
+        }
+        for key in self.maps.policy.keys() {
+            let key = key.map_err(read(maps::POLICY))?;
+            let value = self.maps.policy.get(&key, 0).map_err(read(maps::POLICY))?;
+            let data = key.data();
+            let slot = data.slot as usize & 1;
+            self.slots[slot].rules.insert((key.prefix_len(), PolicyKeyData { slot: 0, ..data }), value);
+        }
+        let active = slot_of(config.policy_generation);
+        self.host_addresses = found[active]
+            .iter()
+            .filter(|(net, value)| value.id == IDENTITY_HOST && net.prefix_len() == net.max_prefix_len())
+            .map(|(net, _)| net.addr())
+            .collect();
+        for (slot, identities) in found.into_iter().enumerate() {
+            self.slots[slot].compiled_identities =
+                identities.iter().filter(|(_, v)| v.id != IDENTITY_HOST).map(|(n, v)| (*n, *v)).collect();
+            self.slots[slot].identities = identities;
+        }
+        Ok(config.policy_generation)
     }
 
     /// The generation the kernel enforces (0 before the first `apply`).
@@ -476,6 +601,39 @@ impl Datapath {
         let fd = self.program_fd(hook)?;
         crate::testrun::run(fd, frame, repeat).map_err(|source| DatapathError::TestRun { name, source })
     }
+}
+
+/// Pins a link at `path`; the pin keeps it attached after the daemon exits.
+fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| DatapathError::Pin { path: dir.to_path_buf(), source })?;
+    }
+    link.pin(path).map_err(|error| DatapathError::Pin {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(error.to_string()),
+    })?;
+    Ok(())
+}
+
+/// Removes everything pinned under `root`: links first (each detaches when
+/// its pin goes), then the maps. Returns what was removed.
+pub fn uninstall(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for dir in ["links", "maps"] {
+        let dir = root.join(dir);
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+        std::fs::remove_dir(&dir)?;
+    }
+    if root.exists() {
+        std::fs::remove_dir(root)?;
+    }
+    Ok(removed)
 }
 
 /// Index of the identity map (v4 exact, v4 prefix, v6 exact, v6 prefix) an entry belongs in.

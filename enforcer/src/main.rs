@@ -26,6 +26,12 @@ enum Command {
     /// Work with policy files without touching the kernel.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Detach and remove everything `bulkhead run` pinned (the only command that detaches).
+    Uninstall {
+        /// The root `bulkhead run` pinned under.
+        #[arg(long, value_name = "DIR", default_value = config::DEFAULT_BPFFS_ROOT)]
+        bpffs_root: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -52,10 +58,25 @@ enum PolicyCommand {
     },
 }
 
+fn uninstall(root: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let removed = enforcer::datapath::uninstall(root)
+        .map_err(|error| anyhow::anyhow!("removing {} failed: {error}; are you root?", root.display()))?;
+    if removed.is_empty() {
+        println!("nothing pinned under {}: nothing to remove", root.display());
+    } else {
+        for path in &removed {
+            println!("removed {}", path.display());
+        }
+        println!("Bulkhead is detached from every interface it was attached to");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Uninstall { bpffs_root } => uninstall(&bpffs_root),
         Command::Policy(PolicyCommand::Check { paths }) => check::check(&paths),
         Command::Policy(PolicyCommand::Explain { policy_dir, from, to, audit }) => {
             check::explain(&policy_dir, &from, &to, audit)

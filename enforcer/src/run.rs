@@ -94,13 +94,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
     let compiled = policy::compile(&policy);
-    let mut datapath = Datapath::load_with(args.sizes)?;
-    datapath.set_host_addresses(&enforcer::host::addresses().context("listing the node's addresses failed")?)?;
-    let generation = datapath.apply(&compiled, args.audit)?;
-    for interface in &args.interfaces {
-        // On error `datapath` is dropped, which detaches what was attached.
-        datapath.attach(interface)?;
-    }
+    let root = args.bpffs_root.as_path();
+    let fresh = !root.join("links").exists();
+    let (datapath, generation) = match start_datapath(args, &compiled) {
+        Ok(started) => started,
+        Err(error) => {
+            // A failed first install leaves nothing behind; an adopted
+            // installation keeps enforcing what it enforced.
+            if fresh {
+                let _ = enforcer::datapath::uninstall(root);
+            }
+            return Err(error);
+        }
+    };
     log::info!(
         "enforcing {} identities and {} rules ({} identity entries, {} policy entries){} on {}",
         policy.identities.len(),
@@ -135,10 +141,38 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let _ = resync_tx.send(Resync::Stop);
     let _ = maintenance.join();
     shared.ready.store(false, Ordering::Release);
-    // Dropping the datapath detaches the programs and frees the maps.
     shared.datapath.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if args.detach_on_exit {
+        let removed = enforcer::datapath::uninstall(&args.bpffs_root)
+            .with_context(|| format!("removing {} failed", args.bpffs_root.display()))?;
+        log::info!("detached and removed {} pinned objects", removed.len());
+    } else {
+        log::info!(
+            "programs stay attached and enforcing from {}; `bulkhead uninstall` removes them",
+            args.bpffs_root.display()
+        );
+    }
     served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads (adopting what an earlier daemon pinned), applies the policy as a
+/// new generation, then attaches — replacing pinned programs atomically.
+fn start_datapath(args: &RunConfig, compiled: &policy::CompiledPolicy) -> anyhow::Result<(Datapath, u32)> {
+    let root = args.bpffs_root.as_path();
+    let mut datapath = Datapath::load_pinned(args.sizes, Some(root))?;
+    let adopted = datapath.adopt_state()?;
+    if adopted > 0 {
+        log::info!("adopted enforcement state (policy generation {adopted}) pinned under {}", root.display());
+    }
+    datapath.set_host_addresses(&enforcer::host::addresses().context("listing the node's addresses failed")?)?;
+    let generation = datapath.apply(compiled, args.audit)?;
+    for interface in &args.interfaces {
+        if datapath.attach_pinned(interface, Some(root))? {
+            log::info!("took over the programs attached to {interface} (replaced atomically)");
+        }
+    }
+    Ok((datapath, generation))
 }
 
 async fn serve_until_signal(

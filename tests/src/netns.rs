@@ -88,11 +88,14 @@ impl Netns {
         run("ip", &full)
     }
 
-    /// A command that will run inside this namespace.
+    /// A command that will run inside this network namespace. It enters the
+    /// network namespace only (`nsenter --net`), unlike `ip netns exec`,
+    /// which also remounts /sys and so would hide the host's bpffs, where
+    /// the daemon pins what must outlive it.
     #[must_use]
     pub fn command(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name, program]);
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/run/netns/{}", self.name)).arg("--").arg(program);
         command
     }
 

@@ -51,6 +51,14 @@ pub struct ThreeTier {
     pub stem: String,
 }
 
+impl Drop for ThreeTier {
+    /// Removes anything a daemon left pinned (unpinning detaches it); the
+    /// namespaces go with the fields.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.bpffs_root());
+    }
+}
+
 /// Host name, subnet's third octet.
 pub const HOSTS: [(&str, u8); 4] = [("gateway", 1), ("logic", 2), ("db", 3), ("outsider", 9)];
 
@@ -118,6 +126,18 @@ impl ThreeTier {
         self.hosts.iter().map(|h| h.router_interface.clone()).collect()
     }
 
+    /// Where daemons of this lab pin their maps and links.
+    #[must_use]
+    pub fn bpffs_root(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.stem)
+    }
+
+    /// Whether anything is pinned under the lab's bpffs root.
+    #[must_use]
+    pub fn anything_pinned(&self) -> bool {
+        self.bpffs_root().exists()
+    }
+
     /// Whether an XDP program is attached to any router interface. (This
     /// bpftool cannot list tcx links; tests check TC egress by its effect.)
     pub fn any_xdp_attached(&self) -> Result<bool, LabError> {
@@ -142,14 +162,17 @@ pub fn bulkhead_binary() -> PathBuf {
 }
 
 impl Daemon {
-    /// Starts `bulkhead run` in `ns` with the given extra arguments, without
-    /// waiting for it.
-    pub fn spawn(ns: &Netns, args: &[String], log: &Path) -> Result<Self, LabError> {
+    /// Starts `bulkhead run` in the lab's router with the given arguments,
+    /// pinning under the lab's own bpffs root, without waiting for it.
+    pub fn spawn(lab: &ThreeTier, args: &[String], log: &Path) -> Result<Self, LabError> {
+        let ns = &lab.router;
         let binary = bulkhead_binary();
         let log_file = std::fs::File::create(log)?;
         let child = ns
             .command(binary.to_str().unwrap_or("bulkhead"))
             .arg("run")
+            .arg("--bpffs-root")
+            .arg(lab.bpffs_root())
             .args(args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -165,20 +188,28 @@ impl Daemon {
     }
 
     /// Starts the daemon enforcing `policy_dir` on the router's interfaces
-    /// and waits until `/readyz` answers 200.
+    /// and waits until `/readyz` answers 200. It detaches when it exits.
     pub fn start(lab: &ThreeTier, policy_dir: &Path, log: &Path) -> Result<Self, LabError> {
         Self::start_with(lab, policy_dir, log, &[])
     }
 
     /// As [`Daemon::start`], with extra `bulkhead run` arguments.
     pub fn start_with(lab: &ThreeTier, policy_dir: &Path, log: &Path, extra: &[&str]) -> Result<Self, LabError> {
+        let mut with_detach = vec!["--detach-on-exit"];
+        with_detach.extend_from_slice(extra);
+        Self::start_persistent(lab, policy_dir, log, &with_detach)
+    }
+
+    /// As [`Daemon::start_with`], but leaving the programs attached and
+    /// pinned when the daemon exits, as production does.
+    pub fn start_persistent(lab: &ThreeTier, policy_dir: &Path, log: &Path, extra: &[&str]) -> Result<Self, LabError> {
         let mut args: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
         args.extend(["--policy-dir".to_owned(), policy_dir.display().to_string()]);
         for interface in lab.router_interfaces() {
             args.push("--interface".to_owned());
             args.push(interface);
         }
-        let mut daemon = Self::spawn(&lab.router, &args, log)?;
+        let mut daemon = Self::spawn(lab, &args, log)?;
         daemon.wait_ready(&lab.router)?;
         Ok(daemon)
     }
@@ -217,10 +248,16 @@ impl Daemon {
         if let Some(status) = self.child.try_wait()? {
             return Ok(Some(status));
         }
-        // `ip netns exec` execs the daemon, so the child pid is the daemon's.
+        // nsenter execs the daemon, so the child pid is the daemon's.
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).output();
         self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Kills the daemon with SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Everything the daemon printed so far.

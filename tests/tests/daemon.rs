@@ -94,7 +94,7 @@ fn a_config_file_sets_every_option_and_flags_win() {
     std::fs::write(&config_path, config).unwrap();
     let args =
         ["--config".to_owned(), config_path.display().to_string(), "--conntrack-size".to_owned(), "2048".to_owned()];
-    let mut daemon = Daemon::spawn(&lab.router, &args, &scratch.0.join("log")).unwrap();
+    let mut daemon = Daemon::spawn(&lab, &args, &scratch.0.join("log")).unwrap();
     daemon.metrics_addr = "127.0.0.1:9191".parse().unwrap();
     daemon.wait_ready(&lab.router).unwrap();
     let _servers = servers(&lab);
@@ -117,7 +117,7 @@ fn a_policy_too_large_for_the_maps_is_refused_whole() {
     for interface in lab.router_interfaces() {
         args.extend(["--interface".to_owned(), interface]);
     }
-    let mut daemon = Daemon::spawn(&lab.router, &args, &scratch.0.join("log")).unwrap();
+    let mut daemon = Daemon::spawn(&lab, &args, &scratch.0.join("log")).unwrap();
     let status = daemon.wait_exit(Duration::from_secs(20)).unwrap().expect("exits by itself");
     assert!(!status.success());
     let log = daemon.log_text();
@@ -174,4 +174,85 @@ fn metrics_show_rule_hits_map_usage_and_apply_times() {
     assert_eq!(metric(&lab, &daemon, "bulkhead_state_insert_failures_total{map=\"conntrack\"}"), Some(0));
     let (_, body) = probe::http_get(&lab.router, daemon.metrics_addr, "/metrics").unwrap();
     assert!(body.contains("bulkhead_build_info{version=\""), "{body}");
+}
+
+/// Repeated probes from another thread: (allowed outcomes, denied outcomes).
+fn probe_continuously(lab: &ThreeTier, stop: &std::sync::atomic::AtomicBool) -> (Vec<Outcome>, Vec<Outcome>) {
+    let mut allowed = Vec::new();
+    let mut denied = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        allowed.push(probe::tcp(&lab.host("gateway").ns, addr(lab, "logic", 8080)).unwrap());
+        denied.push(probe::tcp(&lab.host("outsider").ns, addr(lab, "db", 5432)).unwrap());
+    }
+    (allowed, denied)
+}
+
+#[test]
+fn enforcement_survives_sigkill_and_restart() {
+    let lab = ThreeTier::new("restart").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let _servers = servers(&lab);
+    let mut first = Daemon::start_persistent(&lab, &dir, &scratch.0.join("log1"), &[]).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (allowed, denied) = std::thread::scope(|scope| {
+        let probes = scope.spawn(|| probe_continuously(&lab, &stop));
+        std::thread::sleep(Duration::from_secs(1));
+        first.kill();
+        // The daemon is gone; the pinned programs and maps keep enforcing.
+        std::thread::sleep(Duration::from_secs(2));
+        let second = Daemon::start_persistent(&lab, &dir, &scratch.0.join("log2"), &[]).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let outcomes = probes.join().unwrap();
+        let log = second.log_text();
+        assert!(log.contains("adopted enforcement state (policy generation 1)"), "{log}");
+        assert!(log.contains("replaced atomically"), "{log}");
+        assert_eq!(
+            metric(&lab, &second, "bulkhead_policy_generation"),
+            Some(2),
+            "continues from the adopted generation"
+        );
+        outcomes
+    });
+    assert!(allowed.len() >= 3 && denied.len() >= 3, "too few probes: {} / {}", allowed.len(), denied.len());
+    assert!(allowed.iter().all(|o| *o == Outcome::Connected), "an allowed probe failed: {allowed:?}");
+    assert!(denied.iter().all(|o| *o == Outcome::TimedOut), "a denied probe passed: {denied:?}");
+}
+
+#[test]
+fn sigterm_leaves_the_node_protected_until_uninstall() {
+    let lab = ThreeTier::new("uninstall").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let _servers = servers(&lab);
+    let mut daemon = Daemon::start_persistent(&lab, &dir, &scratch.0.join("log"), &[]).unwrap();
+    let status = daemon.stop().unwrap().expect("exits on SIGTERM");
+    assert!(status.success(), "{}", daemon.log_text());
+    assert!(lab.any_xdp_attached().unwrap(), "still attached with the daemon gone");
+    assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut);
+    assert_eq!(probe::tcp(&lab.host("gateway").ns, addr(&lab, "logic", 8080)).unwrap(), Outcome::Connected);
+
+    let root = lab.bpffs_root();
+    let output = lab
+        .router
+        .command(lab::topology::bulkhead_binary().to_str().unwrap())
+        .args(["uninstall", "--bpffs-root", root.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("detached"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(!lab.any_xdp_attached().unwrap(), "uninstall detaches XDP");
+    assert!(!lab.anything_pinned(), "uninstall removes every pin");
+    assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected);
+    // Node traffic denied at TC egress before is open again too.
+    assert_eq!(probe::tcp(&lab.router, addr(&lab, "logic", 8080)).unwrap(), Outcome::Connected);
 }

@@ -204,6 +204,7 @@ fn sigterm_detaches_everything() {
     let status = env.daemon.stop().unwrap().expect("daemon exits on SIGTERM");
     assert!(status.success(), "exit status {status}: {}", env.daemon.log_text());
     assert!(!env.lab.any_xdp_attached().unwrap(), "XDP still attached after exit");
+    assert!(!env.lab.anything_pinned(), "--detach-on-exit removes the pins");
     // With nothing enforcing, the formerly denied paths are open again:
     // through XDP, and from the node itself through TC egress.
     assert_eq!(env.tcp("outsider", "db", 5432), Outcome::Connected);
@@ -211,7 +212,7 @@ fn sigterm_detaches_everything() {
 }
 
 fn run_once(lab: &ThreeTier, scratch: &ScratchDir, args: &[String]) -> (std::process::ExitStatus, String) {
-    let mut daemon = Daemon::spawn(&lab.router, args, &scratch.0.join("daemon.log")).unwrap();
+    let mut daemon = Daemon::spawn(lab, args, &scratch.0.join("daemon.log")).unwrap();
     let status = daemon.wait_exit(std::time::Duration::from_secs(20)).unwrap().expect("bulkhead should exit by itself");
     (status, daemon.log_text())
 }
@@ -234,6 +235,7 @@ fn invalid_policy_exits_non_zero_and_attaches_nothing() {
     assert!(log.contains("unknown protocol `udpx`"), "{log}");
     assert_eq!(log.trim().lines().count(), 1, "one-line error: {log}");
     assert!(!lab.any_xdp_attached().unwrap());
+    assert!(!lab.anything_pinned());
 }
 
 #[test]
@@ -252,4 +254,5 @@ fn missing_interface_exits_non_zero_and_attaches_nothing() {
     assert!(!status.success());
     assert!(log.contains("no-such-if"), "{log}");
     assert!(!lab.any_xdp_attached().unwrap());
+    assert!(!lab.anything_pinned());
 }
