@@ -393,11 +393,16 @@ pub enum StateError {
     /// A first fragment's verdict could not be remembered; its later
     /// fragments will be judged as orphans.
     Fragments = 1,
+    /// An event was not reported: over the per-CPU rate.
+    EventsRateLimited = 2,
+    /// An event was not reported: the ring was full (the daemon is behind).
+    EventsRingFull = 3,
 }
 
 impl StateError {
-    pub const COUNT: u32 = 2;
-    pub const ALL: [StateError; Self::COUNT as usize] = [StateError::Conntrack, StateError::Fragments];
+    pub const COUNT: u32 = 4;
+    pub const ALL: [StateError; Self::COUNT as usize] =
+        [StateError::Conntrack, StateError::Fragments, StateError::EventsRateLimited, StateError::EventsRingFull];
 
     /// The Prometheus `map` label.
     #[must_use]
@@ -405,9 +410,56 @@ impl StateError {
         match self {
             StateError::Conntrack => "conntrack",
             StateError::Fragments => "fragments",
+            StateError::EventsRateLimited => "rate_limit",
+            StateError::EventsRingFull => "ring_full",
         }
     }
 }
+
+/// A drop or audit, as the kernel reports it through the event ring.
+/// Identities and the deciding rule are resolved by the daemon, which
+/// keeps the kernel's side of this as cheap as possible.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns` (monotonic) when the packet was judged.
+    pub time_ns: u64,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    /// Destination port, or ICMP `type << 8 | code`.
+    pub dst_port: u16,
+    pub ifindex: u32,
+    /// A [`DropReason`] discriminant.
+    pub reason: u32,
+    /// [`EVENT_DROP`] or [`EVENT_AUDIT`].
+    pub verdict: u8,
+    /// A [`Direction`] discriminant.
+    pub direction: u8,
+    pub protocol: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    pub padding: u32,
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 64);
+
+/// [`Event::verdict`] of a dropped packet.
+pub const EVENT_DROP: u8 = 1;
+/// [`Event::verdict`] of a packet passed by audit mode.
+pub const EVENT_AUDIT: u8 = 2;
+
+/// Events each CPU may emit per second, and in one burst: a flood of drops
+/// must not flood the ring or the SIEM behind it. Excess is counted.
+pub const EVENTS_PER_SECOND: u64 = 1000;
+
+/// Per-CPU token bucket state for event rate limiting.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub tokens: u64,
+    pub refilled_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
 
 /// Map names, shared so the daemon never misspells one.
 pub mod maps {
@@ -423,8 +475,13 @@ pub mod maps {
     pub const RULE_VERDICTS: &str = "RULE_VERDICTS";
     pub const STATE_ERRORS: &str = "STATE_ERRORS";
 
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+
     /// Every map, for pinning.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
+        EVENTS,
+        EVENT_BUDGET,
         IDENTITY_V4_EXACT,
         IDENTITY_V4_PREFIX,
         IDENTITY_V6_EXACT,
@@ -451,6 +508,8 @@ mod pod {
     unsafe impl aya::Pod for super::IdentityValue {}
     unsafe impl aya::Pod for super::PolicyKeyData {}
     unsafe impl aya::Pod for super::IdentityKeyV4 {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::EventBudget {}
     unsafe impl aya::Pod for super::IdentityKeyV6 {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::FlowKey {}

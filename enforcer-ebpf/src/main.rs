@@ -16,6 +16,7 @@
 #![allow(clippy::inline_always)]
 
 mod conntrack;
+mod events;
 mod fragments;
 mod identity;
 mod maps;
@@ -55,7 +56,8 @@ const HEADERS_NEEDED: u32 = 160;
 #[allow(clippy::needless_pass_by_value, reason = "the signature #[xdp] requires")]
 pub fn bulkhead_xdp(ctx: XdpContext) -> u32 {
     let frame = Frame { start: ctx.data(), end: ctx.data_end(), wire_len: ctx.data_end() - ctx.data() };
-    if account(judge(&frame, Direction::Ingress), Direction::Ingress, frame.wire_len as u64) {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    if account(judge(&frame, Direction::Ingress, ifindex), Direction::Ingress, frame.wire_len as u64) {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -74,7 +76,9 @@ pub fn bulkhead_tc_egress(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(wanted);
     }
     let frame = Frame { start: ctx.data(), end: ctx.data_end(), wire_len: wire_len as usize };
-    if account(judge(&frame, Direction::Egress), Direction::Egress, u64::from(wire_len)) {
+    // SAFETY: the context points at the kernel's socket buffer for this run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if account(judge(&frame, Direction::Egress, ifindex), Direction::Egress, u64::from(wire_len)) {
         // Let any later program on the hook have its say.
         TC_ACT_UNSPEC
     } else {
@@ -103,7 +107,7 @@ fn account(verdict: Verdict, direction: Direction, bytes: u64) -> bool {
 }
 
 #[inline(always)]
-fn judge(frame: &Frame, direction: Direction) -> Verdict {
+fn judge(frame: &Frame, direction: Direction, ifindex: u32) -> Verdict {
     let mut packet = Packet::empty();
     match parse::parse(frame, &mut packet) {
         Parsed::NotIp => return Verdict::Pass,
@@ -122,6 +126,14 @@ fn judge(frame: &Frame, direction: Direction) -> Verdict {
         && !matches!(verdict, Verdict::Ignore)
     {
         fragments::remember(&packet, id, verdict, now);
+    }
+    let event = match verdict {
+        Verdict::Drop(reason) => Some(events::describe(&packet, direction, reason, false, ifindex, now)),
+        Verdict::Audit(reason) => Some(events::describe(&packet, direction, reason, true, ifindex, now)),
+        Verdict::Pass | Verdict::Ignore => None,
+    };
+    if let Some(event) = event {
+        events::report(&event);
     }
     verdict
 }

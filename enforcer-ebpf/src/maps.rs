@@ -2,11 +2,11 @@
 //! daemon may override them at load time.
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use enforcer_common::{
-    Config, Counter, DROP_COUNTER_ENTRIES, Direction, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityKeyV4,
-    IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, MAX_RULES, PolicyKeyData, PolicyValue,
-    StateError,
+    Config, Counter, DROP_COUNTER_ENTRIES, Direction, EventBudget, FlowKey, FlowValue, FragmentKey, FragmentValue,
+    IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, MAX_RULES, PolicyKeyData,
+    PolicyValue, StateError,
 };
 
 // Identity and policy keys start with the policy slot (see
@@ -65,3 +65,11 @@ pub static RULE_VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * M
 /// Failed state-table inserts, by `enforcer_common::StateError`.
 #[map]
 pub static STATE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(StateError::COUNT, 0);
+
+/// Drop and audit events for the daemon (JSON lines for a SIEM).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Per-CPU token bucket limiting how many events each CPU reports.
+#[map]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);

@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// leaving the node protected while it is down [default: off].
     #[arg(long)]
     pub detach_on_exit: bool,
+    /// Where drop and audit events go as JSON lines: `stdout`, `off`, or a
+    /// file path (appended to) [default: stdout].
+    #[arg(long, value_name = "stdout|off|FILE")]
+    pub events_to: Option<String>,
 }
 
 /// The options `bulkhead run` works with, after merging.
@@ -68,6 +72,15 @@ pub struct RunConfig {
     pub sizes: MapSizes,
     pub bpffs_root: PathBuf,
     pub detach_on_exit: bool,
+    pub events_to: EventsTo,
+}
+
+/// Where drop and audit events go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventsTo {
+    Stdout,
+    Off,
+    File(PathBuf),
 }
 
 /// Where `bulkhead run` pins by default.
@@ -107,6 +120,11 @@ impl RunArgs {
                 .or(file.bpffs_root)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT)),
             detach_on_exit: self.detach_on_exit || file.detach_on_exit,
+            events_to: match self.events_to.clone().or(file.events_to).as_deref() {
+                None | Some("stdout") => EventsTo::Stdout,
+                Some("off") => EventsTo::Off,
+                Some(path) => EventsTo::File(PathBuf::from(path)),
+            },
             sizes: MapSizes {
                 conntrack: size(self.conntrack_size, file.conntrack_size, defaults.conntrack),
                 identities: size(self.identity_map_size, file.identity_map_size, defaults.identities),
@@ -172,6 +190,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             "policy-map-size" => args.policy_map_size = Some(number(value, &key)?),
             "fragment-map-size" => args.fragment_map_size = Some(number(value, &key)?),
             "bpffs-root" => args.bpffs_root = Some(PathBuf::from(scalar(value, &key)?)),
+            "events-to" => args.events_to = Some(scalar(value, &key)?),
             "detach-on-exit" => {
                 args.detach_on_exit = match scalar(value, &key)?.as_str() {
                     "true" => true,
@@ -180,7 +199,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, bpffs-root, detach-on-exit",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, bpffs-root, detach-on-exit, events-to",
                 key_node.location
             ),
         }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachType};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
@@ -128,6 +128,7 @@ pub struct Datapath {
     audit_counters: PerCpuArray<MapData, Counter>,
     forward_counters: PerCpuArray<MapData, Counter>,
     state_errors: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
     /// Rule decisions of generations whose slot has since been reused.
     harvested_rules: BTreeMap<(String, Action), u64>,
     host_addresses: BTreeSet<IpAddr>,
@@ -276,6 +277,7 @@ impl Datapath {
             audit_counters: take(&mut ebpf, maps::AUDIT_COUNTERS)?,
             forward_counters: take(&mut ebpf, maps::FORWARD_COUNTERS)?,
             state_errors: take(&mut ebpf, maps::STATE_ERRORS)?,
+            events: Some(take(&mut ebpf, maps::EVENTS)?),
             harvested_rules: BTreeMap::new(),
             ebpf,
             xdp_links: Vec::new(),
@@ -454,6 +456,11 @@ impl Datapath {
             self.slots[slot].identities = identities;
         }
         Ok(config.policy_generation)
+    }
+
+    /// The ring of drop and audit events; the first caller gets it.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 
     /// The generation the kernel enforces (0 before the first `apply`).

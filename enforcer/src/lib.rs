@@ -2,6 +2,7 @@
 //! the integration tests and the benchmarks.
 
 pub mod datapath;
+pub mod events;
 pub mod host;
 pub mod metrics;
 pub mod server;

@@ -31,6 +31,35 @@ pub struct Usage {
     pub conntrack: (u64, u32),
 }
 
+/// Registers metrics into one fresh registry per scrape.
+struct Builder {
+    registry: Registry,
+}
+
+impl Builder {
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+        let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+        self.registry.register(Box::new(vec.clone()))?;
+        Ok(vec)
+    }
+
+    fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometheus::Error> {
+        let vec = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        self.registry.register(Box::new(vec.clone()))?;
+        Ok(vec)
+    }
+
+    fn gauge(&self, name: &str, help: &str, value: i64) -> Result<(), prometheus::Error> {
+        let gauge = IntGauge::new(name, help)?;
+        gauge.set(value);
+        self.registry.register(Box::new(gauge))
+    }
+}
+
+fn saturating(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
 /// Renders the text exposition.
 pub fn render(
     snapshot: &CounterSnapshot,
@@ -38,36 +67,46 @@ pub fn render(
     usage: &Usage,
     apply_duration: &Histogram,
 ) -> Result<String, prometheus::Error> {
-    let registry = Registry::new();
-    registry.register(Box::new(apply_duration.clone()))?;
-    let labelled = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-        let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
-        registry.register(Box::new(vec.clone()))?;
-        Ok(vec)
-    };
-    let drop_packets = labelled(
+    let builder = Builder { registry: Registry::new() };
+    builder.registry.register(Box::new(apply_duration.clone()))?;
+    traffic(&builder, snapshot)?;
+    policy_figures(&builder, snapshot, stats)?;
+    usage_figures(&builder, snapshot, usage)?;
+    let build = builder.gauges("bulkhead_build_info", "Build of the running daemon.", &["version"])?;
+    build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    let registry = builder.registry;
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Forwarded, dropped and audited packets and bytes.
+fn traffic(builder: &Builder, snapshot: &CounterSnapshot) -> Result<(), prometheus::Error> {
+    let by_reason = ["reason", "direction"];
+    let drop_packets = builder.counters(
         "bulkhead_drop_packets_total",
         "Packets dropped, by drop reason and direction.",
-        &["reason", "direction"],
+        &by_reason,
     )?;
-    let drop_bytes = labelled(
+    let drop_bytes = builder.counters(
         "bulkhead_drop_bytes_total",
         "Bytes of dropped packets, by drop reason and direction.",
-        &["reason", "direction"],
+        &by_reason,
     )?;
-    let forward_packets = labelled("bulkhead_forward_packets_total", "Packets passed, by direction.", &["direction"])?;
-    let forward_bytes =
-        labelled("bulkhead_forward_bytes_total", "Bytes of passed packets, by direction.", &["direction"])?;
-    let audit_packets = labelled(
+    let audit_packets = builder.counters(
         "bulkhead_audit_packets_total",
         "Packets audit mode passed that the policy would have dropped, by would-be reason and direction.",
-        &["reason", "direction"],
+        &by_reason,
     )?;
-    let audit_bytes = labelled(
+    let audit_bytes = builder.counters(
         "bulkhead_audit_bytes_total",
         "Bytes of packets audit mode passed, by would-be reason and direction.",
-        &["reason", "direction"],
+        &by_reason,
     )?;
+    let forward_packets =
+        builder.counters("bulkhead_forward_packets_total", "Packets passed, by direction.", &["direction"])?;
+    let forward_bytes =
+        builder.counters("bulkhead_forward_bytes_total", "Bytes of passed packets, by direction.", &["direction"])?;
     for direction in Direction::ALL {
         for reason in DropReason::ALL {
             let labels = [reason.label(), direction.label()];
@@ -82,23 +121,25 @@ pub fn render(
         forward_packets.with_label_values(&[direction.label()]).inc_by(counter.packets);
         forward_bytes.with_label_values(&[direction.label()]).inc_by(counter.bytes);
     }
-    let gauge = |name: &str, help: &str, value: i64| -> Result<(), prometheus::Error> {
-        let gauge = IntGauge::new(name, help)?;
-        gauge.set(value);
-        registry.register(Box::new(gauge))
-    };
-    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-    gauge("bulkhead_identities", "Identities declared by the enforced policy.", count(stats.identities))?;
-    gauge("bulkhead_policy_rules", "Rules in the enforced policy.", count(stats.rules))?;
-    gauge("bulkhead_policy_generation", "Generation of the enforced policy.", i64::from(stats.generation))?;
+    Ok(())
+}
+
+/// The enforced policy: size, generation, rejections, per-rule decisions.
+fn policy_figures(builder: &Builder, snapshot: &CounterSnapshot, stats: PolicyStats) -> Result<(), prometheus::Error> {
+    builder.gauge(
+        "bulkhead_identities",
+        "Identities declared by the enforced policy.",
+        saturating(stats.identities),
+    )?;
+    builder.gauge("bulkhead_policy_rules", "Rules in the enforced policy.", saturating(stats.rules))?;
+    builder.gauge("bulkhead_policy_generation", "Generation of the enforced policy.", i64::from(stats.generation))?;
     let errors = prometheus::IntCounter::new(
         "bulkhead_policy_load_errors_total",
         "Candidate policies rejected (the previous policy stayed enforced).",
     )?;
     errors.inc_by(stats.load_errors);
-    registry.register(Box::new(errors))?;
-
-    let verdicts = labelled(
+    builder.registry.register(Box::new(errors))?;
+    let verdicts = builder.counters(
         "bulkhead_policy_verdicts_total",
         "Policy decisions made by each rule (new and re-judged flows; established flows pass by conntrack).",
         &["rule", "action"],
@@ -106,38 +147,42 @@ pub fn render(
     for ((rule, action), count) in &snapshot.rules {
         verdicts.with_label_values(&[rule.as_str(), &action.to_string()]).inc_by(*count);
     }
-    let failures = labelled(
+    Ok(())
+}
+
+/// How full the maps are, and what the kernel could not record.
+fn usage_figures(builder: &Builder, snapshot: &CounterSnapshot, usage: &Usage) -> Result<(), prometheus::Error> {
+    let failures = builder.counters(
         "bulkhead_state_insert_failures_total",
         "State-table inserts the kernel could not make (the packet was still judged).",
         &["map"],
     )?;
+    let lost = builder.counters(
+        "bulkhead_events_lost_total",
+        "Drop and audit events not reported: over the per-CPU rate (rate_limit) or with the ring full (ring_full).",
+        &["cause"],
+    )?;
     for error in StateError::ALL {
-        failures.with_label_values(&[error.label()]).inc_by(snapshot.state_errors.get(&error).copied().unwrap_or(0));
+        let count = snapshot.state_errors.get(&error).copied().unwrap_or(0);
+        match error {
+            StateError::Conntrack | StateError::Fragments => failures.with_label_values(&[error.label()]).inc_by(count),
+            StateError::EventsRateLimited | StateError::EventsRingFull => {
+                lost.with_label_values(&[error.label()]).inc_by(count);
+            }
+        }
     }
-    let gauge_vec = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
-        let vec = IntGaugeVec::new(Opts::new(name, help), &["map"])?;
-        registry.register(Box::new(vec.clone()))?;
-        Ok(vec)
-    };
-    let entries = gauge_vec("bulkhead_map_entries", "Entries in each map.")?;
-    let capacity = gauge_vec("bulkhead_map_capacity", "Capacity of each map.")?;
+    let entries = builder.gauges("bulkhead_map_entries", "Entries in each map.", &["map"])?;
+    let capacity = builder.gauges("bulkhead_map_capacity", "Capacity of each map.", &["map"])?;
     let (ct_entries, ct_capacity) = usage.conntrack;
     for (map, used, size) in usage.maps.iter().copied().chain(std::iter::once(("conntrack", ct_entries, ct_capacity))) {
-        entries.with_label_values(&[map]).set(i64::try_from(used).unwrap_or(i64::MAX));
+        entries.with_label_values(&[map]).set(saturating(used));
         capacity.with_label_values(&[map]).set(i64::from(size));
     }
-    gauge(
+    builder.gauge(
         "bulkhead_conntrack_entries",
         "Tracked connection entries (two per connection).",
-        i64::try_from(ct_entries).unwrap_or(i64::MAX),
-    )?;
-    let build = IntGaugeVec::new(Opts::new("bulkhead_build_info", "Build of the running daemon."), &["version"])?;
-    build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-    registry.register(Box::new(build))?;
-
-    let mut out = Vec::new();
-    TextEncoder::new().encode(&registry.gather(), &mut out)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
+        saturating(ct_entries),
+    )
 }
 
 /// What the HTTP handlers share with the daemon.
@@ -145,6 +190,8 @@ pub struct Shared {
     pub datapath: Mutex<Option<Datapath>>,
     pub stats: Mutex<PolicyStats>,
     pub usage: Mutex<Usage>,
+    /// The enforced policy, for describing events.
+    pub policy: Mutex<Option<Arc<policy::Policy>>>,
     pub ready: std::sync::atomic::AtomicBool,
     /// Time from reading a changed policy to publishing its generation.
     pub apply_duration: Histogram,
@@ -166,6 +213,7 @@ impl Shared {
             datapath: Mutex::new(None),
             stats: Mutex::new(PolicyStats::default()),
             usage: Mutex::new(Usage::default()),
+            policy: Mutex::new(None),
             ready: std::sync::atomic::AtomicBool::new(false),
             apply_duration: apply_duration_histogram(),
         })
@@ -196,6 +244,7 @@ mod tests {
             "bulkhead_map_capacity{map=\"conntrack\"} 1000",
             "bulkhead_conntrack_entries 4",
             "bulkhead_state_insert_failures_total{map=\"conntrack\"} 0",
+            "bulkhead_events_lost_total{cause=\"rate_limit\"} 0",
             "bulkhead_policy_apply_duration_seconds_count 1",
             "bulkhead_build_info{version=",
         ] {

@@ -9,7 +9,7 @@
 use std::ffi::CString;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -21,7 +21,8 @@ use policy::{PolicyError, Source};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::RunArgs;
-use crate::config::RunConfig;
+use crate::config::{EventsTo, RunConfig};
+use enforcer::events::Sink;
 
 /// Capability bit numbers from `linux/capability.h`.
 const CAP_NET_ADMIN: u32 = 12;
@@ -96,7 +97,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let compiled = policy::compile(&policy);
     let root = args.bpffs_root.as_path();
     let fresh = !root.join("links").exists();
-    let (datapath, generation) = match start_datapath(args, &compiled) {
+    let (mut datapath, generation) = match start_datapath(args, &compiled) {
         Ok(started) => started,
         Err(error) => {
             // A failed first install leaves nothing behind; an adopted
@@ -122,6 +123,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         PolicyStats { identities: policy.identities.len(), rules: policy.rules.len(), generation, load_errors: 0 };
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
+    *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(policy.clone()));
+    let events = start_events(args, &mut datapath, &shared)?;
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
 
     let (resync_tx, resync_rx) = mpsc::channel::<Resync>();
@@ -141,6 +144,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let _ = resync_tx.send(Resync::Stop);
     let _ = maintenance.join();
     shared.ready.store(false, Ordering::Release);
+    if let Some((stop, pump)) = events {
+        stop.store(true, Ordering::Relaxed);
+        let _ = pump.join();
+    }
     shared.datapath.lock().unwrap_or_else(PoisonError::into_inner).take();
     if args.detach_on_exit {
         let removed = enforcer::datapath::uninstall(&args.bpffs_root)
@@ -154,6 +161,43 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A running event pump: its stop flag and thread.
+type EventPump = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
+
+/// Starts writing drop and audit events as JSON lines, unless turned off.
+fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>) -> anyhow::Result<Option<EventPump>> {
+    let sink =
+        match &args.events_to {
+            EventsTo::Off => return Ok(None),
+            EventsTo::Stdout => Sink::Stdout,
+            EventsTo::File(path) => {
+                Sink::File(std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| {
+                    format!("cannot open --events-to {}; check the directory exists", path.display())
+                })?)
+            }
+        };
+    let Some(ring) = datapath.take_events() else { return Ok(None) };
+    let stop = Arc::new(AtomicBool::new(false));
+    let pump = {
+        let (stop, shared) = (Arc::clone(&stop), Arc::clone(shared));
+        std::thread::spawn(move || {
+            let context = || {
+                let policy = shared.policy.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+                let hosts = shared
+                    .datapath
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                    .map(|d| d.host_addresses().iter().copied().collect())
+                    .unwrap_or_default();
+                Some((policy, hosts))
+            };
+            enforcer::events::pump(ring, sink, &stop, &context);
+        })
+    };
+    Ok(Some((stop, pump)))
 }
 
 /// Loads (adopting what an earlier daemon pinned), applies the policy as a
@@ -334,6 +378,8 @@ impl Maintainer<'_> {
                         stats.generation = generation;
                         stats.identities = policy.identities.len();
                         stats.rules = compiled.rules.len();
+                        *self.shared.policy.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(Arc::new(policy.clone()));
                         self.enforced = policy;
                         self.next_expiry = compiled.next_expiry;
                     }

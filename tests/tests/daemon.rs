@@ -256,3 +256,42 @@ fn sigterm_leaves_the_node_protected_until_uninstall() {
     // Node traffic denied at TC egress before is open again too.
     assert_eq!(probe::tcp(&lab.router, addr(&lab, "logic", 8080)).unwrap(), Outcome::Connected);
 }
+
+#[test]
+fn drops_are_reported_as_json_lines() {
+    let lab = ThreeTier::new("events").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let events = scratch.0.join("events.jsonl");
+    let events_arg = events.display().to_string();
+    let _daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log"), &["--events-to", &events_arg]).unwrap();
+    let _servers = servers(&lab);
+    assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut);
+    assert_eq!(probe::tcp(&lab.host("gateway").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&events).unwrap_or_default();
+        let records: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+        if records.len() >= 2 || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let find = |src: &str| {
+        records.iter().find(|r| r["src"] == src).unwrap_or_else(|| panic!("no event from {src}: {records:?}"))
+    };
+    let world = find("10.0.9.10");
+    assert_eq!(world["dst"], "10.0.3.10");
+    assert_eq!(world["dst_port"], 5432);
+    assert_eq!(world["protocol"], "tcp");
+    assert_eq!((world["src_identity"].as_str(), world["dst_identity"].as_str()), (Some("world"), Some("db")));
+    assert_eq!((world["reason"].as_str(), world["verdict"].as_str()), (Some("default_deny"), Some("drop")));
+    assert_eq!((world["interface"].as_str(), world["direction"].as_str()), (Some("to-outsider"), Some("ingress")));
+    assert!(world["time"].as_str().is_some_and(|t| t.ends_with('Z') && t.len() == 24), "{world}");
+    let deny = find("10.0.1.10");
+    assert_eq!(deny["rule"], "gateway-never-touches-data");
+    assert_eq!(deny["reason"], "deny_rule");
+}

@@ -1,0 +1,69 @@
+//! Drop and audit events, rate-limited per CPU so a flood of drops cannot
+//! flood the ring (or whatever reads it). Everything not reported is counted.
+
+use enforcer_common::{Direction, DropReason, EVENTS_PER_SECOND, Event, StateError};
+
+use crate::maps::{EVENT_BUDGET, EVENTS};
+use crate::parse::Packet;
+
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// Takes one token from this CPU's bucket; false if it is empty.
+#[inline(always)]
+fn take_token(now: u64) -> bool {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else { return false };
+    // SAFETY: per-CPU slot, so no other writer runs concurrently.
+    let budget = unsafe { &mut *budget };
+    let elapsed = now.saturating_sub(budget.refilled_ns);
+    if elapsed >= SECOND_NS / EVENTS_PER_SECOND {
+        let earned = elapsed / (SECOND_NS / EVENTS_PER_SECOND);
+        budget.tokens =
+            if budget.tokens + earned > EVENTS_PER_SECOND { EVENTS_PER_SECOND } else { budget.tokens + earned };
+        budget.refilled_ns = now;
+    }
+    if budget.tokens == 0 {
+        return false;
+    }
+    budget.tokens -= 1;
+    true
+}
+
+/// The event describing a dropped (`audit == false`) or audited packet.
+#[inline(always)]
+pub fn describe(
+    packet: &Packet,
+    direction: Direction,
+    reason: DropReason,
+    audit: bool,
+    ifindex: u32,
+    now: u64,
+) -> Event {
+    Event {
+        time_ns: now,
+        src_addr: packet.flow.src_addr,
+        dst_addr: packet.flow.dst_addr,
+        src_port: packet.flow.src_port,
+        dst_port: packet.policy_port,
+        ifindex,
+        reason: reason as u32,
+        verdict: if audit { enforcer_common::EVENT_AUDIT } else { enforcer_common::EVENT_DROP },
+        direction: direction as u8,
+        protocol: packet.flow.protocol,
+        family: packet.flow.family,
+        padding: 0,
+    }
+}
+
+/// Reports an event, within this CPU's budget. Not inlined: as its own
+/// subprogram it adds one call to each path instead of its branches, which
+/// keeps the programs well inside the verifier's limits.
+#[inline(never)]
+pub fn report(event: &Event) {
+    if !take_token(event.time_ns) {
+        crate::metrics::count_state_error(StateError::EventsRateLimited);
+        return;
+    }
+    if EVENTS.output::<Event>(event, 0).is_err() {
+        crate::metrics::count_state_error(StateError::EventsRingFull);
+    }
+}
