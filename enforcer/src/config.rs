@@ -2,6 +2,7 @@
 //! set every one of them, and the defaults. Flags override the file; the file
 //! overrides the defaults.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use enforcer::datapath::MapSizes;
 use policy::yaml::{Node, Value};
+
+use crate::api::{ApiConfig, Role};
 
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9090";
 
@@ -60,6 +63,22 @@ pub struct RunArgs {
     /// file path (appended to) [default: stdout].
     #[arg(long, value_name = "stdout|off|FILE")]
     pub events_to: Option<String>,
+    /// Address of the admin API (HTTPS, client certificate required); off unless set.
+    #[arg(long, value_name = "ADDR")]
+    pub api_addr: Option<SocketAddr>,
+    /// The API's server certificate chain (PEM); reloaded when the file changes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The API's private key (PEM); reloaded when the file changes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA that client certificates must chain to (PEM); reloaded when the file changes.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+    /// Grant a role to a client certificate subject (common name): `NAME=viewer` or
+    /// `NAME=operator`; repeatable. In the config file: `api-roles: {NAME: ROLE}`.
+    #[arg(long = "api-role", value_name = "NAME=ROLE")]
+    pub api_roles: Vec<String>,
 }
 
 /// The options `bulkhead run` works with, after merging.
@@ -73,6 +92,7 @@ pub struct RunConfig {
     pub bpffs_root: PathBuf,
     pub detach_on_exit: bool,
     pub events_to: EventsTo,
+    pub api: Option<ApiConfig>,
 }
 
 /// Where drop and audit events go.
@@ -97,6 +117,7 @@ impl RunArgs {
             }
             None => RunArgs::default(),
         };
+        let api = self.api(&file)?;
         let defaults = MapSizes::default();
         let interfaces = if self.interfaces.is_empty() { file.interfaces } else { self.interfaces.clone() };
         let Some(policy_dir) = self.policy_dir.clone().or(file.policy_dir) else {
@@ -120,7 +141,8 @@ impl RunArgs {
                 .or(file.bpffs_root)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT)),
             detach_on_exit: self.detach_on_exit || file.detach_on_exit,
-            events_to: match self.events_to.clone().or(file.events_to).as_deref() {
+            api,
+            events_to: match self.events_to.clone().or(file.events_to.clone()).as_deref() {
                 None | Some("stdout") => EventsTo::Stdout,
                 Some("off") => EventsTo::Off,
                 Some(path) => EventsTo::File(PathBuf::from(path)),
@@ -133,6 +155,34 @@ impl RunArgs {
                 fragments: size(self.fragment_map_size, file.fragment_map_size, defaults.fragments),
             },
         })
+    }
+}
+
+impl RunArgs {
+    /// The admin API settings, if `api-addr` is set anywhere.
+    fn api(&self, file: &RunArgs) -> anyhow::Result<Option<ApiConfig>> {
+        let Some(addr) = self.api_addr.or(file.api_addr) else { return Ok(None) };
+        let need = |flag: &Option<PathBuf>, from_file: &Option<PathBuf>, name: &str| {
+            flag.clone()
+                .or_else(|| from_file.clone())
+                .with_context(|| format!("--api-addr needs --{name} (or `{name}` in the config file)"))
+        };
+        let mut roles = HashMap::new();
+        for grant in file.api_roles.iter().chain(&self.api_roles) {
+            let Some((name, role)) = grant.rsplit_once('=') else {
+                bail!("--api-role `{grant}` is not NAME=ROLE");
+            };
+            let role = Role::parse(role)
+                .with_context(|| format!("unknown role `{role}` in `{grant}`; use viewer or operator"))?;
+            roles.insert(name.to_owned(), role);
+        }
+        Ok(Some(ApiConfig {
+            addr,
+            cert: need(&self.tls_cert, &file.tls_cert, "tls-cert")?,
+            key: need(&self.tls_key, &file.tls_key, "tls-key")?,
+            client_ca: need(&self.client_ca, &file.client_ca, "client-ca")?,
+            roles,
+        }))
     }
 }
 
@@ -191,6 +241,23 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             "fragment-map-size" => args.fragment_map_size = Some(number(value, &key)?),
             "bpffs-root" => args.bpffs_root = Some(PathBuf::from(scalar(value, &key)?)),
             "events-to" => args.events_to = Some(scalar(value, &key)?),
+            "api-addr" => {
+                let text = scalar(value, &key)?;
+                args.api_addr = Some(
+                    text.parse().with_context(|| format!("{at}: `{text}` is not an address like 127.0.0.1:9443"))?,
+                );
+            }
+            "tls-cert" => args.tls_cert = Some(PathBuf::from(scalar(value, &key)?)),
+            "tls-key" => args.tls_key = Some(PathBuf::from(scalar(value, &key)?)),
+            "client-ca" => args.client_ca = Some(PathBuf::from(scalar(value, &key)?)),
+            "api-roles" => {
+                let Value::Mapping(grants) = &value.value else {
+                    bail!("{at}: `api-roles` must map certificate names to roles");
+                };
+                for (name, role) in grants {
+                    args.api_roles.push(format!("{}={}", scalar(name, &key)?, scalar(role, &key)?));
+                }
+            }
             "detach-on-exit" => {
                 args.detach_on_exit = match scalar(value, &key)?.as_str() {
                     "true" => true,
@@ -199,7 +266,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, bpffs-root, detach-on-exit, events-to",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, bpffs-root, detach-on-exit, events-to, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location
             ),
         }

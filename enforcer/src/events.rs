@@ -132,6 +132,8 @@ pub fn describe(event: &Event, evaluator: &policy::Evaluator<'_>, unix_offset_ns
 pub enum Sink {
     Stdout,
     File(std::fs::File),
+    /// Only to API subscribers.
+    Off,
 }
 
 /// Reads the ring until `stop`, writing one JSON line per event. `context`
@@ -141,6 +143,7 @@ pub fn pump(
     mut sink: Sink,
     stop: &AtomicBool,
     context: &dyn Fn() -> Option<(std::sync::Arc<policy::Policy>, Vec<IpAddr>)>,
+    publish: &dyn Fn(&[String]),
 ) {
     let offset = monotonic_to_unix_offset();
     while !stop.load(Ordering::Relaxed) {
@@ -167,9 +170,11 @@ pub fn pump(
                 lines.push(line);
             }
         }
+        publish(&lines);
         let written = match &mut sink {
             Sink::Stdout => write_lines(&mut std::io::stdout().lock(), &lines),
             Sink::File(file) => write_lines(file, &lines),
+            Sink::Off => Ok(()),
         };
         if let Err(error) = written {
             log::warn!("writing events failed: {error}");

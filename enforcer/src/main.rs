@@ -1,6 +1,8 @@
 //! `bulkhead`: the Bulkhead daemon and CLI.
 
+mod api;
 mod check;
+mod client;
 mod config;
 mod run;
 
@@ -32,12 +34,37 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = config::DEFAULT_BPFFS_ROOT)]
         bpffs_root: std::path::PathBuf,
     },
+    /// Show a daemon's state through its admin API (viewer role).
+    Status(client::ServerArgs),
+    /// Show drop and audit events through a daemon's admin API (viewer role).
+    Flows {
+        #[command(flatten)]
+        server: client::ServerArgs,
+        /// Keep streaming new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate policy files or directories; exit 1 with one `file:line:col: message` line per problem.
     Check {
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Push policy files to a daemon through its admin API (operator role);
+    /// validated like files, and a rejected push changes nothing.
+    Push {
+        #[command(flatten)]
+        server: client::ServerArgs,
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Compare policy files with what a daemon enforces (viewer role).
+    Diff {
+        #[command(flatten)]
+        server: client::ServerArgs,
         #[arg(value_name = "PATH", required = true)]
         paths: Vec<PathBuf>,
     },
@@ -77,6 +104,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Uninstall { bpffs_root } => uninstall(&bpffs_root),
+        Command::Status(server) => client::status(&server),
+        Command::Flows { server, follow } => client::flows(&server, follow),
+        Command::Policy(PolicyCommand::Push { server, paths }) => client::push(&server, &paths),
+        Command::Policy(PolicyCommand::Diff { server, paths }) => client::diff(&server, &paths),
         Command::Policy(PolicyCommand::Check { paths }) => check::check(&paths),
         Command::Policy(PolicyCommand::Explain { policy_dir, from, to, audit }) => {
             check::explain(&policy_dir, &from, &to, audit)

@@ -192,6 +192,14 @@ pub struct Shared {
     pub usage: Mutex<Usage>,
     /// The enforced policy, for describing events.
     pub policy: Mutex<Option<Arc<policy::Policy>>>,
+    /// The sources of the enforced policy (files or a push), for the API.
+    pub sources: Mutex<Vec<policy::Source>>,
+    /// Why the last candidate policy was rejected, if it was.
+    pub last_error: Mutex<Option<String>>,
+    /// Live drop and audit events (JSON lines) for API subscribers.
+    pub events: tokio::sync::broadcast::Sender<String>,
+    /// The most recent events, for `bulkhead flows` without `--follow`.
+    pub recent_events: Mutex<std::collections::VecDeque<String>>,
     pub ready: std::sync::atomic::AtomicBool,
     /// Time from reading a changed policy to publishing its generation.
     pub apply_duration: Histogram,
@@ -214,6 +222,10 @@ impl Shared {
             stats: Mutex::new(PolicyStats::default()),
             usage: Mutex::new(Usage::default()),
             policy: Mutex::new(None),
+            sources: Mutex::new(Vec::new()),
+            last_error: Mutex::new(None),
+            events: tokio::sync::broadcast::channel(4096).0,
+            recent_events: Mutex::new(std::collections::VecDeque::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
             apply_duration: apply_duration_histogram(),
         })

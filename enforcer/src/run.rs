@@ -21,6 +21,7 @@ use policy::{PolicyError, Source};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::RunArgs;
+use crate::api::Push;
 use crate::config::{EventsTo, RunConfig};
 use enforcer::events::Sink;
 
@@ -128,11 +129,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
 
     let (resync_tx, resync_rx) = mpsc::channel::<Resync>();
+    let (push_tx, push_rx) = mpsc::channel::<Push>();
+    shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone_from(&sources);
     let maintenance = {
         let shared = Arc::clone(&shared);
         let audit = args.audit;
         let next_expiry = compiled.next_expiry;
-        std::thread::spawn(move || maintain(&shared, &dir, (sources, policy, next_expiry), audit, &resync_rx))
+        std::thread::spawn(move || {
+            maintain(&shared, &dir, (sources, policy, next_expiry), audit, (&resync_rx, &push_rx));
+        })
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -140,7 +145,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime failed")?;
-    let served = runtime.block_on(serve_until_signal(args, &shared, &resync_tx));
+    let served = runtime.block_on(serve_until_signal(args, &shared, &resync_tx, push_tx));
     let _ = resync_tx.send(Resync::Stop);
     let _ = maintenance.join();
     shared.ready.store(false, Ordering::Release);
@@ -163,6 +168,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Events kept for `bulkhead flows` without `--follow`.
+const RECENT_EVENTS: usize = 1000;
+
 /// A running event pump: its stop flag and thread.
 type EventPump = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
 
@@ -170,7 +178,7 @@ type EventPump = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
 fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>) -> anyhow::Result<Option<EventPump>> {
     let sink =
         match &args.events_to {
-            EventsTo::Off => return Ok(None),
+            EventsTo::Off => Sink::Off,
             EventsTo::Stdout => Sink::Stdout,
             EventsTo::File(path) => {
                 Sink::File(std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| {
@@ -194,7 +202,17 @@ fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>)
                     .unwrap_or_default();
                 Some((policy, hosts))
             };
-            enforcer::events::pump(ring, sink, &stop, &context);
+            let publish = |lines: &[String]| {
+                let mut recent = shared.recent_events.lock().unwrap_or_else(PoisonError::into_inner);
+                for line in lines {
+                    let _ = shared.events.send(line.clone());
+                    if recent.len() == RECENT_EVENTS {
+                        recent.pop_front();
+                    }
+                    recent.push_back(line.clone());
+                }
+            };
+            enforcer::events::pump(ring, sink, &stop, &context, &publish);
         })
     };
     Ok(Some((stop, pump)))
@@ -223,7 +241,12 @@ async fn serve_until_signal(
     args: &RunConfig,
     shared: &Arc<Shared>,
     resync: &mpsc::Sender<Resync>,
+    push: mpsc::Sender<Push>,
 ) -> anyhow::Result<()> {
+    let mut api = match &args.api {
+        Some(config) => tokio::spawn(crate::api::serve(config.clone(), Arc::clone(shared), push)),
+        None => tokio::spawn(std::future::pending()),
+    };
     let listener = enforcer::server::bind(args.metrics_addr)
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {}; pick a free address", args.metrics_addr))?;
@@ -238,6 +261,11 @@ async fn serve_until_signal(
             _ = terminate.recv() => { log::info!("SIGTERM received, shutting down"); return Ok(()); }
             _ = interrupt.recv() => { log::info!("SIGINT received, shutting down"); return Ok(()); }
             _ = hangup.recv() => { let _ = resync.send(Resync::Now); }
+            result = &mut api => return match result {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the admin API stopped unexpectedly")),
+                Ok(Err(error)) => Err(error.context("the admin API failed")),
+                Err(error) => Err(anyhow::Error::new(error).context("the admin API panicked")),
+            },
             result = &mut server => return match result {
                 Ok(Ok(())) => Err(anyhow::anyhow!("the metrics server stopped unexpectedly")),
                 Ok(Err(error)) => Err(anyhow::Error::new(error).context("the metrics server failed")),
@@ -280,7 +308,7 @@ fn maintain(
     dir: &Path,
     start: (Vec<Source>, policy::Policy, Option<SystemTime>),
     audit: bool,
-    resync: &mpsc::Receiver<Resync>,
+    (resync, pushes): (&mpsc::Receiver<Resync>, &mpsc::Receiver<Push>),
 ) {
     let watcher = match enforcer::watch::Watcher::new(dir) {
         Ok(watcher) => Some(watcher),
@@ -300,6 +328,9 @@ fn maintain(
             std::thread::sleep(WAIT_SLICE);
             false
         };
+        while let Ok(push) = pushes.try_recv() {
+            maintainer.push(push);
+        }
         let forced = match resync.try_recv() {
             Ok(Resync::Stop) | Err(TryRecvError::Disconnected) => return,
             Ok(Resync::Now) => true,
@@ -321,7 +352,113 @@ fn maintain(
     }
 }
 
+/// Names added, removed and changed between two policies, for the audit log.
+fn change_summary(old: &policy::Policy, new: &policy::Policy) -> String {
+    fn describe<T: std::fmt::Debug>(items: &[(String, T)]) -> std::collections::BTreeMap<String, String> {
+        items.iter().map(|(name, item)| (name.clone(), format!("{item:?}"))).collect()
+    }
+    let identities = |p: &policy::Policy| {
+        describe(
+            &p.identities
+                .iter()
+                .map(|i| (i.name.clone(), (&i.labels, i.addresses.iter().map(|a| a.net).collect::<Vec<_>>(), i.mode)))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let rules = |p: &policy::Policy| {
+        describe(
+            &p.rules
+                .iter()
+                .map(|r| {
+                    let peers =
+                        |list: &[policy::model::Peer]| list.iter().map(|p| p.selector.clone()).collect::<Vec<_>>();
+                    (r.name.clone(), (r.action, peers(&r.from), peers(&r.to), r.ports.clone(), r.expires))
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    let diff = |old: std::collections::BTreeMap<String, String>, new: std::collections::BTreeMap<String, String>| {
+        let added = new.keys().filter(|k| !old.contains_key(*k)).count();
+        let removed = old.keys().filter(|k| !new.contains_key(*k)).count();
+        let changed = new.iter().filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v)).count();
+        format!("+{added} -{removed} ~{changed}")
+    };
+    format!("identities {}, rules {}", diff(identities(old), identities(new)), diff(rules(old), rules(new)))
+}
+
 impl Maintainer<'_> {
+    /// Applies a policy pushed through the API, validated exactly like
+    /// files; a rejected push changes nothing. It stays enforced until the
+    /// policy directory changes.
+    fn push(&mut self, push: Push) {
+        let started = Instant::now();
+        let digest = crate::api::digest(&push.sources);
+        let answer = match policy::parse_sources(&push.sources) {
+            Err(error) => {
+                let problems: Vec<String> = match &error {
+                    PolicyError::Invalid { diagnostics } => diagnostics.iter().map(ToString::to_string).collect(),
+                    other => vec![other.to_string()],
+                };
+                self.reject(&format!("push by `{}`: {error}", push.who));
+                log::warn!(target: "audit", "who={} action=push result=rejected digest=sha256:{digest} problems={}", push.who, problems.len());
+                Err(problems)
+            }
+            Ok(policy) => {
+                let compiled = policy::compile(&policy);
+                let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+                match guard.as_mut().map(|d| d.apply(&compiled, self.audit)) {
+                    Some(Ok(generation)) => {
+                        drop(guard);
+                        self.shared.apply_duration.observe(started.elapsed().as_secs_f64());
+                        log::info!(
+                            target: "audit",
+                            "who={} action=push result=applied generation={generation} digest=sha256:{digest} {}",
+                            push.who,
+                            change_summary(&self.enforced, &policy)
+                        );
+                        self.enforced_now(&policy, &compiled, generation, push.sources);
+                        Ok(generation)
+                    }
+                    Some(Err(error)) => {
+                        drop(guard);
+                        self.reject(&format!("push by `{}`: {error}", push.who));
+                        Err(vec![error.to_string()])
+                    }
+                    None => Err(vec!["the daemon is shutting down".to_owned()]),
+                }
+            }
+        };
+        let _ = push.reply.send(answer);
+    }
+
+    /// Records a rejected candidate: counted, shown in status, logged.
+    fn reject(&self, why: &str) {
+        log::error!("rejected policy change, previous policy stays enforced: {why}");
+        self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).load_errors += 1;
+        *self.shared.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.to_owned());
+    }
+
+    /// Records a newly enforced policy everywhere the daemon reports it.
+    fn enforced_now(
+        &mut self,
+        policy: &policy::Policy,
+        compiled: &policy::CompiledPolicy,
+        generation: u32,
+        sources: Vec<Source>,
+    ) {
+        {
+            let mut stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            stats.generation = generation;
+            stats.identities = policy.identities.len();
+            stats.rules = compiled.rules.len();
+        }
+        *self.shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(policy.clone()));
+        *self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner) = sources;
+        *self.shared.last_error.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.enforced = policy.clone();
+        self.next_expiry = compiled.next_expiry;
+    }
+
     fn sync_host_addresses(&self) {
         let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(datapath) = guard.as_mut() else { return };
@@ -355,49 +492,48 @@ impl Maintainer<'_> {
         if unchanged && !expired {
             return;
         }
-        let parsed = if unchanged {
-            Ok((self.last_seen.clone(), self.enforced.clone()))
-        } else {
-            candidate.and_then(|sources| policy::parse_sources(&sources).map(|p| (sources, p)))
-        };
-        let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(datapath) = guard.as_mut() else { return };
-        let mut stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
-        match parsed {
+        if unchanged {
+            // Only a rule lapsed: re-compile what is enforced (files or a push).
+            let policy = self.enforced.clone();
+            self.enforce(&policy, None, started, "a rule expired");
+            return;
+        }
+        match candidate.and_then(|sources| policy::parse_sources(&sources).map(|p| (sources, p))) {
             Ok((sources, policy)) => {
-                let compiled = policy::compile(&policy);
-                match datapath.apply(&compiled, self.audit) {
-                    Ok(generation) => {
-                        self.shared.apply_duration.observe(started.elapsed().as_secs_f64());
-                        log::info!(
-                            "applied policy generation {generation}: {} identities, {} rules in force{}",
-                            policy.identities.len(),
-                            compiled.rules.len(),
-                            if expired { " (a rule expired)" } else { "" }
-                        );
-                        stats.generation = generation;
-                        stats.identities = policy.identities.len();
-                        stats.rules = compiled.rules.len();
-                        *self.shared.policy.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some(Arc::new(policy.clone()));
-                        self.enforced = policy;
-                        self.next_expiry = compiled.next_expiry;
-                    }
-                    Err(error) => {
-                        log::error!("rejected policy change, previous policy stays enforced: {error}");
-                        stats.load_errors += 1;
-                    }
-                }
-                self.last_seen = sources;
+                self.last_seen.clone_from(&sources);
+                self.enforce(&policy, Some(sources), started, "the policy files changed");
             }
             Err(error) => {
-                log::error!("rejected policy change, previous policy stays enforced: {error}");
-                stats.load_errors += 1;
+                self.reject(&error.to_string());
                 // Remember the rejected content so it is reported once, not every second.
                 if let Ok(sources) = policy::read_sources(std::slice::from_ref(&self.dir.to_path_buf())) {
                     self.last_seen = sources;
                 }
             }
+        }
+    }
+
+    /// Compiles and applies `policy`; `sources` replace the reported ones if given.
+    fn enforce(&mut self, policy: &policy::Policy, sources: Option<Vec<Source>>, started: Instant, why: &str) {
+        let compiled = policy::compile(policy);
+        let applied = {
+            let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(datapath) = guard.as_mut() else { return };
+            datapath.apply(&compiled, self.audit)
+        };
+        match applied {
+            Ok(generation) => {
+                self.shared.apply_duration.observe(started.elapsed().as_secs_f64());
+                log::info!(
+                    "applied policy generation {generation} ({why}): {} identities, {} rules in force",
+                    policy.identities.len(),
+                    compiled.rules.len()
+                );
+                let sources = sources
+                    .unwrap_or_else(|| self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone());
+                self.enforced_now(policy, &compiled, generation, sources);
+            }
+            Err(error) => self.reject(&error.to_string()),
         }
     }
 }

@@ -1,0 +1,347 @@
+//! The admin API: HTTPS with mutual TLS (rustls). A client certificate
+//! signed by the configured client CA is required; its subject's common
+//! name maps to a role: `viewer` (status, current policy, flows) or
+//! `operator` (also push policy). Server certificate, key and client CA are
+//! re-read when their files change, without a restart and without dropping
+//! open connections. Every change is audit-logged: who, what, when.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, bail};
+use axum::extract::{Extension, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use enforcer::metrics::Shared;
+use policy::Source;
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// What a client certificate may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            _ => None,
+        }
+    }
+}
+
+/// The API's files and roles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiConfig {
+    pub addr: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    /// Certificate subject common name → role.
+    pub roles: HashMap<String, Role>,
+}
+
+/// A policy change request from the API, carried out by the daemon's
+/// maintenance loop like a file change.
+pub struct Push {
+    pub sources: Vec<Source>,
+    pub who: String,
+    pub reply: tokio::sync::oneshot::Sender<Result<u32, Vec<String>>>,
+}
+
+/// Who is calling, from the verified client certificate.
+#[derive(Debug, Clone)]
+struct Caller {
+    name: String,
+    role: Option<Role>,
+}
+
+struct ApiState {
+    shared: Arc<Shared>,
+    push: std::sync::mpsc::Sender<Push>,
+}
+
+fn load_server_config(config: &ApiConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&config.cert)
+        .with_context(|| format!("cannot read --tls-cert {}", config.cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--tls-cert {} is not PEM certificates", config.cert.display()))?;
+    if certs.is_empty() {
+        bail!("--tls-cert {} holds no certificate", config.cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&config.key)
+        .with_context(|| format!("cannot read a PEM private key from --tls-key {}", config.key.display()))?;
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&config.client_ca)
+        .with_context(|| format!("cannot read --client-ca {}", config.client_ca.display()))?
+    {
+        roots
+            .add(ca.with_context(|| format!("--client-ca {} is not PEM certificates", config.client_ca.display()))?)
+            .context("the client CA certificate is not usable")?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+        .build()
+        .context("building the client certificate verifier failed")?;
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("no TLS versions available")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .context("the server certificate and key do not match")?;
+    Ok(Arc::new(server))
+}
+
+fn modified(paths: &[&Path]) -> Vec<Option<SystemTime>> {
+    paths.iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+}
+
+/// The common name of the first certificate's subject.
+fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    parsed.subject().iter_common_name().next()?.as_str().ok().map(str::to_owned)
+}
+
+/// Serves the API until the task is dropped.
+pub async fn serve(config: ApiConfig, shared: Arc<Shared>, push: std::sync::mpsc::Sender<Push>) -> anyhow::Result<()> {
+    let current = Arc::new(RwLock::new(load_server_config(&config)?));
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("cannot listen on --api-addr {}; pick a free address", config.addr))?;
+    log::info!("admin API (mutual TLS) on https://{}", config.addr);
+    {
+        // Certificate rotation: new connections get the new files.
+        let (current, config) = (Arc::clone(&current), config.clone());
+        tokio::spawn(async move {
+            let paths = [config.cert.as_path(), config.key.as_path(), config.client_ca.as_path()];
+            let mut seen = modified(&paths);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = modified(&paths);
+                if now == seen {
+                    continue;
+                }
+                match load_server_config(&config) {
+                    Ok(reloaded) => {
+                        *current.write().unwrap_or_else(PoisonError::into_inner) = reloaded;
+                        seen = now;
+                        log::info!("reloaded the admin API's certificate, key and client CA");
+                    }
+                    // Files caught mid-rotation: keep serving the old ones and retry.
+                    Err(error) => log::warn!("not reloading the admin API's TLS files yet: {error:#}"),
+                }
+            }
+        });
+    }
+    let state = Arc::new(ApiState { shared, push });
+    let roles = Arc::new(config.roles);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                log::warn!("admin API accept failed: {error}");
+                continue;
+            }
+        };
+        let acceptor = TlsAcceptor::from(Arc::clone(&current.read().unwrap_or_else(PoisonError::into_inner)));
+        let (state, roles) = (Arc::clone(&state), Arc::clone(&roles));
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(error) => {
+                    log::warn!("admin API: refused a client from {peer}: {error}");
+                    return;
+                }
+            };
+            let name = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(common_name)
+                .unwrap_or_default();
+            let caller = Caller { role: roles.get(&name).copied(), name };
+            let app = router(state).layer(Extension(caller));
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let io = hyper_util::rt::TokioIo::new(tls);
+            if let Err(error) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                log::debug!("admin API connection from {peer} ended: {error}");
+            }
+        });
+    }
+}
+
+fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/policy", get(current_policy).post(push_policy))
+        .route("/v1/flows", get(flows))
+        .with_state(state)
+}
+
+fn refuse(caller: &Caller, needed: Role) -> Option<Response> {
+    match (caller.role, needed) {
+        (Some(Role::Operator), _) | (Some(Role::Viewer), Role::Viewer) => None,
+        (Some(Role::Viewer), Role::Operator) => Some(
+            (StatusCode::FORBIDDEN, format!("{} is a viewer; pushing policy needs the operator role\n", caller.name))
+                .into_response(),
+        ),
+        (None, _) => Some(
+            (
+                StatusCode::FORBIDDEN,
+                format!("certificate subject `{}` has no role in the daemon's config\n", caller.name),
+            )
+                .into_response(),
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    ready: bool,
+    generation: u32,
+    identities: usize,
+    rules: usize,
+    load_errors: u64,
+    last_error: Option<String>,
+    interfaces: Vec<String>,
+}
+
+async fn status(State(state): State<Arc<ApiState>>, Extension(caller): Extension<Caller>) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Viewer) {
+        return refusal;
+    }
+    let shared = &state.shared;
+    let figures = *shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+    let interfaces = shared
+        .datapath
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|d| d.attached().map(str::to_owned).collect())
+        .unwrap_or_default();
+    Json(Status {
+        ready: shared.ready.load(std::sync::atomic::Ordering::Acquire),
+        generation: figures.generation,
+        identities: figures.identities,
+        rules: figures.rules,
+        load_errors: figures.load_errors,
+        last_error: shared.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+        interfaces,
+    })
+    .into_response()
+}
+
+/// Policy files as the API carries them.
+#[derive(Serialize, Deserialize)]
+pub struct PolicyFiles {
+    pub files: Vec<PolicyFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct PolicyFile {
+    pub name: String,
+    pub text: String,
+}
+
+async fn current_policy(State(state): State<Arc<ApiState>>, Extension(caller): Extension<Caller>) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Viewer) {
+        return refusal;
+    }
+    let sources = state.shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    Json(PolicyFiles { files: sources.into_iter().map(|s| PolicyFile { name: s.name, text: s.text }).collect() })
+        .into_response()
+}
+
+/// A short, stable fingerprint of a policy's text, for the audit log.
+#[must_use]
+pub fn digest(sources: &[Source]) -> String {
+    let mut hasher = Sha256::new();
+    for source in sources {
+        hasher.update(source.name.as_bytes());
+        hasher.update([0]);
+        hasher.update(source.text.as_bytes());
+        hasher.update([0]);
+    }
+    hasher.finalize().iter().fold(String::with_capacity(64), |mut hex, byte| {
+        let _ = write!(hex, "{byte:02x}");
+        hex
+    })
+}
+
+async fn push_policy(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Json(body): Json<PolicyFiles>,
+) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Operator) {
+        log::warn!(target: "audit", "refused policy push by `{}`: not an operator", caller.name);
+        return refusal;
+    }
+    let sources: Vec<Source> = body.files.into_iter().map(|f| Source { name: f.name, text: f.text }).collect();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if state.push.send(Push { sources, who: caller.name.clone(), reply }).is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response();
+    }
+    match answer.await {
+        Ok(Ok(generation)) => Json(serde_json::json!({ "generation": generation })).into_response(),
+        Ok(Err(problems)) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({ "errors": problems }))).into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct FlowsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn flows(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Query(query): Query<FlowsQuery>,
+) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Viewer) {
+        return refusal;
+    }
+    let recent: Vec<String> =
+        state.shared.recent_events.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect();
+    if !query.follow {
+        let mut body = recent.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        return (StatusCode::OK, [("content-type", "application/x-ndjson")], body).into_response();
+    }
+    let receiver = state.shared.events.subscribe();
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(line) => return Some((Ok::<_, std::io::Error>(format!("{line}\n")), receiver)),
+                // A slow reader skips what it missed rather than stalling the daemon.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    (StatusCode::OK, [("content-type", "application/x-ndjson")], axum::body::Body::from_stream(stream)).into_response()
+}

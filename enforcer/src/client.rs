@@ -1,0 +1,269 @@
+//! The CLI side of the admin API: `bulkhead status`, `policy push`,
+//! `policy diff` and `flows`, over HTTPS with a client certificate.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConnection, RootCertStore, StreamOwned};
+
+use crate::api::{PolicyFile, PolicyFiles};
+
+/// How to reach and authenticate to a daemon's admin API.
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// The daemon's admin API, e.g. `https://10.0.0.5:9443`.
+    #[arg(long, value_name = "URL")]
+    pub server: String,
+    /// Client certificate (PEM) whose subject has a role on the daemon.
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// CA that signed the daemon's server certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+}
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+struct Response {
+    status: u16,
+    reader: BufReader<Tls>,
+    chunked: bool,
+    length: Option<usize>,
+}
+
+impl ServerArgs {
+    fn connect(&self) -> anyhow::Result<(Tls, String)> {
+        let address = self
+            .server
+            .strip_prefix("https://")
+            .with_context(|| format!("--server `{}` must start with https://", self.server))?
+            .trim_end_matches('/');
+        let host =
+            address.rsplit_once(':').map_or(address, |(host, _)| host).trim_start_matches('[').trim_end_matches(']');
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(&self.ca)
+            .with_context(|| format!("cannot read --ca {}", self.ca.display()))?
+        {
+            roots.add(ca.context("--ca is not PEM certificates")?).context("--ca is not a usable CA certificate")?;
+        }
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
+            .with_context(|| format!("cannot read --cert {}", self.cert.display()))?
+            .collect::<Result<_, _>>()
+            .context("--cert is not PEM certificates")?;
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .with_context(|| format!("cannot read a PEM private key from --key {}", self.key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .context("--cert and --key do not match")?;
+        let name = ServerName::try_from(host.to_owned()).with_context(|| format!("`{host}` is not a host name"))?;
+        let connection = ClientConnection::new(Arc::new(config), name)?;
+        let tcp = TcpStream::connect(address).with_context(|| format!("cannot connect to {}", self.server))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok((StreamOwned::new(connection, tcp), address.to_owned()))
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Response> {
+        let (mut tls, address) = self.connect()?;
+        let body = body.unwrap_or_default();
+        write!(
+            tls,
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .and_then(|()| tls.flush())
+        .map_err(|error| anyhow::anyhow!("the daemon refused the TLS session or the request: {error}"))?;
+        let mut reader = BufReader::new(tls);
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(|error| anyhow::anyhow!("the daemon refused the connection: {error}"))?;
+        let status =
+            line.split_whitespace().nth(1).and_then(|code| code.parse().ok()).context("not an HTTP response")?;
+        let (mut chunked, mut length) = (false, None);
+        loop {
+            line.clear();
+            reader.read_line(&mut line)?;
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let lower = header.to_ascii_lowercase();
+            if lower == "transfer-encoding: chunked" {
+                chunked = true;
+            } else if let Some(value) = lower.strip_prefix("content-length:") {
+                length = value.trim().parse().ok();
+            }
+        }
+        Ok(Response { status, reader, chunked, length })
+    }
+}
+
+impl Response {
+    /// Calls `each` with every piece of the body as it arrives.
+    fn stream(mut self, mut each: impl FnMut(&[u8]) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        if !self.chunked {
+            let mut body = Vec::new();
+            match self.length {
+                Some(length) => {
+                    body.resize(length, 0);
+                    self.reader.read_exact(&mut body)?;
+                }
+                None => {
+                    self.reader.read_to_end(&mut body)?;
+                }
+            }
+            return each(&body);
+        }
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let size = usize::from_str_radix(line.trim(), 16).context("bad chunked encoding from the daemon")?;
+            if size == 0 {
+                return Ok(());
+            }
+            let mut chunk = vec![0u8; size + 2];
+            self.reader.read_exact(&mut chunk)?;
+            each(&chunk[..size])?;
+        }
+    }
+
+    fn text(self) -> anyhow::Result<(u16, String)> {
+        let status = self.status;
+        let mut body = Vec::new();
+        self.stream(|piece| {
+            body.extend_from_slice(piece);
+            Ok(())
+        })?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+fn expect_ok(status: u16, body: &str) -> anyhow::Result<()> {
+    match status {
+        200 => Ok(()),
+        403 => bail!("refused (403): {}", body.trim()),
+        other => bail!("the daemon answered {other}: {}", body.trim()),
+    }
+}
+
+pub fn status(server: &ServerArgs) -> anyhow::Result<ExitCode> {
+    let (status, body) = server.request("GET", "/v1/status", None)?.text()?;
+    expect_ok(status, &body)?;
+    let value: serde_json::Value = serde_json::from_str(&body)?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_files(paths: &[PathBuf]) -> anyhow::Result<PolicyFiles> {
+    let sources = policy::read_sources(paths)?;
+    Ok(PolicyFiles { files: sources.into_iter().map(|s| PolicyFile { name: s.name, text: s.text }).collect() })
+}
+
+pub fn push(server: &ServerArgs, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let files = read_files(paths)?;
+    let body = serde_json::to_string(&files)?;
+    let (status, body) = server.request("POST", "/v1/policy", Some(&body))?.text()?;
+    if status == 422 {
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        for problem in value["errors"].as_array().into_iter().flatten() {
+            println!("{}", problem.as_str().unwrap_or_default());
+        }
+        eprintln!("the daemon rejected the policy; nothing changed");
+        return Ok(ExitCode::FAILURE);
+    }
+    expect_ok(status, &body)?;
+    let value: serde_json::Value = serde_json::from_str(&body)?;
+    println!("applied as policy generation {}", value["generation"]);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn diff(server: &ServerArgs, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let (status, body) = server.request("GET", "/v1/policy", None)?.text()?;
+    expect_ok(status, &body)?;
+    let current: PolicyFiles = serde_json::from_str(&body)?;
+    let to_sources = |files: Vec<PolicyFile>| {
+        files.into_iter().map(|f| policy::Source { name: f.name, text: f.text }).collect::<Vec<_>>()
+    };
+    let running =
+        policy::parse_sources(&to_sources(current.files)).context("the daemon's policy does not parse here")?;
+    let local = policy::parse_sources(&to_sources(read_files(paths)?.files))?;
+    let lines = policy_diff(&running, &local);
+    if lines.is_empty() {
+        println!("no difference: the daemon enforces this policy");
+    }
+    for line in &lines {
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `+ identity x`, `- rule y`, `~ rule z` lines from `running` to `local`.
+fn policy_diff(running: &policy::Policy, local: &policy::Policy) -> Vec<String> {
+    fn keyed<T: std::fmt::Debug>(
+        items: impl Iterator<Item = (String, T)>,
+    ) -> std::collections::BTreeMap<String, String> {
+        items.map(|(name, item)| (name, format!("{item:?}"))).collect()
+    }
+    let identities = |p: &policy::Policy| {
+        keyed(
+            p.identities
+                .iter()
+                .map(|i| (i.name.clone(), (&i.labels, i.addresses.iter().map(|a| a.net).collect::<Vec<_>>(), i.mode))),
+        )
+    };
+    let rules = |p: &policy::Policy| {
+        keyed(p.rules.iter().map(|r| {
+            let peers = |list: &[policy::model::Peer]| list.iter().map(|p| p.selector.clone()).collect::<Vec<_>>();
+            (r.name.clone(), (r.action, peers(&r.from), peers(&r.to), r.ports.clone(), r.expires))
+        }))
+    };
+    let mut lines = Vec::new();
+    for (kind, old, new) in
+        [("identity", identities(running), identities(local)), ("rule", rules(running), rules(local))]
+    {
+        for name in old.keys().filter(|k| !new.contains_key(*k)) {
+            lines.push(format!("- {kind} {name}"));
+        }
+        for (name, item) in &new {
+            match old.get(name) {
+                None => lines.push(format!("+ {kind} {name}")),
+                Some(before) if before != item => lines.push(format!("~ {kind} {name}")),
+                Some(_) => {}
+            }
+        }
+    }
+    lines
+}
+
+pub fn flows(server: &ServerArgs, follow: bool) -> anyhow::Result<ExitCode> {
+    let path = if follow { "/v1/flows?follow=true" } else { "/v1/flows" };
+    let response = server.request("GET", path, None)?;
+    if response.status != 200 {
+        let (status, body) = response.text()?;
+        expect_ok(status, &body)?;
+        return Ok(ExitCode::FAILURE);
+    }
+    let stdout = std::io::stdout();
+    response.stream(|piece| {
+        let mut out = stdout.lock();
+        out.write_all(piece)?;
+        out.flush()?;
+        Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,262 @@
+//! The admin API with mutual TLS, with certificates made in the test:
+//! refusals (no certificate, an untrusted CA, an expired certificate, a
+//! viewer pushing), an operator's push applied and enforced, the CLI, and a
+//! rotated server certificate served without a restart. Needs root; run
+//! through `cargo xtask test`.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lab::probe::{self, EchoServer, Outcome};
+use lab::{Daemon, ScratchDir, ThreeTier};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, date_time_ymd};
+
+const API: &str = "127.0.0.1:9443";
+
+fn three_tier() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier.yaml")).unwrap()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        Self { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
+    }
+
+    /// A leaf certificate for `name` (a client) or for 127.0.0.1 (the server).
+    fn issue(&self, dir: &Path, file: &str, name: &str, expired: bool) -> (PathBuf, PathBuf) {
+        let sans = if name == "server" { vec!["127.0.0.1".to_owned()] } else { Vec::new() };
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        if expired {
+            params.not_before = date_time_ymd(2020, 1, 1);
+            params.not_after = date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (write(dir, &format!("{file}.pem"), &cert.pem()), write(dir, &format!("{file}.key"), &key.serialize_pem()))
+    }
+}
+
+struct Env {
+    _servers: Vec<EchoServer>,
+    daemon: Daemon,
+    lab: ThreeTier,
+    pki: PathBuf,
+    ca_pem: PathBuf,
+    server_ca: Ca,
+    _scratch: ScratchDir,
+}
+
+fn start(label: &str) -> Env {
+    let lab = ThreeTier::new(label).unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let pki = scratch.0.join("pki");
+    let policy = scratch.0.join("policy");
+    std::fs::create_dir_all(&pki).unwrap();
+    std::fs::create_dir_all(&policy).unwrap();
+    write(&policy, "p.yaml", &three_tier());
+    let server_ca = Ca::new("bulkhead test server CA");
+    let client_ca = Ca::new("bulkhead test client CA");
+    let ca_pem = write(&pki, "server-ca.pem", &server_ca.issuer.pem());
+    let client_ca_pem = write(&pki, "client-ca.pem", &client_ca.issuer.pem());
+    let (cert, key) = server_ca.issue(&pki, "server", "server", false);
+    client_ca.issue(&pki, "operator", "ops-alice", false);
+    client_ca.issue(&pki, "viewer", "viewer-bob", false);
+    client_ca.issue(&pki, "expired", "ops-alice", true);
+    client_ca.issue(&pki, "norole", "carol", false);
+    Ca::new("someone else").issue(&pki, "untrusted", "ops-alice", false);
+    let args = [
+        "--api-addr",
+        API,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--client-ca",
+        client_ca_pem.to_str().unwrap(),
+        "--api-role",
+        "ops-alice=operator",
+        "--api-role",
+        "viewer-bob=viewer",
+    ];
+    let daemon = Daemon::start_with(&lab, &policy, &scratch.0.join("log"), &args).unwrap();
+    let servers =
+        lab.hosts.iter().map(|h| EchoServer::start(&h.ns, &h.addrs(), &[22, 5432, 8080], &[8125]).unwrap()).collect();
+    Env { _servers: servers, daemon, lab, pki, ca_pem, server_ca, _scratch: scratch }
+}
+
+impl Env {
+    /// Runs the `bulkhead` CLI in the router namespace as client `who`.
+    fn cli(&self, who: &str, args: &[&str]) -> Output {
+        let cert = self.pki.join(format!("{who}.pem"));
+        let key = self.pki.join(format!("{who}.key"));
+        let mut command = self.lab.router.command(lab::topology::bulkhead_binary().to_str().unwrap());
+        command.args(args);
+        command.args(["--server", &format!("https://{API}")]);
+        command.args(["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        command.args(["--ca", self.ca_pem.to_str().unwrap()]);
+        command.output().unwrap()
+    }
+
+    fn generation(&self) -> Option<u64> {
+        let (_, body) = probe::http_get(&self.lab.router, self.daemon.metrics_addr, "/metrics").unwrap();
+        probe::metric(&body, "bulkhead_policy_generation")
+    }
+
+    /// The server certificate a TLS client without a client certificate is
+    /// shown, and whether the daemon then answered an HTTP request.
+    fn anonymous_request(&self) -> (Vec<u8>, bool) {
+        let roots = {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.server_ca.issuer.der().clone()).unwrap();
+            roots
+        };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        self.lab
+            .router
+            .enter(|| {
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                let mut connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+                let mut tcp = TcpStream::connect(API).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
+                let sent = tls.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_ok();
+                let mut response = Vec::new();
+                let answered = sent && tls.read_to_end(&mut response).is_ok() && response.starts_with(b"HTTP/1.1 200");
+                let presented =
+                    connection.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
+                (presented, answered)
+            })
+            .unwrap()
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn only_trusted_current_certificates_with_a_role_get_in() {
+    let env = start("apiauth");
+    let status = env.cli("viewer", &["status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(value["generation"], 1);
+    assert_eq!(value["ready"], true);
+
+    let (_, answered) = env.anonymous_request();
+    assert!(!answered, "a client without a certificate got an answer");
+    for who in ["untrusted", "expired"] {
+        let output = env.cli(who, &["status"]);
+        assert!(!output.status.success(), "{who} got in: {}", stdout(&output));
+        assert!(stderr(&output).contains("refused"), "{who}: {}", stderr(&output));
+    }
+    let output = env.cli("norole", &["status"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("403"), "{}", stderr(&output));
+}
+
+#[test]
+fn operators_push_viewers_cannot_and_bad_pushes_change_nothing() {
+    let env = start("apipush");
+    let opened = three_tier().replace(
+        "  rules:\n",
+        "  rules:\n    - name: outsider-to-db\n      from: [{identity: world}]\n      to: [{identity: db}]\n      ports: [\"5432/tcp\"]\n",
+    );
+    let file = write(&env.pki, "opened.yaml", &opened);
+    let file = file.to_str().unwrap();
+    let db = SocketAddr::new(IpAddr::V4(env.lab.host("db").addr), 5432);
+    assert_eq!(probe::tcp(&env.lab.host("outsider").ns, db).unwrap(), Outcome::TimedOut);
+
+    let diff = env.cli("viewer", &["policy", "diff", file]);
+    assert!(diff.status.success(), "{}", stderr(&diff));
+    assert_eq!(stdout(&diff).trim(), "+ rule outsider-to-db");
+
+    let denied = env.cli("viewer", &["policy", "push", file]);
+    assert!(!denied.status.success());
+    assert!(stderr(&denied).contains("403"), "{}", stderr(&denied));
+    assert_eq!(env.generation(), Some(1), "a refused push changes nothing");
+
+    let pushed = env.cli("operator", &["policy", "push", file]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert!(stdout(&pushed).contains("generation 2"), "{}", stdout(&pushed));
+    assert_eq!(probe::tcp(&env.lab.host("outsider").ns, db).unwrap(), Outcome::Connected, "enforced");
+    let log = env.daemon.log_text();
+    assert!(log.contains("who=ops-alice action=push result=applied generation=2 digest=sha256:"), "{log}");
+    assert!(log.contains("rules +1 -0 ~0"), "{log}");
+
+    let broken = write(&env.pki, "broken.yaml", &opened.replace("ports: [\"icmp\"]", "ports: [\"icmpp\"]"));
+    let rejected = env.cli("operator", &["policy", "push", broken.to_str().unwrap()]);
+    assert!(!rejected.status.success());
+    assert!(stdout(&rejected).contains("broken.yaml:"), "problems with positions: {}", stdout(&rejected));
+    assert_eq!(env.generation(), Some(2), "a rejected push changes nothing");
+    let diff = env.cli("viewer", &["policy", "diff", file]);
+    assert!(stdout(&diff).contains("no difference"), "{}", stdout(&diff));
+}
+
+#[test]
+fn flows_show_drops_to_viewers() {
+    let env = start("apiflows");
+    let db = SocketAddr::new(IpAddr::V4(env.lab.host("db").addr), 5432);
+    assert_eq!(probe::tcp(&env.lab.host("outsider").ns, db).unwrap(), Outcome::TimedOut);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let flows = env.cli("viewer", &["flows"]);
+        assert!(flows.status.success(), "{}", stderr(&flows));
+        if stdout(&flows).contains("\"src\":\"10.0.9.10\"") {
+            assert!(stdout(&flows).contains("\"reason\":\"default_deny\""), "{}", stdout(&flows));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no flow event: {}", stdout(&flows));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_rotated_server_certificate_is_served_without_restart() {
+    let env = start("apirotate");
+    let (before, answered) = env.anonymous_request();
+    assert!(!answered);
+    assert!(!before.is_empty());
+    // Write the new pair aside, then rename over the served files.
+    let (cert, key) = env.server_ca.issue(&env.pki, "server-next", "server", false);
+    std::fs::rename(&key, env.pki.join("server.key")).unwrap();
+    std::fs::rename(&cert, env.pki.join("server.pem")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (now, _) = env.anonymous_request();
+        if !now.is_empty() && now != before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still serving the old certificate: {}", env.daemon.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = env.cli("viewer", &["status"]);
+    assert!(status.status.success(), "works with the new certificate: {}", stderr(&status));
+    assert_eq!(env.generation(), Some(1), "no restart, no new generation");
+}
