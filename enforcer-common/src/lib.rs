@@ -397,12 +397,19 @@ pub enum StateError {
     EventsRateLimited = 2,
     /// An event was not reported: the ring was full (the daemon is behind).
     EventsRingFull = 3,
+    /// A drop could not be counted against its identity pair.
+    IdentityDrops = 4,
 }
 
 impl StateError {
-    pub const COUNT: u32 = 4;
-    pub const ALL: [StateError; Self::COUNT as usize] =
-        [StateError::Conntrack, StateError::Fragments, StateError::EventsRateLimited, StateError::EventsRingFull];
+    pub const COUNT: u32 = 5;
+    pub const ALL: [StateError; Self::COUNT as usize] = [
+        StateError::Conntrack,
+        StateError::Fragments,
+        StateError::EventsRateLimited,
+        StateError::EventsRingFull,
+        StateError::IdentityDrops,
+    ];
 
     /// The Prometheus `map` label.
     #[must_use]
@@ -412,6 +419,7 @@ impl StateError {
             StateError::Fragments => "fragments",
             StateError::EventsRateLimited => "rate_limit",
             StateError::EventsRingFull => "ring_full",
+            StateError::IdentityDrops => "identity_drops",
         }
     }
 }
@@ -442,6 +450,17 @@ pub struct Event {
     pub padding: u32,
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 64);
+
+/// Key of the per-identity-pair drop counters: the policy slot whose
+/// identity numbers the pair uses, then source and destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdentityPairKey {
+    pub slot: u32,
+    pub src: IdentityId,
+    pub dst: IdentityId,
+}
+const _: () = assert!(core::mem::size_of::<IdentityPairKey>() == 12);
 
 /// [`Event::verdict`] of a dropped packet.
 pub const EVENT_DROP: u8 = 1;
@@ -476,11 +495,13 @@ pub mod maps {
     pub const STATE_ERRORS: &str = "STATE_ERRORS";
 
     pub const EVENTS: &str = "EVENTS";
+    pub const IDENTITY_DROPS: &str = "IDENTITY_DROPS";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
     /// Every map, for pinning.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         EVENTS,
+        IDENTITY_DROPS,
         EVENT_BUDGET,
         IDENTITY_V4_EXACT,
         IDENTITY_V4_PREFIX,
@@ -509,6 +530,7 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyKeyData {}
     unsafe impl aya::Pod for super::IdentityKeyV4 {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::IdentityPairKey {}
     unsafe impl aya::Pod for super::EventBudget {}
     unsafe impl aya::Pod for super::IdentityKeyV6 {}
     unsafe impl aya::Pod for super::PolicyValue {}

@@ -1,9 +1,12 @@
 //! Drop and audit events, rate-limited per CPU so a flood of drops cannot
 //! flood the ring (or whatever reads it). Everything not reported is counted.
 
-use enforcer_common::{Direction, DropReason, EVENTS_PER_SECOND, Event, StateError};
+use enforcer_common::{
+    CONFIG_INDEX, Direction, DropReason, EVENT_DROP, EVENTS_PER_SECOND, Event, IdentityPairKey, StateError, slot_of,
+};
 
-use crate::maps::{EVENT_BUDGET, EVENTS};
+use crate::identity;
+use crate::maps::{CONFIG, EVENT_BUDGET, EVENTS, IDENTITY_DROPS};
 use crate::parse::Packet;
 
 const SECOND_NS: u64 = 1_000_000_000;
@@ -26,6 +29,24 @@ fn take_token(now: u64) -> bool {
     }
     budget.tokens -= 1;
     true
+}
+
+/// Counts a drop against its (source, destination) identity pair. Not rate
+/// limited: these counters back `bulkhead_identity_drops_total`.
+#[inline(always)]
+fn count_pair(event: &Event) {
+    let slot = slot_of(CONFIG.get(CONFIG_INDEX).map_or(0, |c| c.policy_generation));
+    let key = IdentityPairKey {
+        slot: slot as u32,
+        src: identity::lookup(slot, event.family, &event.src_addr).id,
+        dst: identity::lookup(slot, event.family, &event.dst_addr).id,
+    };
+    if let Some(count) = IDENTITY_DROPS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value, so no other writer runs concurrently.
+        unsafe { *count += 1 };
+    } else if IDENTITY_DROPS.insert(key, 1u64, 0).is_err() {
+        crate::metrics::count_state_error(StateError::IdentityDrops);
+    }
 }
 
 /// The event describing a dropped (`audit == false`) or audited packet.
@@ -59,6 +80,9 @@ pub fn describe(
 /// keeps the programs well inside the verifier's limits.
 #[inline(never)]
 pub fn report(event: &Event) {
+    if event.verdict == EVENT_DROP {
+        count_pair(event);
+    }
     if !take_token(event.time_ns) {
         crate::metrics::count_state_error(StateError::EventsRateLimited);
         return;

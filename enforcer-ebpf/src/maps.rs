@@ -2,11 +2,11 @@
 //! daemon may override them at load time.
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf};
 use enforcer_common::{
     Config, Counter, DROP_COUNTER_ENTRIES, Direction, EventBudget, FlowKey, FlowValue, FragmentKey, FragmentValue,
-    IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, MAX_RULES, PolicyKeyData,
-    PolicyValue, StateError,
+    IdentityKeyV4, IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, MAX_RULES,
+    PolicyKeyData, PolicyValue, StateError,
 };
 
 // Identity and policy keys start with the policy slot (see
@@ -73,3 +73,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// Per-CPU token bucket limiting how many events each CPU reports.
 #[map]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Drops per (slot, source identity, destination identity).
+#[map]
+pub static IDENTITY_DROPS: LruPerCpuHashMap<IdentityPairKey, u64> = LruPerCpuHashMap::with_max_entries(16_384, 0);

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// file path (appended to) [default: stdout].
     #[arg(long, value_name = "stdout|off|FILE")]
     pub events_to: Option<String>,
+    /// Identity pairs named in `bulkhead_identity_drops_total` (the most
+    /// dropped); the rest are summed under `other` [default: 20].
+    #[arg(long, value_name = "N")]
+    pub identity_drops_top: Option<usize>,
     /// Address of the admin API (HTTPS, client certificate required); off unless set.
     #[arg(long, value_name = "ADDR")]
     pub api_addr: Option<SocketAddr>,
@@ -93,6 +97,7 @@ pub struct RunConfig {
     pub detach_on_exit: bool,
     pub events_to: EventsTo,
     pub api: Option<ApiConfig>,
+    pub identity_drops_top: usize,
 }
 
 /// Where drop and audit events go.
@@ -142,6 +147,7 @@ impl RunArgs {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT)),
             detach_on_exit: self.detach_on_exit || file.detach_on_exit,
             api,
+            identity_drops_top: self.identity_drops_top.or(file.identity_drops_top).unwrap_or(20),
             events_to: match self.events_to.clone().or(file.events_to.clone()).as_deref() {
                 None | Some("stdout") => EventsTo::Stdout,
                 Some("off") => EventsTo::Off,
@@ -241,6 +247,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             "fragment-map-size" => args.fragment_map_size = Some(number(value, &key)?),
             "bpffs-root" => args.bpffs_root = Some(PathBuf::from(scalar(value, &key)?)),
             "events-to" => args.events_to = Some(scalar(value, &key)?),
+            "identity-drops-top" => args.identity_drops_top = Some(number(value, &key)? as usize),
             "api-addr" => {
                 let text = scalar(value, &key)?;
                 args.api_addr = Some(
@@ -266,7 +273,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, bpffs-root, detach-on-exit, events-to, api-addr, tls-cert, tls-key, client-ca, api-roles",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location
             ),
         }

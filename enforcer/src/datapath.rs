@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachType};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
@@ -17,8 +17,9 @@ use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use enforcer_common::{
     CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Counter, Direction, DropReason, FlowKey, FlowValue, FragmentKey,
-    FragmentValue, IDENTITY_HOST, IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue,
-    MAX_RULES, PolicyKeyData, PolicyValue, SLOT_BITS, StateError, drop_counter_index, maps, slot_of,
+    FragmentValue, IDENTITY_HOST, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPairKey, IdentityPrefixV4,
+    IdentityPrefixV6, IdentityValue, MAX_RULES, PolicyKeyData, PolicyValue, SLOT_BITS, StateError, drop_counter_index,
+    maps, slot_of,
 };
 use ipnet::IpNet;
 use policy::CompiledPolicy;
@@ -129,6 +130,9 @@ pub struct Datapath {
     forward_counters: PerCpuArray<MapData, Counter>,
     state_errors: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    identity_drops: PerCpuHashMap<MapData, IdentityPairKey, u64>,
+    /// Drops per identity pair from generations whose slot has since been reused.
+    harvested_pairs: BTreeMap<(String, String), u64>,
     /// Rule decisions of generations whose slot has since been reused.
     harvested_rules: BTreeMap<(String, Action), u64>,
     host_addresses: BTreeSet<IpAddr>,
@@ -186,6 +190,8 @@ struct Slot {
     rules: StdHashMap<(u32, PolicyKeyData), PolicyValue>,
     /// The compiled policy's identity entries, before host addresses overlay them.
     compiled_identities: StdHashMap<IpNet, IdentityValue>,
+    /// Numeric identity → owner name, for the generation in this slot.
+    atom_names: StdHashMap<IdentityId, String>,
     index: usize,
 }
 
@@ -199,6 +205,8 @@ pub struct CounterSnapshot {
     pub rules: BTreeMap<(String, Action), u64>,
     /// Failed state-table inserts.
     pub state_errors: StdHashMap<StateError, u64>,
+    /// Drops per (source identity, destination identity) name.
+    pub identity_drops: BTreeMap<(String, String), u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -278,6 +286,8 @@ impl Datapath {
             forward_counters: take(&mut ebpf, maps::FORWARD_COUNTERS)?,
             state_errors: take(&mut ebpf, maps::STATE_ERRORS)?,
             events: Some(take(&mut ebpf, maps::EVENTS)?),
+            identity_drops: take(&mut ebpf, maps::IDENTITY_DROPS)?,
+            harvested_pairs: BTreeMap::new(),
             harvested_rules: BTreeMap::new(),
             ebpf,
             xdp_links: Vec::new(),
@@ -383,6 +393,12 @@ impl Datapath {
             *self.harvested_rules.entry(rule).or_default() += count;
         }
         slot.rule_table = compiled.rules.iter().map(|r| (r.name.clone(), r.action)).collect();
+        let index = slot.index;
+        for (pair, count) in self.read_identity_drops(index, true)? {
+            *self.harvested_pairs.entry(pair).or_default() += count;
+        }
+        let slot = &mut self.slots[index];
+        slot.atom_names = compiled.atoms.iter().map(|a| (a.id, a.owner.clone())).collect();
         slot.compiled_identities =
             compiled.identity_entries.iter().map(|e| (e.net, IdentityValue { id: e.id, flags: e.flags })).collect();
         slot.sync_identities(&mut self.maps, &self.host_addresses)?;
@@ -456,6 +472,35 @@ impl Datapath {
             self.slots[slot].identities = identities;
         }
         Ok(config.policy_generation)
+    }
+
+    /// Drops per (source, destination) identity name counted under `slot`.
+    fn clone_free_pairs(&self, slot: usize) -> Result<Vec<PairCount>, DatapathError> {
+        let names = &self.slots[slot].atom_names;
+        let name = |id: IdentityId| names.get(&id).cloned().unwrap_or_else(|| "other".to_owned());
+        let mut out = Vec::new();
+        for key in self.identity_drops.keys().flatten().filter(|k| k.slot as usize == slot) {
+            match self.identity_drops.get(&key, 0) {
+                Ok(values) => out.push(((name(key.src), name(key.dst)), values.iter().sum())),
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(DatapathError::Read { name: maps::IDENTITY_DROPS, source }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads, then deletes, the identity-pair drops counted under `slot`,
+    /// which is about to number its identities anew.
+    fn read_identity_drops(&mut self, slot: usize, remove: bool) -> Result<Vec<PairCount>, DatapathError> {
+        let counts = self.clone_free_pairs(slot)?;
+        if remove {
+            let keys: Vec<IdentityPairKey> =
+                self.identity_drops.keys().flatten().filter(|k| k.slot as usize == slot).collect();
+            for key in keys {
+                ignore_missing(self.identity_drops.remove(&key)).map_err(write_error(maps::IDENTITY_DROPS))?;
+            }
+        }
+        Ok(counts)
     }
 
     /// The ring of drop and audit events; the first caller gets it.
@@ -577,6 +622,12 @@ impl Datapath {
                 *snapshot.rules.entry(rule).or_default() += count;
             }
         }
+        snapshot.identity_drops.clone_from(&self.harvested_pairs);
+        for slot in 0..2 {
+            for (pair, count) in self.clone_free_pairs(slot)? {
+                *snapshot.identity_drops.entry(pair).or_default() += count;
+            }
+        }
         for error in StateError::ALL {
             let values = self
                 .state_errors
@@ -653,6 +704,9 @@ fn map_of(net: IpNet) -> usize {
     }
 }
 
+/// Drops counted for one (source, destination) identity-name pair.
+type PairCount = ((String, String), u64);
+
 /// Decisions counted for one rule (name, action).
 type RuleCount = ((String, Action), u64);
 
@@ -663,6 +717,7 @@ impl Slot {
             identities: StdHashMap::new(),
             rules: StdHashMap::new(),
             compiled_identities: StdHashMap::new(),
+            atom_names: StdHashMap::new(),
             index,
         }
     }

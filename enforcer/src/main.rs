@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Enforce the policy in DIR on the given interfaces until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Work with policy files without touching the kernel.
     #[command(subcommand)]
     Policy(PolicyCommand),

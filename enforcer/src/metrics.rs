@@ -19,6 +19,9 @@ pub struct PolicyStats {
     pub generation: u32,
     /// Candidate policies rejected since start.
     pub load_errors: u64,
+    /// Identity pairs exported by name in `bulkhead_identity_drops_total`;
+    /// the rest are summed under `other`.
+    pub identity_drops_top: usize,
 }
 
 /// How full the maps are; refreshed by the daemon's maintenance loop, since
@@ -139,6 +142,22 @@ fn policy_figures(builder: &Builder, snapshot: &CounterSnapshot, stats: PolicySt
     )?;
     errors.inc_by(stats.load_errors);
     builder.registry.register(Box::new(errors))?;
+    let pairs = builder.counters(
+        "bulkhead_identity_drops_total",
+        "Dropped packets by source and destination identity: the top pairs by name, the rest as other.",
+        &["src_identity", "dst_identity"],
+    )?;
+    let mut ranked: Vec<(&(String, String), &u64)> = snapshot.identity_drops.iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    let mut other = 0;
+    for (rank, ((src, dst), count)) in ranked.into_iter().enumerate() {
+        if rank < stats.identity_drops_top {
+            pairs.with_label_values(&[src.as_str(), dst.as_str()]).inc_by(*count);
+        } else {
+            other += count;
+        }
+    }
+    pairs.with_label_values(&["other", "other"]).inc_by(other);
     let verdicts = builder.counters(
         "bulkhead_policy_verdicts_total",
         "Policy decisions made by each rule (new and re-judged flows; established flows pass by conntrack).",
@@ -165,7 +184,9 @@ fn usage_figures(builder: &Builder, snapshot: &CounterSnapshot, usage: &Usage) -
     for error in StateError::ALL {
         let count = snapshot.state_errors.get(&error).copied().unwrap_or(0);
         match error {
-            StateError::Conntrack | StateError::Fragments => failures.with_label_values(&[error.label()]).inc_by(count),
+            StateError::Conntrack | StateError::Fragments | StateError::IdentityDrops => {
+                failures.with_label_values(&[error.label()]).inc_by(count);
+            }
             StateError::EventsRateLimited | StateError::EventsRingFull => {
                 lost.with_label_values(&[error.label()]).inc_by(count);
             }
@@ -244,7 +265,10 @@ mod tests {
         snapshot.drops.insert((DropReason::DenyRule, Direction::Ingress), Counter { packets: 3, bytes: 180 });
         snapshot.forwards.insert(Direction::Ingress, Counter { packets: 7, bytes: 700 });
         snapshot.audits.insert((DropReason::DefaultDeny, Direction::Egress), Counter { packets: 5, bytes: 500 });
-        let stats = PolicyStats { identities: 4, rules: 2, generation: 3, load_errors: 1 };
+        for (pair, count) in [(("world", "db"), 9), (("web", "db"), 5), (("web", "app"), 1), (("app", "db"), 1)] {
+            snapshot.identity_drops.insert((pair.0.to_owned(), pair.1.to_owned()), count);
+        }
+        let stats = PolicyStats { identities: 4, rules: 2, generation: 3, load_errors: 1, identity_drops_top: 2 };
         snapshot.rules.insert(("web-to-db".to_owned(), policy::model::Action::Allow), 9);
         let usage = Usage { maps: vec![("policy", 12, 100)], conntrack: (4, 1000) };
         let histogram = apply_duration_histogram();
@@ -257,6 +281,9 @@ mod tests {
             "bulkhead_conntrack_entries 4",
             "bulkhead_state_insert_failures_total{map=\"conntrack\"} 0",
             "bulkhead_events_lost_total{cause=\"rate_limit\"} 0",
+            "bulkhead_identity_drops_total{dst_identity=\"db\",src_identity=\"world\"} 9",
+            "bulkhead_identity_drops_total{dst_identity=\"db\",src_identity=\"web\"} 5",
+            "bulkhead_identity_drops_total{dst_identity=\"other\",src_identity=\"other\"} 2",
             "bulkhead_policy_apply_duration_seconds_count 1",
             "bulkhead_build_info{version=",
         ] {

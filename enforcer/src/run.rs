@@ -120,8 +120,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     let shared = Shared::new();
-    *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) =
-        PolicyStats { identities: policy.identities.len(), rules: policy.rules.len(), generation, load_errors: 0 };
+    *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = PolicyStats {
+        identities: policy.identities.len(),
+        rules: policy.rules.len(),
+        generation,
+        load_errors: 0,
+        identity_drops_top: args.identity_drops_top,
+    };
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
     *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(policy.clone()));

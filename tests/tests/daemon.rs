@@ -161,6 +161,13 @@ fn metrics_show_rule_hits_map_usage_and_apply_times() {
     assert_eq!(metric(&lab, &daemon, hits), Some(3), "one decision per new connection");
     let denied = "bulkhead_policy_verdicts_total{action=\"deny\",rule=\"gateway-never-touches-data\"}";
     assert_eq!(metric(&lab, &daemon, denied), Some(1));
+    assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut);
+    let pair = |src: &str, dst: &str| {
+        format!("bulkhead_identity_drops_total{{dst_identity=\"{dst}\",src_identity=\"{src}\"}}")
+    };
+    assert_eq!(metric(&lab, &daemon, &pair("gateway", "db")), Some(1));
+    assert_eq!(metric(&lab, &daemon, &pair("world", "db")), Some(1));
+    assert_eq!(metric(&lab, &daemon, &pair("other", "other")), Some(0));
     assert_eq!(metric(&lab, &daemon, "bulkhead_map_capacity{map=\"policy\"}"), Some(524_288));
     // Usage is refreshed every few seconds: wait for the connections to show.
     let deadline = Instant::now() + Duration::from_secs(10);
