@@ -86,6 +86,14 @@ pub fn bulkhead_tc_egress(ctx: TcContext) -> i32 {
     }
 }
 
+/// Does nothing: the floor `cargo xtask bench` measures the real programs
+/// against, loaded beside them but never attached.
+#[xdp]
+#[allow(clippy::needless_pass_by_value, reason = "the signature #[xdp] requires")]
+pub fn bulkhead_calibration(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// Counts the verdict; true if the packet passes.
 #[inline(always)]
 fn account(verdict: Verdict, direction: Direction, bytes: u64) -> bool {

@@ -28,6 +28,7 @@ use policy::model::Action;
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
 const XDP_PROGRAM: &str = "bulkhead_xdp";
 const TC_PROGRAM: &str = "bulkhead_tc_egress";
+const CALIBRATION_PROGRAM: &str = "bulkhead_calibration";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -103,6 +104,8 @@ pub enum Hook {
     Ingress,
     /// The TC egress program.
     Egress,
+    /// An empty XDP program: the floor benchmarks compare against.
+    Calibration,
 }
 
 /// Result of one `BPF_PROG_TEST_RUN`.
@@ -275,6 +278,12 @@ impl Datapath {
             .try_into()
             .map_err(verify(TC_PROGRAM))?;
         classifier.load().map_err(verify(TC_PROGRAM))?;
+        let calibration: &mut Xdp = ebpf
+            .program_mut(CALIBRATION_PROGRAM)
+            .ok_or(DatapathError::Missing { what: "program", name: CALIBRATION_PROGRAM })?
+            .try_into()
+            .map_err(verify(CALIBRATION_PROGRAM))?;
+        calibration.load().map_err(verify(CALIBRATION_PROGRAM))?;
         Ok(Self {
             maps: PolicyMaps::take(&mut ebpf)?,
             slots: [Slot::new(0), Slot::new(1)],
@@ -594,6 +603,18 @@ impl Datapath {
                 .fd()
                 .map(|fd| fd.as_fd().as_raw_fd())
                 .map_err(|source| DatapathError::Verify { name: TC_PROGRAM, source }),
+            Hook::Calibration => {
+                let program: &mut Xdp = self
+                    .ebpf
+                    .program_mut(CALIBRATION_PROGRAM)
+                    .ok_or(DatapathError::Missing { what: "program", name: CALIBRATION_PROGRAM })?
+                    .try_into()
+                    .map_err(|source| DatapathError::Verify { name: CALIBRATION_PROGRAM, source })?;
+                program
+                    .fd()
+                    .map(|fd| fd.as_fd().as_raw_fd())
+                    .map_err(|source| DatapathError::Verify { name: CALIBRATION_PROGRAM, source })
+            }
         }
     }
 
@@ -655,7 +676,11 @@ impl Datapath {
     /// Runs a program on `frame` in the kernel (`BPF_PROG_TEST_RUN`),
     /// `repeat` times, with the maps as they are.
     pub fn test_run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRun, DatapathError> {
-        let name = if hook == Hook::Ingress { XDP_PROGRAM } else { TC_PROGRAM };
+        let name = match hook {
+            Hook::Ingress => XDP_PROGRAM,
+            Hook::Egress => TC_PROGRAM,
+            Hook::Calibration => CALIBRATION_PROGRAM,
+        };
         let fd = self.program_fd(hook)?;
         crate::testrun::run(fd, frame, repeat).map_err(|source| DatapathError::TestRun { name, source })
     }

@@ -254,6 +254,12 @@ impl Daemon {
         self.wait_exit(Duration::from_secs(10))
     }
 
+    /// The daemon's process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the daemon with SIGKILL: no chance to clean up.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

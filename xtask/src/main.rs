@@ -25,6 +25,12 @@ enum Task {
     Build,
     /// Set up, build, lint, and run every unit and privileged integration test.
     Test,
+    /// Measure per-packet cost, policy load and update times, and footprint; refresh BENCHMARKS.md.
+    Bench {
+        /// A shorter subset: fewer policy sizes, repeats and changes.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build, then enforce examples/three-tier.yaml in a namespace topology and probe it.
     Demo {
         /// Leave the topology and daemon running until Ctrl-C.
@@ -128,6 +134,15 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::setup(),
         Task::Build => build().map(drop),
         Task::Test => test(),
+        Task::Bench { quick } => {
+            let binary = build()?;
+            let mut command = cargo();
+            command.args(["bench", "-p", "tests", "--bench", "bulkhead", "--"]).env("BULKHEAD_BIN", &binary);
+            if quick {
+                command.arg("--quick");
+            }
+            run(&mut command)
+        }
         Task::Demo { keep } => {
             let binary = build()?;
             demo::demo(&binary, keep)

@@ -43,7 +43,7 @@ impl Kernel {
     /// checking that exactly one counter moved, by one packet of this size.
     pub fn run(&mut self, hook: Hook, frame: &[u8]) -> Observed {
         let direction = match hook {
-            Hook::Ingress => Direction::Ingress,
+            Hook::Ingress | Hook::Calibration => Direction::Ingress,
             Hook::Egress => Direction::Egress,
         };
         let before = self.snapshot();
