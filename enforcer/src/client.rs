@@ -214,40 +214,17 @@ pub fn diff(server: &ServerArgs, paths: &[PathBuf]) -> anyhow::Result<ExitCode> 
 
 /// `+ identity x`, `- rule y`, `~ rule z` lines from `running` to `local`.
 fn policy_diff(running: &policy::Policy, local: &policy::Policy) -> Vec<String> {
-    fn keyed<T: std::fmt::Debug>(
-        items: impl Iterator<Item = (String, T)>,
-    ) -> std::collections::BTreeMap<String, String> {
-        items.map(|(name, item)| (name, format!("{item:?}"))).collect()
-    }
-    let identities = |p: &policy::Policy| {
-        keyed(
-            p.identities
-                .iter()
-                .map(|i| (i.name.clone(), (&i.labels, i.addresses.iter().map(|a| a.net).collect::<Vec<_>>(), i.mode))),
-        )
-    };
-    let rules = |p: &policy::Policy| {
-        keyed(p.rules.iter().map(|r| {
-            let peers = |list: &[policy::model::Peer]| list.iter().map(|p| p.selector.clone()).collect::<Vec<_>>();
-            (r.name.clone(), (r.action, peers(&r.from), peers(&r.to), r.ports.clone(), r.expires))
-        }))
-    };
-    let mut lines = Vec::new();
-    for (kind, old, new) in
-        [("identity", identities(running), identities(local)), ("rule", rules(running), rules(local))]
-    {
-        for name in old.keys().filter(|k| !new.contains_key(*k)) {
-            lines.push(format!("- {kind} {name}"));
-        }
-        for (name, item) in &new {
-            match old.get(name) {
-                None => lines.push(format!("+ {kind} {name}")),
-                Some(before) if before != item => lines.push(format!("~ {kind} {name}")),
-                Some(_) => {}
-            }
-        }
-    }
-    lines
+    policy::diff::diff(running, local)
+        .into_iter()
+        .map(|d| {
+            let sign = match d.change {
+                policy::diff::Change::Added => '+',
+                policy::diff::Change::Removed => '-',
+                policy::diff::Change::Changed => '~',
+            };
+            format!("{sign} {} {}", d.kind, d.name)
+        })
+        .collect()
 }
 
 pub fn flows(server: &ServerArgs, follow: bool) -> anyhow::Result<ExitCode> {

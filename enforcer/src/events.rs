@@ -78,7 +78,8 @@ fn monotonic_to_unix_offset() -> i128 {
 }
 
 /// RFC 3339 in UTC with millisecond precision.
-fn rfc3339(unix_ns: i128) -> String {
+#[must_use]
+pub fn rfc3339(unix_ns: i128) -> String {
     let millis = unix_ns.max(0) / 1_000_000;
     let seconds = (millis / 1000) as i64;
     let (days, rest) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));

@@ -357,40 +357,6 @@ fn maintain(
     }
 }
 
-/// Names added, removed and changed between two policies, for the audit log.
-fn change_summary(old: &policy::Policy, new: &policy::Policy) -> String {
-    fn describe<T: std::fmt::Debug>(items: &[(String, T)]) -> std::collections::BTreeMap<String, String> {
-        items.iter().map(|(name, item)| (name.clone(), format!("{item:?}"))).collect()
-    }
-    let identities = |p: &policy::Policy| {
-        describe(
-            &p.identities
-                .iter()
-                .map(|i| (i.name.clone(), (&i.labels, i.addresses.iter().map(|a| a.net).collect::<Vec<_>>(), i.mode)))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let rules = |p: &policy::Policy| {
-        describe(
-            &p.rules
-                .iter()
-                .map(|r| {
-                    let peers =
-                        |list: &[policy::model::Peer]| list.iter().map(|p| p.selector.clone()).collect::<Vec<_>>();
-                    (r.name.clone(), (r.action, peers(&r.from), peers(&r.to), r.ports.clone(), r.expires))
-                })
-                .collect::<Vec<_>>(),
-        )
-    };
-    let diff = |old: std::collections::BTreeMap<String, String>, new: std::collections::BTreeMap<String, String>| {
-        let added = new.keys().filter(|k| !old.contains_key(*k)).count();
-        let removed = old.keys().filter(|k| !new.contains_key(*k)).count();
-        let changed = new.iter().filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v)).count();
-        format!("+{added} -{removed} ~{changed}")
-    };
-    format!("identities {}, rules {}", diff(identities(old), identities(new)), diff(rules(old), rules(new)))
-}
-
 impl Maintainer<'_> {
     /// Applies a policy pushed through the API, validated exactly like
     /// files; a rejected push changes nothing. It stays enforced until the
@@ -419,7 +385,7 @@ impl Maintainer<'_> {
                             target: "audit",
                             "who={} action=push result=applied generation={generation} digest=sha256:{digest} {}",
                             push.who,
-                            change_summary(&self.enforced, &policy)
+                            policy::diff::summary(&policy::diff::diff(&self.enforced, &policy))
                         );
                         self.enforced_now(&policy, &compiled, generation, push.sources);
                         Ok(generation)

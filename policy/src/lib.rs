@@ -6,6 +6,7 @@
 //! specification the kernel program is tested against.
 
 pub mod compile;
+pub mod diff;
 pub mod error;
 pub mod eval;
 pub mod model;
