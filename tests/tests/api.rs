@@ -238,6 +238,41 @@ fn flows_show_drops_to_viewers() {
 }
 
 #[test]
+fn flows_follow_streams_new_events() {
+    use std::io::BufRead as _;
+    let env = start("apifollow");
+    let pki = |name: &str| env.pki.join(name).to_str().unwrap().to_owned();
+    let mut child = env
+        .lab
+        .router
+        .command(lab::topology::bulkhead_binary().to_str().unwrap())
+        .args(["flows", "--follow", "--server", &format!("https://{API}")])
+        .args(["--cert", &pki("viewer.pem"), "--key", &pki("viewer.key"), "--ca", env.ca_pem.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Subscribed before the drop happens: it must arrive on the stream.
+    std::thread::sleep(Duration::from_millis(500));
+    let db = SocketAddr::new(IpAddr::V4(env.lab.host("db").addr), 8125);
+    assert_eq!(probe::udp(&env.lab.host("outsider").ns, db).unwrap(), Outcome::TimedOut);
+    let line = received.recv_timeout(Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("no event streamed");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((event["src"].as_str(), event["dst_port"].as_u64()), (Some("10.0.9.10"), Some(8125)), "{line}");
+}
+
+#[test]
 fn a_rotated_server_certificate_is_served_without_restart() {
     let env = start("apirotate");
     let (before, answered) = env.anonymous_request();

@@ -291,3 +291,39 @@ fn drops_are_reported_as_json_lines() {
     assert_eq!(deny["rule"], "gateway-never-touches-data");
     assert_eq!(deny["reason"], "deny_rule");
 }
+
+#[test]
+fn a_configmap_style_symlink_swap_is_applied() {
+    // The layout kubelet gives a mounted ConfigMap: the visible file is a
+    // symlink into `..data`, itself a symlink to a timestamped directory;
+    // an update writes a new directory and renames a new `..data` over the
+    // old one in one step.
+    let lab = ThreeTier::new("configmap").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    let version = |name: &str, text: &str| {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("policy.yaml"), text).unwrap();
+    };
+    version("..2026_11_25_a", &three_tier());
+    std::os::unix::fs::symlink("..2026_11_25_a", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/policy.yaml", dir.join("policy.yaml")).unwrap();
+    let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
+    let _servers = servers(&lab);
+    assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut);
+
+    let opened = three_tier().replace(
+        "  rules:\n",
+        "  rules:\n    - name: outsider-to-db\n      from: [{identity: world}]\n      to: [{identity: db}]\n      ports: [\"5432/tcp\"]\n",
+    );
+    version("..2026_11_25_b", &opened);
+    std::os::unix::fs::symlink("..2026_11_25_b", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&lab, &daemon, "bulkhead_policy_generation") < Some(2) {
+        assert!(Instant::now() < deadline, "the swap was not applied: {}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected);
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total"), Some(0), "no half-read state rejected");
+}
