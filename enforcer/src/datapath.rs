@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachType};
-use aya::programs::xdp::{XdpLink, XdpLinkId};
+use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use enforcer_common::{
@@ -120,8 +120,8 @@ pub struct TestRun {
 /// Loaded programs and the maps the daemon writes or reads.
 pub struct Datapath {
     ebpf: Ebpf,
-    xdp_links: Vec<(String, XdpLinkId)>,
-    tc_links: Vec<(String, SchedClassifierLinkId)>,
+    /// Interfaces both programs are attached to.
+    interfaces: Vec<String>,
     maps: PolicyMaps,
     /// The two policy slots; the kernel reads `slots[slot_of(generation)]`.
     slots: [Slot; 2],
@@ -299,8 +299,7 @@ impl Datapath {
             harvested_pairs: BTreeMap::new(),
             harvested_rules: BTreeMap::new(),
             ebpf,
-            xdp_links: Vec::new(),
-            tc_links: Vec::new(),
+            interfaces: Vec::new(),
             host_addresses: BTreeSet::new(),
             config_value: Config::default(),
             sizes,
@@ -349,22 +348,20 @@ impl Datapath {
         {
             let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(xdp_path).map_err(link_error(xdp_path))?))
                 .map_err(link_error(xdp_path))?;
-            let id = self.xdp()?.attach_to_link(link).map_err(attach_error("XDP"))?;
-            self.xdp_links.push((interface.to_owned(), id));
+            // The program now owns the link; the pin keeps it beyond us.
+            self.xdp()?.attach_to_link(link).map_err(attach_error("XDP"))?;
             let link = SchedClassifierLink::try_from(FdLink::from(
                 PinnedLink::from_pin(tc_path).map_err(link_error(tc_path))?,
             ))
             .map_err(link_error(tc_path))?;
-            let id = self.classifier()?.attach_to_link(link).map_err(attach_error("TC egress"))?;
-            self.tc_links.push((interface.to_owned(), id));
+            self.classifier()?.attach_to_link(link).map_err(attach_error("TC egress"))?;
+            self.interfaces.push(interface.to_owned());
             return Ok(true);
         }
         let id = self.xdp()?.attach(interface, XdpMode::Default).map_err(attach_error("XDP"))?;
         if let Some((xdp_path, _)) = &paths {
             let link = self.xdp()?.take_link(id).map_err(attach_error("XDP"))?;
             pin_link(FdLink::try_from(link).map_err(link_error(xdp_path))?, xdp_path)?;
-        } else {
-            self.xdp_links.push((interface.to_owned(), id));
         }
         // Kernels without tcx need a clsact qdisc; an existing one is fine.
         let _ = tc::qdisc_add_clsact(interface);
@@ -372,15 +369,15 @@ impl Datapath {
         if let Some((_, tc_path)) = &paths {
             let link = self.classifier()?.take_link(id).map_err(attach_error("TC egress"))?;
             pin_link(FdLink::try_from(link).map_err(link_error(tc_path))?, tc_path)?;
-        } else {
-            self.tc_links.push((interface.to_owned(), id));
         }
+        // Unpinned links stay owned by the programs and go with them.
+        self.interfaces.push(interface.to_owned());
         Ok(false)
     }
 
     /// Interfaces the programs are attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.xdp_links.iter().map(|(name, _)| name.as_str())
+        self.interfaces.iter().map(String::as_str)
     }
 
     /// Writes `compiled` into the slot the kernel is not reading (only the

@@ -168,6 +168,8 @@ fn only_trusted_current_certificates_with_a_role_get_in() {
     let value: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
     assert_eq!(value["generation"], 1);
     assert_eq!(value["ready"], true);
+    let interfaces: Vec<&str> = value["interfaces"].as_array().unwrap().iter().filter_map(|i| i.as_str()).collect();
+    assert_eq!(interfaces, ["to-gateway", "to-logic", "to-db", "to-outsider"]);
 
     let (_, answered) = env.anonymous_request();
     assert!(!answered, "a client without a certificate got an answer");
