@@ -1,41 +1,36 @@
 //! Per-CPU packet and byte counters: no atomics, no contention; the daemon
 //! sums the CPUs when Prometheus scrapes.
 
-use enforcer_common::{Direction, DropReason, MAX_RULES, StateError, drop_counter_index};
+use aya_ebpf::maps::PerCpuArray;
+use enforcer_common::{Counter, Direction, DropReason, MAX_RULES, StateError, drop_counter_index};
 
 use crate::maps::{AUDIT_COUNTERS, DROP_COUNTERS, FORWARD_COUNTERS, RULE_VERDICTS, STATE_ERRORS};
 
+/// Adds one packet of `bytes` to slot `index` of a per-CPU counter array.
 #[inline(always)]
-pub fn count_drop(reason: DropReason, direction: Direction, bytes: u64) {
-    if let Some(counter) = DROP_COUNTERS.get_ptr_mut(drop_counter_index(reason, direction)) {
+fn add(counters: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+    if let Some(counter) = counters.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, so no other writer runs concurrently.
         unsafe {
             (*counter).packets += 1;
             (*counter).bytes += bytes;
         }
     }
+}
+
+#[inline(always)]
+pub fn count_drop(reason: DropReason, direction: Direction, bytes: u64) {
+    add(&DROP_COUNTERS, drop_counter_index(reason, direction), bytes);
 }
 
 #[inline(always)]
 pub fn count_forward(direction: Direction, bytes: u64) {
-    if let Some(counter) = FORWARD_COUNTERS.get_ptr_mut(direction as u32) {
-        // SAFETY: per-CPU slot, so no other writer runs concurrently.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes;
-        }
-    }
+    add(&FORWARD_COUNTERS, direction as u32, bytes);
 }
 
 #[inline(always)]
 pub fn count_audit(reason: DropReason, direction: Direction, bytes: u64) {
-    if let Some(counter) = AUDIT_COUNTERS.get_ptr_mut(drop_counter_index(reason, direction)) {
-        // SAFETY: per-CPU slot, so no other writer runs concurrently.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes;
-        }
-    }
+    add(&AUDIT_COUNTERS, drop_counter_index(reason, direction), bytes);
 }
 
 /// Counts one policy decision made by rule `rule_index` of the slot's policy.

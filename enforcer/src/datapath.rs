@@ -108,6 +108,27 @@ pub enum Hook {
     Calibration,
 }
 
+impl Hook {
+    fn program_name(self) -> &'static str {
+        match self {
+            Hook::Ingress => XDP_PROGRAM,
+            Hook::Egress => TC_PROGRAM,
+            Hook::Calibration => CALIBRATION_PROGRAM,
+        }
+    }
+}
+
+/// A loaded object's program `name`, as its concrete type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing { what: "program", name })?
+        .try_into()
+        .map_err(|source| DatapathError::Verify { name, source })
+}
+
 /// Result of one `BPF_PROG_TEST_RUN`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestRun {
@@ -266,24 +287,10 @@ impl Datapath {
         loader.map_max_entries(maps::FRAGMENTS, sizes.fragments);
         let mut ebpf = loader.load(PROGRAM).map_err(DatapathError::Load)?;
         let verify = |name| move |source| DatapathError::Verify { name, source };
-        let xdp: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or(DatapathError::Missing { what: "program", name: XDP_PROGRAM })?
-            .try_into()
-            .map_err(verify(XDP_PROGRAM))?;
-        xdp.load().map_err(verify(XDP_PROGRAM))?;
-        let classifier: &mut SchedClassifier = ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or(DatapathError::Missing { what: "program", name: TC_PROGRAM })?
-            .try_into()
-            .map_err(verify(TC_PROGRAM))?;
-        classifier.load().map_err(verify(TC_PROGRAM))?;
-        let calibration: &mut Xdp = ebpf
-            .program_mut(CALIBRATION_PROGRAM)
-            .ok_or(DatapathError::Missing { what: "program", name: CALIBRATION_PROGRAM })?
-            .try_into()
-            .map_err(verify(CALIBRATION_PROGRAM))?;
-        calibration.load().map_err(verify(CALIBRATION_PROGRAM))?;
+        for name in [XDP_PROGRAM, CALIBRATION_PROGRAM] {
+            program::<Xdp>(&mut ebpf, name)?.load().map_err(verify(name))?;
+        }
+        program::<SchedClassifier>(&mut ebpf, TC_PROGRAM)?.load().map_err(verify(TC_PROGRAM))?;
         Ok(Self {
             maps: PolicyMaps::take(&mut ebpf)?,
             slots: [Slot::new(0), Slot::new(1)],
@@ -308,19 +315,11 @@ impl Datapath {
     }
 
     fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
-        self.ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or(DatapathError::Missing { what: "program", name: XDP_PROGRAM })?
-            .try_into()
-            .map_err(|source| DatapathError::Verify { name: XDP_PROGRAM, source })
+        program(&mut self.ebpf, XDP_PROGRAM)
     }
 
     fn classifier(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        self.ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or(DatapathError::Missing { what: "program", name: TC_PROGRAM })?
-            .try_into()
-            .map_err(|source| DatapathError::Verify { name: TC_PROGRAM, source })
+        program(&mut self.ebpf, TC_PROGRAM)
     }
 
     /// Attaches XDP (ingress; native mode where the driver has it) and the
@@ -589,30 +588,9 @@ impl Datapath {
 
     /// The raw fd of a program, for `BPF_PROG_TEST_RUN` from other threads.
     pub fn program_fd(&mut self, hook: Hook) -> Result<RawFd, DatapathError> {
-        match hook {
-            Hook::Ingress => self
-                .xdp()?
-                .fd()
-                .map(|fd| fd.as_fd().as_raw_fd())
-                .map_err(|source| DatapathError::Verify { name: XDP_PROGRAM, source }),
-            Hook::Egress => self
-                .classifier()?
-                .fd()
-                .map(|fd| fd.as_fd().as_raw_fd())
-                .map_err(|source| DatapathError::Verify { name: TC_PROGRAM, source }),
-            Hook::Calibration => {
-                let program: &mut Xdp = self
-                    .ebpf
-                    .program_mut(CALIBRATION_PROGRAM)
-                    .ok_or(DatapathError::Missing { what: "program", name: CALIBRATION_PROGRAM })?
-                    .try_into()
-                    .map_err(|source| DatapathError::Verify { name: CALIBRATION_PROGRAM, source })?;
-                program
-                    .fd()
-                    .map(|fd| fd.as_fd().as_raw_fd())
-                    .map_err(|source| DatapathError::Verify { name: CALIBRATION_PROGRAM, source })
-            }
-        }
+        let name = hook.program_name();
+        let program = self.ebpf.program(name).ok_or(DatapathError::Missing { what: "program", name })?;
+        program.fd().map(|fd| fd.as_fd().as_raw_fd()).map_err(|source| DatapathError::Verify { name, source })
     }
 
     /// Sums the per-CPU counters.
@@ -673,11 +651,7 @@ impl Datapath {
     /// Runs a program on `frame` in the kernel (`BPF_PROG_TEST_RUN`),
     /// `repeat` times, with the maps as they are.
     pub fn test_run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRun, DatapathError> {
-        let name = match hook {
-            Hook::Ingress => XDP_PROGRAM,
-            Hook::Egress => TC_PROGRAM,
-            Hook::Calibration => CALIBRATION_PROGRAM,
-        };
+        let name = hook.program_name();
         let fd = self.program_fd(hook)?;
         crate::testrun::run(fd, frame, repeat).map_err(|source| DatapathError::TestRun { name, source })
     }
