@@ -18,8 +18,11 @@ pub enum Hit {
     /// The packet belongs to a connection only audit mode let through: it
     /// passes and is counted as audited with the policy's reason.
     Audit(DropReason),
-    /// No usable entry: the policy decides.
+    /// No entry: the policy decides, and a denial has nothing to forget.
     Miss,
+    /// An entry too old, from another policy generation or for the other
+    /// hook: the policy decides, and a denial forgets the connection.
+    Stale,
 }
 
 #[inline(always)]
@@ -49,17 +52,17 @@ fn tcp_state_after(current: u32, flags: u8) -> u32 {
 /// Looks the packet's tuple up and, on a hit, refreshes the entry.
 #[inline(always)]
 pub fn lookup(packet: &Packet, direction: Direction, generation: u32, now: u64) -> Hit {
-    let Some(entry) = CONNTRACK.get_ptr_mut(packet.flow) else {
+    let Some(entry) = CONNTRACK.get_ptr_mut(&packet.flow) else {
         return Hit::Miss;
     };
     // SAFETY: the entry pointer is valid for this program run; concurrent
     // updates of these plain integers can at worst lose a refresh.
     let entry = unsafe { &mut *entry };
     if now.saturating_sub(entry.last_seen_ns) > timeout(packet.flow.protocol, entry.tcp_state) {
-        return Hit::Miss;
+        return Hit::Stale;
     }
     if entry.hook != direction as u32 || (entry.direction == FLOW_ORIGINAL && entry.policy_generation != generation) {
-        return Hit::Miss;
+        return Hit::Stale;
     }
     entry.last_seen_ns = now;
     let hit = match DropReason::from_u32(entry.audit_reason) {
@@ -136,16 +139,19 @@ pub fn admit(
     // fail under memory pressure, and then the packet itself still passes
     // (the policy allowed it) but its replies will be judged by policy:
     // counted, so it is never silent.
-    if CONNTRACK.insert(packet.flow, original, 0).is_err()
+    if CONNTRACK.insert(&packet.flow, original, 0).is_err()
         || CONNTRACK.insert(packet.flow.reversed(), reply, 0).is_err()
     {
         crate::metrics::count_state_error(StateError::Conntrack);
     }
 }
 
-/// Forgets a connection whose originator the policy no longer allows.
+/// Forgets a connection whose originator the policy no longer allows. Only
+/// called when the lookup found an entry: deleting takes a bucket lock,
+/// which a flood of denied packets with no state must not pay for. (If LRU
+/// eviction left only the reply entry, it ages out by its timeout.)
 #[inline(always)]
 pub fn revoke(packet: &Packet) {
-    let _ = CONNTRACK.remove(packet.flow);
+    let _ = CONNTRACK.remove(&packet.flow);
     let _ = CONNTRACK.remove(packet.flow.reversed());
 }

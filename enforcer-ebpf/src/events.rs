@@ -31,15 +31,23 @@ fn take_token(now: u64) -> bool {
     true
 }
 
+/// [`IdentityPairKey::slot`] of a pair the verdict was reached without:
+/// [`report`] looks the identities up itself.
+pub const PAIR_UNKNOWN: u32 = u32::MAX;
+
 /// Counts a drop against its (source, destination) identity pair. Not rate
 /// limited: these counters back `bulkhead_identity_drops_total`.
 #[inline(always)]
-fn count_pair(event: &Event) {
-    let slot = slot_of(CONFIG.get(CONFIG_INDEX).map_or(0, |c| c.policy_generation));
-    let key = IdentityPairKey {
-        slot: slot as u32,
-        src: identity::lookup(slot, event.family, &event.src_addr).id,
-        dst: identity::lookup(slot, event.family, &event.dst_addr).id,
+fn count_pair(event: &Event, known: &IdentityPairKey) {
+    let key = if known.slot == PAIR_UNKNOWN {
+        let slot = slot_of(CONFIG.get(CONFIG_INDEX).map_or(0, |c| c.policy_generation));
+        IdentityPairKey {
+            slot: slot as u32,
+            src: identity::lookup(slot, event.family, &event.src_addr).id,
+            dst: identity::lookup(slot, event.family, &event.dst_addr).id,
+        }
+    } else {
+        *known
     };
     if let Some(count) = IDENTITY_DROPS.get_ptr_mut(key) {
         // SAFETY: per-CPU value, so no other writer runs concurrently.
@@ -75,13 +83,15 @@ pub fn describe(
     }
 }
 
-/// Reports an event, within this CPU's budget. Not inlined: as its own
-/// subprogram it adds one call to each path instead of its branches, which
-/// keeps the programs well inside the verifier's limits.
+/// Reports an event, within this CPU's budget, and counts a drop against
+/// its identity pair (`pair`, as the verdict found it, saves looking the
+/// addresses up again). Not inlined: as its own subprogram it adds one
+/// call to each path instead of its branches, which keeps the programs well
+/// inside the verifier's limits.
 #[inline(never)]
-pub fn report(event: &Event) {
+pub fn report(event: &Event, pair: &IdentityPairKey) {
     if event.verdict == EVENT_DROP {
-        count_pair(event);
+        count_pair(event, pair);
     }
     if !take_token(event.time_ns) {
         crate::metrics::count_state_error(StateError::EventsRateLimited);

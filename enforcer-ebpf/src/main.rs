@@ -24,12 +24,15 @@ mod metrics;
 mod parse;
 mod policy;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::macros::{classifier, xdp};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityValue, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityPairKey,
+    IdentityValue, slot_of,
 };
 
 use crate::parse::{Fragment, Frame, Kind, Packet, Parsed};
@@ -116,8 +119,9 @@ fn account(verdict: Verdict, direction: Direction, bytes: u64) -> bool {
 
 #[inline(always)]
 fn judge(frame: &Frame, direction: Direction, ifindex: u32) -> Verdict {
-    let mut packet = Packet::empty();
-    match parse::parse(frame, &mut packet) {
+    let mut storage = MaybeUninit::uninit();
+    let packet = Packet::blank(&mut storage);
+    match parse::parse(frame, packet) {
         Parsed::NotIp => return Verdict::Pass,
         Parsed::Drop(reason) => return Verdict::Drop(reason),
         Parsed::Ip => {}
@@ -125,36 +129,42 @@ fn judge(frame: &Frame, direction: Direction, ifindex: u32) -> Verdict {
     if packet.kind == Kind::NeighbourDiscovery {
         return Verdict::Pass;
     }
+    // The coarse clock (one scheduler tick of resolution) costs a fraction
+    // of the precise one, and every timeout here is milliseconds or more.
     // SAFETY: a plain helper call with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let verdict = judge_ip(&packet, direction, now);
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let mut pair = IdentityPairKey { slot: events::PAIR_UNKNOWN, src: 0, dst: 0 };
+    let verdict = judge_ip(packet, direction, now, &mut pair);
     // Whatever decided a first fragment (conntrack, policy, audit) decides
     // the datagram's later fragments too.
     if let Fragment::First(id) = packet.fragment
         && !matches!(verdict, Verdict::Ignore)
     {
-        fragments::remember(&packet, id, verdict, now);
+        fragments::remember(packet, id, verdict, now);
     }
     let event = match verdict {
-        Verdict::Drop(reason) => Some(events::describe(&packet, direction, reason, false, ifindex, now)),
-        Verdict::Audit(reason) => Some(events::describe(&packet, direction, reason, true, ifindex, now)),
+        Verdict::Drop(reason) => Some(events::describe(packet, direction, reason, false, ifindex, now)),
+        Verdict::Audit(reason) => Some(events::describe(packet, direction, reason, true, ifindex, now)),
         Verdict::Pass | Verdict::Ignore => None,
     };
     if let Some(event) = event {
-        events::report(&event);
+        events::report(&event, &pair);
     }
     verdict
 }
 
+/// `pair` receives the packet's identities once they are looked up.
 #[inline(always)]
-fn judge_ip(packet: &Packet, direction: Direction, now: u64) -> Verdict {
+fn judge_ip(packet: &Packet, direction: Direction, now: u64, pair: &mut IdentityPairKey) -> Verdict {
     let config = maps::CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
 
     // Fast path: one conntrack lookup for established flows at ingress.
+    let mut stale = false;
     if direction == Direction::Ingress && matches!(packet.kind, Kind::Trackable | Kind::EchoReply) {
         match conntrack::lookup(packet, direction, config.policy_generation, now) {
             conntrack::Hit::Pass => return Verdict::Pass,
             conntrack::Hit::Audit(reason) => return Verdict::Audit(reason),
+            conntrack::Hit::Stale => stale = true,
             conntrack::Hit::Miss => {}
         }
     }
@@ -169,12 +179,14 @@ fn judge_ip(packet: &Packet, direction: Direction, now: u64) -> Verdict {
             match conntrack::lookup(packet, direction, config.policy_generation, now) {
                 conntrack::Hit::Pass => return Verdict::Pass,
                 conntrack::Hit::Audit(reason) => return Verdict::Audit(reason),
+                conntrack::Hit::Stale => stale = true,
                 conntrack::Hit::Miss => {}
             }
         }
         _ => {}
     }
     let dst = identity::lookup(slot, packet.flow.family, &packet.flow.dst_addr);
+    *pair = IdentityPairKey { slot: slot as u32, src: src.id, dst: dst.id };
     let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
 
     if let Fragment::Later(id) = packet.fragment {
@@ -189,19 +201,19 @@ fn judge_ip(packet: &Packet, direction: Direction, now: u64) -> Verdict {
     if packet.kind == Kind::IcmpError && conntrack::is_tracked(&packet.quoted, now) {
         return Verdict::Pass;
     }
-    decide(packet, direction, src, dst, config.policy_generation, audit, now)
+    decide(packet, direction, (src, dst), config.policy_generation, (audit, stale), now)
 }
 
 /// Policy verdict for a packet no tracked flow covers, with the conntrack
-/// bookkeeping it implies.
+/// bookkeeping it implies. `stale`: conntrack holds an unusable entry for
+/// the packet's tuple, which a denial must forget.
 #[inline(always)]
 fn decide(
     packet: &Packet,
     direction: Direction,
-    src: IdentityValue,
-    dst: IdentityValue,
+    (src, dst): (IdentityValue, IdentityValue),
     generation: u32,
-    audit: bool,
+    (audit, stale): (bool, bool),
     now: u64,
 ) -> Verdict {
     // Replies come back in at ingress, unless the node itself answers.
@@ -226,7 +238,8 @@ fn decide(
                     Verdict::Audit(reason) => {
                         conntrack::admit(packet, hooks, generation, u32::MAX, Some(reason), now);
                     }
-                    _ => conntrack::revoke(packet),
+                    _ if stale => conntrack::revoke(packet),
+                    _ => {}
                 }
             }
             metrics::count_rule(slot, rule_index);

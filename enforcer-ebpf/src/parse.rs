@@ -3,7 +3,7 @@
 //! overlapping headers) is reported as [`DropReason::Malformed`] rather than
 //! guessed at: a packet is judged by exactly the headers the receiver will see.
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, align_of, size_of};
 
 use enforcer_common::{DropReason, FAMILY_IPV4, FAMILY_IPV6, FlowKey};
 
@@ -65,6 +65,7 @@ pub enum Fragment {
     Later(u32),
 }
 
+#[repr(C, align(8))]
 pub struct Packet {
     /// The packet's own tuple, used as its conntrack key (ports 0 for later fragments).
     pub flow: FlowKey,
@@ -88,16 +89,28 @@ pub enum Parsed {
 }
 
 impl Packet {
-    /// A blank packet for [`parse`] to fill in.
+    /// Makes `storage` a blank packet for [`parse`] to fill in, in place:
+    /// zeroed (flow keys are hashed whole, so unused address bytes must be
+    /// zero) by eight-byte stores. A zero initialiser, or building the
+    /// packet here and moving it out, compiles to calls to BPF's byte-loop
+    /// `memset`, which cost more than the rest of the fast path.
     #[inline(always)]
-    pub fn empty() -> Self {
-        Self {
-            flow: FlowKey::default(),
-            quoted: FlowKey::default(),
-            policy_port: 0,
-            tcp_flags: 0,
-            kind: Kind::Untracked,
-            fragment: Fragment::Whole,
+    pub fn blank(storage: &mut MaybeUninit<Self>) -> &mut Self {
+        const WORDS: usize = size_of::<Packet>() / 8;
+        const { assert!(size_of::<Packet>() % 8 == 0 && align_of::<Packet>() == 8) };
+        let words = storage.as_mut_ptr().cast::<u64>();
+        for k in 0..WORDS {
+            // SAFETY: `k` words of 8 bytes lie inside the (8-aligned) packet.
+            // Volatile, so LLVM cannot merge the stores back into `memset`.
+            unsafe { words.add(k).write_volatile(0) };
+        }
+        let blank = storage.as_mut_ptr();
+        // SAFETY: every field is now initialised: the integers and arrays
+        // by the zero words, the enums by these writes.
+        unsafe {
+            (&raw mut (*blank).kind).write(Kind::Untracked);
+            (&raw mut (*blank).fragment).write(Fragment::Whole);
+            storage.assume_init_mut()
         }
     }
 }
@@ -113,43 +126,78 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Pointer to a `T` at `offset`, if the whole `T` is inside the frame.
+    /// The `N` bytes at `offset`, if they are all inside the frame. One
+    /// bounds check per header keeps the verifier's view simple; the
+    /// fields are then read straight from the packet, never copied whole.
     #[inline(always)]
-    fn at<T>(&self, offset: usize) -> Option<*const T> {
-        if self.start + offset + size_of::<T>() > self.end {
+    fn header<const N: usize>(&self, offset: usize) -> Option<Header<N>> {
+        if self.start + offset + N > self.end {
             return None;
         }
-        Some((self.start + offset) as *const T)
+        Some(Header { at: (self.start + offset) as *const u8 })
+    }
+}
+
+/// A bounds-checked header: field offsets are const generics, checked
+/// against `N` at compile time.
+#[derive(Clone, Copy)]
+struct Header<const N: usize> {
+    at: *const u8,
+}
+
+impl<const N: usize> Header<N> {
+    #[inline(always)]
+    fn u8<const AT: usize>(self) -> u8 {
+        const { assert!(AT < N) };
+        // SAFETY: `Frame::header` checked that all N bytes are readable.
+        unsafe { self.at.add(AT).read_volatile() }
     }
 
     #[inline(always)]
-    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        // SAFETY: `at` checked that the N bytes lie inside the frame.
-        self.at::<[u8; N]>(offset).map(|p| unsafe { p.read_unaligned() })
+    fn u16<const AT: usize>(self) -> u16 {
+        const { assert!(AT + 1 < N) };
+        // SAFETY: as in `u8`.
+        unsafe { u16::from_be_bytes([self.at.add(AT).read_volatile(), self.at.add(AT + 1).read_volatile()]) }
     }
 
     #[inline(always)]
-    fn u16_at(&self, offset: usize) -> Option<u16> {
-        self.bytes::<2>(offset).map(u16::from_be_bytes)
+    fn u32<const AT: usize>(self) -> u32 {
+        const { assert!(AT + 3 < N) };
+        // SAFETY: as in `u8`.
+        let byte = |k: usize| u32::from(unsafe { self.at.add(AT + k).read_volatile() });
+        (byte(0) << 24) | (byte(1) << 16) | (byte(2) << 8) | byte(3)
+    }
+
+    /// Copies `LEN` bytes from `AT` to the start of an address field. The
+    /// reads are volatile so LLVM emits plain loads and stores instead of a
+    /// call to BPF's byte-loop `memmove`.
+    #[inline(always)]
+    fn copy_address<const AT: usize, const LEN: usize>(self, to: &mut [u8; 16]) {
+        const { assert!(AT + LEN <= N && LEN <= 16) };
+        for (k, byte) in to.iter_mut().take(LEN).enumerate() {
+            // SAFETY: as in `u8`.
+            *byte = unsafe { self.at.add(AT + k).read_volatile() };
+        }
     }
 }
 
 #[inline(always)]
 pub fn parse(frame: &Frame, packet: &mut Packet) -> Parsed {
-    let Some(mut ether_type) = frame.u16_at(12) else {
+    let Some(ethernet) = frame.header::<ETH_HEADER_LEN>(0) else {
         // Shorter than an Ethernet header: nothing to classify as IP.
         return Parsed::NotIp;
     };
+    let mut ether_type = ethernet.u16::<12>();
     let mut l3 = ETH_HEADER_LEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
         }
         // Tag control information, then the encapsulated type.
-        let Some(tag) = frame.bytes::<4>(l3) else {
+        let Some(tag) = frame.header::<4>(l3) else {
             return Parsed::Drop(DropReason::Malformed);
         };
-        ether_type = u16::from_be_bytes([tag[2], tag[3]]);
+        ether_type = tag.u16::<2>();
         l3 += 4;
     }
     match ether_type {
@@ -163,23 +211,24 @@ pub fn parse(frame: &Frame, packet: &mut Packet) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv4(frame: &Frame, l3: usize, packet: &mut Packet) -> Parsed {
-    let Some(header) = frame.bytes::<20>(l3) else {
+    let Some(header) = frame.header::<20>(l3) else {
         return Parsed::Drop(DropReason::Malformed);
     };
-    let header_len = ((header[0] & 0x0f) as usize) * 4;
-    let total_len = u16::from_be_bytes([header[2], header[3]]) as usize;
-    if header[0] >> 4 != 4 || header_len < 20 || total_len < header_len || l3 + total_len > frame.wire_len {
+    let version_and_length = header.u8::<0>();
+    let header_len = ((version_and_length & 0x0f) as usize) * 4;
+    let total_len = header.u16::<2>() as usize;
+    if version_and_length >> 4 != 4 || header_len < 20 || total_len < header_len || l3 + total_len > frame.wire_len {
         return Parsed::Drop(DropReason::Malformed);
     }
     let flow = &mut packet.flow;
-    flow.protocol = header[9];
+    flow.protocol = header.u8::<9>();
     flow.family = FAMILY_IPV4;
-    flow.src_addr[..4].copy_from_slice(&header[12..16]);
-    flow.dst_addr[..4].copy_from_slice(&header[16..20]);
-    let fragment_field = u16::from_be_bytes([header[6], header[7]]);
+    header.copy_address::<12, 4>(&mut flow.src_addr);
+    header.copy_address::<16, 4>(&mut flow.dst_addr);
+    let fragment_field = header.u16::<6>();
     let offset = ((fragment_field & 0x1fff) as usize) * 8;
     let more_fragments = fragment_field & 0x2000 != 0;
-    let id = u16::from_be_bytes([header[4], header[5]]) as u32;
+    let id = header.u16::<4>() as u32;
     if offset != 0 {
         return later_fragment(packet, id, offset);
     }
@@ -200,19 +249,19 @@ fn later_fragment(packet: &mut Packet, id: u32, offset: usize) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv6(frame: &Frame, l3: usize, packet: &mut Packet) -> Parsed {
-    let Some(header) = frame.bytes::<40>(l3) else {
+    let Some(header) = frame.header::<40>(l3) else {
         return Parsed::Drop(DropReason::Malformed);
     };
-    let payload_len = u16::from_be_bytes([header[4], header[5]]) as usize;
+    let payload_len = header.u16::<4>() as usize;
     let l3_end = l3 + 40 + payload_len;
-    if header[0] >> 4 != 6 || l3_end > frame.wire_len {
+    if header.u8::<0>() >> 4 != 6 || l3_end > frame.wire_len {
         return Parsed::Drop(DropReason::Malformed);
     }
-    let hop_limit = header[7];
+    let hop_limit = header.u8::<7>();
     packet.flow.family = FAMILY_IPV6;
-    packet.flow.src_addr.copy_from_slice(&header[8..24]);
-    packet.flow.dst_addr.copy_from_slice(&header[24..40]);
-    let mut next = header[6];
+    header.copy_address::<8, 16>(&mut packet.flow.src_addr);
+    header.copy_address::<24, 16>(&mut packet.flow.dst_addr);
+    let mut next = header.u8::<6>();
     let mut offset = l3 + 40;
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
         if !matches!(next, IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_AUTH | IPV6_FRAGMENT) {
@@ -227,17 +276,17 @@ fn parse_ipv6(frame: &Frame, l3: usize, packet: &mut Packet) -> Parsed {
         // Every extension header starts with (next header, length); the
         // fragment header's offset follows. Reading eight bytes at once keeps
         // the bounds check in a form the verifier accepts.
-        let Some(ext) = frame.bytes::<8>(offset) else {
+        let Some(ext) = frame.header::<8>(offset) else {
             return Parsed::Drop(DropReason::Malformed);
         };
         let length = match next {
-            IPV6_AUTH => (ext[1] as usize + 2) * 4,
+            IPV6_AUTH => (ext.u8::<1>() as usize + 2) * 4,
             IPV6_FRAGMENT => {
-                let field = u16::from_be_bytes([ext[2], ext[3]]);
-                let id = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
+                let field = ext.u16::<2>();
+                let id = ext.u32::<4>();
                 let fragment_offset = ((field >> 3) as usize) * 8;
                 if fragment_offset != 0 {
-                    packet.flow.protocol = ext[0];
+                    packet.flow.protocol = ext.u8::<0>();
                     return later_fragment(packet, id, fragment_offset);
                 }
                 if field & 1 != 0 {
@@ -245,9 +294,9 @@ fn parse_ipv6(frame: &Frame, l3: usize, packet: &mut Packet) -> Parsed {
                 }
                 8
             }
-            _ => (ext[1] as usize + 1) * 8,
+            _ => (ext.u8::<1>() as usize + 1) * 8,
         };
-        next = ext[0];
+        next = ext.u8::<0>();
         offset += length;
         if offset > l3_end {
             return Parsed::Drop(DropReason::Malformed);
@@ -264,49 +313,50 @@ fn parse_l4(frame: &Frame, l4: usize, l3_end: usize, packet: &mut Packet) -> Par
     let flow = &mut packet.flow;
     match flow.protocol {
         PROTO_TCP => {
-            let Some(tcp) = frame.bytes::<20>(l4) else {
+            let Some(tcp) = frame.header::<20>(l4) else {
                 return Parsed::Drop(DropReason::Malformed);
             };
-            let data_offset = ((tcp[12] >> 4) as usize) * 4;
+            let data_offset = ((tcp.u8::<12>() >> 4) as usize) * 4;
             if data_offset < 20 || l4 + data_offset > l3_end {
                 return Parsed::Drop(DropReason::Malformed);
             }
-            flow.src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-            flow.dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+            flow.src_port = tcp.u16::<0>();
+            flow.dst_port = tcp.u16::<2>();
             packet.policy_port = flow.dst_port;
-            packet.tcp_flags = tcp[13];
+            packet.tcp_flags = tcp.u8::<13>();
             packet.kind = Kind::Trackable;
         }
         PROTO_UDP => {
-            let Some(udp) = frame.bytes::<8>(l4) else {
+            let Some(udp) = frame.header::<8>(l4) else {
                 return Parsed::Drop(DropReason::Malformed);
             };
             if l4 + 8 > l3_end {
                 return Parsed::Drop(DropReason::Malformed);
             }
-            flow.src_port = u16::from_be_bytes([udp[0], udp[1]]);
-            flow.dst_port = u16::from_be_bytes([udp[2], udp[3]]);
+            flow.src_port = udp.u16::<0>();
+            flow.dst_port = udp.u16::<2>();
             packet.policy_port = flow.dst_port;
             packet.kind = Kind::Trackable;
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            let Some(icmp) = frame.bytes::<8>(l4) else {
+            let Some(icmp) = frame.header::<8>(l4) else {
                 return Parsed::Drop(DropReason::Malformed);
             };
             if l4 + 8 > l3_end {
                 return Parsed::Drop(DropReason::Malformed);
             }
-            packet.policy_port = u16::from_be_bytes([icmp[0], icmp[1]]);
+            packet.policy_port = icmp.u16::<0>();
             let v4 = flow.protocol == PROTO_ICMP;
             let (request, reply) = if v4 { (8, 0) } else { (128, 129) };
-            let identifier = u16::from_be_bytes([icmp[4], icmp[5]]);
-            if icmp[0] == request {
+            let identifier = icmp.u16::<4>();
+            let icmp_type = icmp.u8::<0>();
+            if icmp_type == request {
                 flow.src_port = identifier;
                 packet.kind = Kind::Trackable;
-            } else if icmp[0] == reply {
+            } else if icmp_type == reply {
                 flow.dst_port = identifier;
                 packet.kind = Kind::EchoReply;
-            } else if is_icmp_error(v4, icmp[0])
+            } else if is_icmp_error(v4, icmp_type)
                 && fragment == Fragment::Whole
                 && parse_quoted(frame, l4 + 8, v4, &mut packet.quoted)
             {
@@ -336,33 +386,34 @@ fn parse_quoted(frame: &Frame, at: usize, v4: bool, quoted: &mut FlowKey) -> boo
 #[inline(always)]
 fn quoted_tuple(frame: &Frame, at: usize, v4: bool, quoted: &mut FlowKey) -> Option<()> {
     let l4 = if v4 {
-        let header = frame.bytes::<20>(at)?;
-        let header_len = ((header[0] & 0x0f) as usize) * 4;
-        if header[0] >> 4 != 4 || header_len < 20 {
+        let header = frame.header::<20>(at)?;
+        let version_and_length = header.u8::<0>();
+        let header_len = ((version_and_length & 0x0f) as usize) * 4;
+        if version_and_length >> 4 != 4 || header_len < 20 {
             return None;
         }
         quoted.family = FAMILY_IPV4;
-        quoted.protocol = header[9];
-        quoted.src_addr[..4].copy_from_slice(&header[12..16]);
-        quoted.dst_addr[..4].copy_from_slice(&header[16..20]);
+        quoted.protocol = header.u8::<9>();
+        header.copy_address::<12, 4>(&mut quoted.src_addr);
+        header.copy_address::<16, 4>(&mut quoted.dst_addr);
         at + header_len
     } else {
-        let header = frame.bytes::<40>(at)?;
+        let header = frame.header::<40>(at)?;
         quoted.family = FAMILY_IPV6;
-        quoted.protocol = header[6];
-        quoted.src_addr.copy_from_slice(&header[8..24]);
-        quoted.dst_addr.copy_from_slice(&header[24..40]);
+        quoted.protocol = header.u8::<6>();
+        header.copy_address::<8, 16>(&mut quoted.src_addr);
+        header.copy_address::<24, 16>(&mut quoted.dst_addr);
         at + 40
     };
-    let ports = frame.bytes::<8>(l4)?;
+    let ports = frame.header::<8>(l4)?;
     match quoted.protocol {
         PROTO_TCP | PROTO_UDP => {
-            quoted.src_port = u16::from_be_bytes([ports[0], ports[1]]);
-            quoted.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+            quoted.src_port = ports.u16::<0>();
+            quoted.dst_port = ports.u16::<2>();
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            let identifier = u16::from_be_bytes([ports[4], ports[5]]);
-            match ports[0] {
+            let identifier = ports.u16::<4>();
+            match ports.u8::<0>() {
                 8 | 128 => quoted.src_port = identifier,
                 0 | 129 => quoted.dst_port = identifier,
                 _ => return None,
