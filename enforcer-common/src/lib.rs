@@ -227,7 +227,7 @@ pub const FAMILY_IPV6: u8 = 6;
 /// Connection-tracking key: one per direction of a connection, as the packet
 /// carries it, so an established flow costs exactly one lookup. IPv4 addresses
 /// use the first four bytes; the rest are zero.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src_addr: [u8; 16],
@@ -380,8 +380,17 @@ pub const fn slot_of(generation: u32) -> usize {
     (generation & 1) as usize
 }
 
-/// Rules a policy may have: the size of the per-rule verdict counters.
-pub const MAX_RULES: u32 = 65_536;
+/// Rules a policy may have unless the daemon is told otherwise
+/// (`--rule-map-size`): the per-slot size of the per-rule verdict counters.
+pub const DEFAULT_MAX_RULES: u32 = 65_536;
+
+/// Where rule `rule_index` of the policy in `slot` is counted. Slots
+/// interleave, so the map's size alone bounds the rule count and the
+/// kernel side needs no capacity constant.
+#[must_use]
+pub const fn rule_counter_index(slot: usize, rule_index: u32) -> u32 {
+    rule_index.wrapping_mul(2) | (slot as u32 & 1)
+}
 
 /// A state-table insert the kernel could not make. Append-only: the
 /// discriminant indexes the error counter and names the `map` label.

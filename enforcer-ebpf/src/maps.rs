@@ -4,8 +4,8 @@
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf};
 use enforcer_common::{
-    Config, Counter, DROP_COUNTER_ENTRIES, Direction, EventBudget, FlowKey, FlowValue, FragmentKey, FragmentValue,
-    IdentityKeyV4, IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, MAX_RULES,
+    Config, Counter, DEFAULT_MAX_RULES, DROP_COUNTER_ENTRIES, Direction, EventBudget, FlowKey, FlowValue, FragmentKey,
+    FragmentValue, IdentityKeyV4, IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue,
     PolicyKeyData, PolicyValue, StateError,
 };
 
@@ -60,7 +60,7 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::with_
 /// Policy decisions per (slot, rule index): rule indexes are only
 /// meaningful within their generation's rule table.
 #[map]
-pub static RULE_VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_RULES, 0);
+pub static RULE_VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * DEFAULT_MAX_RULES, 0);
 
 /// Failed state-table inserts, by `enforcer_common::StateError`.
 #[map]

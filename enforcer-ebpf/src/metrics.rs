@@ -2,7 +2,9 @@
 //! sums the CPUs when Prometheus scrapes.
 
 use aya_ebpf::maps::PerCpuArray;
-use enforcer_common::{Counter, Direction, DropReason, MAX_RULES, StateError, drop_counter_index};
+use enforcer_common::{Counter, Direction, DropReason, StateError, drop_counter_index, rule_counter_index};
+
+use crate::policy::NO_RULE;
 
 use crate::maps::{AUDIT_COUNTERS, DROP_COUNTERS, FORWARD_COUNTERS, RULE_VERDICTS, STATE_ERRORS};
 
@@ -36,10 +38,11 @@ pub fn count_audit(reason: DropReason, direction: Direction, bytes: u64) {
 /// Counts one policy decision made by rule `rule_index` of the slot's policy.
 #[inline(always)]
 pub fn count_rule(slot: usize, rule_index: u32) {
-    if rule_index >= MAX_RULES {
+    if rule_index == NO_RULE {
         return;
     }
-    if let Some(counter) = RULE_VERDICTS.get_ptr_mut(slot as u32 * MAX_RULES + rule_index) {
+    // A rule index beyond the map (the daemon sizes it) finds no counter.
+    if let Some(counter) = RULE_VERDICTS.get_ptr_mut(rule_counter_index(slot, rule_index)) {
         // SAFETY: per-CPU slot, so no other writer runs concurrently.
         unsafe { *counter += 1 };
     }

@@ -51,6 +51,10 @@ pub struct RunArgs {
     /// Remembered first fragments [default: 16384].
     #[arg(long, value_name = "N")]
     pub fragment_map_size: Option<u32>,
+    /// Rules a policy may have, per policy slot; each costs 8 bytes of
+    /// verdict counter per CPU [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub rule_map_size: Option<u32>,
     /// Where maps and links are pinned, so enforcement survives restarts
     /// and upgrades of the daemon [default: /sys/fs/bpf/bulkhead].
     #[arg(long, value_name = "DIR")]
@@ -159,6 +163,7 @@ impl RunArgs {
                 prefixes: size(self.prefix_map_size, file.prefix_map_size, defaults.prefixes),
                 policy: size(self.policy_map_size, file.policy_map_size, defaults.policy),
                 fragments: size(self.fragment_map_size, file.fragment_map_size, defaults.fragments),
+                rules: size(self.rule_map_size, file.rule_map_size, defaults.rules),
             },
         })
     }
@@ -245,6 +250,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             "prefix-map-size" => args.prefix_map_size = Some(number(value, &key)?),
             "policy-map-size" => args.policy_map_size = Some(number(value, &key)?),
             "fragment-map-size" => args.fragment_map_size = Some(number(value, &key)?),
+            "rule-map-size" => args.rule_map_size = Some(number(value, &key)?),
             "bpffs-root" => args.bpffs_root = Some(PathBuf::from(scalar(value, &key)?)),
             "events-to" => args.events_to = Some(scalar(value, &key)?),
             "identity-drops-top" => args.identity_drops_top = Some(number(value, &key)? as usize),
@@ -273,7 +279,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location
             ),
         }

@@ -16,10 +16,10 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Counter, Direction, DropReason, FlowKey, FlowValue, FragmentKey,
-    FragmentValue, IDENTITY_HOST, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPairKey, IdentityPrefixV4,
-    IdentityPrefixV6, IdentityValue, MAX_RULES, PolicyKeyData, PolicyValue, SLOT_BITS, StateError, drop_counter_index,
-    maps, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Counter, DEFAULT_MAX_RULES, Direction, DropReason, FlowKey, FlowValue,
+    FragmentKey, FragmentValue, IDENTITY_HOST, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPairKey,
+    IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue, SLOT_BITS, StateError,
+    drop_counter_index, maps, rule_counter_index, slot_of,
 };
 use ipnet::IpNet;
 use policy::CompiledPolicy;
@@ -185,12 +185,21 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// Remembered first fragments.
     pub fragments: u32,
+    /// Rules per policy (per-CPU verdict counters, per slot).
+    pub rules: u32,
 }
 
 impl Default for MapSizes {
     /// The sizes the kernel object declares.
     fn default() -> Self {
-        Self { identities: 131_072, prefixes: 65_536, policy: 524_288, conntrack: 262_144, fragments: 16_384 }
+        Self {
+            identities: 131_072,
+            prefixes: 65_536,
+            policy: 524_288,
+            conntrack: 262_144,
+            fragments: 16_384,
+            rules: DEFAULT_MAX_RULES,
+        }
     }
 }
 
@@ -285,6 +294,7 @@ impl Datapath {
         loader.map_max_entries(maps::POLICY, 2 * sizes.policy);
         loader.map_max_entries(maps::CONNTRACK, sizes.conntrack);
         loader.map_max_entries(maps::FRAGMENTS, sizes.fragments);
+        loader.map_max_entries(maps::RULE_VERDICTS, 2 * sizes.rules);
         let mut ebpf = loader.load(PROGRAM).map_err(DatapathError::Load)?;
         let verify = |name| move |source| DatapathError::Verify { name, source };
         for name in [XDP_PROGRAM, CALIBRATION_PROGRAM] {
@@ -522,8 +532,8 @@ impl Datapath {
     /// Refuses a policy whose entries exceed a map's capacity.
     fn check_capacity(&self, compiled: &CompiledPolicy) -> Result<(), DatapathError> {
         let rules = u32::try_from(compiled.rules.len()).unwrap_or(u32::MAX);
-        if rules > MAX_RULES {
-            return Err(DatapathError::Capacity { map: "rules", needed: rules, capacity: MAX_RULES });
+        if rules > self.sizes.rules {
+            return Err(DatapathError::Capacity { map: "rules", needed: rules, capacity: self.sizes.rules });
         }
         let mut counts = [0u32; 4];
         for entry in &compiled.identity_entries {
@@ -719,7 +729,7 @@ impl Slot {
     }
 
     fn verdict_index(&self, rule: usize) -> u32 {
-        self.index as u32 * MAX_RULES + rule as u32
+        rule_counter_index(self.index, u32::try_from(rule).unwrap_or(u32::MAX))
     }
 
     /// Rule decisions counted in this slot, by rule.
@@ -738,15 +748,26 @@ impl Slot {
         Ok(out)
     }
 
-    /// Reads and zeroes this slot's rule decisions.
+    /// Reads and zeroes this slot's rule decisions. Only counters that
+    /// moved are written: a policy of 100k rules mostly has idle ones.
     fn take_rule_verdicts(&mut self, maps: &mut PolicyMaps) -> Result<Vec<RuleCount>, DatapathError> {
-        let counts = self.read_rule_verdicts(maps)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
-        for index in 0..self.rule_table.len() {
-            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
-            maps.rule_verdicts.set(self.verdict_index(index), zeros, 0).map_err(write_error(maps::RULE_VERDICTS))?;
+        let mut out = Vec::new();
+        for (index, rule) in self.rule_table.iter().enumerate() {
+            let values = maps
+                .rule_verdicts
+                .get(&self.verdict_index(index), 0)
+                .map_err(|source| DatapathError::Read { name: maps::RULE_VERDICTS, source })?;
+            let count: u64 = values.iter().sum();
+            if count > 0 {
+                out.push((rule.clone(), count));
+                let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
+                maps.rule_verdicts
+                    .set(self.verdict_index(index), zeros, 0)
+                    .map_err(write_error(maps::RULE_VERDICTS))?;
+            }
         }
-        Ok(counts)
+        Ok(out)
     }
 
     fn sync_policy(
