@@ -119,12 +119,22 @@ pub fn compile_at(policy: &Policy, now: SystemTime) -> CompiledPolicy {
     }
     let atoms = partition_addresses(policy, &cidr_selectors);
 
+    let identity_index: HashMap<&str, usize> =
+        policy.identities.iter().enumerate().map(|(i, identity)| (identity.name.as_str(), i)).collect();
+    // Large policies repeat selectors across many rules; each is resolved once.
+    let mut selected: HashMap<Selector, Vec<IdentityId>> = HashMap::new();
     let mut pairs: BTreeMap<(IdentityId, IdentityId), Vec<Claim>> = BTreeMap::new();
     for (rule_index, rule) in rules.iter().enumerate() {
-        let select = |peers: &[Peer]| {
+        let mut select = |peers: &[Peer]| {
             let mut ids = BTreeSet::new();
             for peer in peers {
-                ids.extend(select_atoms(policy, &atoms, &cidr_selectors, &peer.selector));
+                if let Some(known) = selected.get(&peer.selector) {
+                    ids.extend(known.iter().copied());
+                } else {
+                    let found = select_atoms(policy, &identity_index, &atoms, &cidr_selectors, &peer.selector);
+                    ids.extend(found.iter().copied());
+                    selected.insert(peer.selector.clone(), found);
+                }
             }
             ids
         };
@@ -179,21 +189,20 @@ pub fn compile_at(policy: &Policy, now: SystemTime) -> CompiledPolicy {
 }
 
 /// The atoms a selector matches.
-fn select_atoms<'a>(
+fn select_atoms(
     policy: &Policy,
-    atoms: &'a Partition,
+    identity_index: &HashMap<&str, usize>,
+    atoms: &Partition,
     cidr_selectors: &[CidrSelector],
     selector: &Selector,
-) -> Vec<&'a IdentityId> {
-    let owned_by = |owner: Option<usize>| atoms.by_owner.get(&owner).into_iter().flatten();
+) -> Vec<IdentityId> {
+    let owned_by = |owner: Option<usize>| atoms.by_owner.get(&owner).into_iter().flatten().copied();
     match selector {
         Selector::Identity(name) if name == WORLD => owned_by(None).collect(),
-        Selector::Identity(name) if name == HOST => vec![&IDENTITY_HOST],
-        Selector::Identity(name) => policy
-            .identities
-            .iter()
-            .position(|i| &i.name == name)
-            .map_or_else(Vec::new, |i| owned_by(Some(i)).collect()),
+        Selector::Identity(name) if name == HOST => vec![IDENTITY_HOST],
+        Selector::Identity(name) => {
+            identity_index.get(name.as_str()).map_or_else(Vec::new, |&i| owned_by(Some(i)).collect())
+        }
         Selector::Labels(wanted) => policy
             .identities
             .iter()
@@ -207,6 +216,7 @@ fn select_atoms<'a>(
             .and_then(|k| atoms.by_cidr.get(&k))
             .into_iter()
             .flatten()
+            .copied()
             .collect(),
     }
 }
