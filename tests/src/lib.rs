@@ -8,6 +8,7 @@
 
 pub mod frames;
 pub mod netns;
+pub mod pki;
 pub mod probe;
 pub mod topology;
 

@@ -63,10 +63,25 @@ impl Netns {
         Ok(ns)
     }
 
-    /// Turns IPv6 back on (labs start IPv4-only).
+    /// Turns IPv6 back on (labs start IPv4-only), without duplicate address
+    /// detection: a tentative link-local address holds up neighbour
+    /// discovery for a second, long enough to make a probe time out.
     pub fn enable_ipv6(&self) -> Result<(), LabError> {
-        self.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0"])
-            .map(drop)
+        self.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.disable_ipv6=0",
+        ])
+        .map(drop)
+    }
+
+    /// No duplicate address detection on `interface` (one created before
+    /// [`Netns::enable_ipv6`] keeps the default it was created with).
+    pub fn skip_dad(&self, interface: &str) -> Result<(), LabError> {
+        self.exec(&["sysctl", "-qw", &format!("net.ipv6.conf.{interface}.accept_dad=0")]).map(drop)
     }
 
     #[must_use]

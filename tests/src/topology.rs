@@ -92,6 +92,8 @@ impl ThreeTier {
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
             let addr6 = if ipv6 {
                 ns.enable_ipv6()?;
+                ns.skip_dad("eth0")?;
+                router.skip_dad(&router_interface)?;
                 let addr6 = Ipv6Addr::new(0xfd00, u16::from(octet), 0, 0, 0, 0, 0, 0x10);
                 router.ip(&["addr", "add", &format!("fd00:{octet}::1/64"), "dev", &router_interface, "nodad"])?;
                 ns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", "eth0", "nodad"])?;

@@ -11,9 +11,9 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lab::pki::Ca;
 use lab::probe::{self, EchoServer, Outcome};
 use lab::{Daemon, ScratchDir, ThreeTier};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, date_time_ymd};
 
 const API: &str = "127.0.0.1:9443";
 
@@ -25,33 +25,6 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
-}
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        Self { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
-    }
-
-    /// A leaf certificate for `name` (a client) or for 127.0.0.1 (the server).
-    fn issue(&self, dir: &Path, file: &str, name: &str, expired: bool) -> (PathBuf, PathBuf) {
-        let sans = if name == "server" { vec!["127.0.0.1".to_owned()] } else { Vec::new() };
-        let mut params = CertificateParams::new(sans).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        if expired {
-            params.not_before = date_time_ymd(2020, 1, 1);
-            params.not_after = date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (write(dir, &format!("{file}.pem"), &cert.pem()), write(dir, &format!("{file}.key"), &key.serialize_pem()))
-    }
 }
 
 struct Env {
@@ -76,12 +49,12 @@ fn start(label: &str) -> Env {
     let client_ca = Ca::new("bulkhead test client CA");
     let ca_pem = write(&pki, "server-ca.pem", &server_ca.issuer.pem());
     let client_ca_pem = write(&pki, "client-ca.pem", &client_ca.issuer.pem());
-    let (cert, key) = server_ca.issue(&pki, "server", "server", false);
-    client_ca.issue(&pki, "operator", "ops-alice", false);
-    client_ca.issue(&pki, "viewer", "viewer-bob", false);
-    client_ca.issue(&pki, "expired", "ops-alice", true);
-    client_ca.issue(&pki, "norole", "carol", false);
-    Ca::new("someone else").issue(&pki, "untrusted", "ops-alice", false);
+    let (cert, key) = server_ca.issue(&pki, "server", "server", false).unwrap();
+    client_ca.issue(&pki, "operator", "ops-alice", false).unwrap();
+    client_ca.issue(&pki, "viewer", "viewer-bob", false).unwrap();
+    client_ca.issue(&pki, "expired", "ops-alice", true).unwrap();
+    client_ca.issue(&pki, "norole", "carol", false).unwrap();
+    Ca::new("someone else").issue(&pki, "untrusted", "ops-alice", false).unwrap();
     let args = [
         "--api-addr",
         API,
@@ -281,7 +254,7 @@ fn a_rotated_server_certificate_is_served_without_restart() {
     assert!(!answered);
     assert!(!before.is_empty());
     // Write the new pair aside, then rename over the served files.
-    let (cert, key) = env.server_ca.issue(&env.pki, "server-next", "server", false);
+    let (cert, key) = env.server_ca.issue(&env.pki, "server-next", "server", false).unwrap();
     std::fs::rename(&key, env.pki.join("server.key")).unwrap();
     std::fs::rename(&cert, env.pki.join("server.pem")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
