@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use enforcer::datapath::MapSizes;
+use enforcer::datapath::{MapSizes, XdpAttach};
 use policy::yaml::{Node, Value};
 
 use crate::api::{ApiConfig, Role};
@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// verdict counter per CPU [default: 65536].
     #[arg(long, value_name = "N")]
     pub rule_map_size: Option<u32>,
+    /// How XDP is attached: `native` (in the driver; fails where the driver
+    /// cannot), `generic` (after the socket buffer is built; the cheaper
+    /// choice on veth) or `auto` (native where supported) [default: auto].
+    #[arg(long, value_name = "auto|native|generic")]
+    pub xdp_mode: Option<String>,
     /// Where maps and links are pinned, so enforcement survives restarts
     /// and upgrades of the daemon [default: /sys/fs/bpf/bulkhead].
     #[arg(long, value_name = "DIR")]
@@ -97,6 +102,7 @@ pub struct RunConfig {
     pub metrics_addr: SocketAddr,
     pub audit: bool,
     pub sizes: MapSizes,
+    pub xdp_attach: XdpAttach,
     pub bpffs_root: PathBuf,
     pub detach_on_exit: bool,
     pub events_to: EventsTo,
@@ -136,6 +142,12 @@ impl RunArgs {
             bail!("no interface to enforce on: pass --interface IF (repeatable) or set `interface` in the config file");
         }
         let size = |flag: Option<u32>, file: Option<u32>, default: u32| flag.or(file).unwrap_or(default);
+        let xdp_attach = match self.xdp_mode.clone().or(file.xdp_mode).as_deref() {
+            None | Some("auto") => XdpAttach::Auto,
+            Some("native") => XdpAttach::Native,
+            Some("generic") => XdpAttach::Generic,
+            Some(other) => bail!("`{other}` is not an XDP mode: use auto, native or generic"),
+        };
         Ok(RunConfig {
             policy_dir,
             interfaces,
@@ -144,6 +156,7 @@ impl RunArgs {
                 .or(file.metrics_addr)
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("default address is valid")),
             audit: self.audit || file.audit,
+            xdp_attach,
             bpffs_root: self
                 .bpffs_root
                 .clone()
@@ -253,6 +266,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             "rule-map-size" => args.rule_map_size = Some(number(value, &key)?),
             "bpffs-root" => args.bpffs_root = Some(PathBuf::from(scalar(value, &key)?)),
             "events-to" => args.events_to = Some(scalar(value, &key)?),
+            "xdp-mode" => args.xdp_mode = Some(scalar(value, &key)?),
             "identity-drops-top" => args.identity_drops_top = Some(number(value, &key)? as usize),
             "api-addr" => {
                 let text = scalar(value, &key)?;
@@ -279,7 +293,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location
             ),
         }
@@ -323,6 +337,21 @@ mod tests {
         let error = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap_err();
         std::fs::remove_file(path).unwrap();
         assert!(error.to_string().contains(":3:17: `conntrack-size` must be a positive whole number"), "{error}");
+    }
+
+    #[test]
+    fn xdp_mode_from_flag_or_file() {
+        let path = file("policy-dir: /p\ninterface: eth0\nxdp-mode: generic\n");
+        let config = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap();
+        assert_eq!(config.xdp_attach, XdpAttach::Generic);
+        let flagged = RunArgs { config: Some(path.clone()), xdp_mode: Some("native".into()), ..RunArgs::default() };
+        assert_eq!(flagged.resolve().unwrap().xdp_attach, XdpAttach::Native, "the flag wins");
+        let wrong = RunArgs { config: Some(path.clone()), xdp_mode: Some("sideways".into()), ..RunArgs::default() };
+        let error = wrong.resolve().unwrap_err();
+        std::fs::remove_file(path).unwrap();
+        assert!(error.to_string().contains("`sideways` is not an XDP mode: use auto, native or generic"), "{error}");
+        let default = RunArgs { policy_dir: Some("/p".into()), interfaces: vec!["eth0".into()], ..RunArgs::default() };
+        assert_eq!(default.resolve().unwrap().xdp_attach, XdpAttach::Auto);
     }
 
     #[test]

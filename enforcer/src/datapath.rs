@@ -162,6 +162,7 @@ pub struct Datapath {
     host_addresses: BTreeSet<IpAddr>,
     config_value: Config,
     sizes: MapSizes,
+    xdp_attach: XdpAttach,
     /// When the kernel last switched slots: the slot it left may still be
     /// read by programs that started before the switch, so it is not
     /// rewritten until [`SLOT_GRACE`] has passed.
@@ -171,6 +172,19 @@ pub struct Datapath {
 /// How long a program run can take at most, generously: BPF programs run to
 /// completion in microseconds.
 const SLOT_GRACE: Duration = Duration::from_millis(2);
+
+/// How the XDP program is attached to an interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// In the driver where it supports XDP, else generic: the kernel's choice.
+    #[default]
+    Auto,
+    /// In the driver only; attaching fails where the driver cannot.
+    Native,
+    /// After the socket buffer is built (generic XDP). Cheaper than native
+    /// on veth, whose native XDP copies every packet the stack sent it.
+    Generic,
+}
 
 /// Capacities of the maps a policy fills and of the state tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,6 +334,7 @@ impl Datapath {
             host_addresses: BTreeSet::new(),
             config_value: Config::default(),
             sizes,
+            xdp_attach: XdpAttach::Auto,
             last_flip: Instant::now(),
         })
     }
@@ -334,6 +349,12 @@ impl Datapath {
 
     /// Attaches XDP (ingress; native mode where the driver has it) and the
     /// TC egress program (tcx where the kernel has it) to `interface`.
+    /// How later [`Datapath::attach`] calls attach XDP (adopted pinned
+    /// links keep the mode they were made with).
+    pub fn set_xdp_attach(&mut self, mode: XdpAttach) {
+        self.xdp_attach = mode;
+    }
+
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
         self.attach_pinned(interface, None).map(drop)
     }
@@ -367,7 +388,12 @@ impl Datapath {
             self.interfaces.push(interface.to_owned());
             return Ok(true);
         }
-        let id = self.xdp()?.attach(interface, XdpMode::Default).map_err(attach_error("XDP"))?;
+        let mode = match self.xdp_attach {
+            XdpAttach::Auto => XdpMode::Default,
+            XdpAttach::Native => XdpMode::Driver,
+            XdpAttach::Generic => XdpMode::Skb,
+        };
+        let id = self.xdp()?.attach(interface, mode).map_err(attach_error("XDP"))?;
         if let Some((xdp_path, _)) = &paths {
             let link = self.xdp()?.take_link(id).map_err(attach_error("XDP"))?;
             pin_link(FdLink::try_from(link).map_err(link_error(xdp_path))?, xdp_path)?;
