@@ -13,10 +13,14 @@ use std::time::{Duration, Instant};
 
 use enforcer::datapath::{Datapath, Hook, MapSizes};
 use lab::frames::{self, ACK, ICMP, ICMPV6, SYN, TCP, icmp, tcp};
+use lab::pki::Ca;
 use lab::probe;
 use lab::{Daemon, ScratchDir, ThreeTier};
 use policy::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
 use policy::{Location, compile};
+
+#[path = "common/traffic.rs"]
+mod traffic;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -129,20 +133,26 @@ struct Row {
     floor: u32,
 }
 
-/// (policy size, full load, one-rule change) per size.
-type Loads = Vec<(usize, Duration, Duration)>;
+/// Loading a synthetic policy of `size` identities and rules in process.
+struct Load {
+    size: usize,
+    full: Duration,
+    compile: Duration,
+    one_rule: Duration,
+}
 
-/// (update latencies in ms, idle RSS KiB, loaded RSS KiB, memlock per map).
-type DaemonFigures = (Vec<f64>, u64, u64, Vec<(String, u64)>);
+type Loads = Vec<Load>;
 
 fn per_packet(sizes: &[usize], repeat: u32, runs: usize) -> Result<(Vec<Row>, Loads), Error> {
-    let mut datapath = Datapath::load_with(MapSizes::default())?;
+    // Room for the largest synthetic policy (100k rules plus two).
+    let mut datapath = Datapath::load_with(MapSizes { rules: 131_072, ..MapSizes::default() })?;
     let mut rows = Vec::new();
     let mut loads = Vec::new();
     for &n in sizes {
         let policy = synthetic_policy(n);
         let started = Instant::now();
         let compiled = compile(&policy);
+        let compile_time = started.elapsed();
         datapath.apply(&compiled, false)?;
         let full = started.elapsed();
         // A one-rule change on top: the port of rule r0.
@@ -154,7 +164,7 @@ fn per_packet(sizes: &[usize], repeat: u32, runs: usize) -> Result<(Vec<Row>, Lo
         datapath.apply(&compile(&changed), false)?;
         let one = started.elapsed();
         datapath.apply(&compiled, false)?;
-        loads.push((n, full, one));
+        loads.push(Load { size: n, full, compile: compile_time, one_rule: one });
         datapath.clear_state()?;
         for family in ["IPv4", "IPv6"] {
             for (class, frame) in classes(family) {
@@ -211,40 +221,42 @@ fn memlock(root: &Path) -> Vec<(String, u64)> {
     out
 }
 
-/// Rename-to-enforced latency through the real daemon, plus its footprint.
-fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
-    let lab = ThreeTier::new("bench")?;
-    let scratch = ScratchDir::new(&lab.stem)?;
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir)?;
-    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier.yaml"))?;
-    let variant = |k: usize| example.replace("8080/tcp", &format!("{}/tcp", 8080 + k % 2));
-    std::fs::write(dir.join("p.yaml"), variant(0))?;
-    let mut daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log"), &["--events-to", "off"])?;
-    std::thread::sleep(Duration::from_secs(1));
-    let pid = daemon.pid();
-    let idle = rss_kib(pid);
-    let generation = |daemon: &Daemon| {
-        probe::http_get(&lab.router, daemon.metrics_addr, "/metrics")
-            .ok()
-            .and_then(|(_, body)| probe::metric(&body, "bulkhead_policy_generation"))
-    };
-    let mut latencies = Vec::new();
-    for k in 1..=changes {
-        let before = generation(&daemon).unwrap_or(0);
-        let staging = dir.join(".p.yaml.new");
-        std::fs::write(&staging, variant(k))?;
-        let started = Instant::now();
-        std::fs::rename(&staging, dir.join("p.yaml"))?;
-        while generation(&daemon).unwrap_or(0) <= before {
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err("the daemon did not apply a change within 10 s".into());
-            }
+/// What the daemon part measures.
+struct DaemonFigures {
+    /// Rename → new generation enforced, ms.
+    renames: Vec<f64>,
+    /// `bulkhead policy push` started → new generation enforced, ms.
+    pushes: Vec<f64>,
+    /// The large policy: rename → enforced, and a one-rule change to it.
+    big_load: Duration,
+    big_change: Duration,
+    idle_kib: u64,
+    loaded_kib: u64,
+    maps: Vec<(String, u64)>,
+}
+
+/// Port of the bench daemon's admin API inside its namespace.
+const API: &str = "127.0.0.1:9443";
+
+/// Waits until the daemon enforces a generation after `before`; the time since `started`.
+fn enforced_after(
+    generation: &dyn Fn() -> Option<u64>,
+    before: u64,
+    started: Instant,
+    limit: Duration,
+) -> Result<Duration, Error> {
+    while generation().unwrap_or(0) <= before {
+        if started.elapsed() > limit {
+            return Err(format!("the daemon did not apply a change within {limit:?}").into());
         }
-        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        std::thread::yield_now();
     }
-    // The large policy, as YAML the daemon reads and watches.
-    let policy = synthetic_policy(big);
+    Ok(started.elapsed())
+}
+
+/// The synthetic policy as the YAML an operator would write.
+fn policy_yaml(policy: &Policy, port_of_first_rule: u16) -> String {
+    let n = policy.identities.len();
     let mut text =
         String::from("apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: big}\nspec:\n  identities:\n");
     for identity in &policy.identities {
@@ -252,26 +264,106 @@ fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
         let _ = writeln!(text, "    - {{name: {}, addresses: [{}]}}", identity.name, addresses.join(", "));
     }
     text += "  rules:\n";
-    for (i, rule) in policy.rules.iter().enumerate().take(big) {
+    for i in 0..n {
+        let port = if i == 0 { port_of_first_rule } else { 1000 + (i % 1000) as u16 };
         let _ = writeln!(
             text,
-            "    - {{name: r{i}, from: [{{identity: id{i}}}], to: [{{identity: id{}}}], ports: [\"{}/tcp\"]}}",
-            (i + 1) % big,
-            1000 + i % 1000
+            "    - {{name: r{i}, from: [{{identity: id{i}}}], to: [{{identity: id{}}}], ports: [\"{port}/tcp\"]}}",
+            (i + 1) % n,
         );
-        let _ = rule;
     }
-    let before = generation(&daemon).unwrap_or(0);
-    std::fs::write(dir.join(".p.yaml.new"), text)?;
-    std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml"))?;
-    let started = Instant::now();
-    while generation(&daemon).unwrap_or(0) <= before && started.elapsed() < Duration::from_mins(2) {
-        std::thread::sleep(Duration::from_millis(20));
+    text
+}
+
+/// Update latency through the real daemon (file renames and API pushes),
+/// the large policy's load and one-rule change, and the footprint.
+fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
+    let lab = ThreeTier::new("bench")?;
+    let scratch = ScratchDir::new(&lab.stem)?;
+    let dir = scratch.0.join("policy");
+    let pki = scratch.0.join("pki");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&pki)?;
+    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier.yaml"))?;
+    let variant = |k: usize| example.replace("8080/tcp", &format!("{}/tcp", 8080 + k % 2));
+    std::fs::write(dir.join("p.yaml"), variant(0))?;
+    let (server_ca, client_ca) = (Ca::new("bench server CA"), Ca::new("bench client CA"));
+    let ca_pem = server_ca.write_pem(&pki, "server-ca.pem")?;
+    let client_ca_pem = client_ca.write_pem(&pki, "client-ca.pem")?;
+    let (cert, key) = server_ca.issue(&pki, "server", "server", false)?;
+    let (client_cert, client_key) = client_ca.issue(&pki, "operator", "bench-operator", false)?;
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let rule_room = (big + 16).to_string();
+    let args = [
+        "--events-to",
+        "off",
+        "--rule-map-size",
+        &rule_room,
+        "--api-addr",
+        API,
+        "--tls-cert",
+        &path(&cert),
+        "--tls-key",
+        &path(&key),
+        "--client-ca",
+        &path(&client_ca_pem),
+        "--api-role",
+        "bench-operator=operator",
+    ];
+    let mut daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log"), &args)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = daemon.pid();
+    let idle_kib = rss_kib(pid);
+    let metrics_addr = daemon.metrics_addr;
+    let generation = || {
+        probe::http_get(&lab.router, metrics_addr, "/metrics")
+            .ok()
+            .and_then(|(_, body)| probe::metric(&body, "bulkhead_policy_generation"))
+    };
+    let limit = Duration::from_secs(10);
+    let mut renames = Vec::new();
+    for k in 1..=changes {
+        let before = generation().unwrap_or(0);
+        let staging = dir.join(".p.yaml.new");
+        std::fs::write(&staging, variant(k))?;
+        let started = Instant::now();
+        std::fs::rename(&staging, dir.join("p.yaml"))?;
+        renames.push(enforced_after(&generation, before, started, limit)?.as_secs_f64() * 1000.0);
     }
-    let loaded = rss_kib(pid);
+    let mut pushes = Vec::new();
+    let push_file = scratch.0.join("pushed.yaml");
+    for k in 1..=changes {
+        std::fs::write(&push_file, variant(k + 1))?;
+        let before = generation().unwrap_or(0);
+        let started = Instant::now();
+        let output = lab
+            .router
+            .command(&path(&lab::topology::bulkhead_binary()))
+            .args(["policy", "push", &path(&push_file), "--server", &format!("https://{API}")])
+            .args(["--cert", &path(&client_cert), "--key", &path(&client_key), "--ca", &path(&ca_pem)])
+            .output()?;
+        if !output.status.success() {
+            return Err(format!("policy push failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+        }
+        pushes.push(enforced_after(&generation, before, started, limit)?.as_secs_f64() * 1000.0);
+    }
+    // The large policy, as YAML the daemon reads and watches. (A pushed
+    // policy stays until the directory changes, which this rename does.)
+    let policy = synthetic_policy(big);
+    let limit = Duration::from_mins(3);
+    let load = |port: u16| -> Result<Duration, Error> {
+        std::fs::write(dir.join(".p.yaml.new"), policy_yaml(&policy, port))?;
+        let before = generation().unwrap_or(0);
+        let started = Instant::now();
+        std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml"))?;
+        enforced_after(&generation, before, started, limit)
+    };
+    let big_load = load(1000)?;
+    let big_change = load(2999)?;
+    let loaded_kib = rss_kib(pid);
     let maps = memlock(&lab.bpffs_root());
     daemon.stop()?;
-    Ok((latencies, idle, loaded, maps))
+    Ok(DaemonFigures { renames, pushes, big_load, big_change, idle_kib, loaded_kib, maps })
 }
 
 #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss, reason = "sample counts are small and p is in 0..=1")]
@@ -281,27 +373,14 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn main() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"), PathBuf::from);
-    std::fs::create_dir_all(&out)?;
-    let sizes: &[usize] = if quick { &[10, 10_000] } else { &[10, 1_000, 10_000, 100_000] };
-    let (repeat, runs) = if quick { (200_000, 3) } else { (1_000_000, 5) };
-    eprintln!("bench: per-packet cost through BPF_PROG_TEST_RUN ({repeat} repeats, median of {runs})");
-    let (rows, loads) = per_packet(sizes, repeat, runs)?;
-    let (changes, big) = if quick { (20, 10_000) } else { (100, 100_000) };
-    eprintln!("bench: policy update latency through the daemon ({changes} one-rule changes) and footprint");
-    let (latencies, idle_kib, loaded_kib, maps) = daemon_figures(changes, big)?;
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
 
-    let mut md = String::new();
+fn packets_md(md: &mut String, rows: &[Row], loads: &Loads) {
     let _ = writeln!(md, "### Per-packet cost (XDP, `BPF_PROG_TEST_RUN`, ns per packet; floor = empty XDP program)\n");
     let _ = writeln!(md, "| identities | family | class | ns | floor ns | × floor |\n|---:|---|---|---:|---:|---:|");
-    for row in &rows {
+    for row in rows {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {:.2} |",
@@ -315,43 +394,137 @@ fn main() -> Result<(), Error> {
     }
     let _ = writeln!(
         md,
-        "\n### Policy load (in process: compile + write + switch)\n\n| identities and rules | full load | one-rule change on top |\n|---:|---:|---:|"
+        "\n### Policy load (in process: compile + write + switch)\n\n| identities and rules | full load | of which compile | one-rule change on top |\n|---:|---:|---:|---:|"
     );
-    for (n, full, one) in &loads {
-        let _ = writeln!(md, "| {n} | {:.1} ms | {:.1} ms |", full.as_secs_f64() * 1000.0, one.as_secs_f64() * 1000.0);
+    for load in loads {
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            load.size,
+            ms(load.full),
+            ms(load.compile),
+            ms(load.one_rule)
+        );
+    }
+}
+
+fn daemon_md(md: &mut String, figures: &DaemonFigures, big: usize) {
+    let _ = writeln!(
+        md,
+        "\n### Policy update through the daemon (one-rule change → new generation enforced)\n\n| how | changes | p50 | p99 | max |\n|---|---:|---:|---:|---:|"
+    );
+    for (how, samples) in [
+        ("atomic rename of the policy file", &figures.renames),
+        ("`bulkhead policy push` (mTLS API, CLI start included)", &figures.pushes),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {how} | {} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            samples.len(),
+            percentile(samples, 0.5),
+            percentile(samples, 0.99),
+            percentile(samples, 1.0)
+        );
     }
     let _ = writeln!(
         md,
-        "\n### Policy update through the daemon (atomic rename → new generation enforced)\n\n| changes | p50 | p99 | max |\n|---:|---:|---:|---:|"
+        "\n| {big} identities and rules, through the daemon | time |\n|---|---:|\n| full load (rename → enforced: parse, validate, compile, write, switch) | {:.0} ms |\n| one-rule change to it | {:.0} ms |",
+        ms(figures.big_load),
+        ms(figures.big_change)
     );
     let _ = writeln!(
         md,
-        "| {} | {:.2} ms | {:.2} ms | {:.2} ms |",
-        latencies.len(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 1.0)
+        "\n### Footprint\n\n| what | value |\n|---|---:|\n| daemon RSS, example policy | {} KiB |\n| daemon RSS, {big} identities and rules | {} KiB |",
+        figures.idle_kib, figures.loaded_kib
     );
-    let _ = writeln!(
-        md,
-        "\n### Footprint\n\n| what | value |\n|---|---:|\n| daemon RSS, example policy | {idle_kib} KiB |\n| daemon RSS, {big} identities and rules | {loaded_kib} KiB |"
-    );
-    for (map, bytes) in &maps {
+    for (map, bytes) in &figures.maps {
         let _ = writeln!(md, "| map `{map}` (memlock) | {} KiB |", bytes / 1024);
     }
-    print!("{md}");
+}
 
-    let json = serde_json::json!({
-        "quick": quick,
-        "per_packet": rows.iter().map(|r| serde_json::json!({"identities": r.identities, "family": r.family, "class": r.class, "ns": r.ns, "floor_ns": r.floor})).collect::<Vec<_>>(),
-        "policy_load": loads.iter().map(|(n, full, one)| serde_json::json!({"size": n, "full_ms": full.as_secs_f64() * 1000.0, "one_rule_ms": one.as_secs_f64() * 1000.0})).collect::<Vec<_>>(),
-        "update_latency_ms": {"p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "samples": latencies},
-        "footprint": {"rss_idle_kib": idle_kib, "rss_loaded_kib": loaded_kib, "loaded_size": big, "maps_memlock_bytes": maps.iter().cloned().collect::<BTreeMap<_, _>>()},
-    });
+fn traffic_md(md: &mut String, rows: &[traffic::TrafficRow]) {
+    let _ = writeln!(
+        md,
+        "\n### Traffic through the kernel (64-byte UDP over veth, half allowed, {} kpps offered; trafgen on CPU 0, receiving stack on CPU 1)\n\n| rules | filter | sent kpps | passed kpps | dropped kpps | lost | receiver CPU ns/packet | receiver busy | sender busy | bottleneck |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        traffic::OFFERED_PPS / 1000
+    );
+    for row in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0}% | {:.0}% | {} |",
+            row.rules,
+            row.filter,
+            row.pps(row.sent) / 1000.0,
+            row.pps(row.passed) / 1000.0,
+            row.pps(row.filtered) / 1000.0,
+            row.lost,
+            row.receiver_ns,
+            row.receiver_busy * 100.0,
+            row.sender_busy * 100.0,
+            row.bottleneck()
+        );
+    }
+}
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let out =
+        value_of("--out").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"), PathBuf::from);
+    std::fs::create_dir_all(&out)?;
+    // For working on one part: `--only packets|daemon|traffic` and `--sizes 10,100000`.
+    let only = value_of("--only");
+    let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let custom_sizes: Option<Vec<usize>> =
+        value_of("--sizes").map(|list| list.split(',').filter_map(|n| n.parse().ok()).collect());
+    let default_sizes: &[usize] = if quick { &[10, 10_000] } else { &[10, 1_000, 10_000, 100_000] };
+    let sizes = custom_sizes.as_deref().unwrap_or(default_sizes);
+    let started = Instant::now();
+
+    let mut md = String::new();
+    let mut json = serde_json::Map::new();
+    json.insert("quick".into(), quick.into());
+    if wanted("packets") {
+        let (repeat, runs) = if quick { (200_000, 3) } else { (1_000_000, 5) };
+        eprintln!("bench: per-packet cost through BPF_PROG_TEST_RUN ({repeat} repeats, median of {runs})");
+        let (rows, loads) = per_packet(sizes, repeat, runs)?;
+        packets_md(&mut md, &rows, &loads);
+        json.insert("per_packet".into(), rows.iter().map(|r| serde_json::json!({"identities": r.identities, "family": r.family, "class": r.class, "ns": r.ns, "floor_ns": r.floor})).collect());
+        json.insert("policy_load".into(), loads.iter().map(|l| serde_json::json!({"size": l.size, "full_ms": ms(l.full), "compile_ms": ms(l.compile), "one_rule_ms": ms(l.one_rule)})).collect());
+    }
+    if wanted("daemon") {
+        let (changes, big) = if quick { (20, 10_000) } else { (100, 100_000) };
+        eprintln!(
+            "bench: policy updates through the daemon ({changes} renames, {changes} pushes, {big}-rule policy) and footprint"
+        );
+        let figures = daemon_figures(changes, big)?;
+        daemon_md(&mut md, &figures, big);
+        json.insert("update_latency_ms".into(), serde_json::json!({
+            "rename": {"p50": percentile(&figures.renames, 0.5), "p99": percentile(&figures.renames, 0.99), "samples": figures.renames},
+            "push": {"p50": percentile(&figures.pushes, 0.5), "p99": percentile(&figures.pushes, 0.99), "samples": figures.pushes},
+        }));
+        json.insert("large_policy".into(), serde_json::json!({"size": big, "full_load_ms": ms(figures.big_load), "one_rule_change_ms": ms(figures.big_change)}));
+        json.insert("footprint".into(), serde_json::json!({"rss_idle_kib": figures.idle_kib, "rss_loaded_kib": figures.loaded_kib, "loaded_size": big, "maps_memlock_bytes": figures.maps.iter().cloned().collect::<BTreeMap<_, _>>()}));
+    }
+    if wanted("traffic") {
+        let seconds = if quick { 2 } else { 5 };
+        eprintln!("bench: traffic through veth with trafgen ({seconds} s per filter and size)");
+        let rows = traffic::run_all(&[1_000, 10_000], seconds)?;
+        traffic_md(&mut md, &rows);
+        json.insert("traffic".into(), rows.iter().map(|r| serde_json::json!({"rules": r.rules, "filter": r.filter, "seconds": r.seconds, "sent": r.sent, "passed": r.passed, "filtered": r.filtered, "lost": r.lost, "receiver_ns_per_packet": r.receiver_ns, "receiver_busy": r.receiver_busy, "sender_busy": r.sender_busy, "bottleneck": r.bottleneck()})).collect());
+    }
+    let took = started.elapsed();
+    let _ = writeln!(md, "\n_The run took {:.1} minutes._", took.as_secs_f64() / 60.0);
+    json.insert("duration_s".into(), took.as_secs_f64().into());
+    print!("{md}");
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&json)?)?;
     std::fs::write(out.join("results.md"), &md)?;
+    // Only a whole run replaces the published table.
     let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    if let Ok(text) = std::fs::read_to_string(&doc)
+    if only.is_none()
+        && custom_sizes.is_none()
+        && let Ok(text) = std::fs::read_to_string(&doc)
         && let (Some(start), Some(end)) = (text.find("<!-- results:start -->"), text.find("<!-- results:end -->"))
     {
         let head = &text[..start + "<!-- results:start -->".len()];

@@ -136,6 +136,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(),
         Task::Bench { quick } => {
             let binary = build()?;
+            setup::packages(&setup::BENCH_PACKAGES)?;
             let mut command = cargo();
             command.args(["bench", "-p", "tests", "--bench", "bulkhead", "--"]).env("BULKHEAD_BIN", &binary);
             if quick {

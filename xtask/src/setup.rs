@@ -11,6 +11,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
 const PACKAGES: [&str; 2] = ["iproute2", "bpftool"];
 
+/// What `cargo xtask bench` adds: trafgen (in netsniff-ng) to generate the
+/// traffic, and the peers Bulkhead is measured against.
+pub const BENCH_PACKAGES: [&str; 4] = ["netsniff-ng", "nftables", "iptables", "ethtool"];
+
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let output = Command::new(program).args(args).output().ok()?;
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
@@ -36,7 +40,7 @@ pub fn setup() -> anyhow::Result<()> {
     }
     nightly_rust_src()?;
     bpf_linker()?;
-    packages()?;
+    packages(&PACKAGES)?;
     bpffs()?;
     Ok(())
 }
@@ -122,16 +126,18 @@ fn bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .into_iter()
+/// Installs the Debian `packages` that are missing.
+pub fn packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|package| {
             output("dpkg-query", &["-W", "-f=${Status}", package])
                 .is_none_or(|status| !status.contains("install ok installed"))
         })
         .collect();
     if missing.is_empty() {
-        println!("setup: Debian packages already installed: {}", PACKAGES.join(", "));
+        println!("setup: Debian packages already installed: {}", packages.join(", "));
         return Ok(());
     }
     println!("setup: installing Debian packages: {}", missing.join(", "));

@@ -1,0 +1,405 @@
+//! Traffic through the kernel: 64-byte UDP from many sources, half of them
+//! allowed, sent by trafgen from one namespace to another over veth, with
+//! no filter, Bulkhead, nftables and iptables enforcing the same policy.
+//!
+//! CPUs: trafgen is pinned to CPU 0; the receiving veth runs its NAPI poll
+//! in a kernel thread (threaded NAPI) pinned to CPU 1, so every filter,
+//! and the stack behind it, runs on CPU 1 alone. The receiver's cost per
+//! packet is that thread's CPU time divided by the packets it handled;
+//! whichever side was busier than the other is reported as the bottleneck.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use enforcer::datapath::{Datapath, MapSizes, XdpAttach};
+use lab::frames::{self, UDP};
+use lab::netns::{run, unique_stem};
+use lab::{LabError, Netns};
+use policy::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
+
+use crate::{Error, here};
+
+const RECEIVER: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 1);
+const SENDER: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 2);
+/// The offered load: what one sender CPU sustains here with room to spare,
+/// so that every filter is compared at the same rate and the receiver's
+/// CPU cost per packet tells them apart (veth pushes back on a full
+/// receive ring, which trafgen cannot take at full speed).
+pub const OFFERED_PPS: u32 = 250_000;
+/// Distinct frames trafgen cycles through: half allowed, half denied.
+const FRAMES: usize = 1024;
+
+/// The filters compared, in table order.
+pub const FILTERS: [&str; 4] =
+    ["no filter", "Bulkhead (XDP)", "nftables (netdev ingress, set)", "iptables (one rule per pair)"];
+
+pub struct TrafficRow {
+    pub filter: &'static str,
+    pub rules: usize,
+    pub seconds: f64,
+    pub sent: u64,
+    pub passed: u64,
+    /// Dropped by the filter, by its own counters.
+    pub filtered: u64,
+    /// Neither passed nor dropped by the filter: lost in queues.
+    pub lost: u64,
+    /// Receiver CPU time per handled packet, ns.
+    pub receiver_ns: f64,
+    /// Share of the run the receiving CPU (1) was busy.
+    pub receiver_busy: f64,
+    /// Share of the run the sending CPU (0) was busy.
+    pub sender_busy: f64,
+}
+
+impl TrafficRow {
+    #[allow(clippy::cast_precision_loss, reason = "packet counts are far below 2^52")]
+    pub fn pps(&self, packets: u64) -> f64 {
+        packets as f64 / self.seconds
+    }
+
+    /// What limited the rate: the receiver if it lost packets or had no
+    /// idle time left (it then also slows the sender, whose ring slots are
+    /// freed only as the receiver consumes them), else the offered load.
+    pub fn bottleneck(&self) -> &'static str {
+        if self.lost > self.sent / 100 || self.receiver_busy > 0.95 { "receiver" } else { "offered load (sender)" }
+    }
+}
+
+/// Allowed source `i`: its address and the one UDP port it may reach.
+fn allowed(i: usize) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8), 5000 + (i % 1000) as u16)
+}
+
+/// Sources that no rule names (default-denied).
+fn denied(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 2, (i >> 8) as u8, i as u8)
+}
+
+/// `rules` allowed (source, port) pairs to the receiver, one identity per source.
+fn pair_policy(rules: usize) -> Policy {
+    let peer = |name: String| Peer { selector: Selector::Identity(name), location: here() };
+    let identity = |name: String, addr: Ipv4Addr| Identity {
+        name,
+        labels: std::collections::BTreeMap::new(),
+        addresses: vec![Address { net: IpAddr::V4(addr).into(), location: here() }],
+        mode: Mode::Enforce,
+        location: here(),
+    };
+    let mut identities: Vec<Identity> = (0..rules).map(|i| identity(format!("src{i}"), allowed(i).0)).collect();
+    identities.push(identity("receiver".into(), RECEIVER));
+    let rules = (0..rules)
+        .map(|i| Rule {
+            name: format!("r{i}"),
+            action: Action::Allow,
+            from: vec![peer(format!("src{i}"))],
+            to: vec![peer("receiver".into())],
+            ports: Some(vec![PortSpec { protocol: Protocol::Udp, first: allowed(i).1, last: allowed(i).1 }]),
+            expires: None,
+            location: here(),
+        })
+        .collect();
+    Policy { documents: vec!["traffic".into()], identities, rules }
+}
+
+/// A sender and a receiver namespace joined by one veth pair.
+struct Link {
+    tx: Netns,
+    rx: Netns,
+    tx_if: String,
+    rx_if: String,
+}
+
+impl Link {
+    fn new() -> Result<Self, LabError> {
+        let stem = unique_stem("traffic");
+        let tx = Netns::new(&format!("{stem}-tx"))?;
+        let rx = Netns::new(&format!("{stem}-rx"))?;
+        // Interface names are at most 15 bytes and global until moved.
+        let short = format!("bt{}", std::process::id() % 100_000);
+        let (tx_if, rx_if) = (format!("{short}s"), format!("{short}r"));
+        run("ip", &["link", "add", &tx_if, "type", "veth", "peer", "name", &rx_if])?;
+        run("ip", &["link", "set", &tx_if, "netns", tx.name()])?;
+        run("ip", &["link", "set", &rx_if, "netns", rx.name()])?;
+        tx.ip(&["addr", "add", &format!("{SENDER}/16"), "dev", &tx_if])?;
+        rx.ip(&["addr", "add", &format!("{RECEIVER}/16"), "dev", &rx_if])?;
+        tx.ip(&["link", "set", &tx_if, "up"])?;
+        rx.ip(&["link", "set", &rx_if, "up"])?;
+        // Sources are spoofed and unrouted: accept them without a reverse route.
+        for key in ["all", "default", rx_if.as_str()] {
+            rx.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=0")])?;
+        }
+        // GRO gives veth a NAPI context, and threaded NAPI a kernel thread
+        // that can be pinned to the receiving CPU.
+        rx.exec(&["ethtool", "-K", &rx_if, "gro", "on"])?;
+        rx.exec(&["sh", "-c", &format!("echo 1 > /sys/class/net/{rx_if}/threaded")])?;
+        // Without XDP, veth hands packets to the stack on the sending CPU;
+        // RPS moves that work to CPU 1 too, so every filter runs there.
+        rx.exec(&["sh", "-c", &format!("echo 2 > /sys/class/net/{rx_if}/queues/rx-0/rps_cpus")])?;
+        Ok(Self { tx, rx, tx_if, rx_if })
+    }
+
+    /// The receiving NAPI thread, pinned to CPU 1 (it is recreated when an
+    /// XDP program is attached, so this is asked again before every run).
+    fn pin_receiver_thread(&self) -> Result<(), Error> {
+        let wanted = format!("napi/{}-", self.rx_if);
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            if comm.starts_with(&wanted) {
+                run("taskset", &["-pc", "1", &pid.to_string()])?;
+                return Ok(());
+            }
+        }
+        Err(format!("no NAPI thread for {}; threaded NAPI on veth needs GRO on", self.rx_if).into())
+    }
+
+    fn frames(&self, rules: usize) -> Result<Vec<Vec<u8>>, Error> {
+        let mac = self.rx.exec(&["cat", &format!("/sys/class/net/{}/address", self.rx_if)])?;
+        let mac: Vec<u8> = String::from_utf8_lossy(&mac.stdout)
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()?;
+        let udp_frame = |src: Ipv4Addr, port: u16| {
+            // 14 + 20 + 8 + 22 = 64 bytes on the wire (without FCS).
+            let mut frame = frames::simple(src.into(), RECEIVER.into(), UDP, frames::udp(40000, port, &[0; 22]));
+            frame[..6].copy_from_slice(&mac);
+            // The lab's frames leave the IPv4 header checksum to the tests
+            // that need it; the receiving stack does.
+            let sum: u32 = frame[14..34].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+            let folded = (sum & 0xffff) + (sum >> 16);
+            let checksum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+            frame[24..26].copy_from_slice(&checksum.to_be_bytes());
+            frame
+        };
+        Ok((0..FRAMES)
+            .map(|k| {
+                if k % 2 == 0 {
+                    let (src, port) = allowed((k / 2) * rules / (FRAMES / 2));
+                    udp_frame(src, port)
+                } else {
+                    udp_frame(denied(k / 2), 5000)
+                }
+            })
+            .collect())
+    }
+
+    /// Packets the receiver's UDP layer took in (no socket listens: they
+    /// end as `NoPorts`, the cheapest possible delivery).
+    fn delivered(&self) -> Result<u64, Error> {
+        let snmp = String::from_utf8_lossy(&self.rx.exec(&["cat", "/proc/net/snmp"])?.stdout).into_owned();
+        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+        let (names, values) = (udp.next().unwrap_or(""), udp.next().unwrap_or(""));
+        let field = |name: &str| {
+            names
+                .split_whitespace()
+                .position(|n| n == name)
+                .and_then(|i| values.split_whitespace().nth(i)?.parse().ok())
+        };
+        Ok(field("InDatagrams").unwrap_or(0) + field("NoPorts").unwrap_or(0))
+    }
+
+    fn sent(&self) -> Result<u64, Error> {
+        let path = format!("/sys/class/net/{}/statistics/tx_packets", self.tx_if);
+        Ok(String::from_utf8_lossy(&self.tx.exec(&["cat", &path])?.stdout).trim().parse()?)
+    }
+
+    /// Sends for `seconds` and measures; `filtered` reads the filter's drop counter.
+    fn measure(
+        &self,
+        frames: &[Vec<u8>],
+        seconds: u64,
+        filtered: &mut dyn FnMut() -> Result<u64, Error>,
+    ) -> Result<(f64, u64, u64, u64, [f64; 2]), Error> {
+        let mut config = String::new();
+        for frame in frames {
+            let bytes: Vec<String> = frame.iter().map(|b| format!("0x{b:02x}")).collect();
+            let _ = writeln!(config, "{{ {} }}", bytes.join(", "));
+        }
+        let config_path = std::env::temp_dir().join(format!("{}.trafgen", self.tx.name()));
+        std::fs::write(&config_path, config)?;
+        self.pin_receiver_thread()?;
+        let (sent0, delivered0, filtered0, cpu0) = (self.sent()?, self.delivered()?, filtered()?, cpu_busy_ns()?);
+        let started = Instant::now();
+        let output = self
+            .tx
+            .command("timeout")
+            .args([
+                &seconds.to_string(),
+                "taskset",
+                "-c",
+                "0",
+                "trafgen",
+                "--dev",
+                &self.tx_if,
+                "--cpus",
+                "1",
+                "-Q",
+                "--rate",
+                &format!("{OFFERED_PPS}pps"),
+            ])
+            .arg("--conf")
+            .arg(&config_path)
+            .output()?;
+        let elapsed = started.elapsed();
+        let _ = std::fs::remove_file(&config_path);
+        // trafgen runs until `timeout` stops it; stopped with a full queue,
+        // it may report a failed flush, which is no failure of the run.
+        if elapsed < Duration::from_secs(seconds) {
+            return Err(format!("trafgen stopped early: {}", String::from_utf8_lossy(&output.stderr)).into());
+        }
+        std::thread::sleep(Duration::from_millis(200)); // let the receiver drain its queue
+        let sent = self.sent()? - sent0;
+        let passed = self.delivered()? - delivered0;
+        let dropped = filtered()? - filtered0;
+        let cpu1 = cpu_busy_ns()?;
+        #[allow(clippy::cast_precision_loss, reason = "nanoseconds of a few seconds")]
+        let busy = |cpu: usize| cpu1[cpu].saturating_sub(cpu0[cpu]) as f64 / elapsed.as_nanos() as f64;
+        Ok((elapsed.as_secs_f64(), sent, passed, dropped, [busy(0), busy(1)]))
+    }
+}
+
+/// Busy (non-idle) time of CPUs 0 and 1 so far, ns, from `/proc/stat`.
+fn cpu_busy_ns() -> Result<[u64; 2], Error> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    // SAFETY: sysconf has no preconditions.
+    let tick_ns = 1_000_000_000 / u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+    let mut out = [0; 2];
+    for (cpu, slot) in out.iter_mut().enumerate() {
+        let line = stat.lines().find(|l| l.starts_with(&format!("cpu{cpu} "))).ok_or("the bench needs two CPUs")?;
+        let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal: all but idle and iowait.
+        let busy: u64 = fields.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+        *slot = busy * tick_ns;
+    }
+    Ok(out)
+}
+
+/// Runs every filter at every rule count for `seconds` each.
+pub fn run_all(rule_counts: &[usize], seconds: u64) -> Result<Vec<TrafficRow>, Error> {
+    let link = Link::new()?;
+    let mut rows = Vec::new();
+    for &rules in rule_counts {
+        let frames = link.frames(rules)?;
+        for filter in FILTERS {
+            let mut datapath = None;
+            let mut counter: Box<dyn FnMut() -> Result<u64, Error>> = match filter {
+                "no filter" => Box::new(|| Ok(0)),
+                "Bulkhead (native XDP)" | "Bulkhead (generic XDP)" => {
+                    let mut loaded = Datapath::load_with(MapSizes::default())?;
+                    loaded.set_xdp_attach(if filter.contains("native") {
+                        XdpAttach::Native
+                    } else {
+                        XdpAttach::Generic
+                    });
+                    loaded.apply(&policy::compile(&pair_policy(rules)), false)?;
+                    let rx_if = link.rx_if.clone();
+                    link.rx.enter(|| loaded.attach(&rx_if))??;
+                    datapath = Some(loaded);
+                    Box::new(|| Ok(0))
+                }
+                "nftables (netdev ingress, set)" => {
+                    nftables(&link, rules)?;
+                    let rx = &link.rx;
+                    Box::new(move || {
+                        let out = rx.exec(&["nft", "list", "chain", "netdev", "bhbench", "ingress"])?;
+                        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                        Ok(text
+                            .lines()
+                            .find(|l| l.contains("drop"))
+                            .and_then(|l| l.split_whitespace().skip_while(|w| *w != "packets").nth(1)?.parse().ok())
+                            .unwrap_or(0))
+                    })
+                }
+                _ => {
+                    iptables(&link, rules)?;
+                    let rx = &link.rx;
+                    Box::new(move || {
+                        let out = rx.exec(&["iptables-legacy", "-L", "INPUT", "-v", "-x", "-n"])?;
+                        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                        Ok(text
+                            .lines()
+                            .find(|l| l.contains("DROP"))
+                            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+                            .unwrap_or(0))
+                    })
+                }
+            };
+            let bulkhead_drops = |datapath: &Option<Datapath>| -> Result<u64, Error> {
+                Ok(datapath.as_ref().map_or(Ok(0), |d| {
+                    d.counters().map(|c| c.drops.values().map(|counter| counter.packets).sum::<u64>())
+                })?)
+            };
+            let before = bulkhead_drops(&datapath)?;
+            let (seconds, sent, passed, mut filtered, [sender_busy, busy]) =
+                link.measure(&frames, seconds, &mut *counter)?;
+            drop(counter);
+            filtered += bulkhead_drops(&datapath)? - before;
+            // Detach and remove before the next filter.
+            drop(datapath);
+            let _ = link.rx.exec(&["nft", "delete", "table", "netdev", "bhbench"]);
+            let _ = link.rx.exec(&["iptables-legacy", "-F", "INPUT"]);
+            let handled = passed + filtered;
+            #[allow(clippy::cast_precision_loss, reason = "packet counts are far below 2^52")]
+            let receiver_ns = busy * seconds * 1e9 / handled.max(1) as f64;
+            eprintln!(
+                "bench: traffic {filter} at {rules} rules: sent {sent}, passed {passed}, filtered {filtered}, CPU 0 busy {:.0}%, CPU 1 busy {:.0}%",
+                sender_busy * 100.0,
+                busy * 100.0
+            );
+            rows.push(TrafficRow {
+                filter,
+                rules,
+                seconds,
+                sent,
+                passed,
+                filtered,
+                lost: sent.saturating_sub(handled),
+                receiver_ns,
+                receiver_busy: busy,
+                sender_busy,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The policy as nftables' strongest form: one hash-set lookup on
+/// (source, port) at the netdev ingress hook, the earliest nftables gets.
+fn nftables(link: &Link, rules: usize) -> Result<(), Error> {
+    let elements: Vec<String> = (0..rules)
+        .map(|i| {
+            let (src, port) = allowed(i);
+            format!("{src} . {port}")
+        })
+        .collect();
+    let ruleset = format!(
+        "table netdev bhbench {{\n  set allowed {{ type ipv4_addr . inet_service; elements = {{ {} }} }}\n  chain ingress {{\n    type filter hook ingress device \"{}\" priority 0; policy accept;\n    ip daddr {RECEIVER} ip protocol udp ip saddr . udp dport @allowed accept\n    ip daddr {RECEIVER} ip protocol udp counter drop\n  }}\n}}\n",
+        elements.join(", "),
+        link.rx_if
+    );
+    let path = std::env::temp_dir().join(format!("{}.nft", link.rx.name()));
+    std::fs::write(&path, ruleset)?;
+    let result = link.rx.exec(&["nft", "-f", &path.to_string_lossy()]);
+    let _ = std::fs::remove_file(&path);
+    result?;
+    Ok(())
+}
+
+/// The policy as classic iptables: one INPUT rule per allowed pair, in
+/// order, then a drop (`iptables-legacy`: `x_tables`, evaluated linearly).
+fn iptables(link: &Link, rules: usize) -> Result<(), Error> {
+    let mut text = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    for i in 0..rules {
+        let (src, port) = allowed(i);
+        let _ = writeln!(text, "-A INPUT -s {src}/32 -d {RECEIVER}/32 -p udp -m udp --dport {port} -j ACCEPT");
+    }
+    let _ = writeln!(text, "-A INPUT -d {RECEIVER}/32 -p udp -j DROP\nCOMMIT");
+    let mut child = link.rx.command("iptables-legacy-restore").stdin(std::process::Stdio::piped()).spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().ok_or("no stdin")?, text.as_bytes())?;
+    if !child.wait()?.success() {
+        return Err("iptables-legacy-restore failed".into());
+    }
+    Ok(())
+}
