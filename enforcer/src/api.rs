@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use enforcer::metrics::Shared;
+use enforcer::watch::Mailbox;
 use policy::Source;
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject as _;
@@ -75,7 +76,7 @@ struct Caller {
 
 struct ApiState {
     shared: Arc<Shared>,
-    push: std::sync::mpsc::Sender<Push>,
+    push: Mailbox<Push>,
 }
 
 fn load_server_config(config: &ApiConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
@@ -120,7 +121,7 @@ fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
 }
 
 /// Serves the API until the task is dropped.
-pub async fn serve(config: ApiConfig, shared: Arc<Shared>, push: std::sync::mpsc::Sender<Push>) -> anyhow::Result<()> {
+pub async fn serve(config: ApiConfig, shared: Arc<Shared>, push: Mailbox<Push>) -> anyhow::Result<()> {
     let current = Arc::new(RwLock::new(load_server_config(&config)?));
     let listener = TcpListener::bind(config.addr)
         .await

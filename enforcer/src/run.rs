@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, bail};
 use enforcer::datapath::Datapath;
 use enforcer::metrics::{PolicyStats, Shared, Usage};
+use enforcer::watch::{Mailbox, Wakeup};
 use policy::{PolicyError, Source};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -133,15 +134,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let events = start_events(args, &mut datapath, &shared)?;
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
 
+    let wakeup = Wakeup::new().context("creating the maintainer's eventfd failed")?;
     let (resync_tx, resync_rx) = mpsc::channel::<Resync>();
+    let resync_tx = Mailbox::new(resync_tx, wakeup.clone());
     let (push_tx, push_rx) = mpsc::channel::<Push>();
+    let push_tx = Mailbox::new(push_tx, wakeup.clone());
     shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone_from(&sources);
     let maintenance = {
         let shared = Arc::clone(&shared);
         let audit = args.audit;
         let next_expiry = compiled.next_expiry;
         std::thread::spawn(move || {
-            maintain(&shared, &dir, (sources, policy, next_expiry), audit, (&resync_rx, &push_rx));
+            maintain(&shared, &dir, (sources, policy, next_expiry), audit, (&wakeup, &resync_rx, &push_rx));
         })
     };
 
@@ -246,8 +250,8 @@ fn start_datapath(args: &RunConfig, compiled: &policy::CompiledPolicy) -> anyhow
 async fn serve_until_signal(
     args: &RunConfig,
     shared: &Arc<Shared>,
-    resync: &mpsc::Sender<Resync>,
-    push: mpsc::Sender<Push>,
+    resync: &Mailbox<Resync>,
+    push: Mailbox<Push>,
 ) -> anyhow::Result<()> {
     let mut api = match &args.api {
         Some(config) => tokio::spawn(crate::api::serve(config.clone(), Arc::clone(shared), push)),
@@ -314,7 +318,7 @@ fn maintain(
     dir: &Path,
     start: (Vec<Source>, policy::Policy, Option<SystemTime>),
     audit: bool,
-    (resync, pushes): (&mpsc::Receiver<Resync>, &mpsc::Receiver<Push>),
+    (wakeup, resync, pushes): (&Wakeup, &mpsc::Receiver<Resync>, &mpsc::Receiver<Push>),
 ) {
     let watcher = match enforcer::watch::Watcher::new(dir) {
         Ok(watcher) => Some(watcher),
@@ -328,12 +332,7 @@ fn maintain(
     let mut last_resync = Instant::now();
     let mut last_usage: Option<Instant> = None;
     loop {
-        let changed = if let Some(watcher) = &watcher {
-            watcher.wait(WAIT_SLICE)
-        } else {
-            std::thread::sleep(WAIT_SLICE);
-            false
-        };
+        let changed = wakeup.wait(watcher.as_ref(), WAIT_SLICE);
         while let Ok(push) = pushes.try_recv() {
             maintainer.push(push);
         }

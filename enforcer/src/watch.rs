@@ -3,6 +3,8 @@
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::Duration;
 
 /// Events that mean a file's content may now be complete and different.
@@ -40,16 +42,8 @@ impl Watcher {
         Ok(Self { fd })
     }
 
-    /// Waits up to `timeout` for a change; true if one happened. Drains
-    /// every queued event, so a burst counts once.
-    #[must_use]
-    pub fn wait(&self, timeout: Duration) -> bool {
-        let mut poll = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&raw mut poll, 1, millis) } <= 0 {
-            return false;
-        }
+    /// Reads every queued event, so a burst counts once; true if there was one.
+    fn drain(&self) -> bool {
         let mut buffer = [0u8; 4096];
         let mut changed = false;
         loop {
@@ -60,5 +54,79 @@ impl Watcher {
             }
             changed = true;
         }
+    }
+}
+
+/// Ends a [`Wakeup::wait`] early: work that arrives by channel (an API
+/// push, SIGHUP) is taken at once, not when the current wait times out.
+#[derive(Clone)]
+pub struct Wakeup {
+    fd: Arc<OwnedFd>,
+}
+
+impl Wakeup {
+    pub fn new() -> std::io::Result<Self> {
+        // SAFETY: plain syscall; the fd is owned below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        Ok(Self { fd: Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }) })
+    }
+
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes eight bytes we own to a valid eventfd. It can only
+        // fail when the counter is saturated, which still means "awake".
+        unsafe { libc::write(self.fd.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+
+    /// Waits up to `timeout` for a change in the watched directory or a
+    /// wake-up; true if the directory changed.
+    #[must_use]
+    pub fn wait(&self, watcher: Option<&Watcher>, timeout: Duration) -> bool {
+        let mut polls = [
+            libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: watcher.map_or(-1, |w| w.fd.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+        ];
+        let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: two valid pollfds (a negative fd is ignored by poll).
+        if unsafe { libc::poll(polls.as_mut_ptr(), 2, millis) } <= 0 {
+            return false;
+        }
+        let mut counter = 0u64;
+        // SAFETY: reads the eventfd's eight-byte counter into one we own.
+        unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut counter).cast(), 8) };
+        watcher.is_some_and(Watcher::drain)
+    }
+}
+
+/// A channel whose sends wake the receiver's [`Wakeup::wait`].
+pub struct Mailbox<T> {
+    sender: mpsc::Sender<T>,
+    wakeup: Wakeup,
+}
+
+impl<T> Clone for Mailbox<T> {
+    fn clone(&self) -> Self {
+        Self { sender: self.sender.clone(), wakeup: self.wakeup.clone() }
+    }
+}
+
+impl<T> Mailbox<T> {
+    #[must_use]
+    pub fn new(sender: mpsc::Sender<T>, wakeup: Wakeup) -> Self {
+        Self { sender, wakeup }
+    }
+
+    /// Sends and wakes the receiver.
+    ///
+    /// # Errors
+    /// If the receiver is gone (the daemon is shutting down).
+    pub fn send(&self, value: T) -> Result<(), mpsc::SendError<T>> {
+        let sent = self.sender.send(value);
+        self.wakeup.wake();
+        sent
     }
 }

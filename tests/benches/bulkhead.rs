@@ -42,7 +42,9 @@ fn synthetic_policy(n: usize) -> Policy {
         .map(|i| {
             let mut addresses = vec![Address {
                 net: if i % 50 == 49 {
-                    format!("172.{}.{}.0/24", 16 + (i >> 16), (i >> 8) & 255).parse().unwrap()
+                    // Prefix k: 172.16.0.0/24, 172.16.1.0/24, ... (4096 fit, 100k needs 2000).
+                    let k = i / 50;
+                    format!("172.{}.{}.0/24", 16 + k / 256, k % 256).parse().unwrap()
                 } else {
                     IpAddr::V4(v4(i)).into()
                 },
@@ -352,7 +354,10 @@ fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
     let policy = synthetic_policy(big);
     let limit = Duration::from_mins(3);
     let load = |port: u16| -> Result<Duration, Error> {
-        std::fs::write(dir.join(".p.yaml.new"), policy_yaml(&policy, port))?;
+        let text = policy_yaml(&policy, port);
+        // A policy the daemon would reject would only show up as a timeout.
+        policy::parse_str("big.yaml", &text).map_err(|e| format!("the synthetic policy is invalid: {e}"))?;
+        std::fs::write(dir.join(".p.yaml.new"), text)?;
         let before = generation().unwrap_or(0);
         let started = Instant::now();
         std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml"))?;
