@@ -458,7 +458,7 @@ fn traffic_md(md: &mut String, rows: &[traffic::TrafficRow]) {
             md,
             "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0}% | {:.0}% | {} |",
             row.rules,
-            row.filter,
+            row.filter.name(),
             row.pps(row.sent) / 1000.0,
             row.pps(row.passed) / 1000.0,
             row.pps(row.filtered) / 1000.0,
@@ -517,7 +517,7 @@ fn main() -> Result<(), Error> {
         eprintln!("bench: traffic through veth with trafgen ({seconds} s per filter and size)");
         let rows = traffic::run_all(&[1_000, 10_000], seconds)?;
         traffic_md(&mut md, &rows);
-        json.insert("traffic".into(), rows.iter().map(|r| serde_json::json!({"rules": r.rules, "filter": r.filter, "seconds": r.seconds, "sent": r.sent, "passed": r.passed, "filtered": r.filtered, "lost": r.lost, "receiver_ns_per_packet": r.receiver_ns, "receiver_busy": r.receiver_busy, "sender_busy": r.sender_busy, "bottleneck": r.bottleneck()})).collect());
+        json.insert("traffic".into(), rows.iter().map(|r| serde_json::json!({"rules": r.rules, "filter": r.filter.name(), "seconds": r.seconds, "sent": r.sent, "passed": r.passed, "filtered": r.filtered, "lost": r.lost, "receiver_ns_per_packet": r.receiver_ns, "receiver_busy": r.receiver_busy, "sender_busy": r.sender_busy, "bottleneck": r.bottleneck()})).collect());
     }
     let took = started.elapsed();
     let _ = writeln!(md, "\n_The run took {:.1} minutes._", took.as_secs_f64() / 60.0);

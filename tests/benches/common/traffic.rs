@@ -31,11 +31,32 @@ pub const OFFERED_PPS: u32 = 250_000;
 const FRAMES: usize = 1024;
 
 /// The filters compared, in table order.
-pub const FILTERS: [&str; 4] =
-    ["no filter", "Bulkhead (XDP)", "nftables (netdev ingress, set)", "iptables (one rule per pair)"];
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Nothing,
+    BulkheadNative,
+    BulkheadGeneric,
+    Nftables,
+    Iptables,
+}
+
+impl Filter {
+    pub const ALL: [Self; 5] =
+        [Self::Nothing, Self::BulkheadNative, Self::BulkheadGeneric, Self::Nftables, Self::Iptables];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Nothing => "no filter",
+            Self::BulkheadNative => "Bulkhead (native XDP)",
+            Self::BulkheadGeneric => "Bulkhead (generic XDP)",
+            Self::Nftables => "nftables (netdev ingress, set)",
+            Self::Iptables => "iptables (one rule per pair)",
+        }
+    }
+}
 
 pub struct TrafficRow {
-    pub filter: &'static str,
+    pub filter: Filter,
     pub rules: usize,
     pub seconds: f64,
     pub sent: u64,
@@ -282,13 +303,13 @@ pub fn run_all(rule_counts: &[usize], seconds: u64) -> Result<Vec<TrafficRow>, E
     let mut rows = Vec::new();
     for &rules in rule_counts {
         let frames = link.frames(rules)?;
-        for filter in FILTERS {
+        for filter in Filter::ALL {
             let mut datapath = None;
             let mut counter: Box<dyn FnMut() -> Result<u64, Error>> = match filter {
-                "no filter" => Box::new(|| Ok(0)),
-                "Bulkhead (native XDP)" | "Bulkhead (generic XDP)" => {
+                Filter::Nothing => Box::new(|| Ok(0)),
+                Filter::BulkheadNative | Filter::BulkheadGeneric => {
                     let mut loaded = Datapath::load_with(MapSizes::default())?;
-                    loaded.set_xdp_attach(if filter.contains("native") {
+                    loaded.set_xdp_attach(if filter == Filter::BulkheadNative {
                         XdpAttach::Native
                     } else {
                         XdpAttach::Generic
@@ -299,7 +320,7 @@ pub fn run_all(rule_counts: &[usize], seconds: u64) -> Result<Vec<TrafficRow>, E
                     datapath = Some(loaded);
                     Box::new(|| Ok(0))
                 }
-                "nftables (netdev ingress, set)" => {
+                Filter::Nftables => {
                     nftables(&link, rules)?;
                     let rx = &link.rx;
                     Box::new(move || {
@@ -312,7 +333,7 @@ pub fn run_all(rule_counts: &[usize], seconds: u64) -> Result<Vec<TrafficRow>, E
                             .unwrap_or(0))
                     })
                 }
-                _ => {
+                Filter::Iptables => {
                     iptables(&link, rules)?;
                     let rx = &link.rx;
                     Box::new(move || {
@@ -344,7 +365,8 @@ pub fn run_all(rule_counts: &[usize], seconds: u64) -> Result<Vec<TrafficRow>, E
             #[allow(clippy::cast_precision_loss, reason = "packet counts are far below 2^52")]
             let receiver_ns = busy * seconds * 1e9 / handled.max(1) as f64;
             eprintln!(
-                "bench: traffic {filter} at {rules} rules: sent {sent}, passed {passed}, filtered {filtered}, CPU 0 busy {:.0}%, CPU 1 busy {:.0}%",
+                "bench: traffic {} at {rules} rules: sent {sent}, passed {passed}, filtered {filtered}, CPU 0 busy {:.0}%, CPU 1 busy {:.0}%",
+                filter.name(),
                 sender_busy * 100.0,
                 busy * 100.0
             );
