@@ -161,6 +161,8 @@ pub async fn serve(config: ApiConfig, shared: Arc<Shared>, push: Mailbox<Push>) 
                 continue;
             }
         };
+        // Responses are small and final: no waiting for delayed acknowledgements.
+        let _ = tcp.set_nodelay(true);
         let acceptor = TlsAcceptor::from(Arc::clone(&current.read().unwrap_or_else(PoisonError::into_inner)));
         let (state, roles) = (Arc::clone(&state), Arc::clone(&roles));
         tokio::spawn(async move {

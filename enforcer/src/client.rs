@@ -73,19 +73,23 @@ impl ServerArgs {
         let connection = ClientConnection::new(Arc::new(config), name)?;
         let tcp = TcpStream::connect(address).with_context(|| format!("cannot connect to {}", self.server))?;
         tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        // One request, one response: Nagle's algorithm would only hold the
+        // last segment back for the peer's delayed acknowledgement (40 ms).
+        tcp.set_nodelay(true)?;
         Ok((StreamOwned::new(connection, tcp), address.to_owned()))
     }
 
     fn request(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Response> {
         let (mut tls, address) = self.connect()?;
         let body = body.unwrap_or_default();
-        write!(
-            tls,
+        // Written whole: `write!` would send each formatted piece as its own TLS record.
+        let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .and_then(|()| tls.flush())
-        .map_err(|error| anyhow::anyhow!("the daemon refused the TLS session or the request: {error}"))?;
+        );
+        tls.write_all(request.as_bytes())
+            .and_then(|()| tls.flush())
+            .map_err(|error| anyhow::anyhow!("the daemon refused the TLS session or the request: {error}"))?;
         let mut reader = BufReader::new(tls);
         let mut line = String::new();
         reader.read_line(&mut line).map_err(|error| anyhow::anyhow!("the daemon refused the connection: {error}"))?;

@@ -486,7 +486,9 @@ impl Maintainer<'_> {
 
     /// Compiles and applies `policy`; `sources` replace the reported ones if given.
     fn enforce(&mut self, policy: &policy::Policy, sources: Option<Vec<Source>>, started: Instant, why: &str) {
+        let parsed_in = started.elapsed();
         let compiled = policy::compile(policy);
+        let compiled_in = started.elapsed();
         let applied = {
             let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(datapath) = guard.as_mut() else { return };
@@ -495,10 +497,15 @@ impl Maintainer<'_> {
         match applied {
             Ok(generation) => {
                 self.shared.apply_duration.observe(started.elapsed().as_secs_f64());
+                let total = started.elapsed();
                 log::info!(
-                    "applied policy generation {generation} ({why}): {} identities, {} rules in force",
+                    "applied policy generation {generation} ({why}): {} identities, {} rules in force; took {} ms (read, parse and validate {} ms, compile {} ms, write and switch {} ms)",
                     policy.identities.len(),
-                    compiled.rules.len()
+                    compiled.rules.len(),
+                    total.as_millis(),
+                    parsed_in.as_millis(),
+                    compiled_in.saturating_sub(parsed_in).as_millis(),
+                    total.saturating_sub(compiled_in).as_millis(),
                 );
                 let sources = sources
                     .unwrap_or_else(|| self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone());
