@@ -758,42 +758,39 @@ impl Slot {
         rule_counter_index(self.index, u32::try_from(rule).unwrap_or(u32::MAX))
     }
 
-    /// Rule decisions counted in this slot, by rule.
-    fn read_rule_verdicts(&self, maps: &PolicyMaps) -> Result<Vec<RuleCount>, DatapathError> {
-        let mut out = Vec::with_capacity(self.rule_table.len());
-        for (index, rule) in self.rule_table.iter().enumerate() {
+    /// The rules of this slot whose decision counters moved: (position in
+    /// the rule table, decisions summed over CPUs).
+    fn moved_rule_counters(&self, maps: &PolicyMaps) -> Result<Vec<(usize, u64)>, DatapathError> {
+        let mut moved = Vec::new();
+        for index in 0..self.rule_table.len() {
             let values = maps
                 .rule_verdicts
                 .get(&self.verdict_index(index), 0)
                 .map_err(|source| DatapathError::Read { name: maps::RULE_VERDICTS, source })?;
             let count: u64 = values.iter().sum();
             if count > 0 {
-                out.push((rule.clone(), count));
+                moved.push((index, count));
             }
         }
-        Ok(out)
+        Ok(moved)
+    }
+
+    /// Rule decisions counted in this slot, by rule.
+    fn read_rule_verdicts(&self, maps: &PolicyMaps) -> Result<Vec<RuleCount>, DatapathError> {
+        let moved = self.moved_rule_counters(maps)?;
+        Ok(moved.into_iter().map(|(index, count)| (self.rule_table[index].clone(), count)).collect())
     }
 
     /// Reads and zeroes this slot's rule decisions. Only counters that
     /// moved are written: a policy of 100k rules mostly has idle ones.
     fn take_rule_verdicts(&mut self, maps: &mut PolicyMaps) -> Result<Vec<RuleCount>, DatapathError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
-        let mut out = Vec::new();
-        for (index, rule) in self.rule_table.iter().enumerate() {
-            let values = maps
-                .rule_verdicts
-                .get(&self.verdict_index(index), 0)
-                .map_err(|source| DatapathError::Read { name: maps::RULE_VERDICTS, source })?;
-            let count: u64 = values.iter().sum();
-            if count > 0 {
-                out.push((rule.clone(), count));
-                let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
-                maps.rule_verdicts
-                    .set(self.verdict_index(index), zeros, 0)
-                    .map_err(write_error(maps::RULE_VERDICTS))?;
-            }
+        let moved = self.moved_rule_counters(maps)?;
+        for &(index, _) in &moved {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
+            maps.rule_verdicts.set(self.verdict_index(index), zeros, 0).map_err(write_error(maps::RULE_VERDICTS))?;
         }
-        Ok(out)
+        Ok(moved.into_iter().map(|(index, count)| (self.rule_table[index].clone(), count)).collect())
     }
 
     fn sync_policy(

@@ -281,6 +281,14 @@ impl Link {
     }
 }
 
+/// A filter's drop counter: the first line of `command`'s output that
+/// contains `marker`, read by `packets`.
+fn drop_count(ns: &Netns, command: &[&str], marker: &str, packets: fn(&str) -> Option<u64>) -> Result<u64, Error> {
+    let out = ns.exec(command)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok(text.lines().find(|l| l.contains(marker)).and_then(packets).unwrap_or(0))
+}
+
 /// Busy (non-idle) time of CPUs 0 and 1 so far, ns, from `/proc/stat`.
 fn cpu_busy_ns() -> Result<[u64; 2], Error> {
     let stat = std::fs::read_to_string("/proc/stat")?;
@@ -323,27 +331,21 @@ pub fn run_all(rule_counts: &[usize], seconds: u64) -> Result<Vec<TrafficRow>, E
                 Filter::Nftables => {
                     nftables(&link, rules)?;
                     let rx = &link.rx;
+                    // `... counter packets N bytes M drop`
                     Box::new(move || {
-                        let out = rx.exec(&["nft", "list", "chain", "netdev", "bhbench", "ingress"])?;
-                        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                        Ok(text
-                            .lines()
-                            .find(|l| l.contains("drop"))
-                            .and_then(|l| l.split_whitespace().skip_while(|w| *w != "packets").nth(1)?.parse().ok())
-                            .unwrap_or(0))
+                        drop_count(rx, &["nft", "list", "chain", "netdev", "bhbench", "ingress"], "drop", |line| {
+                            line.split_whitespace().skip_while(|w| *w != "packets").nth(1)?.parse().ok()
+                        })
                     })
                 }
                 Filter::Iptables => {
                     iptables(&link, rules)?;
                     let rx = &link.rx;
+                    // `N M DROP ...` (packets first)
                     Box::new(move || {
-                        let out = rx.exec(&["iptables-legacy", "-L", "INPUT", "-v", "-x", "-n"])?;
-                        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                        Ok(text
-                            .lines()
-                            .find(|l| l.contains("DROP"))
-                            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-                            .unwrap_or(0))
+                        drop_count(rx, &["iptables-legacy", "-L", "INPUT", "-v", "-x", "-n"], "DROP", |line| {
+                            line.split_whitespace().next()?.parse().ok()
+                        })
                     })
                 }
             };
