@@ -1,7 +1,7 @@
 //! Checks that need the whole merged policy: unique names, non-overlapping
 //! identity addresses, and selectors that match something.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::IpNet;
 
@@ -36,6 +36,9 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
         }
     }
     overlapping_addresses(policy, problems);
+    // Each distinct label selector is matched against the identities once,
+    // however many rules repeat it.
+    let mut label_matches: HashMap<&BTreeMap<String, String>, bool> = HashMap::new();
     for rule in &policy.rules {
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
@@ -48,10 +51,12 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
                     }
                 }
                 Selector::Labels(wanted) => {
-                    let matches = policy
-                        .identities
-                        .iter()
-                        .any(|identity| wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v)));
+                    let matches = *label_matches.entry(wanted).or_insert_with(|| {
+                        policy
+                            .identities
+                            .iter()
+                            .any(|identity| wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v)))
+                    });
                     if !matches {
                         let shown: Vec<_> = wanted.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         problems.push(Diagnostic::new(
@@ -80,7 +85,7 @@ fn overlapping_addresses(policy: &Policy, problems: &mut Vec<Diagnostic>) {
         }
     }
     // Shorter prefixes first so the report always points at the more specific one.
-    all.sort_by_key(|(_, address)| (address.net.prefix_len(), address.location.clone()));
+    all.sort_by(|(_, a), (_, b)| (a.net.prefix_len(), &a.location).cmp(&(b.net.prefix_len(), &b.location)));
     for (identity, address) in all {
         let net = address.net;
         let is_v4 = matches!(net, IpNet::V4(_));
