@@ -71,6 +71,21 @@ pub fn bulkhead_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 #[allow(clippy::needless_pass_by_value, reason = "the signature #[classifier] requires")]
 pub fn bulkhead_tc_egress(ctx: TcContext) -> i32 {
+    judge_tc(&ctx, Direction::Egress)
+}
+
+/// Judges every packet entering an enforced interface, like
+/// `bulkhead_xdp`, for interfaces attached at TC ingress instead
+/// (`--ingress-hook tc`): on veth this avoids the copy native XDP makes of
+/// every packet the sending stack built.
+#[classifier]
+#[allow(clippy::needless_pass_by_value, reason = "the signature #[classifier] requires")]
+pub fn bulkhead_tc_ingress(ctx: TcContext) -> i32 {
+    judge_tc(&ctx, Direction::Ingress)
+}
+
+#[inline(always)]
+fn judge_tc(ctx: &TcContext, direction: Direction) -> i32 {
     let wire_len = ctx.len();
     let wanted = if wire_len < HEADERS_NEEDED { wire_len } else { HEADERS_NEEDED };
     if ((ctx.data_end() - ctx.data()) as u32) < wanted {
@@ -81,7 +96,7 @@ pub fn bulkhead_tc_egress(ctx: TcContext) -> i32 {
     let frame = Frame { start: ctx.data(), end: ctx.data_end(), wire_len: wire_len as usize };
     // SAFETY: the context points at the kernel's socket buffer for this run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if account(judge(&frame, Direction::Egress, ifindex), Direction::Egress, u64::from(wire_len)) {
+    if account(judge(&frame, direction, ifindex), direction, u64::from(wire_len)) {
         // Let any later program on the hook have its say.
         TC_ACT_UNSPEC
     } else {

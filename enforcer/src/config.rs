@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use enforcer::datapath::{MapSizes, XdpAttach};
+use enforcer::datapath::{IngressHook, MapSizes, XdpAttach};
 use policy::yaml::{Node, Value};
 
 use crate::api::{ApiConfig, Role};
@@ -60,6 +60,11 @@ pub struct RunArgs {
     /// choice on veth) or `auto` (native where supported) [default: auto].
     #[arg(long, value_name = "auto|native|generic")]
     pub xdp_mode: Option<String>,
+    /// Where incoming packets are judged: `xdp` (before the socket buffer
+    /// exists; the fast choice on physical NICs) or `tc` (TC ingress; the
+    /// cheaper choice on veth) [default: xdp].
+    #[arg(long, value_name = "xdp|tc")]
+    pub ingress_hook: Option<String>,
     /// Where maps and links are pinned, so enforcement survives restarts
     /// and upgrades of the daemon [default: /sys/fs/bpf/bulkhead].
     #[arg(long, value_name = "DIR")]
@@ -103,6 +108,7 @@ pub struct RunConfig {
     pub audit: bool,
     pub sizes: MapSizes,
     pub xdp_attach: XdpAttach,
+    pub ingress_hook: IngressHook,
     pub bpffs_root: PathBuf,
     pub detach_on_exit: bool,
     pub events_to: EventsTo,
@@ -148,6 +154,11 @@ impl RunArgs {
             Some("generic") => XdpAttach::Generic,
             Some(other) => bail!("`{other}` is not an XDP mode: use auto, native or generic"),
         };
+        let ingress_hook = match self.ingress_hook.clone().or(file.ingress_hook).as_deref() {
+            None | Some("xdp") => IngressHook::Xdp,
+            Some("tc") => IngressHook::Tc,
+            Some(other) => bail!("`{other}` is not an ingress hook: use xdp or tc"),
+        };
         Ok(RunConfig {
             policy_dir,
             interfaces,
@@ -157,6 +168,7 @@ impl RunArgs {
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("default address is valid")),
             audit: self.audit || file.audit,
             xdp_attach,
+            ingress_hook,
             bpffs_root: self
                 .bpffs_root
                 .clone()
@@ -267,6 +279,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             "bpffs-root" => args.bpffs_root = Some(PathBuf::from(scalar(value, &key)?)),
             "events-to" => args.events_to = Some(scalar(value, &key)?),
             "xdp-mode" => args.xdp_mode = Some(scalar(value, &key)?),
+            "ingress-hook" => args.ingress_hook = Some(scalar(value, &key)?),
             "identity-drops-top" => args.identity_drops_top = Some(number(value, &key)? as usize),
             "api-addr" => {
                 let text = scalar(value, &key)?;
@@ -293,7 +306,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location
             ),
         }
@@ -352,6 +365,20 @@ mod tests {
         assert!(error.to_string().contains("`sideways` is not an XDP mode: use auto, native or generic"), "{error}");
         let default = RunArgs { policy_dir: Some("/p".into()), interfaces: vec!["eth0".into()], ..RunArgs::default() };
         assert_eq!(default.resolve().unwrap().xdp_attach, XdpAttach::Auto);
+    }
+
+    #[test]
+    fn ingress_hook_from_flag_or_file() {
+        let path = file("policy-dir: /p\ninterface: eth0\ningress-hook: tc\n");
+        let config = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap();
+        assert_eq!(config.ingress_hook, IngressHook::Tc);
+        let flagged = RunArgs { config: Some(path.clone()), ingress_hook: Some("xdp".into()), ..RunArgs::default() };
+        assert_eq!(flagged.resolve().unwrap().ingress_hook, IngressHook::Xdp, "the flag wins");
+        let wrong =
+            RunArgs { config: Some(path.clone()), ingress_hook: Some("netfilter".into()), ..RunArgs::default() };
+        let error = wrong.resolve().unwrap_err();
+        std::fs::remove_file(path).unwrap();
+        assert!(error.to_string().contains("`netfilter` is not an ingress hook: use xdp or tc"), "{error}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ use policy::model::Action;
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
 const XDP_PROGRAM: &str = "bulkhead_xdp";
 const TC_PROGRAM: &str = "bulkhead_tc_egress";
+const TC_INGRESS_PROGRAM: &str = "bulkhead_tc_ingress";
 const CALIBRATION_PROGRAM: &str = "bulkhead_calibration";
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,8 @@ pub enum DatapathError {
 pub enum Hook {
     /// The XDP ingress program.
     Ingress,
+    /// The TC ingress program (`--ingress-hook tc`).
+    TcIngress,
     /// The TC egress program.
     Egress,
     /// An empty XDP program: the floor benchmarks compare against.
@@ -112,6 +115,7 @@ impl Hook {
     fn program_name(self) -> &'static str {
         match self {
             Hook::Ingress => XDP_PROGRAM,
+            Hook::TcIngress => TC_INGRESS_PROGRAM,
             Hook::Egress => TC_PROGRAM,
             Hook::Calibration => CALIBRATION_PROGRAM,
         }
@@ -163,6 +167,7 @@ pub struct Datapath {
     config_value: Config,
     sizes: MapSizes,
     xdp_attach: XdpAttach,
+    ingress_hook: IngressHook,
     /// When the kernel last switched slots: the slot it left may still be
     /// read by programs that started before the switch, so it is not
     /// rewritten until [`SLOT_GRACE`] has passed.
@@ -184,6 +189,19 @@ pub enum XdpAttach {
     /// After the socket buffer is built (generic XDP). Cheaper than native
     /// on veth, whose native XDP copies every packet the stack sent it.
     Generic,
+}
+
+/// Where incoming packets are judged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IngressHook {
+    /// XDP: before the kernel builds a socket buffer, where the driver
+    /// supports it; the fast choice on physical NICs.
+    #[default]
+    Xdp,
+    /// TC ingress (tcx): after the socket buffer is built, where nftables'
+    /// ingress hook also runs; the cheaper choice on veth, whose XDP copies
+    /// every packet the sending stack built.
+    Tc,
 }
 
 /// Capacities of the maps a policy fills and of the state tables.
@@ -314,7 +332,9 @@ impl Datapath {
         for name in [XDP_PROGRAM, CALIBRATION_PROGRAM] {
             program::<Xdp>(&mut ebpf, name)?.load().map_err(verify(name))?;
         }
-        program::<SchedClassifier>(&mut ebpf, TC_PROGRAM)?.load().map_err(verify(TC_PROGRAM))?;
+        for name in [TC_PROGRAM, TC_INGRESS_PROGRAM] {
+            program::<SchedClassifier>(&mut ebpf, name)?.load().map_err(verify(name))?;
+        }
         Ok(Self {
             maps: PolicyMaps::take(&mut ebpf)?,
             slots: [Slot::new(0), Slot::new(1)],
@@ -335,6 +355,7 @@ impl Datapath {
             config_value: Config::default(),
             sizes,
             xdp_attach: XdpAttach::Auto,
+            ingress_hook: IngressHook::Xdp,
             last_flip: Instant::now(),
         })
     }
@@ -345,6 +366,16 @@ impl Datapath {
 
     fn classifier(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, TC_PROGRAM)
+    }
+
+    fn ingress_classifier(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, TC_INGRESS_PROGRAM)
+    }
+
+    /// Where later [`Datapath::attach`] calls judge incoming packets
+    /// (adopted pinned links keep the hook they were made with).
+    pub fn set_ingress_hook(&mut self, hook: IngressHook) {
+        self.ingress_hook = hook;
     }
 
     /// Attaches XDP (ingress; native mode where the driver has it) and the
@@ -369,39 +400,53 @@ impl Datapath {
             let path = path.to_path_buf();
             move |source: LinkError| DatapathError::Link { path, source }
         };
-        let paths = root.map(|r| {
-            (r.join("links").join(format!("xdp-{interface}")), r.join("links").join(format!("tc-{interface}")))
-        });
-        if let Some((xdp_path, tc_path)) = &paths
-            && xdp_path.exists()
+        let link_path = |kind: &str| root.map(|r| r.join("links").join(format!("{kind}-{interface}")));
+        let (xdp_path, tc_ingress_path, tc_path) = (link_path("xdp"), link_path("tcin"), link_path("tc"));
+        if let (Some(xdp_path), Some(tc_ingress_path), Some(tc_path)) = (&xdp_path, &tc_ingress_path, &tc_path)
+            && (xdp_path.exists() || tc_ingress_path.exists())
             && tc_path.exists()
         {
-            let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(xdp_path).map_err(link_error(xdp_path))?))
-                .map_err(link_error(xdp_path))?;
-            // The program now owns the link; the pin keeps it beyond us.
-            self.xdp()?.attach_to_link(link).map_err(attach_error("XDP"))?;
-            let link = SchedClassifierLink::try_from(FdLink::from(
-                PinnedLink::from_pin(tc_path).map_err(link_error(tc_path))?,
-            ))
-            .map_err(link_error(tc_path))?;
+            // The programs now own the links; the pins keep them beyond us.
+            if xdp_path.exists() {
+                let pinned = PinnedLink::from_pin(xdp_path).map_err(link_error(xdp_path))?;
+                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_error(xdp_path))?;
+                self.xdp()?.attach_to_link(link).map_err(attach_error("XDP"))?;
+            } else {
+                let pinned = PinnedLink::from_pin(tc_ingress_path).map_err(link_error(tc_ingress_path))?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_error(tc_ingress_path))?;
+                self.ingress_classifier()?.attach_to_link(link).map_err(attach_error("TC ingress"))?;
+            }
+            let pinned = PinnedLink::from_pin(tc_path).map_err(link_error(tc_path))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_error(tc_path))?;
             self.classifier()?.attach_to_link(link).map_err(attach_error("TC egress"))?;
             self.interfaces.push(interface.to_owned());
             return Ok(true);
         }
-        let mode = match self.xdp_attach {
-            XdpAttach::Auto => XdpMode::Default,
-            XdpAttach::Native => XdpMode::Driver,
-            XdpAttach::Generic => XdpMode::Skb,
-        };
-        let id = self.xdp()?.attach(interface, mode).map_err(attach_error("XDP"))?;
-        if let Some((xdp_path, _)) = &paths {
-            let link = self.xdp()?.take_link(id).map_err(attach_error("XDP"))?;
-            pin_link(FdLink::try_from(link).map_err(link_error(xdp_path))?, xdp_path)?;
-        }
         // Kernels without tcx need a clsact qdisc; an existing one is fine.
         let _ = tc::qdisc_add_clsact(interface);
+        if self.ingress_hook == IngressHook::Tc {
+            let id = self
+                .ingress_classifier()?
+                .attach(interface, TcAttachType::Ingress)
+                .map_err(attach_error("TC ingress"))?;
+            if let Some(path) = &tc_ingress_path {
+                let link = self.ingress_classifier()?.take_link(id).map_err(attach_error("TC ingress"))?;
+                pin_link(FdLink::try_from(link).map_err(link_error(path))?, path)?;
+            }
+        } else {
+            let mode = match self.xdp_attach {
+                XdpAttach::Auto => XdpMode::Default,
+                XdpAttach::Native => XdpMode::Driver,
+                XdpAttach::Generic => XdpMode::Skb,
+            };
+            let id = self.xdp()?.attach(interface, mode).map_err(attach_error("XDP"))?;
+            if let Some(path) = &xdp_path {
+                let link = self.xdp()?.take_link(id).map_err(attach_error("XDP"))?;
+                pin_link(FdLink::try_from(link).map_err(link_error(path))?, path)?;
+            }
+        }
         let id = self.classifier()?.attach(interface, TcAttachType::Egress).map_err(attach_error("TC egress"))?;
-        if let Some((_, tc_path)) = &paths {
+        if let Some(tc_path) = &tc_path {
             let link = self.classifier()?.take_link(id).map_err(attach_error("TC egress"))?;
             pin_link(FdLink::try_from(link).map_err(link_error(tc_path))?, tc_path)?;
         }

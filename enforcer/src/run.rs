@@ -239,6 +239,7 @@ fn start_datapath(args: &RunConfig, compiled: &policy::CompiledPolicy) -> anyhow
     datapath.set_host_addresses(&enforcer::host::addresses().context("listing the node's addresses failed")?)?;
     let generation = datapath.apply(compiled, args.audit)?;
     datapath.set_xdp_attach(args.xdp_attach);
+    datapath.set_ingress_hook(args.ingress_hook);
     for interface in &args.interfaces {
         if datapath.attach_pinned(interface, Some(root))? {
             log::info!("took over the programs attached to {interface} (replaced atomically)");

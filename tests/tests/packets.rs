@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use Observed::{Audit, Drop, Ignored, Pass};
+use enforcer::datapath::Hook;
 use enforcer_common::DropReason::{self, DefaultDeny, DenyRule, FragmentUnknown, HostSpoofed, Malformed};
 use kernel::{Kernel, Observed};
 use lab::frames::{
@@ -199,6 +200,29 @@ fn packet_table_every_shape_and_wrapping() {
         }
     }
     assert!(checked >= 128, "{checked} cases");
+}
+
+#[test]
+fn tc_ingress_judges_exactly_like_xdp() {
+    // `--ingress-hook tc` runs the same verdict logic on a socket buffer:
+    // every shape, wrapping and truncation must get the XDP program's verdict
+    // and move the same counter.
+    let mut kernel = kernel(false);
+    let mut checked = 0;
+    for hosts in [V4, V6] {
+        for wrapping in [Wrapping::Plain, Wrapping::Vlan, Wrapping::QinQ, Wrapping::Options] {
+            for (what, src, dst, protocol, l4, expected) in base_cases(&hosts) {
+                let full = frame(src, dst, protocol, l4, wrapping);
+                kernel.datapath.clear_state().unwrap();
+                assert_eq!(kernel.run(Hook::TcIngress, &full), expected, "{what} ({src} -> {dst}, {wrapping:?})");
+                let cut = full.len() - 1;
+                kernel.datapath.clear_state().unwrap();
+                assert_eq!(kernel.run(Hook::TcIngress, &full[..cut]), Drop(Malformed), "{what} cut at {cut}");
+                checked += 2;
+            }
+        }
+    }
+    assert!(checked >= 256, "{checked} cases");
 }
 
 #[test]
@@ -683,7 +707,7 @@ fn events_are_rate_limited_per_cpu_and_the_excess_counted() {
     // 3000 drops within microseconds, in the kernel: a burst is one second's
     // worth (1000), so about 2000 must be refused by the bucket (the ring
     // itself holds more than 3000).
-    let run = kernel.datapath.test_run(enforcer::datapath::Hook::Ingress, &frame, 3000).unwrap();
+    let run = kernel.datapath.test_run(Hook::Ingress, &frame, 3000).unwrap();
     assert_eq!(run.retval, 1, "XDP_DROP");
     let refused = limited(&kernel) - before;
     assert!((1900..=2000).contains(&refused), "{refused} events refused");

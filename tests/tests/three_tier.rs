@@ -142,6 +142,30 @@ fn generic_xdp_mode_enforces_the_same_policy() {
 }
 
 #[test]
+fn tc_ingress_hook_enforces_the_same_policy() {
+    let lab = ThreeTier::new("tcingress").expect("create lab namespaces");
+    let scratch = ScratchDir::new(&lab.stem).expect("scratch dir");
+    let policy_dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&policy_dir).unwrap();
+    std::fs::write(policy_dir.join("three-tier.yaml"), three_tier_policy()).unwrap();
+    let daemon = Daemon::start_with(&lab, &policy_dir, &scratch.0.join("daemon.log"), &["--ingress-hook", "tc"])
+        .expect("start bulkhead");
+    let env = Enforced { _servers: servers(&lab), daemon, lab, _scratch: scratch };
+    // No XDP anywhere: the ingress drops counted below are the TC program's.
+    for interface in env.lab.router_interfaces() {
+        let shown = env.lab.router.ip(&["-d", "link", "show", "dev", &interface]).unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+        assert!(!shown.contains("xdp"), "{interface} has an XDP program: {shown}");
+    }
+    let before = env.drops("default_deny");
+    assert_eq!(env.tcp("gateway", "logic", 8080), Outcome::Connected);
+    assert_eq!(env.tcp("logic", "db", 5432), Outcome::Connected);
+    assert_eq!(env.tcp("logic", "gateway", 8080), Outcome::TimedOut);
+    assert_eq!(env.udp("gateway", "db", 8125), Outcome::TimedOut);
+    assert_eq!(env.drops("default_deny") - before, 2);
+}
+
+#[test]
 fn deny_rule_beats_allow_rule() {
     let env = enforced("deny", &three_tier_policy());
     // gateway-admin-to-db allows all TCP, gateway-never-touches-data denies 5432.

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use enforcer::datapath::{Datapath, MapSizes, XdpAttach};
+use enforcer::datapath::{Datapath, IngressHook, MapSizes, XdpAttach};
 use lab::frames::{self, UDP};
 use lab::netns::{run, unique_stem};
 use lab::{LabError, Netns};
@@ -36,19 +36,21 @@ pub enum Filter {
     Nothing,
     BulkheadNative,
     BulkheadGeneric,
+    BulkheadTc,
     Nftables,
     Iptables,
 }
 
 impl Filter {
-    pub const ALL: [Self; 5] =
-        [Self::Nothing, Self::BulkheadNative, Self::BulkheadGeneric, Self::Nftables, Self::Iptables];
+    pub const ALL: [Self; 6] =
+        [Self::Nothing, Self::BulkheadNative, Self::BulkheadGeneric, Self::BulkheadTc, Self::Nftables, Self::Iptables];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Nothing => "no filter",
             Self::BulkheadNative => "Bulkhead (native XDP)",
             Self::BulkheadGeneric => "Bulkhead (generic XDP)",
+            Self::BulkheadTc => "Bulkhead (TC ingress)",
             Self::Nftables => "nftables (netdev ingress, set)",
             Self::Iptables => "iptables (one rule per pair)",
         }
@@ -298,8 +300,10 @@ fn cpu_busy_ns() -> Result<[u64; 2], Error> {
     for (cpu, slot) in out.iter_mut().enumerate() {
         let line = stat.lines().find(|l| l.starts_with(&format!("cpu{cpu} "))).ok_or("the bench needs two CPUs")?;
         let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-        // user nice system idle iowait irq softirq steal: all but idle and iowait.
-        let busy: u64 = fields.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+        // user nice system idle iowait irq softirq steal guest guest_nice:
+        // this CPU's own work is user, nice, system, irq and softirq (steal
+        // is the hypervisor's; guest time is already inside user).
+        let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum();
         *slot = busy * tick_ns;
     }
     Ok(out)
@@ -315,8 +319,11 @@ pub fn run_all(rule_counts: &[usize], seconds: u64) -> Result<Vec<TrafficRow>, E
             let mut datapath = None;
             let mut counter: Box<dyn FnMut() -> Result<u64, Error>> = match filter {
                 Filter::Nothing => Box::new(|| Ok(0)),
-                Filter::BulkheadNative | Filter::BulkheadGeneric => {
+                Filter::BulkheadNative | Filter::BulkheadGeneric | Filter::BulkheadTc => {
                     let mut loaded = Datapath::load_with(MapSizes::default())?;
+                    if filter == Filter::BulkheadTc {
+                        loaded.set_ingress_hook(IngressHook::Tc);
+                    }
                     loaded.set_xdp_attach(if filter == Filter::BulkheadNative {
                         XdpAttach::Native
                     } else {

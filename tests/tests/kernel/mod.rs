@@ -43,7 +43,7 @@ impl Kernel {
     /// checking that exactly one counter moved, by one packet of this size.
     pub fn run(&mut self, hook: Hook, frame: &[u8]) -> Observed {
         let direction = match hook {
-            Hook::Ingress | Hook::Calibration => Direction::Ingress,
+            Hook::Ingress | Hook::TcIngress | Hook::Calibration => Direction::Ingress,
             Hook::Egress => Direction::Egress,
         };
         let before = self.snapshot();
@@ -82,8 +82,8 @@ impl Kernel {
             None => Observed::Ignored,
         };
         let passed = match (hook, result.retval) {
-            (Hook::Ingress, XDP_PASS) | (Hook::Egress, TC_ACT_UNSPEC) => true,
-            (Hook::Ingress, XDP_DROP) | (Hook::Egress, TC_ACT_SHOT) => false,
+            (Hook::Ingress, XDP_PASS) | (Hook::Egress | Hook::TcIngress, TC_ACT_UNSPEC) => true,
+            (Hook::Ingress, XDP_DROP) | (Hook::Egress | Hook::TcIngress, TC_ACT_SHOT) => false,
             (_, other) => panic!("unexpected return value {other} (XDP_ABORTED is 0) for {observed:?}"),
         };
         assert_eq!(passed, !matches!(observed, Observed::Drop(_)), "return value disagrees with the counters");
