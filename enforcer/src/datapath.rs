@@ -378,14 +378,15 @@ impl Datapath {
         self.ingress_hook = hook;
     }
 
-    /// Attaches XDP (ingress; native mode where the driver has it) and the
-    /// TC egress program (tcx where the kernel has it) to `interface`.
     /// How later [`Datapath::attach`] calls attach XDP (adopted pinned
     /// links keep the mode they were made with).
     pub fn set_xdp_attach(&mut self, mode: XdpAttach) {
         self.xdp_attach = mode;
     }
 
+    /// Attaches the ingress program (XDP, or TC ingress as
+    /// [`Datapath::set_ingress_hook`] says) and the TC egress program (tcx
+    /// where the kernel has it) to `interface`.
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
         self.attach_pinned(interface, None).map(drop)
     }

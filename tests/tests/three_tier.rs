@@ -33,12 +33,17 @@ fn servers(lab: &ThreeTier) -> Vec<EchoServer> {
 }
 
 fn enforced(label: &str, policy: &str) -> Enforced {
+    enforced_with(label, policy, &[])
+}
+
+/// As [`enforced`], with extra `bulkhead run` flags.
+fn enforced_with(label: &str, policy: &str, flags: &[&str]) -> Enforced {
     let lab = ThreeTier::new(label).expect("create lab namespaces");
     let scratch = ScratchDir::new(&lab.stem).expect("scratch dir");
     let policy_dir = scratch.0.join("policy");
     std::fs::create_dir_all(&policy_dir).unwrap();
     std::fs::write(policy_dir.join("three-tier.yaml"), policy).unwrap();
-    let daemon = Daemon::start(&lab, &policy_dir, &scratch.0.join("daemon.log")).expect("start bulkhead");
+    let daemon = Daemon::start_with(&lab, &policy_dir, &scratch.0.join("daemon.log"), flags).expect("start bulkhead");
     Enforced { _servers: servers(&lab), daemon, lab, _scratch: scratch }
 }
 
@@ -121,14 +126,7 @@ fn denied_pairs_time_out_and_every_drop_is_counted() {
 
 #[test]
 fn generic_xdp_mode_enforces_the_same_policy() {
-    let lab = ThreeTier::new("generic").expect("create lab namespaces");
-    let scratch = ScratchDir::new(&lab.stem).expect("scratch dir");
-    let policy_dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&policy_dir).unwrap();
-    std::fs::write(policy_dir.join("three-tier.yaml"), three_tier_policy()).unwrap();
-    let daemon = Daemon::start_with(&lab, &policy_dir, &scratch.0.join("daemon.log"), &["--xdp-mode", "generic"])
-        .expect("start bulkhead");
-    let env = Enforced { _servers: servers(&lab), daemon, lab, _scratch: scratch };
+    let env = enforced_with("generic", &three_tier_policy(), &["--xdp-mode", "generic"]);
     for interface in env.lab.router_interfaces() {
         let shown = env.lab.router.ip(&["-d", "link", "show", "dev", &interface]).unwrap();
         let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
@@ -143,14 +141,7 @@ fn generic_xdp_mode_enforces_the_same_policy() {
 
 #[test]
 fn tc_ingress_hook_enforces_the_same_policy() {
-    let lab = ThreeTier::new("tcingress").expect("create lab namespaces");
-    let scratch = ScratchDir::new(&lab.stem).expect("scratch dir");
-    let policy_dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&policy_dir).unwrap();
-    std::fs::write(policy_dir.join("three-tier.yaml"), three_tier_policy()).unwrap();
-    let daemon = Daemon::start_with(&lab, &policy_dir, &scratch.0.join("daemon.log"), &["--ingress-hook", "tc"])
-        .expect("start bulkhead");
-    let env = Enforced { _servers: servers(&lab), daemon, lab, _scratch: scratch };
+    let env = enforced_with("tcingress", &three_tier_policy(), &["--ingress-hook", "tc"]);
     // No XDP anywhere: the ingress drops counted below are the TC program's.
     for interface in env.lab.router_interfaces() {
         let shown = env.lab.router.ip(&["-d", "link", "show", "dev", &interface]).unwrap();
