@@ -275,7 +275,9 @@ pub const TCP_STATE_CLOSING: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// `bpf_ktime_get_ns` of the last packet in this entry's direction.
+    /// When the last packet in this entry's direction was seen, on the
+    /// programs' packet clock (jiffies × [`Config::clock_tick_ns`]): only
+    /// differences of its readings mean anything.
     pub last_seen_ns: u64,
     /// When this entry last refreshed the other direction's entry: a
     /// one-way stream keeps its return path open without a second lookup on
@@ -351,8 +353,16 @@ pub struct Config {
     pub policy_generation: u32,
     /// `CONFIG_FLAG_*` bits.
     pub flags: u32,
+    /// Length of the kernel's timer tick (1/`CONFIG_HZ` s), which the
+    /// programs' clock counts in; 0 until the daemon has measured it.
+    pub clock_tick_ns: u32,
+    pub padding: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+/// The longest timer tick Linux allows (`CONFIG_HZ=100`). Assumed while the
+/// tick is unknown: a clock that runs fast only makes state expire early.
+pub const MAX_CLOCK_TICK_NS: u32 = 10_000_000;
 
 /// Daemon-wide audit mode: policy drops become counted passes.
 pub const CONFIG_FLAG_AUDIT: u32 = 1;
@@ -439,7 +449,7 @@ impl StateError {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
-    /// `bpf_ktime_get_ns` (monotonic) when the packet was judged.
+    /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC`) when the packet was judged.
     pub time_ns: u64,
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],

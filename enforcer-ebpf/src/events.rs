@@ -1,6 +1,7 @@
 //! Drop and audit events, rate-limited per CPU so a flood of drops cannot
 //! flood the ring (or whatever reads it). Everything not reported is counted.
 
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use enforcer_common::{
     CONFIG_INDEX, Direction, DropReason, EVENT_DROP, EVENTS_PER_SECOND, Event, IdentityPairKey, StateError, slot_of,
 };
@@ -59,16 +60,12 @@ fn count_pair(event: &Event, known: &IdentityPairKey) {
 
 /// The event describing a dropped (`audit == false`) or audited packet.
 #[inline(always)]
-pub fn describe(
-    packet: &Packet,
-    direction: Direction,
-    reason: DropReason,
-    audit: bool,
-    ifindex: u32,
-    now: u64,
-) -> Event {
+pub fn describe(packet: &Packet, direction: Direction, reason: DropReason, audit: bool, ifindex: u32) -> Event {
     Event {
-        time_ns: now,
+        // Events need CLOCK_MONOTONIC, which the daemon turns into wall-clock
+        // time; only drops and audits pay for this helper call.
+        // SAFETY: a plain helper call with no arguments.
+        time_ns: unsafe { bpf_ktime_get_coarse_ns() },
         src_addr: packet.flow.src_addr,
         dst_addr: packet.flow.dst_addr,
         src_port: packet.flow.src_port,
@@ -89,11 +86,12 @@ pub fn describe(
 /// call to each path instead of its branches, which keeps the programs well
 /// inside the verifier's limits.
 #[inline(never)]
-pub fn report(event: &Event, pair: &IdentityPairKey) {
+/// `now` is the packet clock, which the budget is kept in.
+pub fn report(event: &Event, pair: &IdentityPairKey, now: u64) {
     if event.verdict == EVENT_DROP {
         count_pair(event, pair);
     }
-    if !take_token(event.time_ns) {
+    if !take_token(now) {
         crate::metrics::count_state_error(StateError::EventsRateLimited);
         return;
     }

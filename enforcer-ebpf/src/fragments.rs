@@ -6,9 +6,9 @@ use enforcer_common::{
     DropReason, FRAGMENT_AUDIT, FRAGMENT_DROP, FRAGMENT_PASS, FragmentKey, FragmentValue, StateError, timeouts,
 };
 
-use crate::Verdict;
 use crate::maps::FRAGMENTS;
 use crate::parse::Packet;
+use crate::{Action, Verdict};
 
 #[inline(always)]
 fn key(packet: &Packet, id: u32) -> FragmentKey {
@@ -25,12 +25,12 @@ fn key(packet: &Packet, id: u32) -> FragmentKey {
 /// Remembers the first fragment's verdict.
 #[inline(always)]
 pub fn remember(packet: &Packet, id: u32, verdict: Verdict, now: u64) {
-    let (verdict, reason) = match verdict {
-        Verdict::Drop(reason) => (FRAGMENT_DROP, reason as u32),
-        Verdict::Audit(reason) => (FRAGMENT_AUDIT, reason as u32),
-        Verdict::Pass | Verdict::Ignore => (FRAGMENT_PASS, 0),
+    let code = match verdict.action {
+        Action::Drop => FRAGMENT_DROP,
+        Action::Audit => FRAGMENT_AUDIT,
+        Action::Pass | Action::Ignore => FRAGMENT_PASS,
     };
-    let value = FragmentValue { seen_ns: now, verdict, reason };
+    let value = FragmentValue { seen_ns: now, verdict: code, reason: verdict.reason as u32 };
     if FRAGMENTS.insert(key(packet, id), value, 0).is_err() {
         crate::metrics::count_state_error(StateError::Fragments);
     }
@@ -46,8 +46,8 @@ pub fn recall(packet: &Packet, id: u32, now: u64) -> Option<Verdict> {
     }
     let reason = DropReason::from_u32(value.reason).unwrap_or(DropReason::Malformed);
     Some(match value.verdict {
-        FRAGMENT_PASS => Verdict::Pass,
-        FRAGMENT_AUDIT => Verdict::Audit(reason),
-        _ => Verdict::Drop(reason),
+        FRAGMENT_PASS => Verdict::PASS,
+        FRAGMENT_AUDIT => Verdict::audit(reason),
+        _ => Verdict::drop(reason),
     })
 }

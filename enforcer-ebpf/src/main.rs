@@ -15,6 +15,7 @@
 // to the accesses they guard, where the verifier can see them.
 #![allow(clippy::inline_always)]
 
+mod clock;
 mod conntrack;
 mod events;
 mod fragments;
@@ -27,27 +28,51 @@ mod policy;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::macros::{classifier, xdp};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityPairKey,
-    IdentityValue, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST,
+    IdentityPairKey, IdentityValue, slot_of,
 };
 
 use crate::parse::{Fragment, Frame, Kind, Packet, Parsed};
 
 /// What happens to a packet, and how it is counted.
-#[derive(Clone, Copy)]
-pub enum Verdict {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
     /// Passes; counted as forwarded.
     Pass,
     /// Dropped; counted under the reason.
-    Drop(DropReason),
+    Drop,
     /// Passes by audit mode; counted as audited under the would-be reason.
-    Audit(DropReason),
+    Audit,
     /// Forwarded traffic seen again at egress: passes, counted at ingress already.
     Ignore,
+}
+
+/// An action and its reason. A struct, not an enum carrying the reason in
+/// its drop and audit variants: LLVM may read such a payload on paths where
+/// it is undefined, and the verifier rejects the uninitialised register.
+#[derive(Clone, Copy)]
+pub struct Verdict {
+    pub action: Action,
+    /// Why, for `Drop` and `Audit`; any value otherwise, never counted.
+    pub reason: DropReason,
+}
+
+impl Verdict {
+    pub const PASS: Self = Self { action: Action::Pass, reason: DropReason::DefaultDeny };
+    pub const IGNORE: Self = Self { action: Action::Ignore, reason: DropReason::DefaultDeny };
+
+    #[inline(always)]
+    pub const fn drop(reason: DropReason) -> Self {
+        Self { action: Action::Drop, reason }
+    }
+
+    #[inline(always)]
+    pub const fn audit(reason: DropReason) -> Self {
+        Self { action: Action::Audit, reason }
+    }
 }
 
 /// How much of a socket buffer must be readable directly: the deepest
@@ -59,7 +84,8 @@ const HEADERS_NEEDED: u32 = 160;
 #[allow(clippy::needless_pass_by_value, reason = "the signature #[xdp] requires")]
 pub fn bulkhead_xdp(ctx: XdpContext) -> u32 {
     let frame = Frame { start: ctx.data(), end: ctx.data_end(), wire_len: ctx.data_end() - ctx.data() };
-    let ifindex = ctx.ingress_ifindex() as u32;
+    // Read only for events: three dependent loads every packet would pay for.
+    let ifindex = || ctx.ingress_ifindex() as u32;
     if account(judge(&frame, Direction::Ingress, ifindex), Direction::Ingress, frame.wire_len as u64) {
         xdp_action::XDP_PASS
     } else {
@@ -95,7 +121,7 @@ fn judge_tc(ctx: &TcContext, direction: Direction) -> i32 {
     }
     let frame = Frame { start: ctx.data(), end: ctx.data_end(), wire_len: wire_len as usize };
     // SAFETY: the context points at the kernel's socket buffer for this run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = || unsafe { (*ctx.skb.skb).ifindex };
     if account(judge(&frame, direction, ifindex), direction, u64::from(wire_len)) {
         // Let any later program on the hook have its say.
         TC_ACT_UNSPEC
@@ -115,70 +141,67 @@ pub fn bulkhead_calibration(_ctx: XdpContext) -> u32 {
 /// Counts the verdict; true if the packet passes.
 #[inline(always)]
 fn account(verdict: Verdict, direction: Direction, bytes: u64) -> bool {
-    match verdict {
-        Verdict::Pass => {
+    match verdict.action {
+        Action::Pass => {
             metrics::count_forward(direction, bytes);
             true
         }
-        Verdict::Drop(reason) => {
-            metrics::count_drop(reason, direction, bytes);
+        Action::Drop => {
+            metrics::count_drop(verdict.reason, direction, bytes);
             false
         }
-        Verdict::Audit(reason) => {
-            metrics::count_audit(reason, direction, bytes);
+        Action::Audit => {
+            metrics::count_audit(verdict.reason, direction, bytes);
             true
         }
-        Verdict::Ignore => true,
+        Action::Ignore => true,
     }
 }
 
+/// `ifindex` gives the interface's index, for events.
 #[inline(always)]
-fn judge(frame: &Frame, direction: Direction, ifindex: u32) -> Verdict {
+fn judge(frame: &Frame, direction: Direction, ifindex: impl Fn() -> u32) -> Verdict {
     let mut storage = MaybeUninit::uninit();
     let packet = Packet::blank(&mut storage);
     match parse::parse(frame, packet) {
-        Parsed::NotIp => return Verdict::Pass,
-        Parsed::Drop(reason) => return Verdict::Drop(reason),
+        Parsed::NotIp => return Verdict::PASS,
+        Parsed::Drop(reason) => return Verdict::drop(reason),
         Parsed::Ip => {}
     }
     if packet.kind == Kind::NeighbourDiscovery {
-        return Verdict::Pass;
+        return Verdict::PASS;
     }
-    // The coarse clock (one scheduler tick of resolution) costs a fraction
-    // of the precise one, and every timeout here is milliseconds or more.
-    // SAFETY: a plain helper call with no arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let config = maps::CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
+    let now = clock::now(&config);
     let mut pair = IdentityPairKey { slot: events::PAIR_UNKNOWN, src: 0, dst: 0 };
-    let verdict = judge_ip(packet, direction, now, &mut pair);
+    let verdict = judge_ip(packet, direction, &config, now, &mut pair);
     // Whatever decided a first fragment (conntrack, policy, audit) decides
     // the datagram's later fragments too.
     if let Fragment::First(id) = packet.fragment
-        && !matches!(verdict, Verdict::Ignore)
+        && verdict.action != Action::Ignore
     {
         fragments::remember(packet, id, verdict, now);
     }
-    let event = match verdict {
-        Verdict::Drop(reason) => Some(events::describe(packet, direction, reason, false, ifindex, now)),
-        Verdict::Audit(reason) => Some(events::describe(packet, direction, reason, true, ifindex, now)),
-        Verdict::Pass | Verdict::Ignore => None,
+    let event = match verdict.action {
+        Action::Drop => Some(events::describe(packet, direction, verdict.reason, false, ifindex())),
+        Action::Audit => Some(events::describe(packet, direction, verdict.reason, true, ifindex())),
+        Action::Pass | Action::Ignore => None,
     };
     if let Some(event) = event {
-        events::report(&event, &pair);
+        events::report(&event, &pair, now);
     }
     verdict
 }
 
 /// `pair` receives the packet's identities once they are looked up.
 #[inline(always)]
-fn judge_ip(packet: &Packet, direction: Direction, now: u64, pair: &mut IdentityPairKey) -> Verdict {
-    let config = maps::CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
-
+fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pair: &mut IdentityPairKey) -> Verdict {
     // Fast path: one conntrack lookup for established flows at ingress.
     let mut stale = false;
     if direction == Direction::Ingress && matches!(packet.kind, Kind::Trackable | Kind::EchoReply) {
         match conntrack::lookup(packet, direction, config.policy_generation, now) {
-            conntrack::Hit::Pass => return Verdict::Pass,
-            conntrack::Hit::Audit(reason) => return Verdict::Audit(reason),
+            conntrack::Hit::Pass => return Verdict::PASS,
+            conntrack::Hit::Audit(reason) => return Verdict::audit(reason),
             conntrack::Hit::Stale => stale = true,
             conntrack::Hit::Miss => {}
         }
@@ -187,13 +210,13 @@ fn judge_ip(packet: &Packet, direction: Direction, now: u64, pair: &mut Identity
     let src = identity::lookup(slot, packet.flow.family, &packet.flow.src_addr);
     match direction {
         Direction::Ingress if src.id == IDENTITY_HOST => {
-            return Verdict::Drop(DropReason::HostSpoofed);
+            return Verdict::drop(DropReason::HostSpoofed);
         }
-        Direction::Egress if src.id != IDENTITY_HOST => return Verdict::Ignore,
+        Direction::Egress if src.id != IDENTITY_HOST => return Verdict::IGNORE,
         Direction::Egress if matches!(packet.kind, Kind::Trackable | Kind::EchoReply) => {
             match conntrack::lookup(packet, direction, config.policy_generation, now) {
-                conntrack::Hit::Pass => return Verdict::Pass,
-                conntrack::Hit::Audit(reason) => return Verdict::Audit(reason),
+                conntrack::Hit::Pass => return Verdict::PASS,
+                conntrack::Hit::Audit(reason) => return Verdict::audit(reason),
                 conntrack::Hit::Stale => stale = true,
                 conntrack::Hit::Miss => {}
             }
@@ -209,12 +232,12 @@ fn judge_ip(packet: &Packet, direction: Direction, now: u64, pair: &mut Identity
             return verdict;
         }
         return match policy::decide_any_port(slot, src.id, dst.id, packet.flow.protocol) {
-            policy::Outcome::Allow { .. } => Verdict::Pass,
+            policy::Outcome::Allow { .. } => Verdict::PASS,
             policy::Outcome::Deny { reason, .. } => audited(reason, audit),
         };
     }
     if packet.kind == Kind::IcmpError && conntrack::is_tracked(&packet.quoted, now) {
-        return Verdict::Pass;
+        return Verdict::PASS;
     }
     decide(packet, direction, (src, dst), config.policy_generation, (audit, stale), now)
 }
@@ -244,14 +267,14 @@ fn decide(
                 conntrack::admit(packet, hooks, generation, rule_index, None, now);
             }
             metrics::count_rule(slot, rule_index);
-            Verdict::Pass
+            Verdict::PASS
         }
         policy::Outcome::Deny { reason, rule_index } => {
             let verdict = audited(reason, audit);
             if trackable {
-                match verdict {
-                    Verdict::Audit(reason) => {
-                        conntrack::admit(packet, hooks, generation, u32::MAX, Some(reason), now);
+                match verdict.action {
+                    Action::Audit => {
+                        conntrack::admit(packet, hooks, generation, u32::MAX, Some(verdict.reason), now);
                     }
                     _ if stale => conntrack::revoke(packet),
                     _ => {}
@@ -265,7 +288,7 @@ fn decide(
 
 #[inline(always)]
 fn audited(reason: DropReason, audit: bool) -> Verdict {
-    if audit && reason.is_policy() { Verdict::Audit(reason) } else { Verdict::Drop(reason) }
+    if audit && reason.is_policy() { Verdict::audit(reason) } else { Verdict::drop(reason) }
 }
 
 #[cfg(not(test))]

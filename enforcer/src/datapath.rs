@@ -18,8 +18,8 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use enforcer_common::{
     CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Counter, DEFAULT_MAX_RULES, Direction, DropReason, FlowKey, FlowValue,
     FragmentKey, FragmentValue, IDENTITY_HOST, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPairKey,
-    IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue, SLOT_BITS, StateError,
-    drop_counter_index, maps, rule_counter_index, slot_of,
+    IdentityPrefixV4, IdentityPrefixV6, IdentityValue, MAX_CLOCK_TICK_NS, PolicyKeyData, PolicyValue, SLOT_BITS,
+    StateError, drop_counter_index, maps, rule_counter_index, slot_of,
 };
 use ipnet::IpNet;
 use policy::CompiledPolicy;
@@ -492,8 +492,12 @@ impl Datapath {
         let wanted: StdHashMap<(u32, PolicyKeyData), PolicyValue> =
             compiled.policy_entries.iter().map(|e| ((e.prefix_len, e.key), e.value)).collect();
         slot.sync_policy(&mut self.maps, &wanted)?;
-        self.config_value =
-            Config { policy_generation: generation, flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 } };
+        self.config_value = Config {
+            policy_generation: generation,
+            flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 },
+            clock_tick_ns: clock_tick_ns(),
+            padding: 0,
+        };
         self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))?;
         self.last_flip = Instant::now();
         Ok(generation)
@@ -668,6 +672,15 @@ impl Datapath {
         (self.conntrack.keys().flatten().count() as u64, self.sizes.conntrack)
     }
 
+    /// The tracked connection entry for one direction of a connection.
+    pub fn conntrack_entry(&self, flow: &FlowKey) -> Result<Option<FlowValue>, DatapathError> {
+        match self.conntrack.get(flow, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Read { name: maps::CONNTRACK, source }),
+        }
+    }
+
     /// The raw fd of a program, for `BPF_PROG_TEST_RUN` from other threads.
     pub fn program_fd(&mut self, hook: Hook) -> Result<RawFd, DatapathError> {
         let name = hook.program_name();
@@ -736,6 +749,21 @@ impl Datapath {
         let name = hook.program_name();
         let fd = self.program_fd(hook)?;
         crate::testrun::run(fd, frame, repeat).map_err(|source| DatapathError::TestRun { name, source })
+    }
+}
+
+/// The kernel's timer tick, which the programs' packet clock counts in:
+/// `CLOCK_MONOTONIC_COARSE` advances by exactly one tick, so its resolution
+/// is the tick's length. Falls back to the longest tick Linux allows, on
+/// which the clock can only run fast (state then expires early, never late).
+#[must_use]
+pub fn clock_tick_ns() -> u32 {
+    let mut resolution = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-pointer for the duration of the call.
+    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut resolution) } == 0;
+    match u32::try_from(resolution.tv_nsec) {
+        Ok(tick) if ok && resolution.tv_sec == 0 && (1..=MAX_CLOCK_TICK_NS).contains(&tick) => tick,
+        _ => MAX_CLOCK_TICK_NS,
     }
 }
 

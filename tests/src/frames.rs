@@ -18,6 +18,7 @@ pub const ICMPV6: u8 = 58;
 
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
+pub const FIN: u8 = 0x01;
 
 /// A TCP header (20 bytes, no options).
 #[must_use]

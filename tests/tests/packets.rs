@@ -9,14 +9,16 @@ mod kernel;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
 use Observed::{Audit, Drop, Ignored, Pass};
-use enforcer::datapath::Hook;
+use enforcer::datapath::{Hook, clock_tick_ns};
 use enforcer_common::DropReason::{self, DefaultDeny, DenyRule, FragmentUnknown, HostSpoofed, Malformed};
+use enforcer_common::{FAMILY_IPV4, FlowKey, timeouts};
 use kernel::{Kernel, Observed};
 use lab::frames::{
-    self, ACK, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Extension, ICMP, ICMPV6, Ipv4, Ipv6, SYN, TCP, UDP,
-    echo, icmp, tcp, udp,
+    self, ACK, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Extension, FIN, ICMP, ICMPV6, Ipv4, Ipv6, SYN, TCP,
+    UDP, echo, icmp, tcp, udp,
 };
 
 const POLICY: &str = r#"
@@ -312,6 +314,52 @@ fn tcp_connection_replies_pass_and_reverse_opens_do_not() {
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40001, SYN))), Drop(DefaultDeny), "other port");
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(80, 40000, SYN))), Drop(DefaultDeny), "new connection back");
     }
+}
+
+/// The programs' clock is jiffies times the tick the daemon measured: it
+/// must keep real time, or state would expire early or, worse, late.
+#[test]
+fn idle_flows_expire_on_a_clock_that_keeps_real_time() {
+    let mut kernel = kernel(false);
+    let h = V4;
+    let f = |src, dst, l4| frames::simple(src, dst, TCP, l4);
+    let octets = |addr: IpAddr| match addr {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let reply_key = FlowKey {
+        src_addr: octets(h.db),
+        dst_addr: octets(h.web),
+        src_port: 5432,
+        dst_port: 40000,
+        protocol: TCP,
+        family: FAMILY_IPV4,
+        padding: [0; 2],
+    };
+    let last_seen =
+        |kernel: &Kernel| kernel.datapath.conntrack_entry(&reply_key).unwrap().expect("tracked").last_seen_ns;
+    let reply = f(h.db, h.web, tcp(5432, 40000, ACK));
+    assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, SYN))), Pass);
+    assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, SYN | ACK))), Pass);
+    let (first, since) = (last_seen(&kernel), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let real = since.elapsed();
+    assert_eq!(kernel.ingress(&reply), Pass);
+    let measured = Duration::from_nanos(last_seen(&kernel) - first);
+    let tick = Duration::from_nanos(u64::from(clock_tick_ns()));
+    assert!(
+        measured.abs_diff(real) <= 2 * tick + Duration::from_millis(100),
+        "the packet clock measured {measured:?} where {real:?} passed (tick {tick:?})"
+    );
+    // Closing: the reply entry now lives 10 s after its last packet.
+    assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, FIN | ACK))), Pass);
+    assert_eq!(kernel.ingress(&reply), Pass);
+    std::thread::sleep(Duration::from_nanos(timeouts::TCP_CLOSING_NS) + 2 * tick + Duration::from_millis(100));
+    assert_eq!(kernel.ingress(&reply), Drop(DefaultDeny), "an expired reply entry admits nothing");
 }
 
 #[test]
