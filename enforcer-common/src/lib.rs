@@ -506,6 +506,7 @@ pub mod maps {
     pub const IDENTITY_V6_EXACT: &str = "IDENTITY_V6_EXACT";
     pub const IDENTITY_V6_PREFIX: &str = "IDENTITY_V6_PREFIX";
     pub const POLICY: &str = "POLICY";
+    pub const POLICY_EXACT: &str = "POLICY_EXACT";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const CONFIG: &str = "CONFIG";
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
@@ -518,7 +519,7 @@ pub mod maps {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
     /// Every map, for pinning.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         EVENTS,
         IDENTITY_DROPS,
         EVENT_BUDGET,
@@ -527,6 +528,7 @@ pub mod maps {
         IDENTITY_V6_EXACT,
         IDENTITY_V6_PREFIX,
         POLICY,
+        POLICY_EXACT,
         CONNTRACK,
         CONFIG,
         DROP_COUNTERS,

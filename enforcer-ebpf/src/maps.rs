@@ -1,6 +1,7 @@
 //! Every map of the kernel programs, in one place. Sizes are defaults; the
 //! daemon may override them at load time.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf};
 use enforcer_common::{
@@ -29,9 +30,17 @@ pub static IDENTITY_V6_EXACT: HashMap<IdentityKeyV6, IdentityValue> = HashMap::w
 #[map]
 pub static IDENTITY_V6_PREFIX: LpmTrie<IdentityPrefixV6, IdentityValue> = LpmTrie::with_max_entries(2 * 65_536, 0);
 
-/// (slot, source identity, destination identity, protocol, port) → verdict.
+/// (slot, source identity, destination identity, protocol, port) → verdict,
+/// for port ranges and whole protocols: the entries shorter than the key.
 #[map]
 pub static POLICY: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::with_max_entries(2 * 524_288, 0);
+
+/// The policy entries that name one port (or ICMP type and code): most of
+/// a large policy. A hash lookup costs the same at any size, where a trie's
+/// walk deepens with every entry. Allocated on insert, like the trie.
+#[map]
+pub static POLICY_EXACT: HashMap<PolicyKeyData, PolicyValue> =
+    HashMap::with_max_entries(2 * 524_288, BPF_F_NO_PREALLOC);
 
 /// Connection tracking, one entry per direction of a connection.
 #[map]

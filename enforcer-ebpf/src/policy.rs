@@ -1,14 +1,16 @@
-//! The policy lookup: one longest-prefix match on (source identity,
+//! The policy lookup: a longest-prefix match on (source identity,
 //! destination identity, protocol, port). The compiler has already resolved
-//! deny-over-allow and port ranges into disjoint prefixes, so the cost does
-//! not depend on how many rules exist.
+//! deny-over-allow and port ranges into disjoint prefixes, so at most one
+//! entry covers a packet: the full-length ones live in a hash (one lookup,
+//! whatever the policy's size), and only a miss there walks the trie, which
+//! holds just the ranges and whole protocols.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    ACTION_ALLOW, DropReason, IdentityId, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_MAX_PREFIX, PolicyKeyData,
+    ACTION_ALLOW, DropReason, IdentityId, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
 };
 
-use crate::maps::POLICY;
+use crate::maps::{POLICY, POLICY_EXACT};
 
 /// No rule decided (the zero-trust default).
 pub const NO_RULE: u32 = u32::MAX;
@@ -26,10 +28,19 @@ pub enum Outcome {
     },
 }
 
+/// The one entry covering `data`, if any.
+#[inline(always)]
+fn lookup(data: PolicyKeyData) -> Option<&'static PolicyValue> {
+    // SAFETY: policy values are plain integers written whole by the daemon.
+    if let Some(value) = unsafe { POLICY_EXACT.get(&data) } {
+        return Some(value);
+    }
+    POLICY.get(&Key::new(POLICY_KEY_MAX_PREFIX, data))
+}
+
 #[inline(always)]
 pub fn decide(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Outcome {
-    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(slot as u8, src, dst, protocol, port));
-    match POLICY.get(&key) {
+    match lookup(PolicyKeyData::new(slot as u8, src, dst, protocol, port)) {
         None => Outcome::Deny { reason: DropReason::DefaultDeny, rule_index: NO_RULE },
         Some(value) if value.action == ACTION_ALLOW => Outcome::Allow { rule_index: value.rule_index },
         Some(value) => Outcome::Deny { reason: DropReason::DenyRule, rule_index: value.rule_index },
@@ -40,8 +51,7 @@ pub fn decide(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8, port:
 /// is allowed on every port of the protocol.
 #[inline(always)]
 pub fn decide_any_port(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8) -> Outcome {
-    let key = Key::new(POLICY_KEY_MAX_PREFIX, PolicyKeyData::new(slot as u8, src, dst, protocol, 0));
-    match POLICY.get(&key) {
+    match lookup(PolicyKeyData::new(slot as u8, src, dst, protocol, 0)) {
         Some(value) if value.action == ACTION_ALLOW && value.flags & POLICY_FLAG_WHOLE_PROTOCOL != 0 => {
             Outcome::Allow { rule_index: value.rule_index }
         }

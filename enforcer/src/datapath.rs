@@ -18,8 +18,8 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use enforcer_common::{
     CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Counter, DEFAULT_MAX_RULES, Direction, DropReason, FlowKey, FlowValue,
     FragmentKey, FragmentValue, IDENTITY_HOST, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPairKey,
-    IdentityPrefixV4, IdentityPrefixV6, IdentityValue, MAX_CLOCK_TICK_NS, PolicyKeyData, PolicyValue, SLOT_BITS,
-    StateError, drop_counter_index, maps, rule_counter_index, slot_of,
+    IdentityPrefixV4, IdentityPrefixV6, IdentityValue, MAX_CLOCK_TICK_NS, POLICY_KEY_MAX_PREFIX, PolicyKeyData,
+    PolicyValue, SLOT_BITS, StateError, drop_counter_index, maps, rule_counter_index, slot_of,
 };
 use ipnet::IpNet;
 use policy::CompiledPolicy;
@@ -211,7 +211,8 @@ pub struct MapSizes {
     pub identities: u32,
     /// Prefix identity entries per family.
     pub prefixes: u32,
-    /// Policy trie entries.
+    /// Policy entries: each of the two policy maps (single ports in a hash,
+    /// ranges and whole protocols in a trie) can hold this many.
     pub policy: u32,
     /// Tracked connection entries (two per connection).
     pub conntrack: u32,
@@ -242,6 +243,7 @@ struct PolicyMaps {
     identity_v6_exact: HashMap<MapData, IdentityKeyV6, IdentityValue>,
     identity_v6_prefix: LpmTrie<MapData, IdentityPrefixV6, IdentityValue>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+    policy_exact: HashMap<MapData, PolicyKeyData, PolicyValue>,
     rule_verdicts: PerCpuArray<MapData, u64>,
 }
 
@@ -251,7 +253,7 @@ struct Slot {
     rule_table: Vec<(String, Action)>,
     /// What the identity maps hold under this slot.
     identities: StdHashMap<IpNet, IdentityValue>,
-    /// What the policy trie holds under this slot (keys with slot 0).
+    /// What the policy maps hold under this slot (keys with slot 0).
     rules: StdHashMap<(u32, PolicyKeyData), PolicyValue>,
     /// The compiled policy's identity entries, before host addresses overlay them.
     compiled_identities: StdHashMap<IpNet, IdentityValue>,
@@ -324,6 +326,7 @@ impl Datapath {
         loader.map_max_entries(maps::IDENTITY_V4_PREFIX, 2 * sizes.prefixes);
         loader.map_max_entries(maps::IDENTITY_V6_PREFIX, 2 * sizes.prefixes);
         loader.map_max_entries(maps::POLICY, 2 * sizes.policy);
+        loader.map_max_entries(maps::POLICY_EXACT, 2 * sizes.policy);
         loader.map_max_entries(maps::CONNTRACK, sizes.conntrack);
         loader.map_max_entries(maps::FRAGMENTS, sizes.fragments);
         loader.map_max_entries(maps::RULE_VERDICTS, 2 * sizes.rules);
@@ -550,6 +553,12 @@ impl Datapath {
             let data = key.data();
             let slot = data.slot as usize & 1;
             self.slots[slot].rules.insert((key.prefix_len(), PolicyKeyData { slot: 0, ..data }), value);
+        }
+        for key in self.maps.policy_exact.keys() {
+            let key = key.map_err(read(maps::POLICY_EXACT))?;
+            let value = self.maps.policy_exact.get(&key, 0).map_err(read(maps::POLICY_EXACT))?;
+            let slot = key.slot as usize & 1;
+            self.slots[slot].rules.insert((POLICY_KEY_MAX_PREFIX, PolicyKeyData { slot: 0, ..key }), value);
         }
         let active = slot_of(config.policy_generation);
         self.host_addresses = found[active]
@@ -875,16 +884,13 @@ impl Slot {
         let slot = self.index as u8;
         for (&(prefix_len, key), value) in wanted {
             if self.rules.get(&(prefix_len, key)) != Some(value) {
-                let key_in_slot = PolicyKeyData { slot, ..key };
-                maps.policy.insert(&Key::new(prefix_len, key_in_slot), *value, 0).map_err(write_error(maps::POLICY))?;
+                maps.write_policy(prefix_len, PolicyKeyData { slot, ..key }, Some(*value))?;
                 self.rules.insert((prefix_len, key), *value);
             }
         }
         let stale: Vec<_> = self.rules.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for (prefix_len, key) in stale {
-            let key_in_slot = PolicyKeyData { slot, ..key };
-            ignore_missing(maps.policy.remove(&Key::new(prefix_len, key_in_slot)))
-                .map_err(write_error(maps::POLICY))?;
+            maps.write_policy(prefix_len, PolicyKeyData { slot, ..key }, None)?;
             self.rules.remove(&(prefix_len, key));
         }
         Ok(())
@@ -918,8 +924,33 @@ impl PolicyMaps {
             identity_v6_exact: take(ebpf, maps::IDENTITY_V6_EXACT)?,
             identity_v6_prefix: take(ebpf, maps::IDENTITY_V6_PREFIX)?,
             policy: take(ebpf, maps::POLICY)?,
+            policy_exact: take(ebpf, maps::POLICY_EXACT)?,
             rule_verdicts: take(ebpf, maps::RULE_VERDICTS)?,
         })
+    }
+
+    /// Inserts (`Some`) or removes (`None`) one policy entry: full-length
+    /// keys in the hash the programs try first, shorter ones in the trie.
+    fn write_policy(
+        &mut self,
+        prefix_len: u32,
+        key: PolicyKeyData,
+        value: Option<PolicyValue>,
+    ) -> Result<(), DatapathError> {
+        if prefix_len == POLICY_KEY_MAX_PREFIX {
+            let result = match value {
+                Some(value) => self.policy_exact.insert(key, value, 0),
+                None => ignore_missing(self.policy_exact.remove(&key)),
+            };
+            result.map_err(write_error(maps::POLICY_EXACT))
+        } else {
+            let key = Key::new(prefix_len, key);
+            let result = match value {
+                Some(value) => self.policy.insert(&key, value, 0),
+                None => ignore_missing(self.policy.remove(&key)),
+            };
+            result.map_err(write_error(maps::POLICY))
+        }
     }
 
     /// Inserts (`Some`) or removes (`None`) one identity entry of `slot` in
