@@ -45,7 +45,8 @@ pub struct RunArgs {
     /// Prefix identity entries per address family, per policy slot [default: 65536].
     #[arg(long, value_name = "N")]
     pub prefix_map_size: Option<u32>,
-    /// Policy trie entries, per policy slot [default: 524288].
+    /// Policy entries, per policy slot: single-port entries (hash) and ranges
+    /// or whole protocols (trie) may each fill this many [default: 524288].
     #[arg(long, value_name = "N")]
     pub policy_map_size: Option<u32>,
     /// Remembered first fragments [default: 16384].

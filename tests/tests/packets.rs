@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use Observed::{Audit, Drop, Ignored, Pass};
 use enforcer::datapath::{Hook, clock_tick_ns};
 use enforcer_common::DropReason::{self, DefaultDeny, DenyRule, FragmentUnknown, HostSpoofed, Malformed};
-use enforcer_common::{FAMILY_IPV4, FlowKey, timeouts};
+use enforcer_common::{FAMILY_IPV4, FAMILY_IPV6, FlowKey, timeouts};
 use kernel::{Kernel, Observed};
 use lab::frames::{
     self, ACK, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Extension, FIN, ICMP, ICMPV6, Ipv4, Ipv6, SYN, TCP,
@@ -308,12 +308,30 @@ fn tcp_connection_replies_pass_and_reverse_opens_do_not() {
         kernel.datapath.clear_state().unwrap();
         let f = |src, dst, l4| frames::simple(src, dst, TCP, l4);
         assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, SYN))), Pass);
+        // Both directions are tracked.
+        for key in [flow_key(h.web, h.db, 40000, 5432, TCP), flow_key(h.db, h.web, 5432, 40000, TCP)] {
+            assert!(kernel.datapath.conntrack_entry(&key).unwrap().is_some(), "{key:?} tracked");
+        }
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, SYN | ACK))), Pass, "SYN-ACK reply");
         assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, ACK))), Pass);
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, ACK))), Pass, "data reply");
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40001, SYN))), Drop(DefaultDeny), "other port");
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(80, 40000, SYN))), Drop(DefaultDeny), "new connection back");
     }
+}
+
+/// The conntrack key of a packet (IPv4 addresses fill the first four bytes).
+fn flow_key(src: IpAddr, dst: IpAddr, src_port: u16, dst_port: u16, protocol: u8) -> FlowKey {
+    let octets = |addr: IpAddr| match addr {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let family = if src.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 };
+    FlowKey { src_addr: octets(src), dst_addr: octets(dst), src_port, dst_port, protocol, family, padding: [0; 2] }
 }
 
 /// The programs' clock is jiffies times the tick the daemon measured: it
@@ -323,23 +341,7 @@ fn idle_flows_expire_on_a_clock_that_keeps_real_time() {
     let mut kernel = kernel(false);
     let h = V4;
     let f = |src, dst, l4| frames::simple(src, dst, TCP, l4);
-    let octets = |addr: IpAddr| match addr {
-        IpAddr::V4(v4) => {
-            let mut bytes = [0; 16];
-            bytes[..4].copy_from_slice(&v4.octets());
-            bytes
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    };
-    let reply_key = FlowKey {
-        src_addr: octets(h.db),
-        dst_addr: octets(h.web),
-        src_port: 5432,
-        dst_port: 40000,
-        protocol: TCP,
-        family: FAMILY_IPV4,
-        padding: [0; 2],
-    };
+    let reply_key = flow_key(h.db, h.web, 5432, 40000, TCP);
     let last_seen =
         |kernel: &Kernel| kernel.datapath.conntrack_entry(&reply_key).unwrap().expect("tracked").last_seen_ns;
     let reply = f(h.db, h.web, tcp(5432, 40000, ACK));
