@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
+use aya::maps::{
+    Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
 use aya::programs::xdp::XdpLink;
@@ -24,6 +26,8 @@ use enforcer_common::{
 use ipnet::IpNet;
 use policy::CompiledPolicy;
 use policy::model::Action;
+
+use crate::batch;
 
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
 const XDP_PROGRAM: &str = "bulkhead_xdp";
@@ -876,43 +880,110 @@ impl Slot {
         Ok(moved.into_iter().map(|(index, count)| (self.rule_table[index].clone(), count)).collect())
     }
 
+    /// Brings this slot's policy entries to `wanted`: trie entries one by
+    /// one, hash entries in batches. What the slot records as written is
+    /// exactly what the kernel accepted, even when a write fails midway.
     fn sync_policy(
         &mut self,
         maps: &mut PolicyMaps,
         wanted: &StdHashMap<(u32, PolicyKeyData), PolicyValue>,
     ) -> Result<(), DatapathError> {
         let slot = self.index as u8;
+        let mut exact = Vec::new();
         for (&(prefix_len, key), value) in wanted {
-            if self.rules.get(&(prefix_len, key)) != Some(value) {
-                maps.write_policy(prefix_len, PolicyKeyData { slot, ..key }, Some(*value))?;
+            if self.rules.get(&(prefix_len, key)) == Some(value) {
+                continue;
+            }
+            if prefix_len == POLICY_KEY_MAX_PREFIX {
+                exact.push((PolicyKeyData { slot, ..key }, *value));
+            } else {
+                maps.write_policy_prefix(prefix_len, PolicyKeyData { slot, ..key }, Some(*value))?;
                 self.rules.insert((prefix_len, key), *value);
             }
         }
-        let stale: Vec<_> = self.rules.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
-        for (prefix_len, key) in stale {
-            maps.write_policy(prefix_len, PolicyKeyData { slot, ..key }, None)?;
-            self.rules.remove(&(prefix_len, key));
+        let (written, result) = batch::update(maps.policy_exact.map(), &exact);
+        for (key, value) in &exact[..written] {
+            self.rules.insert((POLICY_KEY_MAX_PREFIX, PolicyKeyData { slot: 0, ..*key }), *value);
         }
-        Ok(())
+        result.map_err(write_error(maps::POLICY_EXACT))?;
+
+        let stale: Vec<_> = self.rules.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let mut exact = Vec::new();
+        for (prefix_len, key) in stale {
+            if prefix_len == POLICY_KEY_MAX_PREFIX {
+                exact.push(PolicyKeyData { slot, ..key });
+            } else {
+                maps.write_policy_prefix(prefix_len, PolicyKeyData { slot, ..key }, None)?;
+                self.rules.remove(&(prefix_len, key));
+            }
+        }
+        let (removed, result) = batch::delete(maps.policy_exact.map(), &exact);
+        for key in &exact[..removed] {
+            self.rules.remove(&(POLICY_KEY_MAX_PREFIX, PolicyKeyData { slot: 0, ..*key }));
+        }
+        result.map_err(write_error(maps::POLICY_EXACT))
     }
 
+    /// Brings this slot's identity entries to the compiled ones plus the
+    /// node's addresses, like [`Slot::sync_policy`]: prefixes one by one,
+    /// single addresses in batches.
     fn sync_identities(&mut self, maps: &mut PolicyMaps, hosts: &BTreeSet<IpAddr>) -> Result<(), DatapathError> {
         let mut wanted = self.compiled_identities.clone();
         for addr in hosts {
             wanted.insert(IpNet::from(*addr), IdentityValue { id: IDENTITY_HOST, flags: 0 });
         }
+        let tag = self.index as u32;
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
         for (net, value) in &wanted {
-            if self.identities.get(net) != Some(value) {
-                maps.write_identity(self.index, *net, Some(*value))?;
-                self.identities.insert(*net, *value);
+            if self.identities.get(net) == Some(value) {
+                continue;
+            }
+            match net {
+                IpNet::V4(n) if n.prefix_len() == 32 => {
+                    v4.push((IdentityKeyV4 { slot: tag, addr: n.addr().octets() }, *value));
+                }
+                IpNet::V6(n) if n.prefix_len() == 128 => {
+                    v6.push((IdentityKeyV6 { slot: tag, addr: n.addr().octets() }, *value));
+                }
+                _ => {
+                    maps.write_identity_prefix(self.index, *net, Some(*value))?;
+                    self.identities.insert(*net, *value);
+                }
             }
         }
-        let stale: Vec<IpNet> = self.identities.keys().filter(|n| !wanted.contains_key(n)).copied().collect();
-        for net in stale {
-            maps.write_identity(self.index, net, None)?;
-            self.identities.remove(&net);
+        let (written, result) = batch::update(maps.identity_v4_exact.map(), &v4);
+        for (key, value) in &v4[..written] {
+            self.identities.insert(IpNet::from(IpAddr::from(key.addr)), *value);
         }
-        Ok(())
+        result.map_err(write_error(maps::IDENTITY_V4_EXACT))?;
+        let (written, result) = batch::update(maps.identity_v6_exact.map(), &v6);
+        for (key, value) in &v6[..written] {
+            self.identities.insert(IpNet::from(IpAddr::from(key.addr)), *value);
+        }
+        result.map_err(write_error(maps::IDENTITY_V6_EXACT))?;
+
+        let stale: Vec<IpNet> = self.identities.keys().filter(|n| !wanted.contains_key(n)).copied().collect();
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for net in stale {
+            match net {
+                IpNet::V4(n) if n.prefix_len() == 32 => v4.push(IdentityKeyV4 { slot: tag, addr: n.addr().octets() }),
+                IpNet::V6(n) if n.prefix_len() == 128 => v6.push(IdentityKeyV6 { slot: tag, addr: n.addr().octets() }),
+                _ => {
+                    maps.write_identity_prefix(self.index, net, None)?;
+                    self.identities.remove(&net);
+                }
+            }
+        }
+        let (removed, result) = batch::delete(maps.identity_v4_exact.map(), &v4);
+        for key in &v4[..removed] {
+            self.identities.remove(&IpNet::from(IpAddr::from(key.addr)));
+        }
+        result.map_err(write_error(maps::IDENTITY_V4_EXACT))?;
+        let (removed, result) = batch::delete(maps.identity_v6_exact.map(), &v6);
+        for key in &v6[..removed] {
+            self.identities.remove(&IpNet::from(IpAddr::from(key.addr)));
+        }
+        result.map_err(write_error(maps::IDENTITY_V6_EXACT))
     }
 }
 
@@ -929,43 +1000,33 @@ impl PolicyMaps {
         })
     }
 
-    /// Inserts (`Some`) or removes (`None`) one policy entry: full-length
-    /// keys in the hash the programs try first, shorter ones in the trie.
-    fn write_policy(
+    /// Inserts (`Some`) or removes (`None`) one policy entry shorter than
+    /// the whole key (a port range or whole protocol) in the trie.
+    fn write_policy_prefix(
         &mut self,
         prefix_len: u32,
         key: PolicyKeyData,
         value: Option<PolicyValue>,
     ) -> Result<(), DatapathError> {
-        if prefix_len == POLICY_KEY_MAX_PREFIX {
-            let result = match value {
-                Some(value) => self.policy_exact.insert(key, value, 0),
-                None => ignore_missing(self.policy_exact.remove(&key)),
-            };
-            result.map_err(write_error(maps::POLICY_EXACT))
-        } else {
-            let key = Key::new(prefix_len, key);
-            let result = match value {
-                Some(value) => self.policy.insert(&key, value, 0),
-                None => ignore_missing(self.policy.remove(&key)),
-            };
-            result.map_err(write_error(maps::POLICY))
-        }
+        let key = Key::new(prefix_len, key);
+        let result = match value {
+            Some(value) => self.policy.insert(&key, value, 0),
+            None => ignore_missing(self.policy.remove(&key)),
+        };
+        result.map_err(write_error(maps::POLICY))
     }
 
-    /// Inserts (`Some`) or removes (`None`) one identity entry of `slot` in
-    /// the map its family and prefix length belong to.
-    fn write_identity(&mut self, slot: usize, net: IpNet, value: Option<IdentityValue>) -> Result<(), DatapathError> {
+    /// Inserts (`Some`) or removes (`None`) one prefix identity entry of
+    /// `slot` in its family's trie. (Single addresses are written in
+    /// batches by [`Slot::sync_identities`].)
+    fn write_identity_prefix(
+        &mut self,
+        slot: usize,
+        net: IpNet,
+        value: Option<IdentityValue>,
+    ) -> Result<(), DatapathError> {
         let tag = slot as u8;
         match net {
-            IpNet::V4(n) if n.prefix_len() == 32 => {
-                let key = IdentityKeyV4 { slot: u32::from(tag), addr: n.addr().octets() };
-                let result = match value {
-                    Some(v) => self.identity_v4_exact.insert(key, v, 0),
-                    None => ignore_missing(self.identity_v4_exact.remove(&key)),
-                };
-                result.map_err(write_error(maps::IDENTITY_V4_EXACT))
-            }
             IpNet::V4(n) => {
                 let o = n.addr().octets();
                 let data: IdentityPrefixV4 = [tag, o[0], o[1], o[2], o[3]];
@@ -975,14 +1036,6 @@ impl PolicyMaps {
                     None => ignore_missing(self.identity_v4_prefix.remove(&key)),
                 };
                 result.map_err(write_error(maps::IDENTITY_V4_PREFIX))
-            }
-            IpNet::V6(n) if n.prefix_len() == 128 => {
-                let key = IdentityKeyV6 { slot: u32::from(tag), addr: n.addr().octets() };
-                let result = match value {
-                    Some(v) => self.identity_v6_exact.insert(key, v, 0),
-                    None => ignore_missing(self.identity_v6_exact.remove(&key)),
-                };
-                result.map_err(write_error(maps::IDENTITY_V6_EXACT))
             }
             IpNet::V6(n) => {
                 let mut data: IdentityPrefixV6 = [0; 17];

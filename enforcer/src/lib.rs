@@ -1,6 +1,7 @@
 //! The Bulkhead daemon's building blocks, shared by the `bulkhead` binary,
 //! the integration tests and the benchmarks.
 
+pub mod batch;
 pub mod datapath;
 pub mod events;
 pub mod host;
