@@ -230,24 +230,24 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
     let mut args = RunArgs::default();
     let Some(document) = documents.first() else { return Ok(args) };
     let Value::Mapping(entries) = &document.value else {
-        bail!("{}: the config file must be a mapping of option names to values", document.location);
+        bail!("{}: the config file must be a mapping of option names to values", document.location(&file));
     };
     let scalar = |node: &Node, key: &str| -> anyhow::Result<String> {
         match &node.value {
             Value::Scalar { text, .. } if !node.is_null() => Ok(text.clone()),
-            _ => bail!("{}: `{key}` must be a single value, found {}", node.location, node.kind()),
+            _ => bail!("{}: `{key}` must be a single value, found {}", node.location(&file), node.kind()),
         }
     };
     let number = |node: &Node, key: &str| -> anyhow::Result<u32> {
         let text = scalar(node, key)?;
         match text.parse::<u32>() {
             Ok(n) if n > 0 => Ok(n),
-            _ => bail!("{}: `{key}` must be a positive whole number, found `{text}`", node.location),
+            _ => bail!("{}: `{key}` must be a positive whole number, found `{text}`", node.location(&file)),
         }
     };
     for (key_node, value) in entries {
         let key = scalar(key_node, "option name")?;
-        let at = &value.location;
+        let at = &value.location(&file);
         match key.as_str() {
             "policy-dir" => args.policy_dir = Some(PathBuf::from(scalar(value, &key)?)),
             "interface" | "interfaces" => match &value.value {
@@ -308,7 +308,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             }
             other => bail!(
                 "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
-                key_node.location
+                key_node.location(&file)
             ),
         }
     }

@@ -131,6 +131,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
     *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(policy.clone()));
+    return_freed_memory();
     let events = start_events(args, &mut datapath, &shared)?;
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
 

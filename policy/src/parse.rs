@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::error::{Diagnostic, Location};
 use crate::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
-use crate::yaml::{Node, Value};
+use crate::yaml::{Mark, Node, Value};
 
 pub const API_VERSION: &str = "bulkhead/v1";
 pub const KIND: &str = "SegmentPolicy";
@@ -25,18 +25,19 @@ pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &m
         }
     };
     for document in &documents {
-        Parser { problems: &mut *problems }.document(document, policy);
+        Parser { file, problems: &mut *problems }.document(document, policy);
     }
 }
 
 struct Parser<'a> {
+    file: &'a Arc<str>,
     problems: &'a mut Vec<Diagnostic>,
 }
 
 /// The fields of one mapping, checked against the fields it may have.
 struct Fields<'n> {
     entries: Vec<(&'n str, &'n Node)>,
-    location: Location,
+    mark: Mark,
 }
 
 impl<'n> Fields<'n> {
@@ -46,20 +47,26 @@ impl<'n> Fields<'n> {
 }
 
 impl Parser<'_> {
-    fn problem(&mut self, location: &Location, message: impl Into<String>) {
-        self.problems.push(Diagnostic::new(location.clone(), message));
+    /// Where `mark` lies, as diagnostics and the model name places.
+    fn at(&self, mark: Mark) -> Location {
+        mark.location(self.file)
+    }
+
+    fn problem(&mut self, mark: Mark, message: impl Into<String>) {
+        let location = self.at(mark);
+        self.problems.push(Diagnostic::new(location, message));
     }
 
     /// Reads a mapping, reporting unknown and repeated keys.
     fn fields<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str]) -> Option<Fields<'n>> {
         let Value::Mapping(entries) = &node.value else {
-            self.problem(&node.location, format!("{what} must be a mapping, found {}", node.kind()));
+            self.problem(node.mark, format!("{what} must be a mapping, found {}", node.kind()));
             return None;
         };
-        let mut fields = Fields { entries: Vec::new(), location: node.location.clone() };
+        let mut fields = Fields { entries: Vec::new(), mark: node.mark };
         for (key, value) in entries {
             let Value::Scalar { text, .. } = &key.value else {
-                self.problem(&key.location, format!("keys in {what} must be plain names"));
+                self.problem(key.mark, format!("keys in {what} must be plain names"));
                 continue;
             };
             if !allowed.contains(&text.as_str()) {
@@ -67,11 +74,11 @@ impl Parser<'_> {
                     Some(near) => format!("did you mean `{near}`?"),
                     None => format!("expected one of: {}", allowed.join(", ")),
                 };
-                self.problem(&key.location, format!("unknown field `{text}` in {what}; {hint}"));
+                self.problem(key.mark, format!("unknown field `{text}` in {what}; {hint}"));
                 continue;
             }
             if fields.get(text).is_some() {
-                self.problem(&key.location, format!("field `{text}` appears twice in {what}; keep one"));
+                self.problem(key.mark, format!("field `{text}` appears twice in {what}; keep one"));
                 continue;
             }
             fields.entries.push((text.as_str(), value));
@@ -82,7 +89,7 @@ impl Parser<'_> {
     fn required<'n>(&mut self, fields: &Fields<'n>, name: &str, what: &str) -> Option<&'n Node> {
         let node = fields.get(name);
         if node.is_none() {
-            self.problem(&fields.location, format!("{what} is missing required field `{name}`"));
+            self.problem(fields.mark, format!("{what} is missing required field `{name}`"));
         }
         node
     }
@@ -91,7 +98,7 @@ impl Parser<'_> {
         match &node.value {
             Value::Scalar { text, .. } if !node.is_null() => Some(text.clone()),
             _ => {
-                self.problem(&node.location, format!("{what} must be a string, found {}", node.kind()));
+                self.problem(node.mark, format!("{what} must be a string, found {}", node.kind()));
                 None
             }
         }
@@ -101,7 +108,7 @@ impl Parser<'_> {
         if let Value::Sequence(items) = &node.value {
             Some(items)
         } else {
-            self.problem(&node.location, format!("{what} must be a list, found {}", node.kind()));
+            self.problem(node.mark, format!("{what} must be a list, found {}", node.kind()));
             None
         }
     }
@@ -118,7 +125,7 @@ impl Parser<'_> {
             Some(name)
         } else {
             self.problem(
-                &node.location,
+                node.mark,
                 format!("{what} `{name}` is not a valid name; use 1-63 lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"),
             );
             None
@@ -166,7 +173,7 @@ impl Parser<'_> {
             && let Some(text) = self.string(node, name)
             && text != expected
         {
-            self.problem(&node.location, format!("unsupported {name} `{text}`; use `{expected}`"));
+            self.problem(node.mark, format!("unsupported {name} `{text}`; use `{expected}`"));
         }
     }
 
@@ -178,7 +185,7 @@ impl Parser<'_> {
                 "enforce" => Mode::Enforce,
                 "audit" => Mode::Audit,
                 other => {
-                    self.problem(&node.location, format!("unknown mode `{other}`; use `enforce` or `audit`"));
+                    self.problem(node.mark, format!("unknown mode `{other}`; use `enforce` or `audit`"));
                     return None;
                 }
             },
@@ -192,21 +199,21 @@ impl Parser<'_> {
         if let Some(list) = self.required(&fields, "addresses", "the identity") {
             let items = self.sequence(list, "addresses")?;
             if items.is_empty() {
-                self.problem(&list.location, "addresses is empty; list at least one CIDR or address");
+                self.problem(list.mark, "addresses is empty; list at least one CIDR or address");
             }
             for item in items {
                 if let Some(net) = self.net(item) {
-                    addresses.push(Address { net, location: item.location.clone() });
+                    addresses.push(Address { net, location: self.at(item.mark) });
                 }
             }
         }
-        Some(Identity { name: name?, labels, addresses, mode, location: fields.location })
+        Some(Identity { name: name?, labels, addresses, mode, location: self.at(fields.mark) })
     }
 
     fn labels(&mut self, node: &Node, what: &str) -> Option<BTreeMap<String, String>> {
         let Value::Mapping(entries) = &node.value else {
             self.problem(
-                &node.location,
+                node.mark,
                 format!("{what} must be a mapping of label names to values, found {}", node.kind()),
             );
             return None;
@@ -216,7 +223,7 @@ impl Parser<'_> {
             let key_text = self.string(key, "a label name")?;
             let value_text = self.string(value, &format!("label `{key_text}`"))?;
             if labels.insert(key_text.clone(), value_text).is_some() {
-                self.problem(&key.location, format!("label `{key_text}` appears twice; keep one"));
+                self.problem(key.mark, format!("label `{key_text}` appears twice; keep one"));
             }
         }
         Some(labels)
@@ -229,7 +236,7 @@ impl Parser<'_> {
             if text.contains('/') { text.parse::<IpNet>().ok() } else { text.parse::<IpAddr>().ok().map(IpNet::from) };
         let Some(net) = parsed else {
             self.problem(
-                &node.location,
+                node.mark,
                 format!(
                     "`{text}` is not a valid IPv4/IPv6 address or CIDR; write e.g. 10.0.1.0/24, 10.0.3.10 or fd00::/64"
                 ),
@@ -238,7 +245,7 @@ impl Parser<'_> {
         };
         if net.trunc() != net {
             self.problem(
-                &node.location,
+                node.mark,
                 format!("`{text}` has host bits set beyond its prefix; did you mean {}?", net.trunc()),
             );
             return None;
@@ -254,7 +261,7 @@ impl Parser<'_> {
                 let text = self.string(node, "expires")?;
                 let Some(time) = rfc3339(&text) else {
                     self.problem(
-                        &node.location,
+                        node.mark,
                         format!("`{text}` is not an RFC 3339 time; write e.g. 2026-12-01T18:00:00Z or 2026-12-01T19:00:00+01:00"),
                     );
                     return None;
@@ -269,7 +276,7 @@ impl Parser<'_> {
                 "allow" => Some(Action::Allow),
                 "deny" => Some(Action::Deny),
                 other => {
-                    self.problem(&node.location, format!("unknown action `{other}`; use `allow` or `deny`"));
+                    self.problem(node.mark, format!("unknown action `{other}`; use `allow` or `deny`"));
                     None
                 }
             },
@@ -282,10 +289,7 @@ impl Parser<'_> {
         let ports = fields.get("ports").and_then(|node| {
             let items = self.sequence(node, "ports")?;
             if items.is_empty() {
-                self.problem(
-                    &node.location,
-                    "ports is empty; omit `ports` to cover every protocol, or list at least one",
-                );
+                self.problem(node.mark, "ports is empty; omit `ports` to cover every protocol, or list at least one");
             }
             Some(items.iter().filter_map(|item| self.port(item)).collect())
         });
@@ -296,7 +300,7 @@ impl Parser<'_> {
             to: to?,
             ports,
             expires,
-            location: fields.location,
+            location: self.at(fields.mark),
         })
     }
 
@@ -304,7 +308,7 @@ impl Parser<'_> {
         let items = self.sequence(node, what)?;
         if items.is_empty() {
             self.problem(
-                &node.location,
+                node.mark,
                 format!("`{what}` is empty, so the rule could never match; list at least one peer"),
             );
             return None;
@@ -319,13 +323,13 @@ impl Parser<'_> {
             ["identity", "labels", "cidr"].into_iter().filter(|key| fields.get(key).is_some()).collect();
         if chosen.len() != 1 {
             self.problem(
-                &node.location,
+                node.mark,
                 "a peer needs exactly one of `identity`, `labels` or `cidr`; write one peer per list item",
             );
             return None;
         }
         if fields.get("except").is_some() && chosen[0] != "cidr" {
-            self.problem(&node.location, "`except` only goes with `cidr`");
+            self.problem(node.mark, "`except` only goes with `cidr`");
             return None;
         }
         let selector = match chosen[0] {
@@ -334,10 +338,7 @@ impl Parser<'_> {
                 let labels_node = fields.get("labels")?;
                 let labels = self.labels(labels_node, "labels")?;
                 if labels.is_empty() {
-                    self.problem(
-                        &labels_node.location,
-                        "an empty label selector is ambiguous; name at least one label",
-                    );
+                    self.problem(labels_node.mark, "an empty label selector is ambiguous; name at least one label");
                     return None;
                 }
                 Selector::Labels(labels)
@@ -350,7 +351,7 @@ impl Parser<'_> {
                         let net = self.net(item)?;
                         if !cidr.contains(&net) || net == cidr {
                             self.problem(
-                                &item.location,
+                                item.mark,
                                 format!(
                                     "except entry {net} is not strictly inside cidr {cidr}; remove it or fix the cidr"
                                 ),
@@ -365,7 +366,7 @@ impl Parser<'_> {
                 Selector::Cidr { cidr, except }
             }
         };
-        Some(Peer { selector, location: node.location.clone() })
+        Some(Peer { selector, location: self.at(node.mark) })
     }
 
     fn port(&mut self, node: &Node) -> Option<PortSpec> {
@@ -379,7 +380,7 @@ impl Parser<'_> {
             let Some(icmp_type) = icmp_type else {
                 let names: Vec<&str> = known.iter().map(|(name, _)| *name).collect();
                 self.problem(
-                    &node.location,
+                    node.mark,
                     format!(
                         "unknown {protocol} type `{tail}` in `{text}`; use a number 0-255 or one of: {}",
                         names.join(", ")
@@ -396,7 +397,7 @@ impl Parser<'_> {
         };
         let Some(protocol) = Protocol::from_name(protocol_name) else {
             self.problem(
-                &node.location,
+                node.mark,
                 format!("unknown protocol `{protocol_name}` in `{text}`; use tcp, udp, icmp or icmpv6"),
             );
             return None;
@@ -405,7 +406,7 @@ impl Parser<'_> {
             return Some(PortSpec { protocol, first: 0, last: u16::MAX });
         };
         if !protocol.has_ports() {
-            self.problem(&node.location, format!("{protocol} has no ports; write just `{protocol}`"));
+            self.problem(node.mark, format!("{protocol} has no ports; write just `{protocol}`"));
             return None;
         }
         let parse = |s: &str| s.trim().parse::<u32>().ok();
@@ -414,15 +415,15 @@ impl Parser<'_> {
             None => (parse(range), parse(range)),
         };
         let (Some(first), Some(last)) = (first, last) else {
-            self.problem(&node.location, format!("`{text}` is not a port; write N/{protocol} or N-M/{protocol}"));
+            self.problem(node.mark, format!("`{text}` is not a port; write N/{protocol} or N-M/{protocol}"));
             return None;
         };
         if first == 0 || first > 65535 || last == 0 || last > 65535 {
-            self.problem(&node.location, format!("port in `{text}` is out of range; ports go from 1 to 65535"));
+            self.problem(node.mark, format!("port in `{text}` is out of range; ports go from 1 to 65535"));
             return None;
         }
         if first > last {
-            self.problem(&node.location, format!("port range `{text}` is reversed; write {last}-{first}/{protocol}"));
+            self.problem(node.mark, format!("port range `{text}` is reversed; write {last}-{first}/{protocol}"));
             return None;
         }
         Some(PortSpec { protocol, first: first as u16, last: last as u16 })

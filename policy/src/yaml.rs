@@ -12,7 +12,29 @@ use crate::error::{Diagnostic, Location};
 #[derive(Debug, Clone)]
 pub struct Node {
     pub value: Value,
-    pub location: Location,
+    pub mark: Mark,
+}
+
+/// Where a node starts: 1-based line and column. The file is the same for
+/// every node of a tree, so nodes do not carry it: a 100k-rule policy is
+/// millions of nodes, and their size decides how much memory a load touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub line: u32,
+    pub column: u32,
+}
+
+impl Mark {
+    fn of(marker: Marker) -> Self {
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Self { line: clamp(marker.line().max(1)), column: clamp(marker.col() + 1) }
+    }
+
+    /// This mark in `file`.
+    #[must_use]
+    pub fn location(self, file: &Arc<str>) -> Location {
+        Location { file: Arc::clone(file), line: self.line as usize, column: self.column as usize }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +56,12 @@ impl Node {
         matches!(&self.value, Value::Scalar { text, quoted: false } if text.is_empty() || text == "~" || text == "null" || text == "Null" || text == "NULL")
     }
 
+    /// Where this node starts in `file`.
+    #[must_use]
+    pub fn location(&self, file: &Arc<str>) -> Location {
+        self.mark.location(file)
+    }
+
     /// What kind of node this is, for error messages.
     #[must_use]
     pub fn kind(&self) -> &'static str {
@@ -48,31 +76,34 @@ impl Node {
 
 /// Parses every document of `text`; empty documents are dropped.
 pub fn parse_documents(file: &Arc<str>, text: &str) -> Result<Vec<Node>, Diagnostic> {
-    let mut builder = TreeBuilder { file: Arc::clone(file), stack: Vec::new(), documents: Vec::new(), error: None };
+    let mut builder = TreeBuilder { stack: Vec::new(), documents: Vec::new(), alias: None };
     let mut parser = Parser::new_from_str(text);
     parser
         .load(&mut builder, true)
         .map_err(|error| Diagnostic::new(location(file, *error.marker()), format!("invalid YAML: {}", error.info())))?;
-    if let Some(error) = builder.error {
-        return Err(error);
+    if let Some(mark) = builder.alias {
+        return Err(Diagnostic::new(
+            mark.location(file),
+            "YAML aliases (*name) are not supported in policy files; write the value out in full",
+        ));
     }
     Ok(builder.documents.into_iter().filter(|document| !document.is_null()).collect())
 }
 
-fn location(file: &Arc<str>, mark: Marker) -> Location {
-    Location { file: Arc::clone(file), line: mark.line().max(1), column: mark.col() + 1 }
+fn location(file: &Arc<str>, marker: Marker) -> Location {
+    Mark::of(marker).location(file)
 }
 
 enum Partial {
-    Sequence(Location, Vec<Node>),
-    Mapping(Location, Vec<(Node, Node)>, Option<Node>),
+    Sequence(Mark, Vec<Node>),
+    Mapping(Mark, Vec<(Node, Node)>, Option<Node>),
 }
 
 struct TreeBuilder {
-    file: Arc<str>,
     stack: Vec<Partial>,
     documents: Vec<Node>,
-    error: Option<Diagnostic>,
+    /// Where the first alias is: aliases are refused.
+    alias: Option<Mark>,
 }
 
 impl TreeBuilder {
@@ -90,36 +121,36 @@ impl TreeBuilder {
 
 impl MarkedEventReceiver for TreeBuilder {
     fn on_event(&mut self, event: Event, mark: Marker) {
-        if self.error.is_some() {
+        if self.alias.is_some() {
             return;
         }
-        let here = location(&self.file, mark);
+        let here = Mark::of(mark);
         match event {
             Event::Scalar(text, style, _, _) => self.finish(Node {
                 value: Value::Scalar { text, quoted: !matches!(style, TScalarStyle::Plain) },
-                location: here,
+                mark: here,
             }),
             Event::SequenceStart(..) => self.stack.push(Partial::Sequence(here, Vec::new())),
             Event::MappingStart(..) => self.stack.push(Partial::Mapping(here, Vec::new(), None)),
             Event::SequenceEnd | Event::MappingEnd => {
+                // Shrunk to fit: most mappings and lists in a policy hold one
+                // or two items, and a vector grows to room for four.
                 let node = match self.stack.pop() {
-                    Some(Partial::Sequence(location, items)) => Node { value: Value::Sequence(items), location },
+                    Some(Partial::Sequence(mark, mut items)) => {
+                        items.shrink_to_fit();
+                        Node { value: Value::Sequence(items), mark }
+                    }
                     // A block mapping's start mark lies past its first key;
                     // point at the first key, where a reader expects it.
-                    Some(Partial::Mapping(location, entries, _)) => Node {
-                        location: entries.first().map_or(location, |(key, _)| key.location.clone()),
-                        value: Value::Mapping(entries),
-                    },
+                    Some(Partial::Mapping(mark, mut entries, _)) => {
+                        entries.shrink_to_fit();
+                        Node { mark: entries.first().map_or(mark, |(key, _)| key.mark), value: Value::Mapping(entries) }
+                    }
                     None => return,
                 };
                 self.finish(node);
             }
-            Event::Alias(_) => {
-                self.error = Some(Diagnostic::new(
-                    here,
-                    "YAML aliases (*name) are not supported in policy files; write the value out in full",
-                ));
-            }
+            Event::Alias(_) => self.alias = Some(here),
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
         }
     }
@@ -134,9 +165,9 @@ mod tests {
         let file: Arc<str> = Arc::from("p.yaml");
         let docs = parse_documents(&file, "a: 1\nb:\n  - x\n").unwrap();
         let Value::Mapping(entries) = &docs[0].value else { panic!("mapping") };
-        assert_eq!((entries[0].0.location.line, entries[0].0.location.column), (1, 1));
+        assert_eq!(entries[0].0.mark, Mark { line: 1, column: 1 });
         let Value::Sequence(items) = &entries[1].1.value else { panic!("sequence") };
-        assert_eq!((items[0].location.line, items[0].location.column), (3, 5));
+        assert_eq!(items[0].mark, Mark { line: 3, column: 5 });
     }
 
     #[test]

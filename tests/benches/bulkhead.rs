@@ -393,7 +393,17 @@ fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
         .filter(|l| l.contains(&format!("{big} identities")) && l.contains(" took "))
         .filter_map(|l| l.split(" took ").nth(1).map(str::to_owned))
         .collect();
-    let loaded_kib = rss_kib(pid);
+    // After an apply the daemon records the new policy and then returns the
+    // parse's memory to the kernel: read once the figure holds still.
+    let mut loaded_kib = rss_kib(pid);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = rss_kib(pid);
+        if now == loaded_kib {
+            break;
+        }
+        loaded_kib = now;
+    }
     let maps = memlock(&lab.bpffs_root());
     daemon.stop()?;
     Ok(DaemonFigures { renames, pushes, big_load, big_change, breakdown, idle_kib, loaded_kib, maps })
