@@ -130,7 +130,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
-    *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(policy.clone()));
+    let policy = Arc::new(policy);
+    *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&policy));
     return_freed_memory();
     let events = start_events(args, &mut datapath, &shared)?;
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
@@ -310,8 +311,10 @@ struct Maintainer<'a> {
     audit: bool,
     /// The sources last read: a candidate equal to them is no change.
     last_seen: Vec<Source>,
-    /// The parsed policy in force, for re-compiling at expiry.
-    enforced: policy::Policy,
+    /// The parsed policy in force, for re-compiling at expiry; the same
+    /// allocation the API describes events with (a 100k-rule policy is
+    /// tens of megabytes: one copy, not two).
+    enforced: Arc<policy::Policy>,
     next_expiry: Option<SystemTime>,
 }
 
@@ -330,7 +333,7 @@ fn return_freed_memory() {
 fn maintain(
     shared: &Shared,
     dir: &Path,
-    start: (Vec<Source>, policy::Policy, Option<SystemTime>),
+    start: (Vec<Source>, Arc<policy::Policy>, Option<SystemTime>),
     audit: bool,
     (wakeup, resync, pushes): (&Wakeup, &mpsc::Receiver<Resync>, &mpsc::Receiver<Push>),
 ) {
@@ -401,7 +404,7 @@ impl Maintainer<'_> {
                             push.who,
                             policy::diff::summary(&policy::diff::diff(&self.enforced, &policy))
                         );
-                        self.enforced_now(&policy, &compiled, generation, push.sources);
+                        self.enforced_now(Arc::new(policy), &compiled, generation, push.sources);
                         Ok(generation)
                     }
                     Some(Err(error)) => {
@@ -427,7 +430,7 @@ impl Maintainer<'_> {
     /// Records a newly enforced policy everywhere the daemon reports it.
     fn enforced_now(
         &mut self,
-        policy: &policy::Policy,
+        policy: Arc<policy::Policy>,
         compiled: &policy::CompiledPolicy,
         generation: u32,
         sources: Vec<Source>,
@@ -438,10 +441,10 @@ impl Maintainer<'_> {
             stats.identities = policy.identities.len();
             stats.rules = compiled.rules.len();
         }
-        *self.shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(policy.clone()));
+        *self.shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&policy));
         *self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner) = sources;
         *self.shared.last_error.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        self.enforced = policy.clone();
+        self.enforced = policy;
         self.next_expiry = compiled.next_expiry;
     }
 
@@ -480,14 +483,14 @@ impl Maintainer<'_> {
         }
         if unchanged {
             // Only a rule lapsed: re-compile what is enforced (files or a push).
-            let policy = self.enforced.clone();
-            self.enforce(&policy, None, started, "a rule expired");
+            let policy = Arc::clone(&self.enforced);
+            self.enforce(policy, None, started, "a rule expired");
             return;
         }
         match candidate.and_then(|sources| policy::parse_sources(&sources).map(|p| (sources, p))) {
             Ok((sources, policy)) => {
                 self.last_seen.clone_from(&sources);
-                self.enforce(&policy, Some(sources), started, "the policy files changed");
+                self.enforce(Arc::new(policy), Some(sources), started, "the policy files changed");
             }
             Err(error) => {
                 self.reject(&error.to_string());
@@ -501,9 +504,9 @@ impl Maintainer<'_> {
     }
 
     /// Compiles and applies `policy`; `sources` replace the reported ones if given.
-    fn enforce(&mut self, policy: &policy::Policy, sources: Option<Vec<Source>>, started: Instant, why: &str) {
+    fn enforce(&mut self, policy: Arc<policy::Policy>, sources: Option<Vec<Source>>, started: Instant, why: &str) {
         let parsed_in = started.elapsed();
-        let compiled = policy::compile(policy);
+        let compiled = policy::compile(&policy);
         let compiled_in = started.elapsed();
         let applied = {
             let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
