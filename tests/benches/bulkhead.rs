@@ -7,13 +7,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, Map, MapData};
 use enforcer::datapath::{Datapath, Hook, MapSizes};
-use enforcer_common::Config;
 use lab::frames::{self, ACK, ICMP, ICMPV6, SYN, TCP, icmp, tcp};
 use lab::pki::Ca;
 use lab::{Daemon, ScratchDir, ThreeTier};
@@ -256,14 +255,57 @@ struct DaemonFigures {
 /// Port of the bench daemon's admin API inside its namespace.
 const API: &str = "127.0.0.1:9443";
 
-/// Waits until the daemon enforces a generation after `before`; the time since `started`.
-fn enforced_after(
-    generation: &dyn Fn() -> Option<u64>,
-    before: u64,
-    started: Instant,
-    limit: Duration,
-) -> Result<Duration, Error> {
-    while generation().unwrap_or(0) <= before {
+/// The XDP program a running daemon attached, found through the link it
+/// pinned: probe packets run through it (`BPF_PROG_TEST_RUN`) are judged
+/// exactly as a packet arriving on the interface would be, by the same
+/// program reading the same maps.
+struct LiveProgram(OwnedFd);
+
+impl LiveProgram {
+    fn attached_under(bpffs_root: &Path) -> Result<Self, Error> {
+        let links = bpffs_root.join("links");
+        let link = std::fs::read_dir(&links)?
+            .flatten()
+            .map(|entry| entry.path())
+            .find(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with("xdp-")))
+            .ok_or_else(|| format!("no pinned XDP link under {}", links.display()))?;
+        let bpf = |command: libc::c_long, attr: &mut [u64; 16]| {
+            // SAFETY: `attr` is a zeroed bpf_attr large enough for these
+            // commands; the kernel reads and writes only inside it (and the
+            // buffers it points at, alive for the call).
+            let result = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), 128usize) };
+            if result < 0 { Err(std::io::Error::last_os_error()) } else { Ok(result as i32) }
+        };
+        // BPF_OBJ_GET: the pinned link.
+        let path = std::ffi::CString::new(link.to_string_lossy().into_owned())?;
+        let mut attr = [0u64; 16];
+        attr[0] = path.as_ptr() as u64;
+        // SAFETY: a fresh descriptor the kernel just returned.
+        let link_fd = unsafe { OwnedFd::from_raw_fd(bpf(7, &mut attr)?) };
+        // BPF_OBJ_GET_INFO_BY_FD: struct bpf_link_info { type, id, prog_id, .. }.
+        let mut info = [0u32; 32];
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(link_fd.as_raw_fd().cast_unsigned()) | (std::mem::size_of_val(&info) as u64) << 32;
+        attr[1] = info.as_mut_ptr() as u64;
+        bpf(15, &mut attr)?;
+        // BPF_PROG_GET_FD_BY_ID.
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(info[2]);
+        // SAFETY: as above.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(bpf(13, &mut attr)?) }))
+    }
+
+    /// True if the program passes `frame`.
+    fn passes(&self, frame: &[u8]) -> Result<bool, Error> {
+        const XDP_PASS: u32 = 2;
+        Ok(enforcer::testrun::run(self.0.as_raw_fd(), frame, 1)?.retval == XDP_PASS)
+    }
+}
+
+/// Sends `probe` through the live program until it passes; the time since
+/// `started`. The probe must be a packet only the new policy allows.
+fn enforced_after(program: &LiveProgram, probe: &[u8], started: Instant, limit: Duration) -> Result<Duration, Error> {
+    while !program.passes(probe)? {
         if started.elapsed() > limit {
             return Err(format!("the daemon did not apply a change within {limit:?}").into());
         }
@@ -272,6 +314,46 @@ fn enforced_after(
         std::thread::sleep(Duration::from_micros(20));
     }
     Ok(started.elapsed())
+}
+
+/// Fails unless `probe` is dropped: a probe that passes before a change
+/// cannot time it.
+fn denied_before(program: &LiveProgram, probe: &[u8]) -> Result<(), Error> {
+    if program.passes(probe)? {
+        return Err("the probe passed before the change: it cannot time it".into());
+    }
+    Ok(())
+}
+
+/// Times one-rule changes of the three-tier policy: change `k` makes
+/// variant `k` (`prepare`, untimed) and hands it to the daemon (`apply`),
+/// and is timed until a probe passes that only variant `k` allows — a SYN
+/// from the gateway tier to the logic tier on that variant's port, from a
+/// source port conntrack has not seen. (Polling /metrics instead would time
+/// the scrape, and slow the daemon it measures.)
+fn time_changes(
+    program: &LiveProgram,
+    changes: std::ops::RangeInclusive<usize>,
+    prepare: impl Fn(usize) -> Result<(), Error>,
+    apply: impl Fn(usize) -> Result<(), Error>,
+) -> Result<Vec<f64>, Error> {
+    let (gateway, logic) = (Ipv4Addr::new(10, 0, 1, 7), Ipv4Addr::new(10, 0, 2, 7));
+    changes
+        .map(|k| {
+            let probe = syn(gateway, logic, 20_000 + k as u16, 8080 + (k % 2) as u16);
+            denied_before(program, &probe)?;
+            prepare(k)?;
+            let started = Instant::now();
+            apply(k)?;
+            Ok(enforced_after(program, &probe, started, Duration::from_secs(10))?.as_secs_f64() * 1000.0)
+        })
+        .collect()
+}
+
+/// A TCP SYN from `src` to `dst`, which conntrack has never seen if
+/// `src_port` is fresh.
+fn syn(src: Ipv4Addr, dst: Ipv4Addr, src_port: u16, dst_port: u16) -> Vec<u8> {
+    frames::simple(IpAddr::V4(src), IpAddr::V4(dst), TCP, tcp(src_port, dst_port, SYN))
 }
 
 /// The synthetic policy as the YAML an operator would write.
@@ -334,57 +416,51 @@ fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
     std::thread::sleep(Duration::from_secs(1));
     let pid = daemon.pid();
     let idle_kib = rss_kib(pid);
-    // The generation the kernel enforces, read from the pinned map the
-    // programs read it from at every packet: the moment it changes, the
-    // next packet is judged by the new policy. (Polling /metrics instead
-    // would time the scrape, and slow the daemon it measures.)
-    let config_map = MapData::from_pin(lab.bpffs_root().join("maps").join(enforcer_common::maps::CONFIG))?;
-    let config_map: Array<MapData, Config> = Array::try_from(Map::Array(config_map))?;
-    let generation =
-        || config_map.get(&enforcer_common::CONFIG_INDEX, 0).ok().map(|config| u64::from(config.policy_generation));
-    let limit = Duration::from_secs(10);
-    let mut renames = Vec::new();
-    for k in 1..=changes {
-        let before = generation().unwrap_or(0);
-        let staging = dir.join(".p.yaml.new");
-        std::fs::write(&staging, variant(k))?;
-        let started = Instant::now();
-        std::fs::rename(&staging, dir.join("p.yaml"))?;
-        renames.push(enforced_after(&generation, before, started, limit)?.as_secs_f64() * 1000.0);
-    }
-    let mut pushes = Vec::new();
+    let program = LiveProgram::attached_under(&lab.bpffs_root())?;
+    let staging = dir.join(".p.yaml.new");
+    let renames = time_changes(
+        &program,
+        1..=changes,
+        |k| Ok(std::fs::write(&staging, variant(k))?),
+        |_| Ok(std::fs::rename(&staging, dir.join("p.yaml"))?),
+    )?;
     let push_file = scratch.0.join("pushed.yaml");
-    for k in 1..=changes {
-        std::fs::write(&push_file, variant(k + 1))?;
-        let before = generation().unwrap_or(0);
-        let started = Instant::now();
-        let output = lab
-            .router
-            .command(&path(&lab::topology::bulkhead_binary()))
-            .args(["policy", "push", &path(&push_file), "--server", &format!("https://{API}")])
-            .args(["--cert", &path(&client_cert), "--key", &path(&client_key), "--ca", &path(&ca_pem)])
-            .output()?;
-        if !output.status.success() {
-            return Err(format!("policy push failed: {}", String::from_utf8_lossy(&output.stderr)).into());
-        }
-        pushes.push(enforced_after(&generation, before, started, limit)?.as_secs_f64() * 1000.0);
-    }
+    let pushes = time_changes(
+        &program,
+        changes + 1..=2 * changes,
+        |k| Ok(std::fs::write(&push_file, variant(k))?),
+        |_| {
+            let output = lab
+                .router
+                .command(&path(&lab::topology::bulkhead_binary()))
+                .args(["policy", "push", &path(&push_file), "--server", &format!("https://{API}")])
+                .args(["--cert", &path(&client_cert), "--key", &path(&client_key), "--ca", &path(&ca_pem)])
+                .output()?;
+            if !output.status.success() {
+                return Err(format!("policy push failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+            }
+            Ok(())
+        },
+    )?;
     // The large policy, as YAML the daemon reads and watches. (A pushed
     // policy stays until the directory changes, which this rename does.)
     let policy = synthetic_policy(big);
     let limit = Duration::from_mins(3);
-    let load = |port: u16| -> Result<Duration, Error> {
+    // Probe: identity 0 to identity 1 on rule r0's port, which neither the
+    // three-tier policy nor the large one before the change allows.
+    let load = |port: u16, source_port: u16| -> Result<Duration, Error> {
         let text = policy_yaml(&policy, port);
         // A policy the daemon would reject would only show up as a timeout.
         policy::parse_str("big.yaml", &text).map_err(|e| format!("the synthetic policy is invalid: {e}"))?;
         std::fs::write(dir.join(".p.yaml.new"), text)?;
-        let before = generation().unwrap_or(0);
+        let probe = syn(v4(0), v4(1), source_port, port);
+        denied_before(&program, &probe)?;
         let started = Instant::now();
         std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml"))?;
-        enforced_after(&generation, before, started, limit)
+        enforced_after(&program, &probe, started, limit)
     };
-    let big_load = load(1000)?;
-    let big_change = load(2999)?;
+    let big_load = load(1000, 30_000)?;
+    let big_change = load(2999, 30_001)?;
     // The daemon logs where each apply's time went.
     std::thread::sleep(Duration::from_millis(200));
     let breakdown: Vec<String> = daemon
