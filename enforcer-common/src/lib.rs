@@ -540,6 +540,42 @@ pub mod maps {
     ];
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
+
+    use core::mem::size_of;
+
+    use super::{
+        Config, Counter, EventBudget, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityKeyV4, IdentityKeyV6,
+        IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue,
+    };
+
+    /// An LPM trie key: the prefix length, then the data.
+    const fn trie_key(data: usize) -> u32 {
+        (4 + data) as u32
+    }
+
+    /// (map, key size, value size) as the kernel object declares them, so
+    /// the daemon can tell a map pinned by a Bulkhead with another layout
+    /// before the verifier does. A test checks it against the object.
+    pub const LAYOUT: [(&str, u32, u32); ALL.len()] = [
+        // A ring buffer has no keys or values.
+        (EVENTS, 0, 0),
+        (IDENTITY_DROPS, size_of::<IdentityPairKey>() as u32, 8),
+        (EVENT_BUDGET, 4, size_of::<EventBudget>() as u32),
+        (IDENTITY_V4_EXACT, size_of::<IdentityKeyV4>() as u32, size_of::<IdentityValue>() as u32),
+        (IDENTITY_V4_PREFIX, trie_key(size_of::<IdentityPrefixV4>()), size_of::<IdentityValue>() as u32),
+        (IDENTITY_V6_EXACT, size_of::<IdentityKeyV6>() as u32, size_of::<IdentityValue>() as u32),
+        (IDENTITY_V6_PREFIX, trie_key(size_of::<IdentityPrefixV6>()), size_of::<IdentityValue>() as u32),
+        (POLICY, trie_key(size_of::<PolicyKeyData>()), size_of::<PolicyValue>() as u32),
+        (POLICY_EXACT, size_of::<PolicyKeyData>() as u32, size_of::<PolicyValue>() as u32),
+        (CONNTRACK, size_of::<FlowKey>() as u32, size_of::<FlowValue>() as u32),
+        (CONFIG, 4, size_of::<Config>() as u32),
+        (DROP_COUNTERS, 4, size_of::<Counter>() as u32),
+        (FORWARD_COUNTERS, 4, size_of::<Counter>() as u32),
+        (AUDIT_COUNTERS, 4, size_of::<Counter>() as u32),
+        (RULE_VERDICTS, 4, 8),
+        (STATE_ERRORS, 4, 8),
+        (FRAGMENTS, size_of::<FragmentKey>() as u32, size_of::<FragmentValue>() as u32),
+    ];
 }
 
 #[cfg(feature = "user")]

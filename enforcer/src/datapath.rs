@@ -49,6 +49,11 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "map {} was pinned by a Bulkhead with another layout (key {found_key} and value {found_value} bytes, this version needs {key} and {value}); run `bulkhead uninstall` and start again",
+        path.display()
+    )]
+    PinnedLayout { path: PathBuf, found_key: u32, found_value: u32, key: u32, value: u32 },
     #[error("the kernel verifier rejected program `{name}`: {source}")]
     Verify {
         name: &'static str,
@@ -319,6 +324,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let map_dir = root.map(|r| r.join("maps"));
         if let Some(dir) = &map_dir {
+            check_pinned_layout(dir)?;
             std::fs::create_dir_all(dir).map_err(|source| DatapathError::Pin { path: dir.clone(), source })?;
             for name in maps::ALL {
                 loader.map_pin_path(name, dir.join(name));
@@ -778,6 +784,30 @@ pub fn clock_tick_ns() -> u32 {
         Ok(tick) if ok && resolution.tv_sec == 0 && (1..=MAX_CLOCK_TICK_NS).contains(&tick) => tick,
         _ => MAX_CLOCK_TICK_NS,
     }
+}
+
+/// Refuses maps pinned under `dir` whose key or value size differs from
+/// this version's: the programs would reuse them and the verifier would
+/// reject the first access past their end, with a message that names
+/// neither the map nor the remedy.
+fn check_pinned_layout(dir: &Path) -> Result<(), DatapathError> {
+    for (name, key, value) in maps::LAYOUT {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| DatapathError::Read { name, source })?;
+        if (info.key_size(), info.value_size()) != (key, value) {
+            return Err(DatapathError::PinnedLayout {
+                path,
+                found_key: info.key_size(),
+                found_value: info.value_size(),
+                key,
+                value,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Pins a link at `path`; the pin keeps it attached after the daemon exits.

@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use aya::maps::{MapData, MapInfo};
+use enforcer::datapath::{Datapath, MapSizes};
 use lab::probe::{self, EchoServer, Outcome};
 use lab::{Daemon, ScratchDir, ThreeTier};
 
@@ -326,4 +328,36 @@ fn a_configmap_style_symlink_swap_is_applied() {
     }
     assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected);
     assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total"), Some(0), "no half-read state rejected");
+}
+
+#[test]
+fn maps_pinned_with_another_layout_are_refused_with_the_remedy() {
+    let lab = ThreeTier::new("layout").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let maps = lab.bpffs_root().join("maps");
+    {
+        let _datapath = Datapath::load_pinned(MapSizes::default(), Some(&lab.bpffs_root())).unwrap();
+        // The table the daemon checks pins against is the object's own layout.
+        for (name, key, value) in enforcer_common::maps::LAYOUT {
+            let info = MapInfo::from_pin(maps.join(name)).unwrap();
+            assert_eq!((info.key_size(), info.value_size()), (key, value), "layout of {name}");
+        }
+        // What an older Bulkhead with a smaller CONFIG value would leave.
+        std::fs::remove_file(maps.join("CONFIG")).unwrap();
+        MapData::from_pin(maps.join("STATE_ERRORS")).unwrap().pin(maps.join("CONFIG")).unwrap();
+    }
+    let mut args = vec!["--policy-dir".to_owned(), dir.display().to_string()];
+    for interface in lab.router_interfaces() {
+        args.extend(["--interface".to_owned(), interface]);
+    }
+    let mut daemon = Daemon::spawn(&lab, &args, &scratch.0.join("log")).unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(20)).unwrap().expect("exits by itself");
+    assert!(!status.success());
+    let log = daemon.log_text();
+    assert!(log.contains("CONFIG was pinned by a Bulkhead with another layout"), "{log}");
+    assert!(log.contains("run `bulkhead uninstall` and start again"), "{log}");
+    assert!(!lab.any_xdp_attached().unwrap());
 }
