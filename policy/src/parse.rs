@@ -1,7 +1,7 @@
 //! Turns YAML trees into a [`Policy`], collecting every problem with its
 //! position instead of stopping at the first.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -10,14 +10,43 @@ use ipnet::IpNet;
 
 use crate::error::{Diagnostic, Location};
 use crate::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
-use crate::yaml::{Mark, Node, Value};
+use crate::yaml::{Mark, Node, SpecList, Value};
 
 pub const API_VERSION: &str = "bulkhead/v1";
 pub const KIND: &str = "SegmentPolicy";
 
+/// What the items of one `spec.identities` or `spec.rules` list became,
+/// read while the YAML was still being parsed. Kept aside until the
+/// document around them is read: a list the document's reading never
+/// reaches (a repeated `identities` key, say) counts for nothing, as if
+/// its items had never been read.
+#[derive(Default)]
+struct Staged {
+    identities: Vec<Identity>,
+    rules: Vec<Rule>,
+    problems: Vec<Diagnostic>,
+}
+
 /// Appends the documents of one file to `policy`, recording problems in `problems`.
 pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &mut Vec<Diagnostic>) {
-    let documents = match crate::yaml::parse_documents(file, text) {
+    let mut staged: HashMap<Mark, Staged> = HashMap::new();
+    let mut read_item = |list_mark: Mark, list: SpecList, item: Node| {
+        let batch = staged.entry(list_mark).or_default();
+        let mut parser = Parser { file, problems: &mut batch.problems, staged: None };
+        match list {
+            SpecList::Identities => {
+                if let Some(identity) = parser.identity(&item) {
+                    batch.identities.push(identity);
+                }
+            }
+            SpecList::Rules => {
+                if let Some(rule) = parser.rule(&item) {
+                    batch.rules.push(rule);
+                }
+            }
+        }
+    };
+    let documents = match crate::yaml::parse_documents_streaming(file, text, Some(&mut read_item)) {
         Ok(documents) => documents,
         Err(problem) => {
             problems.push(problem);
@@ -25,13 +54,15 @@ pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &m
         }
     };
     for document in &documents {
-        Parser { file, problems: &mut *problems }.document(document, policy);
+        Parser { file, problems: &mut *problems, staged: Some(&mut staged) }.document(document, policy);
     }
 }
 
 struct Parser<'a> {
     file: &'a Arc<str>,
     problems: &'a mut Vec<Diagnostic>,
+    /// Lists whose items were read as they were parsed, by the list's mark.
+    staged: Option<&'a mut HashMap<Mark, Staged>>,
 }
 
 /// The fields of one mapping, checked against the fields it may have.
@@ -157,6 +188,10 @@ impl Parser<'_> {
                     policy.identities.push(identity);
                 }
             }
+            if let Some(batch) = self.take_staged(identities) {
+                policy.identities.extend(batch.identities);
+                self.problems.extend(batch.problems);
+            }
         }
         if let Some(rules) = spec.get("rules").filter(|n| !n.is_null()) {
             for item in self.sequence(rules, "spec.rules").unwrap_or_default() {
@@ -164,7 +199,19 @@ impl Parser<'_> {
                     policy.rules.push(rule);
                 }
             }
+            if let Some(batch) = self.take_staged(rules) {
+                policy.rules.extend(batch.rules);
+                self.problems.extend(batch.problems);
+            }
         }
+    }
+
+    /// The items of `list` read while parsing, if it was such a list.
+    fn take_staged(&mut self, list: &Node) -> Option<Staged> {
+        if !matches!(list.value, Value::Sequence(_)) {
+            return None;
+        }
+        self.staged.as_mut()?.remove(&list.mark)
     }
 
     /// Checks a required field that must hold exactly `expected`.
@@ -509,9 +556,75 @@ fn rfc3339(text: &str) -> Option<SystemTime> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::{Duration, SystemTime};
 
-    use super::rfc3339;
+    use super::{Parser, Policy, parse_file, rfc3339};
+    use crate::error::Diagnostic;
+
+    /// The policy and problems as reading the whole tree at once gives them.
+    fn read_whole(file: &Arc<str>, text: &str) -> (Policy, Vec<Diagnostic>) {
+        let (mut policy, mut problems) = (Policy::default(), Vec::new());
+        match crate::yaml::parse_documents(file, text) {
+            Ok(documents) => {
+                for document in &documents {
+                    Parser { file, problems: &mut problems, staged: None }.document(document, &mut policy);
+                }
+            }
+            Err(problem) => problems.push(problem),
+        }
+        problems.sort_by(|a, b| a.location.cmp(&b.location));
+        (policy, problems)
+    }
+
+    fn read_streaming(file: &Arc<str>, text: &str) -> (Policy, Vec<Diagnostic>) {
+        let (mut policy, mut problems) = (Policy::default(), Vec::new());
+        parse_file(file, text, &mut policy, &mut problems);
+        problems.sort_by(|a, b| a.location.cmp(&b.location));
+        (policy, problems)
+    }
+
+    const DOCUMENT: &str = "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: NAME}\nspec:\n";
+
+    #[test]
+    fn items_read_while_parsing_give_what_the_whole_tree_gives() {
+        let file: Arc<str> = Arc::from("p.yaml");
+        let good = "  identities:\n    - {name: a, addresses: [\"10.0.1.0/24\"]}\n    - {name: b, labels: {tier: b}, addresses: [\"10.0.2.1\"]}\n  rules:\n    - {name: r, from: [{identity: a}], to: [{labels: {tier: b}}], ports: [\"80/tcp\"]}\n";
+        let bad = "  identities:\n    - {name: Bad!, addresses: []}\n    - nonsense\n    - {name: c, addresses: [\"300.0.0.1\"], extra: 1}\n  rules:\n    - {name: r2, from: [], to: [{identity: c}], ports: [\"99999/tcp\"]}\n    - [1, 2]\n";
+        let texts = [
+            format!("{}{good}", DOCUMENT.replace("NAME", "one")),
+            format!("{}{bad}", DOCUMENT.replace("NAME", "two")),
+            format!("{}{good}---\n{}{bad}", DOCUMENT.replace("NAME", "one"), DOCUMENT.replace("NAME", "two")),
+            // Lists in flow style, a spec that is not a mapping, lists that are not lists.
+            format!(
+                "{}  identities: [{{name: a, addresses: [\"10.0.0.1\"]}}]\n  rules: []\n",
+                DOCUMENT.replace("NAME", "f")
+            ),
+            format!("{}  - not a mapping\n", DOCUMENT.replace("NAME", "g")),
+            format!("{}  identities: {{name: a}}\n  rules: 7\n", DOCUMENT.replace("NAME", "h")),
+            "kind: Other\nspec:\n  identities:\n    - {name: a, addresses: [\"10.0.0.1\"]}\n".to_owned(),
+        ];
+        for text in &texts {
+            let (whole, whole_problems) = read_whole(&file, text);
+            let (streamed, streamed_problems) = read_streaming(&file, text);
+            assert_eq!(format!("{whole:?}"), format!("{streamed:?}"), "{text}");
+            assert_eq!(whole_problems, streamed_problems, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_list_key_counts_once_like_the_whole_tree() {
+        let file: Arc<str> = Arc::from("p.yaml");
+        let text = format!(
+            "{}  identities:\n    - {{name: a, addresses: [\"10.0.0.1\"]}}\n  identities:\n    - {{name: Bad!, addresses: [\"10.0.0.2\"]}}\n",
+            DOCUMENT.replace("NAME", "r")
+        );
+        let (policy, problems) = read_streaming(&file, &text);
+        assert_eq!(policy.identities.len(), 1, "only the first list counts");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("appears twice"), "{problems:?}");
+        assert_eq!(read_whole(&file, &text).1, problems);
+    }
 
     #[test]
     fn rfc3339_times() {

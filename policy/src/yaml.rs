@@ -18,7 +18,7 @@ pub struct Node {
 /// Where a node starts: 1-based line and column. The file is the same for
 /// every node of a tree, so nodes do not carry it: a 100k-rule policy is
 /// millions of nodes, and their size decides how much memory a load touches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Mark {
     pub line: u32,
     pub column: u32,
@@ -76,7 +76,31 @@ impl Node {
 
 /// Parses every document of `text`; empty documents are dropped.
 pub fn parse_documents(file: &Arc<str>, text: &str) -> Result<Vec<Node>, Diagnostic> {
-    let mut builder = TreeBuilder { stack: Vec::new(), documents: Vec::new(), alias: None };
+    parse_documents_streaming(file, text, None)
+}
+
+/// Which list of a policy document's `spec` an item belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecList {
+    Identities,
+    Rules,
+}
+
+/// Receives each item of a document's `spec.identities` and `spec.rules`
+/// as soon as it is complete, with the mark of its list; the list itself
+/// stays in the tree, empty.
+pub type ItemSink<'a> = &'a mut dyn FnMut(Mark, SpecList, Node);
+
+/// Like [`parse_documents`], but hands the items of `spec.identities` and
+/// `spec.rules` to `sink` instead of keeping them: a 100k-rule policy is
+/// millions of nodes, and a tree of one item at a time stays in cache
+/// where a tree of them all costs hundreds of megabytes of fresh memory.
+pub fn parse_documents_streaming(
+    file: &Arc<str>,
+    text: &str,
+    sink: Option<ItemSink<'_>>,
+) -> Result<Vec<Node>, Diagnostic> {
+    let mut builder = TreeBuilder { stack: Vec::new(), documents: Vec::new(), alias: None, sink };
     let mut parser = Parser::new_from_str(text);
     parser
         .load(&mut builder, true)
@@ -99,15 +123,51 @@ enum Partial {
     Mapping(Mark, Vec<(Node, Node)>, Option<Node>),
 }
 
-struct TreeBuilder {
+struct TreeBuilder<'s> {
     stack: Vec<Partial>,
     documents: Vec<Node>,
     /// Where the first alias is: aliases are refused.
     alias: Option<Mark>,
+    sink: Option<ItemSink<'s>>,
 }
 
-impl TreeBuilder {
+/// The text of a plain-name key, if `key` is one.
+fn key_text(key: Option<&Node>) -> Option<&str> {
+    match key {
+        Some(Node { value: Value::Scalar { text, .. }, .. }) => Some(text),
+        _ => None,
+    }
+}
+
+impl TreeBuilder<'_> {
+    /// The list a node completed now belongs to, if it is an item of a
+    /// document's `spec.identities` or `spec.rules`: the stack is then the
+    /// document's mapping (at key `spec`), the spec mapping (at the list's
+    /// key) and the list.
+    fn spec_list(&self) -> Option<(Mark, SpecList)> {
+        let [Partial::Mapping(_, _, root_key), Partial::Mapping(_, _, spec_key), Partial::Sequence(mark, _)] =
+            self.stack.as_slice()
+        else {
+            return None;
+        };
+        if key_text(root_key.as_ref()) != Some("spec") {
+            return None;
+        }
+        match key_text(spec_key.as_ref()) {
+            Some("identities") => Some((*mark, SpecList::Identities)),
+            Some("rules") => Some((*mark, SpecList::Rules)),
+            _ => None,
+        }
+    }
+
     fn finish(&mut self, node: Node) {
+        if self.sink.is_some()
+            && let Some((mark, list)) = self.spec_list()
+            && let Some(sink) = self.sink.as_mut()
+        {
+            sink(mark, list, node);
+            return;
+        }
         match self.stack.last_mut() {
             None => self.documents.push(node),
             Some(Partial::Sequence(_, items)) => items.push(node),
@@ -119,7 +179,7 @@ impl TreeBuilder {
     }
 }
 
-impl MarkedEventReceiver for TreeBuilder {
+impl MarkedEventReceiver for TreeBuilder<'_> {
     fn on_event(&mut self, event: Event, mark: Marker) {
         if self.alias.is_some() {
             return;
