@@ -878,18 +878,21 @@ impl Slot {
     /// The rules of this slot whose decision counters moved: (position in
     /// the rule table, decisions summed over CPUs).
     fn moved_rule_counters(&self, maps: &PolicyMaps) -> Result<Vec<(usize, u64)>, DatapathError> {
-        let mut moved = Vec::new();
-        for index in 0..self.rule_table.len() {
-            let values = maps
-                .rule_verdicts
-                .get(&self.verdict_index(index), 0)
-                .map_err(|source| DatapathError::Read { name: maps::RULE_VERDICTS, source })?;
-            let count: u64 = values.iter().sum();
-            if count > 0 {
-                moved.push((index, count));
-            }
+        if self.rule_table.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(moved)
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
+        // Slots interleave, so this slot's counters lie among the first
+        // twice-as-many keys.
+        let span = self.verdict_index(self.rule_table.len() - 1) + 1;
+        let sums = batch::per_cpu_sums(maps.rule_verdicts.map(), span, cpus)
+            .map_err(|source| DatapathError::Read { name: maps::RULE_VERDICTS, source })?;
+        Ok((0..self.rule_table.len())
+            .filter_map(|index| {
+                let count = sums.get(self.verdict_index(index) as usize).copied().unwrap_or(0);
+                (count > 0).then_some((index, count))
+            })
+            .collect())
     }
 
     /// Rule decisions counted in this slot, by rule.
