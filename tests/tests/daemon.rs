@@ -96,6 +96,22 @@ fn a_config_file_sets_every_option_and_flags_win() {
     assert_eq!(metric(&lab, &daemon, "bulkhead_map_capacity{map=\"conntrack\"}"), Some(2048), "the flag won");
 }
 
+/// Starts the daemon on the lab's interfaces with the policy in `dir` and
+/// `extra` flags, expecting it to refuse to start: it exits by itself,
+/// unsuccessfully, with nothing attached. Returns its log.
+fn refused_at_start(lab: &ThreeTier, dir: &Path, log: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["--policy-dir".to_owned(), dir.display().to_string()];
+    args.extend(extra.iter().map(|&a| a.to_owned()));
+    for interface in lab.router_interfaces() {
+        args.extend(["--interface".to_owned(), interface]);
+    }
+    let mut daemon = Daemon::spawn(lab, &args, log).unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(20)).unwrap().expect("exits by itself");
+    assert!(!status.success());
+    assert!(!lab.any_xdp_attached().unwrap());
+    daemon.log_text()
+}
+
 #[test]
 fn a_policy_too_large_for_the_maps_is_refused_whole() {
     let lab = ThreeTier::new("capacity").unwrap();
@@ -103,17 +119,8 @@ fn a_policy_too_large_for_the_maps_is_refused_whole() {
     let dir = scratch.0.join("policy");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
-    let mut args =
-        vec!["--policy-dir".to_owned(), dir.display().to_string(), "--policy-map-size".to_owned(), "8".into()];
-    for interface in lab.router_interfaces() {
-        args.extend(["--interface".to_owned(), interface]);
-    }
-    let mut daemon = Daemon::spawn(&lab, &args, &scratch.0.join("log")).unwrap();
-    let status = daemon.wait_exit(Duration::from_secs(20)).unwrap().expect("exits by itself");
-    assert!(!status.success());
-    let log = daemon.log_text();
+    let log = refused_at_start(&lab, &dir, &scratch.0.join("log"), &["--policy-map-size", "8"]);
     assert!(log.contains("entries in map `POLICY`, which holds 8"), "{log}");
-    assert!(!lab.any_xdp_attached().unwrap());
 
     // Enough room for the example, not for a larger change: the change is
     // rejected, counted, and the example stays enforced.
@@ -349,15 +356,7 @@ fn maps_pinned_with_another_layout_are_refused_with_the_remedy() {
         std::fs::remove_file(maps.join("CONFIG")).unwrap();
         MapData::from_pin(maps.join("STATE_ERRORS")).unwrap().pin(maps.join("CONFIG")).unwrap();
     }
-    let mut args = vec!["--policy-dir".to_owned(), dir.display().to_string()];
-    for interface in lab.router_interfaces() {
-        args.extend(["--interface".to_owned(), interface]);
-    }
-    let mut daemon = Daemon::spawn(&lab, &args, &scratch.0.join("log")).unwrap();
-    let status = daemon.wait_exit(Duration::from_secs(20)).unwrap().expect("exits by itself");
-    assert!(!status.success());
-    let log = daemon.log_text();
+    let log = refused_at_start(&lab, &dir, &scratch.0.join("log"), &[]);
     assert!(log.contains("CONFIG was pinned by a Bulkhead with another layout"), "{log}");
     assert!(log.contains("run `bulkhead uninstall` and start again"), "{log}");
-    assert!(!lab.any_xdp_attached().unwrap());
 }
