@@ -562,7 +562,7 @@ fn daemon_md(md: &mut String, figures: &DaemonFigures, big: usize) {
 fn traffic_md(md: &mut String, rows: &[traffic::TrafficRow]) {
     let _ = writeln!(
         md,
-        "\n### Traffic through the kernel (64-byte UDP over veth, half allowed, {} kpps offered; trafgen on CPU 0, receiving stack on CPU 1)\n\n| rules | filter | sent kpps | passed kpps | dropped kpps | lost | receiver CPU ns/packet | receiver busy | sender busy | bottleneck |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "\n### Traffic through the kernel (64-byte UDP over veth, half allowed, {} kpps offered; trafgen on CPU 0, receiving stack on CPU 1; the median of the rounds)\n\n| rules | filter | sent kpps | passed kpps | dropped kpps | lost | receiver CPU ns/packet | receiver busy | sender busy | bottleneck |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
         traffic::OFFERED_PPS / 1000
     );
     for row in rows {
@@ -628,9 +628,9 @@ fn main() -> Result<(), Error> {
         json.insert("footprint".into(), serde_json::json!({"rss_idle_kib": figures.idle_kib, "rss_loaded_kib": figures.loaded_kib, "loaded_size": big, "maps_memlock_bytes": figures.maps.iter().cloned().collect::<BTreeMap<_, _>>()}));
     }
     if wanted("traffic") {
-        let seconds = if quick { 2 } else { 10 };
-        eprintln!("bench: traffic through veth with trafgen ({seconds} s per filter and size)");
-        let rows = traffic::run_all(&[1_000, 10_000], seconds)?;
+        let (seconds, rounds) = if quick { (2, 1) } else { (5, 3) };
+        eprintln!("bench: traffic through veth with trafgen ({rounds} rounds of {seconds} s per filter and size)");
+        let rows = traffic::run_all(&[1_000, 10_000], seconds, rounds)?;
         traffic_md(&mut md, &rows);
         json.insert("traffic".into(), rows.iter().map(|r| serde_json::json!({"rules": r.rules, "filter": r.filter.name(), "seconds": r.seconds, "sent": r.sent, "passed": r.passed, "filtered": r.filtered, "lost": r.lost, "receiver_ns_per_packet": r.receiver_ns, "receiver_busy": r.receiver_busy, "sender_busy": r.sender_busy, "bottleneck": r.bottleneck()})).collect());
     }
