@@ -33,6 +33,21 @@ struct BatchAttr {
     flags: u64,
 }
 
+fn map_fd(map: &MapData) -> io::Result<u32> {
+    u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))
+}
+
+/// The `bpf()` system call for a batch command. The caller's `attr` points
+/// only at buffers alive for the call and sized for `attr.count` entries
+/// (keys, and values or cursors where the command uses them).
+fn bpf(command: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid bpf_attr prefix of the size passed, and every
+    // pointer in it is valid for what the command reads or writes (above).
+    let result =
+        unsafe { libc::syscall(libc::SYS_bpf, command, std::ptr::from_mut(attr), std::mem::size_of::<BatchAttr>()) };
+    if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 /// Runs one batch command; returns how many entries the kernel processed,
 /// and the error that stopped it, if any.
 fn command(
@@ -42,23 +57,19 @@ fn command(
     values: *const u8,
     count: usize,
 ) -> (usize, io::Result<()>) {
-    let Ok(map_fd) = u32::try_from(map.fd().as_fd().as_raw_fd()) else {
-        return (0, Err(io::Error::from_raw_os_error(libc::EBADF)));
+    let map_fd = match map_fd(map) {
+        Ok(fd) => fd,
+        Err(error) => return (0, Err(error)),
     };
     let Ok(wanted) = u32::try_from(count) else {
         return (0, Err(io::Error::from_raw_os_error(libc::E2BIG)));
     };
     let mut attr =
         BatchAttr { keys: keys as u64, values: values as u64, count: wanted, map_fd, ..BatchAttr::default() };
-    // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; the kernel
-    // reads `count` keys (and values) from the arrays, alive for the call,
-    // and writes only `attr.count`.
-    let result = unsafe { libc::syscall(libc::SYS_bpf, command, &raw mut attr, std::mem::size_of::<BatchAttr>()) };
-    if result < 0 {
+    match bpf(command, &mut attr) {
+        Ok(()) => (count, Ok(())),
         // On failure `count` says how many entries were done before it.
-        (attr.count.min(wanted) as usize, Err(io::Error::last_os_error()))
-    } else {
-        (count, Ok(()))
+        Err(error) => (attr.count.min(wanted) as usize, Err(error)),
     }
 }
 
@@ -67,9 +78,7 @@ fn command(
 /// a 100k-rule policy has 200k rule counters, and reading them one by one
 /// held the datapath for a quarter of a second per scrape.
 pub fn per_cpu_sums(map: &MapData, count: u32, cpus: usize) -> Result<Vec<u64>, MapError> {
-    let Ok(map_fd) = u32::try_from(map.fd().as_fd().as_raw_fd()) else {
-        return Err(failed("bpf_map_lookup_batch", io::Error::from_raw_os_error(libc::EBADF)));
-    };
+    let map_fd = map_fd(map).map_err(|error| failed("bpf_map_lookup_batch", error))?;
     let mut sums = vec![0u64; count as usize];
     // The kernel's cursor: where the next chunk starts (none for the first).
     let mut cursor: Option<u32> = None;
@@ -89,17 +98,12 @@ pub fn per_cpu_sums(map: &MapData, count: u32, cpus: usize) -> Result<Vec<u64>, 
             map_fd,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; the
-        // kernel writes at most `wanted` keys and values into the buffers,
-        // sized for that, and the cursor into `next`, all alive for the call.
-        let result = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &raw mut attr, std::mem::size_of::<BatchAttr>())
-        };
         // ENOENT: the map's end, with whatever the last chunk holds.
-        let at_end = result < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT);
-        if result < 0 && !at_end {
-            return Err(failed("bpf_map_lookup_batch", io::Error::last_os_error()));
-        }
+        let at_end = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(()) => false,
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(error) => return Err(failed("bpf_map_lookup_batch", error)),
+        };
         let got = attr.count.min(wanted) as usize;
         for (key, per_cpu) in keys[..got].iter().zip(values.chunks(cpus)) {
             if let Some(sum) = sums.get_mut(*key as usize) {

@@ -297,6 +297,32 @@ fn write_error(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Write { name, source }
 }
 
+/// Writes `entries` to the hash map `name` in batches and calls `record`
+/// for each one the kernel accepted (a prefix of them, if a write fails),
+/// so a slot's bookkeeping stays true to the kernel.
+fn write_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    name: &'static str,
+    entries: &[(K, V)],
+    record: impl FnMut(&(K, V)),
+) -> Result<(), DatapathError> {
+    let (written, result) = batch::update(map, entries);
+    entries[..written].iter().for_each(record);
+    result.map_err(write_error(name))
+}
+
+/// Deletes `keys` from the hash map `name` in batches, like [`write_batch`].
+fn delete_batch<K: aya::Pod>(
+    map: &MapData,
+    name: &'static str,
+    keys: &[K],
+    record: impl FnMut(&K),
+) -> Result<(), DatapathError> {
+    let (removed, result) = batch::delete(map, keys);
+    keys[..removed].iter().for_each(record);
+    result.map_err(write_error(name))
+}
+
 /// Deleting a key that is already gone is not an error.
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
@@ -934,11 +960,9 @@ impl Slot {
                 self.rules.insert((prefix_len, key), *value);
             }
         }
-        let (written, result) = batch::update(maps.policy_exact.map(), &exact);
-        for (key, value) in &exact[..written] {
+        write_batch(maps.policy_exact.map(), maps::POLICY_EXACT, &exact, |(key, value)| {
             self.rules.insert((POLICY_KEY_MAX_PREFIX, PolicyKeyData { slot: 0, ..*key }), *value);
-        }
-        result.map_err(write_error(maps::POLICY_EXACT))?;
+        })?;
 
         let stale: Vec<_> = self.rules.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         let mut exact = Vec::new();
@@ -950,11 +974,9 @@ impl Slot {
                 self.rules.remove(&(prefix_len, key));
             }
         }
-        let (removed, result) = batch::delete(maps.policy_exact.map(), &exact);
-        for key in &exact[..removed] {
+        delete_batch(maps.policy_exact.map(), maps::POLICY_EXACT, &exact, |key| {
             self.rules.remove(&(POLICY_KEY_MAX_PREFIX, PolicyKeyData { slot: 0, ..*key }));
-        }
-        result.map_err(write_error(maps::POLICY_EXACT))
+        })
     }
 
     /// Brings this slot's identity entries to the compiled ones plus the
@@ -984,16 +1006,12 @@ impl Slot {
                 }
             }
         }
-        let (written, result) = batch::update(maps.identity_v4_exact.map(), &v4);
-        for (key, value) in &v4[..written] {
+        write_batch(maps.identity_v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4, |(key, value)| {
             self.identities.insert(IpNet::from(IpAddr::from(key.addr)), *value);
-        }
-        result.map_err(write_error(maps::IDENTITY_V4_EXACT))?;
-        let (written, result) = batch::update(maps.identity_v6_exact.map(), &v6);
-        for (key, value) in &v6[..written] {
+        })?;
+        write_batch(maps.identity_v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6, |(key, value)| {
             self.identities.insert(IpNet::from(IpAddr::from(key.addr)), *value);
-        }
-        result.map_err(write_error(maps::IDENTITY_V6_EXACT))?;
+        })?;
 
         let stale: Vec<IpNet> = self.identities.keys().filter(|n| !wanted.contains_key(n)).copied().collect();
         let (mut v4, mut v6) = (Vec::new(), Vec::new());
@@ -1007,16 +1025,12 @@ impl Slot {
                 }
             }
         }
-        let (removed, result) = batch::delete(maps.identity_v4_exact.map(), &v4);
-        for key in &v4[..removed] {
+        delete_batch(maps.identity_v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4, |key| {
             self.identities.remove(&IpNet::from(IpAddr::from(key.addr)));
-        }
-        result.map_err(write_error(maps::IDENTITY_V4_EXACT))?;
-        let (removed, result) = batch::delete(maps.identity_v6_exact.map(), &v6);
-        for key in &v6[..removed] {
+        })?;
+        delete_batch(maps.identity_v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6, |key| {
             self.identities.remove(&IpNet::from(IpAddr::from(key.addr)));
-        }
-        result.map_err(write_error(maps::IDENTITY_V6_EXACT))
+        })
     }
 }
 
