@@ -11,6 +11,9 @@
 //! reason; nothing classifiable returns `XDP_ABORTED`.
 #![no_std]
 #![no_main]
+// Header fields are loaded by inline assembly (see `parse::Header`), which
+// is unstable on BPF; the crate builds with nightly for build-std anyway.
+#![feature(asm_experimental_arch)]
 // BPF programs inline their helpers on purpose: it keeps bounds checks next
 // to the accesses they guard, where the verifier can see them.
 #![allow(clippy::inline_always)]
