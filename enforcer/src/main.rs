@@ -8,6 +8,16 @@ mod run;
 
 pub use config::RunArgs;
 
+/// mimalloc, not glibc's malloc: loading a large policy allocates and frees
+/// millions of small nodes, and glibc's bookkeeping for them was a sixth of
+/// a 100k-rule load; with mimalloc the load takes about a third less. Built
+/// without transparent huge pages (`no_thp`): mimalloc would madvise its
+/// arena for them, and where THP is madvise-only each first touch then
+/// zeroes, or compacts memory for, 2 MiB: CLI calls that take 5 ms took
+/// up to 40, and the idle daemon's resident size doubled.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

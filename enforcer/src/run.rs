@@ -320,14 +320,11 @@ struct Maintainer<'a> {
 
 /// Hands memory freed after a policy load back to the kernel. Parsing a
 /// large policy peaks at many times its final size (a 100k-rule file: about
-/// 500 MB), and glibc keeps freed heap pages mapped, so without this the
-/// daemon's resident size would stay at the parse peak on every node.
+/// 500 MB), and the allocator keeps freed pages for reuse, so without this
+/// the daemon's resident size would stay at the parse peak on every node.
 fn return_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns unused heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    // SAFETY: mi_collect only frees pages the allocator holds unused.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 fn maintain(
