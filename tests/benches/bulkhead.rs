@@ -242,6 +242,8 @@ struct DaemonFigures {
     renames: Vec<f64>,
     /// `bulkhead policy push` started → new generation enforced, ms.
     pushes: Vec<f64>,
+    /// Push request sent on an open API connection → enforced, ms.
+    session_pushes: Vec<f64>,
     /// The large policy: rename → enforced, and a one-rule change to it.
     big_load: Duration,
     big_change: Duration,
@@ -254,6 +256,72 @@ struct DaemonFigures {
 
 /// Port of the bench daemon's admin API inside its namespace.
 const API: &str = "127.0.0.1:9443";
+
+/// A client that stays connected to the admin API, as a controller pushing
+/// policy would: each push is one HTTP request on the same mutual-TLS
+/// session, so no process start or handshake is timed, only the daemon.
+struct ApiSession {
+    tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+}
+
+impl ApiSession {
+    /// Connects from inside `lab`'s router namespace, where the API listens.
+    fn open(lab: &ThreeTier, ca: &Path, cert: &Path, key: &Path) -> Result<Self, Error> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(ca)? {
+            roots.add(ca?)?;
+        }
+        let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key)?)?;
+        let tcp = lab.router.enter(|| std::net::TcpStream::connect(API))??;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let connection = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("127.0.0.1")?)?;
+        Ok(Self { tls: rustls::StreamOwned::new(connection, tcp) })
+    }
+
+    /// Pushes one policy file and waits for the daemon's answer.
+    fn push(&mut self, name: &str, text: &str) -> Result<(), Error> {
+        use std::io::{Read as _, Write as _};
+        let body = serde_json::json!({ "files": [{ "name": name, "text": text }] }).to_string();
+        let request = format!(
+            "POST /v1/policy HTTP/1.1\r\nHost: {API}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.tls.write_all(request.as_bytes())?;
+        self.tls.flush()?;
+        // Byte by byte up to the body, so nothing of a later response is
+        // read ahead; then exactly Content-Length bytes.
+        let mut head = Vec::new();
+        let mut byte = [0u8];
+        while !head.ends_with(b"\r\n\r\n") {
+            self.tls.read_exact(&mut byte)?;
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let length = head
+            .lines()
+            .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or("the daemon's answer has no Content-Length")?;
+        let mut answer = vec![0; length];
+        self.tls.read_exact(&mut answer)?;
+        if !head.lines().next().is_some_and(|status| status.contains(" 200 ")) {
+            return Err(format!(
+                "push refused: {} {}",
+                head.lines().next().unwrap_or_default(),
+                String::from_utf8_lossy(&answer)
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
 
 /// The XDP program a running daemon attached, found through the link it
 /// pinned: probe packets run through it (`BPF_PROG_TEST_RUN`) are judged
@@ -384,6 +452,63 @@ fn policy_yaml(policy: &Policy, port_of_first_rule: u16) -> String {
     text
 }
 
+/// What a policy-pushing client needs: the server's CA, its certificate
+/// and key, and where to write the files it pushes.
+struct ClientFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    scratch: PathBuf,
+}
+
+/// `changes` one-rule changes each by rename, by `bulkhead policy push`
+/// and by a push on an open API connection; each series in ms.
+fn timed_updates(
+    lab: &ThreeTier,
+    program: &LiveProgram,
+    dir: &Path,
+    client: &ClientFiles,
+    changes: usize,
+    variant: &dyn Fn(usize) -> String,
+) -> Result<[Vec<f64>; 3], Error> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let staging = dir.join(".p.yaml.new");
+    let renames = time_changes(
+        program,
+        1..=changes,
+        |k| Ok(std::fs::write(&staging, variant(k))?),
+        |_| Ok(std::fs::rename(&staging, dir.join("p.yaml"))?),
+    )?;
+    let push_file = client.scratch.join("pushed.yaml");
+    let pushes = time_changes(
+        program,
+        changes + 1..=2 * changes,
+        |k| Ok(std::fs::write(&push_file, variant(k))?),
+        |_| {
+            let output = lab
+                .router
+                .command(&path(&lab::topology::bulkhead_binary()))
+                .args(["policy", "push", &path(&push_file), "--server", &format!("https://{API}")])
+                .args(["--cert", &path(&client.cert), "--key", &path(&client.key), "--ca", &path(&client.ca)])
+                .output()?;
+            if !output.status.success() {
+                return Err(format!("policy push failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+            }
+            Ok(())
+        },
+    )?;
+    let session = std::cell::RefCell::new(ApiSession::open(lab, &client.ca, &client.cert, &client.key)?);
+    let first = 2 * changes + 1;
+    let texts: Vec<String> = (first..=3 * changes).map(variant).collect();
+    let session_pushes = time_changes(
+        program,
+        first..=3 * changes,
+        |_| Ok(()),
+        |k| session.borrow_mut().push("pushed.yaml", &texts[k - first]),
+    )?;
+    Ok([renames, pushes, session_pushes])
+}
+
 /// Update latency through the real daemon (file renames and API pushes),
 /// the large policy's load and one-rule change, and the footprint.
 fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
@@ -424,31 +549,8 @@ fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
     let pid = daemon.pid();
     let idle_kib = rss_kib(pid);
     let program = LiveProgram::attached_under(&lab.bpffs_root())?;
-    let staging = dir.join(".p.yaml.new");
-    let renames = time_changes(
-        &program,
-        1..=changes,
-        |k| Ok(std::fs::write(&staging, variant(k))?),
-        |_| Ok(std::fs::rename(&staging, dir.join("p.yaml"))?),
-    )?;
-    let push_file = scratch.0.join("pushed.yaml");
-    let pushes = time_changes(
-        &program,
-        changes + 1..=2 * changes,
-        |k| Ok(std::fs::write(&push_file, variant(k))?),
-        |_| {
-            let output = lab
-                .router
-                .command(&path(&lab::topology::bulkhead_binary()))
-                .args(["policy", "push", &path(&push_file), "--server", &format!("https://{API}")])
-                .args(["--cert", &path(&client_cert), "--key", &path(&client_key), "--ca", &path(&ca_pem)])
-                .output()?;
-            if !output.status.success() {
-                return Err(format!("policy push failed: {}", String::from_utf8_lossy(&output.stderr)).into());
-            }
-            Ok(())
-        },
-    )?;
+    let client = ClientFiles { ca: ca_pem, cert: client_cert, key: client_key, scratch: scratch.0.clone() };
+    let [renames, pushes, session_pushes] = timed_updates(&lab, &program, &dir, &client, changes, &variant)?;
     // The large policy, as YAML the daemon reads and watches. (A pushed
     // policy stays until the directory changes, which this rename does.)
     let policy = synthetic_policy(big);
@@ -490,7 +592,7 @@ fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
     }
     let maps = memlock(&lab.bpffs_root());
     daemon.stop()?;
-    Ok(DaemonFigures { renames, pushes, big_load, big_change, breakdown, idle_kib, loaded_kib, maps })
+    Ok(DaemonFigures { renames, pushes, session_pushes, big_load, big_change, breakdown, idle_kib, loaded_kib, maps })
 }
 
 #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss, reason = "sample counts are small and p is in 0..=1")]
@@ -538,6 +640,7 @@ fn daemon_md(md: &mut String, figures: &DaemonFigures, big: usize) {
     for (how, samples) in [
         ("atomic rename of the policy file", &figures.renames),
         ("`bulkhead policy push` (mTLS API, CLI start included)", &figures.pushes),
+        ("API push on an open mTLS connection (a controller's client)", &figures.session_pushes),
     ] {
         let _ = writeln!(
             md,
@@ -624,13 +727,14 @@ fn main() -> Result<(), Error> {
     if wanted("daemon") {
         let (changes, big) = if quick { (20, 10_000) } else { (100, 100_000) };
         eprintln!(
-            "bench: policy updates through the daemon ({changes} renames, {changes} pushes, {big}-rule policy) and footprint"
+            "bench: policy updates through the daemon ({changes} renames, {changes} CLI pushes, {changes} pushes on an open connection, {big}-rule policy) and footprint"
         );
         let figures = daemon_figures(changes, big)?;
         daemon_md(&mut md, &figures, big);
         json.insert("update_latency_ms".into(), serde_json::json!({
             "rename": {"p50": percentile(&figures.renames, 0.5), "p99": percentile(&figures.renames, 0.99), "samples": figures.renames},
             "push": {"p50": percentile(&figures.pushes, 0.5), "p99": percentile(&figures.pushes, 0.99), "samples": figures.pushes},
+            "push_open_connection": {"p50": percentile(&figures.session_pushes, 0.5), "p99": percentile(&figures.session_pushes, 0.99), "samples": figures.session_pushes},
         }));
         json.insert("large_policy".into(), serde_json::json!({"size": big, "full_load_ms": ms(figures.big_load), "one_rule_change_ms": ms(figures.big_change), "daemon_breakdown": figures.breakdown}));
         json.insert("footprint".into(), serde_json::json!({"rss_idle_kib": figures.idle_kib, "rss_loaded_kib": figures.loaded_kib, "loaded_size": big, "maps_memlock_bytes": figures.maps.iter().cloned().collect::<BTreeMap<_, _>>()}));
