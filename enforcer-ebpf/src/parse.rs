@@ -144,15 +144,17 @@ impl Frame {
 ///
 /// Each field is read with one load instruction. LLVM's BPF backend would
 /// split a load it cannot prove aligned into byte loads (a sixth of the
-/// whole program's instructions, and a tenth of an established flow's
-/// cost), and Rust may not claim an alignment the packet
-/// lacks, so the loads are written in BPF assembly. They need no alignment
-/// on kernels whose CPUs load misaligned words (x86, arm64); elsewhere the
-/// verifier checks alignment as if the frame started two bytes past a word
-/// boundary (`NET_IP_ALIGN`), as drivers there place it, and every offset
-/// here is aligned to its width by that measure: IP headers start two
-/// bytes past a word, so a field of width W sits at a multiple of W within
-/// its header.
+/// whole program's instructions, and a fifth of an established flow's
+/// cost), and Rust may not claim an alignment the packet lacks, so the
+/// loads are written in BPF assembly. They need no alignment on kernels
+/// whose CPUs load misaligned words (x86, arm64). Elsewhere the verifier
+/// checks alignment assuming the frame starts two bytes past a word
+/// (`NET_IP_ALIGN`, as drivers there place it), which word-aligns the IP
+/// header behind the Ethernet header and any VLAN tags (which hold only
+/// 16-bit fields); every header after it starts a multiple of four bytes
+/// further, and every field sits at a multiple of its width within its
+/// header (asserted below). That holds
+/// by construction; this machine has no strict-alignment CPU to show it.
 #[derive(Clone, Copy)]
 struct Header<const N: usize> {
     at: *const u8,
