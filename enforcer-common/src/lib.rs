@@ -122,6 +122,13 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 /// Traffic towards this identity is audited, not dropped.
 pub const IDENTITY_FLAG_AUDIT: u32 = 1;
 
+/// No rule, allow or deny, names this identity as a destination for
+/// sources of identity `world`: a packet from `world` to it is denied by
+/// default without a policy lookup, so floods from unknown addresses are
+/// the cheapest traffic to drop. Set only by the compiler; an entry without
+/// it is looked up as usual.
+pub const IDENTITY_FLAG_NO_RULES_FROM_WORLD: u32 = 1 << 1;
+
 /// Value of the identity maps (exact-address hash and prefix trie).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

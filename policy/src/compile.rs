@@ -13,8 +13,9 @@ use std::net::IpAddr;
 use std::time::SystemTime;
 
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IDENTITY_WORLD, IdentityId,
-    IdentityValue, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_IDENTITY_BITS, PolicyKeyData, PolicyValue,
+    ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_FLAG_NO_RULES_FROM_WORLD,
+    IDENTITY_HOST, IDENTITY_WORLD, IdentityId, IdentityValue, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_IDENTITY_BITS,
+    PolicyKeyData, PolicyValue,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -117,7 +118,7 @@ pub fn compile_at(policy: &Policy, now: SystemTime) -> CompiledPolicy {
             }
         }
     }
-    let atoms = partition_addresses(policy, &cidr_selectors);
+    let mut atoms = partition_addresses(policy, &cidr_selectors);
 
     let identity_index: HashMap<&str, usize> =
         policy.identities.iter().enumerate().map(|(i, identity)| (identity.name.as_str(), i)).collect();
@@ -179,12 +180,35 @@ pub fn compile_at(policy: &Policy, now: SystemTime) -> CompiledPolicy {
         }
     }
 
+    mark_unreachable_from_world(&mut atoms, &pairs);
+
     CompiledPolicy {
         rules: rules.iter().map(|r| CompiledRule { name: r.name.clone(), action: r.action }).collect(),
         atoms: atoms.atoms,
         identity_entries: atoms.identity_entries,
         policy_entries,
         next_expiry,
+    }
+}
+
+/// Flags every atom that no rule names as a destination for `world`
+/// sources (see [`IDENTITY_FLAG_NO_RULES_FROM_WORLD`]): for them the
+/// policy holds no (`world`, atom) entry, so the kernel may skip the lookup.
+fn mark_unreachable_from_world(atoms: &mut Partition, pairs: &BTreeMap<(IdentityId, IdentityId), Vec<Claim>>) {
+    let reached: BTreeSet<IdentityId> = pairs
+        .range((IDENTITY_WORLD, 0)..=(IDENTITY_WORLD, IdentityId::MAX))
+        .filter(|(_, claims)| !claims.is_empty())
+        .map(|(&(_, dst), _)| dst)
+        .collect();
+    for atom in &mut atoms.atoms {
+        if !reached.contains(&atom.id) {
+            atom.flags |= IDENTITY_FLAG_NO_RULES_FROM_WORLD;
+        }
+    }
+    for entry in &mut atoms.identity_entries {
+        if !reached.contains(&entry.id) {
+            entry.flags |= IDENTITY_FLAG_NO_RULES_FROM_WORLD;
+        }
     }
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IDENTITY_WORLD, IdentityValue,
-    POLICY_FLAG_WHOLE_PROTOCOL,
+    ACTION_ALLOW, ACTION_DENY, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_HOST,
+    IDENTITY_WORLD, IdentityValue, POLICY_FLAG_WHOLE_PROTOCOL,
 };
 use ipnet::IpNet;
 use policy::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
@@ -28,7 +28,8 @@ const THREE_TIER: &str = include_str!("../../examples/three-tier.yaml");
 const HOST_ADDRESSES: [&str; 2] = ["10.0.7.9", "fd00:1::1"];
 
 /// What the kernel's maps answer, as the kernel program combines them:
-/// host addresses first, identity maps, policy trie, audit flags.
+/// host addresses first, identity maps, the `world` shortcut, policy
+/// lookup, audit flags.
 struct MapModel<'a> {
     compiled: &'a CompiledPolicy,
     hosts: Vec<IpAddr>,
@@ -57,6 +58,9 @@ impl MapModel<'_> {
 
     fn decide(&self, packet: &Packet) -> (Verdict, Option<String>) {
         let (src, dst) = (self.identity(packet.src), self.identity(packet.dst));
+        if src.id == IDENTITY_WORLD && dst.flags & IDENTITY_FLAG_NO_RULES_FROM_WORLD != 0 {
+            return (self.policy_drop(DropReason::DefaultDeny, dst), None);
+        }
         match self.compiled.lookup_policy(src.id, dst.id, packet.protocol, packet.port) {
             None => (self.policy_drop(DropReason::DefaultDeny, dst), None),
             Some(value) if value.action == ACTION_ALLOW => (Verdict::Forward, Some(self.rule_name(value.rule_index))),
@@ -287,6 +291,18 @@ proptest! {
         let mut seen = std::collections::HashSet::new();
         policy.rules.retain(|r| seen.insert(r.name.clone()));
         let compiled = compile_at(&policy, now());
+        // The `world` shortcut flag marks exactly the destinations with no
+        // (world, destination) policy entry.
+        let reached_from_world: std::collections::HashSet<u32> = compiled
+            .policy_entries
+            .iter()
+            .filter(|e| u32::from_be_bytes(e.key.src_identity) == IDENTITY_WORLD)
+            .map(|e| u32::from_be_bytes(e.key.dst_identity))
+            .collect();
+        for entry in &compiled.identity_entries {
+            let flagged = entry.flags & IDENTITY_FLAG_NO_RULES_FROM_WORLD != 0;
+            prop_assert_eq!(flagged, !reached_from_world.contains(&entry.id), "identity entry {:?}", entry);
+        }
         let hosts: Vec<IpAddr> = HOST_ADDRESSES.iter().map(|a| a.parse().unwrap()).collect();
         let model = MapModel { compiled: &compiled, hosts: hosts.clone(), audit_all };
         let evaluator = Evaluator::new(&policy).with_host_addresses(hosts).with_audit(audit_all).at(now());

@@ -100,12 +100,14 @@ fn synthetic_policy(n: usize) -> Policy {
 
 /// The packet classes measured, per family.
 fn classes(family: &str) -> Vec<(&'static str, Vec<u8>)> {
-    let (src, dst, icmp_proto, timestamp): (IpAddr, IpAddr, u8, u8) = if family == "IPv4" {
-        (IpAddr::V4(v4(0)), IpAddr::V4(v4(1)), ICMP, 13)
+    // `unknown` is in no identity: `world`, which no synthetic rule names.
+    let (src, dst, unknown, icmp_proto, timestamp): (IpAddr, IpAddr, IpAddr, u8, u8) = if family == "IPv4" {
+        (IpAddr::V4(v4(0)), IpAddr::V4(v4(1)), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), ICMP, 13)
     } else {
         (
             IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0)),
             IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
             ICMPV6,
             130,
         )
@@ -118,6 +120,7 @@ fn classes(family: &str) -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("default-denied", frames::simple(src, dst, TCP, tcp(40000, 9, SYN))),
         ("deny rule", frames::simple(src, dst, TCP, tcp(40000, 22, SYN))),
+        ("unknown source (world, default-denied)", frames::simple(unknown, dst, TCP, tcp(40000, 1000, SYN))),
         ("non-IP (ARP)", frames::arp()),
     ]
 }
