@@ -8,6 +8,11 @@ mod run;
 
 pub use config::RunArgs;
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
 /// mimalloc, not glibc's malloc: loading a large policy allocates and frees
 /// millions of small nodes, and glibc's bookkeeping for them was a sixth of
 /// a 100k-rule load; with mimalloc the load takes about a third less. Built
@@ -17,11 +22,6 @@ pub use config::RunArgs;
 /// up to 40, and the idle daemon's resident size doubled.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use std::path::PathBuf;
-use std::process::ExitCode;
-
-use clap::{Parser, Subcommand};
 
 /// eBPF/XDP micro-segmentation enforcer.
 #[derive(Parser)]
