@@ -34,8 +34,8 @@ use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
 use aya_ebpf::macros::{classifier, xdp};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Direction, DropReason, IDENTITY_FLAG_AUDIT,
-    IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_HOST, IDENTITY_WORLD, IdentityPairKey, IdentityValue, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST,
+    IdentityPairKey, IdentityValue, slot_of,
 };
 
 use crate::parse::{Fragment, Frame, Kind, Packet, Parsed};
@@ -262,15 +262,9 @@ fn decide(
     let hooks = (direction, reply_hook);
     let trackable = packet.kind == Kind::Trackable;
     let slot = slot_of(generation);
-    // No rule reaches this destination from `world`: nothing to look up.
-    let outcome = if src.id == IDENTITY_WORLD && dst.flags & IDENTITY_FLAG_NO_RULES_FROM_WORLD != 0 {
-        policy::Outcome::Deny { reason: DropReason::DefaultDeny, rule_index: policy::NO_RULE }
-    } else {
-        policy::decide(slot, src.id, dst.id, packet.flow.protocol, packet.policy_port)
-    };
     // Rule counters are bumped last: a map lookup between the decision and
     // the conntrack bookkeeping doubles the paths the verifier must walk.
-    match outcome {
+    match policy::decide(slot, src, dst, packet.flow.protocol, packet.policy_port) {
         policy::Outcome::Allow { rule_index } => {
             if trackable {
                 conntrack::admit(packet, hooks, generation, rule_index, None, now);

@@ -153,8 +153,8 @@ impl Frame {
 /// header behind the Ethernet header and any VLAN tags (which hold only
 /// 16-bit fields); every header after it starts a multiple of four bytes
 /// further, and every field sits at a multiple of its width within its
-/// header (asserted below). That holds
-/// by construction; this machine has no strict-alignment CPU to show it.
+/// header (asserted below). That holds by construction; this machine has
+/// no strict-alignment CPU to show it.
 #[derive(Clone, Copy)]
 struct Header<const N: usize> {
     at: *const u8,

@@ -7,7 +7,8 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    ACTION_ALLOW, DropReason, IdentityId, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
+    ACTION_ALLOW, DropReason, IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_WORLD, IdentityId, IdentityValue,
+    POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
 };
 
 use crate::maps::{POLICY, POLICY_EXACT};
@@ -39,8 +40,13 @@ fn lookup(data: PolicyKeyData) -> Option<&'static PolicyValue> {
 }
 
 #[inline(always)]
-pub fn decide(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8, port: u16) -> Outcome {
-    match lookup(PolicyKeyData::new(slot as u8, src, dst, protocol, port)) {
+pub fn decide(slot: usize, src: IdentityValue, dst: IdentityValue, protocol: u8, port: u16) -> Outcome {
+    // The compiler flagged `dst` because no rule names it for `world`:
+    // there is no entry to look up.
+    if src.id == IDENTITY_WORLD && dst.flags & IDENTITY_FLAG_NO_RULES_FROM_WORLD != 0 {
+        return Outcome::Deny { reason: DropReason::DefaultDeny, rule_index: NO_RULE };
+    }
+    match lookup(PolicyKeyData::new(slot as u8, src.id, dst.id, protocol, port)) {
         None => Outcome::Deny { reason: DropReason::DefaultDeny, rule_index: NO_RULE },
         Some(value) if value.action == ACTION_ALLOW => Outcome::Allow { rule_index: value.rule_index },
         Some(value) => Outcome::Deny { reason: DropReason::DenyRule, rule_index: value.rule_index },
