@@ -379,7 +379,8 @@ fn enforced_after(
     program: &LiveProgram,
     probe: &[u8],
     started: Instant,
-    (limit, resolution): (Duration, Duration),
+    limit: Duration,
+    resolution: Duration,
 ) -> Result<Duration, Error> {
     while !program.passes(probe)? {
         if started.elapsed() > limit {
@@ -421,7 +422,7 @@ fn time_changes(
             prepare(k)?;
             let started = Instant::now();
             apply(k)?;
-            Ok(enforced_after(program, &probe, started, (Duration::from_secs(10), Duration::from_micros(20)))?
+            Ok(enforced_after(program, &probe, started, Duration::from_secs(10), Duration::from_micros(20))?
                 .as_secs_f64()
                 * 1000.0)
         })
@@ -570,7 +571,7 @@ fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
         let started = Instant::now();
         std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml"))?;
         // Seconds-long loads need no finer than a millisecond.
-        enforced_after(&program, &probe, started, (limit, Duration::from_millis(1)))
+        enforced_after(&program, &probe, started, limit, Duration::from_millis(1))
     };
     let big_load = load(1000, 30_000)?;
     let big_change = load(2999, 30_001)?;
