@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::net::IpAddr;
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key;
@@ -28,6 +30,7 @@ use policy::CompiledPolicy;
 use policy::model::Action;
 
 use crate::batch;
+use crate::quiesce::{ProgramBarrier, QuiesceError};
 
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
 const XDP_PROGRAM: &str = "bulkhead_xdp";
@@ -83,6 +86,8 @@ pub enum DatapathError {
     },
     #[error("cannot count the CPUs to size per-CPU values: {0}")]
     Cpus(#[source] std::io::Error),
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceError),
     #[error(
         "the policy needs {needed} entries in map `{map}`, which holds {capacity}; raise its size or shrink the policy"
     )]
@@ -177,15 +182,37 @@ pub struct Datapath {
     sizes: MapSizes,
     xdp_attach: XdpAttach,
     ingress_hook: IngressHook,
-    /// When the kernel last switched slots: the slot it left may still be
-    /// read by programs that started before the switch, so it is not
-    /// rewritten until [`SLOT_GRACE`] has passed.
-    last_flip: Instant,
+    /// Waits out program runs that may still read the slot the kernel left.
+    barrier: Arc<ProgramBarrier>,
+    /// The wait started at the last slot switch, in the background: the
+    /// next `apply` rewrites that slot only once it has returned.
+    quiescing: Option<JoinHandle<Result<(), QuiesceError>>>,
 }
 
-/// How long a program run can take at most, generously: BPF programs run to
-/// completion in microseconds.
-const SLOT_GRACE: Duration = Duration::from_millis(2);
+/// How long to wait instead if the exact wait for in-flight programs fails:
+/// far longer than any program run.
+const FALLBACK_GRACE: Duration = Duration::from_millis(100);
+
+/// Starts `barrier`'s wait on its own thread, or runs it here if no thread
+/// can be started.
+fn quiesce_in_background(barrier: &Arc<ProgramBarrier>) -> Option<JoinHandle<Result<(), QuiesceError>>> {
+    let waiter = Arc::clone(barrier);
+    match std::thread::Builder::new().name("bh-quiesce".to_owned()).spawn(move || waiter.wait()) {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            log::warn!("cannot start a thread to wait for in-flight BPF programs ({error}); waiting here");
+            if let Err(error) = barrier.wait() {
+                fall_back(&error.to_string());
+            }
+            None
+        }
+    }
+}
+
+fn fall_back(failure: &str) {
+    log::warn!("{failure}; waiting {FALLBACK_GRACE:?} instead");
+    std::thread::sleep(FALLBACK_GRACE);
+}
 
 /// How the XDP program is attached to an interface.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -367,6 +394,7 @@ impl Datapath {
         loader.map_max_entries(maps::FRAGMENTS, sizes.fragments);
         loader.map_max_entries(maps::RULE_VERDICTS, 2 * sizes.rules);
         let mut ebpf = loader.load(PROGRAM).map_err(DatapathError::Load)?;
+        let barrier = Arc::new(ProgramBarrier::new()?);
         let verify = |name| move |source| DatapathError::Verify { name, source };
         for name in [XDP_PROGRAM, CALIBRATION_PROGRAM] {
             program::<Xdp>(&mut ebpf, name)?.load().map_err(verify(name))?;
@@ -395,7 +423,9 @@ impl Datapath {
             sizes,
             xdp_attach: XdpAttach::Auto,
             ingress_hook: IngressHook::Xdp,
-            last_flip: Instant::now(),
+            // An earlier daemon may have switched slots just before it exited.
+            quiescing: quiesce_in_background(&barrier),
+            barrier,
         })
     }
 
@@ -509,9 +539,7 @@ impl Datapath {
     pub fn apply(&mut self, compiled: &CompiledPolicy, audit_all: bool) -> Result<u32, DatapathError> {
         self.check_capacity(compiled)?;
         let generation = self.config_value.policy_generation.wrapping_add(1);
-        if let Some(wait) = SLOT_GRACE.checked_sub(self.last_flip.elapsed()) {
-            std::thread::sleep(wait);
-        }
+        self.wait_for_old_slot_readers();
         let slot = &mut self.slots[slot_of(generation)];
         // The slot's counters belong to the generation before last: keep
         // their totals under the rules' names, then start the slot afresh.
@@ -538,8 +566,30 @@ impl Datapath {
             padding: 0,
         };
         self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))?;
-        self.last_flip = Instant::now();
+        self.quiescing = quiesce_in_background(&self.barrier);
         Ok(generation)
+    }
+
+    /// Returns once no program run that read the generation before the last
+    /// switch is still running, so the slot it read may be rewritten.
+    /// Usually long done: the wait began at the switch.
+    fn wait_for_old_slot_readers(&mut self) {
+        let Some(waiting) = self.quiescing.take() else { return };
+        let started = Instant::now();
+        let failed = match waiting.join() {
+            Ok(Ok(())) => {
+                if started.elapsed() >= Duration::from_millis(1) {
+                    log::debug!(
+                        "waited {:?} for program runs that may read the slot the last change left",
+                        started.elapsed()
+                    );
+                }
+                return;
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "the thread waiting for in-flight BPF programs panicked".to_owned(),
+        };
+        fall_back(&failed);
     }
 
     /// Takes over the state an earlier daemon left in pinned maps: the

@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod events;
 pub mod host;
 pub mod metrics;
+pub mod quiesce;
 pub mod server;
 pub mod testrun;
 pub mod watch;
