@@ -3,7 +3,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use enforcer_common::{
-    CONFIG_INDEX, Direction, DropReason, EVENT_DROP, EVENTS_PER_SECOND, Event, IdentityPairKey, StateError, slot_of,
+    CONFIG_INDEX, Direction, DropReason, EVENTS_PER_SECOND, Event, IdentityPairKey, StateError, slot_of,
 };
 
 use crate::identity;
@@ -39,13 +39,14 @@ pub const PAIR_UNKNOWN: u32 = u32::MAX;
 /// Counts a drop against its (source, destination) identity pair. Not rate
 /// limited: these counters back `bulkhead_identity_drops_total`.
 #[inline(always)]
-fn count_pair(event: &Event, known: &IdentityPairKey) {
+fn count_pair(packet: &Packet, known: &IdentityPairKey) {
     let key = if known.slot == PAIR_UNKNOWN {
         let slot = slot_of(CONFIG.get(CONFIG_INDEX).map_or(0, |c| c.policy_generation));
+        let flow = &packet.flow;
         IdentityPairKey {
             slot: slot as u32,
-            src: identity::lookup(slot, event.family, &event.src_addr).id,
-            dst: identity::lookup(slot, event.family, &event.dst_addr).id,
+            src: identity::lookup(slot, flow.family, &flow.src_addr).id,
+            dst: identity::lookup(slot, flow.family, &flow.dst_addr).id,
         }
     } else {
         *known
@@ -60,7 +61,7 @@ fn count_pair(event: &Event, known: &IdentityPairKey) {
 
 /// The event describing a dropped (`audit == false`) or audited packet.
 #[inline(always)]
-pub fn describe(packet: &Packet, direction: Direction, reason: DropReason, audit: bool, ifindex: u32) -> Event {
+fn describe(packet: &Packet, direction: Direction, reason: DropReason, audit: bool, ifindex: u32) -> Event {
     Event {
         // Events need CLOCK_MONOTONIC, which the daemon turns into wall-clock
         // time; only drops and audits pay for this helper call.
@@ -80,22 +81,33 @@ pub fn describe(packet: &Packet, direction: Direction, reason: DropReason, audit
     }
 }
 
-/// Reports an event, within this CPU's budget, and counts a drop against
-/// its identity pair (`pair`, as the verdict found it, saves looking the
-/// addresses up again). Not inlined: as its own subprogram it adds one
-/// call to each path instead of its branches, which keeps the programs well
-/// inside the verifier's limits.
+/// What a drop or audit event needs besides the packet.
+pub struct Judged {
+    pub direction: Direction,
+    pub reason: DropReason,
+    /// An audit (the packet passes) rather than a drop.
+    pub audit: bool,
+    pub ifindex: u32,
+}
+
+/// Counts a drop against its identity pair (`pair`, as the verdict found
+/// it, saves looking the addresses up again) and reports an event within
+/// this CPU's budget. The event is built only once a token is taken: in a
+/// flood, most drops are over budget and pay for neither the clock nor the
+/// copy. Not inlined: as its own subprogram it adds one call to each path
+/// instead of its branches, which keeps the programs well inside the
+/// verifier's limits. `now` is the packet clock, which the budget is kept in.
 #[inline(never)]
-/// `now` is the packet clock, which the budget is kept in.
-pub fn report(event: &Event, pair: &IdentityPairKey, now: u64) {
-    if event.verdict == EVENT_DROP {
-        count_pair(event, pair);
+pub fn report(packet: &Packet, judged: &Judged, pair: &IdentityPairKey, now: u64) {
+    if !judged.audit {
+        count_pair(packet, pair);
     }
     if !take_token(now) {
         crate::metrics::count_state_error(StateError::EventsRateLimited);
         return;
     }
-    if EVENTS.output::<Event>(event, 0).is_err() {
+    let event = describe(packet, judged.direction, judged.reason, judged.audit, judged.ifindex);
+    if EVENTS.output::<Event>(&event, 0).is_err() {
         crate::metrics::count_state_error(StateError::EventsRingFull);
     }
 }

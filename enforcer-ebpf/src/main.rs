@@ -185,14 +185,13 @@ fn judge(frame: &Frame, direction: Direction, ifindex: impl Fn() -> u32) -> Verd
     {
         fragments::remember(packet, id, verdict, now);
     }
-    let event = match verdict.action {
-        Action::Drop => Some(events::describe(packet, direction, verdict.reason, false, ifindex())),
-        Action::Audit => Some(events::describe(packet, direction, verdict.reason, true, ifindex())),
-        Action::Pass | Action::Ignore => None,
+    let audit = match verdict.action {
+        Action::Drop => false,
+        Action::Audit => true,
+        Action::Pass | Action::Ignore => return verdict,
     };
-    if let Some(event) = event {
-        events::report(&event, &pair, now);
-    }
+    let judged = events::Judged { direction, reason: verdict.reason, audit, ifindex: ifindex() };
+    events::report(packet, &judged, &pair, now);
     verdict
 }
 

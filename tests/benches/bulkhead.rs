@@ -159,6 +159,9 @@ fn per_packet(sizes: &[usize], repeat: u32, runs: usize, spin: Option<&str>) -> 
     let mut loads = Vec::new();
     for &n in sizes {
         let policy = synthetic_policy(n);
+        // Each timed apply comes as an isolated change would, after the
+        // wait that follows the previous switch (see CHANGE_GAP).
+        std::thread::sleep(CHANGE_GAP);
         let started = Instant::now();
         let compiled = compile(&policy);
         let compile_time = started.elapsed();
@@ -169,6 +172,7 @@ fn per_packet(sizes: &[usize], repeat: u32, runs: usize, spin: Option<&str>) -> 
         if let Some(ports) = changed.rules[0].ports.as_mut() {
             ports[0] = PortSpec { protocol: Protocol::Tcp, first: 2999, last: 2999 };
         }
+        std::thread::sleep(CHANGE_GAP);
         let started = Instant::now();
         datapath.apply(&compile(&changed), false)?;
         let one = started.elapsed();
