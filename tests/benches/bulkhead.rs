@@ -774,7 +774,7 @@ fn main() -> Result<(), Error> {
         json.insert("footprint".into(), serde_json::json!({"rss_idle_kib": figures.idle_kib, "rss_loaded_kib": figures.loaded_kib, "loaded_size": big, "maps_memlock_bytes": figures.maps.iter().cloned().collect::<BTreeMap<_, _>>()}));
     }
     if wanted("traffic") {
-        let (seconds, rounds) = if quick { (2, 1) } else { (5, 3) };
+        let (seconds, rounds) = if quick { (2, 1) } else { (5, 5) };
         eprintln!("bench: traffic through veth with trafgen ({rounds} rounds of {seconds} s per filter and size)");
         let rows = traffic::run_all(&[1_000, 10_000], seconds, rounds)?;
         traffic_md(&mut md, &rows);
