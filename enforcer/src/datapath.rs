@@ -187,6 +187,8 @@ pub struct Datapath {
     /// The wait started at the last slot switch, in the background: the
     /// next `apply` rewrites that slot only once it has returned.
     quiescing: Option<JoinHandle<Result<(), QuiesceError>>>,
+    /// How long the last `apply` waited for that, for the metrics.
+    last_slot_wait: Duration,
 }
 
 /// How long to wait instead if the exact wait for in-flight programs fails:
@@ -426,6 +428,7 @@ impl Datapath {
             // An earlier daemon may have switched slots just before it exited.
             quiescing: quiesce_in_background(&barrier),
             barrier,
+            last_slot_wait: Duration::ZERO,
         })
     }
 
@@ -574,22 +577,23 @@ impl Datapath {
     /// switch is still running, so the slot it read may be rewritten.
     /// Usually long done: the wait began at the switch.
     fn wait_for_old_slot_readers(&mut self) {
-        let Some(waiting) = self.quiescing.take() else { return };
         let started = Instant::now();
-        let failed = match waiting.join() {
-            Ok(Ok(())) => {
-                if started.elapsed() >= Duration::from_millis(1) {
-                    log::debug!(
-                        "waited {:?} for program runs that may read the slot the last change left",
-                        started.elapsed()
-                    );
-                }
-                return;
+        if let Some(waiting) = self.quiescing.take() {
+            match waiting.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => fall_back(&error.to_string()),
+                Err(_) => fall_back("the thread waiting for in-flight BPF programs panicked"),
             }
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => "the thread waiting for in-flight BPF programs panicked".to_owned(),
-        };
-        fall_back(&failed);
+        }
+        self.last_slot_wait = started.elapsed();
+    }
+
+    /// How long the last [`Datapath::apply`] waited for program runs still
+    /// reading the slot it rewrote: zero unless it came within an RCU grace
+    /// period of the change before.
+    #[must_use]
+    pub fn last_slot_wait(&self) -> Duration {
+        self.last_slot_wait
     }
 
     /// Takes over the state an earlier daemon left in pinned maps: the

@@ -68,10 +68,12 @@ pub fn render(
     snapshot: &CounterSnapshot,
     stats: PolicyStats,
     usage: &Usage,
-    apply_duration: &Histogram,
+    histograms: &[&Histogram],
 ) -> Result<String, prometheus::Error> {
     let builder = Builder { registry: Registry::new() };
-    builder.registry.register(Box::new(apply_duration.clone()))?;
+    for histogram in histograms {
+        builder.registry.register(Box::new((*histogram).clone()))?;
+    }
     traffic(&builder, snapshot)?;
     policy_figures(&builder, snapshot, stats)?;
     usage_figures(&builder, snapshot, usage)?;
@@ -224,6 +226,8 @@ pub struct Shared {
     pub ready: std::sync::atomic::AtomicBool,
     /// Time from reading a changed policy to publishing its generation.
     pub apply_duration: Histogram,
+    /// Of that, the wait for program runs still reading the slot rewritten.
+    pub slot_wait: Histogram,
 }
 
 fn apply_duration_histogram() -> Histogram {
@@ -232,6 +236,15 @@ fn apply_duration_histogram() -> Histogram {
         "Time from reading a changed policy to enforcing it: parse, validate, compile, write, switch.",
     )
     .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+    Histogram::with_opts(opts).expect("static histogram options are valid")
+}
+
+fn slot_wait_histogram() -> Histogram {
+    let opts = HistogramOpts::new(
+        "bulkhead_policy_slot_wait_seconds",
+        "Part of each policy apply spent waiting for program runs that may still read the slot it rewrites; non-zero only for a change within an RCU grace period of the one before.",
+    )
+    .buckets(vec![0.0001, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]);
     Histogram::with_opts(opts).expect("static histogram options are valid")
 }
 
@@ -249,6 +262,7 @@ impl Shared {
             recent_events: Mutex::new(std::collections::VecDeque::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
             apply_duration: apply_duration_histogram(),
+            slot_wait: slot_wait_histogram(),
         })
     }
 }
@@ -273,7 +287,9 @@ mod tests {
         let usage = Usage { maps: vec![("policy", 12, 100)], conntrack: (4, 1000) };
         let histogram = apply_duration_histogram();
         histogram.observe(0.002);
-        let text = render(&snapshot, stats, &usage, &histogram).unwrap();
+        let slot_wait = slot_wait_histogram();
+        slot_wait.observe(0.012);
+        let text = render(&snapshot, stats, &usage, &[&histogram, &slot_wait]).unwrap();
         for line in [
             "bulkhead_policy_verdicts_total{action=\"allow\",rule=\"web-to-db\"} 9",
             "bulkhead_map_entries{map=\"policy\"} 12",
@@ -285,6 +301,8 @@ mod tests {
             "bulkhead_identity_drops_total{dst_identity=\"db\",src_identity=\"web\"} 5",
             "bulkhead_identity_drops_total{dst_identity=\"other\",src_identity=\"other\"} 2",
             "bulkhead_policy_apply_duration_seconds_count 1",
+            "bulkhead_policy_slot_wait_seconds_bucket{le=\"0.01\"} 0",
+            "bulkhead_policy_slot_wait_seconds_bucket{le=\"0.025\"} 1",
             "bulkhead_build_info{version=",
         ] {
             assert!(text.contains(line), "missing {line} in {text}");

@@ -391,10 +391,10 @@ impl Maintainer<'_> {
             Ok(policy) => {
                 let compiled = policy::compile(&policy);
                 let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-                match guard.as_mut().map(|d| d.apply(&compiled, self.audit)) {
-                    Some(Ok(generation)) => {
+                match guard.as_mut().map(|d| d.apply(&compiled, self.audit).map(|g| (g, d.last_slot_wait()))) {
+                    Some(Ok((generation, slot_wait))) => {
                         drop(guard);
-                        self.shared.apply_duration.observe(started.elapsed().as_secs_f64());
+                        self.observe_apply(started, slot_wait);
                         log::info!(
                             target: "audit",
                             "who={} action=push result=applied generation={generation} digest=sha256:{digest} {}",
@@ -469,6 +469,11 @@ impl Maintainer<'_> {
         *self.shared.usage.lock().unwrap_or_else(PoisonError::into_inner) = usage;
     }
 
+    fn observe_apply(&self, started: Instant, slot_wait: Duration) {
+        self.shared.apply_duration.observe(started.elapsed().as_secs_f64());
+        self.shared.slot_wait.observe(slot_wait.as_secs_f64());
+    }
+
     /// Applies the directory's policy if it changed, or re-compiles the
     /// enforced one if a rule expired.
     fn reload(&mut self, expired: bool) {
@@ -508,11 +513,11 @@ impl Maintainer<'_> {
         let applied = {
             let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(datapath) = guard.as_mut() else { return };
-            datapath.apply(&compiled, self.audit)
+            datapath.apply(&compiled, self.audit).map(|generation| (generation, datapath.last_slot_wait()))
         };
         match applied {
-            Ok(generation) => {
-                self.shared.apply_duration.observe(started.elapsed().as_secs_f64());
+            Ok((generation, slot_wait)) => {
+                self.observe_apply(started, slot_wait);
                 let total = started.elapsed();
                 log::info!(
                     "applied policy generation {generation} ({why}): {} identities, {} rules in force; took {} ms (read, parse and validate {} ms, compile {} ms, write and switch {} ms)",

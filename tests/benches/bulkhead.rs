@@ -477,6 +477,7 @@ struct ClientFiles {
 /// series in ms.
 fn timed_updates(
     lab: &ThreeTier,
+    daemon: &Daemon,
     program: &LiveProgram,
     dir: &Path,
     client: &ClientFiles,
@@ -521,9 +522,37 @@ fn timed_updates(
         |_| Ok(()),
         |k| session.borrow_mut().push("pushed.yaml", &texts[k - first]),
     )?;
+    let spaced_slot_waits = slot_waits(lab, daemon)?;
     // Back on the files (a pushed policy stays until the directory changes).
     let back_to_back = time_changes(program, 3 * changes + 1..=4 * changes, Duration::ZERO, rename_in, rename)?;
-    Ok(UpdateSeries { renames, pushes, session_pushes, back_to_back })
+    let all_slot_waits = slot_waits(lab, daemon)?;
+    let back_to_back_slot_waits = SlotWaits {
+        applies: all_slot_waits.applies - spaced_slot_waits.applies,
+        waited: all_slot_waits.waited - spaced_slot_waits.waited,
+    };
+    Ok(UpdateSeries { renames, pushes, session_pushes, back_to_back, spaced_slot_waits, back_to_back_slot_waits })
+}
+
+/// Of the daemon's applies so far, how many waited over a millisecond for
+/// program runs still reading the slot they rewrote, from its metrics.
+#[derive(Clone, Copy)]
+struct SlotWaits {
+    applies: u64,
+    waited: u64,
+}
+
+fn slot_waits(lab: &ThreeTier, daemon: &Daemon) -> Result<SlotWaits, Error> {
+    let (_, text) = lab::probe::http_get(&lab.router, daemon.metrics_addr, "/metrics")?;
+    let value = |series: &str| -> Result<u64, Error> {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(series))
+            .ok_or_else(|| format!("no {series} in the daemon's metrics"))?;
+        Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
+    };
+    let applies = value("bulkhead_policy_slot_wait_seconds_count ")?;
+    let within = value("bulkhead_policy_slot_wait_seconds_bucket{le=\"0.001\"} ")?;
+    Ok(SlotWaits { applies, waited: applies - within })
 }
 
 /// One-rule change latencies through the daemon, ms.
@@ -532,6 +561,9 @@ struct UpdateSeries {
     pushes: Vec<f64>,
     session_pushes: Vec<f64>,
     back_to_back: Vec<f64>,
+    /// Over the three spaced series.
+    spaced_slot_waits: SlotWaits,
+    back_to_back_slot_waits: SlotWaits,
 }
 
 /// Update latency through the real daemon (file renames and API pushes),
@@ -575,7 +607,7 @@ fn daemon_figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
     let idle_kib = rss_kib(pid);
     let program = LiveProgram::attached_under(&lab.bpffs_root())?;
     let client = ClientFiles { ca: ca_pem, cert: client_cert, key: client_key, scratch: scratch.0.clone() };
-    let updates = timed_updates(&lab, &program, &dir, &client, changes, &variant)?;
+    let updates = timed_updates(&lab, &daemon, &program, &dir, &client, changes, &variant)?;
     // The large policy, as YAML the daemon reads and watches. (A pushed
     // policy stays until the directory changes, which this rename does.)
     let policy = synthetic_policy(big);
@@ -678,6 +710,12 @@ fn daemon_md(md: &mut String, figures: &DaemonFigures, big: usize) {
             percentile(samples, 1.0)
         );
     }
+    let (spaced, back_to_back) = (figures.updates.spaced_slot_waits, figures.updates.back_to_back_slot_waits);
+    let _ = writeln!(
+        md,
+        "\nApplies that waited over 1 ms for program runs still reading the slot they rewrote (`bulkhead_policy_slot_wait_seconds`): {} of {} changes in the three spaced series, {} of {} back to back.",
+        spaced.waited, spaced.applies, back_to_back.waited, back_to_back.applies
+    );
     let _ = writeln!(
         md,
         "\n| {big} identities and rules, through the daemon | time |\n|---|---:|\n| full load (rename → enforced: parse, validate, compile, write, switch) | {:.0} ms |\n| one-rule change to it | {:.0} ms |",
@@ -768,6 +806,10 @@ fn main() -> Result<(), Error> {
                 "push": series(&updates.pushes),
                 "push_open_connection": series(&updates.session_pushes),
                 "rename_back_to_back": series(&updates.back_to_back),
+            "slot_waits_over_1ms": {
+                "spaced": {"applies": updates.spaced_slot_waits.applies, "waited": updates.spaced_slot_waits.waited},
+                "back_to_back": {"applies": updates.back_to_back_slot_waits.applies, "waited": updates.back_to_back_slot_waits.waited},
+            },
             }),
         );
         json.insert("large_policy".into(), serde_json::json!({"size": big, "full_load_ms": ms(figures.big_load), "one_rule_change_ms": ms(figures.big_change), "daemon_breakdown": figures.breakdown}));

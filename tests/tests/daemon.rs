@@ -176,6 +176,7 @@ fn metrics_show_rule_hits_map_usage_and_apply_times() {
     let policy_entries = policy::compile(&policy::parse_str("p", &three_tier()).unwrap()).policy_entries.len() as u64;
     assert_eq!(metric(&lab, &daemon, "bulkhead_map_entries{map=\"policy\"}"), Some(policy_entries));
     assert!(metric(&lab, &daemon, "bulkhead_policy_apply_duration_seconds_count").is_some());
+    assert!(metric(&lab, &daemon, "bulkhead_policy_slot_wait_seconds_count").is_some());
     assert_eq!(metric(&lab, &daemon, "bulkhead_state_insert_failures_total{map=\"conntrack\"}"), Some(0));
     let (_, body) = probe::http_get(&lab.router, daemon.metrics_addr, "/metrics").unwrap();
     assert!(body.contains("bulkhead_build_info{version=\""), "{body}");
