@@ -757,6 +757,23 @@ fn traffic_md(md: &mut String, rows: &[traffic::TrafficRow]) {
             row.bottleneck()
         );
     }
+    // Round by round, so a lead can be told from the spread: each round ran
+    // every filter one after another.
+    for rules in rows.iter().map(|r| r.rules).collect::<std::collections::BTreeSet<_>>() {
+        let of = |filter| rows.iter().find(|r| r.rules == rules && r.filter == filter);
+        let (Some(ours), Some(theirs)) = (of(traffic::Filter::BulkheadTc), of(traffic::Filter::Nftables)) else {
+            continue;
+        };
+        let per_round: Vec<String> =
+            ours.round_ns.iter().zip(&theirs.round_ns).map(|(a, b)| format!("{a:.0} vs {b:.0}")).collect();
+        let ahead = ours.round_ns.iter().zip(&theirs.round_ns).filter(|(a, b)| a < b).count();
+        let _ = writeln!(
+            md,
+            "\nAt {rules} rules, Bulkhead (TC ingress) vs nftables (set), receiver ns per packet round by round: {} (Bulkhead cheaper in {ahead} of {}).",
+            per_round.join(", "),
+            per_round.len()
+        );
+    }
 }
 
 fn main() -> Result<(), Error> {
@@ -820,7 +837,7 @@ fn main() -> Result<(), Error> {
         eprintln!("bench: traffic through veth with trafgen ({rounds} rounds of {seconds} s per filter and size)");
         let rows = traffic::run_all(&[1_000, 10_000], seconds, rounds)?;
         traffic_md(&mut md, &rows);
-        json.insert("traffic".into(), rows.iter().map(|r| serde_json::json!({"rules": r.rules, "filter": r.filter.name(), "seconds": r.seconds, "sent": r.sent, "passed": r.passed, "filtered": r.filtered, "lost": r.lost, "receiver_ns_per_packet": r.receiver_ns, "receiver_busy": r.receiver_busy, "sender_busy": r.sender_busy, "bottleneck": r.bottleneck()})).collect());
+        json.insert("traffic".into(), rows.iter().map(|r| serde_json::json!({"rules": r.rules, "filter": r.filter.name(), "seconds": r.seconds, "sent": r.sent, "passed": r.passed, "filtered": r.filtered, "lost": r.lost, "receiver_ns_per_packet": r.receiver_ns, "receiver_busy": r.receiver_busy, "sender_busy": r.sender_busy, "bottleneck": r.bottleneck(), "round_receiver_ns": r.round_ns})).collect());
     }
     let took = started.elapsed();
     let _ = writeln!(md, "\n_The run took {:.1} minutes._", took.as_secs_f64() / 60.0);
