@@ -402,7 +402,7 @@ fn denied_before(program: &LiveProgram, probe: &[u8]) -> Result<(), Error> {
 
 /// How far apart the timed changes are, as separate edits are: longer than
 /// the daemon's wait for program runs still reading the slot it left at
-/// the previous change (one RCU grace period, 7–16 ms here), which a change
+/// the previous change (one RCU grace period, 7–45 ms here), which a change
 /// coming sooner waits out first. The back-to-back row times that case.
 const CHANGE_GAP: Duration = Duration::from_millis(50);
 
