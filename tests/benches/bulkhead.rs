@@ -823,10 +823,10 @@ fn main() -> Result<(), Error> {
                 "push": series(&updates.pushes),
                 "push_open_connection": series(&updates.session_pushes),
                 "rename_back_to_back": series(&updates.back_to_back),
-            "slot_waits_over_1ms": {
-                "spaced": {"applies": updates.spaced_slot_waits.applies, "waited": updates.spaced_slot_waits.waited},
-                "back_to_back": {"applies": updates.back_to_back_slot_waits.applies, "waited": updates.back_to_back_slot_waits.waited},
-            },
+                "slot_waits_over_1ms": {
+                    "spaced": {"applies": updates.spaced_slot_waits.applies, "waited": updates.spaced_slot_waits.waited},
+                    "back_to_back": {"applies": updates.back_to_back_slot_waits.applies, "waited": updates.back_to_back_slot_waits.waited},
+                },
             }),
         );
         json.insert("large_policy".into(), serde_json::json!({"size": big, "full_load_ms": ms(figures.big_load), "one_rule_change_ms": ms(figures.big_change), "daemon_breakdown": figures.breakdown}));

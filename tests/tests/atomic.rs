@@ -1,8 +1,9 @@
 //! A policy switch is atomic: under continuous traffic through the real XDP
 //! program, flipping between two policies hundreds of times never judges a
-//! packet by one policy's identities and the other's rules; and the slot a
-//! switch left is rewritten only after the kernel's wait for program runs
-//! still reading it. Needs root; run through `cargo xtask test`.
+//! packet by one policy's identities and the other's rules; and the barrier
+//! the datapath waits on before rewriting the slot a switch left is the
+//! kernel's own wait for running programs (a map-of-maps update). Needs
+//! root; run through `cargo xtask test`.
 
 mod kernel;
 

@@ -249,7 +249,7 @@ impl Link {
         std::fs::write(&config_path, config)?;
         self.pin_receiver_thread()?;
         let (sent0, delivered0, filtered0) = (self.sent()?, self.delivered()?, filtered()?);
-        let (away0, watched) = (cpu_away_ns()?, Instant::now());
+        let away0 = cpu_away_ns()?;
         let started = Instant::now();
         let output = self
             .tx
@@ -283,9 +283,9 @@ impl Link {
         let passed = self.delivered()? - delivered0;
         let dropped = filtered()? - filtered0;
         let away1 = cpu_away_ns()?;
-        let watched = u64::try_from(watched.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        // Busy time of the run, as a share of trafgen's time (the drain
-        // after it is the receiver's work too).
+        // Busy time from trafgen's start to the end of the drain (the
+        // receiver's work too), as a share of trafgen's time.
+        let watched = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         #[allow(clippy::cast_precision_loss, reason = "nanoseconds of a few seconds")]
         let busy = |cpu: usize| {
             watched.saturating_sub(away1[cpu].saturating_sub(away0[cpu])) as f64 / elapsed.as_nanos() as f64
