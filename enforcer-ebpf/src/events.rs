@@ -1,6 +1,7 @@
 //! Drop and audit events, rate-limited per CPU so a flood of drops cannot
 //! flood the ring (or whatever reads it). Everything not reported is counted.
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use enforcer_common::{
     CONFIG_INDEX, Direction, DropReason, EVENTS_PER_SECOND, Event, IdentityPairKey, StateError, slot_of,
@@ -51,12 +52,23 @@ fn count_pair(packet: &Packet, known: &IdentityPairKey) {
     } else {
         *known
     };
-    if let Some(count) = IDENTITY_DROPS.get_ptr_mut(key) {
-        // SAFETY: per-CPU value, so no other writer runs concurrently.
-        unsafe { *count += 1 };
-    } else if IDENTITY_DROPS.insert(key, 1u64, 0).is_err() {
+    if increment(&key) {
+        return;
+    }
+    // Only if the pair is new: another CPU adding it at the same moment
+    // makes this insert fail, and the drop is counted on that CPU's entry.
+    if IDENTITY_DROPS.insert(&key, &1u64, u64::from(BPF_NOEXIST)).is_err() && !increment(&key) {
         crate::metrics::count_state_error(StateError::IdentityDrops);
     }
+}
+
+/// Adds one to this CPU's count for `key`; false if the pair has no entry.
+#[inline(always)]
+fn increment(key: &IdentityPairKey) -> bool {
+    let Some(count) = IDENTITY_DROPS.get_ptr_mut(key) else { return false };
+    // SAFETY: per-CPU value, so no other writer runs concurrently.
+    unsafe { *count += 1 };
+    true
 }
 
 /// The event describing a dropped (`audit == false`) or audited packet.

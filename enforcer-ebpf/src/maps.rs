@@ -3,7 +3,7 @@
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use enforcer_common::{
     Config, Counter, DEFAULT_MAX_RULES, DROP_COUNTER_ENTRIES, Direction, EventBudget, FlowKey, FlowValue, FragmentKey,
     FragmentValue, IdentityKeyV4, IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue,
@@ -83,6 +83,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
-/// Drops per (slot, source identity, destination identity).
+/// Drops per (slot, source identity, destination identity). Not LRU: an
+/// evicted pair would take its count with it unseen (and its Prometheus
+/// counter would go backwards); when this map is full a new pair's drops
+/// are counted as failed inserts instead. The daemon empties a slot's
+/// pairs whenever it reuses the slot. It is also the one kind of per-CPU
+/// hash the verifier inlines lookups of, which every counted drop pays for.
 #[map]
-pub static IDENTITY_DROPS: LruPerCpuHashMap<IdentityPairKey, u64> = LruPerCpuHashMap::with_max_entries(16_384, 0);
+pub static IDENTITY_DROPS: PerCpuHashMap<IdentityPairKey, u64> = PerCpuHashMap::with_max_entries(16_384, 0);
