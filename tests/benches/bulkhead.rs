@@ -757,19 +757,49 @@ fn traffic_md(md: &mut String, rows: &[traffic::TrafficRow]) {
             row.bottleneck()
         );
     }
-    // Round by round, so a lead can be told from the spread: each round ran
-    // every filter one after another.
+    versus(md, rows, "receiver ns per packet", |row| row.round_ns.clone());
+    let _ = writeln!(
+        md,
+        "\n### Each filter's own work on the receiving CPU (CPU 1 sampled by `perf` at {} Hz with call chains in more rounds; freeing dropped packets left out)\n\n| rules | filter | own CPU ns per packet (median) | round by round | samples in its own code, all rounds |\n|---:|---|---:|---|---:|",
+        traffic::SAMPLING_HZ
+    );
+    for row in rows {
+        let Some(own_ns) = row.own_ns() else { continue };
+        let rounds: Vec<String> = row.own_ns_rounds().iter().map(|ns| format!("{ns:.0}")).collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {own_ns:.0} | {} | {} |",
+            row.rules,
+            row.filter.name(),
+            rounds.join(", "),
+            row.profiles.iter().map(|p| p.own).sum::<u64>()
+        );
+    }
+    versus(md, rows, "own CPU ns per packet", traffic::TrafficRow::own_ns_rounds);
+}
+
+/// Bulkhead at TC ingress against nftables' set, round by round, so that a
+/// lead can be told from the spread: each round ran every filter one after
+/// another. `rounds` gives a row's figure for each round.
+fn versus(
+    md: &mut String,
+    rows: &[traffic::TrafficRow],
+    what: &str,
+    rounds: impl Fn(&traffic::TrafficRow) -> Vec<f64>,
+) {
     for rules in rows.iter().map(|r| r.rules).collect::<std::collections::BTreeSet<_>>() {
-        let of = |filter| rows.iter().find(|r| r.rules == rules && r.filter == filter);
+        let of = |filter| rows.iter().find(|r| r.rules == rules && r.filter == filter).map(&rounds);
         let (Some(ours), Some(theirs)) = (of(traffic::Filter::BulkheadTc), of(traffic::Filter::Nftables)) else {
             continue;
         };
-        let per_round: Vec<String> =
-            ours.round_ns.iter().zip(&theirs.round_ns).map(|(a, b)| format!("{a:.0} vs {b:.0}")).collect();
-        let ahead = ours.round_ns.iter().zip(&theirs.round_ns).filter(|(a, b)| a < b).count();
+        if ours.is_empty() {
+            continue;
+        }
+        let per_round: Vec<String> = ours.iter().zip(&theirs).map(|(a, b)| format!("{a:.0} vs {b:.0}")).collect();
+        let ahead = ours.iter().zip(&theirs).filter(|(a, b)| a < b).count();
         let _ = writeln!(
             md,
-            "\nAt {rules} rules, Bulkhead (TC ingress) vs nftables (set), receiver ns per packet round by round: {} (Bulkhead cheaper in {ahead} of {}).",
+            "\nAt {rules} rules, Bulkhead (TC ingress) vs nftables (set), {what} round by round: {} (Bulkhead cheaper in {ahead} of {}).",
             per_round.join(", "),
             per_round.len()
         );
@@ -833,11 +863,14 @@ fn main() -> Result<(), Error> {
         json.insert("footprint".into(), serde_json::json!({"rss_idle_kib": figures.idle_kib, "rss_loaded_kib": figures.loaded_kib, "loaded_size": big, "maps_memlock_bytes": figures.maps.iter().cloned().collect::<BTreeMap<_, _>>()}));
     }
     if wanted("traffic") {
-        let (seconds, rounds) = if quick { (2, 1) } else { (5, 5) };
-        eprintln!("bench: traffic through veth with trafgen ({rounds} rounds of {seconds} s per filter and size)");
-        let rows = traffic::run_all(&[1_000, 10_000], seconds, rounds)?;
+        let (seconds, rounds, profiled) = if quick { (2, 1, (1, 2)) } else { (5, 5, (3, 3)) };
+        eprintln!(
+            "bench: traffic through veth with trafgen ({rounds} rounds of {seconds} s per filter and size, then {} profiled of {} s)",
+            profiled.0, profiled.1
+        );
+        let rows = traffic::run_all(&[1_000, 10_000], seconds, rounds, profiled)?;
         traffic_md(&mut md, &rows);
-        json.insert("traffic".into(), rows.iter().map(|r| serde_json::json!({"rules": r.rules, "filter": r.filter.name(), "seconds": r.seconds, "sent": r.sent, "passed": r.passed, "filtered": r.filtered, "lost": r.lost, "receiver_ns_per_packet": r.receiver_ns, "receiver_busy": r.receiver_busy, "sender_busy": r.sender_busy, "bottleneck": r.bottleneck(), "round_receiver_ns": r.round_ns})).collect());
+        json.insert("traffic".into(), rows.iter().map(|r| serde_json::json!({"rules": r.rules, "filter": r.filter.name(), "seconds": r.seconds, "sent": r.sent, "passed": r.passed, "filtered": r.filtered, "lost": r.lost, "receiver_ns_per_packet": r.receiver_ns, "receiver_busy": r.receiver_busy, "sender_busy": r.sender_busy, "bottleneck": r.bottleneck(), "round_receiver_ns": r.round_ns, "own_ns_per_packet": r.own_ns(), "profiled_rounds": r.profiles.iter().map(|p| serde_json::json!({"kernel_samples": p.samples, "own_samples": p.own, "packets": p.packets, "own_ns_per_packet": p.own_ns()})).collect::<Vec<_>>()})).collect());
     }
     let took = started.elapsed();
     let _ = writeln!(md, "\n_The run took {:.1} minutes._", took.as_secs_f64() / 60.0);

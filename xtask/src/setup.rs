@@ -12,8 +12,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const PACKAGES: [&str; 2] = ["iproute2", "bpftool"];
 
 /// What `cargo xtask bench` adds: trafgen (in netsniff-ng) to generate the
-/// traffic, and the peers Bulkhead is measured against.
-pub const BENCH_PACKAGES: [&str; 4] = ["netsniff-ng", "nftables", "iptables", "ethtool"];
+/// traffic, the peers Bulkhead is measured against, and perf to sample
+/// where the receiving CPU's time goes.
+pub const BENCH_PACKAGES: [&str; 5] = ["netsniff-ng", "nftables", "iptables", "ethtool", "linux-perf"];
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let output = Command::new(program).args(args).output().ok()?;

@@ -8,6 +8,11 @@
 //! packet is CPU 1's busy time (all of the run it was not idle, see
 //! [`cpu_away_ns`]) divided by the packets it handled; whichever side was
 //! busier than the other is reported as the bottleneck.
+//!
+//! That total is mostly the veth and UDP receive path, which every filter
+//! shares, and it moves by ±10% from round to round with the host. So more
+//! rounds run under `perf`, sampling CPU 1 with call chains, to tell each
+//! filter's own work apart from the stack around it ([`Profile`]).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -46,6 +51,19 @@ impl Filter {
     pub const ALL: [Self; 6] =
         [Self::Nothing, Self::BulkheadNative, Self::BulkheadGeneric, Self::BulkheadTc, Self::Nftables, Self::Iptables];
 
+    /// Whether a sampled frame belongs to this filter's own code.
+    fn owns(self, address: u64, symbol: &str) -> bool {
+        match self {
+            Self::Nothing => false,
+            // The program and its subprograms (`bpf_prog_<tag>_<name>`).
+            Self::BulkheadNative | Self::BulkheadGeneric | Self::BulkheadTc => {
+                is_bpf_program(symbol) || (symbol == "[unknown]" && BPF_TEXT.contains(&address))
+            }
+            Self::Nftables => symbol == "nft_do_chain_netdev",
+            Self::Iptables => symbol == "ipt_do_table",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Nothing => "no filter",
@@ -78,7 +96,203 @@ pub struct TrafficRow {
     /// The receiver cost of every round, in round order (this row is the
     /// round with the median).
     pub round_ns: Vec<f64>,
+    /// Where the receiving CPU's time went, in each profiled round.
+    pub profiles: Vec<Profile>,
 }
+
+impl TrafficRow {
+    /// The filter's own CPU ns per packet in each profiled round, in round order.
+    pub fn own_ns_rounds(&self) -> Vec<f64> {
+        self.profiles.iter().map(Profile::own_ns).collect()
+    }
+
+    /// The median of [`TrafficRow::own_ns_rounds`], if any round was profiled.
+    pub fn own_ns(&self) -> Option<f64> {
+        let mut rounds = self.own_ns_rounds();
+        rounds.sort_by(f64::total_cmp);
+        rounds.get(rounds.len() / 2).copied()
+    }
+}
+
+/// CPU 1's kernel samples in a profiled run, and how many of them fell in
+/// the filter's own code: Bulkhead's eBPF program and the kernel's map
+/// code it calls; nftables' netdev chain and what it calls; iptables'
+/// table walk. Samples freeing a dropped packet are left out for every
+/// filter: the kernel frees what any of them drops, but under nftables and
+/// iptables the free runs inside their hook.
+#[derive(Clone, Copy, Default)]
+pub struct Profile {
+    pub samples: u64,
+    pub own: u64,
+    /// Packets the receiver handled in the profiled run (set by its caller).
+    pub packets: u64,
+}
+
+impl Profile {
+    /// The filter's own CPU time per packet. CPU 1 never idles while it
+    /// is sampled, so each sample stands for one sampling period of it.
+    #[allow(clippy::cast_precision_loss, reason = "counts are far below 2^52")]
+    pub fn own_ns(&self) -> f64 {
+        self.own as f64 * 1e9 / f64::from(SAMPLING_HZ) / self.packets.max(1) as f64
+    }
+
+    /// Reads `perf script -F ip,sym` output: one call chain per sample,
+    /// innermost frame first, samples separated by blank lines.
+    fn of_script(script: &str, filter: Filter) -> Self {
+        let mut profile = Self::default();
+        for sample in script.split("\n\n") {
+            let frames: Vec<(u64, &str)> = sample
+                .lines()
+                .filter_map(|line| {
+                    let (address, symbol) = line.trim().split_once(' ')?;
+                    Some((u64::from_str_radix(address, 16).ok()?, symbol.trim()))
+                })
+                .collect();
+            // User space: the spinner (see `Sampler::start`) or a stray process.
+            if frames.first().is_none_or(|&(address, _)| address < KERNEL_TEXT) {
+                continue;
+            }
+            profile.samples += 1;
+            let frees = frames.iter().any(|(_, symbol)| FREEING.iter().any(|f| symbol.starts_with(f)));
+            if !frees && frames.iter().any(|&(address, symbol)| filter.owns(address, symbol)) {
+                profile.own += 1;
+            }
+        }
+        profile
+    }
+}
+
+/// The lowest kernel address on x86-64: below it is user space.
+const KERNEL_TEXT: u64 = 0xffff_8000_0000_0000;
+
+/// Kernel functions that free a socket buffer and its memory.
+const FREEING: [&str; 9] = [
+    "kfree_skb",
+    "sk_skb_reason_drop",
+    "consume_skb",
+    "skb_release",
+    "skb_free_head",
+    "sock_wfree",
+    "kmem_cache_free",
+    "__slab_free",
+    "kfree",
+];
+
+/// A BPF program's symbol, `bpf_prog_<16 hex digits>_<name>` (not a kernel
+/// function such as `bpf_prog_run_generic_xdp`, which runs one).
+fn is_bpf_program(symbol: &str) -> bool {
+    symbol.strip_prefix("bpf_prog_").is_some_and(|rest| {
+        rest.len() > 17 && rest.as_bytes()[16] == b'_' && rest[..16].bytes().all(|b| b.is_ascii_hexdigit())
+    })
+}
+
+/// Sampling rate of the profiled rounds, Hz: off the timer tick, so that
+/// samples do not fall in step with it.
+pub const SAMPLING_HZ: u32 = 4999;
+
+/// `perf record` sampling every CPU with call chains, enabled only for the
+/// length of one run; [`Sampler::finish`] reads back CPU 1's samples.
+struct Sampler {
+    perf: Option<std::process::Child>,
+    /// Keeps CPU 1 from idling; see [`Sampler::start`].
+    spinner: Option<std::process::Child>,
+    /// Holds the recording and perf's control and acknowledgement FIFOs.
+    dir: std::path::PathBuf,
+    control: std::fs::File,
+    ack: std::fs::File,
+}
+
+impl Sampler {
+    fn start(stem: &str) -> Result<Self, Error> {
+        let dir = std::env::temp_dir().join(format!("{stem}.perf"));
+        std::fs::create_dir_all(&dir)?;
+        for fifo in ["control", "ack"] {
+            let path = dir.join(fifo);
+            let _ = std::fs::remove_file(&path);
+            run("mkfifo", &[&path.to_string_lossy()])?;
+        }
+        // Opened for reading and writing, a FIFO opens at once whether or
+        // not perf has opened its end yet.
+        let open = |name: &str| std::fs::OpenOptions::new().read(true).write(true).open(dir.join(name));
+        let (control, ack) = (open("control")?, open("ack")?);
+        // Every CPU, not just CPU 1: perf learns the names of BPF programs
+        // from events on the CPU that loads them. Events start disabled,
+        // so perf's own start-up is not sampled.
+        let perf = std::process::Command::new("perf")
+            .args(["record", "--quiet", "-a", "-g", "-e", "cpu-clock", "-F", &SAMPLING_HZ.to_string(), "-D", "-1"])
+            .arg(format!("--control=fifo:{},{}", dir.join("control").display(), dir.join("ack").display()))
+            .arg("-o")
+            .arg(dir.join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start perf (Debian package linux-perf): {e}"))?;
+        // perf's clock does not sample an idle CPU, and receive work that
+        // an interrupt brings to an idle CPU runs in the idle task: without
+        // this spinner, most of CPU 1's receive work would go unsampled.
+        // It runs only when nothing else wants CPU 1 (SCHED_IDLE), and its
+        // own samples are in user space, which `Profile` leaves out.
+        let spinner = std::process::Command::new("taskset")
+            .args(["-c", "1", "chrt", "--idle", "0", "sh", "-c", "while :; do :; done"])
+            .spawn()?;
+        let mut sampler = Self { perf: Some(perf), spinner: Some(spinner), dir, control, ack };
+        sampler.tell("enable")?;
+        Ok(sampler)
+    }
+
+    /// Sends perf a control command and waits for its acknowledgement.
+    fn tell(&mut self, command: &str) -> Result<(), Error> {
+        use std::io::{Read as _, Write as _};
+        use std::os::fd::AsRawFd as _;
+        writeln!(self.control, "{command}")?;
+        let mut poll = libc::pollfd { fd: self.ack.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&raw mut poll, 1, 10_000) } != 1 {
+            return Err(format!("perf did not acknowledge `{command}` within 10 s").into());
+        }
+        let mut reply = [0; 64];
+        let n = self.ack.read(&mut reply)?;
+        if !String::from_utf8_lossy(&reply[..n]).contains("ack") {
+            return Err(format!("perf answered `{command}` with {:?}", String::from_utf8_lossy(&reply[..n])).into());
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, filter: Filter) -> Result<Profile, Error> {
+        self.tell("disable")?;
+        if let Some(mut spinner) = self.spinner.take() {
+            spinner.kill()?;
+            spinner.wait()?;
+        }
+        if let Some(mut perf) = self.perf.take() {
+            run("kill", &["-INT", &perf.id().to_string()])?;
+            perf.wait()?;
+        }
+        let script = std::process::Command::new("perf")
+            .args(["script", "--cpu", "1", "-F", "ip,sym", "-i"])
+            .arg(self.dir.join("data"))
+            .stderr(std::process::Stdio::null())
+            .output()?;
+        if !script.status.success() {
+            return Err(format!("perf script failed on {}", self.dir.join("data").display()).into());
+        }
+        Ok(Profile::of_script(&String::from_utf8_lossy(&script.stdout), filter))
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        for mut child in [self.perf.take(), self.spinner.take()].into_iter().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Where the kernel puts JIT-compiled BPF programs (the module area): a
+/// frame there that `perf` could not name is a BPF program's.
+const BPF_TEXT: std::ops::Range<u64> = 0xffff_ffff_a000_0000..0xffff_ffff_ff00_0000;
 
 impl TrafficRow {
     #[allow(clippy::cast_precision_loss, reason = "packet counts are far below 2^52")]
@@ -164,6 +378,11 @@ impl Link {
         // Without XDP, veth hands packets to the stack on the sending CPU;
         // RPS moves that work to CPU 1 too, so every filter runs there.
         rx.exec(&["sh", "-c", &format!("echo 2 > /sys/class/net/{rx_if}/queues/rx-0/rps_cpus")])?;
+        // A legacy iptables table, once created in a namespace, stays hooked
+        // in for the namespace's life (flushing empties it, it does not
+        // unhook it): create it now, so that every run walks it empty, not
+        // just the runs after the iptables one.
+        rx.exec(&["iptables-legacy", "-L", "INPUT", "-n"])?;
         Ok(Self { tx, rx, tx_if, rx_if })
     }
 
@@ -233,13 +452,15 @@ impl Link {
         Ok(String::from_utf8_lossy(&self.tx.exec(&["cat", &path])?.stdout).trim().parse()?)
     }
 
-    /// Sends for `seconds` and measures; `filtered` reads the filter's drop counter.
+    /// Sends for `seconds` and measures; `filtered` reads the filter's drop
+    /// counter. `profiled`: the filter to sample CPU 1 for, with `perf`.
     fn measure(
         &self,
         frames: &[Vec<u8>],
         seconds: u64,
         filtered: &mut dyn FnMut() -> Result<u64, Error>,
-    ) -> Result<(f64, u64, u64, u64, [f64; 2]), Error> {
+        profiled: Option<Filter>,
+    ) -> Result<Measured, Error> {
         let mut config = String::new();
         for frame in frames {
             let bytes: Vec<String> = frame.iter().map(|b| format!("0x{b:02x}")).collect();
@@ -248,6 +469,7 @@ impl Link {
         let config_path = std::env::temp_dir().join(format!("{}.trafgen", self.tx.name()));
         std::fs::write(&config_path, config)?;
         self.pin_receiver_thread()?;
+        let sampler = profiled.map(|_| Sampler::start(self.tx.name())).transpose()?;
         let (sent0, delivered0, filtered0) = (self.sent()?, self.delivered()?, filtered()?);
         let away0 = cpu_away_ns()?;
         let started = Instant::now();
@@ -290,8 +512,24 @@ impl Link {
         let busy = |cpu: usize| {
             watched.saturating_sub(away1[cpu].saturating_sub(away0[cpu])) as f64 / elapsed.as_nanos() as f64
         };
-        Ok((elapsed.as_secs_f64(), sent, passed, dropped, [busy(0), busy(1)]))
+        let profile = match (sampler, profiled) {
+            (Some(sampler), Some(filter)) => Some(sampler.finish(filter)?),
+            _ => None,
+        };
+        Ok(Measured { seconds: elapsed.as_secs_f64(), sent, passed, dropped, busy: [busy(0), busy(1)], profile })
     }
+}
+
+/// What one run of [`Link::measure`] saw.
+struct Measured {
+    seconds: f64,
+    sent: u64,
+    passed: u64,
+    /// By the filter's own counter.
+    dropped: u64,
+    /// Share of the run CPUs 0 and 1 were busy.
+    busy: [f64; 2],
+    profile: Option<Profile>,
 }
 
 /// A filter's drop counter: the first line of `command`'s output that
@@ -330,28 +568,44 @@ fn cpu_away_ns() -> Result<[u64; 2], Error> {
 /// one after another so that a slow stretch of the host (other guests)
 /// falls on one round of every filter rather than on every round of one;
 /// each (rules, filter) keeps its round with the median receiver cost.
-pub fn run_all(rule_counts: &[usize], seconds: u64, rounds: usize) -> Result<Vec<TrafficRow>, Error> {
+/// Then `sampled.0` more rounds of `sampled.1` seconds under `perf`,
+/// which only say where the time went: sampling costs CPU, so their
+/// totals are not kept.
+pub fn run_all(
+    rule_counts: &[usize],
+    seconds: u64,
+    rounds: usize,
+    sampled: (usize, u64),
+) -> Result<Vec<TrafficRow>, Error> {
     let link = Link::new()?;
     let mut runs: Vec<TrafficRow> = Vec::new();
     for _ in 0..rounds {
-        runs.extend(run_round(&link, rule_counts, seconds)?);
+        runs.extend(run_round(&link, rule_counts, seconds, false)?);
+    }
+    let mut sampled_runs: Vec<TrafficRow> = Vec::new();
+    for _ in 0..sampled.0 {
+        sampled_runs.extend(run_round(&link, rule_counts, sampled.1, true)?);
     }
     let mut rows = Vec::new();
     for &rules in rule_counts {
         for filter in Filter::ALL {
-            let mut same: Vec<&TrafficRow> = runs.iter().filter(|r| r.rules == rules && r.filter == filter).collect();
+            let same_filter = |r: &&TrafficRow| r.rules == rules && r.filter == filter;
+            let mut same: Vec<&TrafficRow> = runs.iter().filter(same_filter).collect();
             let round_ns: Vec<f64> = same.iter().map(|r| r.receiver_ns).collect();
             same.sort_by(|a, b| a.receiver_ns.total_cmp(&b.receiver_ns));
+            let profiles = sampled_runs.iter().filter(same_filter).flat_map(|r| r.profiles.clone()).collect();
             if let Some(median) = same.get(same.len() / 2) {
-                rows.push(TrafficRow { round_ns, ..(*median).clone() });
+                rows.push(TrafficRow { round_ns, profiles, ..(*median).clone() });
             }
         }
     }
     Ok(rows)
 }
 
-/// One round: every filter at every rule count, `seconds` each.
-fn run_round(link: &Link, rule_counts: &[usize], seconds: u64) -> Result<Vec<TrafficRow>, Error> {
+/// One round: every filter at every rule count, `seconds` each, sampled
+/// by `perf` if `profiled`. Not sampled: no filter, which has no code,
+/// and iptables, whose cost its totals make plain.
+fn run_round(link: &Link, rule_counts: &[usize], seconds: u64, profiled: bool) -> Result<Vec<TrafficRow>, Error> {
     let mut rows = Vec::new();
     for &rules in rule_counts {
         let frames = link.frames(rules)?;
@@ -402,19 +656,24 @@ fn run_round(link: &Link, rule_counts: &[usize], seconds: u64) -> Result<Vec<Tra
                 })?)
             };
             let before = bulkhead_drops(&datapath)?;
-            let (seconds, sent, passed, mut filtered, [sender_busy, busy]) =
-                link.measure(&frames, seconds, &mut *counter)?;
+            let sample = (profiled && !matches!(filter, Filter::Nothing | Filter::Iptables)).then_some(filter);
+            let Measured { seconds, sent, passed, dropped, busy: [sender_busy, busy], profile } =
+                link.measure(&frames, seconds, &mut *counter, sample)?;
             drop(counter);
-            filtered += bulkhead_drops(&datapath)? - before;
+            let filtered = dropped + bulkhead_drops(&datapath)? - before;
             // Detach and remove before the next filter.
             drop(datapath);
             let _ = link.rx.exec(&["nft", "delete", "table", "netdev", "bhbench"]);
             let _ = link.rx.exec(&["iptables-legacy", "-F", "INPUT"]);
             let handled = passed + filtered;
+            let profile = profile.map(|p| Profile { packets: handled, ..p });
             #[allow(clippy::cast_precision_loss, reason = "packet counts are far below 2^52")]
             let receiver_ns = busy * seconds * 1e9 / handled.max(1) as f64;
+            let sampled = profile.map_or(String::new(), |p| {
+                format!(", profiled: {} of {} samples in the filter's own code", p.own, p.samples)
+            });
             eprintln!(
-                "bench: traffic {} at {rules} rules: sent {sent}, passed {passed}, filtered {filtered}, CPU 0 busy {:.0}%, CPU 1 busy {:.0}%",
+                "bench: traffic {} at {rules} rules: sent {sent}, passed {passed}, filtered {filtered}, CPU 0 busy {:.0}%, CPU 1 busy {:.0}%{sampled}",
                 filter.name(),
                 sender_busy * 100.0,
                 busy * 100.0
@@ -431,6 +690,7 @@ fn run_round(link: &Link, rule_counts: &[usize], seconds: u64) -> Result<Vec<Tra
                 receiver_busy: busy,
                 sender_busy,
                 round_ns: vec![receiver_ns],
+                profiles: profile.into_iter().collect(),
             });
         }
     }
