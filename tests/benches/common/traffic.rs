@@ -100,26 +100,12 @@ pub struct TrafficRow {
     pub profiles: Vec<Profile>,
 }
 
-impl TrafficRow {
-    /// The filter's own CPU ns per packet in each profiled round, in round order.
-    pub fn own_ns_rounds(&self) -> Vec<f64> {
-        self.profiles.iter().map(Profile::own_ns).collect()
-    }
-
-    /// The median of [`TrafficRow::own_ns_rounds`], if any round was profiled.
-    pub fn own_ns(&self) -> Option<f64> {
-        let mut rounds = self.own_ns_rounds();
-        rounds.sort_by(f64::total_cmp);
-        rounds.get(rounds.len() / 2).copied()
-    }
-}
-
 /// CPU 1's kernel samples in a profiled run, and how many of them fell in
-/// the filter's own code: Bulkhead's eBPF program and the kernel's map
-/// code it calls; nftables' netdev chain and what it calls; iptables'
-/// table walk. Samples freeing a dropped packet are left out for every
-/// filter: the kernel frees what any of them drops, but under nftables and
-/// iptables the free runs inside their hook.
+/// the filter's own code (see [`Filter::owns`]): Bulkhead's eBPF program
+/// and the kernel's map code it calls; nftables' netdev chain and what it
+/// calls. Samples freeing a dropped packet are left out for every filter:
+/// the kernel frees what any of them drops, but under nftables the free
+/// runs inside its hook.
 #[derive(Clone, Copy, Default)]
 pub struct Profile {
     pub samples: u64,
@@ -149,7 +135,7 @@ impl Profile {
                 })
                 .collect();
             // User space: the spinner (see `Sampler::start`) or a stray process.
-            if frames.first().is_none_or(|&(address, _)| address < KERNEL_TEXT) {
+            if frames.first().is_none_or(|&(address, _)| address < KERNEL_SPACE) {
                 continue;
             }
             profile.samples += 1;
@@ -163,7 +149,7 @@ impl Profile {
 }
 
 /// The lowest kernel address on x86-64: below it is user space.
-const KERNEL_TEXT: u64 = 0xffff_8000_0000_0000;
+const KERNEL_SPACE: u64 = 0xffff_8000_0000_0000;
 
 /// Kernel functions that free a socket buffer and its memory.
 const FREEING: [&str; 9] = [
@@ -295,6 +281,18 @@ impl Drop for Sampler {
 const BPF_TEXT: std::ops::Range<u64> = 0xffff_ffff_a000_0000..0xffff_ffff_ff00_0000;
 
 impl TrafficRow {
+    /// The filter's own CPU ns per packet in each profiled round, in round order.
+    pub fn own_ns_rounds(&self) -> Vec<f64> {
+        self.profiles.iter().map(Profile::own_ns).collect()
+    }
+
+    /// The median of [`TrafficRow::own_ns_rounds`], if any round was profiled.
+    pub fn own_ns(&self) -> Option<f64> {
+        let mut rounds = self.own_ns_rounds();
+        rounds.sort_by(f64::total_cmp);
+        rounds.get(rounds.len() / 2).copied()
+    }
+
     #[allow(clippy::cast_precision_loss, reason = "packet counts are far below 2^52")]
     pub fn pps(&self, packets: u64) -> f64 {
         packets as f64 / self.seconds
