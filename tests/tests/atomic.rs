@@ -8,10 +8,11 @@
 mod kernel;
 
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd as _, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use aya::maps::{ArrayOfMaps, Map, MapData, MapType};
 use enforcer::datapath::Hook;
 use enforcer::quiesce::ProgramBarrier;
 use kernel::Kernel;
@@ -98,33 +99,9 @@ fn flipping_policies_under_traffic_never_mixes_them() {
     assert_eq!(kernel.datapath.generation(), flips + 1);
 }
 
-/// `struct bpf_map_info`'s leading fields (linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct MapInfo {
-    map_type: u32,
-    id: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-}
-
-fn bpf(command: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<()> {
-    // SAFETY: `attr` is a zeroed bpf_attr of the size passed; the kernel
-    // reads it and the buffers it points at, alive for the call.
-    let result = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), size_of_val(attr)) };
-    if result < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
-}
-
-fn map_info(map: BorrowedFd<'_>) -> MapInfo {
-    let mut info = MapInfo::default();
-    let mut attr = [0u64; 16];
-    // BPF_OBJ_GET_INFO_BY_FD: bpf_fd and info_len, then the info pointer.
-    attr[0] = u64::from(map.as_raw_fd().cast_unsigned()) | (size_of::<MapInfo>() as u64) << 32;
-    attr[1] = (&raw mut info) as u64;
-    bpf(15, &mut attr).expect("map info");
-    info
+/// The map behind `fd`, through a descriptor of its own.
+fn map_data(fd: BorrowedFd<'_>) -> MapData {
+    MapData::from_fd(fd.try_clone_to_owned().expect("duplicate the map's descriptor")).expect("map info")
 }
 
 /// The wait before a left slot is rewritten is the kernel's own: updating
@@ -133,20 +110,16 @@ fn map_info(map: BorrowedFd<'_>) -> MapInfo {
 /// such an update, and after a wait the outer map must hold the inner one.
 #[test]
 fn the_slot_barrier_is_the_kernels_wait_for_running_programs() {
-    const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
     let barrier = ProgramBarrier::new().expect("create the barrier maps");
-    let outer = map_info(barrier.map_of_maps());
-    assert_eq!(outer.map_type, BPF_MAP_TYPE_ARRAY_OF_MAPS, "only a map-of-maps update waits for programs");
-    let inner_id = map_info(barrier.held_map()).id;
+    let outer = map_data(barrier.map_of_maps());
+    let outer_type = outer.info().expect("map info").map_type().expect("a known map type");
+    assert_eq!(outer_type, MapType::ArrayOfMaps, "only a map-of-maps update waits for programs");
+    let inner_id = map_data(barrier.held_map()).info().expect("map info").id();
+    let outer: ArrayOfMaps<MapData, MapData> =
+        Map::from_map_data(outer).expect("a map aya knows").try_into().expect("an array of maps");
     for _ in 0..3 {
         barrier.wait().expect("wait for running programs");
-        // BPF_MAP_LOOKUP_ELEM on a map-of-maps answers the held map's id.
-        let (key, mut held) = (0u32, 0u32);
-        let mut attr = [0u64; 16];
-        attr[0] = u64::from(barrier.map_of_maps().as_raw_fd().cast_unsigned());
-        attr[1] = (&raw const key) as u64;
-        attr[2] = (&raw mut held) as u64;
-        bpf(1, &mut attr).expect("look the held map up");
-        assert_eq!(held, inner_id, "the update stored the held map");
+        let held = outer.get(&0, 0).expect("the outer map holds a map");
+        assert_eq!(held.info().expect("map info").id(), inner_id, "the update stored the held map");
     }
 }
