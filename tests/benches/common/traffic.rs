@@ -51,16 +51,21 @@ impl Filter {
     pub const ALL: [Self; 6] =
         [Self::Nothing, Self::BulkheadNative, Self::BulkheadGeneric, Self::BulkheadTc, Self::Nftables, Self::Iptables];
 
+    /// Whether profiled rounds sample this filter. Not no filter, which has
+    /// no code, nor iptables, whose cost its totals make plain.
+    fn sampled(self) -> bool {
+        !matches!(self, Self::Nothing | Self::Iptables)
+    }
+
     /// Whether a sampled frame belongs to this filter's own code.
     fn owns(self, address: u64, symbol: &str) -> bool {
         match self {
-            Self::Nothing => false,
+            Self::Nothing | Self::Iptables => false,
             // The program and its subprograms (`bpf_prog_<tag>_<name>`).
             Self::BulkheadNative | Self::BulkheadGeneric | Self::BulkheadTc => {
                 is_bpf_program(symbol) || (symbol == "[unknown]" && BPF_TEXT.contains(&address))
             }
             Self::Nftables => symbol == "nft_do_chain_netdev",
-            Self::Iptables => symbol == "ipt_do_table",
         }
     }
 
@@ -179,6 +184,8 @@ pub const SAMPLING_HZ: u32 = 4999;
 /// `perf record` sampling every CPU with call chains, enabled only for the
 /// length of one run; [`Sampler::finish`] reads back CPU 1's samples.
 struct Sampler {
+    /// Whose own code the samples are counted for.
+    filter: Filter,
     perf: Option<std::process::Child>,
     /// Keeps CPU 1 from idling; see [`Sampler::start`].
     spinner: Option<std::process::Child>,
@@ -189,7 +196,7 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn start(stem: &str) -> Result<Self, Error> {
+    fn start(stem: &str, filter: Filter) -> Result<Self, Error> {
         let dir = std::env::temp_dir().join(format!("{stem}.perf"));
         std::fs::create_dir_all(&dir)?;
         for fifo in ["control", "ack"] {
@@ -221,7 +228,7 @@ impl Sampler {
         let spinner = std::process::Command::new("taskset")
             .args(["-c", "1", "chrt", "--idle", "0", "sh", "-c", "while :; do :; done"])
             .spawn()?;
-        let mut sampler = Self { perf: Some(perf), spinner: Some(spinner), dir, control, ack };
+        let mut sampler = Self { filter, perf: Some(perf), spinner: Some(spinner), dir, control, ack };
         sampler.tell("enable")?;
         Ok(sampler)
     }
@@ -244,7 +251,7 @@ impl Sampler {
         Ok(())
     }
 
-    fn finish(mut self, filter: Filter) -> Result<Profile, Error> {
+    fn finish(mut self) -> Result<Profile, Error> {
         self.tell("disable")?;
         if let Some(mut spinner) = self.spinner.take() {
             spinner.kill()?;
@@ -262,7 +269,7 @@ impl Sampler {
         if !script.status.success() {
             return Err(format!("perf script failed on {}", self.dir.join("data").display()).into());
         }
-        Ok(Profile::of_script(&String::from_utf8_lossy(&script.stdout), filter))
+        Ok(Profile::of_script(&String::from_utf8_lossy(&script.stdout), self.filter))
     }
 }
 
@@ -467,7 +474,7 @@ impl Link {
         let config_path = std::env::temp_dir().join(format!("{}.trafgen", self.tx.name()));
         std::fs::write(&config_path, config)?;
         self.pin_receiver_thread()?;
-        let sampler = profiled.map(|_| Sampler::start(self.tx.name())).transpose()?;
+        let sampler = profiled.map(|filter| Sampler::start(self.tx.name(), filter)).transpose()?;
         let (sent0, delivered0, filtered0) = (self.sent()?, self.delivered()?, filtered()?);
         let away0 = cpu_away_ns()?;
         let started = Instant::now();
@@ -510,10 +517,7 @@ impl Link {
         let busy = |cpu: usize| {
             watched.saturating_sub(away1[cpu].saturating_sub(away0[cpu])) as f64 / elapsed.as_nanos() as f64
         };
-        let profile = match (sampler, profiled) {
-            (Some(sampler), Some(filter)) => Some(sampler.finish(filter)?),
-            _ => None,
-        };
+        let profile = sampler.map(Sampler::finish).transpose()?;
         Ok(Measured { seconds: elapsed.as_secs_f64(), sent, passed, dropped, busy: [busy(0), busy(1)], profile })
     }
 }
@@ -600,9 +604,8 @@ pub fn run_all(
     Ok(rows)
 }
 
-/// One round: every filter at every rule count, `seconds` each, sampled
-/// by `perf` if `profiled`. Not sampled: no filter, which has no code,
-/// and iptables, whose cost its totals make plain.
+/// One round: every filter at every rule count, `seconds` each, those
+/// [`Filter::sampled`] sampled by `perf` if `profiled`.
 fn run_round(link: &Link, rule_counts: &[usize], seconds: u64, profiled: bool) -> Result<Vec<TrafficRow>, Error> {
     let mut rows = Vec::new();
     for &rules in rule_counts {
@@ -654,7 +657,7 @@ fn run_round(link: &Link, rule_counts: &[usize], seconds: u64, profiled: bool) -
                 })?)
             };
             let before = bulkhead_drops(&datapath)?;
-            let sample = (profiled && !matches!(filter, Filter::Nothing | Filter::Iptables)).then_some(filter);
+            let sample = (profiled && filter.sampled()).then_some(filter);
             let Measured { seconds, sent, passed, dropped, busy: [sender_busy, busy], profile } =
                 link.measure(&frames, seconds, &mut *counter, sample)?;
             drop(counter);
