@@ -344,8 +344,12 @@ pub struct FragmentValue {
     pub verdict: u32,
     /// A [`DropReason`] discriminant for drops and audits.
     pub reason: u32,
+    /// Only in the test build that plays "a Bulkhead with another map
+    /// layout" for the upgrade test (feature `layout-test`).
+    #[cfg(feature = "layout-test")]
+    pub layout_test: u64,
 }
-const _: () = assert!(core::mem::size_of::<FragmentValue>() == 16);
+const _: () = assert!(core::mem::size_of::<FragmentValue>() == if cfg!(feature = "layout-test") { 24 } else { 16 });
 
 /// Index of the single entry of the config array.
 pub const CONFIG_INDEX: u32 = 0;
@@ -560,28 +564,43 @@ pub mod maps {
         (4 + data) as u32
     }
 
-    /// (map, key size, value size) as the kernel object declares them, so
-    /// the daemon can tell a map pinned by a Bulkhead with another layout
-    /// before the verifier does. A test checks it against the object.
-    pub const LAYOUT: [(&str, u32, u32); ALL.len()] = [
+    /// How a map is laid out: what its pin is stamped with, so a daemon
+    /// never reads a map pinned by a Bulkhead that laid it out otherwise.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Layout {
+        pub name: &'static str,
+        /// Key and value sizes as the kernel object declares them.
+        pub key: u32,
+        pub value: u32,
+        /// Bumped whenever the meaning of the key or value changes while
+        /// their sizes stay the same (a field reordered or reinterpreted).
+        pub version: u32,
+    }
+
+    const fn layout(name: &'static str, key: usize, value: usize) -> Layout {
+        Layout { name, key: key as u32, value: value as u32, version: 1 }
+    }
+
+    /// Every map's layout. A test checks the sizes against the object.
+    pub const LAYOUT: [Layout; ALL.len()] = [
         // A ring buffer has no keys or values.
-        (EVENTS, 0, 0),
-        (IDENTITY_DROPS, size_of::<IdentityPairKey>() as u32, 8),
-        (EVENT_BUDGET, 4, size_of::<EventBudget>() as u32),
-        (IDENTITY_V4_EXACT, size_of::<IdentityKeyV4>() as u32, size_of::<IdentityValue>() as u32),
-        (IDENTITY_V4_PREFIX, trie_key(size_of::<IdentityPrefixV4>()), size_of::<IdentityValue>() as u32),
-        (IDENTITY_V6_EXACT, size_of::<IdentityKeyV6>() as u32, size_of::<IdentityValue>() as u32),
-        (IDENTITY_V6_PREFIX, trie_key(size_of::<IdentityPrefixV6>()), size_of::<IdentityValue>() as u32),
-        (POLICY, trie_key(size_of::<PolicyKeyData>()), size_of::<PolicyValue>() as u32),
-        (POLICY_EXACT, size_of::<PolicyKeyData>() as u32, size_of::<PolicyValue>() as u32),
-        (CONNTRACK, size_of::<FlowKey>() as u32, size_of::<FlowValue>() as u32),
-        (CONFIG, 4, size_of::<Config>() as u32),
-        (DROP_COUNTERS, 4, size_of::<Counter>() as u32),
-        (FORWARD_COUNTERS, 4, size_of::<Counter>() as u32),
-        (AUDIT_COUNTERS, 4, size_of::<Counter>() as u32),
-        (RULE_VERDICTS, 4, 8),
-        (STATE_ERRORS, 4, 8),
-        (FRAGMENTS, size_of::<FragmentKey>() as u32, size_of::<FragmentValue>() as u32),
+        layout(EVENTS, 0, 0),
+        layout(IDENTITY_DROPS, size_of::<IdentityPairKey>(), 8),
+        layout(EVENT_BUDGET, 4, size_of::<EventBudget>()),
+        layout(IDENTITY_V4_EXACT, size_of::<IdentityKeyV4>(), size_of::<IdentityValue>()),
+        layout(IDENTITY_V4_PREFIX, trie_key(size_of::<IdentityPrefixV4>()) as usize, size_of::<IdentityValue>()),
+        layout(IDENTITY_V6_EXACT, size_of::<IdentityKeyV6>(), size_of::<IdentityValue>()),
+        layout(IDENTITY_V6_PREFIX, trie_key(size_of::<IdentityPrefixV6>()) as usize, size_of::<IdentityValue>()),
+        layout(POLICY, trie_key(size_of::<PolicyKeyData>()) as usize, size_of::<PolicyValue>()),
+        layout(POLICY_EXACT, size_of::<PolicyKeyData>(), size_of::<PolicyValue>()),
+        layout(CONNTRACK, size_of::<FlowKey>(), size_of::<FlowValue>()),
+        layout(CONFIG, 4, size_of::<Config>()),
+        layout(DROP_COUNTERS, 4, size_of::<Counter>()),
+        layout(FORWARD_COUNTERS, 4, size_of::<Counter>()),
+        layout(AUDIT_COUNTERS, 4, size_of::<Counter>()),
+        layout(RULE_VERDICTS, 4, 8),
+        layout(STATE_ERRORS, 4, 8),
+        layout(FRAGMENTS, size_of::<FragmentKey>(), size_of::<FragmentValue>()),
     ];
 }
 

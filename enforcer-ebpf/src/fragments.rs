@@ -30,7 +30,8 @@ pub fn remember(packet: &Packet, id: u32, verdict: Verdict, now: u64) {
         Action::Audit => FRAGMENT_AUDIT,
         Action::Pass | Action::Ignore => FRAGMENT_PASS,
     };
-    let value = FragmentValue { seen_ns: now, verdict: code, reason: verdict.reason as u32 };
+    let value =
+        FragmentValue { seen_ns: now, verdict: code, reason: verdict.reason as u32, ..FragmentValue::default() };
     if FRAGMENTS.insert(key(packet, id), value, 0).is_err() {
         crate::metrics::count_state_error(StateError::Fragments);
     }

@@ -15,8 +15,8 @@ use aya::maps::{
     Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
 };
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
-use aya::programs::xdp::XdpLink;
+use aya::programs::tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachType};
+use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use enforcer_common::{
@@ -30,6 +30,7 @@ use policy::CompiledPolicy;
 use policy::model::Action;
 
 use crate::batch;
+use crate::pins;
 use crate::quiesce::{ProgramBarrier, QuiesceError};
 
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
@@ -53,7 +54,7 @@ pub enum DatapathError {
         source: MapError,
     },
     #[error(
-        "map {} was pinned by a Bulkhead with another layout (key {found_key} and value {found_value} bytes, this version needs {key} and {value}); run `bulkhead uninstall` and start again",
+        "map {} does not have the layout its name says (key {found_key} and value {found_value} bytes, not {key} and {value}); something other than Bulkhead pinned it there: run `bulkhead uninstall` and start again",
         path.display()
     )]
     PinnedLayout { path: PathBuf, found_key: u32, found_value: u32, key: u32, value: u32 },
@@ -72,6 +73,8 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
+    #[error("interface `{interface}` does not exist in this network namespace; check `ip link` and --interface")]
+    NoInterface { interface: String },
     #[error("writing map `{name}` failed: {source}; the policy may exceed the map's capacity")]
     Write {
         name: &'static str,
@@ -159,8 +162,10 @@ pub struct TestRun {
 /// Loaded programs and the maps the daemon writes or reads.
 pub struct Datapath {
     ebpf: Ebpf,
-    /// Interfaces both programs are attached to.
-    interfaces: Vec<String>,
+    /// Interfaces both programs are attached to, in the order attached.
+    attachments: Vec<Attachment>,
+    /// Pinned links found defunct while attaching, and replaced.
+    repairs: u64,
     maps: PolicyMaps,
     /// The two policy slots; the kernel reads `slots[slot_of(generation)]`.
     slots: [Slot; 2],
@@ -189,6 +194,63 @@ pub struct Datapath {
     quiescing: Option<JoinHandle<Result<(), QuiesceError>>>,
     /// How long the last `apply` waited for that, for the metrics.
     last_slot_wait: Duration,
+}
+
+/// The programs on one interface.
+struct Attachment {
+    name: String,
+    index: u32,
+    /// Which program judges incoming packets there.
+    ingress: IngressHook,
+    /// The ingress link while the program owns it (not pinned).
+    owned: Option<OwnedIngress>,
+    /// The egress link while the program owns it (not pinned).
+    egress: Option<SchedClassifierLinkId>,
+}
+
+/// An ingress link owned by its program.
+enum OwnedIngress {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
+/// The three programs that attach to interfaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProgramSlot {
+    Xdp,
+    TcIngress,
+    TcEgress,
+}
+
+impl ProgramSlot {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Xdp => "XDP",
+            Self::TcIngress => "TC ingress",
+            Self::TcEgress => "TC egress",
+        }
+    }
+}
+
+impl Attachment {
+    /// Detaches what the programs own and removes the pins of the rest.
+    fn detach(self, datapath: &mut Datapath, root: Option<&Path>) {
+        match self.owned {
+            Some(OwnedIngress::Xdp(id)) => {
+                let _ = datapath.xdp().map(|p| p.detach(id));
+            }
+            Some(OwnedIngress::Tc(id)) => {
+                let _ = datapath.ingress_classifier().map(|p| p.detach(id));
+            }
+            None => {}
+        }
+        if let Some(id) = self.egress {
+            let _ = datapath.classifier().map(|p| p.detach(id));
+        }
+        if let Some(root) = root {
+            pins::remove_links(root, &self.name);
+        }
+    }
 }
 
 /// How long to wait instead if the exact wait for in-flight programs fails:
@@ -379,10 +441,11 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let map_dir = root.map(|r| r.join("maps"));
         if let Some(dir) = &map_dir {
-            check_pinned_layout(dir)?;
             std::fs::create_dir_all(dir).map_err(|source| DatapathError::Pin { path: dir.clone(), source })?;
-            for name in maps::ALL {
-                loader.map_pin_path(name, dir.join(name));
+            adopt_unstamped_maps(dir);
+            check_pinned_layout(dir)?;
+            for layout in maps::LAYOUT {
+                loader.map_pin_path(layout.name, dir.join(map_pin_name(&layout)));
             }
         }
         // Each map holds both slots.
@@ -419,7 +482,8 @@ impl Datapath {
             harvested_pairs: BTreeMap::new(),
             harvested_rules: BTreeMap::new(),
             ebpf,
-            interfaces: Vec::new(),
+            attachments: Vec::new(),
+            repairs: 0,
             host_addresses: BTreeSet::new(),
             config_value: Config::default(),
             sizes,
@@ -466,71 +530,205 @@ impl Datapath {
     /// As [`Datapath::attach`], keeping the links pinned under `root/links`
     /// so they outlive the daemon. Where a link is already pinned there (an
     /// earlier daemon's), its program is replaced atomically instead: the
-    /// interface is never unprotected. Returns whether links were adopted.
+    /// interface is never unprotected. A pinned link that can no longer be
+    /// updated (its interface was deleted and re-created) is replaced by a
+    /// fresh one. Returns whether links were adopted; attaching an
+    /// interface that is already attached does nothing.
     pub fn attach_pinned(&mut self, interface: &str, root: Option<&Path>) -> Result<bool, DatapathError> {
-        let attach_error = |hook| move |source| DatapathError::Attach { hook, interface: interface.to_owned(), source };
-        let link_error = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source: LinkError| DatapathError::Link { path, source }
-        };
-        let link_path = |kind: &str| root.map(|r| r.join("links").join(format!("{kind}-{interface}")));
-        let (xdp_path, tc_ingress_path, tc_path) = (link_path("xdp"), link_path("tcin"), link_path("tc"));
-        if let (Some(xdp_path), Some(tc_ingress_path), Some(tc_path)) = (&xdp_path, &tc_ingress_path, &tc_path)
-            && (xdp_path.exists() || tc_ingress_path.exists())
-            && tc_path.exists()
-        {
-            // The programs now own the links; the pins keep them beyond us.
-            if xdp_path.exists() {
-                let pinned = PinnedLink::from_pin(xdp_path).map_err(link_error(xdp_path))?;
-                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_error(xdp_path))?;
-                self.xdp()?.attach_to_link(link).map_err(attach_error("XDP"))?;
-            } else {
-                let pinned = PinnedLink::from_pin(tc_ingress_path).map_err(link_error(tc_ingress_path))?;
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_error(tc_ingress_path))?;
-                self.ingress_classifier()?.attach_to_link(link).map_err(attach_error("TC ingress"))?;
-            }
-            let pinned = PinnedLink::from_pin(tc_path).map_err(link_error(tc_path))?;
-            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_error(tc_path))?;
-            self.classifier()?.attach_to_link(link).map_err(attach_error("TC egress"))?;
-            self.interfaces.push(interface.to_owned());
-            return Ok(true);
+        let index = pins::interface_index(interface)
+            .ok_or_else(|| DatapathError::NoInterface { interface: interface.to_owned() })?;
+        if let Some(existing) = self.attachments.iter_mut().find(|a| a.index == index) {
+            interface.clone_into(&mut existing.name);
+            return Ok(false);
         }
         // Kernels without tcx need a clsact qdisc; an existing one is fine.
         let _ = tc::qdisc_add_clsact(interface);
-        if self.ingress_hook == IngressHook::Tc {
-            let id = self
-                .ingress_classifier()?
-                .attach(interface, TcAttachType::Ingress)
-                .map_err(attach_error("TC ingress"))?;
-            if let Some(path) = &tc_ingress_path {
-                let link = self.ingress_classifier()?.take_link(id).map_err(attach_error("TC ingress"))?;
-                pin_link(FdLink::try_from(link).map_err(link_error(path))?, path)?;
+        let pin = |kind| root.map(|r| pins::link_pin(r, kind, interface));
+        let (xdp_pin, tcin_pin, tc_pin) = (pin("xdp"), pin("tcin"), pin("tc"));
+        let mut adopted = true;
+        let ingress = if self.adopt(ProgramSlot::Xdp, xdp_pin.as_deref(), interface)? {
+            (IngressHook::Xdp, None)
+        } else if self.adopt(ProgramSlot::TcIngress, tcin_pin.as_deref(), interface)? {
+            (IngressHook::Tc, None)
+        } else {
+            adopted = false;
+            (self.ingress_hook, self.attach_fresh_ingress(interface, xdp_pin.as_deref(), tcin_pin.as_deref())?)
+        };
+        let egress = if self.adopt(ProgramSlot::TcEgress, tc_pin.as_deref(), interface)? {
+            None
+        } else {
+            match self.attach_fresh_egress(interface, tc_pin.as_deref()) {
+                Ok(egress) => egress,
+                Err(error) => {
+                    // Never leave an interface half attached by this call;
+                    // an adopted ingress link keeps enforcing as before.
+                    if !adopted {
+                        let half = Attachment {
+                            name: interface.to_owned(),
+                            index,
+                            ingress: ingress.0,
+                            owned: ingress.1,
+                            egress: None,
+                        };
+                        half.detach(self, root);
+                    }
+                    return Err(error);
+                }
             }
+        };
+        self.attachments.push(Attachment {
+            name: interface.to_owned(),
+            index,
+            ingress: ingress.0,
+            owned: ingress.1,
+            egress,
+        });
+        Ok(adopted)
+    }
+
+    /// Takes over the link pinned at `pin`, if there is one, by replacing
+    /// its program with this daemon's atomically. A pin whose link cannot
+    /// be updated (defunct) is removed and `false` returned, so a fresh
+    /// link is attached instead.
+    fn adopt(&mut self, slot: ProgramSlot, pin: Option<&Path>, interface: &str) -> Result<bool, DatapathError> {
+        let Some(pin) = pin.filter(|p| p.exists()) else { return Ok(false) };
+        let link = PinnedLink::from_pin(pin).map(FdLink::from);
+        let adopted = match (slot, link) {
+            (_, Err(error)) => Err(error.to_string()),
+            (ProgramSlot::Xdp, Ok(link)) => match XdpLink::try_from(link) {
+                Ok(link) => {
+                    let program = self.xdp()?;
+                    program
+                        .attach_to_link(link)
+                        .and_then(|id| program.take_link(id).map(drop))
+                        .map_err(|e| e.to_string())
+                }
+                Err(error) => Err(error.to_string()),
+            },
+            (ProgramSlot::TcIngress | ProgramSlot::TcEgress, Ok(link)) => match SchedClassifierLink::try_from(link) {
+                Ok(link) => {
+                    let program =
+                        if slot == ProgramSlot::TcIngress { self.ingress_classifier()? } else { self.classifier()? };
+                    program
+                        .attach_to_link(link)
+                        .and_then(|id| program.take_link(id).map(drop))
+                        .map_err(|e| e.to_string())
+                }
+                Err(error) => Err(error.to_string()),
+            },
+        };
+        match adopted {
+            // The pin keeps the link; this daemon's program now runs in it.
+            Ok(()) => Ok(true),
+            Err(why) => {
+                log::warn!(
+                    "the {} link of `{interface}` pinned at {} cannot be taken over ({why}); attaching a fresh one",
+                    slot.label(),
+                    pin.display()
+                );
+                let _ = std::fs::remove_file(pin);
+                self.repairs += 1;
+                Ok(false)
+            }
+        }
+    }
+
+    fn attach_fresh_ingress(
+        &mut self,
+        interface: &str,
+        xdp_pin: Option<&Path>,
+        tcin_pin: Option<&Path>,
+    ) -> Result<Option<OwnedIngress>, DatapathError> {
+        let attach_error = |hook| move |source| DatapathError::Attach { hook, interface: interface.to_owned(), source };
+        if self.ingress_hook == IngressHook::Tc {
+            let program = self.ingress_classifier()?;
+            let id = program.attach(interface, TcAttachType::Ingress).map_err(attach_error("TC ingress"))?;
+            let Some(path) = tcin_pin else { return Ok(Some(OwnedIngress::Tc(id))) };
+            let link = program.take_link(id).map_err(attach_error("TC ingress"))?;
+            pin_link(
+                FdLink::try_from(link).map_err(|source| DatapathError::Link { path: path.into(), source })?,
+                path,
+            )?;
         } else {
             let mode = match self.xdp_attach {
                 XdpAttach::Auto => XdpMode::Default,
                 XdpAttach::Native => XdpMode::Driver,
                 XdpAttach::Generic => XdpMode::Skb,
             };
-            let id = self.xdp()?.attach(interface, mode).map_err(attach_error("XDP"))?;
-            if let Some(path) = &xdp_path {
-                let link = self.xdp()?.take_link(id).map_err(attach_error("XDP"))?;
-                pin_link(FdLink::try_from(link).map_err(link_error(path))?, path)?;
-            }
+            let program = self.xdp()?;
+            let id = program.attach(interface, mode).map_err(attach_error("XDP"))?;
+            let Some(path) = xdp_pin else { return Ok(Some(OwnedIngress::Xdp(id))) };
+            let link = program.take_link(id).map_err(attach_error("XDP"))?;
+            pin_link(
+                FdLink::try_from(link).map_err(|source| DatapathError::Link { path: path.into(), source })?,
+                path,
+            )?;
         }
-        let id = self.classifier()?.attach(interface, TcAttachType::Egress).map_err(attach_error("TC egress"))?;
-        if let Some(tc_path) = &tc_path {
-            let link = self.classifier()?.take_link(id).map_err(attach_error("TC egress"))?;
-            pin_link(FdLink::try_from(link).map_err(link_error(tc_path))?, tc_path)?;
-        }
-        // Unpinned links stay owned by the programs and go with them.
-        self.interfaces.push(interface.to_owned());
-        Ok(false)
+        Ok(None)
     }
 
-    /// Interfaces the programs are attached to.
+    fn attach_fresh_egress(
+        &mut self,
+        interface: &str,
+        tc_pin: Option<&Path>,
+    ) -> Result<Option<SchedClassifierLinkId>, DatapathError> {
+        let attach_error =
+            |source| DatapathError::Attach { hook: "TC egress", interface: interface.to_owned(), source };
+        let program = self.classifier()?;
+        let id = program.attach(interface, TcAttachType::Egress).map_err(attach_error)?;
+        let Some(path) = tc_pin else { return Ok(Some(id)) };
+        let link = program.take_link(id).map_err(attach_error)?;
+        pin_link(FdLink::try_from(link).map_err(|source| DatapathError::Link { path: path.into(), source })?, path)?;
+        Ok(None)
+    }
+
+    /// Detaches both programs from the interface with index `index` and
+    /// removes their pins under `root`; forgetting an interface that is
+    /// gone is the same call. Returns its name if it was attached.
+    pub fn detach(&mut self, index: u32, root: Option<&Path>) -> Option<String> {
+        let position = self.attachments.iter().position(|a| a.index == index)?;
+        let attachment = self.attachments.remove(position);
+        let name = attachment.name.clone();
+        attachment.detach(self, root);
+        Some(name)
+    }
+
+    /// Records that the interface with index `index` is now called `name`,
+    /// moving its pins. Returns the old name if it changed.
+    pub fn renamed(&mut self, index: u32, name: &str, root: Option<&Path>) -> Option<String> {
+        let attachment = self.attachments.iter_mut().find(|a| a.index == index && a.name != name)?;
+        let old = std::mem::replace(&mut attachment.name, name.to_owned());
+        if let Some(root) = root
+            && let Err(error) = pins::rename_links(root, &old, name)
+        {
+            log::warn!("moving the pins of `{old}` to `{name}` failed: {error}");
+        }
+        Some(old)
+    }
+
+    /// Interfaces the programs are attached to, in the order attached.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.interfaces.iter().map(String::as_str)
+        self.attachments.iter().map(|a| a.name.as_str())
+    }
+
+    /// (ifindex, name) of every attached interface.
+    pub fn attached_indexes(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.attachments.iter().map(|a| (a.index, a.name.as_str()))
+    }
+
+    /// How many interfaces each hook is attached to, by metrics label
+    /// (`xdp`, `tc_ingress`, `tc_egress`).
+    #[must_use]
+    pub fn hook_counts(&self) -> [(&'static str, usize); 3] {
+        let xdp = self.attachments.iter().filter(|a| a.ingress == IngressHook::Xdp).count();
+        let all = self.attachments.len();
+        [("xdp", xdp), ("tc_ingress", all - xdp), ("tc_egress", all)]
+    }
+
+    /// Pinned links found defunct and replaced while attaching, since load.
+    #[must_use]
+    pub fn link_repairs(&self) -> u64 {
+        self.repairs
     }
 
     /// Writes `compiled` into the slot the kernel is not reading (only the
@@ -866,24 +1064,74 @@ pub fn clock_tick_ns() -> u32 {
     }
 }
 
+/// The name a map is pinned under: its name stamped with its layout
+/// (`CONNTRACK-v1-40x24`). A Bulkhead that lays a map out otherwise pins
+/// it under another name, so a daemon never adopts a map it would misread:
+/// on an upgrade or downgrade across a layout change, that map is created
+/// afresh (and filled before the programs switch to it), every other map
+/// is adopted with its state, and the old build's pin is removed once its
+/// programs are replaced ([`retire_maps`]).
+#[must_use]
+pub fn map_pin_name(layout: &maps::Layout) -> String {
+    format!("{}-v{}-{}x{}", layout.name, layout.version, layout.key, layout.value)
+}
+
+/// Builds before layout stamps pinned maps under their bare names: those
+/// whose sizes match this build's are pinned again under their stamped
+/// names (adopted with their state); the rest are left for [`retire_maps`].
+fn adopt_unstamped_maps(dir: &Path) {
+    for layout in maps::LAYOUT {
+        let (bare, stamped) = (dir.join(layout.name), dir.join(map_pin_name(&layout)));
+        if !bare.exists() || stamped.exists() {
+            continue;
+        }
+        let same = aya::maps::MapInfo::from_pin(&bare)
+            .is_ok_and(|info| (info.key_size(), info.value_size()) == (layout.key, layout.value));
+        if same && let Err(error) = pins::move_pin(&bare, &stamped) {
+            log::warn!("adopting map {} pinned by an earlier Bulkhead failed ({error}); it is rebuilt", bare.display());
+        }
+    }
+}
+
+/// Removes map pins under `root/maps` that this build does not use: maps
+/// of a Bulkhead with another layout, whose programs have been replaced by
+/// now. Returns the names removed.
+pub fn retire_maps(root: &Path) -> std::io::Result<Vec<String>> {
+    let dir = root.join("maps");
+    let current: BTreeSet<String> = maps::LAYOUT.iter().map(map_pin_name).collect();
+    let mut retired = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !current.contains(&name) {
+            std::fs::remove_file(entry.path())?;
+            retired.push(name);
+        }
+    }
+    retired.sort();
+    Ok(retired)
+}
+
 /// Refuses maps pinned under `dir` whose key or value size differs from
-/// this version's: the programs would reuse them and the verifier would
-/// reject the first access past their end, with a message that names
-/// neither the map nor the remedy.
+/// what their stamped name says (something other than Bulkhead pinned
+/// them): the programs would reuse them and the verifier would reject the
+/// first access past their end, with a message that names neither the map
+/// nor the remedy.
 fn check_pinned_layout(dir: &Path) -> Result<(), DatapathError> {
-    for (name, key, value) in maps::LAYOUT {
-        let path = dir.join(name);
+    for layout in maps::LAYOUT {
+        let path = dir.join(map_pin_name(&layout));
         if !path.exists() {
             continue;
         }
+        let name = layout.name;
         let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| DatapathError::Read { name, source })?;
-        if (info.key_size(), info.value_size()) != (key, value) {
+        if (info.key_size(), info.value_size()) != (layout.key, layout.value) {
             return Err(DatapathError::PinnedLayout {
                 path,
                 found_key: info.key_size(),
                 found_value: info.value_size(),
-                key,
-                value,
+                key: layout.key,
+                value: layout.value,
             });
         }
     }

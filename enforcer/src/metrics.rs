@@ -34,6 +34,25 @@ pub struct Usage {
     pub conntrack: (u64, u32),
 }
 
+/// The interfaces the daemon enforces on, and what changed them.
+#[derive(Debug, Clone, Default)]
+pub struct InterfaceStats {
+    /// Interfaces each hook is attached to, by hook label.
+    pub hooks: Vec<(&'static str, usize)>,
+    /// Interfaces attached, removed, renamed, or that failed to attach, since start.
+    pub changes: std::collections::BTreeMap<&'static str, u64>,
+    /// Pinned state repaired (defunct, renamed, unselected, ... links), since start.
+    pub repairs: std::collections::BTreeMap<&'static str, u64>,
+    /// Selected interfaces that could not be attached, with the reason:
+    /// the node is not fully enforced while any is listed.
+    pub unenforced: std::collections::BTreeMap<String, String>,
+}
+
+/// Labels of `bulkhead_interface_changes_total`, always exported.
+pub const INTERFACE_CHANGES: [&str; 4] = ["attached", "removed", "renamed", "attach_failed"];
+/// Labels of `bulkhead_pin_repairs_total`, always exported.
+pub const PIN_REPAIRS: [&str; 6] = ["defunct", "renamed", "unselected", "unreadable", "duplicate", "map_rebuilt"];
+
 /// Registers metrics into one fresh registry per scrape.
 struct Builder {
     registry: Registry,
@@ -68,6 +87,7 @@ pub fn render(
     snapshot: &CounterSnapshot,
     stats: PolicyStats,
     usage: &Usage,
+    interfaces: &InterfaceStats,
     histograms: &[&Histogram],
 ) -> Result<String, prometheus::Error> {
     let builder = Builder { registry: Registry::new() };
@@ -77,6 +97,7 @@ pub fn render(
     traffic(&builder, snapshot)?;
     policy_figures(&builder, snapshot, stats)?;
     usage_figures(&builder, snapshot, usage)?;
+    interface_figures(&builder, interfaces)?;
     let build = builder.gauges("bulkhead_build_info", "Build of the running daemon.", &["version"])?;
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     let registry = builder.registry;
@@ -208,6 +229,39 @@ fn usage_figures(builder: &Builder, snapshot: &CounterSnapshot, usage: &Usage) -
     )
 }
 
+/// Where the programs are attached, and the repairs that kept them so.
+fn interface_figures(builder: &Builder, stats: &InterfaceStats) -> Result<(), prometheus::Error> {
+    let hooks = builder.gauges(
+        "bulkhead_interfaces",
+        "Interfaces each program is attached to, by hook (xdp, tc_ingress, tc_egress).",
+        &["hook"],
+    )?;
+    for (hook, count) in &stats.hooks {
+        hooks.with_label_values(&[hook]).set(saturating(*count));
+    }
+    let changes = builder.counters(
+        "bulkhead_interface_changes_total",
+        "Interfaces attached, removed (gone or no longer selected), renamed, or that failed to attach.",
+        &["change"],
+    )?;
+    for change in INTERFACE_CHANGES {
+        changes.with_label_values(&[change]).inc_by(stats.changes.get(change).copied().unwrap_or(0));
+    }
+    let repairs = builder.counters(
+        "bulkhead_pin_repairs_total",
+        "Pinned state repaired at start: links defunct, renamed, unselected, unreadable or duplicate; maps of another layout rebuilt.",
+        &["repair"],
+    )?;
+    for repair in PIN_REPAIRS {
+        repairs.with_label_values(&[repair]).inc_by(stats.repairs.get(repair).copied().unwrap_or(0));
+    }
+    builder.gauge(
+        "bulkhead_interfaces_unenforced",
+        "Selected interfaces the programs could not be attached to; /readyz fails while it is above 0.",
+        saturating(stats.unenforced.len()),
+    )
+}
+
 /// What the HTTP handlers share with the daemon.
 pub struct Shared {
     pub datapath: Mutex<Option<Datapath>>,
@@ -224,6 +278,8 @@ pub struct Shared {
     /// The most recent events, for `bulkhead flows` without `--follow`.
     pub recent_events: Mutex<std::collections::VecDeque<String>>,
     pub ready: std::sync::atomic::AtomicBool,
+    /// Where the programs are attached; see [`InterfaceStats`].
+    pub interfaces: Mutex<InterfaceStats>,
     /// Time from reading a changed policy to publishing its generation.
     pub apply_duration: Histogram,
     /// Of that, the wait for program runs still reading the slot rewritten.
@@ -261,6 +317,7 @@ impl Shared {
             events: tokio::sync::broadcast::channel(4096).0,
             recent_events: Mutex::new(std::collections::VecDeque::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
+            interfaces: Mutex::new(InterfaceStats::default()),
             apply_duration: apply_duration_histogram(),
             slot_wait: slot_wait_histogram(),
         })
@@ -289,7 +346,21 @@ mod tests {
         histogram.observe(0.002);
         let slot_wait = slot_wait_histogram();
         slot_wait.observe(0.012);
-        let text = render(&snapshot, stats, &usage, &[&histogram, &slot_wait]).unwrap();
+        let mut interfaces = InterfaceStats { hooks: vec![("xdp", 3), ("tc_egress", 3)], ..InterfaceStats::default() };
+        interfaces.changes.insert("attached", 4);
+        interfaces.repairs.insert("defunct", 2);
+        interfaces.unenforced.insert("lxc9".to_owned(), "busy".to_owned());
+        let text = render(&snapshot, stats, &usage, &interfaces, &[&histogram, &slot_wait]).unwrap();
+        for line in [
+            "bulkhead_interfaces{hook=\"xdp\"} 3",
+            "bulkhead_interface_changes_total{change=\"attached\"} 4",
+            "bulkhead_interface_changes_total{change=\"removed\"} 0",
+            "bulkhead_pin_repairs_total{repair=\"defunct\"} 2",
+            "bulkhead_pin_repairs_total{repair=\"renamed\"} 0",
+            "bulkhead_interfaces_unenforced 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
         for line in [
             "bulkhead_policy_verdicts_total{action=\"allow\",rule=\"web-to-db\"} 9",
             "bulkhead_map_entries{map=\"policy\"} 12",

@@ -6,7 +6,6 @@
 //! and the programs are attached only after the maps hold the policy, so a
 //! failed start never leaves a half-configured datapath behind.
 
-use std::ffi::CString;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use enforcer::datapath::Datapath;
-use enforcer::metrics::{PolicyStats, Shared, Usage};
+use enforcer::interfaces::{Attacher, LinkWatcher, Selector};
+use enforcer::metrics::{InterfaceStats, PolicyStats, Shared, Usage};
 use enforcer::watch::{Mailbox, Wakeup};
 use policy::{PolicyError, Source};
 use tokio::signal::unix::{SignalKind, signal};
@@ -82,24 +82,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let sources = policy::read_sources(std::slice::from_ref(&dir))?;
     let policy = policy::parse_sources(&sources)
         .map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, &dir)))?;
-    for interface in &args.interfaces {
-        let name = CString::new(interface.as_str()).context("interface names cannot contain NUL bytes")?;
-        // SAFETY: `name` is a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-            bail!("interface `{interface}` does not exist in this network namespace; check `ip link` and --interface");
-        }
-    }
-    if !has_capabilities() {
-        bail!(
-            "bulkhead run needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN; run it as root or grant those capabilities"
-        );
-    }
+    let selector = check_host(&args.interfaces)?;
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
     let compiled = policy::compile(&policy);
     let root = args.bpffs_root.as_path();
+    let link_watcher = prepare_node(root)?;
     let fresh = !root.join("links").exists();
-    let (mut datapath, generation) = match start_datapath(args, &compiled) {
+    let (mut datapath, generation, interface_stats) = match start_datapath(args, &compiled, &selector) {
         Ok(started) => started,
         Err(error) => {
             // A failed first install leaves nothing behind; an adopted
@@ -130,12 +120,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
+    *shared.interfaces.lock().unwrap_or_else(PoisonError::into_inner) = interface_stats;
     let policy = Arc::new(policy);
     *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&policy));
     return_freed_memory();
     let events = start_events(args, &mut datapath, &shared)?;
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
 
+    let stopping = Arc::new(AtomicBool::new(false));
     let wakeup = Wakeup::new().context("creating the maintainer's eventfd failed")?;
     let (resync_tx, resync_rx) = mpsc::channel::<Resync>();
     let resync_tx = Mailbox::new(resync_tx, wakeup.clone());
@@ -151,6 +143,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         })
     };
 
+    let interface_keeper = {
+        let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stopping));
+        let root = args.bpffs_root.clone();
+        std::thread::spawn(move || keep_interfaces(&shared, &selector, &root, link_watcher.as_ref(), &stop))
+    };
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -159,6 +157,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let served = runtime.block_on(serve_until_signal(args, &shared, &resync_tx, push_tx));
     let _ = resync_tx.send(Resync::Stop);
     let _ = maintenance.join();
+    stopping.store(true, Ordering::Release);
+    let _ = interface_keeper.join();
     shared.ready.store(false, Ordering::Release);
     if let Some((stop, pump)) = events {
         stop.store(true, Ordering::Relaxed);
@@ -177,6 +177,43 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Checks what the start needs of the host before touching the kernel:
+/// interfaces named (not patterns) exist, and the privileges are there.
+fn check_host(interfaces: &[String]) -> anyhow::Result<Selector> {
+    let selector = Selector::new(interfaces)?;
+    for interface in selector.names() {
+        if enforcer::pins::interface_index(interface).is_none() {
+            bail!(
+                "interface `{interface}` does not exist in this network namespace; check `ip link` and --interface (a pattern such as `{interface}*` also matches interfaces that appear later)"
+            );
+        }
+    }
+    if !has_capabilities() {
+        bail!(
+            "bulkhead run needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN; run it as root or grant those capabilities"
+        );
+    }
+    Ok(selector)
+}
+
+/// Makes sure there is a bpffs to pin in, and subscribes to link
+/// notifications before the interfaces are listed, so none appears unseen.
+fn prepare_node(root: &Path) -> anyhow::Result<Option<LinkWatcher>> {
+    if let Some(mounted) = enforcer::pins::ensure_bpffs(root)? {
+        log::info!(
+            "mounted a bpffs at {} (none was mounted there); pins in it last only as long as this mount namespace",
+            mounted.display()
+        );
+    }
+    Ok(LinkWatcher::new().map_or_else(
+        |error| {
+            log::warn!("{error}; looking for new interfaces every second instead");
+            None
+        },
+        Some,
+    ))
 }
 
 /// Events kept for `bulkhead flows` without `--follow`.
@@ -230,8 +267,15 @@ fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>)
 }
 
 /// Loads (adopting what an earlier daemon pinned), applies the policy as a
-/// new generation, then attaches — replacing pinned programs atomically.
-fn start_datapath(args: &RunConfig, compiled: &policy::CompiledPolicy) -> anyhow::Result<(Datapath, u32)> {
+/// new generation, repairs the pinned links the node made stale while no
+/// daemon watched, then attaches — replacing pinned programs atomically.
+/// An interface named on the command line that cannot be attached fails
+/// the start; one matched by a pattern is reported and retried.
+fn start_datapath(
+    args: &RunConfig,
+    compiled: &policy::CompiledPolicy,
+    selector: &Selector,
+) -> anyhow::Result<(Datapath, u32, InterfaceStats)> {
     let root = args.bpffs_root.as_path();
     let mut datapath = Datapath::load_pinned(args.sizes, Some(root))?;
     let adopted = datapath.adopt_state()?;
@@ -242,12 +286,133 @@ fn start_datapath(args: &RunConfig, compiled: &policy::CompiledPolicy) -> anyhow
     let generation = datapath.apply(compiled, args.audit)?;
     datapath.set_xdp_attach(args.xdp_attach);
     datapath.set_ingress_hook(args.ingress_hook);
-    for interface in &args.interfaces {
-        if datapath.attach_pinned(interface, Some(root))? {
-            log::info!("took over the programs attached to {interface} (replaced atomically)");
+    let mut stats = InterfaceStats::default();
+    for repair in enforcer::pins::repair_links(root, &|name| selector.matches(name))? {
+        log::warn!("{repair}");
+        *stats.repairs.entry(repair.label()).or_default() += 1;
+    }
+    for (_, interface) in selector.selected()? {
+        match datapath.attach_pinned(&interface, Some(root)) {
+            Ok(true) => log::info!("took over the programs attached to {interface} (replaced atomically)"),
+            Ok(false) => log::info!("attached to {interface}"),
+            Err(error) if selector.names().any(|name| name == interface) => return Err(error.into()),
+            Err(error) => {
+                log::error!("{error}; retrying when the interface changes");
+                *stats.changes.entry("attach_failed").or_default() += 1;
+                stats.unenforced.insert(interface, error.to_string());
+            }
         }
     }
-    Ok((datapath, generation))
+    *stats.repairs.entry("defunct").or_default() += datapath.link_repairs();
+    // The programs now read this build's maps everywhere: maps another
+    // layout's build pinned are unread and can go.
+    match enforcer::datapath::retire_maps(root) {
+        Ok(retired) => {
+            for name in retired {
+                log::warn!(
+                    "removed map {name}, pinned by a Bulkhead with another map layout; this build's map replaced it"
+                );
+                *stats.repairs.entry("map_rebuilt").or_default() += 1;
+            }
+        }
+        Err(error) => log::warn!("removing maps pinned by another Bulkhead build failed: {error}"),
+    }
+    stats.hooks = datapath.hook_counts().to_vec();
+    Ok((datapath, generation, stats))
+}
+
+/// The datapath with its pin root, as a reconcile sees it.
+struct PinnedAttacher<'a> {
+    datapath: &'a mut Datapath,
+    root: &'a Path,
+}
+
+impl Attacher for PinnedAttacher<'_> {
+    fn attached(&self) -> Vec<(u32, String)> {
+        self.datapath.attached_indexes().map(|(index, name)| (index, name.to_owned())).collect()
+    }
+
+    fn attach(&mut self, name: &str) -> Result<(), String> {
+        self.datapath.attach_pinned(name, Some(self.root)).map(drop).map_err(|error| error.to_string())
+    }
+
+    fn detach(&mut self, index: u32) {
+        self.datapath.detach(index, Some(self.root));
+    }
+
+    fn rename(&mut self, index: u32, name: &str) {
+        self.datapath.renamed(index, name, Some(self.root));
+    }
+}
+
+/// How long the interface keeper waits for a notification before it
+/// reconciles anyway (the backstop for a lost one).
+const INTERFACE_RESYNC: Duration = Duration::from_secs(1);
+
+/// Attaches interfaces that appear and match, forgets those that go, and
+/// follows renames, on every link notification and every second.
+fn keep_interfaces(
+    shared: &Shared,
+    selector: &Selector,
+    root: &Path,
+    watcher: Option<&LinkWatcher>,
+    stop: &AtomicBool,
+) {
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        let notified = if let Some(watcher) = watcher {
+            watcher.wait(WAIT_SLICE)
+        } else {
+            std::thread::sleep(WAIT_SLICE);
+            false
+        };
+        if !notified && last.elapsed() < INTERFACE_RESYNC {
+            continue;
+        }
+        last = Instant::now();
+        let present = match enforcer::interfaces::list() {
+            Ok(present) => present,
+            Err(error) => {
+                log::warn!("{error}");
+                continue;
+            }
+        };
+        let (changes, hooks) = {
+            let mut guard = shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(datapath) = guard.as_mut() else { return };
+            let changes = enforcer::interfaces::reconcile(selector, &present, &mut PinnedAttacher { datapath, root });
+            (changes, datapath.hook_counts().to_vec())
+        };
+        let mut stats = shared.interfaces.lock().unwrap_or_else(PoisonError::into_inner);
+        stats.hooks = hooks;
+        for (index, name) in &changes.attached {
+            log::info!("interface {name} (index {index}) appeared: attached");
+            stats.unenforced.remove(name);
+        }
+        for (index, name) in &changes.removed {
+            log::info!("interface {name} (index {index}) is gone or no longer selected: forgotten");
+            stats.unenforced.remove(name);
+        }
+        for (index, old, new) in &changes.renamed {
+            log::info!("interface {old} (index {index}) was renamed to {new}: its links follow");
+        }
+        for (name, why) in &changes.failed {
+            if stats.unenforced.get(name) != Some(why) {
+                log::error!("{why}; retrying when the interface changes");
+                *stats.changes.entry("attach_failed").or_default() += 1;
+            }
+            stats.unenforced.insert(name.clone(), why.clone());
+        }
+        // Interfaces that failed before and are gone now are no longer owed.
+        stats.unenforced.retain(|name, _| present.values().any(|n| n == name));
+        for (label, count) in [
+            ("attached", changes.attached.len()),
+            ("removed", changes.removed.len()),
+            ("renamed", changes.renamed.len()),
+        ] {
+            *stats.changes.entry(label).or_default() += count as u64;
+        }
+    }
 }
 
 async fn serve_until_signal(

@@ -25,12 +25,17 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> st
     axum::serve(listener, app).await
 }
 
+/// Ready once the policy is enforced on every selected interface.
 async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    if shared.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: policy not yet enforced\n")
+    if !shared.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: policy not yet enforced\n".to_owned());
     }
+    let unenforced = shared.interfaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unenforced.clone();
+    if unenforced.is_empty() {
+        return (StatusCode::OK, "ready\n".to_owned());
+    }
+    let why: Vec<String> = unenforced.iter().map(|(name, why)| format!("{name}: {why}")).collect();
+    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: not enforcing on {}\n", why.join("; ")))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -50,7 +55,8 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         }
     };
     let usage = shared.usage.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    match render(&snapshot, stats, &usage, &[&shared.apply_duration, &shared.slot_wait]) {
+    let interfaces = shared.interfaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    match render(&snapshot, stats, &usage, &interfaces, &[&shared.apply_duration, &shared.slot_wait]) {
         Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], format!("{error}\n")),
     }

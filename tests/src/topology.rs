@@ -59,6 +59,41 @@ impl Drop for ThreeTier {
     }
 }
 
+/// Creates the veth pair `router_interface` (router side) / `eth0` (in
+/// `ns`) for subnet `10.0.<octet>.0/24` (and `fd00:<octet>::/64`), with the
+/// host's default route through the router. Returns the host's addresses.
+fn wire(
+    router: &Netns,
+    ns: &Netns,
+    router_interface: &str,
+    octet: u8,
+    ipv6: bool,
+) -> Result<(Ipv4Addr, Option<Ipv6Addr>), LabError> {
+    let peer = ["link", "add", router_interface, "type", "veth", "peer", "name", "eth0", "netns", ns.name()];
+    router.ip(&peer)?;
+    router.ip(&["addr", "add", &format!("10.0.{octet}.1/24"), "dev", router_interface])?;
+    let addr = Ipv4Addr::new(10, 0, octet, 10);
+    ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    let addr6 = if ipv6 {
+        ns.enable_ipv6()?;
+        ns.skip_dad("eth0")?;
+        router.skip_dad(router_interface)?;
+        let addr6 = Ipv6Addr::new(0xfd00, u16::from(octet), 0, 0, 0, 0, 0, 0x10);
+        router.ip(&["addr", "add", &format!("fd00:{octet}::1/64"), "dev", router_interface, "nodad"])?;
+        ns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", "eth0", "nodad"])?;
+        Some(addr6)
+    } else {
+        None
+    };
+    router.ip(&["link", "set", router_interface, "up"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "add", "default", "via", &format!("10.0.{octet}.1")])?;
+    if ipv6 {
+        ns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:{octet}::1")])?;
+    }
+    Ok((addr, addr6))
+}
+
 /// Host name, subnet's third octet.
 pub const HOSTS: [(&str, u8); 4] = [("gateway", 1), ("logic", 2), ("db", 3), ("outsider", 9)];
 
@@ -85,32 +120,37 @@ impl ThreeTier {
         for (name, octet) in HOSTS {
             let ns = Netns::new(&format!("{stem}-{name}"))?;
             let router_interface = format!("to-{name}");
-            let peer = ["link", "add", &router_interface, "type", "veth", "peer", "name", "eth0", "netns", ns.name()];
-            router.ip(&peer)?;
-            router.ip(&["addr", "add", &format!("10.0.{octet}.1/24"), "dev", &router_interface])?;
-            let addr = Ipv4Addr::new(10, 0, octet, 10);
-            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-            let addr6 = if ipv6 {
-                ns.enable_ipv6()?;
-                ns.skip_dad("eth0")?;
-                router.skip_dad(&router_interface)?;
-                let addr6 = Ipv6Addr::new(0xfd00, u16::from(octet), 0, 0, 0, 0, 0, 0x10);
-                router.ip(&["addr", "add", &format!("fd00:{octet}::1/64"), "dev", &router_interface, "nodad"])?;
-                ns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", "eth0", "nodad"])?;
-                Some(addr6)
-            } else {
-                None
-            };
-            router.ip(&["link", "set", &router_interface, "up"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
-            ns.ip(&["route", "add", "default", "via", &format!("10.0.{octet}.1")])?;
-            if ipv6 {
-                ns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:{octet}::1")])?;
-            }
+            let (addr, addr6) = wire(&router, &ns, &router_interface, octet, ipv6)?;
             let router_addr = Ipv4Addr::new(10, 0, octet, 1);
             hosts.push(Host { name, ns, addr, addr6, router_addr, router_interface });
         }
         Ok(Self { hosts, router, stem })
+    }
+
+    /// Deletes the veth pair of host `name` (if it still exists) and
+    /// creates it again with the same names and addresses, as pod churn or
+    /// a rebuilt namespace does: the router-side interface comes back with
+    /// a new ifindex.
+    pub fn rewire(&self, name: &str) -> Result<(), LabError> {
+        let host = self.host(name);
+        if self.router.ip(&["link", "show", &host.router_interface]).is_ok() {
+            self.router.ip(&["link", "del", &host.router_interface])?;
+        }
+        let octet = host.addr.octets()[2];
+        wire(&self.router, &host.ns, &host.router_interface, octet, host.addr6.is_some())?;
+        Ok(())
+    }
+
+    /// Renames the router-side interface of host `name` to `to`, keeping
+    /// its addresses, index and routes (the link goes down and up).
+    pub fn rename_router_interface(&mut self, name: &str, to: &str) -> Result<(), LabError> {
+        let from = self.host(name).router_interface.clone();
+        self.router.ip(&["link", "set", &from, "down"])?;
+        self.router.ip(&["link", "set", &from, "name", to])?;
+        self.router.ip(&["link", "set", to, "up"])?;
+        let host = self.hosts.iter_mut().find(|h| h.name == name).expect("checked by host() above");
+        to.clone_into(&mut host.router_interface);
+        Ok(())
     }
 
     /// The host called `name`.
@@ -167,8 +207,12 @@ impl Daemon {
     /// Starts `bulkhead run` in the lab's router with the given arguments,
     /// pinning under the lab's own bpffs root, without waiting for it.
     pub fn spawn(lab: &ThreeTier, args: &[String], log: &Path) -> Result<Self, LabError> {
+        Self::spawn_binary(lab, &bulkhead_binary(), args, log)
+    }
+
+    /// As [`Daemon::spawn`], running the `bulkhead` at `binary` (another build).
+    pub fn spawn_binary(lab: &ThreeTier, binary: &Path, args: &[String], log: &Path) -> Result<Self, LabError> {
         let ns = &lab.router;
-        let binary = bulkhead_binary();
         let log_file = std::fs::File::create(log)?;
         let child = ns
             .command(binary.to_str().unwrap_or("bulkhead"))

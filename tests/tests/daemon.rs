@@ -339,25 +339,48 @@ fn a_configmap_style_symlink_swap_is_applied() {
 }
 
 #[test]
-fn maps_pinned_with_another_layout_are_refused_with_the_remedy() {
+fn maps_pinned_with_another_layout_are_rebuilt_and_tampered_ones_refused() {
     let lab = ThreeTier::new("layout").unwrap();
     let scratch = ScratchDir::new(&lab.stem).unwrap();
     let dir = scratch.0.join("policy");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
     let maps = lab.bpffs_root().join("maps");
+    let stamped = |name: &str| {
+        let layout = enforcer_common::maps::LAYOUT.iter().find(|l| l.name == name).unwrap();
+        maps.join(enforcer::datapath::map_pin_name(layout))
+    };
     {
         let _datapath = Datapath::load_pinned(MapSizes::default(), Some(&lab.bpffs_root())).unwrap();
-        // The table the daemon checks pins against is the object's own layout.
-        for (name, key, value) in enforcer_common::maps::LAYOUT {
-            let info = MapInfo::from_pin(maps.join(name)).unwrap();
-            assert_eq!((info.key_size(), info.value_size()), (key, value), "layout of {name}");
+        // The table the daemon stamps pins with is the object's own layout.
+        for layout in enforcer_common::maps::LAYOUT {
+            let info = MapInfo::from_pin(stamped(layout.name)).unwrap();
+            assert_eq!((info.key_size(), info.value_size()), (layout.key, layout.value), "layout of {}", layout.name);
         }
-        // What an older Bulkhead with a smaller CONFIG value would leave.
+        // What a Bulkhead from before layout stamps, with a smaller CONFIG
+        // value, would leave: bare names, one of another size.
+        for layout in enforcer_common::maps::LAYOUT {
+            MapData::from_pin(stamped(layout.name)).unwrap().pin(maps.join(layout.name)).unwrap();
+            std::fs::remove_file(stamped(layout.name)).unwrap();
+        }
         std::fs::remove_file(maps.join("CONFIG")).unwrap();
         MapData::from_pin(maps.join("STATE_ERRORS")).unwrap().pin(maps.join("CONFIG")).unwrap();
     }
-    let log = refused_at_start(&lab, &dir, &scratch.0.join("log"), &[]);
-    assert!(log.contains("CONFIG was pinned by a Bulkhead with another layout"), "{log}");
+    let mut daemon = Daemon::start_persistent(&lab, &dir, &scratch.0.join("log"), &[]).unwrap();
+    let log = daemon.log_text();
+    assert!(log.contains("removed map CONFIG, pinned by a Bulkhead with another map layout"), "{log}");
+    assert!(!log.contains("removed map CONNTRACK,"), "same-layout maps are adopted: {log}");
+    let config = MapInfo::from_pin(stamped("CONFIG")).unwrap();
+    assert_eq!(config.value_size(), enforcer_common::maps::LAYOUT.iter().find(|l| l.name == "CONFIG").unwrap().value);
+    assert!(!maps.join("CONFIG").exists() && !maps.join("CONNTRACK").exists(), "bare pins are gone");
+    daemon.stop().unwrap();
+    // Detach (the maps stay pinned), so the refused start below shows it attaches nothing.
+    std::fs::remove_dir_all(lab.bpffs_root().join("links")).unwrap();
+
+    // A pin whose stamp lies about its layout was not made by Bulkhead: refused.
+    std::fs::remove_file(stamped("CONFIG")).unwrap();
+    MapData::from_pin(stamped("STATE_ERRORS")).unwrap().pin(stamped("CONFIG")).unwrap();
+    let log = refused_at_start(&lab, &dir, &scratch.0.join("log2"), &["--detach-on-exit"]);
+    assert!(log.contains("does not have the layout its name says"), "{log}");
     assert!(log.contains("run `bulkhead uninstall` and start again"), "{log}");
 }

@@ -71,8 +71,27 @@ fn build() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
+/// Builds the test-only daemon whose map layout differs (feature
+/// `layout-test`), in its own target directory so the release binary
+/// stays as it is; the upgrade test runs both. Returns its path.
+fn build_other_layout() -> anyhow::Result<PathBuf> {
+    println!("build: the layout-test daemon for the upgrade test (target/layout-test)");
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "enforcer",
+        "--features",
+        "layout-test",
+        "--target-dir",
+        "target/layout-test",
+    ]))?;
+    Ok(workspace_root().join("target/layout-test/release/bulkhead"))
+}
+
 fn test() -> anyhow::Result<()> {
     let binary = build()?;
+    let other_layout = build_other_layout()?;
     println!("test: formatting");
     run(cargo().args(["fmt", "--all", "--check"]))?;
     println!("test: clippy (pedantic, warnings are errors)");
@@ -93,6 +112,7 @@ fn test() -> anyhow::Result<()> {
     command
         .args(["test", "--workspace", "--exclude", "enforcer-ebpf"])
         .env("BULKHEAD_BIN", &binary)
+        .env("BULKHEAD_BIN_OTHER_LAYOUT", &other_layout)
         .current_dir(workspace_root())
         .stdout(Stdio::piped());
     let mut child = command.spawn().context("cannot start cargo test")?;
