@@ -160,7 +160,29 @@ pub fn packages(packages: &[&str]) -> anyhow::Result<()> {
     if !status.success() {
         bail!("apt-get install {} failed", missing.join(" "));
     }
+    for package in missing.iter().filter(|package| NOT_AT_BOOT.contains(package)) {
+        not_at_boot(package);
+    }
     Ok(())
+}
+
+/// Packages whose service must not start at boot either: a system
+/// prometheus would listen on 9090, the daemon's default metrics port.
+/// Only a fresh install is changed; an administrator's later choice stays.
+const NOT_AT_BOOT: [&str; 1] = ["prometheus"];
+
+/// Undoes the boot-time enabling a package's postinst did (systemd and
+/// sysvinit), best effort: on a machine with neither, there is none.
+fn not_at_boot(service: &str) {
+    let unit = format!("{service}.service");
+    for (program, args) in [("deb-systemd-helper", ["disable", unit.as_str()]), ("update-rc.d", [service, "disable"])] {
+        let _ = Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    println!("setup: {service} installed as a tool only; its service is not started and not enabled at boot");
 }
 
 /// Where Debian's maintainer scripts ask whether they may start a service.
