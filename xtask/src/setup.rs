@@ -8,8 +8,11 @@ use anyhow::{Context as _, bail};
 
 /// bpf-linker release known to work with aya 0.14 and LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests and the demo use.
-const PACKAGES: [&str; 2] = ["iproute2", "bpftool"];
+/// Debian packages the tests and the demo use. `prometheus` brings
+/// `promtool` (rule checks and rule unit tests) and the server the
+/// monitoring test scrapes the daemon with; it is installed without starting
+/// its service (see [`packages`]).
+const PACKAGES: [&str; 3] = ["iproute2", "bpftool", "prometheus"];
 
 /// What `cargo xtask bench` adds: trafgen (in netsniff-ng) to generate the
 /// traffic, the peers Bulkhead is measured against, and perf to sample
@@ -145,6 +148,10 @@ pub fn packages(packages: &[&str]) -> anyhow::Result<()> {
     run("apt-get", &["update", "-qq"], &[])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(&missing);
+    // Some packages (prometheus) start a service from their maintainer
+    // scripts; the tests run their own instances, so nothing may be left
+    // running. invoke-rc.d and deb-systemd-invoke ask policy-rc.d first.
+    let _no_services = NoServiceStarts::install()?;
     let status = Command::new("apt-get")
         .args(&args)
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -153,7 +160,60 @@ pub fn packages(packages: &[&str]) -> anyhow::Result<()> {
     if !status.success() {
         bail!("apt-get install {} failed", missing.join(" "));
     }
+    for package in missing.iter().filter(|package| NOT_AT_BOOT.contains(package)) {
+        not_at_boot(package);
+    }
     Ok(())
+}
+
+/// Packages whose service must not start at boot either: a system
+/// prometheus would listen on 9090, the daemon's default metrics port.
+/// Only a fresh install is changed; an administrator's later choice stays.
+const NOT_AT_BOOT: [&str; 1] = ["prometheus"];
+
+/// Undoes the boot-time enabling a package's postinst did (systemd and
+/// sysvinit), best effort: on a machine with neither, there is none.
+fn not_at_boot(service: &str) {
+    let unit = format!("{service}.service");
+    for (program, args) in [("deb-systemd-helper", ["disable", unit.as_str()]), ("update-rc.d", [service, "disable"])] {
+        let _ = Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    println!("setup: {service} installed as a tool only; its service is not started and not enabled at boot");
+}
+
+/// Where Debian's maintainer scripts ask whether they may start a service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// A `policy-rc.d` that forbids service starts (exit 101, "action
+/// forbidden") for as long as it lives; removed on drop. An existing
+/// `policy-rc.d` is the administrator's and is left alone.
+struct NoServiceStarts {
+    created: bool,
+}
+
+impl NoServiceStarts {
+    fn install() -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(Self { created: false });
+        }
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\n# Written by `cargo xtask setup` for one apt-get run.\nexit 101\n")
+            .with_context(|| format!("cannot write {POLICY_RC_D}"))?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))?;
+        Ok(Self { created: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+    }
 }
 
 fn bpffs() -> anyhow::Result<()> {
