@@ -126,24 +126,23 @@ fn key_values(text: &str) -> Vec<(String, String)> {
 }
 
 fn parse_final_stage(dockerfile: &str) -> FinalStage {
-    let joined = dockerfile.lines().filter(|line| !line.trim_start().starts_with('#')).fold(String::new(), |mut all, line| {
-        match line.trim_end().strip_suffix('\\') {
-            Some(continued) => {
-                all.push_str(continued);
-                all.push(' ');
-            }
-            None => {
-                all.push_str(line);
-                all.push('\n');
-            }
+    // Comments out, continuation lines joined.
+    let mut joined = String::new();
+    for line in dockerfile.lines().filter(|line| !line.trim_start().starts_with('#')) {
+        if let Some(continued) = line.trim_end().strip_suffix('\\') {
+            joined.push_str(continued);
+            joined.push(' ');
+        } else {
+            joined.push_str(line);
+            joined.push('\n');
         }
-        all
-    });
+    }
     let mut stage = FinalStage::default();
     for line in joined.lines().map(str::trim).filter(|line| !line.is_empty()) {
         let (instruction, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
         let rest = rest.trim();
-        let exec_form = || serde_json::from_str::<Value>(rest).unwrap_or_else(|e| panic!("{line}: not an exec form: {e}"));
+        let exec_form =
+            || serde_json::from_str::<Value>(rest).unwrap_or_else(|e| panic!("{line}: not an exec form: {e}"));
         match instruction.to_ascii_uppercase().as_str() {
             "FROM" => stage = FinalStage::default(),
             "ENTRYPOINT" => stage.entrypoint = Some(exec_form()),
@@ -251,7 +250,7 @@ fn skopeo_reads_the_archive() {
     assert_eq!(inspected["Labels"], layout.config()["config"]["Labels"]);
 }
 
-/// Every capability up to `CAP_CHECKPOINT_RESTORE` (40): a privileged container.
+/// Every capability up to `CAP_CHECKPOINT_RESTORE` (40), by number.
 const ALL_CAPABILITIES: [&str; 41] = [
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -296,9 +295,22 @@ const ALL_CAPABILITIES: [&str; 41] = [
     "CAP_CHECKPOINT_RESTORE",
 ];
 
+/// What a privileged container gets: every capability in this process's
+/// bounding set (as `docker run --privileged` gives every capability the
+/// engine has; a sandbox may withhold some, and runc fails on those).
+fn privileged_capabilities() -> Vec<&'static str> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let bounding = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapBnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("CapBnd in /proc/self/status");
+    ALL_CAPABILITIES.iter().enumerate().filter(|(bit, _)| bounding & (1 << bit) != 0).map(|(_, cap)| *cap).collect()
+}
+
 /// Makes the bundle's runtime config a privileged container in the router's
-/// network namespace, as a DaemonSet with hostNetwork and privileged would:
-/// all capabilities, no masked or read-only paths, every device, a
+/// network namespace, as a `DaemonSet` with `hostNetwork` and `privileged` would:
+/// every capability we hold, no masked or read-only paths, every device, a
 /// writable /sys with the host's bpffs bound over /sys/fs/bpf, and the
 /// policy directory mounted read-only. `args` follow the image's entrypoint.
 fn privileged(spec: &mut Value, netns: &str, policy_dir: &Path, args: &[String]) {
@@ -311,7 +323,7 @@ fn privileged(spec: &mut Value, netns: &str, policy_dir: &Path, args: &[String])
     process["terminal"] = json!(false);
     process["noNewPrivileges"] = json!(false);
     process["user"] = json!({"uid": 0, "gid": 0});
-    let caps = json!(ALL_CAPABILITIES);
+    let caps = json!(privileged_capabilities());
     process["capabilities"] = json!({
         "bounding": caps, "effective": caps, "inheritable": caps, "permitted": caps, "ambient": caps,
     });
@@ -444,9 +456,8 @@ fn the_image_run_by_runc_enforces_the_policy() {
     std::fs::create_dir_all(&policy_dir).unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier.yaml");
     std::fs::copy(&example, policy_dir.join("three-tier.yaml")).unwrap();
-    let mut args: Vec<String> = ["run", "--policy-dir", "/etc/bulkhead/policy", "--detach-on-exit", "--bpffs-root"]
-        .map(str::to_owned)
-        .to_vec();
+    let mut args: Vec<String> =
+        ["run", "--policy-dir", "/etc/bulkhead/policy", "--detach-on-exit", "--bpffs-root"].map(str::to_owned).to_vec();
     args.push(lab.bpffs_root().display().to_string());
     for interface in lab.router_interfaces() {
         args.extend(["--interface".to_owned(), interface]);

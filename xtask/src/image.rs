@@ -25,7 +25,7 @@ use crate::{run, workspace_root};
 
 /// Where the daemon lives in the image.
 pub const ENTRYPOINT: &str = "/usr/bin/bulkhead";
-/// Without arguments the image prints its usage: a DaemonSet or `docker
+/// Without arguments the image prints its usage: a `DaemonSet` or `docker
 /// run` passes `run --policy-dir ... --interface ...` explicitly.
 pub const CMD: [&str; 1] = ["--help"];
 /// Root: loading BPF programs and attaching XDP needs it (or the capability
@@ -124,12 +124,7 @@ pub fn rfc3339(epoch: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        seconds / 3600,
-        seconds % 3600 / 60,
-        seconds % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", seconds / 3600, seconds % 3600 / 60, seconds % 60)
 }
 
 /// The shared objects `binary` loads, as the paths the loader resolves them
@@ -139,7 +134,8 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         // ldd fails on a static binary, saying so.
-        if text.contains("not a dynamic executable") || String::from_utf8_lossy(&output.stderr).contains("not a dynamic")
+        if text.contains("not a dynamic executable")
+            || String::from_utf8_lossy(&output.stderr).contains("not a dynamic")
         {
             return Ok(Vec::new());
         }
@@ -338,9 +334,9 @@ pub fn build(binary: &Path) -> anyhow::Result<PathBuf> {
     let index: serde_json::Value = serde_json::from_str(&fs::read_to_string(layout.join("index.json"))?)?;
     let digest = index["manifests"][0]["digest"].as_str().unwrap_or("?").to_owned();
     println!(
-        "image: {} ({:.1} MiB), {NAME}:{} manifest {digest}, revision {}, created {}",
+        "image: {} ({} KiB), {NAME}:{} manifest {digest}, revision {}, created {}",
         archive.display(),
-        size as f64 / 1_048_576.0,
+        size.div_ceil(1024),
         labels.version,
         labels.revision,
         labels.created
