@@ -225,6 +225,18 @@ fn set_mtimes(path: &Path, epoch: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The image's architecture, in OCI's (Go's) spelling: the build host's, as
+/// the binary and the libraries copied beside it are.
+fn oci_architecture() -> anyhow::Result<&'static str> {
+    Ok(match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "riscv64" => "riscv64",
+        "s390x" => "s390x",
+        other => bail!("no OCI name for the architecture {other}"),
+    })
+}
+
 fn umoci(args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("umoci").args(args))
 }
@@ -297,7 +309,7 @@ pub fn build(binary: &Path) -> anyhow::Result<PathBuf> {
         "--os",
         "linux",
         "--architecture",
-        "amd64",
+        oci_architecture()?,
         "--config.user",
         USER,
         "--config.workingdir",
