@@ -1,6 +1,7 @@
 //! `cargo xtask`: one-command setup, build, test and demo for Bulkhead.
 
 mod demo;
+mod image;
 mod setup;
 
 use std::io::{BufRead as _, BufReader};
@@ -30,6 +31,13 @@ enum Task {
         /// A shorter subset: fewer policy sizes, repeats and changes.
         #[arg(long)]
         quick: bool,
+    },
+    /// Build, then pack the daemon into an OCI image at target/image/bulkhead.oci.tar (offline, with umoci).
+    Image {
+        /// Only assemble the image's files at target/image/rootfs from an existing
+        /// target/release/bulkhead (no setup, no root, no umoci): the Dockerfile's build stage.
+        #[arg(long)]
+        rootfs_only: bool,
     },
     /// Build, then enforce examples/three-tier.yaml in a namespace topology and probe it.
     Demo {
@@ -92,6 +100,8 @@ fn build_other_layout() -> anyhow::Result<PathBuf> {
 fn test() -> anyhow::Result<()> {
     let binary = build()?;
     let other_layout = build_other_layout()?;
+    // tests/tests/image.rs runs this image with runc.
+    let image = image::build(&binary)?;
     println!("test: formatting");
     run(cargo().args(["fmt", "--all", "--check"]))?;
     println!("test: clippy (pedantic, warnings are errors)");
@@ -113,6 +123,7 @@ fn test() -> anyhow::Result<()> {
         .args(["test", "--workspace", "--exclude", "enforcer-ebpf"])
         .env("BULKHEAD_BIN", &binary)
         .env("BULKHEAD_BIN_OTHER_LAYOUT", &other_layout)
+        .env("BULKHEAD_IMAGE", &image)
         .current_dir(workspace_root())
         .stdout(Stdio::piped());
     let mut child = command.spawn().context("cannot start cargo test")?;
@@ -163,6 +174,11 @@ fn main() -> anyhow::Result<()> {
                 command.arg("--quick");
             }
             run(&mut command)
+        }
+        Task::Image { rootfs_only: true } => image::rootfs_only(),
+        Task::Image { rootfs_only: false } => {
+            let binary = build()?;
+            image::build(&binary).map(drop)
         }
         Task::Demo { keep } => {
             let binary = build()?;

@@ -19,6 +19,11 @@ const PACKAGES: [&str; 3] = ["iproute2", "bpftool", "prometheus"];
 /// where the receiving CPU's time goes.
 pub const BENCH_PACKAGES: [&str; 5] = ["netsniff-ng", "nftables", "iptables", "ethtool", "linux-perf"];
 
+/// What `cargo xtask image` (and so `cargo xtask test`, which builds the
+/// image and runs it) adds: umoci assembles the OCI image, skopeo reads the
+/// archive as registries' tools do, runc runs it in the image test.
+pub const IMAGE_PACKAGES: [&str; 3] = ["umoci", "skopeo", "runc"];
+
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let output = Command::new(program).args(args).output().ok()?;
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
