@@ -318,7 +318,7 @@ pub fn repair_links(root: &Path, selected: &dyn Fn(&str) -> bool) -> Result<Vec<
             match move_pin(path, &parked) {
                 Ok(()) => moves.push((pin.clone(), parked, wanted)),
                 Err(error) => {
-                    remove(path, Repair::Unreadable { pin: pin.clone(), why: format!("cannot move it: {error}") })
+                    remove(path, Repair::Unreadable { pin: pin.clone(), why: format!("cannot move it: {error}") });
                 }
             }
         }

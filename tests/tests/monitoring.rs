@@ -18,13 +18,6 @@ use lab::{Daemon, Netns, ScratchDir, ThreeTier};
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
-/// Metrics the alerts and the dashboard use that the daemon does not export
-/// yet: the live check lets exactly these be missing. `bulkhead_interfaces`
-/// (interfaces enforced, by hook) is being added to the daemon; once it
-/// exports it, empty this list (the live check fails while a listed metric
-/// is exported, so the allowance cannot outlive its reason).
-const PENDING_METRICS: &[&str] = &["bulkhead_interfaces"];
-
 /// Labels Prometheus attaches to every target: not the daemon's to export.
 const TARGET_LABELS: [&str; 3] = ["job", "instance", "node"];
 
@@ -412,9 +405,6 @@ fn missing_from(exposition: &BTreeMap<String, Vec<BTreeMap<String, String>>>, ex
     let mut missing = Vec::new();
     let mut labels: BTreeSet<&str> = TARGET_LABELS.into_iter().collect();
     for (metric, matchers) in &uses.metrics {
-        if PENDING_METRICS.contains(&metric.as_str()) {
-            continue;
-        }
         let Some(samples) = exposition.get(metric) else {
             missing.push(format!("metric {metric}"));
             continue;
@@ -432,7 +422,7 @@ fn missing_from(exposition: &BTreeMap<String, Vec<BTreeMap<String, String>>>, ex
         }
     }
     for label in &uses.grouping {
-        if !labels.contains(label.as_str()) && !uses.metrics.keys().any(|m| PENDING_METRICS.contains(&m.as_str())) {
+        if !labels.contains(label.as_str()) {
             missing.push(format!("label {label} (grouped by) on any metric of the expression"));
         }
     }
@@ -519,11 +509,6 @@ fn every_metric_the_alerts_and_dashboard_use_is_exported_live() {
     for (source, expr) in expressions() {
         for missing in missing_from(&exposition, &expr) {
             problems.push(format!("{source}: {missing} is not in the daemon's /metrics ({expr})"));
-        }
-    }
-    for pending in PENDING_METRICS {
-        if exposition.contains_key(*pending) {
-            problems.push(format!("{pending} is exported now: remove it from PENDING_METRICS"));
         }
     }
     assert!(problems.is_empty(), "{}\n\n/metrics:\n{text}", problems.join("\n"));
@@ -720,8 +705,7 @@ fn a_real_prometheus_sees_the_drops_and_fires_on_a_rejected_policy() {
     let mut empty = Vec::new();
     for (title, expr) in dashboard_targets() {
         let result = prometheus.query(ns, &grafana_expanded(&expr, "10s", "1m"));
-        let pending = uses(&expr).metrics.keys().any(|m| PENDING_METRICS.contains(&m.as_str()));
-        if result.is_empty() && !pending {
+        if result.is_empty() {
             empty.push(format!("{title}: {expr}"));
         }
     }
