@@ -26,7 +26,8 @@ pub struct RunArgs {
     /// Directory of policy files (*.yaml, *.yml), merged. Required here or in the config file.
     #[arg(long, value_name = "DIR")]
     pub policy_dir: Option<PathBuf>,
-    /// Interface to enforce on (XDP ingress and TC egress); repeat for several. Required here or in the config file.
+    /// Interface to enforce on (XDP ingress and TC egress), or a shell glob such as `eth*` or `lxc*` that also
+    /// matches interfaces appearing later; repeat for several. Required here or in the config file.
     #[arg(long = "interface", value_name = "IF")]
     pub interfaces: Vec<String>,
     /// Address for the plain-HTTP /metrics, /healthz and /readyz endpoints [default: 127.0.0.1:9090].
