@@ -104,8 +104,12 @@ fn setup(label: &str, rendered: &Rendered) -> Setup {
     for (name, text) in &rendered.policy {
         std::fs::write(policy_dir.join(name), text).unwrap();
     }
+    // The base ships in audit mode (see deploy/base/config.yaml); this
+    // test needs drops to see enforcement, so it switches to enforcing.
+    assert_eq!(rendered.config.matches("\naudit: true\n").count(), 1, "{}", rendered.config);
+    let enforcing = rendered.config.replacen("\naudit: true\n", "\naudit: false\n", 1);
     let config = scratch.0.join("config.yaml");
-    std::fs::write(&config, &rendered.config).unwrap();
+    std::fs::write(&config, enforcing).unwrap();
     let pki = Ca::new("bulkhead test CA");
     let ca = pki.write_pem(&scratch.0, "ca.crt").unwrap();
     let (cert, key) = pki.issue(&scratch.0, "server", "server", false).unwrap();

@@ -357,6 +357,9 @@ fn the_daemonset_has_what_a_node_enforcer_needs() {
         assert_eq!(config["policy-dir"], "/etc/bulkhead/policy", "{dir}");
         assert_eq!(config["bpffs-root"], "/sys/fs/bpf/bulkhead", "{dir}");
         assert!(!config["interface"].as_array().unwrap().is_empty(), "{dir}");
+        // The example policy admits none of a node's own traffic: shipped
+        // enforcing, it would cut every node off its control plane.
+        assert_eq!(config["audit"], true, "{dir}: the shipped policy must start in audit mode");
         for (key, file) in [("tls-cert", "tls.crt"), ("tls-key", "tls.key"), ("client-ca", "ca.crt")] {
             assert_eq!(config[key], format!("/etc/bulkhead/tls/{file}"), "{dir}: {key}");
         }
