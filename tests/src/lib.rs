@@ -7,6 +7,7 @@
 //! Traffic only ever flows between namespaces the lab created.
 
 pub mod frames;
+pub mod manifests;
 pub mod netns;
 pub mod pki;
 pub mod probe;

@@ -207,15 +207,36 @@ impl Daemon {
     /// Starts `bulkhead run` in the lab's router with the given arguments,
     /// pinning under the lab's own bpffs root, without waiting for it.
     pub fn spawn(lab: &ThreeTier, args: &[String], log: &Path) -> Result<Self, LabError> {
-        Self::spawn_binary(lab, &bulkhead_binary(), args, log)
+        Self::spawn_wrapped(lab, &[], &bulkhead_binary(), args, log)
     }
 
     /// As [`Daemon::spawn`], running the `bulkhead` at `binary` (another build).
     pub fn spawn_binary(lab: &ThreeTier, binary: &Path, args: &[String], log: &Path) -> Result<Self, LabError> {
+        Self::spawn_wrapped(lab, &[], binary, args, log)
+    }
+
+    /// As [`Daemon::spawn_binary`], with the daemon started through
+    /// `wrapper`, a command that execs its last arguments (such as
+    /// `setpriv ... --`), so the child's pid is still the daemon's.
+    pub fn spawn_wrapped(
+        lab: &ThreeTier,
+        wrapper: &[String],
+        binary: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<Self, LabError> {
         let ns = &lab.router;
+        let binary_text = binary.to_str().unwrap_or("bulkhead");
         let log_file = std::fs::File::create(log)?;
-        let child = ns
-            .command(binary.to_str().unwrap_or("bulkhead"))
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = ns.command(program);
+                command.args(rest).arg(binary_text);
+                command
+            }
+            None => ns.command(binary_text),
+        };
+        let child = command
             .arg("run")
             .arg("--bpffs-root")
             .arg(lab.bpffs_root())

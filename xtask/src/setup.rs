@@ -8,6 +8,12 @@ use anyhow::{Context as _, bail};
 
 /// bpf-linker release known to work with aya 0.14 and LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// kubernetes-validate release the manifest tests validate with; it carries
+/// the Kubernetes JSON schemas up to 1.37, the tests ask for 1.32.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// Oldest kubectl whose built-in kustomize (v5) renders `deploy/`.
+const KUBECTL_MIN_MINOR: u32 = 27;
+
 /// Debian packages the tests and the demo use. `prometheus` brings
 /// `promtool` (rule checks and rule unit tests) and the server the
 /// monitoring test scrapes the daemon with; it is installed without starting
@@ -51,6 +57,8 @@ pub fn setup() -> anyhow::Result<()> {
     bpf_linker()?;
     packages(&PACKAGES)?;
     bpffs()?;
+    kubectl()?;
+    kubernetes_validate()?;
     Ok(())
 }
 
@@ -230,4 +238,87 @@ fn bpffs() -> anyhow::Result<()> {
     println!("setup: mounting bpffs at /sys/fs/bpf");
     std::fs::create_dir_all("/sys/fs/bpf").ok();
     run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"], &[])
+}
+
+/// The minor version of `kubectl version --client`, if kubectl runs.
+fn kubectl_minor() -> Option<u32> {
+    let version = output("kubectl", &["version", "--client"])?;
+    let rest = version.lines().find_map(|line| line.strip_prefix("Client Version: v"))?;
+    rest.split('.').nth(1)?.parse().ok()
+}
+
+/// kubectl renders the manifests in `deploy/` (`kubectl kustomize`) for the
+/// manifest tests. Debian bookworm's `kubernetes-client` is 1.20, whose
+/// kustomize is too old, so only an apt source that offers a package named
+/// `kubectl` (pkgs.k8s.io, Google Cloud's) is used; otherwise setup says
+/// what to install.
+fn kubectl() -> anyhow::Result<()> {
+    if let Some(minor) = kubectl_minor() {
+        if minor >= KUBECTL_MIN_MINOR {
+            println!("setup: kubectl 1.{minor} already installed");
+            return Ok(());
+        }
+        bail!(
+            "kubectl 1.{minor} is too old to render deploy/ (kustomize v5 needs kubectl 1.{KUBECTL_MIN_MINOR} or newer); install a newer kubectl from https://pkgs.k8s.io (https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/)"
+        );
+    }
+    let candidate = output("apt-cache", &["policy", "kubectl"]).and_then(|policy| {
+        policy
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("Candidate:").map(|c| c.trim().to_owned()))
+            .filter(|candidate| candidate != "(none)")
+    });
+    if candidate.is_none() {
+        bail!(
+            "kubectl is not installed and no apt source offers it (Debian's kubernetes-client 1.20 is too old for kustomize v5); install kubectl 1.{KUBECTL_MIN_MINOR} or newer from https://pkgs.k8s.io (https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/) and run setup again"
+        );
+    }
+    packages(&["kubectl"])?;
+    match kubectl_minor() {
+        Some(minor) if minor >= KUBECTL_MIN_MINOR => {
+            println!("setup: kubectl 1.{minor} installed");
+            Ok(())
+        }
+        _ => bail!(
+            "the apt package kubectl does not provide kubectl 1.{KUBECTL_MIN_MINOR} or newer; install one from https://pkgs.k8s.io"
+        ),
+    }
+}
+
+/// Where setup installs kubernetes-validate: a virtualenv of its own under
+/// the workspace's target directory (tests/tests/manifests.rs looks there).
+fn validate_venv() -> PathBuf {
+    crate::workspace_root().join("target/venv")
+}
+
+/// `kubernetes-validate` (`PyPI`) checks every rendered object against the
+/// Kubernetes `OpenAPI` schema offline, in a virtualenv so the system Python
+/// stays untouched.
+fn kubernetes_validate() -> anyhow::Result<()> {
+    let venv = validate_venv();
+    let validator = venv.join("bin/kubernetes-validate");
+    let validator_text = validator.display().to_string();
+    if let Some(version) = output(&validator_text, &["--version"])
+        && version.trim() == KUBERNETES_VALIDATE_VERSION
+    {
+        println!("setup: kubernetes-validate {version} already installed in {}", venv.display());
+        return Ok(());
+    }
+    let venv_text = venv.display().to_string();
+    if !venv.join("bin/pip").exists() {
+        println!("setup: creating a Python virtualenv at {venv_text}");
+        if run("python3", &["-m", "venv", &venv_text], &[]).is_err() {
+            // Debian's python3 has no venv module without python3-venv.
+            packages(&["python3-venv"])?;
+            run("python3", &["-m", "venv", "--clear", &venv_text], &[])?;
+        }
+    }
+    println!("setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {venv_text}");
+    let pip = venv.join("bin/pip").display().to_string();
+    let requirement = format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
+    run(&pip, &["install", "--quiet", &requirement], &[])?;
+    let version = output(&validator_text, &["--version"])
+        .with_context(|| format!("kubernetes-validate was installed but {validator_text} does not run"))?;
+    println!("setup: kubernetes-validate {version} installed");
+    Ok(())
 }
