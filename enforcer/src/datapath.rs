@@ -1150,8 +1150,8 @@ fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Removes everything pinned under `root`: links first (each detaches when
-/// its pin goes), then the maps. Returns what was removed.
+/// Removes everything pinned under `root`: links first (each detached
+/// before its pin goes), then the maps. Returns what was removed.
 pub fn uninstall(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for dir in ["links", "maps"] {
@@ -1160,7 +1160,11 @@ pub fn uninstall(root: &Path) -> std::io::Result<Vec<PathBuf>> {
         let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
         for path in paths {
-            std::fs::remove_file(&path)?;
+            if dir.ends_with("links") {
+                pins::detach_and_unpin(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
             removed.push(path);
         }
         std::fs::remove_dir(&dir)?;

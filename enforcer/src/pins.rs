@@ -26,6 +26,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// The hooks a pinned link can hold, as named in its pin.
 pub const LINK_KINDS: [&str; 3] = ["xdp", "tcin", "tc"];
@@ -267,8 +268,14 @@ pub fn repair_links(root: &Path, selected: &dyn Fn(&str) -> bool) -> Result<Vec<
     }
     let mut repairs = Vec::new();
     let mut remove = |path: &Path, repair: Repair| {
-        // A pin that is already gone needs no removing.
-        let _ = std::fs::remove_file(path);
+        // Only an unselected interface's link is detached: a duplicate pin
+        // may hold the very link that stays, and a defunct one is detached
+        // already. A pin that is already gone needs no removing.
+        let _ = if matches!(repair, Repair::Unselected { .. }) {
+            detach_and_unpin(path)
+        } else {
+            std::fs::remove_file(path)
+        };
         repairs.push(repair);
     };
     // First read every pin: which live interface (index, current name) it
@@ -335,11 +342,36 @@ pub fn repair_links(root: &Path, selected: &dyn Fn(&str) -> bool) -> Result<Vec<
     Ok(repairs)
 }
 
-/// Removes the pins of every hook on `interface`, which detaches the
-/// links they hold unless something else holds them too.
+/// Detaches the programs of every hook on `interface` and removes their pins.
 pub fn remove_links(root: &Path, interface: &str) {
     for kind in LINK_KINDS {
-        let _ = std::fs::remove_file(link_pin(root, kind, interface));
+        let _ = detach_and_unpin(&link_pin(root, kind, interface));
+    }
+}
+
+/// Detaches the link pinned at `path`, then removes the pin. Only removing
+/// the pin detaches too, but later: bpffs drops its reference when the
+/// inode is freed, after an RCU grace period, so for a moment the program
+/// would still run with nothing pinned. An explicit `BPF_LINK_DETACH`
+/// takes effect before this returns. A pin that is not a link, or a link
+/// already defunct, is simply removed.
+pub fn detach_and_unpin(path: &Path) -> std::io::Result<()> {
+    if let Ok(link) = open_pin(path) {
+        #[repr(C)]
+        struct DetachAttr {
+            link_fd: u32,
+        }
+        if let Ok(link_fd) = u32::try_from(link.as_raw_fd()) {
+            let mut attr = DetachAttr { link_fd };
+            // SAFETY: BPF_LINK_DETACH reads the link descriptor, alive for the call.
+            let _ = unsafe {
+                libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, std::ptr::from_mut(&mut attr), size_of::<DetachAttr>())
+            };
+        }
+    }
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
     }
 }
 
