@@ -4,7 +4,14 @@
 
 use std::os::fd::RawFd;
 
-use crate::datapath::TestRun;
+/// Result of one `BPF_PROG_TEST_RUN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value (`XDP_*` or `TC_ACT_*`).
+    pub retval: u32,
+    /// Mean nanoseconds per repetition, as the kernel measured it.
+    pub duration_ns: u32,
+}
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
