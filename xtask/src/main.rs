@@ -80,21 +80,19 @@ fn build() -> anyhow::Result<PathBuf> {
 }
 
 /// Builds the test-only daemon whose map layout differs (feature
-/// `layout-test`), in its own target directory so the release binary
-/// stays as it is; the upgrade test runs both. Returns its path.
+/// `layout-test`) and copies it to `target/layout-test/bulkhead`; the
+/// upgrade test runs it beside the release binary. A debug build: its
+/// dependencies are the ones `cargo test` builds anyway, so it costs one
+/// crate and the kernel programs, not a second release build of everything.
 fn build_other_layout() -> anyhow::Result<PathBuf> {
-    println!("build: the layout-test daemon for the upgrade test (target/layout-test)");
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "enforcer",
-        "--features",
-        "layout-test",
-        "--target-dir",
-        "target/layout-test",
-    ]))?;
-    Ok(workspace_root().join("target/layout-test/release/bulkhead"))
+    println!("build: the layout-test daemon for the upgrade test (target/layout-test/bulkhead)");
+    run(cargo().args(["build", "-p", "enforcer", "--bin", "bulkhead", "--features", "layout-test"]))?;
+    let built = workspace_root().join("target/debug/bulkhead");
+    let dir = workspace_root().join("target/layout-test");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let copy = dir.join("bulkhead");
+    std::fs::copy(&built, &copy).with_context(|| format!("cannot copy {} to {}", built.display(), copy.display()))?;
+    Ok(copy)
 }
 
 fn test() -> anyhow::Result<()> {
