@@ -19,11 +19,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use enforcer::metrics::Shared;
+use enforcer::tls;
 use enforcer::watch::Mailbox;
 use policy::Source;
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -81,23 +80,12 @@ struct ApiState {
 
 fn load_server_config(config: &ApiConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&config.cert)
-        .with_context(|| format!("cannot read --tls-cert {}", config.cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("--tls-cert {} is not PEM certificates", config.cert.display()))?;
+    let certs = tls::read_certs(&config.cert, "--tls-cert")?;
     if certs.is_empty() {
         bail!("--tls-cert {} holds no certificate", config.cert.display());
     }
-    let key = PrivateKeyDer::from_pem_file(&config.key)
-        .with_context(|| format!("cannot read a PEM private key from --tls-key {}", config.key.display()))?;
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&config.client_ca)
-        .with_context(|| format!("cannot read --client-ca {}", config.client_ca.display()))?
-    {
-        roots
-            .add(ca.with_context(|| format!("--client-ca {} is not PEM certificates", config.client_ca.display()))?)
-            .context("the client CA certificate is not usable")?;
-    }
+    let key = tls::read_key(&config.key, "--tls-key")?;
+    let roots = tls::read_roots(&config.client_ca, "--client-ca")?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
         .build()
         .context("building the client certificate verifier failed")?;

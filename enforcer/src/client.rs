@@ -5,14 +5,13 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConnection, RootCertStore, StreamOwned};
+use enforcer::tls;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
 
 use crate::api::{PolicyFile, PolicyFiles};
 
@@ -51,26 +50,9 @@ impl ServerArgs {
             .trim_end_matches('/');
         let host =
             address.rsplit_once(':').map_or(address, |(host, _)| host).trim_start_matches('[').trim_end_matches(']');
-        let mut roots = RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(&self.ca)
-            .with_context(|| format!("cannot read --ca {}", self.ca.display()))?
-        {
-            roots.add(ca.context("--ca is not PEM certificates")?).context("--ca is not a usable CA certificate")?;
-        }
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
-            .with_context(|| format!("cannot read --cert {}", self.cert.display()))?
-            .collect::<Result<_, _>>()
-            .context("--cert is not PEM certificates")?;
-        let key = PrivateKeyDer::from_pem_file(&self.key)
-            .with_context(|| format!("cannot read a PEM private key from --key {}", self.key.display()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .context("--cert and --key do not match")?;
+        let config = tls::client_config(&self.ca, &self.cert, &self.key)?;
         let name = ServerName::try_from(host.to_owned()).with_context(|| format!("`{host}` is not a host name"))?;
-        let connection = ClientConnection::new(Arc::new(config), name)?;
+        let connection = ClientConnection::new(config, name)?;
         let tcp = TcpStream::connect(address).with_context(|| format!("cannot connect to {}", self.server))?;
         tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
         // One request, one response: Nagle's algorithm would only hold the

@@ -11,4 +11,5 @@ pub mod pins;
 pub mod quiesce;
 pub mod server;
 pub mod testrun;
+pub mod tls;
 pub mod watch;

@@ -24,7 +24,8 @@ use lab::netns::{run, unique_stem};
 use lab::{LabError, Netns};
 use policy::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
 
-use crate::{Error, here};
+use crate::Error;
+use crate::synthetic::here;
 
 const RECEIVER: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 1);
 const SENDER: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 2);
@@ -735,4 +736,73 @@ fn iptables(link: &Link, rules: usize) -> Result<(), Error> {
         return Err("iptables-legacy-restore failed".into());
     }
     Ok(())
+}
+
+pub fn markdown(md: &mut String, rows: &[TrafficRow]) {
+    let _ = writeln!(
+        md,
+        "\n### Traffic through the kernel (64-byte UDP over veth, half allowed, {} kpps offered; trafgen on CPU 0, receiving stack on CPU 1; the median of the rounds)\n\n| rules | filter | sent kpps | passed kpps | dropped kpps | lost | receiver CPU ns/packet | receiver busy | sender busy | bottleneck |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        OFFERED_PPS / 1000
+    );
+    for row in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0}% | {:.0}% | {} |",
+            row.rules,
+            row.filter.name(),
+            row.pps(row.sent) / 1000.0,
+            row.pps(row.passed) / 1000.0,
+            row.pps(row.filtered) / 1000.0,
+            row.lost,
+            row.receiver_ns,
+            row.receiver_busy * 100.0,
+            row.sender_busy * 100.0,
+            row.bottleneck()
+        );
+    }
+    versus(md, rows, "receiver ns per packet", |row| row.round_ns.clone());
+    let _ = writeln!(
+        md,
+        "\n### Each filter's own work on the receiving CPU (CPU 1 sampled by `perf` at {SAMPLING_HZ} Hz with call chains in more rounds; freeing dropped packets left out)\n\n| rules | filter | own CPU ns per packet (median) | round by round | samples in its own code, all rounds |\n|---:|---|---:|---|---:|",
+    );
+    for row in rows {
+        let Some(own_ns) = row.own_ns() else { continue };
+        let rounds: Vec<String> = row.own_ns_rounds().iter().map(|ns| format!("{ns:.0}")).collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {own_ns:.0} | {} | {} |",
+            row.rules,
+            row.filter.name(),
+            rounds.join(", "),
+            row.profiles.iter().map(|p| p.own).sum::<u64>()
+        );
+    }
+    versus(md, rows, "own CPU ns per packet", TrafficRow::own_ns_rounds);
+}
+
+/// Bulkhead at TC ingress against nftables' set, round by round, so that a
+/// lead can be told from the spread: each round ran every filter one after
+/// another. `rounds` gives a row's figure for each round.
+fn versus(md: &mut String, rows: &[TrafficRow], what: &str, rounds: impl Fn(&TrafficRow) -> Vec<f64>) {
+    for rules in rows.iter().map(|r| r.rules).collect::<std::collections::BTreeSet<_>>() {
+        let of = |filter| rows.iter().find(|r| r.rules == rules && r.filter == filter).map(&rounds);
+        let (Some(ours), Some(theirs)) = (of(Filter::BulkheadTc), of(Filter::Nftables)) else {
+            continue;
+        };
+        if ours.is_empty() {
+            continue;
+        }
+        let per_round: Vec<String> = ours.iter().zip(&theirs).map(|(a, b)| format!("{a:.0} vs {b:.0}")).collect();
+        let ahead = ours.iter().zip(&theirs).filter(|(a, b)| a < b).count();
+        let _ = writeln!(
+            md,
+            "\nAt {rules} rules, Bulkhead (TC ingress) vs nftables (set), {what} round by round: {} (Bulkhead cheaper in {ahead} of {}).",
+            per_round.join(", "),
+            per_round.len()
+        );
+    }
+}
+
+pub fn json(rows: &[TrafficRow]) -> serde_json::Value {
+    rows.iter().map(|r| serde_json::json!({"rules": r.rules, "filter": r.filter.name(), "seconds": r.seconds, "sent": r.sent, "passed": r.passed, "filtered": r.filtered, "lost": r.lost, "receiver_ns_per_packet": r.receiver_ns, "receiver_busy": r.receiver_busy, "sender_busy": r.sender_busy, "bottleneck": r.bottleneck(), "round_receiver_ns": r.round_ns, "own_ns_per_packet": r.own_ns(), "profiled_rounds": r.profiles.iter().map(|p| serde_json::json!({"kernel_samples": p.samples, "own_samples": p.own, "packets": p.packets, "own_ns_per_packet": p.own_ns()})).collect::<Vec<_>>()})).collect()
 }

@@ -1,0 +1,120 @@
+//! Per-packet cost: the real programs through `BPF_PROG_TEST_RUN` beside
+//! an empty XDP program (the floor), per policy size, family and packet
+//! class. Each size's policy is loaded first, and that load timed (see
+//! [`crate::load`]).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use enforcer::datapath::{Datapath, Hook, MapSizes};
+use lab::frames::{self, ACK, ICMP, ICMPV6, SYN, TCP, icmp, tcp};
+
+use crate::Error;
+use crate::load::{self, Loads};
+use crate::synthetic::{synthetic_policy, v4};
+
+/// The packet classes measured, per family.
+fn classes(family: &str) -> Vec<(&'static str, Vec<u8>)> {
+    // `unknown` is in no identity: `world`, which no synthetic rule names.
+    let (src, dst, unknown, icmp_proto, timestamp): (IpAddr, IpAddr, IpAddr, u8, u8) = if family == "IPv4" {
+        (IpAddr::V4(v4(0)), IpAddr::V4(v4(1)), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), ICMP, 13)
+    } else {
+        (
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0)),
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+            ICMPV6,
+            130,
+        )
+    };
+    vec![
+        ("established (conntrack hit)", frames::simple(src, dst, TCP, tcp(40000, 1000, ACK))),
+        (
+            "new allowed (full lookup, untracked)",
+            frames::simple(src, dst, icmp_proto, icmp(timestamp, 0, [0; 4], &[0; 12])),
+        ),
+        ("default-denied", frames::simple(src, dst, TCP, tcp(40000, 9, SYN))),
+        ("deny rule", frames::simple(src, dst, TCP, tcp(40000, 22, SYN))),
+        ("unknown source (world, default-denied)", frames::simple(unknown, dst, TCP, tcp(40000, 1000, SYN))),
+        ("non-IP (ARP)", frames::arp()),
+    ]
+}
+
+fn median(mut values: Vec<u32>) -> u32 {
+    values.sort_unstable();
+    values[values.len() / 2]
+}
+
+pub struct Row {
+    identities: usize,
+    family: &'static str,
+    class: &'static str,
+    ns: u32,
+    floor: u32,
+    /// Median over rounds of (program ns / floor ns in the same round).
+    ratio: f64,
+}
+
+/// `spin`: a class (or the start of its name) to run alone for 30 s first.
+pub fn per_packet(sizes: &[usize], repeat: u32, runs: usize, spin: Option<&str>) -> Result<(Vec<Row>, Loads), Error> {
+    // Room for the largest synthetic policy (100k rules plus two).
+    let mut datapath = Datapath::load_with(MapSizes { rules: 131_072, ..MapSizes::default() })?;
+    let mut rows = Vec::new();
+    let mut loads = Vec::new();
+    for &n in sizes {
+        let policy = synthetic_policy(n);
+        loads.push(load::in_process(&mut datapath, &policy)?);
+        datapath.clear_state()?;
+        for family in ["IPv4", "IPv6"] {
+            for (class, frame) in classes(family) {
+                if class.starts_with("established") {
+                    // Open the connection once so the measured packets hit conntrack.
+                    let syn = frame.clone();
+                    let mut opening = syn.clone();
+                    let flags = opening.len() - 7;
+                    opening[flags] = SYN;
+                    datapath.test_run(Hook::Ingress, &opening, 1)?;
+                }
+                if spin.is_some_and(|c| class.starts_with(c)) {
+                    // For a profiler (`perf record -a`) to watch this class alone.
+                    let until = Instant::now() + Duration::from_secs(30);
+                    while Instant::now() < until {
+                        datapath.test_run(Hook::Ingress, &frame, repeat)?;
+                    }
+                }
+                // Floor and program alternate, and each round yields its own
+                // ratio: a slow stretch of the machine (another guest, a
+                // frequency change) then weighs on both sides of the ratio.
+                let (mut program, mut floor, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..runs {
+                    let empty = datapath.test_run(Hook::Calibration, &frame, repeat)?.duration_ns;
+                    let real = datapath.test_run(Hook::Ingress, &frame, repeat)?.duration_ns;
+                    program.push(real);
+                    floor.push(empty);
+                    ratios.push(f64::from(real) / f64::from(empty.max(1)));
+                }
+                ratios.sort_by(f64::total_cmp);
+                let ratio = ratios[ratios.len() / 2];
+                rows.push(Row { identities: n, family, class, ns: median(program), floor: median(floor), ratio });
+            }
+        }
+    }
+    Ok((rows, loads))
+}
+
+pub fn markdown(md: &mut String, rows: &[Row]) {
+    let _ = writeln!(md, "### Per-packet cost (XDP, `BPF_PROG_TEST_RUN`, ns per packet; floor = empty XDP program)\n");
+    let _ = writeln!(md, "| identities | family | class | ns | floor ns | × floor |\n|---:|---|---|---:|---:|---:|");
+    for row in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:.2} |",
+            row.identities, row.family, row.class, row.ns, row.floor, row.ratio
+        );
+    }
+}
+
+pub fn json(rows: &[Row]) -> serde_json::Value {
+    rows.iter().map(|r| serde_json::json!({"identities": r.identities, "family": r.family, "class": r.class, "ns": r.ns, "floor_ns": r.floor, "ratio_to_floor": r.ratio})).collect()
+}
