@@ -32,7 +32,10 @@ pub fn memlock(root: &Path) -> Vec<(String, u64)> {
             let output = Command::new("bpftool").args(["map", "show", "pinned"]).arg(entry.path()).output().ok()?;
             let text = String::from_utf8_lossy(&output.stdout).into_owned();
             let bytes = text.split_whitespace().skip_while(|w| *w != "memlock").nth(1)?;
-            Some((entry.file_name().to_string_lossy().into_owned(), bytes.trim_end_matches('B').parse().ok()?))
+            // Pins carry a layout stamp (`CONNTRACK-v1-40x40`): report the map's name.
+            let pin = entry.file_name().to_string_lossy().into_owned();
+            let name = pin.split('-').next().unwrap_or(&pin).to_owned();
+            Some((name, bytes.trim_end_matches('B').parse().ok()?))
         })
         .collect();
     out.sort();
