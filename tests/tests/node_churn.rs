@@ -222,3 +222,80 @@ fn without_a_bpffs_under_ip_netns_exec_the_daemon_mounts_one() {
     // Detached before the daemon exits, not an RCU grace period later.
     assert_eq!(tcp(&lab, "outsider", "db", 5432), Outcome::Connected, "--detach-on-exit detached");
 }
+
+#[test]
+fn an_interface_another_program_holds_is_reported_then_taken_once_free() {
+    let lab = ThreeTier::new("busy").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = policy_dir(&scratch);
+    let _servers = servers(&lab);
+    // Another XDP owner of to-gateway: a second Bulkhead with its own pins.
+    let other_metrics: SocketAddr = "127.0.0.1:9091".parse().unwrap();
+    let other_log = std::fs::File::create(scratch.0.join("other.log")).unwrap();
+    let other_root = format!("{}-other", lab.bpffs_root().display());
+    let mut other = lab
+        .router
+        .command(lab::topology::bulkhead_binary().to_str().unwrap())
+        .args(["run", "--detach-on-exit", "--interface", "to-gateway", "--metrics-addr", "127.0.0.1:9091"])
+        .arg("--policy-dir")
+        .arg(&dir)
+        .arg("--bpffs-root")
+        .arg(&other_root)
+        .stdin(Stdio::null())
+        .stdout(other_log.try_clone().unwrap())
+        .stderr(other_log)
+        .spawn()
+        .unwrap();
+    let _cleanup = Cleanup(other.id(), other_root.clone().into());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(probe::http_get(&lab.router, other_metrics, "/readyz"), Ok((200, _))) {
+        let log = std::fs::read_to_string(scratch.0.join("other.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "the other daemon never became ready: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut args = flags("xdp");
+    args.extend(["--policy-dir".to_owned(), dir.display().to_string()]);
+    let daemon = Daemon::spawn(&lab, &args, &scratch.0.join("daemon.log")).unwrap();
+    // Up, enforcing on the three free interfaces, and not ready: it says why.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, body) = loop {
+        if let Ok((status, body)) = probe::http_get(&lab.router, daemon.metrics_addr, "/readyz") {
+            break (status, body);
+        }
+        assert!(Instant::now() < deadline, "no /readyz: {}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not enforcing on to-gateway"), "{body}");
+    assert_eq!(metric(&lab, &daemon, "bulkhead_interfaces_unenforced"), 1);
+    assert_eq!(metric(&lab, &daemon, "bulkhead_interfaces{hook=\"xdp\"}"), 3);
+    assert_eq!(metric(&lab, &daemon, "bulkhead_interface_changes_total{change=\"attach_failed\"}"), 1);
+    assert_eq!(tcp(&lab, "outsider", "db", 5432), Outcome::TimedOut, "the free interfaces are enforced");
+
+    // The other program goes: the daemon takes the interface by itself.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(i32::try_from(other.id()).unwrap(), libc::SIGTERM) };
+    assert!(other.wait().unwrap().success());
+    wait_for_metric(&lab, &daemon, "bulkhead_interfaces{hook=\"xdp\"}", 4);
+    assert_eq!(metric(&lab, &daemon, "bulkhead_interfaces_unenforced"), 0);
+    assert_eq!(probe::http_get(&lab.router, daemon.metrics_addr, "/readyz").unwrap().0, 200);
+    assert_eq!(tcp(&lab, "gateway", "db", 5432), Outcome::TimedOut, "to-gateway is enforced now");
+    assert_eq!(tcp(&lab, "gateway", "logic", 8080), Outcome::Connected);
+}
+
+/// Kills a daemon the test started by hand and removes its bpffs root, if
+/// the test ends before it does.
+struct Cleanup(u32, std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.1.exists()
+            && let Ok(pid) = i32::try_from(self.0)
+        {
+            // SAFETY: signalling a process this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+}
