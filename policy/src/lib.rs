@@ -6,6 +6,7 @@
 //! specification the kernel program is tested against.
 
 pub mod compile;
+pub mod describe;
 pub mod diff;
 pub mod error;
 pub mod eval;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use compile::{CompiledPolicy, compile, compile_at};
+pub use describe::Describer;
 pub use error::{Diagnostic, Location, PolicyError};
 pub use eval::{Decision, Evaluator, Packet, Verdict};
 pub use model::Policy;
