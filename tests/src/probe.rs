@@ -261,12 +261,13 @@ pub fn ping(ns: &Netns, to: Ipv4Addr) -> Result<Outcome, LabError> {
     })
 }
 
-/// A plain HTTP/1.1 GET from inside `ns`; returns (status, body).
+/// A plain HTTP GET from inside `ns`; returns (status, body). HTTP/1.0,
+/// so no server answers in chunks (Prometheus would, to HTTP/1.1).
 pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String), LabError> {
     ns.enter(|| -> std::io::Result<(u16, String)> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);

@@ -7,8 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -514,23 +513,6 @@ fn every_metric_the_alerts_and_dashboard_use_is_exported_live() {
     assert!(problems.is_empty(), "{}\n\n/metrics:\n{text}", problems.join("\n"));
 }
 
-/// An HTTP/1.0 GET (so the answer is never chunked) from inside `ns`.
-fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> (u16, String) {
-    let path = path.to_owned();
-    ns.enter(move || -> std::io::Result<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-        Ok((status, body))
-    })
-    .expect("enter namespace")
-    .unwrap_or((0, String::new()))
-}
-
 fn url_encoded(text: &str) -> String {
     text.bytes()
         .map(|b| {
@@ -585,7 +567,9 @@ impl Prometheus {
             .spawn()
             .expect("start prometheus (`cargo xtask setup` installs Debian's prometheus)");
         let mut prometheus = Self { child, addr, log };
-        prometheus.wait(ns, "ready", |p, ns| (http_get(ns, p.addr, "/-/ready").0 == 200).then_some(()));
+        prometheus.wait(ns, "ready", |p, ns| {
+            (probe::http_get(ns, p.addr, "/-/ready").is_ok_and(|(status, _)| status == 200)).then_some(())
+        });
         prometheus
     }
 
@@ -610,7 +594,7 @@ impl Prometheus {
 
     /// `data` of a successful API answer.
     fn api(&self, ns: &Netns, path: &str) -> Value {
-        let (status, body) = http_get(ns, self.addr, path);
+        let (status, body) = probe::http_get(ns, self.addr, path).unwrap_or((0, String::new()));
         let answer: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {status} {e}: {body}"));
         assert_eq!(answer["status"], "success", "{path}: {status} {body}");
         answer["data"].clone()
