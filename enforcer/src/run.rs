@@ -483,6 +483,37 @@ struct Maintainer<'a> {
     next_expiry: Option<SystemTime>,
 }
 
+/// Where a policy change came from. Every source (the policy directory,
+/// API pushes, rule expiry; the Kubernetes watcher next) hands its change
+/// to [`Maintainer::apply`], the one path that validates, compiles and
+/// writes.
+enum Origin {
+    Files,
+    Push {
+        who: String,
+        digest: String,
+    },
+    /// A rule of the enforced policy lapsed: the same policy, compiled again.
+    Expiry,
+}
+
+impl Origin {
+    fn why(&self) -> &'static str {
+        match self {
+            Self::Files => "the policy files changed",
+            Self::Push { .. } => "pushed through the API",
+            Self::Expiry => "a rule expired",
+        }
+    }
+}
+
+/// One change to the enforced policy: the sources that replace it, or
+/// `None` to compile the enforced policy again.
+struct Change {
+    origin: Origin,
+    sources: Option<Vec<Source>>,
+}
+
 /// Hands memory freed after a policy load back to the kernel. Parsing a
 /// large policy peaks at many times its final size (a 100k-rule file: about
 /// 500 MB), and the allocator keeps freed pages for reuse, so without this
@@ -541,44 +572,85 @@ impl Maintainer<'_> {
     /// files; a rejected push changes nothing. It stays enforced until the
     /// policy directory changes.
     fn push(&mut self, push: Push) {
-        let started = Instant::now();
         let digest = crate::api::digest(&push.sources);
-        let answer = match policy::parse_sources(&push.sources) {
-            Err(error) => {
-                let problems: Vec<String> = match &error {
-                    PolicyError::Invalid { diagnostics } => diagnostics.iter().map(ToString::to_string).collect(),
-                    other => vec![other.to_string()],
-                };
-                self.reject(&format!("push by `{}`: {error}", push.who));
-                log::warn!(target: "audit", "who={} action=push result=rejected digest=sha256:{digest} problems={}", push.who, problems.len());
-                Err(problems)
-            }
-            Ok(policy) => {
-                let compiled = policy::compile(&policy);
-                let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-                match guard.as_mut().map(|d| d.apply(&compiled, self.audit).map(|g| (g, d.last_slot_wait()))) {
-                    Some(Ok((generation, slot_wait))) => {
-                        drop(guard);
-                        self.observe_apply(started, slot_wait);
-                        log::info!(
-                            target: "audit",
-                            "who={} action=push result=applied generation={generation} digest=sha256:{digest} {}",
-                            push.who,
-                            policy::diff::summary(&policy::diff::diff(&self.enforced, &policy))
-                        );
-                        self.enforced_now(Arc::new(policy), &compiled, generation, push.sources);
-                        Ok(generation)
-                    }
-                    Some(Err(error)) => {
-                        drop(guard);
-                        self.reject(&format!("push by `{}`: {error}", push.who));
-                        Err(vec![error.to_string()])
-                    }
-                    None => Err(vec!["the daemon is shutting down".to_owned()]),
+        let origin = Origin::Push { who: push.who, digest };
+        let answer = self.apply(Change { origin, sources: Some(push.sources) });
+        let _ = push.reply.send(answer);
+    }
+
+    /// The one path every policy change takes, whatever its source: parse
+    /// and validate (unless only a rule lapsed), compile, write and switch,
+    /// then record. A change refused at any step leaves the enforced policy
+    /// and everything reported about it as they were. Returns the new
+    /// generation, or the problems.
+    fn apply(&mut self, change: Change) -> Result<u32, Vec<String>> {
+        let started = Instant::now();
+        let policy = match &change.sources {
+            None => Arc::clone(&self.enforced),
+            Some(sources) => match policy::parse_sources(sources) {
+                Ok(policy) => Arc::new(policy),
+                Err(error) => {
+                    let problems: Vec<String> = match &error {
+                        PolicyError::Invalid { diagnostics } => diagnostics.iter().map(ToString::to_string).collect(),
+                        other => vec![other.to_string()],
+                    };
+                    self.refused(&change.origin, &error.to_string(), problems.len());
+                    return Err(problems);
                 }
+            },
+        };
+        let parsed_in = started.elapsed();
+        let compiled = policy::compile(&policy);
+        let compiled_in = started.elapsed();
+        let applied = {
+            let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(datapath) = guard.as_mut() else { return Err(vec!["the daemon is shutting down".to_owned()]) };
+            datapath.apply(&compiled, self.audit).map(|generation| (generation, datapath.last_slot_wait()))
+        };
+        let (generation, slot_wait) = match applied {
+            Ok(applied) => applied,
+            Err(error) => {
+                self.refused(&change.origin, &error.to_string(), 1);
+                return Err(vec![error.to_string()]);
             }
         };
-        let _ = push.reply.send(answer);
+        self.observe_apply(started, slot_wait);
+        let total = started.elapsed();
+        log::info!(
+            "applied policy generation {generation} ({}): {} identities, {} rules in force; took {} ms (read, parse and validate {} ms, compile {} ms, write and switch {} ms)",
+            change.origin.why(),
+            policy.identities.len(),
+            compiled.rules.len(),
+            total.as_millis(),
+            parsed_in.as_millis(),
+            compiled_in.saturating_sub(parsed_in).as_millis(),
+            total.saturating_sub(compiled_in).as_millis(),
+        );
+        if let Origin::Push { who, digest } = &change.origin {
+            log::info!(
+                target: "audit",
+                "who={who} action=push result=applied generation={generation} digest=sha256:{digest} {}",
+                policy::diff::summary(&policy::diff::diff(&self.enforced, &policy))
+            );
+        }
+        let sources = change
+            .sources
+            .unwrap_or_else(|| self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone());
+        self.enforced_now(policy, &compiled, generation, sources);
+        return_freed_memory();
+        Ok(generation)
+    }
+
+    /// Records a refused change: counted, shown in status, logged (pushes
+    /// also to the audit log).
+    fn refused(&self, origin: &Origin, why: &str, problems: usize) {
+        match origin {
+            Origin::Push { who, digest } => {
+                self.reject(&format!("push by `{who}`: {why}"));
+                log::warn!(target: "audit", "who={who} action=push result=rejected digest=sha256:{digest} problems={problems}");
+            }
+            Origin::Files | Origin::Expiry => self.reject(why),
+        }
         return_freed_memory();
     }
 
@@ -642,7 +714,6 @@ impl Maintainer<'_> {
     /// Applies the directory's policy if it changed, or re-compiles the
     /// enforced one if a rule expired.
     fn reload(&mut self, expired: bool) {
-        let started = Instant::now();
         let candidate = policy::read_sources(std::slice::from_ref(&self.dir.to_path_buf()));
         let unchanged = candidate.as_ref().is_ok_and(|sources| *sources == self.last_seen);
         if unchanged && !expired {
@@ -650,54 +721,20 @@ impl Maintainer<'_> {
         }
         if unchanged {
             // Only a rule lapsed: re-compile what is enforced (files or a push).
-            let policy = Arc::clone(&self.enforced);
-            self.enforce(policy, None, started, "a rule expired");
+            let _ = self.apply(Change { origin: Origin::Expiry, sources: None });
             return;
         }
-        match candidate.and_then(|sources| policy::parse_sources(&sources).map(|p| (sources, p))) {
-            Ok((sources, policy)) => {
+        match candidate {
+            Ok(sources) => {
+                // Remembered whether applied or refused: a refused content
+                // is reported once, not every second.
                 self.last_seen.clone_from(&sources);
-                self.enforce(Arc::new(policy), Some(sources), started, "the policy files changed");
+                let _ = self.apply(Change { origin: Origin::Files, sources: Some(sources) });
             }
             Err(error) => {
                 self.reject(&error.to_string());
-                // Remember the rejected content so it is reported once, not every second.
-                if let Ok(sources) = policy::read_sources(std::slice::from_ref(&self.dir.to_path_buf())) {
-                    self.last_seen = sources;
-                }
+                return_freed_memory();
             }
-        }
-        return_freed_memory();
-    }
-
-    /// Compiles and applies `policy`; `sources` replace the reported ones if given.
-    fn enforce(&mut self, policy: Arc<policy::Policy>, sources: Option<Vec<Source>>, started: Instant, why: &str) {
-        let parsed_in = started.elapsed();
-        let compiled = policy::compile(&policy);
-        let compiled_in = started.elapsed();
-        let applied = {
-            let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-            let Some(datapath) = guard.as_mut() else { return };
-            datapath.apply(&compiled, self.audit).map(|generation| (generation, datapath.last_slot_wait()))
-        };
-        match applied {
-            Ok((generation, slot_wait)) => {
-                self.observe_apply(started, slot_wait);
-                let total = started.elapsed();
-                log::info!(
-                    "applied policy generation {generation} ({why}): {} identities, {} rules in force; took {} ms (read, parse and validate {} ms, compile {} ms, write and switch {} ms)",
-                    policy.identities.len(),
-                    compiled.rules.len(),
-                    total.as_millis(),
-                    parsed_in.as_millis(),
-                    compiled_in.saturating_sub(parsed_in).as_millis(),
-                    total.saturating_sub(compiled_in).as_millis(),
-                );
-                let sources = sources
-                    .unwrap_or_else(|| self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone());
-                self.enforced_now(policy, &compiled, generation, sources);
-            }
-            Err(error) => self.reject(&error.to_string()),
         }
     }
 }
