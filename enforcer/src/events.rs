@@ -56,17 +56,6 @@ fn protocol_name(protocol: u8) -> String {
     }
 }
 
-fn interface_name(ifindex: u32) -> String {
-    let mut buffer = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: the buffer has IF_NAMESIZE bytes, as if_indextoname requires.
-    let name = unsafe { libc::if_indextoname(ifindex, buffer.as_mut_ptr()) };
-    if name.is_null() {
-        return format!("if{ifindex}");
-    }
-    // SAFETY: on success the buffer holds a NUL-terminated name.
-    unsafe { std::ffi::CStr::from_ptr(buffer.as_ptr()) }.to_string_lossy().into_owned()
-}
-
 /// Nanoseconds to add to a `bpf_ktime_get_ns` value to get Unix time.
 fn monotonic_to_unix_offset() -> i128 {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -124,7 +113,7 @@ pub fn describe<P: Deref<Target = policy::Policy>>(
     let reason = DropReason::from_u32(event.reason).unwrap_or(DropReason::Malformed);
     EventRecord {
         time: rfc3339(i128::from(event.time_ns) + unix_offset_ns),
-        interface: interface_name(event.ifindex),
+        interface: crate::interfaces::interface_name(event.ifindex).unwrap_or_else(|| format!("if{}", event.ifindex)),
         direction: if event.direction == Direction::Egress as u8 { "egress" } else { "ingress" },
         src: src.to_string(),
         dst: dst.to_string(),

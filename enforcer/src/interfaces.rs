@@ -11,6 +11,7 @@
 //! daemon also runs every second as a backstop.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::Duration;
 
@@ -156,6 +157,28 @@ fn class_matches(class: &[u8], byte: u8) -> bool {
         }
     }
     found != negated
+}
+
+/// The name of the interface with index `index`, if there is one.
+#[must_use]
+pub fn interface_name(index: u32) -> Option<String> {
+    let mut buffer = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname needs.
+    let name = unsafe { libc::if_indextoname(index, buffer.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buffer`.
+    Some(unsafe { std::ffi::CStr::from_ptr(buffer.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// The index of the interface named `name`, if it exists.
+#[must_use]
+pub fn interface_index(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: `name` is NUL-terminated.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// Every network interface of this namespace: index → name.

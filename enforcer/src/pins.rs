@@ -166,28 +166,6 @@ fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
     Ok(matches!(info.link_type, BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX).then_some(info.target[0]))
 }
 
-/// The name of the interface with index `index`, if there is one.
-#[must_use]
-pub fn interface_name(index: u32) -> Option<String> {
-    let mut buffer = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname needs.
-    let name = unsafe { libc::if_indextoname(index, buffer.as_mut_ptr()) };
-    if name.is_null() {
-        return None;
-    }
-    // SAFETY: if_indextoname wrote a NUL-terminated name into `buffer`.
-    Some(unsafe { std::ffi::CStr::from_ptr(buffer.as_ptr()) }.to_string_lossy().into_owned())
-}
-
-/// The index of the interface named `name`, if it exists.
-#[must_use]
-pub fn interface_index(name: &str) -> Option<u32> {
-    let name = CString::new(name).ok()?;
-    // SAFETY: `name` is NUL-terminated.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
-}
-
 /// The path a link of `kind` for `interface` is pinned at.
 #[must_use]
 pub fn link_pin(root: &Path, kind: &str, interface: &str) -> PathBuf {
@@ -298,7 +276,7 @@ pub fn repair_links(root: &Path, selected: &dyn Fn(&str) -> bool) -> Result<Vec<
                 continue;
             }
         };
-        match (index != 0).then(|| interface_name(index)).flatten() {
+        match (index != 0).then(|| crate::interfaces::interface_name(index)).flatten() {
             None => remove(path, Repair::Defunct { pin: pin.clone() }),
             Some(current) if !selected(&current) => {
                 remove(path, Repair::Unselected { pin: pin.clone(), interface: current });

@@ -184,7 +184,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 fn check_host(interfaces: &[String]) -> anyhow::Result<Selector> {
     let selector = Selector::new(interfaces)?;
     for interface in selector.names() {
-        if enforcer::pins::interface_index(interface).is_none() {
+        if enforcer::interfaces::interface_index(interface).is_none() {
             bail!(
                 "interface `{interface}` does not exist in this network namespace; check `ip link` and --interface (a pattern such as `{interface}*` also matches interfaces that appear later)"
             );

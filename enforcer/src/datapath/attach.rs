@@ -123,7 +123,7 @@ impl Datapath {
     /// fresh one. Returns whether links were adopted; attaching an
     /// interface that is already attached does nothing.
     pub fn attach_pinned(&mut self, interface: &str, root: Option<&Path>) -> Result<bool, DatapathError> {
-        let index = pins::interface_index(interface)
+        let index = crate::interfaces::interface_index(interface)
             .ok_or_else(|| DatapathError::NoInterface { interface: interface.to_owned() })?;
         if let Some(existing) = self.attachments.iter_mut().find(|a| a.index == index) {
             interface.clone_into(&mut existing.name);
