@@ -85,7 +85,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let selector = check_host(&args.interfaces)?;
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    let compiled = policy::compile(&policy);
+    // Atom numbers stay stable across every later change (see IdAssigner).
+    let mut ids = policy::IdAssigner::default();
+    let compiled = policy::compile_stable(&policy, SystemTime::now(), &mut ids);
     let root = args.bpffs_root.as_path();
     let link_watcher = prepare_node(root)?;
     let fresh = !root.join("links").exists();
@@ -137,10 +139,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let maintenance = {
         let shared = Arc::clone(&shared);
         let audit = args.audit;
-        let next_expiry = compiled.next_expiry;
-        std::thread::spawn(move || {
-            maintain(&shared, &dir, (sources, policy, next_expiry), audit, (&wakeup, &resync_rx, &push_rx));
-        })
+        let start = InForce { sources, policy, next_expiry: compiled.next_expiry, ids };
+        std::thread::spawn(move || maintain(&shared, &dir, start, audit, (&wakeup, &resync_rx, &push_rx)))
     };
 
     let interface_keeper = {
@@ -481,6 +481,19 @@ struct Maintainer<'a> {
     /// tens of megabytes: one copy, not two).
     enforced: Arc<policy::Policy>,
     next_expiry: Option<SystemTime>,
+    /// Keeps atom numbers stable from one compile to the next, so a change
+    /// rewrites only the entries it touches. A refused change may have
+    /// numbered atoms that never reached the kernel: harmless, since every
+    /// generation is written whole into the slot the kernel is not reading.
+    ids: policy::IdAssigner,
+}
+
+/// What the daemon started enforcing, handed to the maintainer.
+struct InForce {
+    sources: Vec<Source>,
+    policy: Arc<policy::Policy>,
+    next_expiry: Option<SystemTime>,
+    ids: policy::IdAssigner,
 }
 
 /// Where a policy change came from. Every source (the policy directory,
@@ -526,7 +539,7 @@ fn return_freed_memory() {
 fn maintain(
     shared: &Shared,
     dir: &Path,
-    start: (Vec<Source>, Arc<policy::Policy>, Option<SystemTime>),
+    start: InForce,
     audit: bool,
     (wakeup, resync, pushes): (&Wakeup, &mpsc::Receiver<Resync>, &mpsc::Receiver<Push>),
 ) {
@@ -537,8 +550,8 @@ fn maintain(
             None
         }
     };
-    let (last_seen, enforced, next_expiry) = start;
-    let mut maintainer = Maintainer { shared, dir, audit, last_seen, enforced, next_expiry };
+    let InForce { sources: last_seen, policy: enforced, next_expiry, ids } = start;
+    let mut maintainer = Maintainer { shared, dir, audit, last_seen, enforced, next_expiry, ids };
     let mut last_resync = Instant::now();
     let mut last_usage: Option<Instant> = None;
     loop {
@@ -600,7 +613,7 @@ impl Maintainer<'_> {
             },
         };
         let parsed_in = started.elapsed();
-        let compiled = policy::compile(&policy);
+        let compiled = policy::compile_stable(&policy, SystemTime::now(), &mut self.ids);
         let compiled_in = started.elapsed();
         let applied = {
             let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);

@@ -8,7 +8,7 @@
 //! (protocol, port) intervals, each stored as aligned prefixes of a 24-bit
 //! space in the policy trie.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -104,6 +104,79 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
 /// left out, and `next_expiry` says when the result must be compiled again.
 #[must_use]
 pub fn compile_at(policy: &Policy, now: SystemTime) -> CompiledPolicy {
+    compile_stable(policy, now, &mut IdAssigner::default())
+}
+
+/// Numbers the atoms of successive compiles so that an atom that stays keeps
+/// its number: adding an identity or an address renumbers nothing else, so
+/// the entries written for a change are the entries the change touches.
+///
+/// An atom is known by what it stands for: its owner's name and the CIDR
+/// peers (with their exceptions) whose addresses it is part of. A number
+/// freed by a compile goes back to a pool only after that compile, so it is
+/// never given to another atom in the very generation that stopped using it;
+/// the two policy slots make reuse in any later generation safe, since each
+/// generation is written whole into the slot the kernel is not reading (and
+/// connection tracking refers to rules and generations, never to atoms).
+#[derive(Debug, Clone)]
+pub struct IdAssigner {
+    by_signature: HashMap<AtomSignature, IdentityId>,
+    /// Numbers free for reuse, lowest first.
+    free: BTreeSet<IdentityId>,
+    next: IdentityId,
+}
+
+/// What an atom stands for, independent of positions in one policy.
+type AtomSignature = (Option<String>, Vec<CidrSelector>);
+
+impl Default for IdAssigner {
+    fn default() -> Self {
+        Self { by_signature: HashMap::new(), free: BTreeSet::new(), next: IDENTITY_FIRST_DYNAMIC }
+    }
+}
+
+impl IdAssigner {
+    /// The number of the atom `signature`: its old one, else a free one.
+    fn id_for(&mut self, signature: AtomSignature) -> IdentityId {
+        if let Some(&id) = self.by_signature.get(&signature) {
+            return id;
+        }
+        let id = self.free.pop_first().unwrap_or_else(|| {
+            let id = self.next;
+            self.next += 1;
+            id
+        });
+        self.by_signature.insert(signature, id);
+        id
+    }
+
+    /// Frees the numbers of atoms the last compile did not use.
+    fn release_unused(&mut self, used: &HashSet<IdentityId>) {
+        let free = &mut self.free;
+        self.by_signature.retain(|_, id| {
+            let keep = used.contains(id);
+            if !keep {
+                free.insert(*id);
+            }
+            keep
+        });
+    }
+
+    /// Atoms numbered now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.by_signature.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.by_signature.is_empty()
+    }
+}
+
+/// As [`compile_at`], numbering atoms with `ids` so that atoms that stay
+/// keep their numbers across compiles (see [`IdAssigner`]).
+pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) -> CompiledPolicy {
     let mut rules: Vec<_> = policy.rules.iter().filter(|r| r.is_active_at(now)).collect();
     rules.sort_by(|a, b| a.name.cmp(&b.name));
     let next_expiry = rules.iter().filter_map(|r| r.expires).min();
@@ -118,7 +191,7 @@ pub fn compile_at(policy: &Policy, now: SystemTime) -> CompiledPolicy {
             }
         }
     }
-    let mut atoms = partition_addresses(policy, &cidr_selectors);
+    let mut atoms = partition_addresses(policy, &cidr_selectors, ids);
 
     let identity_index: HashMap<&str, usize> =
         policy.identities.iter().enumerate().map(|(i, identity)| (identity.name.as_str(), i)).collect();
@@ -250,7 +323,7 @@ fn select_atoms(
 /// default routes) is an entry whose atom is its owner plus the set of CIDR
 /// peers containing it; prefixes nest or are disjoint, so that set is the
 /// same for every address the entry covers.
-fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector]) -> Partition {
+fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector], ids: &mut IdAssigner) -> Partition {
     type AtomKey = (Option<usize>, Vec<usize>);
     let identity_owner: HashMap<IpNet, usize> = policy
         .identities
@@ -277,7 +350,7 @@ fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector]) -> Part
     let all_index = PrefixIndex::new(prefixes.iter().copied());
 
     let mut atom_ids: HashMap<AtomKey, IdentityId> = HashMap::from([((None, Vec::new()), IDENTITY_WORLD)]);
-    let mut next_id = IDENTITY_FIRST_DYNAMIC;
+    let mut used: HashSet<IdentityId> = HashSet::new();
     let mut atom_of_prefix: HashMap<IpNet, IdentityId> = HashMap::new();
     let mut out = Partition {
         atoms: vec![
@@ -304,8 +377,12 @@ fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector]) -> Part
             _ => 0,
         };
         let id = *atom_ids.entry(key.clone()).or_insert_with(|| {
-            let id = next_id;
-            next_id += 1;
+            let signature = (
+                owner.map(|i| policy.identities[i].name.clone()),
+                key.1.iter().map(|&k| cidr_selectors[k].clone()).collect(),
+            );
+            let id = ids.id_for(signature);
+            used.insert(id);
             out.atoms.push(Atom {
                 id,
                 owner: owner.map_or(WORLD, |i| policy.identities[i].name.as_str()).to_owned(),
@@ -329,6 +406,7 @@ fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector]) -> Part
             out.identity_entries.push(IdentityEntry { net: *net, id, flags });
         }
     }
+    ids.release_unused(&used);
     out
 }
 

@@ -18,7 +18,7 @@ pub mod yaml;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use compile::{CompiledPolicy, compile, compile_at};
+pub use compile::{CompiledPolicy, IdAssigner, compile, compile_at, compile_stable};
 pub use describe::Describer;
 pub use error::{Diagnostic, Location, PolicyError};
 pub use eval::{Decision, Evaluator, Packet, Verdict};

@@ -13,7 +13,7 @@ use enforcer_common::{
 };
 use ipnet::IpNet;
 use policy::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
-use policy::{CompiledPolicy, Evaluator, Location, Packet, Verdict, compile, compile_at};
+use policy::{CompiledPolicy, Evaluator, IdAssigner, Location, Packet, Verdict, compile, compile_at, compile_stable};
 use proptest::prelude::*;
 
 /// The moment generated policies are compiled and evaluated at: 2026-11-25T12:30:00Z.
@@ -313,6 +313,93 @@ proptest! {
             prop_assert_eq!((spec.verdict, spec.rule), model.decide_orphan_fragment(packet), "orphan fragment {:?}", packet);
         }
     }
+}
+
+/// Checks that `stable` is `fresh` with its atoms renumbered: the same
+/// atoms in the same order (owner, flags), a one-to-one renumbering, and the
+/// same identity and policy entries once renumbered.
+fn assert_renumbered(fresh: &CompiledPolicy, stable: &CompiledPolicy) -> Result<(), TestCaseError> {
+    prop_assert_eq!(fresh.atoms.len(), stable.atoms.len());
+    let mut renumber = std::collections::HashMap::new();
+    let mut taken = std::collections::HashSet::new();
+    for (f, s) in fresh.atoms.iter().zip(&stable.atoms) {
+        prop_assert_eq!((&f.owner, f.flags), (&s.owner, s.flags));
+        prop_assert!(taken.insert(s.id), "number {} given to two atoms", s.id);
+        renumber.insert(f.id, s.id);
+    }
+    let id = |n: u32| renumber.get(&n).copied().unwrap_or(n);
+    let entries: Vec<_> = fresh.identity_entries.iter().map(|e| (e.net, id(e.id), e.flags)).collect();
+    let stable_entries: Vec<_> = stable.identity_entries.iter().map(|e| (e.net, e.id, e.flags)).collect();
+    prop_assert_eq!(entries, stable_entries);
+    let key = |src: u32, dst: u32, e: &policy::compile::PolicyEntry| {
+        (src, dst, e.key.protocol, e.key.port, e.prefix_len, e.value.action, e.value.rule_index, e.value.flags)
+    };
+    let mut policy: Vec<_> = fresh
+        .policy_entries
+        .iter()
+        .map(|e| key(id(u32::from_be_bytes(e.key.src_identity)), id(u32::from_be_bytes(e.key.dst_identity)), e))
+        .collect();
+    let mut stable_policy: Vec<_> = stable
+        .policy_entries
+        .iter()
+        .map(|e| key(u32::from_be_bytes(e.key.src_identity), u32::from_be_bytes(e.key.dst_identity), e))
+        .collect();
+    policy.sort_unstable();
+    stable_policy.sort_unstable();
+    prop_assert_eq!(policy, stable_policy);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A sequence of policies compiled with one [`IdAssigner`] gives, at
+    /// every step, exactly what a compile from scratch gives, renumbered;
+    /// compiling the same policy again renumbers nothing.
+    #[test]
+    fn stable_numbering_compiles_what_a_fresh_compile_does(
+        policies in proptest::collection::vec(policy_strategy(), 1..5),
+    ) {
+        let mut ids = IdAssigner::default();
+        for mut policy in policies {
+            let mut seen = std::collections::HashSet::new();
+            policy.rules.retain(|r| seen.insert(r.name.clone()));
+            let stable = compile_stable(&policy, now(), &mut ids);
+            assert_renumbered(&compile_at(&policy, now()), &stable)?;
+            let again = compile_stable(&policy, now(), &mut ids);
+            let numbers = |c: &CompiledPolicy| c.atoms.iter().map(|a| a.id).collect::<Vec<_>>();
+            prop_assert_eq!(numbers(&stable), numbers(&again));
+            prop_assert_eq!(ids.len(), stable.atoms.len() - 2, "every atom but world and host is numbered by the assigner");
+        }
+    }
+}
+
+#[test]
+fn adding_an_identity_renumbers_no_other() {
+    let policy = |extra: &str| {
+        let text = format!(
+            "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {{name: t}}\nspec:\n  identities:\n{extra}    - {{name: web, addresses: [\"10.1.0.0/24\"]}}\n    - {{name: db, addresses: [\"10.2.0.10\"]}}\n  rules:\n    - {{name: web-db, from: [{{identity: web}}], to: [{{identity: db}}], ports: [\"5432/tcp\"]}}\n    - {{name: lan, from: [{{cidr: \"10.0.0.0/8\"}}], to: [{{identity: db}}], ports: [\"22/tcp\"]}}\n"
+        );
+        policy::parse_str("t.yaml", &text).unwrap()
+    };
+    let before = policy("");
+    // Its address sorts before every other, so a fresh compile renumbers them.
+    let after = policy("    - {name: aaa, addresses: [\"10.0.0.1\"]}\n");
+    let id = |c: &CompiledPolicy, addr: &str| c.lookup_identity(addr.parse().unwrap()).id;
+    let (fresh_before, fresh_after) = (compile_at(&before, now()), compile_at(&after, now()));
+    assert_ne!(id(&fresh_before, "10.1.0.5"), id(&fresh_after, "10.1.0.5"), "a fresh compile renumbers");
+    let mut ids = IdAssigner::default();
+    let first = compile_stable(&before, now(), &mut ids);
+    let second = compile_stable(&after, now(), &mut ids);
+    for addr in ["10.1.0.5", "10.2.0.10", "10.3.0.1"] {
+        assert_eq!(id(&first, addr), id(&second, addr), "{addr} keeps its number");
+    }
+    assert!(first.atoms.iter().all(|a| a.id != id(&second, "10.0.0.1")), "the new identity gets a new number");
+    // Its policy entries are the only ones added.
+    let keys = |c: &CompiledPolicy| {
+        c.policy_entries.iter().map(|e| (e.key, e.prefix_len)).collect::<std::collections::HashSet<_>>()
+    };
+    assert!(keys(&first).is_subset(&keys(&second)));
 }
 
 #[test]
