@@ -43,9 +43,7 @@ fn map_fd(map: &MapData) -> io::Result<u32> {
 fn bpf(command: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     // SAFETY: `attr` is a valid bpf_attr prefix of the size passed, and every
     // pointer in it is valid for what the command reads or writes (above).
-    let result =
-        unsafe { libc::syscall(libc::SYS_bpf, command, std::ptr::from_mut(attr), std::mem::size_of::<BatchAttr>()) };
-    if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    unsafe { crate::sys::bpf(command, attr) }.map(drop)
 }
 
 /// Runs one batch command; returns how many entries the kernel processed,

@@ -14,12 +14,15 @@
 //! counted. Nothing here ever fails the daemon over state it can rebuild.
 //!
 //! Pin names are `<hook>-<interface>` in `links/`, with hook `xdp`
-//! (XDP ingress), `tcin` (TC ingress) or `tc` (TC egress).
+//! (XDP ingress), `tcin` (TC ingress) or `tc` (TC egress), and any `.` of
+//! the interface name written `%` (bpffs refuses dots).
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
+
+use crate::sys::bpf;
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -134,11 +137,7 @@ fn open_pin(path: &Path) -> std::io::Result<OwnedFd> {
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let mut attr = ObjGetAttr { pathname: name.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
     // SAFETY: BPF_OBJ_GET reads the path, NUL-terminated and alive for the call.
-    let fd =
-        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, std::ptr::from_mut(&mut attr), size_of::<ObjGetAttr>()) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
     let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -157,12 +156,7 @@ fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
     };
     // SAFETY: BPF_OBJ_GET_INFO_BY_FD reads the info member and writes at
     // most `info_len` bytes to `info`, which lives for the call.
-    let result = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, std::ptr::from_mut(&mut attr), size_of::<InfoAttr>())
-    };
-    if result < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(matches!(info.link_type, BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX).then_some(info.target[0]))
 }
 
@@ -342,9 +336,7 @@ pub fn detach_and_unpin(path: &Path) -> std::io::Result<()> {
         if let Ok(link_fd) = u32::try_from(link.as_raw_fd()) {
             let mut attr = DetachAttr { link_fd };
             // SAFETY: BPF_LINK_DETACH reads the link descriptor, alive for the call.
-            let _ = unsafe {
-                libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, std::ptr::from_mut(&mut attr), size_of::<DetachAttr>())
-            };
+            let _ = unsafe { bpf(BPF_LINK_DETACH, &mut attr) };
         }
     }
     match std::fs::remove_file(path) {
@@ -376,11 +368,7 @@ pub(crate) fn move_pin(from: &Path, to: &Path) -> std::io::Result<()> {
         file_flags: 0,
     };
     // SAFETY: BPF_OBJ_PIN reads the path and descriptor, both alive for the call.
-    let result =
-        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, std::ptr::from_mut(&mut attr), size_of::<ObjGetAttr>()) };
-    if result < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }?;
     std::fs::remove_file(from)
 }
 

@@ -15,6 +15,8 @@
 
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 
+use crate::sys::bpf;
+
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -61,15 +63,6 @@ pub struct ProgramBarrier {
     outer: OwnedFd,
     /// The map the outer one holds; writing it again is the whole wait.
     inner: OwnedFd,
-}
-
-/// # Safety
-/// `attr` must be the `bpf_attr` member `command` expects.
-unsafe fn bpf<T>(command: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
-    // SAFETY: the caller passes the member the command reads; the kernel
-    // copies `size_of::<T>()` bytes of it and zero-extends the rest.
-    let result = unsafe { libc::syscall(libc::SYS_bpf, command, std::ptr::from_mut(attr), size_of::<T>()) };
-    if result < 0 { Err(std::io::Error::last_os_error()) } else { Ok(result) }
 }
 
 fn create(map_type: u32, inner_map_fd: u32, name: &[u8]) -> std::io::Result<OwnedFd> {

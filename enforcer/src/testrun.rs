@@ -4,6 +4,8 @@
 
 use std::os::fd::RawFd;
 
+use crate::sys::bpf;
+
 /// Result of one `BPF_PROG_TEST_RUN`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestRun {
@@ -47,10 +49,6 @@ pub fn run(prog_fd: RawFd, frame: &[u8], repeat: u32) -> std::io::Result<TestRun
     };
     // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; the
     // kernel reads `frame` (alive for the call) and writes only into `attr`.
-    let result =
-        unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, std::mem::size_of::<TestRunAttr>()) };
-    if result < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     Ok(TestRun { retval: attr.retval, duration_ns: attr.duration })
 }
