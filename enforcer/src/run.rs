@@ -29,6 +29,7 @@ use enforcer::events::Sink;
 /// Capability bit numbers from `linux/capability.h`.
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// How often the policy directory and the node's addresses are re-read.
@@ -44,7 +45,9 @@ fn has_capabilities() -> bool {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
     let has = |cap: u32| effective & (1 << cap) != 0;
-    has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN))
+    // CAP_PERFMON: the verifier allows the XDP program's `data_end - data`
+    // (pointer arithmetic it counts as a possible leak) only with it.
+    has(CAP_NET_ADMIN) && ((has(CAP_BPF) && has(CAP_PERFMON)) || has(CAP_SYS_ADMIN))
 }
 
 /// A parent may have blocked SIGINT/SIGTERM (masks are inherited across
@@ -192,7 +195,7 @@ fn check_host(interfaces: &[String]) -> anyhow::Result<Selector> {
     }
     if !has_capabilities() {
         bail!(
-            "bulkhead run needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN; run it as root or grant those capabilities"
+            "bulkhead run needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (CAP_SYS_ADMIN stands in for the first two); run it as root or grant those capabilities"
         );
     }
     Ok(selector)
