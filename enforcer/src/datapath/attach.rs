@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachType};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{XdpMode, tc};
@@ -232,11 +232,7 @@ impl Datapath {
             let program = self.ingress_classifier()?;
             let id = program.attach(interface, TcAttachType::Ingress).map_err(attach_error("TC ingress"))?;
             let Some(path) = tcin_pin else { return Ok(Some(OwnedIngress::Tc(id))) };
-            let link = program.take_link(id).map_err(attach_error("TC ingress"))?;
-            pin_link(
-                FdLink::try_from(link).map_err(|source| DatapathError::Link { path: path.into(), source })?,
-                path,
-            )?;
+            pin_link(program.take_link(id).map_err(attach_error("TC ingress"))?, path)?;
         } else {
             let mode = match self.xdp_attach {
                 XdpAttach::Auto => XdpMode::Default,
@@ -246,11 +242,7 @@ impl Datapath {
             let program = self.xdp()?;
             let id = program.attach(interface, mode).map_err(attach_error("XDP"))?;
             let Some(path) = xdp_pin else { return Ok(Some(OwnedIngress::Xdp(id))) };
-            let link = program.take_link(id).map_err(attach_error("XDP"))?;
-            pin_link(
-                FdLink::try_from(link).map_err(|source| DatapathError::Link { path: path.into(), source })?,
-                path,
-            )?;
+            pin_link(program.take_link(id).map_err(attach_error("XDP"))?, path)?;
         }
         Ok(None)
     }
@@ -265,8 +257,7 @@ impl Datapath {
         let program = self.classifier()?;
         let id = program.attach(interface, TcAttachType::Egress).map_err(attach_error)?;
         let Some(path) = tc_pin else { return Ok(Some(id)) };
-        let link = program.take_link(id).map_err(attach_error)?;
-        pin_link(FdLink::try_from(link).map_err(|source| DatapathError::Link { path: path.into(), source })?, path)?;
+        pin_link(program.take_link(id).map_err(attach_error)?, path)?;
         Ok(None)
     }
 
@@ -320,8 +311,13 @@ impl Datapath {
     }
 }
 
-/// Pins a link at `path`; the pin keeps it attached after the daemon exits.
-fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
+/// Pins a link (XDP or TC, as its program handed it over) at `path`; the
+/// pin keeps it attached after the daemon exits.
+fn pin_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let link = FdLink::try_from(link).map_err(|source| DatapathError::Link { path: path.into(), source })?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| DatapathError::Pin { path: dir.to_path_buf(), source })?;
     }
