@@ -19,7 +19,7 @@ use enforcer_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{Action, HOST, Mode, Peer, Policy, Selector, WORLD};
+use crate::model::{Action, HOST, Mode, Peer, Policy, Rule, Selector, WORLD};
 
 /// One entry of the identity maps: addresses in `net` (unless a longer entry
 /// covers them) have identity `id`.
@@ -73,12 +73,15 @@ const PROTO_PORT_BITS: u32 = 24;
 const PROTO_PORT_MAX: u32 = (1 << PROTO_PORT_BITS) - 1;
 
 /// A rule's claim on part of one identity pair's (protocol, port) space.
+/// `order` breaks ties among claims of the winning action: the lowest wins
+/// (the rule first by name, whatever numbers the rules carry).
 #[derive(Debug, Clone, Copy)]
-struct Claim {
-    action: Action,
-    rule_index: u32,
-    first: u32,
-    last: u32,
+pub(crate) struct Claim<O> {
+    pub(crate) action: Action,
+    pub(crate) order: O,
+    pub(crate) rule_index: u32,
+    pub(crate) first: u32,
+    pub(crate) last: u32,
 }
 
 /// A CIDR peer: addresses inside `.0` and outside all of `.1`.
@@ -197,7 +200,7 @@ pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) ->
         policy.identities.iter().enumerate().map(|(i, identity)| (identity.name.as_str(), i)).collect();
     // Large policies repeat selectors across many rules; each is resolved once.
     let mut selected: HashMap<Selector, Vec<IdentityId>> = HashMap::new();
-    let mut pairs: BTreeMap<(IdentityId, IdentityId), Vec<Claim>> = BTreeMap::new();
+    let mut pairs: BTreeMap<(IdentityId, IdentityId), Vec<Claim<u32>>> = BTreeMap::new();
     for (rule_index, rule) in rules.iter().enumerate() {
         let mut select = |peers: &[Peer]| {
             let mut ids = BTreeSet::new();
@@ -214,20 +217,12 @@ pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) ->
         };
         let sources = select(&rule.from);
         let destinations = select(&rule.to);
-        let ranges: Vec<(u32, u32)> = match &rule.ports {
-            None => vec![(0, PROTO_PORT_MAX)],
-            Some(specs) => specs
-                .iter()
-                .map(|s| {
-                    let base = u32::from(s.protocol.number()) << 16;
-                    (base | u32::from(s.first), base | u32::from(s.last))
-                })
-                .collect(),
-        };
+        let ranges = rule_ranges(rule);
         for &src in &sources {
             for &dst in &destinations {
                 pairs.entry((src, dst)).or_default().extend(ranges.iter().map(|&(first, last)| Claim {
                     action: rule.action,
+                    order: rule_index as u32,
                     rule_index: rule_index as u32,
                     first,
                     last,
@@ -237,20 +232,8 @@ pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) ->
     }
 
     let mut policy_entries = Vec::new();
-    for ((src, dst), claims) in &pairs {
-        let segments = resolve(claims);
-        for &(first, last, value) in &segments {
-            for (start, bits) in aligned_blocks(first, last) {
-                let whole_protocol = value.action == ACTION_ALLOW && allows_whole_protocol(&segments, start >> 16);
-                let flags = if whole_protocol { POLICY_FLAG_WHOLE_PROTOCOL } else { 0 };
-                policy_entries.push(PolicyEntry {
-                    prefix_len: POLICY_KEY_IDENTITY_BITS + bits,
-                    // Slot 0: the daemon sets the slot it writes the entry into.
-                    key: PolicyKeyData::new(0, *src, *dst, (start >> 16) as u8, start as u16),
-                    value: PolicyValue { flags, ..value },
-                });
-            }
-        }
+    for (&(src, dst), claims) in &pairs {
+        pair_entries(src, dst, claims, &mut policy_entries);
     }
 
     mark_unreachable_from_world(&mut atoms, &pairs);
@@ -267,7 +250,7 @@ pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) ->
 /// Flags every atom that no rule names as a destination for `world`
 /// sources (see [`IDENTITY_FLAG_NO_RULES_FROM_WORLD`]): for them the
 /// policy holds no (`world`, atom) entry, so the kernel may skip the lookup.
-fn mark_unreachable_from_world(atoms: &mut Partition, pairs: &BTreeMap<(IdentityId, IdentityId), Vec<Claim>>) {
+fn mark_unreachable_from_world(atoms: &mut Partition, pairs: &BTreeMap<(IdentityId, IdentityId), Vec<Claim<u32>>>) {
     let reached: BTreeSet<IdentityId> = pairs
         .range((IDENTITY_WORLD, 0)..=(IDENTITY_WORLD, IdentityId::MAX))
         .filter(|(_, claims)| !claims.is_empty())
@@ -410,10 +393,46 @@ fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector], ids: &m
     out
 }
 
+/// The (protocol, port) intervals a rule claims, in the 24-bit space.
+pub(crate) fn rule_ranges(rule: &Rule) -> Vec<(u32, u32)> {
+    match &rule.ports {
+        None => vec![(0, PROTO_PORT_MAX)],
+        Some(specs) => specs
+            .iter()
+            .map(|s| {
+                let base = u32::from(s.protocol.number()) << 16;
+                (base | u32::from(s.first), base | u32::from(s.last))
+            })
+            .collect(),
+    }
+}
+
+/// Appends the policy entries of one identity pair, given every claim on it.
+pub(crate) fn pair_entries<O: Ord + Copy>(
+    src: IdentityId,
+    dst: IdentityId,
+    claims: &[Claim<O>],
+    out: &mut Vec<PolicyEntry>,
+) {
+    let segments = resolve(claims);
+    for &(first, last, value) in &segments {
+        for (start, bits) in aligned_blocks(first, last) {
+            let whole_protocol = value.action == ACTION_ALLOW && allows_whole_protocol(&segments, start >> 16);
+            let flags = if whole_protocol { POLICY_FLAG_WHOLE_PROTOCOL } else { 0 };
+            out.push(PolicyEntry {
+                prefix_len: POLICY_KEY_IDENTITY_BITS + bits,
+                // Slot 0: the daemon sets the slot it writes the entry into.
+                key: PolicyKeyData::new(0, src, dst, (start >> 16) as u8, start as u16),
+                value: PolicyValue { flags, ..value },
+            });
+        }
+    }
+}
+
 /// Resolves overlapping claims on the (protocol, port) space of one identity
 /// pair into disjoint intervals: any deny beats every allow, and among claims
-/// of the winning action the lowest rule index (first by name) is reported.
-fn resolve(claims: &[Claim]) -> Vec<(u32, u32, PolicyValue)> {
+/// of the winning action the lowest `order` (first by name) is reported.
+fn resolve<O: Ord + Copy>(claims: &[Claim<O>]) -> Vec<(u32, u32, PolicyValue)> {
     let mut cuts: BTreeSet<u32> = BTreeSet::new();
     for &Claim { first, last, .. } in claims {
         cuts.insert(first);
@@ -426,7 +445,7 @@ fn resolve(claims: &[Claim]) -> Vec<(u32, u32, PolicyValue)> {
     for (i, &start) in cuts.iter().enumerate() {
         let end = cuts.get(i + 1).map_or(PROTO_PORT_MAX, |next| next - 1);
         let covering = claims.iter().filter(|c| c.first <= start && end <= c.last);
-        let winner = covering.min_by_key(|c| (c.action != Action::Deny, c.rule_index));
+        let winner = covering.min_by_key(|c| (c.action != Action::Deny, c.order));
         let Some(&Claim { action, rule_index, .. }) = winner else {
             continue;
         };
@@ -581,8 +600,8 @@ mod tests {
     #[test]
     fn deny_beats_allow_and_splits_ranges() {
         let claims = [
-            Claim { action: Action::Allow, rule_index: 0, first: 100, last: 200 },
-            Claim { action: Action::Deny, rule_index: 1, first: 150, last: 150 },
+            Claim { action: Action::Allow, order: 0, rule_index: 0, first: 100, last: 200 },
+            Claim { action: Action::Deny, order: 1, rule_index: 1, first: 150, last: 150 },
         ];
         let resolved = resolve(&claims);
         let allow = PolicyValue { action: ACTION_ALLOW, rule_index: 0, flags: 0 };

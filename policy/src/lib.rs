@@ -8,6 +8,7 @@
 pub mod compile;
 pub mod describe;
 pub mod diff;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod model;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 pub use compile::{CompiledPolicy, IdAssigner, compile, compile_at, compile_stable};
 pub use describe::Describer;
+pub use engine::{Contents, Engine, EntryDiff, SourceChange};
 pub use error::{Diagnostic, Location, PolicyError};
 pub use eval::{Decision, Evaluator, Packet, Verdict};
 pub use model::Policy;
@@ -43,6 +45,20 @@ pub fn parse_sources(sources: &[Source]) -> Result<Policy, PolicyError> {
     validate::validate(&policy, &mut problems);
     if problems.is_empty() {
         Ok(policy)
+    } else {
+        problems.sort_by(|a, b| a.location.cmp(&b.location));
+        problems.dedup();
+        Err(PolicyError::Invalid { diagnostics: problems })
+    }
+}
+
+/// Validates an already parsed policy (as [`parse_sources`] does after
+/// parsing).
+pub fn validate(policy: &Policy) -> Result<(), PolicyError> {
+    let mut problems = Vec::new();
+    validate::validate(policy, &mut problems);
+    if problems.is_empty() {
+        Ok(())
     } else {
         problems.sort_by(|a, b| a.location.cmp(&b.location));
         problems.dedup();

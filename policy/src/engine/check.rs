@@ -1,0 +1,298 @@
+//! Validation kept in step with every declaration: each kind of problem the
+//! full validator ([`crate::validate`]) reports is a counter here, updated
+//! as declarations come and go, so a change is checked in the time its own
+//! declarations take. The counters only say *whether* the policy is valid;
+//! the full validator names the problems of a refused change.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::{Name, labels_match};
+use crate::model::{HOST, Identity, Rule, Selector, WORLD};
+
+type Labels = BTreeMap<String, String>;
+
+#[derive(Debug, Default)]
+pub(super) struct Checks {
+    identities: HashMap<Name, Vec<Arc<Identity>>>,
+    rules: HashMap<Name, Vec<Arc<Rule>>>,
+    /// Declarations by one of their labels, keyed by allocation.
+    by_label: HashMap<(String, String), HashMap<usize, Arc<Identity>>>,
+    identity_declarations: usize,
+    /// Declarations of each exact prefix.
+    addresses: BTreeMap<IpNet, usize>,
+    /// Distinct declared prefixes per (family is v4, length).
+    lengths: BTreeMap<(bool, u8), usize>,
+    /// Peers naming each identity (`world` and `host` aside).
+    identity_refs: HashMap<String, usize>,
+    /// Peers using each label selector, and the declarations it matches.
+    label_refs: HashMap<Labels, (usize, usize)>,
+    /// Used label selectors by one of their labels.
+    selectors_by_label: HashMap<(String, String), HashSet<Labels>>,
+    problems: Problems,
+}
+
+/// One counter per kind of problem; all zero means valid.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Problems {
+    reserved_names: usize,
+    duplicate_identities: usize,
+    duplicate_rules: usize,
+    duplicate_addresses: usize,
+    nested_addresses: usize,
+    undeclared_references: usize,
+    unmatched_label_selectors: usize,
+}
+
+impl Checks {
+    pub(super) fn is_clean(&self) -> bool {
+        self.problems == Problems::default()
+    }
+
+    /// The identity `name`, when declared exactly once.
+    pub(super) fn identity(&self, name: &str) -> Option<Arc<Identity>> {
+        match self.identities.get(name).map(Vec::as_slice) {
+            Some([only]) => Some(Arc::clone(only)),
+            _ => None,
+        }
+    }
+
+    /// The rule `name`, when declared exactly once.
+    pub(super) fn rule(&self, name: &str) -> Option<Arc<Rule>> {
+        match self.rules.get(name).map(Vec::as_slice) {
+            Some([only]) => Some(Arc::clone(only)),
+            _ => None,
+        }
+    }
+
+    pub(super) fn add_identity(&mut self, identity: &Arc<Identity>) {
+        let name = identity.name.as_str();
+        if name == WORLD || name == HOST {
+            self.problems.reserved_names += 1;
+        }
+        let declarations = self.identities.entry(Name::from(name)).or_default();
+        declarations.push(Arc::clone(identity));
+        match declarations.len() {
+            1 => self.problems.undeclared_references -= self.identity_refs.get(name).copied().unwrap_or(0),
+            _ => self.problems.duplicate_identities += 1,
+        }
+        for address in &identity.addresses {
+            self.add_address(address.net);
+        }
+        self.identity_declarations += 1;
+        for pair in &identity.labels {
+            let key = (pair.0.clone(), pair.1.clone());
+            self.by_label.entry(key).or_default().insert(Arc::as_ptr(identity) as usize, Arc::clone(identity));
+        }
+        self.count_matches(identity, 1);
+    }
+
+    pub(super) fn remove_identity(&mut self, identity: &Arc<Identity>) {
+        let name = identity.name.as_str();
+        if name == WORLD || name == HOST {
+            self.problems.reserved_names -= 1;
+        }
+        if let Some(declarations) = self.identities.get_mut(name) {
+            if let Some(at) = declarations.iter().position(|d| Arc::ptr_eq(d, identity)) {
+                declarations.swap_remove(at);
+            }
+            match declarations.len() {
+                0 => {
+                    self.identities.remove(name);
+                    self.problems.undeclared_references += self.identity_refs.get(name).copied().unwrap_or(0);
+                }
+                _ => self.problems.duplicate_identities -= 1,
+            }
+        }
+        for address in &identity.addresses {
+            self.remove_address(address.net);
+        }
+        self.identity_declarations -= 1;
+        for pair in &identity.labels {
+            let key = (pair.0.clone(), pair.1.clone());
+            if let Some(found) = self.by_label.get_mut(&key) {
+                found.remove(&(Arc::as_ptr(identity) as usize));
+                if found.is_empty() {
+                    self.by_label.remove(&key);
+                }
+            }
+        }
+        self.count_matches(identity, -1);
+    }
+
+    /// Adds `delta` to the match count of every used label selector the
+    /// identity satisfies.
+    fn count_matches(&mut self, identity: &Identity, delta: isize) {
+        let mut selectors: HashSet<Labels> = HashSet::new();
+        for pair in &identity.labels {
+            if let Some(found) = self.selectors_by_label.get(&(pair.0.clone(), pair.1.clone())) {
+                selectors.extend(found.iter().filter(|wanted| labels_match(wanted, &identity.labels)).cloned());
+            }
+        }
+        if self.label_refs.contains_key(&Labels::new()) {
+            selectors.insert(Labels::new());
+        }
+        for wanted in selectors {
+            if let Some((refs, matches)) = self.label_refs.get_mut(&wanted) {
+                let before = *matches;
+                *matches = matches.saturating_add_signed(delta);
+                if before == 0 && *matches > 0 {
+                    self.problems.unmatched_label_selectors -= *refs;
+                } else if before > 0 && *matches == 0 {
+                    self.problems.unmatched_label_selectors += *refs;
+                }
+            }
+        }
+    }
+
+    /// Declarations matching `wanted`, counted from the label index.
+    fn matches(&self, wanted: &Labels) -> usize {
+        let smallest = wanted
+            .iter()
+            .map(|(k, v)| self.by_label.get(&(k.clone(), v.clone())))
+            .min_by_key(|found| found.map_or(0, HashMap::len));
+        match smallest {
+            None => self.identity_declarations,
+            Some(None) => 0,
+            Some(Some(found)) => found.values().filter(|identity| labels_match(wanted, &identity.labels)).count(),
+        }
+    }
+
+    fn add_address(&mut self, net: IpNet) {
+        let count = self.addresses.entry(net).or_default();
+        *count += 1;
+        if *count > 1 {
+            self.problems.duplicate_addresses += 1;
+            return;
+        }
+        self.problems.nested_addresses += self.related(net);
+        *self.lengths.entry((net.addr().is_ipv4(), net.prefix_len())).or_default() += 1;
+    }
+
+    fn remove_address(&mut self, net: IpNet) {
+        let Some(count) = self.addresses.get_mut(&net) else { return };
+        *count -= 1;
+        if *count > 0 {
+            self.problems.duplicate_addresses -= 1;
+            return;
+        }
+        self.addresses.remove(&net);
+        let key = (net.addr().is_ipv4(), net.prefix_len());
+        if let Some(n) = self.lengths.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.lengths.remove(&key);
+            }
+        }
+        self.problems.nested_addresses -= self.related(net);
+    }
+
+    /// Distinct declared prefixes (other than `net`) that contain `net` or
+    /// that `net` contains.
+    fn related(&self, net: IpNet) -> usize {
+        let v4 = net.addr().is_ipv4();
+        let covering = self
+            .lengths
+            .range((v4, 0)..(v4, net.prefix_len()))
+            .filter_map(|(&(_, length), _)| IpNet::new(net.addr(), length).ok())
+            .filter(|outer| self.addresses.contains_key(&outer.trunc()))
+            .count();
+        let last = IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(net);
+        let nested =
+            self.addresses.range(net..=last).filter(|(inner, _)| **inner != net && net.contains(*inner)).count();
+        covering + nested
+    }
+
+    pub(super) fn add_rule(&mut self, rule: &Arc<Rule>) {
+        let declarations = self.rules.entry(Name::from(rule.name.as_str())).or_default();
+        declarations.push(Arc::clone(rule));
+        if declarations.len() > 1 {
+            self.problems.duplicate_rules += 1;
+        }
+        for peer in rule.from.iter().chain(&rule.to) {
+            match &peer.selector {
+                Selector::Identity(name) if name == WORLD || name == HOST => {}
+                Selector::Identity(name) => {
+                    *self.identity_refs.entry(name.clone()).or_default() += 1;
+                    if !self.identities.contains_key(name.as_str()) {
+                        self.problems.undeclared_references += 1;
+                    }
+                }
+                Selector::Labels(wanted) => self.add_label_ref(wanted),
+                Selector::Cidr { .. } => {}
+            }
+        }
+    }
+
+    pub(super) fn remove_rule(&mut self, rule: &Arc<Rule>) {
+        if let Some(declarations) = self.rules.get_mut(rule.name.as_str()) {
+            if let Some(at) = declarations.iter().position(|d| Arc::ptr_eq(d, rule)) {
+                declarations.swap_remove(at);
+            }
+            if declarations.is_empty() {
+                self.rules.remove(rule.name.as_str());
+            } else {
+                self.problems.duplicate_rules -= 1;
+            }
+        }
+        for peer in rule.from.iter().chain(&rule.to) {
+            match &peer.selector {
+                Selector::Identity(name) if name == WORLD || name == HOST => {}
+                Selector::Identity(name) => {
+                    if let Some(refs) = self.identity_refs.get_mut(name) {
+                        *refs -= 1;
+                        if *refs == 0 {
+                            self.identity_refs.remove(name);
+                        }
+                    }
+                    if !self.identities.contains_key(name.as_str()) {
+                        self.problems.undeclared_references -= 1;
+                    }
+                }
+                Selector::Labels(wanted) => self.remove_label_ref(wanted),
+                Selector::Cidr { .. } => {}
+            }
+        }
+    }
+
+    fn add_label_ref(&mut self, wanted: &Labels) {
+        if let Some((refs, matches)) = self.label_refs.get_mut(wanted) {
+            *refs += 1;
+            if *matches == 0 {
+                self.problems.unmatched_label_selectors += 1;
+            }
+            return;
+        }
+        let matches = self.matches(wanted);
+        self.label_refs.insert(wanted.clone(), (1, matches));
+        if matches == 0 {
+            self.problems.unmatched_label_selectors += 1;
+        }
+        for pair in wanted {
+            self.selectors_by_label.entry((pair.0.clone(), pair.1.clone())).or_default().insert(wanted.clone());
+        }
+    }
+
+    fn remove_label_ref(&mut self, wanted: &Labels) {
+        let Some((refs, matches)) = self.label_refs.get_mut(wanted) else { return };
+        *refs -= 1;
+        if *matches == 0 {
+            self.problems.unmatched_label_selectors -= 1;
+        }
+        if *refs > 0 {
+            return;
+        }
+        self.label_refs.remove(wanted);
+        for pair in wanted {
+            let key = (pair.0.clone(), pair.1.clone());
+            if let Some(set) = self.selectors_by_label.get_mut(&key) {
+                set.remove(wanted);
+                if set.is_empty() {
+                    self.selectors_by_label.remove(&key);
+                }
+            }
+        }
+    }
+}

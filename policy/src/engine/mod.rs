@@ -1,0 +1,1050 @@
+//! The incremental policy engine: the policy's state kept between changes,
+//! so a change costs what it changes, not what the policy holds.
+//!
+//! Every source (a policy file, an API push, the Kubernetes watcher) owns a
+//! *source*: a named set of identities and rules. A [`SourceChange`] replaces
+//! one source's contents; the engine re-parses only that source, validates
+//! only what the change touches, and yields the [`EntryDiff`] that turns the
+//! maps of the policy before into the maps of the policy after. A refused
+//! change leaves the engine exactly as it was.
+//!
+//! What a full compile ([`crate::compile`]) computes from scratch, the
+//! engine keeps and updates locally:
+//!
+//! - **Validation** (`check.rs`): each problem a full validation would
+//!   report (duplicate names, overlapping addresses, rules naming undeclared
+//!   identities, label selectors matching nothing) is a counter kept in step
+//!   with every declaration added or removed. A change is valid when all
+//!   counters are zero; only a refused change pays for the full validator,
+//!   for its exact messages.
+//! - **The address partition** (`partition.rs`): prefixes map to atoms; a
+//!   change re-derives just the prefixes it adds, removes or gives another
+//!   role, and the prefixes nested in them.
+//! - **Rule selections**: each active rule keeps the atoms its `from` and
+//!   `to` select; a rule is re-selected only when it changed, when an atom
+//!   it may select appeared or vanished, or when an identity it may select by
+//!   labels was relabelled.
+//! - **Identity pairs**: a pair's entries are resolved again only when the
+//!   set of rules claiming it changed (a rule's selection grew or shrank by
+//!   the pair, or a claiming rule changed).
+//!
+//! Ids are stable: atoms keep their numbers and rules their `rule_index`
+//! while they exist; a freed number is given out again only by a later
+//! change, never in the change that freed it (see the daemon's map writer
+//! for why that is enough for the kernel).
+//!
+//! A property test (`tests/engine.rs`) checks, over random sequences of
+//! changes, that the engine's entries equal a full compile of the same
+//! policy entry for entry (modulo numbering), and that it accepts exactly
+//! what full validation accepts.
+
+mod check;
+mod partition;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use enforcer_common::{
+    ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_FLAG_NO_RULES_FROM_WORLD,
+    IDENTITY_HOST, IDENTITY_WORLD, IdentityId, IdentityValue, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
+};
+use ipnet::IpNet;
+
+use crate::compile::{Claim, PolicyEntry, pair_entries, rule_ranges};
+use crate::error::{Diagnostic, PolicyError};
+use crate::model::{Action, HOST, Identity, Mode, Peer, Policy, Rule, Selector, WORLD};
+
+use self::check::Checks;
+use self::partition::{Partition, Settled};
+
+/// A name shared between the model and the engine's indexes.
+pub type Name = Arc<str>;
+
+/// What one source holds after parsing: its part of the policy.
+#[derive(Debug, Clone, Default)]
+pub struct Fragment {
+    pub documents: Vec<String>,
+    pub identities: Vec<Arc<Identity>>,
+    pub rules: Vec<Arc<Rule>>,
+}
+
+impl From<Policy> for Fragment {
+    fn from(policy: Policy) -> Self {
+        Self {
+            documents: policy.documents,
+            identities: policy.identities.into_iter().map(Arc::new).collect(),
+            rules: policy.rules.into_iter().map(Arc::new).collect(),
+        }
+    }
+}
+
+/// The new contents of one source.
+#[derive(Debug, Clone)]
+pub enum Contents {
+    /// Policy text (YAML), parsed by the engine.
+    Text(String),
+    /// Already parsed (the Kubernetes watcher's translation, tests).
+    Parsed(Policy),
+    /// The source is gone.
+    Removed,
+}
+
+/// One source's new contents, named by the source (a file's path, `api`, …).
+#[derive(Debug, Clone)]
+pub struct SourceChange {
+    pub source: String,
+    pub contents: Contents,
+}
+
+/// One key's change: its value before (`old`) and after (`new`); `None`
+/// means absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta<K, V> {
+    pub key: K,
+    pub old: Option<V>,
+    pub new: Option<V>,
+}
+
+/// A rule as the kernel's `rule_index` refers to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub name: Name,
+    pub action: Action,
+}
+
+/// Everything a change does to the maps, with the values before, so that a
+/// writer that lags one change behind can compose two diffs.
+#[derive(Debug, Clone, Default)]
+pub struct EntryDiff {
+    pub identities: Vec<Delta<IpNet, IdentityValue>>,
+    /// Keyed by (prefix length, key with slot 0).
+    pub policy: Vec<Delta<(u32, PolicyKeyData), PolicyValue>>,
+    /// Keyed by `rule_index`.
+    pub rules: Vec<Delta<u32, RuleInfo>>,
+    /// Numeric identity → owner name.
+    pub atoms: Vec<Delta<IdentityId, Name>>,
+}
+
+impl EntryDiff {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.identities.is_empty() && self.policy.is_empty() && self.rules.is_empty() && self.atoms.is_empty()
+    }
+
+    /// Number of map entries (identity and policy) the diff changes.
+    #[must_use]
+    pub fn entries(&self) -> usize {
+        self.identities.len() + self.policy.len()
+    }
+
+    /// The diff that does `self` then `then`.
+    #[must_use]
+    pub fn then(self, then: &EntryDiff) -> EntryDiff {
+        EntryDiff {
+            identities: compose(self.identities, &then.identities),
+            policy: compose(self.policy, &then.policy),
+            rules: compose(self.rules, &then.rules),
+            atoms: compose(self.atoms, &then.atoms),
+        }
+    }
+}
+
+fn compose<K: Eq + Hash + Clone, V: PartialEq + Clone>(
+    first: Vec<Delta<K, V>>,
+    then: &[Delta<K, V>],
+) -> Vec<Delta<K, V>> {
+    let mut recorder = Recorder::default();
+    for delta in first {
+        recorder.record(delta.key, delta.old, delta.new);
+    }
+    for delta in then {
+        recorder.record(delta.key.clone(), delta.old.clone(), delta.new.clone());
+    }
+    recorder.finish()
+}
+
+/// Collects changes by key, keeping the first old and the last new value.
+struct Recorder<K, V> {
+    changes: HashMap<K, (Option<V>, Option<V>)>,
+}
+
+impl<K, V> Default for Recorder<K, V> {
+    fn default() -> Self {
+        Self { changes: HashMap::new() }
+    }
+}
+
+impl<K: Eq + Hash, V: PartialEq> Recorder<K, V> {
+    fn record(&mut self, key: K, old: Option<V>, new: Option<V>) {
+        match self.changes.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut seen) => seen.get_mut().1 = new,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((old, new));
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<Delta<K, V>> {
+        self.changes
+            .into_iter()
+            .filter(|(_, (old, new))| old != new)
+            .map(|(key, (old, new))| Delta { key, old, new })
+            .collect()
+    }
+}
+
+/// The recorders of one change.
+#[derive(Default)]
+struct Recorders {
+    identities: Recorder<IpNet, IdentityValue>,
+    policy: Recorder<(u32, PolicyKeyData), PolicyValue>,
+    rules: Recorder<u32, RuleInfo>,
+    atoms: Recorder<IdentityId, Name>,
+}
+
+impl Recorders {
+    fn finish(self) -> EntryDiff {
+        EntryDiff {
+            identities: self.identities.finish(),
+            policy: self.policy.finish(),
+            rules: self.rules.finish(),
+            atoms: self.atoms.finish(),
+        }
+    }
+}
+
+/// Numbers handed out lowest-free-first; a number freed during a change is
+/// free only once the change is over.
+#[derive(Debug, Clone)]
+struct IdPool {
+    free: BTreeSet<u32>,
+    freed_now: Vec<u32>,
+    next: u32,
+}
+
+impl IdPool {
+    fn starting_at(first: u32) -> Self {
+        Self { free: BTreeSet::new(), freed_now: Vec::new(), next: first }
+    }
+
+    fn take(&mut self) -> u32 {
+        self.free.pop_first().unwrap_or_else(|| {
+            let id = self.next;
+            self.next += 1;
+            id
+        })
+    }
+
+    fn give_back(&mut self, id: u32) {
+        self.freed_now.push(id);
+    }
+
+    fn end_of_change(&mut self) {
+        self.free.extend(self.freed_now.drain(..));
+    }
+}
+
+/// Entries the maps hold for the policy (the node's addresses come on top).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EntryCounts {
+    pub identity_v4_exact: u32,
+    pub identity_v4_prefix: u32,
+    pub identity_v6_exact: u32,
+    pub identity_v6_prefix: u32,
+    /// Single-port policy entries (the exact hash).
+    pub policy_exact: u32,
+    /// Ranges and whole protocols (the trie).
+    pub policy_prefix: u32,
+    /// One more than the highest `rule_index` in use.
+    pub rule_slots: u32,
+}
+
+impl EntryCounts {
+    fn identity(&mut self, net: IpNet, delta: i64) {
+        let count = match net {
+            IpNet::V4(n) if n.prefix_len() == 32 => &mut self.identity_v4_exact,
+            IpNet::V4(_) => &mut self.identity_v4_prefix,
+            IpNet::V6(n) if n.prefix_len() == 128 => &mut self.identity_v6_exact,
+            IpNet::V6(_) => &mut self.identity_v6_prefix,
+        };
+        *count = u32::try_from(i64::from(*count) + delta).unwrap_or(0);
+    }
+
+    fn policy(&mut self, prefix_len: u32, delta: i64) {
+        let count = if prefix_len == POLICY_KEY_MAX_PREFIX { &mut self.policy_exact } else { &mut self.policy_prefix };
+        *count = u32::try_from(i64::from(*count) + delta).unwrap_or(0);
+    }
+}
+
+/// An active rule as compiled: what it selects now.
+#[derive(Debug, Clone)]
+struct ActiveRule {
+    rule: Arc<Rule>,
+    name: Name,
+    ranges: Vec<(u32, u32)>,
+    from: Vec<IdentityId>,
+    to: Vec<IdentityId>,
+}
+
+/// A CIDR peer: addresses inside `.0` and outside all of `.1`.
+pub(crate) type CidrSelector = (IpNet, Vec<IpNet>);
+
+/// Interned CIDR selector of the active rules.
+pub(crate) type SelectorId = u32;
+
+/// The incremental engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    sources: BTreeMap<String, Arc<Fragment>>,
+    checks: Checks,
+    /// Identities as compiled, by name.
+    identities: HashMap<Name, Arc<Identity>>,
+    /// Identities by one of their labels, to resolve label selectors.
+    by_label: HashMap<(String, String), HashSet<Name>>,
+    active: HashMap<u32, ActiveRule>,
+    rule_ids: HashMap<Name, u32>,
+    rule_pool: IdPool,
+    expiries: BTreeSet<(SystemTime, Name)>,
+    /// Active rules by the selectors their peers use.
+    rules_naming: HashMap<String, HashSet<u32>>,
+    world_rules: HashSet<u32>,
+    label_rules: HashMap<BTreeMap<String, String>, HashSet<u32>>,
+    label_selectors_by_pair: HashMap<(String, String), HashSet<BTreeMap<String, String>>>,
+    cidr_rules: HashMap<SelectorId, HashSet<u32>>,
+    selectors: HashMap<CidrSelector, (SelectorId, u32)>,
+    selector_values: HashMap<SelectorId, CidrSelector>,
+    selector_pool: IdPool,
+    partition: Partition,
+    /// Active rules by an atom their `from` (`to`) selects.
+    rules_from: HashMap<IdentityId, HashSet<u32>>,
+    rules_to: HashMap<IdentityId, HashSet<u32>>,
+    /// Entries of each identity pair some rule claims.
+    pairs: HashMap<(IdentityId, IdentityId), Vec<PolicyEntry>>,
+    counts: EntryCounts,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What changed in identities, beyond their addresses.
+#[derive(Default)]
+struct IdentityChanges {
+    /// Label sets before and after of relabelled identities.
+    relabelled: Vec<BTreeMap<String, String>>,
+    /// Identities whose mode changed.
+    modes: Vec<Name>,
+}
+
+/// What a change touched, found while the model is updated.
+#[derive(Default)]
+struct Touched {
+    identities: BTreeSet<Name>,
+    rules: BTreeSet<Name>,
+}
+
+impl Engine {
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            sources: BTreeMap::new(),
+            checks: Checks::default(),
+            identities: HashMap::new(),
+            by_label: HashMap::new(),
+            active: HashMap::new(),
+            rule_ids: HashMap::new(),
+            rule_pool: IdPool::starting_at(0),
+            expiries: BTreeSet::new(),
+            rules_naming: HashMap::new(),
+            world_rules: HashSet::new(),
+            label_rules: HashMap::new(),
+            label_selectors_by_pair: HashMap::new(),
+            cidr_rules: HashMap::new(),
+            selectors: HashMap::new(),
+            selector_values: HashMap::new(),
+            selector_pool: IdPool::starting_at(0),
+            partition: Partition::new(IDENTITY_FIRST_DYNAMIC),
+            rules_from: HashMap::new(),
+            rules_to: HashMap::new(),
+            pairs: HashMap::new(),
+            counts: EntryCounts::default(),
+        }
+    }
+
+    /// Applies changes to sources as one change: all of them or, if the
+    /// policy they give is invalid, none. Returns what the maps must change.
+    pub fn apply(&mut self, changes: Vec<SourceChange>, now: SystemTime) -> Result<EntryDiff, PolicyError> {
+        let mut problems = Vec::new();
+        let mut replaced: Vec<(String, Option<Arc<Fragment>>)> = Vec::new();
+        let mut incoming = Vec::new();
+        for change in changes {
+            let fragment = match change.contents {
+                Contents::Removed => None,
+                Contents::Parsed(policy) => Some(Arc::new(Fragment::from(policy))),
+                Contents::Text(text) => {
+                    let file: Arc<str> = Arc::from(change.source.as_str());
+                    let mut policy = Policy::default();
+                    crate::parse::parse_file(&file, &text, &mut policy, &mut problems);
+                    Some(Arc::new(Fragment::from(policy)))
+                }
+            };
+            incoming.push((change.source, fragment));
+        }
+        let mut touched = Touched::default();
+        for (source, fragment) in incoming {
+            let old = self.replace_source(&source, fragment.as_ref(), &mut touched);
+            replaced.push((source, old));
+        }
+        if !problems.is_empty() || !self.checks.is_clean() {
+            let policy = self.merged();
+            crate::validate::validate(&policy, &mut problems);
+            for (source, old) in replaced.into_iter().rev() {
+                self.replace_source(&source, old.as_ref(), &mut Touched::default());
+            }
+            problems.sort_by(|a, b| a.location.cmp(&b.location));
+            problems.dedup();
+            if problems.is_empty() {
+                // The counters and the validator disagree: never enforce
+                // what the validator would not have accepted.
+                problems.push(Diagnostic::new(
+                    crate::error::Location { file: Arc::from("policy"), line: 0, column: 0 },
+                    "the policy engine found a problem the validator cannot name; please report this".to_owned(),
+                ));
+            }
+            return Err(PolicyError::Invalid { diagnostics: problems });
+        }
+        Ok(self.compile(&touched, now))
+    }
+
+    /// Lets rules that expired by `now` lapse.
+    pub fn advance(&mut self, now: SystemTime) -> EntryDiff {
+        self.compile(&Touched::default(), now)
+    }
+
+    /// Replaces one source's fragment in the model and the checks, noting
+    /// the names it touches. Returns the fragment it replaced.
+    fn replace_source(
+        &mut self,
+        source: &str,
+        fragment: Option<&Arc<Fragment>>,
+        touched: &mut Touched,
+    ) -> Option<Arc<Fragment>> {
+        let old = match fragment {
+            Some(fragment) => self.sources.insert(source.to_owned(), Arc::clone(fragment)),
+            None => self.sources.remove(source),
+        };
+        if let Some(old) = &old {
+            for identity in &old.identities {
+                self.checks.remove_identity(identity);
+                touched.identities.insert(Name::from(identity.name.as_str()));
+            }
+            for rule in &old.rules {
+                self.checks.remove_rule(rule);
+                touched.rules.insert(Name::from(rule.name.as_str()));
+            }
+        }
+        if let Some(new) = fragment {
+            for identity in &new.identities {
+                self.checks.add_identity(identity);
+                touched.identities.insert(Name::from(identity.name.as_str()));
+            }
+            for rule in &new.rules {
+                self.checks.add_rule(rule);
+                touched.rules.insert(Name::from(rule.name.as_str()));
+            }
+        }
+        old
+    }
+
+    /// The whole policy as one [`Policy`], sources in name order.
+    #[must_use]
+    pub fn merged(&self) -> Policy {
+        let mut policy = Policy::default();
+        for fragment in self.sources.values() {
+            policy.documents.extend(fragment.documents.iter().cloned());
+            policy.identities.extend(fragment.identities.iter().map(|i| Identity::clone(i)));
+            policy.rules.extend(fragment.rules.iter().map(|r| Rule::clone(r)));
+        }
+        policy
+    }
+
+    /// The sources and their parsed contents.
+    pub fn sources(&self) -> impl Iterator<Item = (&str, &Arc<Fragment>)> {
+        self.sources.iter().map(|(name, fragment)| (name.as_str(), fragment))
+    }
+
+    /// Declared identities.
+    #[must_use]
+    pub fn identity_count(&self) -> usize {
+        self.identities.len()
+    }
+
+    /// Rules in force (not expired).
+    #[must_use]
+    pub fn active_rule_count(&self) -> usize {
+        self.active.len()
+    }
+
+    /// When the first active rule lapses, if any does.
+    #[must_use]
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.expiries.first().map(|(when, _)| *when)
+    }
+
+    /// How many entries the maps need for this policy.
+    #[must_use]
+    pub fn counts(&self) -> EntryCounts {
+        EntryCounts { rule_slots: self.active.keys().max().map_or(0, |max| max + 1), ..self.counts }
+    }
+
+    /// Every identity entry: what the identity maps hold.
+    pub fn identity_entries(&self) -> impl Iterator<Item = (IpNet, IdentityValue)> + '_ {
+        self.partition.entries()
+    }
+
+    /// Every policy entry.
+    pub fn policy_entries(&self) -> impl Iterator<Item = &PolicyEntry> + '_ {
+        self.pairs.values().flatten()
+    }
+
+    /// Every atom: number, owner (`world` for unowned) and flags; `host`
+    /// included.
+    pub fn atoms(&self) -> impl Iterator<Item = (IdentityId, &str, u32)> + '_ {
+        let host_flags = if self.pairs.contains_key(&(IDENTITY_WORLD, IDENTITY_HOST)) {
+            0
+        } else {
+            IDENTITY_FLAG_NO_RULES_FROM_WORLD
+        };
+        std::iter::once((IDENTITY_HOST, HOST, host_flags))
+            .chain(self.partition.atoms().map(|(id, owner, flags)| (id, owner.map_or(WORLD, |name| &**name), flags)))
+    }
+
+    /// Every rule in force by `rule_index`.
+    pub fn rule_table(&self) -> impl Iterator<Item = (u32, RuleInfo)> + '_ {
+        self.active.iter().map(|(&id, rule)| (id, RuleInfo { name: Arc::clone(&rule.name), action: rule.rule.action }))
+    }
+
+    /// The whole state as a diff from nothing: what a writer starting from
+    /// empty maps writes.
+    #[must_use]
+    pub fn everything(&self) -> EntryDiff {
+        EntryDiff {
+            identities: self
+                .identity_entries()
+                .map(|(key, value)| Delta { key, old: None, new: Some(value) })
+                .collect(),
+            policy: self
+                .policy_entries()
+                .map(|e| Delta { key: (e.prefix_len, e.key), old: None, new: Some(e.value) })
+                .collect(),
+            rules: self.rule_table().map(|(key, info)| Delta { key, old: None, new: Some(info) }).collect(),
+            atoms: self.atoms().map(|(key, owner, _)| Delta { key, old: None, new: Some(Name::from(owner)) }).collect(),
+        }
+    }
+
+    /// Brings the compiled state to the model: `touched` names what the
+    /// model changed; rules that lapsed by `now` leave too.
+    fn compile(&mut self, touched: &Touched, now: SystemTime) -> EntryDiff {
+        let mut rec = Recorders::default();
+        let mut dirty_rules: BTreeSet<u32> = BTreeSet::new();
+        let mut dirty_pairs: HashSet<(IdentityId, IdentityId)> = HashSet::new();
+
+        // 1. Rules: the ones leaving take their claims with them; the ones
+        //    entering are selected below, once the partition is final.
+        self.update_rules(&touched.rules, now, &mut rec, &mut dirty_rules, &mut dirty_pairs);
+        // 2. Identities: labels, modes and addresses.
+        let changed = self.update_identities(&touched.identities);
+        // 3. The partition: re-derive every prefix whose role changed.
+        let identities = &self.identities;
+        let mode_of = |owner: Option<&Name>| mode_of_owner(identities, owner);
+        let outcome = self.partition.settle(&mode_of, &mut rec.identities, &mut rec.atoms, &mut self.counts);
+
+        // 4. Rules that may select differently now.
+        dirty_rules.extend(self.rules_to_reselect(&outcome, &changed.relabelled));
+        for id in dirty_rules {
+            self.reselect(id, &mut dirty_pairs);
+        }
+
+        // 5. Pairs whose claims changed.
+        let mut reach_changed: BTreeSet<IdentityId> = BTreeSet::new();
+        for (src, dst) in dirty_pairs {
+            self.resolve_pair(src, dst, &mut rec.policy, &mut reach_changed);
+        }
+
+        // 6. Flags: audit mode and reachability from `world`.
+        let mut reflag: BTreeSet<IdentityId> = reach_changed;
+        for name in &changed.modes {
+            reflag.extend(self.partition.atoms_of(Some(name)));
+        }
+        for id in reflag {
+            let owner_flags = self.partition.owner_of(id).map(|owner| mode_of_owner(&self.identities, owner.as_ref()));
+            let Some(mode) = owner_flags else { continue };
+            let unreachable = !self.pairs.contains_key(&(IDENTITY_WORLD, id));
+            let flags = mode | if unreachable { IDENTITY_FLAG_NO_RULES_FROM_WORLD } else { 0 };
+            self.partition.set_flags(id, flags, &mut rec.identities);
+        }
+
+        self.rule_pool.end_of_change();
+        self.selector_pool.end_of_change();
+        self.partition.end_of_change();
+        rec.finish()
+    }
+
+    /// Activates, changes and retires rules whose declaration changed or
+    /// whose time ran out; marks what must be selected and resolved again.
+    fn update_rules(
+        &mut self,
+        touched: &BTreeSet<Name>,
+        now: SystemTime,
+        rec: &mut Recorders,
+        dirty_rules: &mut BTreeSet<u32>,
+        dirty_pairs: &mut HashSet<(IdentityId, IdentityId)>,
+    ) {
+        let mut rule_names: BTreeSet<Name> = touched.clone();
+        for (when, name) in &self.expiries {
+            if *when > now {
+                break;
+            }
+            rule_names.insert(Name::clone(name));
+        }
+        for name in rule_names {
+            let wanted = self.checks.rule(&name).filter(|rule| rule.is_active_at(now));
+            let id = self.rule_ids.get(&name).copied();
+            let current = id.and_then(|id| self.active.get(&id)).map(|a| Arc::clone(&a.rule));
+            if let (Some(current), Some(wanted)) = (&current, &wanted)
+                && same_rule(current, wanted)
+            {
+                if !Arc::ptr_eq(current, wanted) {
+                    // Only its position moved: keep what is compiled.
+                    if let Some(active) = id.and_then(|id| self.active.get_mut(&id)) {
+                        active.rule = Arc::clone(wanted);
+                    }
+                }
+                continue;
+            }
+            let info = |rule: &Rule| RuleInfo { name: Name::clone(&name), action: rule.action };
+            if let Some(id) = id {
+                rec.rules.record(id, current.as_deref().map(info), wanted.as_deref().map(info));
+                self.deactivate(id, dirty_pairs);
+                if wanted.is_none() {
+                    self.rule_ids.remove(&name);
+                    self.rule_pool.give_back(id);
+                }
+            }
+            if let Some(rule) = wanted {
+                let id = id.unwrap_or_else(|| {
+                    let id = self.rule_pool.take();
+                    self.rule_ids.insert(Name::clone(&name), id);
+                    rec.rules.record(id, None, Some(info(&rule)));
+                    id
+                });
+                self.activate(id, name, rule);
+                dirty_rules.insert(id);
+            }
+        }
+    }
+
+    /// Takes identities whose declaration changed into the compiled view:
+    /// labels into the label index, addresses into the partition.
+    fn update_identities(&mut self, touched: &BTreeSet<Name>) -> IdentityChanges {
+        let mut changed = IdentityChanges::default();
+        let mut released: Vec<IpNet> = Vec::new();
+        let mut claimed: Vec<(IpNet, Name)> = Vec::new();
+        for name in touched {
+            let wanted = self.checks.identity(name);
+            let current = self.identities.get(name).cloned();
+            if let (Some(a), Some(b)) = (&current, &wanted)
+                && Arc::ptr_eq(a, b)
+            {
+                continue;
+            }
+            let old_nets: BTreeSet<IpNet> = current.iter().flat_map(|i| i.addresses.iter().map(|a| a.net)).collect();
+            let new_nets: BTreeSet<IpNet> = wanted.iter().flat_map(|i| i.addresses.iter().map(|a| a.net)).collect();
+            // All releases before all claims: an address may pass from one
+            // identity to another within one change.
+            released.extend(old_nets.difference(&new_nets).copied());
+            claimed.extend(new_nets.difference(&old_nets).map(|net| (*net, Name::clone(name))));
+            let old_labels = current.as_ref().map(|i| &i.labels);
+            let new_labels = wanted.as_ref().map(|i| &i.labels);
+            if old_labels != new_labels {
+                changed.relabelled.extend(current.iter().chain(&wanted).map(|i| i.labels.clone()));
+                if let Some(old) = &current {
+                    for pair in &old.labels {
+                        let key = (pair.0.clone(), pair.1.clone());
+                        if let Some(names) = self.by_label.get_mut(&key) {
+                            names.remove(name);
+                            if names.is_empty() {
+                                self.by_label.remove(&key);
+                            }
+                        }
+                    }
+                }
+                if let Some(new) = &wanted {
+                    for pair in &new.labels {
+                        self.by_label.entry((pair.0.clone(), pair.1.clone())).or_default().insert(Name::clone(name));
+                    }
+                }
+            }
+            if current.as_ref().map(|i| i.mode) != wanted.as_ref().map(|i| i.mode) {
+                changed.modes.push(Name::clone(name));
+            }
+            match wanted {
+                Some(identity) => self.identities.insert(Name::clone(name), identity),
+                None => self.identities.remove(name),
+            };
+        }
+
+        for net in released {
+            self.partition.set_owner(net, None);
+        }
+        for (net, owner) in claimed {
+            self.partition.set_owner(net, Some(owner));
+        }
+        changed
+    }
+
+    /// Rules whose selection an atom's coming or going, or a relabelled
+    /// identity, may change.
+    fn rules_to_reselect(&self, outcome: &Settled, relabelled: &[BTreeMap<String, String>]) -> BTreeSet<u32> {
+        let mut dirty_rules = BTreeSet::new();
+        for (_, owner, selectors) in &outcome.appeared {
+            if let Some(owner) = owner {
+                dirty_rules.extend(self.rules_naming.get(&**owner).into_iter().flatten());
+                if let Some(identity) = self.identities.get(owner) {
+                    let labels = identity.labels.clone();
+                    dirty_rules.extend(self.label_rules_matching(&labels));
+                }
+            } else {
+                dirty_rules.extend(self.world_rules.iter());
+            }
+            for selector in selectors {
+                dirty_rules.extend(self.cidr_rules.get(selector).into_iter().flatten());
+            }
+        }
+        for id in &outcome.vanished {
+            dirty_rules.extend(self.rules_from.get(id).into_iter().flatten());
+            dirty_rules.extend(self.rules_to.get(id).into_iter().flatten());
+        }
+        for labels in relabelled {
+            dirty_rules.extend(self.label_rules_matching(labels));
+        }
+        dirty_rules
+    }
+
+    /// Files an entering rule under its selectors (interning CIDR peers,
+    /// whose prefixes then take their role in the partition).
+    fn activate(&mut self, id: u32, name: Name, rule: Arc<Rule>) {
+        if let Some(expires) = rule.expires {
+            self.expiries.insert((expires, Name::clone(&name)));
+        }
+        for peer in rule.from.iter().chain(&rule.to) {
+            match &peer.selector {
+                Selector::Identity(target) if target == WORLD => {
+                    self.world_rules.insert(id);
+                }
+                Selector::Identity(target) => {
+                    self.rules_naming.entry(target.clone()).or_default().insert(id);
+                }
+                Selector::Labels(wanted) => {
+                    self.label_rules.entry(wanted.clone()).or_default().insert(id);
+                    for pair in wanted {
+                        self.label_selectors_by_pair
+                            .entry((pair.0.clone(), pair.1.clone()))
+                            .or_default()
+                            .insert(wanted.clone());
+                    }
+                }
+                Selector::Cidr { cidr, except } => {
+                    let key = (*cidr, except.clone());
+                    let selector = if let Some((selector, uses)) = self.selectors.get_mut(&key) {
+                        *uses += 1;
+                        *selector
+                    } else {
+                        {
+                            let selector = self.selector_pool.take();
+                            self.selectors.insert(key.clone(), (selector, 1));
+                            self.selector_values.insert(selector, key);
+                            self.partition.add_selector(selector, *cidr, except);
+                            selector
+                        }
+                    };
+                    self.cidr_rules.entry(selector).or_default().insert(id);
+                }
+            }
+        }
+        let ranges = rule_ranges(&rule);
+        self.active.insert(id, ActiveRule { rule, name, ranges, from: Vec::new(), to: Vec::new() });
+    }
+
+    /// Takes a leaving rule (or the old version of a changed one) off its
+    /// selectors and pairs.
+    fn deactivate(&mut self, id: u32, dirty_pairs: &mut HashSet<(IdentityId, IdentityId)>) {
+        let Some(active) = self.active.remove(&id) else { return };
+        if let Some(expires) = active.rule.expires {
+            self.expiries.remove(&(expires, Name::clone(&active.name)));
+        }
+        for &src in &active.from {
+            for &dst in &active.to {
+                dirty_pairs.insert((src, dst));
+            }
+        }
+        for src in &active.from {
+            remove_from(&mut self.rules_from, src, id);
+        }
+        for dst in &active.to {
+            remove_from(&mut self.rules_to, dst, id);
+        }
+        for peer in active.rule.from.iter().chain(&active.rule.to) {
+            match &peer.selector {
+                Selector::Identity(target) if target == WORLD => {
+                    self.world_rules.remove(&id);
+                }
+                Selector::Identity(target) => remove_from(&mut self.rules_naming, target, id),
+                Selector::Labels(wanted) => {
+                    remove_from(&mut self.label_rules, wanted, id);
+                    if !self.label_rules.contains_key(wanted) {
+                        for pair in wanted {
+                            let key = (pair.0.clone(), pair.1.clone());
+                            if let Some(set) = self.label_selectors_by_pair.get_mut(&key) {
+                                set.remove(wanted);
+                                if set.is_empty() {
+                                    self.label_selectors_by_pair.remove(&key);
+                                }
+                            }
+                        }
+                    }
+                }
+                Selector::Cidr { cidr, except } => {
+                    let key = (*cidr, except.clone());
+                    if let Some((selector, uses)) = self.selectors.get_mut(&key) {
+                        let selector = *selector;
+                        *uses -= 1;
+                        remove_from(&mut self.cidr_rules, &selector, id);
+                        if *uses == 0 {
+                            self.selectors.remove(&key);
+                            self.selector_values.remove(&selector);
+                            self.partition.remove_selector(selector, *cidr, except);
+                            self.selector_pool.give_back(selector);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Active rules with a label selector that `labels` satisfies.
+    fn label_rules_matching(&self, labels: &BTreeMap<String, String>) -> Vec<u32> {
+        let mut selectors: HashSet<&BTreeMap<String, String>> = HashSet::new();
+        for pair in labels {
+            if let Some(found) = self.label_selectors_by_pair.get(&(pair.0.clone(), pair.1.clone())) {
+                selectors.extend(found.iter().filter(|wanted| labels_match(wanted, labels)));
+            }
+        }
+        let empty = BTreeMap::new();
+        if self.label_rules.contains_key(&empty) {
+            selectors.insert(self.label_rules.get_key_value(&empty).map_or(&empty, |(k, _)| k));
+        }
+        selectors.into_iter().flat_map(|wanted| self.label_rules.get(wanted).into_iter().flatten().copied()).collect()
+    }
+
+    /// The atoms `peers` select now.
+    fn select(&self, peers: &[Peer]) -> Vec<IdentityId> {
+        let mut atoms = BTreeSet::new();
+        for peer in peers {
+            match &peer.selector {
+                Selector::Identity(name) if name == WORLD => atoms.extend(self.partition.atoms_of(None)),
+                Selector::Identity(name) if name == HOST => {
+                    atoms.insert(IDENTITY_HOST);
+                }
+                Selector::Identity(name) => atoms.extend(self.partition.atoms_of(Some(&Name::from(name.as_str())))),
+                Selector::Labels(wanted) => {
+                    for name in self.identities_matching(wanted) {
+                        atoms.extend(self.partition.atoms_of(Some(&name)));
+                    }
+                }
+                Selector::Cidr { cidr, except } => {
+                    if let Some((selector, _)) = self.selectors.get(&(*cidr, except.clone())) {
+                        atoms.extend(self.partition.atoms_of_selector(*selector));
+                    }
+                }
+            }
+        }
+        atoms.into_iter().collect()
+    }
+
+    /// Declared identities carrying every label of `wanted`.
+    fn identities_matching(&self, wanted: &BTreeMap<String, String>) -> Vec<Name> {
+        let smallest = wanted
+            .iter()
+            .map(|(k, v)| self.by_label.get(&(k.clone(), v.clone())))
+            .min_by_key(|set| set.map_or(0, HashSet::len));
+        match smallest {
+            None => self.identities.keys().cloned().collect(),
+            Some(None) => Vec::new(),
+            Some(Some(names)) => names
+                .iter()
+                .filter(|name| self.identities.get(*name).is_some_and(|i| labels_match(wanted, &i.labels)))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Selects rule `id` again and marks the pairs it gained or lost.
+    fn reselect(&mut self, id: u32, dirty_pairs: &mut HashSet<(IdentityId, IdentityId)>) {
+        let Some(active) = self.active.get(&id) else { return };
+        let from = self.select(&active.rule.from);
+        let to = self.select(&active.rule.to);
+        let active = self.active.get_mut(&id).expect("looked up above");
+        let (old_from, old_to) = (std::mem::take(&mut active.from), std::mem::take(&mut active.to));
+        let gained_from = difference(&from, &old_from);
+        let lost_from = difference(&old_from, &from);
+        let gained_to = difference(&to, &old_to);
+        let lost_to = difference(&old_to, &to);
+        let mut mark = |sources: &[IdentityId], destinations: &[IdentityId]| {
+            for &src in sources {
+                for &dst in destinations {
+                    dirty_pairs.insert((src, dst));
+                }
+            }
+        };
+        mark(&gained_from, &to);
+        mark(&from, &gained_to);
+        mark(&lost_from, &old_to);
+        mark(&old_from, &lost_to);
+        // A freshly activated rule has empty old sets: all its pairs are new.
+        for src in &lost_from {
+            remove_from(&mut self.rules_from, src, id);
+        }
+        for dst in &lost_to {
+            remove_from(&mut self.rules_to, dst, id);
+        }
+        for src in &gained_from {
+            self.rules_from.entry(*src).or_default().insert(id);
+        }
+        for dst in &gained_to {
+            self.rules_to.entry(*dst).or_default().insert(id);
+        }
+        let active = self.active.get_mut(&id).expect("looked up above");
+        active.from = from;
+        active.to = to;
+    }
+
+    /// Resolves one pair's claims again and records what its entries became.
+    fn resolve_pair(
+        &mut self,
+        src: IdentityId,
+        dst: IdentityId,
+        policy: &mut Recorder<(u32, PolicyKeyData), PolicyValue>,
+        reach_changed: &mut BTreeSet<IdentityId>,
+    ) {
+        let mut claims: Vec<Claim<&str>> = Vec::new();
+        for id in self.rules_from.get(&src).into_iter().flatten() {
+            let active = &self.active[id];
+            if active.to.binary_search(&dst).is_ok() {
+                claims.extend(active.ranges.iter().map(|&(first, last)| Claim {
+                    action: active.rule.action,
+                    order: &*active.name,
+                    rule_index: *id,
+                    first,
+                    last,
+                }));
+            }
+        }
+        let mut entries = Vec::new();
+        if !claims.is_empty() {
+            pair_entries(src, dst, &claims, &mut entries);
+        }
+        let old = self.pairs.remove(&(src, dst)).unwrap_or_default();
+        if src == IDENTITY_WORLD && old.is_empty() != entries.is_empty() {
+            reach_changed.insert(dst);
+        }
+        for entry in &old {
+            policy.record((entry.prefix_len, entry.key), Some(entry.value), None);
+            self.counts.policy(entry.prefix_len, -1);
+        }
+        for entry in &entries {
+            policy.record((entry.prefix_len, entry.key), None, Some(entry.value));
+            self.counts.policy(entry.prefix_len, 1);
+        }
+        if !entries.is_empty() {
+            entries.shrink_to_fit();
+            self.pairs.insert((src, dst), entries);
+        }
+    }
+
+    /// What the identity maps answer for `addr` before the node's own
+    /// addresses: the longest entry containing it, else `world`.
+    #[must_use]
+    pub fn lookup_identity(&self, addr: IpAddr) -> IdentityValue {
+        self.partition.lookup(addr)
+    }
+
+    /// The owner name of a numeric identity.
+    #[must_use]
+    pub fn atom_owner(&self, id: IdentityId) -> Option<&str> {
+        if id == IDENTITY_HOST {
+            return Some(HOST);
+        }
+        self.partition.owner_of(id).map(|owner| owner.as_ref().map_or(WORLD, |name| &**name))
+    }
+
+    /// The rule a `rule_index` stands for.
+    #[must_use]
+    pub fn rule(&self, index: u32) -> Option<RuleInfo> {
+        self.active.get(&index).map(|a| RuleInfo { name: Arc::clone(&a.name), action: a.rule.action })
+    }
+}
+
+fn mode_of_owner(identities: &HashMap<Name, Arc<Identity>>, owner: Option<&Name>) -> u32 {
+    match owner.and_then(|name| identities.get(name)).map(|i| i.mode) {
+        Some(Mode::Audit) => IDENTITY_FLAG_AUDIT,
+        _ => 0,
+    }
+}
+
+/// Whether two versions of a rule compile alike (positions aside).
+fn same_rule(a: &Rule, b: &Rule) -> bool {
+    fn same_peers(a: &[Peer], b: &[Peer]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.selector == y.selector)
+    }
+    a.action == b.action
+        && a.ports == b.ports
+        && a.expires == b.expires
+        && same_peers(&a.from, &b.from)
+        && same_peers(&a.to, &b.to)
+}
+
+pub(crate) fn labels_match(wanted: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn difference(a: &[IdentityId], b: &[IdentityId]) -> Vec<IdentityId> {
+    a.iter().filter(|x| b.binary_search(x).is_err()).copied().collect()
+}
+
+fn remove_from<K, Q>(map: &mut HashMap<Q, HashSet<u32>>, key: &K, id: u32)
+where
+    K: Eq + Hash + ?Sized,
+    Q: Eq + Hash + std::borrow::Borrow<K>,
+{
+    if let Some(set) = map.get_mut(key) {
+        set.remove(&id);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// Values of the policy map as the kernel reads them.
+#[must_use]
+pub fn action_value(action: Action) -> u32 {
+    match action {
+        Action::Allow => ACTION_ALLOW,
+        Action::Deny => ACTION_DENY,
+    }
+}

@@ -1,0 +1,351 @@
+//! The address partition kept between changes (the incremental form of
+//! `compile::partition_addresses`): every prefix the policy names (identity
+//! addresses, CIDR peers and their exceptions, the two default routes)
+//! belongs to an *atom*, its owner plus the CIDR peers containing it, and
+//! becomes an identity entry unless its enclosing prefix has the same atom.
+//!
+//! A prefix's atom depends only on the prefixes containing it, and its entry
+//! on its own atom and its parent's. So when a change gives a prefix
+//! another role (an owner comes or goes, a CIDR peer starts or stops using
+//! it), only that prefix and the prefixes nested in it are derived again:
+//! `settle` visits them in address order, where every prefix comes after
+//! the prefixes containing it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use enforcer_common::{IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_WORLD, IdentityId, IdentityValue};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::{EntryCounts, IdPool, Name, Recorder, SelectorId};
+
+/// What an atom stands for: its owner (`None`: no declared identity) and the
+/// CIDR peers its addresses are part of, sorted.
+type AtomKey = (Option<Name>, Vec<SelectorId>);
+
+#[derive(Debug)]
+struct PrefixState {
+    owner: Option<Name>,
+    /// CIDR peers using this prefix as their CIDR, and as an exception.
+    cidr_of: Vec<SelectorId>,
+    except_of: Vec<SelectorId>,
+    /// The default routes stay whatever the policy says.
+    permanent: bool,
+    /// 0 until first settled.
+    atom: IdentityId,
+    /// The identity entry written for this prefix, if it needs one.
+    entry: Option<IdentityValue>,
+}
+
+impl PrefixState {
+    fn new(permanent: bool) -> Self {
+        Self { owner: None, cidr_of: Vec::new(), except_of: Vec::new(), permanent, atom: 0, entry: None }
+    }
+
+    fn is_used(&self) -> bool {
+        self.permanent || self.owner.is_some() || !self.cidr_of.is_empty() || !self.except_of.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct AtomState {
+    key: AtomKey,
+    /// Prefixes whose atom this is.
+    prefixes: usize,
+    flags: u32,
+    /// Prefixes with an identity entry of this atom.
+    entries: BTreeSet<IpNet>,
+}
+
+/// What a `settle` changed in the set of atoms.
+pub(super) struct Settled {
+    /// New atoms: number, owner, CIDR peers.
+    pub(super) appeared: Vec<(IdentityId, Option<Name>, Vec<SelectorId>)>,
+    pub(super) vanished: Vec<IdentityId>,
+}
+
+#[derive(Debug)]
+pub(super) struct Partition {
+    prefixes: BTreeMap<IpNet, PrefixState>,
+    /// Distinct prefix lengths in use per (family is v4, length).
+    lengths: BTreeMap<(bool, u8), usize>,
+    atoms: HashMap<IdentityId, AtomState>,
+    by_key: HashMap<AtomKey, IdentityId>,
+    by_owner: HashMap<Option<Name>, BTreeSet<IdentityId>>,
+    by_selector: HashMap<SelectorId, BTreeSet<IdentityId>>,
+    pool: IdPool,
+    /// Prefixes whose role changed since the last settle.
+    dirty: BTreeSet<IpNet>,
+}
+
+impl Partition {
+    pub(super) fn new(first_dynamic: IdentityId) -> Self {
+        let mut partition = Self {
+            prefixes: BTreeMap::new(),
+            lengths: BTreeMap::new(),
+            atoms: HashMap::new(),
+            by_key: HashMap::new(),
+            by_owner: HashMap::new(),
+            by_selector: HashMap::new(),
+            pool: IdPool::starting_at(first_dynamic),
+            dirty: BTreeSet::new(),
+        };
+        let world: AtomKey = (None, Vec::new());
+        partition.atoms.insert(
+            IDENTITY_WORLD,
+            AtomState {
+                key: world.clone(),
+                prefixes: 2,
+                flags: IDENTITY_FLAG_NO_RULES_FROM_WORLD,
+                entries: BTreeSet::new(),
+            },
+        );
+        partition.by_key.insert(world, IDENTITY_WORLD);
+        partition.by_owner.entry(None).or_default().insert(IDENTITY_WORLD);
+        for net in [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())] {
+            let mut state = PrefixState::new(true);
+            state.atom = IDENTITY_WORLD;
+            partition.prefixes.insert(net, state);
+            partition.lengths.insert((net.addr().is_ipv4(), 0), 1);
+        }
+        partition
+    }
+
+    fn state(&mut self, net: IpNet) -> &mut PrefixState {
+        self.dirty.insert(net);
+        if !self.prefixes.contains_key(&net) {
+            *self.lengths.entry((net.addr().is_ipv4(), net.prefix_len())).or_default() += 1;
+        }
+        self.prefixes.entry(net).or_insert_with(|| PrefixState::new(false))
+    }
+
+    pub(super) fn set_owner(&mut self, net: IpNet, owner: Option<Name>) {
+        self.state(net).owner = owner;
+    }
+
+    pub(super) fn add_selector(&mut self, selector: SelectorId, cidr: IpNet, except: &[IpNet]) {
+        self.state(cidr).cidr_of.push(selector);
+        for net in except {
+            self.state(*net).except_of.push(selector);
+        }
+    }
+
+    pub(super) fn remove_selector(&mut self, selector: SelectorId, cidr: IpNet, except: &[IpNet]) {
+        self.state(cidr).cidr_of.retain(|s| *s != selector);
+        for net in except {
+            self.state(*net).except_of.retain(|s| *s != selector);
+        }
+    }
+
+    /// Prefixes in use containing `net` (itself included), shortest first.
+    fn covering(&self, net: IpNet) -> impl Iterator<Item = (IpNet, &PrefixState)> + '_ {
+        let v4 = net.addr().is_ipv4();
+        self.lengths.range((v4, 0)..=(v4, net.prefix_len())).filter_map(move |(&(_, length), _)| {
+            let outer = IpNet::new(net.addr(), length).ok()?.trunc();
+            self.prefixes.get(&outer).map(|state| (outer, state))
+        })
+    }
+
+    /// Derives again every prefix whose role changed and the prefixes
+    /// nested in them; records identity entries and atoms that changed.
+    pub(super) fn settle(
+        &mut self,
+        mode_of: &dyn Fn(Option<&Name>) -> u32,
+        identities: &mut Recorder<IpNet, IdentityValue>,
+        atoms: &mut Recorder<IdentityId, Name>,
+        counts: &mut EntryCounts,
+    ) -> Settled {
+        let mut region: BTreeSet<IpNet> = BTreeSet::new();
+        for net in std::mem::take(&mut self.dirty) {
+            let last = IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(net);
+            region.extend(self.prefixes.range(net..=last).map(|(inner, _)| *inner).filter(|inner| net.contains(inner)));
+            region.insert(net);
+        }
+        let mut touched_atoms: BTreeSet<IdentityId> = BTreeSet::new();
+        let mut created: Vec<IdentityId> = Vec::new();
+        // Prefixes no longer used leave first, so none is anyone's parent.
+        for net in &region {
+            self.retire_if_unused(*net, identities, counts, &mut touched_atoms);
+        }
+        for net in region {
+            if !self.prefixes.contains_key(&net) {
+                continue;
+            }
+            let mut owner = None;
+            let mut inside = BTreeSet::new();
+            let mut excluded = BTreeSet::new();
+            let mut parent = IDENTITY_WORLD;
+            for (outer, state) in self.covering(net) {
+                if owner.is_none() && state.owner.is_some() {
+                    owner.clone_from(&state.owner);
+                }
+                inside.extend(state.cidr_of.iter().copied());
+                excluded.extend(state.except_of.iter().copied());
+                if outer != net && state.atom != 0 {
+                    parent = state.atom;
+                }
+            }
+            let key: AtomKey = (owner, inside.difference(&excluded).copied().collect());
+            let id = if let Some(&id) = self.by_key.get(&key) {
+                id
+            } else {
+                {
+                    let id = self.pool.take();
+                    let flags = mode_of(key.0.as_ref()) | IDENTITY_FLAG_NO_RULES_FROM_WORLD;
+                    self.by_owner.entry(key.0.clone()).or_default().insert(id);
+                    for selector in &key.1 {
+                        self.by_selector.entry(*selector).or_default().insert(id);
+                    }
+                    self.by_key.insert(key.clone(), id);
+                    self.atoms.insert(id, AtomState { key, prefixes: 0, flags, entries: BTreeSet::new() });
+                    created.push(id);
+                    id
+                }
+            };
+            let state = self.prefixes.get_mut(&net).expect("checked above");
+            let before = state.atom;
+            if before != id {
+                if let Some(atom) = self.atoms.get_mut(&before) {
+                    atom.prefixes -= 1;
+                    atom.entries.remove(&net);
+                    touched_atoms.insert(before);
+                }
+                state.atom = id;
+                self.atoms.get_mut(&id).expect("inserted above").prefixes += 1;
+            }
+            let atom = self.atoms.get_mut(&id).expect("inserted above");
+            let wanted = (parent != id).then_some(IdentityValue { id, flags: atom.flags });
+            if wanted != state.entry {
+                identities.record(net, state.entry, wanted);
+                counts.identity(net, i64::from(wanted.is_some()) - i64::from(state.entry.is_some()));
+                state.entry = wanted;
+            }
+            if wanted.is_some() {
+                atom.entries.insert(net);
+            } else {
+                atom.entries.remove(&net);
+            }
+        }
+        let mut vanished = Vec::new();
+        for id in touched_atoms.iter().chain(&created) {
+            if self.atoms.get(id).is_some_and(|atom| atom.prefixes == 0) {
+                let atom = self.atoms.remove(id).expect("checked above");
+                self.by_key.remove(&atom.key);
+                remove_id(&mut self.by_owner, &atom.key.0, *id);
+                for selector in &atom.key.1 {
+                    remove_id(&mut self.by_selector, selector, *id);
+                }
+                self.pool.give_back(*id);
+                // An atom born and gone within this change was never seen.
+                if !created.contains(id) {
+                    atoms.record(*id, Some(owner_name(atom.key.0.as_ref())), None);
+                    vanished.push(*id);
+                }
+            }
+        }
+        let mut appeared = Vec::new();
+        for id in created {
+            if let Some(atom) = self.atoms.get(&id) {
+                atoms.record(id, None, Some(owner_name(atom.key.0.as_ref())));
+                appeared.push((id, atom.key.0.clone(), atom.key.1.clone()));
+            }
+        }
+        Settled { appeared, vanished }
+    }
+
+    /// Removes `net` if nothing uses it any more, with its entry.
+    fn retire_if_unused(
+        &mut self,
+        net: IpNet,
+        identities: &mut Recorder<IpNet, IdentityValue>,
+        counts: &mut EntryCounts,
+        touched_atoms: &mut BTreeSet<IdentityId>,
+    ) {
+        if self.prefixes.get(&net).is_some_and(|state| !state.is_used()) {
+            let state = self.prefixes.remove(&net).expect("checked above");
+            let key = (net.addr().is_ipv4(), net.prefix_len());
+            if let Some(n) = self.lengths.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.lengths.remove(&key);
+                }
+            }
+            if let Some(old) = state.entry {
+                identities.record(net, Some(old), None);
+                counts.identity(net, -1);
+            }
+            if let Some(atom) = self.atoms.get_mut(&state.atom) {
+                atom.prefixes -= 1;
+                atom.entries.remove(&net);
+                touched_atoms.insert(state.atom);
+            }
+        }
+    }
+
+    /// Sets an atom's flags, rewriting its identity entries if they change.
+    pub(super) fn set_flags(&mut self, id: IdentityId, flags: u32, identities: &mut Recorder<IpNet, IdentityValue>) {
+        let Some(atom) = self.atoms.get_mut(&id) else { return };
+        if atom.flags == flags {
+            return;
+        }
+        atom.flags = flags;
+        for net in &atom.entries {
+            if let Some(state) = self.prefixes.get_mut(net) {
+                let new = IdentityValue { id, flags };
+                identities.record(*net, state.entry, Some(new));
+                state.entry = Some(new);
+            }
+        }
+    }
+
+    pub(super) fn atoms_of(&self, owner: Option<&Name>) -> impl Iterator<Item = IdentityId> + '_ {
+        self.by_owner.get(&owner.cloned()).into_iter().flatten().copied()
+    }
+
+    pub(super) fn atoms_of_selector(&self, selector: SelectorId) -> impl Iterator<Item = IdentityId> + '_ {
+        self.by_selector.get(&selector).into_iter().flatten().copied()
+    }
+
+    pub(super) fn owner_of(&self, id: IdentityId) -> Option<&Option<Name>> {
+        self.atoms.get(&id).map(|atom| &atom.key.0)
+    }
+
+    pub(super) fn entries(&self) -> impl Iterator<Item = (IpNet, IdentityValue)> + '_ {
+        self.prefixes.iter().filter_map(|(net, state)| state.entry.map(|value| (*net, value)))
+    }
+
+    pub(super) fn atoms(&self) -> impl Iterator<Item = (IdentityId, Option<&Name>, u32)> + '_ {
+        self.atoms.iter().map(|(id, atom)| (*id, atom.key.0.as_ref(), atom.flags))
+    }
+
+    /// The longest identity entry containing `addr`, else `world`.
+    pub(super) fn lookup(&self, addr: IpAddr) -> IdentityValue {
+        let net = IpNet::from(addr);
+        let v4 = addr.is_ipv4();
+        self.lengths
+            .range((v4, 0)..=(v4, net.prefix_len()))
+            .rev()
+            .find_map(|(&(_, length), _)| {
+                let outer = IpNet::new(addr, length).ok()?.trunc();
+                self.prefixes.get(&outer).and_then(|state| state.entry)
+            })
+            .unwrap_or(IdentityValue { id: IDENTITY_WORLD, flags: 0 })
+    }
+
+    pub(super) fn end_of_change(&mut self) {
+        self.pool.end_of_change();
+    }
+}
+
+fn owner_name(owner: Option<&Name>) -> Name {
+    owner.cloned().unwrap_or_else(|| Name::from(crate::model::WORLD))
+}
+
+fn remove_id<K: std::hash::Hash + Eq>(map: &mut HashMap<K, BTreeSet<IdentityId>>, key: &K, id: IdentityId) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(&id);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}

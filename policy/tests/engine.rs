@@ -1,0 +1,377 @@
+//! The incremental engine against the full compiler: for random sequences
+//! of changes to several sources, the engine accepts exactly what full
+//! validation accepts, its diffs replayed from empty maps give exactly its
+//! state, and that state is a full compile of the same policy entry for
+//! entry, modulo the numbering of atoms and rules.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use enforcer_common::{IDENTITY_HOST, IDENTITY_WORLD, IdentityValue, PolicyKeyData, PolicyValue};
+use ipnet::IpNet;
+use policy::engine::{Contents, Engine, EntryDiff, SourceChange};
+use policy::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
+use policy::{CompiledPolicy, Location, compile_at};
+use proptest::prelude::*;
+
+fn start() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000)
+}
+
+fn here() -> Location {
+    Location { file: Arc::from("generated.yaml"), line: 1, column: 1 }
+}
+
+/// A tiny deterministic generator, so one proptest seed drives a whole
+/// sequence of structured changes.
+struct Dice(u64);
+
+impl Dice {
+    fn roll(&mut self, sides: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % sides as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.roll(items.len())]
+    }
+}
+
+const NETS: [&str; 14] = [
+    "10.0.0.1/32",
+    "10.0.0.2/32",
+    "10.0.1.5/32",
+    "10.0.1.0/24",
+    "10.0.2.0/24",
+    "10.0.2.7/32",
+    "10.0.0.0/16",
+    "10.1.0.0/16",
+    "10.1.3.3/32",
+    "192.168.0.9/32",
+    "fd00::1/128",
+    "fd00::2/128",
+    "fd00:1::/64",
+    "fd00::/16",
+];
+
+fn identity(dice: &mut Dice, index: usize) -> Identity {
+    let addresses =
+        (0..dice.roll(3)).map(|_| Address { net: dice.pick(&NETS).parse().unwrap(), location: here() }).collect();
+    Identity { name: format!("id{index}"), labels: labels(dice), addresses, mode: mode(dice), location: here() }
+}
+
+fn labels(dice: &mut Dice) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    if dice.roll(3) > 0 {
+        labels.insert("tier".to_owned(), dice.pick(&["web", "app", "db"]).to_string());
+    }
+    if dice.roll(2) > 0 {
+        labels.insert("env".to_owned(), dice.pick(&["prod", "dev"]).to_string());
+    }
+    labels
+}
+
+fn mode(dice: &mut Dice) -> Mode {
+    if dice.roll(5) == 0 { Mode::Audit } else { Mode::Enforce }
+}
+
+fn selector(dice: &mut Dice) -> Selector {
+    match dice.roll(9) {
+        0..=3 => Selector::Identity(format!("id{}", dice.roll(8))),
+        4 => Selector::Identity(dice.pick(&["world", "host"]).to_string()),
+        5 | 6 => {
+            let mut wanted = labels(dice);
+            if wanted.is_empty() && dice.roll(3) > 0 {
+                wanted.insert("tier".to_owned(), "web".to_owned());
+            }
+            Selector::Labels(wanted)
+        }
+        _ => {
+            let cidr: IpNet =
+                dice.pick(&["10.0.0.0/16", "10.0.1.0/24", "0.0.0.0/0", "10.0.0.0/8", "fd00::/16"]).parse().unwrap();
+            let except = match dice.roll(3) {
+                0 => vec![dice.pick(&["10.0.1.5/32", "10.0.2.0/24", "10.0.0.0/24", "fd00::1/128"]).parse().unwrap()],
+                _ => Vec::new(),
+            };
+            let except = except.into_iter().filter(|e: &IpNet| cidr.contains(e) && *e != cidr).collect();
+            Selector::Cidr { cidr, except }
+        }
+    }
+}
+
+fn rule(dice: &mut Dice, index: usize, now: SystemTime) -> Rule {
+    let peers =
+        |dice: &mut Dice| (0..=dice.roll(2)).map(|_| Peer { selector: selector(dice), location: here() }).collect();
+    let ports = match dice.roll(4) {
+        0 => None,
+        _ => Some(
+            (0..=dice.roll(2))
+                .map(|_| match dice.roll(5) {
+                    0 => PortSpec { protocol: Protocol::Tcp, first: 80, last: 80 },
+                    1 => PortSpec { protocol: Protocol::Tcp, first: 70, last: 90 },
+                    2 => PortSpec { protocol: Protocol::Udp, first: 0, last: u16::MAX },
+                    3 => PortSpec { protocol: Protocol::Icmp, first: 8 << 8, last: (8 << 8) | 0xff },
+                    _ => PortSpec { protocol: Protocol::Tcp, first: 1000, last: 1000 + dice.roll(3) as u16 },
+                })
+                .collect(),
+        ),
+    };
+    Rule {
+        name: format!("rule-{index}"),
+        action: if dice.roll(4) == 0 { Action::Deny } else { Action::Allow },
+        from: peers(dice),
+        to: peers(dice),
+        ports,
+        expires: match dice.roll(6) {
+            0 => Some(now + Duration::from_secs(30)),
+            1 => Some(now + Duration::from_secs(150)),
+            _ => None,
+        },
+        location: here(),
+    }
+}
+
+const SOURCES: usize = 3;
+
+/// One random change: the sources it replaces.
+fn change(dice: &mut Dice, sources: &[Policy], now: SystemTime) -> Vec<(usize, Policy)> {
+    let s = dice.roll(SOURCES);
+    let mut source = sources[s].clone();
+    match dice.roll(11) {
+        0 | 1 => {
+            let index = dice.roll(9);
+            source.identities.push(identity(dice, index));
+        }
+        2 if !source.identities.is_empty() => {
+            let at = dice.roll(source.identities.len());
+            source.identities.remove(at);
+        }
+        3 if !source.identities.is_empty() => {
+            let at = dice.roll(source.identities.len());
+            let fresh = identity(dice, 0);
+            source.identities[at].addresses = fresh.addresses;
+        }
+        4 if !source.identities.is_empty() => {
+            let at = dice.roll(source.identities.len());
+            source.identities[at].labels = labels(dice);
+        }
+        5 if !source.identities.is_empty() => {
+            let at = dice.roll(source.identities.len());
+            source.identities[at].mode = mode(dice);
+        }
+        6 | 7 => {
+            let index = dice.roll(12);
+            source.rules.push(rule(dice, index, now));
+        }
+        8 if !source.rules.is_empty() => {
+            let at = dice.roll(source.rules.len());
+            source.rules.remove(at);
+        }
+        9 if !source.rules.is_empty() => {
+            let at = dice.roll(source.rules.len());
+            let name = source.rules[at].name.clone();
+            source.rules[at] = Rule { name, ..rule(dice, 0, now) };
+        }
+        10 if !source.identities.is_empty() => {
+            // Move an identity to another source, in one change.
+            let at = dice.roll(source.identities.len());
+            let moved = source.identities.remove(at);
+            let other = (s + 1) % SOURCES;
+            let mut target = sources[other].clone();
+            target.identities.push(moved);
+            return vec![(s, source), (other, target)];
+        }
+        _ => {
+            source = Policy::default();
+            for _ in 0..dice.roll(4) {
+                let index = dice.roll(9);
+                source.identities.push(identity(dice, index));
+            }
+            for _ in 0..dice.roll(4) {
+                let index = dice.roll(12);
+                source.rules.push(rule(dice, index, now));
+            }
+        }
+    }
+    vec![(s, source)]
+}
+
+fn merged(sources: &[Policy]) -> Policy {
+    let mut policy = Policy::default();
+    for source in sources {
+        policy.identities.extend(source.identities.iter().cloned());
+        policy.rules.extend(source.rules.iter().cloned());
+    }
+    policy
+}
+
+/// The maps as the diffs leave them, each diff checked against what the
+/// maps held before it.
+#[derive(Default)]
+struct Maps {
+    identities: HashMap<IpNet, IdentityValue>,
+    policy: HashMap<(u32, PolicyKeyData), PolicyValue>,
+    rules: HashMap<u32, String>,
+}
+
+impl Maps {
+    fn replay(&mut self, diff: &EntryDiff) -> Result<(), TestCaseError> {
+        for delta in &diff.identities {
+            prop_assert_eq!(self.identities.get(&delta.key), delta.old.as_ref(), "old value of {}", delta.key);
+            match delta.new {
+                Some(value) => self.identities.insert(delta.key, value),
+                None => self.identities.remove(&delta.key),
+            };
+        }
+        for delta in &diff.policy {
+            prop_assert_eq!(self.policy.get(&delta.key), delta.old.as_ref(), "old value of {:?}", delta.key);
+            match delta.new {
+                Some(value) => self.policy.insert(delta.key, value),
+                None => self.policy.remove(&delta.key),
+            };
+        }
+        for delta in &diff.rules {
+            prop_assert_eq!(self.rules.get(&delta.key).map(String::as_str), delta.old.as_ref().map(|r| &*r.name));
+            match &delta.new {
+                Some(rule) => self.rules.insert(delta.key, rule.name.to_string()),
+                None => self.rules.remove(&delta.key),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// Checks the engine (and the replayed maps) against a full compile.
+fn assert_same(fresh: &CompiledPolicy, engine: &Engine, maps: &Maps) -> Result<(), TestCaseError> {
+    let mut renumber: HashMap<u32, u32> =
+        HashMap::from([(IDENTITY_WORLD, IDENTITY_WORLD), (IDENTITY_HOST, IDENTITY_HOST)]);
+    let engine_identities: HashMap<IpNet, IdentityValue> = engine.identity_entries().collect();
+    prop_assert_eq!(&engine_identities, &maps.identities, "replayed identity diffs");
+    prop_assert_eq!(
+        fresh.identity_entries.len(),
+        engine_identities.len(),
+        "identity entries: full compile {:?}, engine {:?}",
+        fresh.identity_entries,
+        engine_identities
+    );
+    for entry in &fresh.identity_entries {
+        let Some(ours) = engine_identities.get(&entry.net) else {
+            return Err(TestCaseError::fail(format!("no identity entry for {}", entry.net)));
+        };
+        prop_assert_eq!(entry.flags, ours.flags, "flags of {}", entry.net);
+        let mapped = *renumber.entry(entry.id).or_insert(ours.id);
+        prop_assert_eq!(mapped, ours.id, "atom of {}", entry.net);
+    }
+    let mut fresh_atoms: Vec<(u32, String, u32)> = fresh
+        .atoms
+        .iter()
+        .map(|a| (renumber.get(&a.id).copied().unwrap_or(u32::MAX), a.owner.clone(), a.flags))
+        .collect();
+    let mut our_atoms: Vec<(u32, String, u32)> =
+        engine.atoms().map(|(id, owner, flags)| (id, owner.to_owned(), flags)).collect();
+    fresh_atoms.sort();
+    our_atoms.sort();
+    prop_assert_eq!(fresh_atoms, our_atoms, "atoms");
+
+    let engine_policy: HashMap<(u32, PolicyKeyData), PolicyValue> =
+        engine.policy_entries().map(|e| ((e.prefix_len, e.key), e.value)).collect();
+    prop_assert_eq!(&engine_policy, &maps.policy, "replayed policy diffs");
+    let id = |n: [u8; 4]| u32::from_be_bytes(n);
+    let mut expected: Vec<_> = fresh
+        .policy_entries
+        .iter()
+        .map(|e| {
+            let src = renumber.get(&id(e.key.src_identity)).copied().unwrap_or(u32::MAX);
+            let dst = renumber.get(&id(e.key.dst_identity)).copied().unwrap_or(u32::MAX);
+            let rule = fresh.rules[e.value.rule_index as usize].name.clone();
+            (src, dst, e.key.protocol, e.key.port, e.prefix_len, e.value.action, rule, e.value.flags)
+        })
+        .collect();
+    let mut ours: Vec<_> = engine
+        .policy_entries()
+        .map(|e| {
+            let rule = maps.rules.get(&e.value.rule_index).cloned().unwrap_or_default();
+            (
+                id(e.key.src_identity),
+                id(e.key.dst_identity),
+                e.key.protocol,
+                e.key.port,
+                e.prefix_len,
+                e.value.action,
+                rule,
+                e.value.flags,
+            )
+        })
+        .collect();
+    expected.sort();
+    ours.sort();
+    prop_assert_eq!(expected, ours, "policy entries");
+    let mut fresh_rules: Vec<&str> = fresh.rules.iter().map(|r| r.name.as_str()).collect();
+    let mut our_rules: Vec<&str> = maps.rules.values().map(String::as_str).collect();
+    fresh_rules.sort_unstable();
+    our_rules.sort_unstable();
+    prop_assert_eq!(fresh_rules, our_rules, "rules in force");
+    prop_assert_eq!(fresh.next_expiry, engine.next_expiry());
+    for addr in ["10.0.1.5", "10.0.1.6", "10.0.0.1", "10.7.7.7", "fd00::1", "fd00:1::9"] {
+        let addr: IpAddr = addr.parse().unwrap();
+        let want = fresh.lookup_identity(addr);
+        let got = engine.lookup_identity(addr);
+        prop_assert_eq!(
+            (renumber.get(&want.id).copied(), want.flags),
+            (Some(got.id), got.flags),
+            "identity of {}",
+            addr
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn incremental_changes_equal_a_full_compile(seed in 1..u64::MAX, steps in 1..40usize) {
+        let mut dice = Dice(seed);
+        let mut engine = Engine::new();
+        let mut maps = Maps::default();
+        let mut sources: Vec<Policy> = vec![Policy::default(); SOURCES];
+        let mut now = start();
+        for _ in 0..steps {
+            if dice.roll(8) == 0 {
+                now += Duration::from_mins(1);
+                let diff = engine.advance(now);
+                maps.replay(&diff)?;
+                assert_same(&compile_at(&merged(&sources), now), &engine, &maps)?;
+                continue;
+            }
+            let replaced = change(&mut dice, &sources, now);
+            let mut candidate = sources.clone();
+            for (s, policy) in &replaced {
+                candidate[*s] = policy.clone();
+            }
+            let valid = policy::validate(&merged(&candidate));
+            let changes = replaced
+                .iter()
+                .map(|(s, policy)| SourceChange { source: format!("s{s}"), contents: Contents::Parsed(policy.clone()) })
+                .collect();
+            match engine.apply(changes, now) {
+                Ok(diff) => {
+                    prop_assert!(valid.is_ok(), "the engine accepted an invalid policy: {:?}", valid);
+                    sources = candidate;
+                    maps.replay(&diff)?;
+                }
+                Err(error) => {
+                    let Err(expected) = valid else {
+                        return Err(TestCaseError::fail(format!("the engine refused a valid policy: {error}")));
+                    };
+                    prop_assert_eq!(error.to_string(), expected.to_string());
+                }
+            }
+            assert_same(&compile_at(&merged(&sources), now), &engine, &maps)?;
+        }
+    }
+}
