@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod pins;
 pub mod quiesce;
 pub mod server;
+pub mod sources;
 mod sys;
 pub mod testrun;
 pub mod tls;

@@ -267,10 +267,10 @@ pub struct Shared {
     pub datapath: Mutex<Option<Datapath>>,
     pub stats: Mutex<PolicyStats>,
     pub usage: Mutex<Usage>,
-    /// The enforced policy, for describing events.
-    pub policy: Mutex<Option<Arc<policy::Policy>>>,
+    /// The enforced policy's sources, for describing events.
+    pub policy: Mutex<Option<Arc<policy::engine::Snapshot>>>,
     /// The sources of the enforced policy (files or a push), for the API.
-    pub sources: Mutex<Vec<policy::Source>>,
+    pub sources: Mutex<Vec<Arc<policy::Source>>>,
     /// Why the last candidate policy was rejected, if it was.
     pub last_error: Mutex<Option<String>>,
     /// Live drop and audit events (JSON lines) for API subscribers.

@@ -18,7 +18,10 @@ use enforcer::datapath::Datapath;
 use enforcer::interfaces::{Attacher, LinkWatcher, Selector};
 use enforcer::metrics::{InterfaceStats, PolicyStats, Shared, Usage};
 use enforcer::watch::{Mailbox, Wakeup};
-use policy::{PolicyError, Source};
+use std::collections::BTreeSet;
+
+use policy::PolicyError;
+use policy::engine::{Contents, SourceChange};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::RunArgs;
@@ -82,19 +85,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let args = &config;
     let dir = args.policy_dir.clone();
-    let sources = policy::read_sources(std::slice::from_ref(&dir))?;
-    let policy = policy::parse_sources(&sources)
-        .map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, &dir)))?;
+    // The engine keeps the policy between changes: every later change
+    // costs what it changes (see policy::engine).
+    let mut engine = policy::Engine::new();
+    let mut policy_dir = enforcer::sources::PolicyDir::new(&dir);
+    let loaded = policy_dir.changes().and_then(|changes| engine.apply(changes, SystemTime::now()));
+    let diff = loaded.map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, &dir)))?;
     let selector = check_host(&args.interfaces)?;
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    // Atom numbers stay stable across every later change (see IdAssigner).
-    let mut ids = policy::IdAssigner::default();
-    let compiled = policy::compile_stable(&policy, SystemTime::now(), &mut ids);
     let root = args.bpffs_root.as_path();
     let link_watcher = prepare_node(root)?;
     let fresh = !root.join("links").exists();
-    let (mut datapath, generation, interface_stats) = match start_datapath(args, &compiled, &selector) {
+    let (mut datapath, generation, interface_stats) = match start_datapath(args, &diff, &engine, &selector) {
         Ok(started) => started,
         Err(error) => {
             // A failed first install leaves nothing behind; an adopted
@@ -105,20 +108,22 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             return Err(error);
         }
     };
+    let counts = engine.counts();
     log::info!(
         "enforcing {} identities and {} rules ({} identity entries, {} policy entries){} on {}",
-        policy.identities.len(),
-        policy.rules.len(),
-        compiled.identity_entries.len(),
-        compiled.policy_entries.len(),
+        engine.identity_count(),
+        engine.active_rule_count(),
+        counts.identity_v4_exact + counts.identity_v4_prefix + counts.identity_v6_exact + counts.identity_v6_prefix,
+        counts.policy_exact + counts.policy_prefix,
         if args.audit { " in audit mode" } else { "" },
         datapath.attached().collect::<Vec<_>>().join(", ")
     );
+    drop(diff);
 
     let shared = Shared::new();
     *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = PolicyStats {
-        identities: policy.identities.len(),
-        rules: policy.rules.len(),
+        identities: engine.identity_count(),
+        rules: engine.active_rule_count(),
         generation,
         load_errors: 0,
         identity_drops_top: args.identity_drops_top,
@@ -126,8 +131,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
     *shared.interfaces.lock().unwrap_or_else(PoisonError::into_inner) = interface_stats;
-    let policy = Arc::new(policy);
-    *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&policy));
+    *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(engine.snapshot()));
     return_freed_memory();
     let events = start_events(args, &mut datapath, &shared)?;
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
@@ -138,11 +142,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let resync_tx = Mailbox::new(resync_tx, wakeup.clone());
     let (push_tx, push_rx) = mpsc::channel::<Push>();
     let push_tx = Mailbox::new(push_tx, wakeup.clone());
-    shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone_from(&sources);
+    *shared.sources.lock().unwrap_or_else(PoisonError::into_inner) = policy_dir.sources();
     let maintenance = {
         let shared = Arc::clone(&shared);
         let audit = args.audit;
-        let start = InForce { sources, policy, next_expiry: compiled.next_expiry, ids };
+        let start = InForce { engine, policy_dir };
         std::thread::spawn(move || maintain(&shared, &dir, start, audit, (&wakeup, &resync_rx, &push_rx)))
     };
 
@@ -243,7 +247,8 @@ fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>)
         let (stop, shared) = (Arc::clone(&stop), Arc::clone(shared));
         std::thread::spawn(move || {
             let context = || {
-                let policy = shared.policy.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+                let snapshot = shared.policy.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+                let policy = snapshot.policy();
                 let hosts = shared
                     .datapath
                     .lock()
@@ -276,7 +281,8 @@ fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>)
 /// the start; one matched by a pattern is reported and retried.
 fn start_datapath(
     args: &RunConfig,
-    compiled: &policy::CompiledPolicy,
+    diff: &policy::EntryDiff,
+    engine: &policy::Engine,
     selector: &Selector,
 ) -> anyhow::Result<(Datapath, u32, InterfaceStats)> {
     let root = args.bpffs_root.as_path();
@@ -285,8 +291,9 @@ fn start_datapath(
     if adopted > 0 {
         log::info!("adopted enforcement state (policy generation {adopted}) pinned under {}", root.display());
     }
-    datapath.set_host_addresses(&enforcer::host::addresses().context("listing the node's addresses failed")?)?;
-    let generation = datapath.apply(compiled, args.audit)?;
+    let hosts = enforcer::host::addresses().context("listing the node's addresses failed")?;
+    datapath.set_host_addresses(&hosts, engine)?;
+    let generation = datapath.apply(diff, engine, args.audit)?;
     datapath.set_xdp_attach(args.xdp_attach);
     datapath.set_ingress_hook(args.ingress_hook);
     let mut stats = InterfaceStats::default();
@@ -469,34 +476,30 @@ const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 /// Keeps the maps in step with the policy directory and the node's
 /// addresses: a change seen by inotify is applied at once, the directory is
-/// re-read every second and on SIGHUP as a backstop, and a policy with rules
-/// that expire is compiled again the moment the first of them lapses. An
-/// invalid candidate is rejected whole and logged with its positions; the
-/// enforced policy stays.
+/// looked at every second and on SIGHUP as a backstop, and rules lapse the
+/// moment they expire. An invalid change is rejected whole and logged with
+/// its positions; the enforced policy stays.
 struct Maintainer<'a> {
     shared: &'a Shared,
-    dir: &'a Path,
     audit: bool,
-    /// The sources last read: a candidate equal to them is no change.
-    last_seen: Vec<Source>,
-    /// The parsed policy in force, for re-compiling at expiry; the same
-    /// allocation the API describes events with (a 100k-rule policy is
-    /// tens of megabytes: one copy, not two).
-    enforced: Arc<policy::Policy>,
-    next_expiry: Option<SystemTime>,
-    /// Keeps atom numbers stable from one compile to the next, so a change
-    /// rewrites only the entries it touches. A refused change may have
-    /// numbered atoms that never reached the kernel: harmless, since every
-    /// generation is written whole into the slot the kernel is not reading.
-    ids: policy::IdAssigner,
+    /// The policy state between changes; the one copy of the policy.
+    engine: policy::Engine,
+    policy_dir: enforcer::sources::PolicyDir,
+    /// A push replaced the directory's files; the next change to the
+    /// directory brings them back whole.
+    pushed: bool,
+    /// A change the engine made could not be written: written with the
+    /// next pass, whatever triggers it.
+    unwritten: bool,
+    /// Files whose change was refused: tried again with the next change to
+    /// the directory, as the directory is always taken as a whole.
+    held_back: Vec<SourceChange>,
 }
 
 /// What the daemon started enforcing, handed to the maintainer.
 struct InForce {
-    sources: Vec<Source>,
-    policy: Arc<policy::Policy>,
-    next_expiry: Option<SystemTime>,
-    ids: policy::IdAssigner,
+    engine: policy::Engine,
+    policy_dir: enforcer::sources::PolicyDir,
 }
 
 /// Where a policy change came from. Every source (the policy directory,
@@ -509,8 +512,10 @@ enum Origin {
         who: String,
         digest: String,
     },
-    /// A rule of the enforced policy lapsed: the same policy, compiled again.
+    /// Rules of the enforced policy lapsed.
     Expiry,
+    /// Writing the last change failed; trying again.
+    Retry,
 }
 
 impl Origin {
@@ -519,15 +524,9 @@ impl Origin {
             Self::Files => "the policy files changed",
             Self::Push { .. } => "pushed through the API",
             Self::Expiry => "a rule expired",
+            Self::Retry => "retrying a change that could not be written",
         }
     }
-}
-
-/// One change to the enforced policy: the sources that replace it, or
-/// `None` to compile the enforced policy again.
-struct Change {
-    origin: Origin,
-    sources: Option<Vec<Source>>,
 }
 
 /// Hands memory freed after a policy load back to the kernel. Parsing a
@@ -553,8 +552,9 @@ fn maintain(
             None
         }
     };
-    let InForce { sources: last_seen, policy: enforced, next_expiry, ids } = start;
-    let mut maintainer = Maintainer { shared, dir, audit, last_seen, enforced, next_expiry, ids };
+    let InForce { engine, policy_dir } = start;
+    let mut maintainer =
+        Maintainer { shared, audit, engine, policy_dir, pushed: false, unwritten: false, held_back: Vec::new() };
     let mut last_resync = Instant::now();
     let mut last_usage: Option<Instant> = None;
     loop {
@@ -576,85 +576,126 @@ fn maintain(
             last_usage = Some(Instant::now());
             maintainer.refresh_usage();
         }
-        let expired = maintainer.next_expiry.is_some_and(|t| SystemTime::now() >= t);
-        if changed || forced || periodic || expired {
-            maintainer.reload(expired);
+        if maintainer.engine.next_expiry().is_some_and(|t| SystemTime::now() >= t) {
+            let _ = maintainer.apply(&Origin::Expiry, None);
+        } else if maintainer.unwritten && periodic {
+            let _ = maintainer.apply(&Origin::Retry, None);
+        }
+        if changed || forced || periodic {
+            maintainer.reload();
         }
     }
 }
 
 impl Maintainer<'_> {
     /// Applies a policy pushed through the API, validated exactly like
-    /// files; a rejected push changes nothing. It stays enforced until the
-    /// policy directory changes.
+    /// files; a rejected push changes nothing. It replaces every source and
+    /// stays enforced until the policy directory changes.
     fn push(&mut self, push: Push) {
         let digest = crate::api::digest(&push.sources);
         let origin = Origin::Push { who: push.who, digest };
-        let answer = self.apply(Change { origin, sources: Some(push.sources) });
+        let pushed: BTreeSet<&str> = push.sources.iter().map(|s| s.name.as_str()).collect();
+        let mut changes: Vec<SourceChange> = self
+            .engine
+            .sources()
+            .filter(|(name, _)| !pushed.contains(name))
+            .map(|(name, _)| SourceChange { source: name.to_owned(), contents: Contents::Removed })
+            .collect();
+        changes.extend(
+            push.sources
+                .iter()
+                .map(|s| SourceChange { source: s.name.clone(), contents: Contents::Text(s.text.clone()) }),
+        );
+        let answer = self.apply(&origin, Some(changes));
+        if answer.is_ok() {
+            self.pushed = true;
+            *self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner) =
+                push.sources.into_iter().map(Arc::new).collect();
+        }
         let _ = push.reply.send(answer);
     }
 
-    /// The one path every policy change takes, whatever its source: parse
-    /// and validate (unless only a rule lapsed), compile, write and switch,
-    /// then record. A change refused at any step leaves the enforced policy
-    /// and everything reported about it as they were. Returns the new
-    /// generation, or the problems.
-    fn apply(&mut self, change: Change) -> Result<u32, Vec<String>> {
+    /// The one path every policy change takes, whatever its source: the
+    /// engine validates and compiles the change into an entry diff (or,
+    /// with `None`, lets lapsed rules go), the datapath writes and switches,
+    /// then everything reported is updated. A change refused at any step
+    /// leaves the enforced policy and everything reported about it as they
+    /// were. Returns the new generation, or the problems.
+    fn apply(&mut self, origin: &Origin, changes: Option<Vec<SourceChange>>) -> Result<u32, Vec<String>> {
         let started = Instant::now();
-        let policy = match &change.sources {
-            None => Arc::clone(&self.enforced),
-            Some(sources) => match policy::parse_sources(sources) {
-                Ok(policy) => Arc::new(policy),
+        let now = SystemTime::now();
+        let revertible = changes.is_some();
+        let before = self.audit_summary_before(origin);
+        let diff = match changes {
+            None => self.engine.advance(now),
+            Some(changes) => match self.engine.apply(changes, now) {
+                Ok(diff) => diff,
                 Err(error) => {
                     let problems: Vec<String> = match &error {
                         PolicyError::Invalid { diagnostics } => diagnostics.iter().map(ToString::to_string).collect(),
                         other => vec![other.to_string()],
                     };
-                    self.refused(&change.origin, &error.to_string(), problems.len());
+                    self.refused(origin, &error.to_string(), problems.len());
                     return Err(problems);
                 }
             },
         };
-        let parsed_in = started.elapsed();
-        let compiled = policy::compile_stable(&policy, SystemTime::now(), &mut self.ids);
         let compiled_in = started.elapsed();
         let applied = {
             let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(datapath) = guard.as_mut() else { return Err(vec!["the daemon is shutting down".to_owned()]) };
-            datapath.apply(&compiled, self.audit).map(|generation| (generation, datapath.last_slot_wait()))
+            match datapath.apply(&diff, &self.engine, self.audit) {
+                Ok(generation) => Ok((generation, datapath.last_slot_wait())),
+                Err(error) => {
+                    // Step the engine back to what the kernel enforces; a
+                    // lapse cannot be taken back, so it is written later.
+                    if revertible {
+                        let back = self.engine.revert(now);
+                        datapath.missed(&diff.clone().then(&back));
+                    } else {
+                        datapath.missed(&diff);
+                        self.unwritten = true;
+                    }
+                    Err(error)
+                }
+            }
         };
         let (generation, slot_wait) = match applied {
             Ok(applied) => applied,
             Err(error) => {
-                self.refused(&change.origin, &error.to_string(), 1);
+                self.refused(origin, &error.to_string(), 1);
                 return Err(vec![error.to_string()]);
             }
         };
+        self.unwritten = false;
         self.observe_apply(started, slot_wait);
         let total = started.elapsed();
         log::info!(
-            "applied policy generation {generation} ({}): {} identities, {} rules in force; took {} ms (read, parse and validate {} ms, compile {} ms, write and switch {} ms)",
-            change.origin.why(),
-            policy.identities.len(),
-            compiled.rules.len(),
-            total.as_millis(),
-            parsed_in.as_millis(),
-            compiled_in.saturating_sub(parsed_in).as_millis(),
-            total.saturating_sub(compiled_in).as_millis(),
+            "applied policy generation {generation} ({}): {} identities, {} rules in force; {} entries changed; took {} µs (parse, validate and compile {} µs, write and switch {} µs)",
+            origin.why(),
+            self.engine.identity_count(),
+            self.engine.active_rule_count(),
+            diff.entries(),
+            total.as_micros(),
+            compiled_in.as_micros(),
+            total.saturating_sub(compiled_in).as_micros(),
         );
-        if let Origin::Push { who, digest } = &change.origin {
+        if let (Origin::Push { who, digest }, Some(before)) = (origin, before) {
+            let after = self.engine.merged();
             log::info!(
                 target: "audit",
                 "who={who} action=push result=applied generation={generation} digest=sha256:{digest} {}",
-                policy::diff::summary(&policy::diff::diff(&self.enforced, &policy))
+                policy::diff::summary(&policy::diff::diff(&before, &after))
             );
         }
-        let sources = change
-            .sources
-            .unwrap_or_else(|| self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone());
-        self.enforced_now(policy, &compiled, generation, sources);
+        self.enforced_now(generation);
         return_freed_memory();
         Ok(generation)
+    }
+
+    /// For the audit log of a push: the policy before it.
+    fn audit_summary_before(&self, origin: &Origin) -> Option<policy::Policy> {
+        matches!(origin, Origin::Push { .. }).then(|| self.engine.merged())
     }
 
     /// Records a refused change: counted, shown in status, logged (pushes
@@ -665,7 +706,7 @@ impl Maintainer<'_> {
                 self.reject(&format!("push by `{who}`: {why}"));
                 log::warn!(target: "audit", "who={who} action=push result=rejected digest=sha256:{digest} problems={problems}");
             }
-            Origin::Files | Origin::Expiry => self.reject(why),
+            Origin::Files | Origin::Expiry | Origin::Retry => self.reject(why),
         }
         return_freed_memory();
     }
@@ -678,24 +719,18 @@ impl Maintainer<'_> {
     }
 
     /// Records a newly enforced policy everywhere the daemon reports it.
-    fn enforced_now(
-        &mut self,
-        policy: Arc<policy::Policy>,
-        compiled: &policy::CompiledPolicy,
-        generation: u32,
-        sources: Vec<Source>,
-    ) {
+    fn enforced_now(&mut self, generation: u32) {
         {
             let mut stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
             stats.generation = generation;
-            stats.identities = policy.identities.len();
-            stats.rules = compiled.rules.len();
+            stats.identities = self.engine.identity_count();
+            stats.rules = self.engine.active_rule_count();
         }
-        *self.shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&policy));
-        *self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner) = sources;
+        *self.shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(self.engine.snapshot()));
+        if !self.pushed {
+            *self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner) = self.policy_dir.sources();
+        }
         *self.shared.last_error.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        self.enforced = policy;
-        self.next_expiry = compiled.next_expiry;
     }
 
     fn sync_host_addresses(&self) {
@@ -704,7 +739,7 @@ impl Maintainer<'_> {
         match enforcer::host::addresses() {
             Ok(addresses) if &addresses != datapath.host_addresses() => {
                 log::info!("node addresses changed: {addresses:?}");
-                if let Err(error) = datapath.set_host_addresses(&addresses) {
+                if let Err(error) = datapath.set_host_addresses(&addresses, &self.engine) {
                     log::error!("updating the node's addresses failed: {error}");
                 }
             }
@@ -727,30 +762,64 @@ impl Maintainer<'_> {
         self.shared.slot_wait.observe(slot_wait.as_secs_f64());
     }
 
-    /// Applies the directory's policy if it changed, or re-compiles the
-    /// enforced one if a rule expired.
-    fn reload(&mut self, expired: bool) {
-        let candidate = policy::read_sources(std::slice::from_ref(&self.dir.to_path_buf()));
-        let unchanged = candidate.as_ref().is_ok_and(|sources| *sources == self.last_seen);
-        if unchanged && !expired {
-            return;
-        }
-        if unchanged {
-            // Only a rule lapsed: re-compile what is enforced (files or a push).
-            let _ = self.apply(Change { origin: Origin::Expiry, sources: None });
-            return;
-        }
-        match candidate {
-            Ok(sources) => {
-                // Remembered whether applied or refused: a refused content
-                // is reported once, not every second.
-                self.last_seen.clone_from(&sources);
-                let _ = self.apply(Change { origin: Origin::Files, sources: Some(sources) });
-            }
+    /// Applies what changed in the policy directory: only the files whose
+    /// content changed are read and parsed. After a push, any change brings
+    /// the directory's files back whole.
+    fn reload(&mut self) {
+        let changes = match self.policy_dir.changes() {
+            Ok(changes) => changes,
             Err(error) => {
-                self.reject(&error.to_string());
+                // Reported once per look: forget what was seen so a fixed
+                // directory is read whole again.
+                self.policy_dir.forget();
+                if self.last_dir_error_differs(&error.to_string()) {
+                    self.reject(&error.to_string());
+                }
                 return_freed_memory();
+                return;
+            }
+        };
+        if changes.is_empty() {
+            return;
+        }
+        if self.pushed {
+            self.held_back.clear();
+        }
+        let mut changes = if self.pushed {
+            // The directory replaces the push: every source goes, every file comes.
+            self.policy_dir.forget();
+            let mut all: Vec<SourceChange> = self
+                .engine
+                .sources()
+                .map(|(name, _)| SourceChange { source: name.to_owned(), contents: Contents::Removed })
+                .collect();
+            match self.policy_dir.changes() {
+                Ok(files) => all.extend(files),
+                Err(error) => {
+                    self.reject(&error.to_string());
+                    return;
+                }
+            }
+            all
+        } else {
+            changes
+        };
+        for held in std::mem::take(&mut self.held_back) {
+            if !changes.iter().any(|change| change.source == held.source) {
+                changes.push(held);
             }
         }
+        let kept = changes.clone();
+        if self.apply(&Origin::Files, Some(changes)).is_ok() {
+            self.pushed = false;
+        } else {
+            self.held_back = kept;
+        }
+    }
+
+    /// Whether `error` differs from the last reported rejection (so an
+    /// unreadable directory is reported once, not every second).
+    fn last_dir_error_differs(&self, error: &str) -> bool {
+        self.shared.last_error.lock().unwrap_or_else(PoisonError::into_inner).as_deref() != Some(error)
     }
 }

@@ -71,11 +71,11 @@ pub fn parse_str(name: &str, text: &str) -> Result<Policy, PolicyError> {
     parse_sources(&[Source { name: name.to_owned(), text: text.to_owned() }])
 }
 
-/// Reads policy files: each path is a file, or a directory whose `*.yaml`
-/// and `*.yml` files (not hidden, not recursive) are read in name order. A
-/// Kubernetes `ConfigMap` mount works as is: its files are symlinks into a
-/// hidden `..data` directory.
-pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, PolicyError> {
+/// The policy files at `paths`: each path is a file, or a directory whose
+/// `*.yaml` and `*.yml` files (not hidden, not recursive) are taken in name
+/// order. A Kubernetes `ConfigMap` mount works as is: its files are
+/// symlinks into a hidden `..data` directory.
+pub fn list_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PolicyError> {
     let mut files = Vec::new();
     for path in paths {
         let read_error = |source| PolicyError::Read { path: path.clone(), source };
@@ -99,7 +99,12 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, PolicyError> {
     if files.is_empty() {
         return Err(PolicyError::NoFiles { paths: paths.to_vec() });
     }
-    files
+    Ok(files)
+}
+
+/// Reads the policy files at `paths` (see [`list_files`]).
+pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, PolicyError> {
+    list_files(paths)?
         .into_iter()
         .map(|file| {
             let text =

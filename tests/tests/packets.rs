@@ -94,7 +94,7 @@ const V6: Hosts = Hosts {
 fn kernel(audit_all: bool) -> Kernel {
     let mut kernel = Kernel::load(POLICY, audit_all);
     let hosts: BTreeSet<IpAddr> = [V4.host, V6.host].into_iter().collect();
-    kernel.datapath.set_host_addresses(&hosts).unwrap();
+    kernel.datapath.set_host_addresses(&hosts, &kernel.engine).unwrap();
     kernel
 }
 
@@ -564,7 +564,7 @@ fn a_new_policy_generation_reaches_live_flows() {
     // Revoke web-to-db (generation 2): the next originator packet is judged again.
     let revoked = POLICY.replace("ports: [\"tcp\", \"53/udp\"", "ports: [\"8443/tcp\", \"53/udp\"");
     let parsed = policy::parse_str("revoked.yaml", &revoked).unwrap();
-    assert_eq!(kernel.datapath.apply(&policy::compile(&parsed), false).unwrap(), 2);
+    assert_eq!(kernel.enforce(&parsed, false), 2);
     assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, ACK))), Drop(DefaultDeny));
     assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, ACK))), Drop(DefaultDeny), "replies stop too");
 }
@@ -585,7 +585,7 @@ fn rule_decisions_add_up_across_policy_generations() {
     // two new web-to-db connections and one ssh attempt.
     for generation in 1..=4u16 {
         if generation > 1 {
-            kernel.datapath.apply(&policy::compile(&parsed), false).unwrap();
+            kernel.enforce(&parsed, false);
         }
         kernel.datapath.clear_state().unwrap();
         for source_port in [40_000, 40_001] {
@@ -733,10 +733,10 @@ mod differential {
             let parsed = policy::parse_str("generated.yaml", &text).expect("generated policies are valid");
             let mut guard = KERNEL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let kernel = guard.get_or_insert_with(|| Kernel::load(POLICY, false));
-            kernel.datapath.apply(&policy::compile(&parsed), audit_all).unwrap();
+            kernel.enforce(&parsed, audit_all);
             kernel.datapath.clear_state().unwrap();
             let hosts: BTreeSet<IpAddr> = HOST.iter().map(|a| a.parse().unwrap()).collect();
-            kernel.datapath.set_host_addresses(&hosts).unwrap();
+            kernel.datapath.set_host_addresses(&hosts, &kernel.engine).unwrap();
             let evaluator = policy::Evaluator::new(&parsed).with_host_addresses(hosts.iter().copied()).with_audit(audit_all);
             // Conntrack model: tuples whose packets pass as replies.
             let mut replies: BTreeSet<String> = BTreeSet::new();

@@ -121,6 +121,7 @@ impl Datapath {
             quiescing: quiesce_in_background(&barrier),
             barrier,
             last_slot_wait: Duration::ZERO,
+            counts: policy::engine::EntryCounts::default(),
         })
     }
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap as StdHashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use aya::Ebpf;
 use aya::maps::IterableMap as _;
@@ -19,8 +19,9 @@ use enforcer_common::{
     rule_counter_index, slot_of,
 };
 use ipnet::IpNet;
-use policy::CompiledPolicy;
+use policy::engine::{Contents, EntryCounts, Name, SourceChange};
 use policy::model::Action;
+use policy::{Engine, EntryDiff, Policy};
 
 use crate::batch;
 use crate::quiesce::{ProgramBarrier, QuiesceError};
@@ -63,18 +64,20 @@ pub(super) struct PolicyMaps {
     pub(super) rule_verdicts: PerCpuArray<MapData, u64>,
 }
 
-/// What the daemon wrote under one policy slot.
+/// What the daemon knows of one policy slot. It keeps no copy of the
+/// entries: the engine holds the policy once, and a slot records only the
+/// changes it has not received yet.
 pub(super) struct Slot {
     /// The rule table of the generation in this slot: `rule_index` → rule.
-    pub(super) rule_table: Vec<(String, Action)>,
-    /// What the identity maps hold under this slot.
-    pub(super) identities: StdHashMap<IpNet, IdentityValue>,
-    /// What the policy maps hold under this slot (keys with slot 0).
-    pub(super) rules: StdHashMap<(u32, PolicyKeyData), PolicyValue>,
-    /// The compiled policy's identity entries, before host addresses overlay them.
-    pub(super) compiled_identities: StdHashMap<IpNet, IdentityValue>,
+    pub(super) rule_table: Vec<Option<(Name, Action)>>,
     /// Numeric identity → owner name, for the generation in this slot.
-    pub(super) atom_names: StdHashMap<IdentityId, String>,
+    pub(super) atom_names: StdHashMap<IdentityId, Name>,
+    /// What the engine changed since this slot was last written.
+    pub(super) behind: EntryDiff,
+    /// Whether the maps hold exactly the engine's state minus `behind`
+    /// under this slot. Not so for maps an earlier daemon wrote, or after a
+    /// failed write: such a slot is read back and brought in step whole.
+    pub(super) in_step: bool,
     pub(super) index: usize,
 }
 
@@ -82,30 +85,18 @@ pub(super) fn write_error(name: &'static str) -> impl Fn(MapError) -> DatapathEr
     move |source| DatapathError::Write { name, source }
 }
 
-/// Writes `entries` to the hash map `name` in batches and calls `record`
-/// for each one the kernel accepted (a prefix of them, if a write fails),
-/// so a slot's bookkeeping stays true to the kernel.
+/// Writes `entries` to the hash map `name` in batches.
 pub(super) fn write_batch<K: aya::Pod, V: aya::Pod>(
     map: &MapData,
     name: &'static str,
     entries: &[(K, V)],
-    record: impl FnMut(&(K, V)),
 ) -> Result<(), DatapathError> {
-    let (written, result) = batch::update(map, entries);
-    entries[..written].iter().for_each(record);
-    result.map_err(write_error(name))
+    batch::update(map, entries).1.map_err(write_error(name))
 }
 
-/// Deletes `keys` from the hash map `name` in batches, like [`write_batch`].
-pub(super) fn delete_batch<K: aya::Pod>(
-    map: &MapData,
-    name: &'static str,
-    keys: &[K],
-    record: impl FnMut(&K),
-) -> Result<(), DatapathError> {
-    let (removed, result) = batch::delete(map, keys);
-    keys[..removed].iter().for_each(record);
-    result.map_err(write_error(name))
+/// Deletes `keys` from the hash map `name` in batches.
+pub(super) fn delete_batch<K: aya::Pod>(map: &MapData, name: &'static str, keys: &[K]) -> Result<(), DatapathError> {
+    batch::delete(map, keys).1.map_err(write_error(name))
 }
 
 /// Deleting a key that is already gone is not an error.
@@ -116,36 +107,57 @@ pub(super) fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapErro
     }
 }
 
+/// Identity and policy entries to set (`Some`) or delete (`None`) in one slot.
+#[derive(Default)]
+pub(super) struct SlotWrites {
+    pub(super) identities: Vec<(IpNet, Option<IdentityValue>)>,
+    pub(super) policy: Vec<((u32, PolicyKeyData), Option<PolicyValue>)>,
+}
+
 impl Datapath {
-    /// Writes `compiled` into the slot the kernel is not reading (only the
-    /// entries that differ from what that slot holds), then publishes it as
-    /// the next generation with one write: identities and policy switch
-    /// together, and tracked flows are judged again on their next packet.
-    /// A policy that does not fit the maps is refused before anything is
+    /// Applies one change of the policy engine: writes `diff` (with what
+    /// the slot missed of the change before) into the slot the kernel is
+    /// not reading, then publishes it as the next generation with one
+    /// write. Every entry of a change, whatever it belongs to (a rule
+    /// revoked with the identities it names, an address moving from one
+    /// identity to another), is in that slot before the switch, and the
+    /// kernel reads one slot per packet: no packet is judged by half a
+    /// change, and tracked flows are judged again on their next packet. A
+    /// policy that does not fit the maps is refused before anything is
     /// written. Returns the new generation.
-    pub fn apply(&mut self, compiled: &CompiledPolicy, audit_all: bool) -> Result<u32, DatapathError> {
-        self.check_capacity(compiled)?;
+    pub fn apply(&mut self, diff: &EntryDiff, state: &Engine, audit_all: bool) -> Result<u32, DatapathError> {
+        self.check_capacity(state.counts())?;
         let generation = self.config_value.policy_generation.wrapping_add(1);
         self.wait_for_old_slot_readers();
-        let slot = &mut self.slots[slot_of(generation)];
+        let index = slot_of(generation);
         // The slot's counters belong to the generation before last: keep
         // their totals under the rules' names, then start the slot afresh.
-        for (rule, count) in slot.take_rule_verdicts(&mut self.maps)? {
+        for (rule, count) in self.slots[index].take_rule_verdicts(&mut self.maps)? {
             *self.harvested_rules.entry(rule).or_default() += count;
         }
-        slot.rule_table = compiled.rules.iter().map(|r| (r.name.clone(), r.action)).collect();
-        let index = slot.index;
         for (pair, count) in self.read_identity_drops(index, true)? {
             *self.harvested_pairs.entry(pair).or_default() += count;
         }
-        let slot = &mut self.slots[index];
-        slot.atom_names = compiled.atoms.iter().map(|a| (a.id, a.owner.clone())).collect();
-        slot.compiled_identities =
-            compiled.identity_entries.iter().map(|e| (e.net, IdentityValue { id: e.id, flags: e.flags })).collect();
-        slot.sync_identities(&mut self.maps, &self.host_addresses)?;
-        let wanted: StdHashMap<(u32, PolicyKeyData), PolicyValue> =
-            compiled.policy_entries.iter().map(|e| ((e.prefix_len, e.key), e.value)).collect();
-        slot.sync_policy(&mut self.maps, &wanted)?;
+        let written = if self.slots[index].in_step {
+            let slot = &mut self.slots[index];
+            let change = std::mem::take(&mut slot.behind).then(diff);
+            slot.take_tables(&change);
+            let writes = SlotWrites {
+                identities: change.identities.iter().map(|d| (d.key, d.new)).collect(),
+                policy: change.policy.iter().map(|d| (d.key, d.new)).collect(),
+            };
+            self.maps.write_slot(index, &writes, Some(&self.host_addresses))
+        } else {
+            self.resync_slot(index, state)
+        };
+        if let Err(error) = written {
+            self.slots[index].in_step = false;
+            return Err(error);
+        }
+        self.slots[index].in_step = true;
+        let other = &mut self.slots[1 - index];
+        other.behind = std::mem::take(&mut other.behind).then(diff);
+        self.counts = state.counts();
         self.config_value = Config {
             policy_generation: generation,
             flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 },
@@ -155,6 +167,55 @@ impl Datapath {
         self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))?;
         self.quiescing = quiesce_in_background(&self.barrier);
         Ok(generation)
+    }
+
+    /// Makes `policy` the whole policy: the one source of `engine`,
+    /// replaced, then applied. For tools and tests that hold a whole policy.
+    pub fn enforce(&mut self, engine: &mut Engine, policy: &Policy, audit_all: bool) -> Result<u32, DatapathError> {
+        let change = SourceChange { source: "policy".to_owned(), contents: Contents::Parsed(policy.clone()) };
+        let diff = engine.apply(vec![change], SystemTime::now()).map_err(DatapathError::Policy)?;
+        self.apply(&diff, engine, audit_all)
+    }
+
+    /// Records an engine change that no slot received (the engine stepping
+    /// back after a refused change renumbered something): both slots get it
+    /// with their next write.
+    pub fn missed(&mut self, diff: &EntryDiff) {
+        for slot in &mut self.slots {
+            slot.behind = std::mem::take(&mut slot.behind).then(diff);
+        }
+    }
+
+    /// Brings slot `index` in step with `state` whole: reads back what the
+    /// maps hold under it and writes the difference.
+    fn resync_slot(&mut self, index: usize, state: &Engine) -> Result<(), DatapathError> {
+        let (mut identities, mut policy) = self.read_slot(index)?;
+        let mut writes = SlotWrites::default();
+        let mut wanted: StdHashMap<IpNet, IdentityValue> = state.identity_entries().collect();
+        for addr in &self.host_addresses {
+            wanted.insert(IpNet::from(*addr), IdentityValue { id: IDENTITY_HOST, flags: 0 });
+        }
+        for (net, value) in &wanted {
+            if identities.remove(net).as_ref() != Some(value) {
+                writes.identities.push((*net, Some(*value)));
+            }
+        }
+        writes.identities.extend(identities.into_keys().map(|net| (net, None)));
+        for entry in state.policy_entries() {
+            let key = (entry.prefix_len, entry.key);
+            if policy.remove(&key).as_ref() != Some(&entry.value) {
+                writes.policy.push((key, Some(entry.value)));
+            }
+        }
+        writes.policy.extend(policy.into_keys().map(|key| (key, None)));
+        let slot = &mut self.slots[index];
+        slot.behind = EntryDiff::default();
+        slot.rule_table.clear();
+        for (id, rule) in state.rule_table() {
+            slot.set_rule(id, Some((rule.name, rule.action)));
+        }
+        slot.atom_names = state.atoms().map(|(id, owner, _)| (id, Name::from(owner))).collect();
+        self.maps.write_slot(index, &writes, None)
     }
 
     /// Returns once no program run that read the generation before the last
@@ -181,24 +242,24 @@ impl Datapath {
     }
 
     /// Refuses a policy whose entries exceed a map's capacity.
-    fn check_capacity(&self, compiled: &CompiledPolicy) -> Result<(), DatapathError> {
-        let rules = u32::try_from(compiled.rules.len()).unwrap_or(u32::MAX);
-        if rules > self.sizes.rules {
-            return Err(DatapathError::Capacity { map: "rules", needed: rules, capacity: self.sizes.rules });
+    pub fn check_capacity(&self, counts: EntryCounts) -> Result<(), DatapathError> {
+        if counts.rule_slots > self.sizes.rules {
+            return Err(DatapathError::Capacity {
+                map: "rules",
+                needed: counts.rule_slots,
+                capacity: self.sizes.rules,
+            });
         }
-        let mut counts = [0u32; 4];
-        for entry in &compiled.identity_entries {
-            counts[map_of(entry.net)] += 1;
-        }
+        let mut hosts = [0u32; 4];
         for addr in &self.host_addresses {
-            counts[map_of(IpNet::from(*addr))] += 1;
+            hosts[map_of(IpNet::from(*addr))] += 1;
         }
         let needs = [
-            (maps::IDENTITY_V4_EXACT, counts[0], self.sizes.identities),
-            (maps::IDENTITY_V4_PREFIX, counts[1], self.sizes.prefixes),
-            (maps::IDENTITY_V6_EXACT, counts[2], self.sizes.identities),
-            (maps::IDENTITY_V6_PREFIX, counts[3], self.sizes.prefixes),
-            (maps::POLICY, u32::try_from(compiled.policy_entries.len()).unwrap_or(u32::MAX), self.sizes.policy),
+            (maps::IDENTITY_V4_EXACT, counts.identity_v4_exact + hosts[0], self.sizes.identities),
+            (maps::IDENTITY_V4_PREFIX, counts.identity_v4_prefix + hosts[1], self.sizes.prefixes),
+            (maps::IDENTITY_V6_EXACT, counts.identity_v6_exact + hosts[2], self.sizes.identities),
+            (maps::IDENTITY_V6_PREFIX, counts.identity_v6_prefix + hosts[3], self.sizes.prefixes),
+            (maps::POLICY, counts.policy_exact + counts.policy_prefix, self.sizes.policy),
         ];
         for (map, needed, capacity) in needs {
             if needed > capacity {
@@ -209,12 +270,31 @@ impl Datapath {
     }
 
     /// Declares the node's own addresses (identity `host`), in both slots.
-    /// They override any policy identity claiming the same single address.
-    pub fn set_host_addresses(&mut self, addresses: &BTreeSet<IpAddr>) -> Result<(), DatapathError> {
-        self.host_addresses.clone_from(addresses);
-        for slot in &mut self.slots {
-            slot.sync_identities(&mut self.maps, addresses)?;
+    /// They override any policy identity claiming the same single address;
+    /// an address the node gives up gets the policy's entry back (as of the
+    /// generation each slot holds).
+    pub fn set_host_addresses(&mut self, addresses: &BTreeSet<IpAddr>, state: &Engine) -> Result<(), DatapathError> {
+        let gone: Vec<IpAddr> = self.host_addresses.difference(addresses).copied().collect();
+        let new: Vec<IpAddr> = addresses.difference(&self.host_addresses).copied().collect();
+        for index in 0..2 {
+            let slot = &self.slots[index];
+            let mut writes = SlotWrites::default();
+            for addr in &gone {
+                let net = IpNet::from(*addr);
+                let held = slot
+                    .behind
+                    .identities
+                    .iter()
+                    .find(|d| d.key == net)
+                    .map_or_else(|| state.identity_entry(net), |d| d.old);
+                writes.identities.push((net, held));
+            }
+            for addr in &new {
+                writes.identities.push((IpNet::from(*addr), Some(IdentityValue { id: IDENTITY_HOST, flags: 0 })));
+            }
+            self.maps.write_slot(index, &writes, None)?;
         }
+        self.host_addresses.clone_from(addresses);
         Ok(())
     }
 }
@@ -233,11 +313,37 @@ impl Slot {
     pub(super) fn new(index: usize) -> Self {
         Self {
             rule_table: Vec::new(),
-            identities: StdHashMap::new(),
-            rules: StdHashMap::new(),
-            compiled_identities: StdHashMap::new(),
             atom_names: StdHashMap::new(),
+            behind: EntryDiff::default(),
+            in_step: false,
             index,
+        }
+    }
+
+    fn set_rule(&mut self, id: u32, rule: Option<(Name, Action)>) {
+        let at = id as usize;
+        if at >= self.rule_table.len() {
+            if rule.is_none() {
+                return;
+            }
+            self.rule_table.resize(at + 1, None);
+        }
+        self.rule_table[at] = rule;
+        while self.rule_table.last().is_some_and(Option::is_none) {
+            self.rule_table.pop();
+        }
+    }
+
+    /// Takes a change's rule table and identity names into this slot.
+    fn take_tables(&mut self, change: &EntryDiff) {
+        for delta in &change.rules {
+            self.set_rule(delta.key, delta.new.as_ref().map(|r| (Name::clone(&r.name), r.action)));
+        }
+        for delta in &change.atoms {
+            match &delta.new {
+                Some(owner) => self.atom_names.insert(delta.key, Name::clone(owner)),
+                None => self.atom_names.remove(&delta.key),
+            };
         }
     }
 
@@ -245,8 +351,12 @@ impl Slot {
         rule_counter_index(self.index, u32::try_from(rule).unwrap_or(u32::MAX))
     }
 
-    /// The rules of this slot whose decision counters moved: (position in
-    /// the rule table, decisions summed over CPUs).
+    fn rule_name(&self, index: usize) -> Option<(String, Action)> {
+        self.rule_table.get(index).and_then(Option::as_ref).map(|(name, action)| (name.to_string(), *action))
+    }
+
+    /// The rules of this slot whose decision counters moved: (`rule_index`,
+    /// decisions summed over CPUs).
     pub(super) fn moved_rule_counters(&self, maps: &PolicyMaps) -> Result<Vec<(usize, u64)>, DatapathError> {
         if self.rule_table.is_empty() {
             return Ok(Vec::new());
@@ -268,7 +378,7 @@ impl Slot {
     /// Rule decisions counted in this slot, by rule.
     pub(super) fn read_rule_verdicts(&self, maps: &PolicyMaps) -> Result<Vec<RuleCount>, DatapathError> {
         let moved = self.moved_rule_counters(maps)?;
-        Ok(moved.into_iter().map(|(index, count)| (self.rule_table[index].clone(), count)).collect())
+        Ok(moved.into_iter().filter_map(|(index, count)| Some((self.rule_name(index)?, count))).collect())
     }
 
     /// Reads and zeroes this slot's rule decisions. Only counters that
@@ -280,105 +390,7 @@ impl Slot {
             let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
             maps.rule_verdicts.set(self.verdict_index(index), zeros, 0).map_err(write_error(maps::RULE_VERDICTS))?;
         }
-        Ok(moved.into_iter().map(|(index, count)| (self.rule_table[index].clone(), count)).collect())
-    }
-
-    /// Brings this slot's policy entries to `wanted`: trie entries one by
-    /// one, hash entries in batches. What the slot records as written is
-    /// exactly what the kernel accepted, even when a write fails midway.
-    pub(super) fn sync_policy(
-        &mut self,
-        maps: &mut PolicyMaps,
-        wanted: &StdHashMap<(u32, PolicyKeyData), PolicyValue>,
-    ) -> Result<(), DatapathError> {
-        let slot = self.index as u8;
-        let mut exact = Vec::new();
-        for (&(prefix_len, key), value) in wanted {
-            if self.rules.get(&(prefix_len, key)) == Some(value) {
-                continue;
-            }
-            if prefix_len == POLICY_KEY_MAX_PREFIX {
-                exact.push((PolicyKeyData { slot, ..key }, *value));
-            } else {
-                maps.write_policy_prefix(prefix_len, PolicyKeyData { slot, ..key }, Some(*value))?;
-                self.rules.insert((prefix_len, key), *value);
-            }
-        }
-        write_batch(maps.policy_exact.map(), maps::POLICY_EXACT, &exact, |(key, value)| {
-            self.rules.insert((POLICY_KEY_MAX_PREFIX, PolicyKeyData { slot: 0, ..*key }), *value);
-        })?;
-
-        let stale: Vec<_> = self.rules.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
-        let mut exact = Vec::new();
-        for (prefix_len, key) in stale {
-            if prefix_len == POLICY_KEY_MAX_PREFIX {
-                exact.push(PolicyKeyData { slot, ..key });
-            } else {
-                maps.write_policy_prefix(prefix_len, PolicyKeyData { slot, ..key }, None)?;
-                self.rules.remove(&(prefix_len, key));
-            }
-        }
-        delete_batch(maps.policy_exact.map(), maps::POLICY_EXACT, &exact, |key| {
-            self.rules.remove(&(POLICY_KEY_MAX_PREFIX, PolicyKeyData { slot: 0, ..*key }));
-        })
-    }
-
-    /// Brings this slot's identity entries to the compiled ones plus the
-    /// node's addresses, like [`Slot::sync_policy`]: prefixes one by one,
-    /// single addresses in batches.
-    pub(super) fn sync_identities(
-        &mut self,
-        maps: &mut PolicyMaps,
-        hosts: &BTreeSet<IpAddr>,
-    ) -> Result<(), DatapathError> {
-        let mut wanted = self.compiled_identities.clone();
-        for addr in hosts {
-            wanted.insert(IpNet::from(*addr), IdentityValue { id: IDENTITY_HOST, flags: 0 });
-        }
-        let tag = self.index as u32;
-        let (mut v4, mut v6) = (Vec::new(), Vec::new());
-        for (net, value) in &wanted {
-            if self.identities.get(net) == Some(value) {
-                continue;
-            }
-            match net {
-                IpNet::V4(n) if n.prefix_len() == 32 => {
-                    v4.push((IdentityKeyV4 { slot: tag, addr: n.addr().octets() }, *value));
-                }
-                IpNet::V6(n) if n.prefix_len() == 128 => {
-                    v6.push((IdentityKeyV6 { slot: tag, addr: n.addr().octets() }, *value));
-                }
-                _ => {
-                    maps.write_identity_prefix(self.index, *net, Some(*value))?;
-                    self.identities.insert(*net, *value);
-                }
-            }
-        }
-        write_batch(maps.identity_v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4, |(key, value)| {
-            self.identities.insert(IpNet::from(IpAddr::from(key.addr)), *value);
-        })?;
-        write_batch(maps.identity_v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6, |(key, value)| {
-            self.identities.insert(IpNet::from(IpAddr::from(key.addr)), *value);
-        })?;
-
-        let stale: Vec<IpNet> = self.identities.keys().filter(|n| !wanted.contains_key(n)).copied().collect();
-        let (mut v4, mut v6) = (Vec::new(), Vec::new());
-        for net in stale {
-            match net {
-                IpNet::V4(n) if n.prefix_len() == 32 => v4.push(IdentityKeyV4 { slot: tag, addr: n.addr().octets() }),
-                IpNet::V6(n) if n.prefix_len() == 128 => v6.push(IdentityKeyV6 { slot: tag, addr: n.addr().octets() }),
-                _ => {
-                    maps.write_identity_prefix(self.index, net, None)?;
-                    self.identities.remove(&net);
-                }
-            }
-        }
-        delete_batch(maps.identity_v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4, |key| {
-            self.identities.remove(&IpNet::from(IpAddr::from(key.addr)));
-        })?;
-        delete_batch(maps.identity_v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6, |key| {
-            self.identities.remove(&IpNet::from(IpAddr::from(key.addr)));
-        })
+        Ok(moved.into_iter().filter_map(|(index, count)| Some((self.rule_name(index)?, count))).collect())
     }
 }
 
@@ -393,6 +405,62 @@ impl PolicyMaps {
             policy_exact: take(ebpf, maps::POLICY_EXACT)?,
             rule_verdicts: take(ebpf, maps::RULE_VERDICTS)?,
         })
+    }
+
+    /// Writes one slot's changes: deletions first (so a slot never holds
+    /// more than its share of a map on the way), trie entries one by one,
+    /// hash entries in batches. With `hosts`, the node's own addresses are
+    /// left alone: their `host` entries override the policy's.
+    pub(super) fn write_slot(
+        &mut self,
+        slot: usize,
+        writes: &SlotWrites,
+        hosts: Option<&BTreeSet<IpAddr>>,
+    ) -> Result<(), DatapathError> {
+        let tag = slot as u8;
+        let is_host = |net: &IpNet| {
+            hosts.is_some_and(|hosts| net.prefix_len() == net.max_prefix_len() && hosts.contains(&net.addr()))
+        };
+        for deleting in [true, false] {
+            let (mut v4, mut v6) = (Vec::new(), Vec::new());
+            let (mut v4_gone, mut v6_gone) = (Vec::new(), Vec::new());
+            for &(net, value) in
+                writes.identities.iter().filter(|(net, value)| value.is_none() == deleting && !is_host(net))
+            {
+                match (net, value) {
+                    (IpNet::V4(n), Some(value)) if n.prefix_len() == 32 => {
+                        v4.push((IdentityKeyV4 { slot: u32::from(tag), addr: n.addr().octets() }, value));
+                    }
+                    (IpNet::V4(n), None) if n.prefix_len() == 32 => {
+                        v4_gone.push(IdentityKeyV4 { slot: u32::from(tag), addr: n.addr().octets() });
+                    }
+                    (IpNet::V6(n), Some(value)) if n.prefix_len() == 128 => {
+                        v6.push((IdentityKeyV6 { slot: u32::from(tag), addr: n.addr().octets() }, value));
+                    }
+                    (IpNet::V6(n), None) if n.prefix_len() == 128 => {
+                        v6_gone.push(IdentityKeyV6 { slot: u32::from(tag), addr: n.addr().octets() });
+                    }
+                    (net, value) => self.write_identity_prefix(slot, net, value)?,
+                }
+            }
+            delete_batch(self.identity_v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4_gone)?;
+            delete_batch(self.identity_v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6_gone)?;
+            write_batch(self.identity_v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4)?;
+            write_batch(self.identity_v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6)?;
+
+            let (mut exact, mut exact_gone) = (Vec::new(), Vec::new());
+            for &((prefix_len, key), value) in writes.policy.iter().filter(|(_, value)| value.is_none() == deleting) {
+                let key = PolicyKeyData { slot: tag, ..key };
+                match value {
+                    Some(value) if prefix_len == POLICY_KEY_MAX_PREFIX => exact.push((key, value)),
+                    None if prefix_len == POLICY_KEY_MAX_PREFIX => exact_gone.push(key),
+                    value => self.write_policy_prefix(prefix_len, key, value)?,
+                }
+            }
+            delete_batch(self.policy_exact.map(), maps::POLICY_EXACT, &exact_gone)?;
+            write_batch(self.policy_exact.map(), maps::POLICY_EXACT, &exact)?;
+        }
+        Ok(())
     }
 
     /// Inserts (`Some`) or removes (`None`) one policy entry shorter than
@@ -413,7 +481,7 @@ impl PolicyMaps {
 
     /// Inserts (`Some`) or removes (`None`) one prefix identity entry of
     /// `slot` in its family's trie. (Single addresses are written in
-    /// batches by [`Slot::sync_identities`].)
+    /// batches by [`PolicyMaps::write_slot`].)
     pub(super) fn write_identity_prefix(
         &mut self,
         slot: usize,

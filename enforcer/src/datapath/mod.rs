@@ -35,6 +35,7 @@ use enforcer_common::{
     SLOT_BITS, StateError, drop_counter_index, maps, slot_of,
 };
 use ipnet::IpNet;
+use policy::engine::EntryCounts;
 use policy::model::Action;
 
 use crate::quiesce::{ProgramBarrier, QuiesceError};
@@ -113,6 +114,8 @@ pub enum DatapathError {
         #[source]
         source: LinkError,
     },
+    #[error("the policy is invalid: {0}")]
+    Policy(#[source] policy::PolicyError),
     #[error("BPF_PROG_TEST_RUN of `{name}` failed: {source}")]
     TestRun {
         name: &'static str,
@@ -191,6 +194,8 @@ pub struct Datapath {
     quiescing: Option<JoinHandle<Result<(), QuiesceError>>>,
     /// How long the last `apply` waited for that, for the metrics.
     last_slot_wait: Duration,
+    /// Entries the policy in force needs, as of the last `apply`.
+    counts: EntryCounts,
 }
 
 /// Counter totals summed over CPUs.
@@ -229,77 +234,91 @@ impl Datapath {
     }
 
     /// Takes over the state an earlier daemon left in pinned maps: the
-    /// enforced generation and what each slot holds, so the next `apply`
-    /// writes only what differs and flips slots as usual. Returns the
-    /// adopted generation (0 if the maps were new).
+    /// enforced generation and the node's addresses. The slots stay out of
+    /// step (this daemon numbers identities afresh), so each is read back
+    /// and brought in step whole the first time it is written; the kernel
+    /// keeps enforcing the adopted generation until the first switch.
+    /// Returns the adopted generation (0 if the maps were new).
     pub fn adopt_state(&mut self) -> Result<u32, DatapathError> {
-        let read = |name| move |source| DatapathError::Read { name, source };
-        let config = self.config.get(&CONFIG_INDEX, 0).map_err(read(maps::CONFIG))?;
+        let config =
+            self.config.get(&CONFIG_INDEX, 0).map_err(|source| DatapathError::Read { name: maps::CONFIG, source })?;
         if config.policy_generation == 0 {
             return Ok(0);
         }
         self.config_value = config;
-        let mut found: [StdHashMap<IpNet, IdentityValue>; 2] = [StdHashMap::new(), StdHashMap::new()];
-        for key in self.maps.identity_v4_exact.keys() {
-            let key = key.map_err(read(maps::IDENTITY_V4_EXACT))?;
-            let value = self.maps.identity_v4_exact.get(&key, 0).map_err(read(maps::IDENTITY_V4_EXACT))?;
-            found[key.slot as usize & 1].insert(IpNet::from(IpAddr::from(key.addr)), value);
-        }
-        for key in self.maps.identity_v6_exact.keys() {
-            let key = key.map_err(read(maps::IDENTITY_V6_EXACT))?;
-            let value = self.maps.identity_v6_exact.get(&key, 0).map_err(read(maps::IDENTITY_V6_EXACT))?;
-            found[key.slot as usize & 1].insert(IpNet::from(IpAddr::from(key.addr)), value);
-        }
-        for key in self.maps.identity_v4_prefix.keys() {
-            let key = key.map_err(read(maps::IDENTITY_V4_PREFIX))?;
-            let value = self.maps.identity_v4_prefix.get(&key, 0).map_err(read(maps::IDENTITY_V4_PREFIX))?;
-            let data = key.data();
-            let addr = IpAddr::from([data[1], data[2], data[3], data[4]]);
-            if let Ok(net) = IpNet::new(addr, (key.prefix_len() - SLOT_BITS) as u8) {
-                found[data[0] as usize & 1].insert(net, value);
-            }
-        }
-        for key in self.maps.identity_v6_prefix.keys() {
-            let key = key.map_err(read(maps::IDENTITY_V6_PREFIX))?;
-            let value = self.maps.identity_v6_prefix.get(&key, 0).map_err(read(maps::IDENTITY_V6_PREFIX))?;
-            let data = key.data();
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(&data[1..]);
-            if let Ok(net) = IpNet::new(IpAddr::from(octets), (key.prefix_len() - SLOT_BITS) as u8) {
-                found[data[0] as usize & 1].insert(net, value);
-            }
-        }
-        for key in self.maps.policy.keys() {
-            let key = key.map_err(read(maps::POLICY))?;
-            let value = self.maps.policy.get(&key, 0).map_err(read(maps::POLICY))?;
-            let data = key.data();
-            let slot = data.slot as usize & 1;
-            self.slots[slot].rules.insert((key.prefix_len(), PolicyKeyData { slot: 0, ..data }), value);
-        }
-        for key in self.maps.policy_exact.keys() {
-            let key = key.map_err(read(maps::POLICY_EXACT))?;
-            let value = self.maps.policy_exact.get(&key, 0).map_err(read(maps::POLICY_EXACT))?;
-            let slot = key.slot as usize & 1;
-            self.slots[slot].rules.insert((POLICY_KEY_MAX_PREFIX, PolicyKeyData { slot: 0, ..key }), value);
-        }
-        let active = slot_of(config.policy_generation);
-        self.host_addresses = found[active]
+        let (identities, _) = self.read_slot(slot_of(config.policy_generation))?;
+        self.host_addresses = identities
             .iter()
             .filter(|(net, value)| value.id == IDENTITY_HOST && net.prefix_len() == net.max_prefix_len())
             .map(|(net, _)| net.addr())
             .collect();
-        for (slot, identities) in found.into_iter().enumerate() {
-            self.slots[slot].compiled_identities =
-                identities.iter().filter(|(_, v)| v.id != IDENTITY_HOST).map(|(n, v)| (*n, *v)).collect();
-            self.slots[slot].identities = identities;
-        }
         Ok(config.policy_generation)
+    }
+
+    /// What the identity and policy maps hold under `slot` (keys with slot 0).
+    fn read_slot(&self, slot: usize) -> Result<(SlotIdentities, SlotPolicy), DatapathError> {
+        let read = |name| move |source| DatapathError::Read { name, source };
+        let mut identities = StdHashMap::new();
+        let mut policy = StdHashMap::new();
+        for key in self.maps.identity_v4_exact.keys() {
+            let key = key.map_err(read(maps::IDENTITY_V4_EXACT))?;
+            if key.slot as usize == slot {
+                let value = self.maps.identity_v4_exact.get(&key, 0).map_err(read(maps::IDENTITY_V4_EXACT))?;
+                identities.insert(IpNet::from(IpAddr::from(key.addr)), value);
+            }
+        }
+        for key in self.maps.identity_v6_exact.keys() {
+            let key = key.map_err(read(maps::IDENTITY_V6_EXACT))?;
+            if key.slot as usize == slot {
+                let value = self.maps.identity_v6_exact.get(&key, 0).map_err(read(maps::IDENTITY_V6_EXACT))?;
+                identities.insert(IpNet::from(IpAddr::from(key.addr)), value);
+            }
+        }
+        for key in self.maps.identity_v4_prefix.keys() {
+            let key = key.map_err(read(maps::IDENTITY_V4_PREFIX))?;
+            let data = key.data();
+            if data[0] as usize == slot {
+                let value = self.maps.identity_v4_prefix.get(&key, 0).map_err(read(maps::IDENTITY_V4_PREFIX))?;
+                let addr = IpAddr::from([data[1], data[2], data[3], data[4]]);
+                if let Ok(net) = IpNet::new(addr, (key.prefix_len() - SLOT_BITS) as u8) {
+                    identities.insert(net, value);
+                }
+            }
+        }
+        for key in self.maps.identity_v6_prefix.keys() {
+            let key = key.map_err(read(maps::IDENTITY_V6_PREFIX))?;
+            let data = key.data();
+            if data[0] as usize == slot {
+                let value = self.maps.identity_v6_prefix.get(&key, 0).map_err(read(maps::IDENTITY_V6_PREFIX))?;
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(&data[1..]);
+                if let Ok(net) = IpNet::new(IpAddr::from(octets), (key.prefix_len() - SLOT_BITS) as u8) {
+                    identities.insert(net, value);
+                }
+            }
+        }
+        for key in self.maps.policy.keys() {
+            let key = key.map_err(read(maps::POLICY))?;
+            let data = key.data();
+            if data.slot as usize == slot {
+                let value = self.maps.policy.get(&key, 0).map_err(read(maps::POLICY))?;
+                policy.insert((key.prefix_len(), PolicyKeyData { slot: 0, ..data }), value);
+            }
+        }
+        for key in self.maps.policy_exact.keys() {
+            let key = key.map_err(read(maps::POLICY_EXACT))?;
+            if key.slot as usize == slot {
+                let value = self.maps.policy_exact.get(&key, 0).map_err(read(maps::POLICY_EXACT))?;
+                policy.insert((POLICY_KEY_MAX_PREFIX, PolicyKeyData { slot: 0, ..key }), value);
+            }
+        }
+        Ok((identities, policy))
     }
 
     /// Drops per (source, destination) identity name counted under `slot`.
     fn clone_free_pairs(&self, slot: usize) -> Result<Vec<PairCount>, DatapathError> {
         let names = &self.slots[slot].atom_names;
-        let name = |id: IdentityId| names.get(&id).cloned().unwrap_or_else(|| "other".to_owned());
+        let name = |id: IdentityId| names.get(&id).map_or_else(|| "other".to_owned(), ToString::to_string);
         let mut out = Vec::new();
         for key in self.identity_drops.keys().flatten().filter(|k| k.slot as usize == slot) {
             match self.identity_drops.get(&key, 0) {
@@ -342,20 +361,21 @@ impl Datapath {
         &self.host_addresses
     }
 
-    /// Entries the daemon keeps in each slot-less view: for capacity metrics.
+    /// Entries the policy in force needs in each map (the node's
+    /// addresses included), and the map's capacity: for capacity metrics.
     #[must_use]
     pub fn map_usage(&self) -> Vec<(&'static str, u64, u32)> {
-        let slot = &self.slots[slot_of(self.config_value.policy_generation)];
-        let mut counts = [0u64; 4];
-        for net in slot.identities.keys() {
-            counts[map_of(*net)] += 1;
+        let counts = self.counts;
+        let mut hosts = [0u64; 4];
+        for addr in &self.host_addresses {
+            hosts[map_of(IpNet::from(*addr))] += 1;
         }
         vec![
-            ("identity_v4_exact", counts[0], self.sizes.identities),
-            ("identity_v4_prefix", counts[1], self.sizes.prefixes),
-            ("identity_v6_exact", counts[2], self.sizes.identities),
-            ("identity_v6_prefix", counts[3], self.sizes.prefixes),
-            ("policy", slot.rules.len() as u64, self.sizes.policy),
+            ("identity_v4_exact", u64::from(counts.identity_v4_exact) + hosts[0], self.sizes.identities),
+            ("identity_v4_prefix", u64::from(counts.identity_v4_prefix) + hosts[1], self.sizes.prefixes),
+            ("identity_v6_exact", u64::from(counts.identity_v6_exact) + hosts[2], self.sizes.identities),
+            ("identity_v6_prefix", u64::from(counts.identity_v6_prefix) + hosts[3], self.sizes.prefixes),
+            ("policy", u64::from(counts.policy_exact + counts.policy_prefix), self.sizes.policy),
         ]
     }
 
@@ -459,6 +479,11 @@ pub fn clock_tick_ns() -> u32 {
         _ => MAX_CLOCK_TICK_NS,
     }
 }
+
+/// Identity entries of one slot, by prefix.
+type SlotIdentities = StdHashMap<IpNet, IdentityValue>;
+/// Policy entries of one slot, by (prefix length, key with slot 0).
+type SlotPolicy = StdHashMap<(u32, PolicyKeyData), enforcer_common::PolicyValue>;
 
 /// Drops counted for one (source, destination) identity-name pair.
 type PairCount = ((String, String), u64);

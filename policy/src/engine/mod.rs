@@ -324,6 +324,34 @@ pub struct Engine {
     /// Entries of each identity pair some rule claims.
     pairs: HashMap<(IdentityId, IdentityId), Vec<PolicyEntry>>,
     counts: EntryCounts,
+    /// The sources the last `apply` replaced, for [`Engine::revert`].
+    undo: Vec<(String, Option<Arc<Fragment>>)>,
+}
+
+/// The sources of one state of the engine, shared with other threads; the
+/// merged [`Policy`] (for the reference evaluator and the event describer)
+/// is built on first use only.
+#[derive(Debug)]
+pub struct Snapshot {
+    fragments: Vec<Arc<Fragment>>,
+    merged: std::sync::OnceLock<Arc<Policy>>,
+}
+
+impl Snapshot {
+    /// The policy as one [`Policy`], built once per snapshot.
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(self.merged.get_or_init(|| Arc::new(merge(self.fragments.iter()))))
+    }
+}
+
+fn merge<'a>(fragments: impl Iterator<Item = &'a Arc<Fragment>>) -> Policy {
+    let mut policy = Policy::default();
+    for fragment in fragments {
+        policy.documents.extend(fragment.documents.iter().cloned());
+        policy.identities.extend(fragment.identities.iter().map(|i| Identity::clone(i)));
+        policy.rules.extend(fragment.rules.iter().map(|r| Rule::clone(r)));
+    }
+    policy
 }
 
 impl Default for Engine {
@@ -373,6 +401,7 @@ impl Engine {
             rules_to: HashMap::new(),
             pairs: HashMap::new(),
             counts: EntryCounts::default(),
+            undo: Vec::new(),
         }
     }
 
@@ -418,12 +447,32 @@ impl Engine {
             }
             return Err(PolicyError::Invalid { diagnostics: problems });
         }
+        self.undo = replaced;
         Ok(self.compile(&touched, now))
     }
 
     /// Lets rules that expired by `now` lapse.
     pub fn advance(&mut self, now: SystemTime) -> EntryDiff {
+        self.undo.clear();
         self.compile(&Touched::default(), now)
+    }
+
+    /// Takes back the last [`Engine::apply`] (when its diff could not be
+    /// written): the sources it replaced come back. Returns the diff from
+    /// the state after that apply to the state now, which equals the state
+    /// before it except, possibly, for numbers given out anew.
+    pub fn revert(&mut self, now: SystemTime) -> EntryDiff {
+        let mut touched = Touched::default();
+        for (source, old) in std::mem::take(&mut self.undo).into_iter().rev() {
+            self.replace_source(&source, old.as_ref(), &mut touched);
+        }
+        self.compile(&touched, now)
+    }
+
+    /// The sources in force, for readers on other threads.
+    #[must_use]
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot { fragments: self.sources.values().cloned().collect(), merged: std::sync::OnceLock::new() }
     }
 
     /// Replaces one source's fragment in the model and the checks, noting
@@ -464,13 +513,7 @@ impl Engine {
     /// The whole policy as one [`Policy`], sources in name order.
     #[must_use]
     pub fn merged(&self) -> Policy {
-        let mut policy = Policy::default();
-        for fragment in self.sources.values() {
-            policy.documents.extend(fragment.documents.iter().cloned());
-            policy.identities.extend(fragment.identities.iter().map(|i| Identity::clone(i)));
-            policy.rules.extend(fragment.rules.iter().map(|r| Rule::clone(r)));
-        }
-        policy
+        merge(self.sources.values())
     }
 
     /// The sources and their parsed contents.
@@ -505,6 +548,12 @@ impl Engine {
     /// Every identity entry: what the identity maps hold.
     pub fn identity_entries(&self) -> impl Iterator<Item = (IpNet, IdentityValue)> + '_ {
         self.partition.entries()
+    }
+
+    /// The identity entry of exactly `net`, if it has one.
+    #[must_use]
+    pub fn identity_entry(&self, net: IpNet) -> Option<IdentityValue> {
+        self.partition.entry(net)
     }
 
     /// Every policy entry.

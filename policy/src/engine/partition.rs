@@ -310,6 +310,10 @@ impl Partition {
         self.atoms.get(&id).map(|atom| &atom.key.0)
     }
 
+    pub(super) fn entry(&self, net: IpNet) -> Option<IdentityValue> {
+        self.prefixes.get(&net).and_then(|state| state.entry)
+    }
+
     pub(super) fn entries(&self) -> impl Iterator<Item = (IpNet, IdentityValue)> + '_ {
         self.prefixes.iter().filter_map(|(net, state)| state.entry.map(|value| (*net, value)))
     }

@@ -4,11 +4,12 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use enforcer::datapath::Datapath;
 use lab::Daemon;
-use policy::compile;
+use policy::Engine;
+use policy::engine::{Contents, SourceChange};
 use policy::model::{Policy, PortSpec, Protocol};
 
 use crate::Error;
@@ -34,21 +35,33 @@ pub fn in_process(datapath: &mut Datapath, policy: &Policy) -> Result<Load, Erro
     // Each timed apply comes as an isolated change would, after the
     // wait that follows the previous switch (see CHANGE_GAP).
     std::thread::sleep(CHANGE_GAP);
+    let mut engine = Engine::new();
+    let whole = vec![SourceChange { source: "big".to_owned(), contents: Contents::Parsed(policy.clone()) }];
     let started = Instant::now();
-    let compiled = compile(policy);
+    let diff = engine.apply(whole, SystemTime::now())?;
     let compile_time = started.elapsed();
-    datapath.apply(&compiled, false)?;
+    datapath.apply(&diff, &engine, false)?;
     let full = started.elapsed();
-    // A one-rule change on top: the port of rule r0.
-    let mut changed = policy.clone();
-    if let Some(ports) = changed.rules[0].ports.as_mut() {
+    drop(diff);
+    // A one-rule change on top, in a source of its own: rule r0 again,
+    // under another name and port.
+    let mut extra = Policy::default();
+    let mut rule = policy.rules[0].clone();
+    "extra".clone_into(&mut rule.name);
+    if let Some(ports) = rule.ports.as_mut() {
         ports[0] = PortSpec { protocol: Protocol::Tcp, first: 2999, last: 2999 };
     }
+    extra.rules.push(rule);
+    let change = vec![SourceChange { source: "extra".to_owned(), contents: Contents::Parsed(extra) }];
     std::thread::sleep(CHANGE_GAP);
     let started = Instant::now();
-    datapath.apply(&compile(&changed), false)?;
+    let diff = engine.apply(change, SystemTime::now())?;
+    datapath.apply(&diff, &engine, false)?;
     let one = started.elapsed();
-    datapath.apply(&compiled, false)?;
+    let back = engine
+        .apply(vec![SourceChange { source: "extra".to_owned(), contents: Contents::Removed }], SystemTime::now())?;
+    std::thread::sleep(CHANGE_GAP);
+    datapath.apply(&back, &engine, false)?;
     Ok(Load { size: policy.identities.len(), full, compile: compile_time, one_rule: one })
 }
 

@@ -625,7 +625,7 @@ fn run_round(link: &Link, rule_counts: &[usize], seconds: u64, profiled: bool) -
                     } else {
                         XdpAttach::Generic
                     });
-                    loaded.apply(&policy::compile(&pair_policy(rules)), false)?;
+                    loaded.enforce(&mut policy::Engine::new(), &pair_policy(rules), false)?;
                     let rx_if = link.rx_if.clone();
                     link.rx.enter(|| loaded.attach(&rx_if))??;
                     datapath = Some(loaded);

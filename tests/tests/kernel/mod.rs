@@ -24,6 +24,8 @@ const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 pub struct Kernel {
     pub datapath: Datapath,
+    /// The policy state the datapath's maps follow.
+    pub engine: policy::Engine,
 }
 
 impl Kernel {
@@ -31,8 +33,14 @@ impl Kernel {
     pub fn load(policy_yaml: &str, audit_all: bool) -> Self {
         let parsed = policy::parse_str("table.yaml", policy_yaml).expect("test policy is valid");
         let mut datapath = Datapath::load().expect("load the eBPF programs (needs root)");
-        datapath.apply(&policy::compile(&parsed), audit_all).expect("apply policy");
-        Self { datapath }
+        let mut engine = policy::Engine::new();
+        datapath.enforce(&mut engine, &parsed, audit_all).expect("apply policy");
+        Self { datapath, engine }
+    }
+
+    /// Makes `policy` the whole policy; returns the new generation.
+    pub fn enforce(&mut self, policy: &policy::Policy, audit_all: bool) -> u32 {
+        self.datapath.enforce(&mut self.engine, policy, audit_all).expect("apply policy")
     }
 
     fn snapshot(&self) -> CounterSnapshot {

@@ -1,0 +1,140 @@
+//! The policy directory as a source of changes. Each pass lists the
+//! directory and looks at each file's size, modification time and inode;
+//! only a file whose look changed is read, and only a file whose content
+//! changed is handed to the engine, so a change to one small file beside a
+//! 100,000-rule file costs the small file.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use policy::engine::{Contents, SourceChange};
+use policy::{PolicyError, Source};
+use sha2::{Digest as _, Sha256};
+
+/// What a file looked like when last read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+    device: u64,
+}
+
+#[derive(Debug)]
+struct Seen {
+    stamp: Stamp,
+    digest: [u8; 32],
+    /// The text, for `GET /policy` and the push audit log.
+    source: Arc<Source>,
+}
+
+/// The files of one policy directory, as last read.
+#[derive(Debug)]
+pub struct PolicyDir {
+    dir: PathBuf,
+    files: BTreeMap<String, Seen>,
+}
+
+impl PolicyDir {
+    #[must_use]
+    pub fn new(dir: &Path) -> Self {
+        Self { dir: dir.to_path_buf(), files: BTreeMap::new() }
+    }
+
+    /// The files whose content changed since the last call (all of them
+    /// the first time): new and changed files with their text, vanished
+    /// ones as removed. A directory without policy files is an error, as
+    /// is a file that cannot be read; then nothing is remembered as seen.
+    pub fn changes(&mut self) -> Result<Vec<SourceChange>, PolicyError> {
+        let paths = policy::list_files(std::slice::from_ref(&self.dir))?;
+        let mut changes = Vec::new();
+        let mut seen = BTreeMap::new();
+        for path in paths {
+            let name = path.display().to_string();
+            let read_error = |source| PolicyError::Read { path: path.clone(), source };
+            let metadata = std::fs::metadata(&path).map_err(read_error)?;
+            let stamp = Stamp {
+                len: metadata.len(),
+                modified: metadata.modified().ok(),
+                inode: metadata.ino(),
+                device: metadata.dev(),
+            };
+            let known = self.files.remove(&name);
+            if let Some(known) = known.as_ref()
+                && known.stamp == stamp
+            {
+                seen.insert(name, Seen { stamp, digest: known.digest, source: Arc::clone(&known.source) });
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(read_error)?;
+            let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+            let unchanged = known.is_some_and(|known| known.digest == digest);
+            if !unchanged {
+                changes.push(SourceChange { source: name.clone(), contents: Contents::Text(text.clone()) });
+            }
+            let source = Arc::new(Source { name: name.clone(), text });
+            seen.insert(name, Seen { stamp, digest, source });
+        }
+        for gone in self.files.keys() {
+            changes.push(SourceChange { source: gone.clone(), contents: Contents::Removed });
+        }
+        self.files = seen;
+        Ok(changes)
+    }
+
+    /// Every file as last read, by name.
+    #[must_use]
+    pub fn sources(&self) -> Vec<Arc<Source>> {
+        self.files.values().map(|seen| Arc::clone(&seen.source)).collect()
+    }
+
+    /// Forgets what was read, so the next [`PolicyDir::changes`] reports
+    /// every file (after a push replaced the policy, the directory's files
+    /// come back whole).
+    pub fn forget(&mut self) {
+        self.files.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(changes: &[SourceChange]) -> Vec<(String, bool)> {
+        changes
+            .iter()
+            .map(|c| {
+                let file = Path::new(&c.source).file_name().unwrap().to_string_lossy().into_owned();
+                (file, matches!(c.contents, Contents::Removed))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_changed_files_are_reported() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-sources-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "a: 1\n").unwrap();
+        std::fs::write(dir.join("b.yaml"), "b: 1\n").unwrap();
+        std::fs::write(dir.join("notes.txt"), "not policy\n").unwrap();
+        let mut policy_dir = PolicyDir::new(&dir);
+        assert_eq!(names(&policy_dir.changes().unwrap()), [("a.yaml".into(), false), ("b.yaml".into(), false)]);
+        assert!(policy_dir.changes().unwrap().is_empty(), "nothing changed");
+        // Rewritten with the same text: read again, but no change.
+        std::fs::write(dir.join("a.yaml"), "a: 1\n").unwrap();
+        assert!(policy_dir.changes().unwrap().is_empty());
+        std::fs::write(dir.join("b.yaml"), "b: 22\n").unwrap();
+        std::fs::write(dir.join("c.yml"), "c: 1\n").unwrap();
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let mut changed = names(&policy_dir.changes().unwrap());
+        changed.sort();
+        assert_eq!(changed, [("a.yaml".into(), true), ("b.yaml".into(), false), ("c.yml".into(), false)]);
+        assert_eq!(policy_dir.sources().len(), 2);
+        policy_dir.forget();
+        assert_eq!(policy_dir.changes().unwrap().len(), 2, "after forget, every file again");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
