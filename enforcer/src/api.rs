@@ -62,6 +62,11 @@ pub struct ApiConfig {
 /// maintenance loop like a file change.
 pub struct Push {
     pub sources: Vec<Source>,
+    /// Sources to remove, by name (`DELETE /v1/policy/files/NAME`).
+    pub removed: Vec<String>,
+    /// Whether `sources` replace the whole policy (`POST /v1/policy`) or
+    /// only the sources of the same names (`PUT /v1/policy/files/NAME`).
+    pub whole: bool,
     pub who: String,
     pub reply: tokio::sync::oneshot::Sender<Result<u32, Vec<String>>>,
 }
@@ -183,6 +188,7 @@ fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/policy", get(current_policy).post(push_policy))
+        .route("/v1/policy/files/{name}", axum::routing::put(put_policy_file).delete(delete_policy_file))
         .route("/v1/flows", get(flows))
         .with_state(state)
 }
@@ -290,7 +296,56 @@ async fn push_policy(
     }
     let sources: Vec<Source> = body.files.into_iter().map(|f| Source { name: f.name, text: f.text }).collect();
     let (reply, answer) = tokio::sync::oneshot::channel();
-    if state.push.send(Push { sources, who: caller.name.clone(), reply }).is_err() {
+    let push = Push { sources, removed: Vec::new(), whole: true, who: caller.name.clone(), reply };
+    send_push(&state, push, answer).await
+}
+
+/// `PUT /v1/policy/files/NAME` (body: the file's YAML) changes one source
+/// of the enforced policy and leaves the others: a controller's way to
+/// change a little of a large policy without sending all of it.
+async fn put_policy_file(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    text: String,
+) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Operator) {
+        log::warn!(target: "audit", "refused policy file change by `{}`: not an operator", caller.name);
+        return refusal;
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let push = Push {
+        sources: vec![Source { name, text }],
+        removed: Vec::new(),
+        whole: false,
+        who: caller.name.clone(),
+        reply,
+    };
+    send_push(&state, push, answer).await
+}
+
+/// `DELETE /v1/policy/files/NAME` removes one source of the enforced policy.
+async fn delete_policy_file(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Operator) {
+        log::warn!(target: "audit", "refused policy file removal by `{}`: not an operator", caller.name);
+        return refusal;
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let push = Push { sources: Vec::new(), removed: vec![name], whole: false, who: caller.name.clone(), reply };
+    send_push(&state, push, answer).await
+}
+
+/// Hands a push to the daemon's maintenance loop and answers with what it did.
+async fn send_push(
+    state: &ApiState,
+    push: Push,
+    answer: tokio::sync::oneshot::Receiver<Result<u32, Vec<String>>>,
+) -> Response {
+    if state.push.send(push).is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response();
     }
     match answer.await {

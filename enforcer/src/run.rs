@@ -595,12 +595,24 @@ impl Maintainer<'_> {
         let digest = crate::api::digest(&push.sources);
         let origin = Origin::Push { who: push.who, digest };
         let pushed: BTreeSet<&str> = push.sources.iter().map(|s| s.name.as_str()).collect();
-        let mut changes: Vec<SourceChange> = self
-            .engine
-            .sources()
-            .filter(|(name, _)| !pushed.contains(name))
-            .map(|(name, _)| SourceChange { source: name.to_owned(), contents: Contents::Removed })
-            .collect();
+        let mut changes: Vec<SourceChange> = if push.whole {
+            self.engine
+                .sources()
+                .filter(|(name, _)| !pushed.contains(name))
+                .map(|(name, _)| SourceChange { source: name.to_owned(), contents: Contents::Removed })
+                .collect()
+        } else {
+            push.removed.iter().map(|name| SourceChange { source: name.clone(), contents: Contents::Removed }).collect()
+        };
+        if !push.whole
+            && let Some(unknown) =
+                push.removed.iter().find(|name| !self.engine.sources().any(|(s, _)| s == name.as_str()))
+        {
+            let problem = format!("the enforced policy has no file `{unknown}`; `GET /v1/policy` lists its files");
+            self.refused(&origin, &problem, 1);
+            let _ = push.reply.send(Err(vec![problem]));
+            return;
+        }
         changes.extend(
             push.sources
                 .iter()
@@ -609,8 +621,13 @@ impl Maintainer<'_> {
         let answer = self.apply(&origin, Some(changes));
         if answer.is_ok() {
             self.pushed = true;
-            *self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner) =
-                push.sources.into_iter().map(Arc::new).collect();
+            let mut sources = self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner);
+            if push.whole {
+                sources.clear();
+            }
+            sources.retain(|s| !pushed.contains(s.name.as_str()) && !push.removed.contains(&s.name));
+            sources.extend(push.sources.iter().cloned().map(Arc::new));
+            sources.sort_by(|a, b| a.name.cmp(&b.name));
         }
         let _ = push.reply.send(answer);
     }
@@ -625,7 +642,6 @@ impl Maintainer<'_> {
         let started = Instant::now();
         let now = SystemTime::now();
         let revertible = changes.is_some();
-        let before = self.audit_summary_before(origin);
         let diff = match changes {
             None => self.engine.advance(now),
             Some(changes) => match self.engine.apply(changes, now) {
@@ -680,22 +696,16 @@ impl Maintainer<'_> {
             compiled_in.as_micros(),
             total.saturating_sub(compiled_in).as_micros(),
         );
-        if let (Origin::Push { who, digest }, Some(before)) = (origin, before) {
-            let after = self.engine.merged();
+        if let Origin::Push { who, digest } = origin {
             log::info!(
                 target: "audit",
                 "who={who} action=push result=applied generation={generation} digest=sha256:{digest} {}",
-                policy::diff::summary(&policy::diff::diff(&before, &after))
+                policy::diff::summary(&self.engine.last_differences())
             );
         }
         self.enforced_now(generation);
         return_freed_memory();
         Ok(generation)
-    }
-
-    /// For the audit log of a push: the policy before it.
-    fn audit_summary_before(&self, origin: &Origin) -> Option<policy::Policy> {
-        matches!(origin, Origin::Push { .. }).then(|| self.engine.merged())
     }
 
     /// Records a refused change: counted, shown in status, logged (pushes

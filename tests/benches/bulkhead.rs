@@ -15,6 +15,8 @@ use std::time::Instant;
 mod daemon;
 #[path = "common/footprint.rs"]
 mod footprint;
+#[path = "common/incremental.rs"]
+mod incremental;
 #[path = "common/live.rs"]
 mod live;
 #[path = "common/load.rs"]
@@ -64,11 +66,12 @@ fn main() -> Result<(), Error> {
         json.insert("policy_load".into(), load::json(&loads));
     }
     if wanted("daemon") {
-        let (changes, big) = if quick { (20, 10_000) } else { (100, 100_000) };
+        let (changes, big, incremental_changes, churn_seconds) =
+            if quick { (20, 10_000, 60, 5) } else { (100, 100_000, 1_000, 60) };
         eprintln!(
             "bench: policy updates through the daemon ({changes} renames, {changes} CLI pushes, {changes} pushes on an open connection, {changes} back-to-back renames, {big}-rule policy) and footprint"
         );
-        let figures = daemon::figures(changes, big)?;
+        let figures = daemon::figures(changes, big, incremental_changes, churn_seconds)?;
         daemon::markdown(&mut md, &figures);
         daemon::json(&mut json, &figures);
     }

@@ -125,6 +125,40 @@ impl Env {
     }
 }
 
+impl Env {
+    /// One request on a fresh mutual-TLS connection as client `who`:
+    /// (status code, body).
+    fn request(&self, who: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+        let config = enforcer::tls::client_config(
+            &self.ca_pem,
+            &self.pki.join(format!("{who}.pem")),
+            &self.pki.join(format!("{who}.key")),
+        )
+        .unwrap();
+        self.lab
+            .router
+            .enter(|| {
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                let mut connection = rustls::ClientConnection::new(config, name).unwrap();
+                let mut tcp = TcpStream::connect(API).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
+                let request = format!(
+                    "{method} {path} HTTP/1.1\r\nHost: {API}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                tls.write_all(request.as_bytes()).unwrap();
+                let mut response = Vec::new();
+                let _ = tls.read_to_end(&mut response);
+                let response = String::from_utf8_lossy(&response).into_owned();
+                let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+                (status, body)
+            })
+            .unwrap()
+    }
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -192,6 +226,46 @@ fn operators_push_viewers_cannot_and_bad_pushes_change_nothing() {
     assert_eq!(env.generation(), Some(2), "a rejected push changes nothing");
     let diff = env.cli("viewer", &["policy", "diff", file]);
     assert!(stdout(&diff).contains("no difference"), "{}", stdout(&diff));
+}
+
+/// `PUT /v1/policy/files/NAME` and `DELETE` change one file of the
+/// enforced policy beside the others, validated like everything else.
+#[test]
+fn one_file_changes_beside_the_others() {
+    let env = start("apifile");
+    let db = SocketAddr::new(IpAddr::V4(env.lab.host("db").addr), 5432);
+    let outsider = &env.lab.host("outsider").ns;
+    assert_eq!(probe::tcp(outsider, db).unwrap(), Outcome::TimedOut);
+    let extra = "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: extra}\nspec:\n  rules:\n    - {name: outsider-to-db, from: [{identity: world}], to: [{identity: db}], ports: [\"5432/tcp\"]}\n";
+
+    let (status, _) = env.request("viewer", "PUT", "/v1/policy/files/extra.yaml", extra);
+    assert_eq!(status, 403, "viewers cannot change files");
+    let (status, body) = env.request("operator", "PUT", "/v1/policy/files/extra.yaml", extra);
+    assert_eq!((status, env.generation()), (200, Some(2)), "{body}");
+    assert_eq!(probe::tcp(outsider, db).unwrap(), Outcome::Connected, "enforced");
+    let (_, listed) = env.request("viewer", "GET", "/v1/policy", "");
+    let files: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let names: Vec<&str> = files["files"].as_array().unwrap().iter().filter_map(|f| f["name"].as_str()).collect();
+    assert_eq!(names.len(), 2, "the directory's file and the new one: {names:?}");
+    assert!(names.iter().any(|n| n.ends_with("/p.yaml")) && names.contains(&"extra.yaml"), "{names:?}");
+    let log = env.daemon.log_text();
+    assert!(
+        log.contains("who=ops-alice action=push result=applied generation=2") && log.contains("rules +1 -0 ~0"),
+        "{log}"
+    );
+
+    let broken = extra.replace("identity: db", "identity: dbb");
+    let (status, body) = env.request("operator", "PUT", "/v1/policy/files/extra.yaml", &broken);
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("extra.yaml:") && body.contains("dbb"), "problems with positions: {body}");
+    assert_eq!(env.generation(), Some(2), "a rejected change changes nothing");
+    let (status, body) = env.request("operator", "DELETE", "/v1/policy/files/nope.yaml", "");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("nope.yaml"), "{body}");
+
+    let (status, body) = env.request("operator", "DELETE", "/v1/policy/files/extra.yaml", "");
+    assert_eq!((status, env.generation()), (200, Some(3)), "{body}");
+    assert_eq!(probe::tcp(outsider, db).unwrap(), Outcome::TimedOut, "revoked");
 }
 
 #[test]

@@ -469,6 +469,15 @@ impl Engine {
         self.compile(&touched, now)
     }
 
+    /// What the last [`Engine::apply`] changed, by identity and rule name
+    /// (for the audit log): its sources before against the same sources now.
+    #[must_use]
+    pub fn last_differences(&self) -> Vec<crate::diff::Difference> {
+        let before = merge(self.undo.iter().filter_map(|(_, old)| old.as_ref()));
+        let after = merge(self.undo.iter().filter_map(|(source, _)| self.sources.get(source)));
+        crate::diff::diff(&before, &after)
+    }
+
     /// The sources in force, for readers on other threads.
     #[must_use]
     pub fn snapshot(&self) -> Snapshot {

@@ -2,16 +2,21 @@
 //! TLS, in which update latency, the large policy's load and the footprint
 //! are measured, in that order.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
 use lab::pki::Ca;
 use lab::{Daemon, ScratchDir, ThreeTier};
 
+use std::time::Instant;
+
 use crate::Error;
 use crate::footprint::{self, Footprint};
-use crate::live::LiveProgram;
+use crate::incremental::{self, Churn, Incremental};
+use crate::live::{LiveProgram, denied_before, enforced_after, syn};
 use crate::load::{self, Large};
+use crate::synthetic::{policy_yaml, synthetic_policy, v4};
 use crate::update::{self, API, ClientFiles, UpdateSeries};
 
 /// What the daemon part measures.
@@ -22,11 +27,33 @@ pub struct DaemonFigures {
     /// The large policy: rename → enforced, and a one-rule change to it.
     large: Large,
     footprint: Footprint,
+    /// Changes on top of the small and the large policy.
+    incremental: Vec<Incremental>,
+    churn: Option<Churn>,
+    /// (identities and rules, daemon RSS KiB) for the synthetic policies.
+    rss_by_size: Vec<(usize, u64)>,
+}
+
+/// Renames the synthetic policy of `size` into `dir` as `p.yaml`, with
+/// rule r0 on `port`, and waits until it is enforced.
+fn load_synthetic(program: &LiveProgram, dir: &Path, size: usize, port: u16) -> Result<(), Error> {
+    std::fs::write(dir.join(".p.yaml.new"), policy_yaml(&synthetic_policy(size), port))?;
+    let probe = syn(v4(0), v4(1), 31_000 + port, port);
+    denied_before(program, &probe)?;
+    let started = Instant::now();
+    std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml"))?;
+    enforced_after(program, &probe, started, Duration::from_mins(3), Duration::from_millis(1))?;
+    Ok(())
 }
 
 /// Update latency through the real daemon (file renames and API pushes),
 /// the large policy's load and one-rule change, and the footprint.
-pub fn figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
+pub fn figures(
+    changes: usize,
+    big: usize,
+    incremental_changes: usize,
+    churn_seconds: u64,
+) -> Result<DaemonFigures, Error> {
     let lab = ThreeTier::new("bench")?;
     let scratch = ScratchDir::new(&lab.stem)?;
     let dir = scratch.0.join("policy");
@@ -66,21 +93,53 @@ pub fn figures(changes: usize, big: usize) -> Result<DaemonFigures, Error> {
     let program = LiveProgram::attached_under(&lab.bpffs_root())?;
     let client = ClientFiles { ca: ca_pem, cert: client_cert, key: client_key, scratch: scratch.0.clone() };
     let updates = update::timed_updates(&lab, &daemon, &program, &dir, &client, changes, &variant)?;
+    let mut rss_by_size = Vec::new();
+    let mut incremental = Vec::new();
+    for (size, port) in [(10, 3001), (1_000, 3002), (10_000, 3003)] {
+        if size >= big {
+            break;
+        }
+        load_synthetic(&program, &dir, size, port)?;
+        rss_by_size.push((size, footprint::settled_rss_kib(pid)));
+        if size == 10 {
+            incremental.push(incremental::changes_on_top(&lab, &program, &dir, &client, size, incremental_changes)?);
+        }
+    }
     let large = load::through_daemon(&daemon, &program, &dir, big)?;
     let loaded_kib = footprint::settled_rss_kib(pid);
+    rss_by_size.push((big, loaded_kib));
+    incremental.push(incremental::changes_on_top(&lab, &program, &dir, &client, big, incremental_changes)?);
+    let churn = incremental::address_churn(&lab, &daemon, &program, &dir, big, 1000, churn_seconds)?;
     let maps = footprint::memlock(&lab.bpffs_root());
     daemon.stop()?;
-    Ok(DaemonFigures { updates, large, footprint: Footprint { idle_kib, loaded_kib, loaded_size: big, maps } })
+    Ok(DaemonFigures {
+        updates,
+        large,
+        footprint: Footprint { idle_kib, loaded_kib, loaded_size: big, maps },
+        incremental,
+        churn: Some(churn),
+        rss_by_size,
+    })
 }
 
 pub fn markdown(md: &mut String, figures: &DaemonFigures) {
     update::markdown(md, &figures.updates);
     load::large_markdown(md, &figures.large);
+    incremental::markdown(md, &figures.incremental, figures.churn.as_ref());
     footprint::markdown(md, &figures.footprint);
+    let _ = writeln!(md, "\n| identities and rules | daemon RSS |\n|---:|---:|");
+    for (size, kib) in &figures.rss_by_size {
+        let _ = writeln!(md, "| {size} | {} MiB |", kib / 1024);
+    }
 }
 
 pub fn json(json: &mut serde_json::Map<String, serde_json::Value>, figures: &DaemonFigures) {
     json.insert("update_latency_ms".into(), update::json(&figures.updates));
     json.insert("large_policy".into(), load::large_json(&figures.large));
     json.insert("footprint".into(), footprint::json(&figures.footprint));
+    json.insert("incremental".into(), incremental::json(&figures.incremental, figures.churn.as_ref()));
+    json.insert(
+        "rss_by_size_kib".into(),
+        figures.rss_by_size.iter().map(|(size, kib)| serde_json::json!({"size": size, "rss_kib": kib})).collect(),
+    );
 }

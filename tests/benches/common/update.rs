@@ -26,13 +26,13 @@ pub const API: &str = "127.0.0.1:9443";
 /// A client that stays connected to the admin API, as a controller pushing
 /// policy would: each push is one HTTP request on the same mutual-TLS
 /// session, so no process start or handshake is timed, only the daemon.
-struct ApiSession {
+pub struct ApiSession {
     tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
 }
 
 impl ApiSession {
     /// Connects from inside `lab`'s router namespace, where the API listens.
-    fn open(lab: &ThreeTier, ca: &Path, cert: &Path, key: &Path) -> Result<Self, Error> {
+    pub fn open(lab: &ThreeTier, ca: &Path, cert: &Path, key: &Path) -> Result<Self, Error> {
         let config = enforcer::tls::client_config(ca, cert, key)?;
         let tcp = lab.router.enter(|| std::net::TcpStream::connect(API))??;
         tcp.set_nodelay(true)?;
@@ -41,12 +41,28 @@ impl ApiSession {
         Ok(Self { tls: rustls::StreamOwned::new(connection, tcp) })
     }
 
-    /// Pushes one policy file and waits for the daemon's answer.
+    /// Pushes one policy file (replacing the whole policy) and waits for
+    /// the daemon's answer.
     fn push(&mut self, name: &str, text: &str) -> Result<(), Error> {
-        use std::io::{Read as _, Write as _};
         let body = serde_json::json!({ "files": [{ "name": name, "text": text }] }).to_string();
+        self.request("POST", "/v1/policy", "application/json", &body)
+    }
+
+    /// Changes one file of the enforced policy, leaving the others.
+    pub fn put(&mut self, name: &str, text: &str) -> Result<(), Error> {
+        self.request("PUT", &format!("/v1/policy/files/{name}"), "application/yaml", text)
+    }
+
+    /// Removes one file of the enforced policy.
+    pub fn delete(&mut self, name: &str) -> Result<(), Error> {
+        self.request("DELETE", &format!("/v1/policy/files/{name}"), "application/yaml", "")
+    }
+
+    /// One request on the open session; an answer other than 200 is an error.
+    fn request(&mut self, method: &str, path: &str, content_type: &str, body: &str) -> Result<(), Error> {
+        use std::io::{Read as _, Write as _};
         let request = format!(
-            "POST /v1/policy HTTP/1.1\r\nHost: {API}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {API}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         self.tls.write_all(request.as_bytes())?;
