@@ -264,7 +264,7 @@ async fn current_policy(State(state): State<Arc<ApiState>>, Extension(caller): E
     }
     let sources = state.shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone();
     Json(PolicyFiles {
-        files: sources.iter().map(|s| PolicyFile { name: s.name.clone(), text: s.text.clone() }).collect(),
+        files: sources.iter().map(|s| PolicyFile { name: s.name.clone(), text: s.text() }).collect(),
     })
     .into_response()
 }

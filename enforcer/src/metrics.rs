@@ -270,7 +270,7 @@ pub struct Shared {
     /// The enforced policy's sources, for describing events.
     pub policy: Mutex<Option<Arc<policy::engine::Snapshot>>>,
     /// The sources of the enforced policy (files or a push), for the API.
-    pub sources: Mutex<Vec<Arc<policy::Source>>>,
+    pub sources: Mutex<Vec<Arc<crate::sources::StoredSource>>>,
     /// Why the last candidate policy was rejected, if it was.
     pub last_error: Mutex<Option<String>>,
     /// Live drop and audit events (JSON lines) for API subscribers.

@@ -529,6 +529,12 @@ impl Origin {
     }
 }
 
+/// A change at least this large (text parsed, or entries written) hands
+/// the memory it freed back to the kernel; smaller ones leave nothing worth
+/// the walk over the heap, which costs milliseconds at 100k identities.
+const BIG_CHANGE_BYTES: usize = 1 << 20;
+const BIG_CHANGE_ENTRIES: usize = 10_000;
+
 /// Hands memory freed after a policy load back to the kernel. Parsing a
 /// large policy peaks at many times its final size (a 100k-rule file: about
 /// 500 MB), and the allocator keeps freed pages for reuse, so without this
@@ -626,7 +632,7 @@ impl Maintainer<'_> {
                 sources.clear();
             }
             sources.retain(|s| !pushed.contains(s.name.as_str()) && !push.removed.contains(&s.name));
-            sources.extend(push.sources.iter().cloned().map(Arc::new));
+            sources.extend(push.sources.iter().map(|s| Arc::new(enforcer::sources::StoredSource::new(&s.name, &s.text))));
             sources.sort_by(|a, b| a.name.cmp(&b.name));
         }
         let _ = push.reply.send(answer);
@@ -642,6 +648,15 @@ impl Maintainer<'_> {
         let started = Instant::now();
         let now = SystemTime::now();
         let revertible = changes.is_some();
+        // Parsing a large text is what leaves much freed memory behind.
+        let parsed_bytes: usize = changes
+            .iter()
+            .flatten()
+            .map(|change| match &change.contents {
+                Contents::Text(text) => text.len(),
+                Contents::Parsed(_) | Contents::Removed => 0,
+            })
+            .sum();
         let diff = match changes {
             None => self.engine.advance(now),
             Some(changes) => match self.engine.apply(changes, now) {
@@ -704,7 +719,9 @@ impl Maintainer<'_> {
             );
         }
         self.enforced_now(generation);
-        return_freed_memory();
+        if parsed_bytes > BIG_CHANGE_BYTES || diff.entries() > BIG_CHANGE_ENTRIES {
+            return_freed_memory();
+        }
         Ok(generation)
     }
 
@@ -718,7 +735,6 @@ impl Maintainer<'_> {
             }
             Origin::Files | Origin::Expiry | Origin::Retry => self.reject(why),
         }
-        return_freed_memory();
     }
 
     /// Records a rejected candidate: counted, shown in status, logged.

@@ -10,9 +10,38 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use policy::PolicyError;
 use policy::engine::{Contents, SourceChange};
-use policy::{PolicyError, Source};
 use sha2::{Digest as _, Sha256};
+
+/// A policy file's text as the daemon keeps it for `GET /v1/policy`:
+/// deflated, since YAML shrinks about tenfold and the engine holds the
+/// parsed policy anyway (a 100,000-rule file: about 2 MB, not 20).
+#[derive(Debug)]
+pub struct StoredSource {
+    pub name: String,
+    deflated: Vec<u8>,
+}
+
+impl StoredSource {
+    #[must_use]
+    pub fn new(name: &str, text: &str) -> Self {
+        let mut deflated = miniz_oxide::deflate::compress_to_vec(text.as_bytes(), 1);
+        deflated.shrink_to_fit();
+        Self { name: name.to_owned(), deflated }
+    }
+
+    /// The text as it was given.
+    #[must_use]
+    pub fn text(&self) -> String {
+        // Only this code deflates, from valid UTF-8; a failure here would
+        // be memory corruption, reported rather than hidden.
+        miniz_oxide::inflate::decompress_to_vec(&self.deflated).map_or_else(
+            |error| format!("# bulkhead: the kept text of this file is damaged ({error:?})\n"),
+            |bytes| String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+}
 
 /// What a file looked like when last read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,8 +56,8 @@ struct Stamp {
 struct Seen {
     stamp: Stamp,
     digest: [u8; 32],
-    /// The text, for `GET /policy` and the push audit log.
-    source: Arc<Source>,
+    /// The text, for `GET /v1/policy`.
+    source: Arc<StoredSource>,
 }
 
 /// The files of one policy directory, as last read.
@@ -71,11 +100,14 @@ impl PolicyDir {
             }
             let text = std::fs::read_to_string(&path).map_err(read_error)?;
             let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-            let unchanged = known.is_some_and(|known| known.digest == digest);
-            if !unchanged {
-                changes.push(SourceChange { source: name.clone(), contents: Contents::Text(text.clone()) });
-            }
-            let source = Arc::new(Source { name: name.clone(), text });
+            let source = match known {
+                Some(known) if known.digest == digest => known.source,
+                _ => {
+                    let source = Arc::new(StoredSource::new(&name, &text));
+                    changes.push(SourceChange { source: name.clone(), contents: Contents::Text(text) });
+                    source
+                }
+            };
             seen.insert(name, Seen { stamp, digest, source });
         }
         for gone in self.files.keys() {
@@ -87,7 +119,7 @@ impl PolicyDir {
 
     /// Every file as last read, by name.
     #[must_use]
-    pub fn sources(&self) -> Vec<Arc<Source>> {
+    pub fn sources(&self) -> Vec<Arc<StoredSource>> {
         self.files.values().map(|seen| Arc::clone(&seen.source)).collect()
     }
 
@@ -132,7 +164,9 @@ mod tests {
         let mut changed = names(&policy_dir.changes().unwrap());
         changed.sort();
         assert_eq!(changed, [("a.yaml".into(), true), ("b.yaml".into(), false), ("c.yml".into(), false)]);
-        assert_eq!(policy_dir.sources().len(), 2);
+        let kept = policy_dir.sources();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept.iter().map(|s| s.text()).collect::<Vec<_>>(), ["b: 22\n", "c: 1\n"]);
         policy_dir.forget();
         assert_eq!(policy_dir.changes().unwrap().len(), 2, "after forget, every file again");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -130,17 +130,19 @@ impl Datapath {
         let generation = self.config_value.policy_generation.wrapping_add(1);
         self.wait_for_old_slot_readers();
         let index = slot_of(generation);
-        // The slot's counters belong to the generation before last: keep
-        // their totals under the rules' names, then start the slot afresh.
-        for (rule, count) in self.slots[index].take_rule_verdicts(&mut self.maps)? {
-            *self.harvested_rules.entry(rule).or_default() += count;
-        }
         for (pair, count) in self.read_identity_drops(index, true)? {
             *self.harvested_pairs.entry(pair).or_default() += count;
         }
         let written = if self.slots[index].in_step {
             let slot = &mut self.slots[index];
             let change = std::mem::take(&mut slot.behind).then(diff);
+            // Rule numbers are stable, so a rule's decision counters carry
+            // on from generation to generation; only a number that leaves
+            // its rule has its count kept under the rule's name and zeroed.
+            for (rule, count) in slot.take_rule_verdicts(&mut self.maps, change.rules.iter().filter(|d| d.old.is_some()).map(|d| d.key))? {
+                *self.harvested_rules.entry(rule).or_default() += count;
+            }
+            let slot = &mut self.slots[index];
             slot.take_tables(&change);
             let writes = SlotWrites {
                 identities: change.identities.iter().map(|d| (d.key, d.new)).collect(),
@@ -208,6 +210,10 @@ impl Datapath {
             }
         }
         writes.policy.extend(policy.into_keys().map(|key| (key, None)));
+        let every_rule: Vec<u32> = (0..u32::try_from(self.slots[index].rule_table.len()).unwrap_or(u32::MAX)).collect();
+        for (rule, count) in self.slots[index].take_rule_verdicts(&mut self.maps, every_rule.into_iter())? {
+            *self.harvested_rules.entry(rule).or_default() += count;
+        }
         let slot = &mut self.slots[index];
         slot.behind = EntryDiff::default();
         slot.rule_table.clear();
@@ -381,16 +387,33 @@ impl Slot {
         Ok(moved.into_iter().filter_map(|(index, count)| Some((self.rule_name(index)?, count))).collect())
     }
 
-    /// Reads and zeroes this slot's rule decisions. Only counters that
-    /// moved are written: a policy of 100k rules mostly has idle ones.
-    pub(super) fn take_rule_verdicts(&mut self, maps: &mut PolicyMaps) -> Result<Vec<RuleCount>, DatapathError> {
+    /// Reads and zeroes the decision counters of `rules` in this slot,
+    /// returning the non-zero ones under the names this slot's table gives.
+    pub(super) fn take_rule_verdicts(
+        &mut self,
+        maps: &mut PolicyMaps,
+        rules: impl Iterator<Item = u32>,
+    ) -> Result<Vec<RuleCount>, DatapathError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
-        let moved = self.moved_rule_counters(maps)?;
-        for &(index, _) in &moved {
+        let mut taken = Vec::new();
+        for rule in rules {
+            let index = self.verdict_index(rule as usize);
+            let values = match maps.rule_verdicts.get(&index, 0) {
+                Ok(values) => values,
+                Err(MapError::OutOfBounds { .. }) => continue,
+                Err(source) => return Err(DatapathError::Read { name: maps::RULE_VERDICTS, source }),
+            };
+            let count: u64 = values.iter().sum();
+            if count == 0 {
+                continue;
+            }
             let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
-            maps.rule_verdicts.set(self.verdict_index(index), zeros, 0).map_err(write_error(maps::RULE_VERDICTS))?;
+            maps.rule_verdicts.set(index, zeros, 0).map_err(write_error(maps::RULE_VERDICTS))?;
+            if let Some(name) = self.rule_name(rule as usize) {
+                taken.push((name, count));
+            }
         }
-        Ok(moved.into_iter().filter_map(|(index, count)| Some((self.rule_name(index)?, count))).collect())
+        Ok(taken)
     }
 }
 

@@ -14,10 +14,49 @@ use crate::model::{HOST, Identity, Rule, Selector, WORLD};
 
 type Labels = BTreeMap<String, String>;
 
+/// The declarations of one name: one in a valid policy, kept inline.
+#[derive(Debug)]
+enum Declared<T> {
+    One(Arc<T>),
+    Many(Vec<Arc<T>>),
+}
+
+impl<T> Declared<T> {
+    fn as_slice(&self) -> &[Arc<T>] {
+        match self {
+            Self::One(one) => std::slice::from_ref(one),
+            Self::Many(many) => many,
+        }
+    }
+
+    /// Adds a declaration; returns how many there are now.
+    fn push(&mut self, item: Arc<T>) -> usize {
+        match self {
+            Self::One(one) => *self = Self::Many(vec![Arc::clone(one), item]),
+            Self::Many(many) => many.push(item),
+        }
+        self.as_slice().len()
+    }
+
+    /// Removes `item`; returns how many are left.
+    fn remove(&mut self, item: &Arc<T>) -> usize {
+        if let Self::Many(many) = self {
+            if let Some(at) = many.iter().position(|d| Arc::ptr_eq(d, item)) {
+                many.swap_remove(at);
+            }
+            if many.len() == 1 {
+                *self = Self::One(Arc::clone(&many[0]));
+            }
+            return self.as_slice().len();
+        }
+        usize::from(!matches!(self, Self::One(one) if Arc::ptr_eq(one, item)))
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Checks {
-    identities: HashMap<Name, Vec<Arc<Identity>>>,
-    rules: HashMap<Name, Vec<Arc<Rule>>>,
+    identities: HashMap<Name, Declared<Identity>>,
+    rules: HashMap<Name, Declared<Rule>>,
     /// Declarations by one of their labels, keyed by allocation.
     by_label: HashMap<(String, String), HashMap<usize, Arc<Identity>>>,
     identity_declarations: usize,
@@ -51,18 +90,19 @@ impl Checks {
         self.problems == Problems::default()
     }
 
-    /// The identity `name`, when declared exactly once.
-    pub(super) fn identity(&self, name: &str) -> Option<Arc<Identity>> {
-        match self.identities.get(name).map(Vec::as_slice) {
-            Some([only]) => Some(Arc::clone(only)),
+    /// The identity `name` (and the name as kept here), when declared
+    /// exactly once.
+    pub(super) fn identity(&self, name: &str) -> Option<(Name, Arc<Identity>)> {
+        match self.identities.get_key_value(name).map(|(name, all)| (name, all.as_slice())) {
+            Some((name, [only])) => Some((Name::clone(name), Arc::clone(only))),
             _ => None,
         }
     }
 
-    /// The rule `name`, when declared exactly once.
-    pub(super) fn rule(&self, name: &str) -> Option<Arc<Rule>> {
-        match self.rules.get(name).map(Vec::as_slice) {
-            Some([only]) => Some(Arc::clone(only)),
+    /// The rule `name` (and the name as kept here), when declared exactly once.
+    pub(super) fn rule(&self, name: &str) -> Option<(Name, Arc<Rule>)> {
+        match self.rules.get_key_value(name).map(|(name, all)| (name, all.as_slice())) {
+            Some((name, [only])) => Some((Name::clone(name), Arc::clone(only))),
             _ => None,
         }
     }
@@ -72,11 +112,12 @@ impl Checks {
         if name == WORLD || name == HOST {
             self.problems.reserved_names += 1;
         }
-        let declarations = self.identities.entry(Name::from(name)).or_default();
-        declarations.push(Arc::clone(identity));
-        match declarations.len() {
-            1 => self.problems.undeclared_references -= self.identity_refs.get(name).copied().unwrap_or(0),
-            _ => self.problems.duplicate_identities += 1,
+        if let Some(declarations) = self.identities.get_mut(name) {
+            declarations.push(Arc::clone(identity));
+            self.problems.duplicate_identities += 1;
+        } else {
+            self.identities.insert(Name::from(name), Declared::One(Arc::clone(identity)));
+            self.problems.undeclared_references -= self.identity_refs.get(name).copied().unwrap_or(0);
         }
         for address in &identity.addresses {
             self.add_address(address.net);
@@ -95,10 +136,7 @@ impl Checks {
             self.problems.reserved_names -= 1;
         }
         if let Some(declarations) = self.identities.get_mut(name) {
-            if let Some(at) = declarations.iter().position(|d| Arc::ptr_eq(d, identity)) {
-                declarations.swap_remove(at);
-            }
-            match declarations.len() {
+            match declarations.remove(identity) {
                 0 => {
                     self.identities.remove(name);
                     self.problems.undeclared_references += self.identity_refs.get(name).copied().unwrap_or(0);
@@ -206,10 +244,11 @@ impl Checks {
     }
 
     pub(super) fn add_rule(&mut self, rule: &Arc<Rule>) {
-        let declarations = self.rules.entry(Name::from(rule.name.as_str())).or_default();
-        declarations.push(Arc::clone(rule));
-        if declarations.len() > 1 {
+        if let Some(declarations) = self.rules.get_mut(rule.name.as_str()) {
+            declarations.push(Arc::clone(rule));
             self.problems.duplicate_rules += 1;
+        } else {
+            self.rules.insert(Name::from(rule.name.as_str()), Declared::One(Arc::clone(rule)));
         }
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
@@ -228,10 +267,7 @@ impl Checks {
 
     pub(super) fn remove_rule(&mut self, rule: &Arc<Rule>) {
         if let Some(declarations) = self.rules.get_mut(rule.name.as_str()) {
-            if let Some(at) = declarations.iter().position(|d| Arc::ptr_eq(d, rule)) {
-                declarations.swap_remove(at);
-            }
-            if declarations.is_empty() {
+            if declarations.remove(rule) == 0 {
                 self.rules.remove(rule.name.as_str());
             } else {
                 self.problems.duplicate_rules -= 1;

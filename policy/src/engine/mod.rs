@@ -40,6 +40,7 @@
 
 mod check;
 mod partition;
+mod small;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
@@ -59,6 +60,7 @@ use crate::model::{Action, HOST, Identity, Mode, Peer, Policy, Rule, Selector, W
 
 use self::check::Checks;
 use self::partition::{Partition, Settled};
+use self::small::SmallSet;
 
 /// A name shared between the model and the engine's indexes.
 pub type Name = Arc<str>;
@@ -73,11 +75,13 @@ pub struct Fragment {
 
 impl From<Policy> for Fragment {
     fn from(policy: Policy) -> Self {
-        Self {
-            documents: policy.documents,
-            identities: policy.identities.into_iter().map(Arc::new).collect(),
-            rules: policy.rules.into_iter().map(Arc::new).collect(),
-        }
+        // Collecting reuses the source vector's buffer, sized for the items
+        // themselves (100k rules: about 14 MB): shrink it to the pointers.
+        let mut identities: Vec<Arc<Identity>> = policy.identities.into_iter().map(Arc::new).collect();
+        identities.shrink_to_fit();
+        let mut rules: Vec<Arc<Rule>> = policy.rules.into_iter().map(Arc::new).collect();
+        rules.shrink_to_fit();
+        Self { documents: policy.documents, identities, rules }
     }
 }
 
@@ -258,7 +262,7 @@ pub struct EntryCounts {
     pub policy_exact: u32,
     /// Ranges and whole protocols (the trie).
     pub policy_prefix: u32,
-    /// One more than the highest `rule_index` in use.
+    /// Rule counter slots needed: every `rule_index` in use is below this.
     pub rule_slots: u32,
 }
 
@@ -284,9 +288,8 @@ impl EntryCounts {
 struct ActiveRule {
     rule: Arc<Rule>,
     name: Name,
-    ranges: Vec<(u32, u32)>,
-    from: Vec<IdentityId>,
-    to: Vec<IdentityId>,
+    from: SmallSet<IdentityId>,
+    to: SmallSet<IdentityId>,
 }
 
 /// A CIDR peer: addresses inside `.0` and outside all of `.1`.
@@ -309,20 +312,22 @@ pub struct Engine {
     rule_pool: IdPool,
     expiries: BTreeSet<(SystemTime, Name)>,
     /// Active rules by the selectors their peers use.
-    rules_naming: HashMap<String, HashSet<u32>>,
+    /// Keyed by a hash of the identity name: a collision only makes a
+    /// rule a candidate for selecting again, which finds what it selects.
+    rules_naming: HashMap<u64, SmallSet<u32>>,
     world_rules: HashSet<u32>,
-    label_rules: HashMap<BTreeMap<String, String>, HashSet<u32>>,
+    label_rules: HashMap<BTreeMap<String, String>, SmallSet<u32>>,
     label_selectors_by_pair: HashMap<(String, String), HashSet<BTreeMap<String, String>>>,
-    cidr_rules: HashMap<SelectorId, HashSet<u32>>,
+    cidr_rules: HashMap<SelectorId, SmallSet<u32>>,
     selectors: HashMap<CidrSelector, (SelectorId, u32)>,
     selector_values: HashMap<SelectorId, CidrSelector>,
     selector_pool: IdPool,
     partition: Partition,
     /// Active rules by an atom their `from` (`to`) selects.
-    rules_from: HashMap<IdentityId, HashSet<u32>>,
-    rules_to: HashMap<IdentityId, HashSet<u32>>,
+    rules_from: HashMap<IdentityId, SmallSet<u32>>,
+    rules_to: HashMap<IdentityId, SmallSet<u32>>,
     /// Entries of each identity pair some rule claims.
-    pairs: HashMap<(IdentityId, IdentityId), Vec<PolicyEntry>>,
+    pairs: HashMap<(IdentityId, IdentityId), PairEntries>,
     counts: EntryCounts,
     /// The sources the last `apply` replaced, for [`Engine::revert`].
     undo: Vec<(String, Option<Arc<Fragment>>)>,
@@ -551,7 +556,9 @@ impl Engine {
     /// How many entries the maps need for this policy.
     #[must_use]
     pub fn counts(&self) -> EntryCounts {
-        EntryCounts { rule_slots: self.active.keys().max().map_or(0, |max| max + 1), ..self.counts }
+        // Numbers are handed out lowest first, so every one in use is below
+        // the pool's high-water mark.
+        EntryCounts { rule_slots: self.rule_pool.next, ..self.counts }
     }
 
     /// Every identity entry: what the identity maps hold.
@@ -567,7 +574,7 @@ impl Engine {
 
     /// Every policy entry.
     pub fn policy_entries(&self) -> impl Iterator<Item = &PolicyEntry> + '_ {
-        self.pairs.values().flatten()
+        self.pairs.values().flat_map(PairEntries::as_slice)
     }
 
     /// Every atom: number, owner (`world` for unowned) and flags; `host`
@@ -670,8 +677,11 @@ impl Engine {
             }
             rule_names.insert(Name::clone(name));
         }
-        for name in rule_names {
-            let wanted = self.checks.rule(&name).filter(|rule| rule.is_active_at(now));
+        for touched_name in rule_names {
+            // The checks' copy of the name is the one kept: one per rule.
+            let declared = self.checks.rule(&touched_name);
+            let name = declared.as_ref().map_or(touched_name, |(name, _)| Name::clone(name));
+            let wanted = declared.map(|(_, rule)| rule).filter(|rule| rule.is_active_at(now));
             let id = self.rule_ids.get(&name).copied();
             let current = id.and_then(|id| self.active.get(&id)).map(|a| Arc::clone(&a.rule));
             if let (Some(current), Some(wanted)) = (&current, &wanted)
@@ -714,7 +724,9 @@ impl Engine {
         let mut released: Vec<IpNet> = Vec::new();
         let mut claimed: Vec<(IpNet, Name)> = Vec::new();
         for name in touched {
-            let wanted = self.checks.identity(name);
+            let declared = self.checks.identity(name);
+            let name = declared.as_ref().map_or(name, |(name, _)| name);
+            let wanted = declared.as_ref().map(|(_, identity)| Arc::clone(identity));
             let current = self.identities.get(name).cloned();
             if let (Some(a), Some(b)) = (&current, &wanted)
                 && Arc::ptr_eq(a, b)
@@ -772,7 +784,7 @@ impl Engine {
         let mut dirty_rules = BTreeSet::new();
         for (_, owner, selectors) in &outcome.appeared {
             if let Some(owner) = owner {
-                dirty_rules.extend(self.rules_naming.get(&**owner).into_iter().flatten());
+                dirty_rules.extend(self.rules_naming.get(&name_key(owner)).into_iter().flatten());
                 if let Some(identity) = self.identities.get(owner) {
                     let labels = identity.labels.clone();
                     dirty_rules.extend(self.label_rules_matching(&labels));
@@ -806,7 +818,7 @@ impl Engine {
                     self.world_rules.insert(id);
                 }
                 Selector::Identity(target) => {
-                    self.rules_naming.entry(target.clone()).or_default().insert(id);
+                    self.rules_naming.entry(name_key(target)).or_default().insert(id);
                 }
                 Selector::Labels(wanted) => {
                     self.label_rules.entry(wanted.clone()).or_default().insert(id);
@@ -835,8 +847,7 @@ impl Engine {
                 }
             }
         }
-        let ranges = rule_ranges(&rule);
-        self.active.insert(id, ActiveRule { rule, name, ranges, from: Vec::new(), to: Vec::new() });
+        self.active.insert(id, ActiveRule { rule, name, from: SmallSet::Empty, to: SmallSet::Empty });
     }
 
     /// Takes a leaving rule (or the old version of a changed one) off its
@@ -862,7 +873,7 @@ impl Engine {
                 Selector::Identity(target) if target == WORLD => {
                     self.world_rules.remove(&id);
                 }
-                Selector::Identity(target) => remove_from(&mut self.rules_naming, target, id),
+                Selector::Identity(target) => remove_from(&mut self.rules_naming, &name_key(target), id),
                 Selector::Labels(wanted) => {
                     remove_from(&mut self.label_rules, wanted, id);
                     if !self.label_rules.contains_key(wanted) {
@@ -959,10 +970,11 @@ impl Engine {
         let to = self.select(&active.rule.to);
         let active = self.active.get_mut(&id).expect("looked up above");
         let (old_from, old_to) = (std::mem::take(&mut active.from), std::mem::take(&mut active.to));
-        let gained_from = difference(&from, &old_from);
-        let lost_from = difference(&old_from, &from);
-        let gained_to = difference(&to, &old_to);
-        let lost_to = difference(&old_to, &to);
+        let (old_from, old_to) = (old_from.as_slice(), old_to.as_slice());
+        let gained_from = difference(&from, old_from);
+        let lost_from = difference(old_from, &from);
+        let gained_to = difference(&to, old_to);
+        let lost_to = difference(old_to, &to);
         let mut mark = |sources: &[IdentityId], destinations: &[IdentityId]| {
             for &src in sources {
                 for &dst in destinations {
@@ -972,8 +984,8 @@ impl Engine {
         };
         mark(&gained_from, &to);
         mark(&from, &gained_to);
-        mark(&lost_from, &old_to);
-        mark(&old_from, &lost_to);
+        mark(&lost_from, old_to);
+        mark(old_from, &lost_to);
         // A freshly activated rule has empty old sets: all its pairs are new.
         for src in &lost_from {
             remove_from(&mut self.rules_from, src, id);
@@ -988,8 +1000,8 @@ impl Engine {
             self.rules_to.entry(*dst).or_default().insert(id);
         }
         let active = self.active.get_mut(&id).expect("looked up above");
-        active.from = from;
-        active.to = to;
+        active.from = SmallSet::from_sorted(from);
+        active.to = SmallSet::from_sorted(to);
     }
 
     /// Resolves one pair's claims again and records what its entries became.
@@ -1003,8 +1015,8 @@ impl Engine {
         let mut claims: Vec<Claim<&str>> = Vec::new();
         for id in self.rules_from.get(&src).into_iter().flatten() {
             let active = &self.active[id];
-            if active.to.binary_search(&dst).is_ok() {
-                claims.extend(active.ranges.iter().map(|&(first, last)| Claim {
+            if active.to.contains(&dst) {
+                claims.extend(rule_ranges(&active.rule).into_iter().map(|(first, last)| Claim {
                     action: active.rule.action,
                     order: &*active.name,
                     rule_index: *id,
@@ -1018,10 +1030,11 @@ impl Engine {
             pair_entries(src, dst, &claims, &mut entries);
         }
         let old = self.pairs.remove(&(src, dst)).unwrap_or_default();
+        let old = old.as_slice();
         if src == IDENTITY_WORLD && old.is_empty() != entries.is_empty() {
             reach_changed.insert(dst);
         }
-        for entry in &old {
+        for entry in old {
             policy.record((entry.prefix_len, entry.key), Some(entry.value), None);
             self.counts.policy(entry.prefix_len, -1);
         }
@@ -1030,8 +1043,7 @@ impl Engine {
             self.counts.policy(entry.prefix_len, 1);
         }
         if !entries.is_empty() {
-            entries.shrink_to_fit();
-            self.pairs.insert((src, dst), entries);
+            self.pairs.insert((src, dst), PairEntries::from(entries));
         }
     }
 
@@ -1056,6 +1068,43 @@ impl Engine {
     pub fn rule(&self, index: u32) -> Option<RuleInfo> {
         self.active.get(&index).map(|a| RuleInfo { name: Arc::clone(&a.name), action: a.rule.action })
     }
+}
+
+/// The entries of one identity pair: usually one, kept inline.
+#[derive(Debug, Default)]
+enum PairEntries {
+    #[default]
+    None,
+    One(PolicyEntry),
+    Many(Box<[PolicyEntry]>),
+}
+
+impl PairEntries {
+    fn as_slice(&self) -> &[PolicyEntry] {
+        match self {
+            Self::None => &[],
+            Self::One(one) => std::slice::from_ref(one),
+            Self::Many(many) => many,
+        }
+    }
+}
+
+impl From<Vec<PolicyEntry>> for PairEntries {
+    fn from(entries: Vec<PolicyEntry>) -> Self {
+        match entries.len() {
+            0 => Self::None,
+            1 => Self::One(entries[0]),
+            _ => Self::Many(entries.into_boxed_slice()),
+        }
+    }
+}
+
+/// The key of an identity name in `rules_naming`.
+fn name_key(name: &str) -> u64 {
+    use std::hash::Hasher as _;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    hasher.write(name.as_bytes());
+    hasher.finish()
 }
 
 fn mode_of_owner(identities: &HashMap<Name, Arc<Identity>>, owner: Option<&Name>) -> u32 {
@@ -1085,7 +1134,7 @@ fn difference(a: &[IdentityId], b: &[IdentityId]) -> Vec<IdentityId> {
     a.iter().filter(|x| b.binary_search(x).is_err()).copied().collect()
 }
 
-fn remove_from<K, Q>(map: &mut HashMap<Q, HashSet<u32>>, key: &K, id: u32)
+fn remove_from<K, Q>(map: &mut HashMap<Q, SmallSet<u32>>, key: &K, id: u32)
 where
     K: Eq + Hash + ?Sized,
     Q: Eq + Hash + std::borrow::Borrow<K>,

@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use enforcer_common::{IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_WORLD, IdentityId, IdentityValue};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use super::small::SmallSet;
 use super::{EntryCounts, IdPool, Name, Recorder, SelectorId};
 
 /// What an atom stands for: its owner (`None`: no declared identity) and the
@@ -54,7 +55,7 @@ struct AtomState {
     prefixes: usize,
     flags: u32,
     /// Prefixes with an identity entry of this atom.
-    entries: BTreeSet<IpNet>,
+    entries: SmallSet<IpNet>,
 }
 
 /// What a `settle` changed in the set of atoms.
@@ -71,8 +72,8 @@ pub(super) struct Partition {
     lengths: BTreeMap<(bool, u8), usize>,
     atoms: HashMap<IdentityId, AtomState>,
     by_key: HashMap<AtomKey, IdentityId>,
-    by_owner: HashMap<Option<Name>, BTreeSet<IdentityId>>,
-    by_selector: HashMap<SelectorId, BTreeSet<IdentityId>>,
+    by_owner: HashMap<Option<Name>, SmallSet<IdentityId>>,
+    by_selector: HashMap<SelectorId, SmallSet<IdentityId>>,
     pool: IdPool,
     /// Prefixes whose role changed since the last settle.
     dirty: BTreeSet<IpNet>,
@@ -97,7 +98,7 @@ impl Partition {
                 key: world.clone(),
                 prefixes: 2,
                 flags: IDENTITY_FLAG_NO_RULES_FROM_WORLD,
-                entries: BTreeSet::new(),
+                entries: SmallSet::Empty,
             },
         );
         partition.by_key.insert(world, IDENTITY_WORLD);
@@ -197,7 +198,7 @@ impl Partition {
                         self.by_selector.entry(*selector).or_default().insert(id);
                     }
                     self.by_key.insert(key.clone(), id);
-                    self.atoms.insert(id, AtomState { key, prefixes: 0, flags, entries: BTreeSet::new() });
+                    self.atoms.insert(id, AtomState { key, prefixes: 0, flags, entries: SmallSet::Empty });
                     created.push(id);
                     id
                 }
@@ -345,7 +346,7 @@ fn owner_name(owner: Option<&Name>) -> Name {
     owner.cloned().unwrap_or_else(|| Name::from(crate::model::WORLD))
 }
 
-fn remove_id<K: std::hash::Hash + Eq>(map: &mut HashMap<K, BTreeSet<IdentityId>>, key: &K, id: IdentityId) {
+fn remove_id<K: std::hash::Hash + Eq>(map: &mut HashMap<K, SmallSet<IdentityId>>, key: &K, id: IdentityId) {
     if let Some(set) = map.get_mut(key) {
         set.remove(&id);
         if set.is_empty() {

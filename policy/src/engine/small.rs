@@ -1,0 +1,115 @@
+//! A sorted set that stores one element inline: most sets the engine keeps
+//! (the rules selecting an atom, the atoms of an owner, the entries of an
+//! atom) hold exactly one, and a heap allocation for each of 100,000 of
+//! them is most of what such indexes cost.
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) enum SmallSet<T> {
+    #[default]
+    Empty,
+    One(T),
+    /// Two or more, sorted.
+    Many(Vec<T>),
+}
+
+impl<T: Ord + Copy> SmallSet<T> {
+    /// From sorted, distinct elements.
+    pub(crate) fn from_sorted(mut items: Vec<T>) -> Self {
+        match items.len() {
+            0 => Self::Empty,
+            1 => Self::One(items[0]),
+            _ => {
+                items.shrink_to_fit();
+                Self::Many(items)
+            }
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[T] {
+        match self {
+            Self::Empty => &[],
+            Self::One(one) => std::slice::from_ref(one),
+            Self::Many(many) => many,
+        }
+    }
+
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.as_slice().iter()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        matches!(self, Self::Empty)
+    }
+
+    pub(crate) fn contains(&self, item: &T) -> bool {
+        self.as_slice().binary_search(item).is_ok()
+    }
+
+    /// Adds `item`; false if it was there.
+    pub(crate) fn insert(&mut self, item: T) -> bool {
+        match self {
+            Self::Empty => *self = Self::One(item),
+            Self::One(one) if *one == item => return false,
+            Self::One(one) => {
+                let pair = if *one < item { vec![*one, item] } else { vec![item, *one] };
+                *self = Self::Many(pair);
+            }
+            Self::Many(many) => match many.binary_search(&item) {
+                Ok(_) => return false,
+                Err(at) => many.insert(at, item),
+            },
+        }
+        true
+    }
+
+    /// Takes `item` out; false if it was not there.
+    pub(crate) fn remove(&mut self, item: &T) -> bool {
+        match self {
+            Self::One(one) if one == item => *self = Self::Empty,
+            Self::Many(many) => match many.binary_search(item) {
+                Ok(at) => {
+                    many.remove(at);
+                    if many.len() == 1 {
+                        *self = Self::One(many[0]);
+                    }
+                }
+                Err(_) => return false,
+            },
+            _ => return false,
+        }
+        true
+    }
+}
+
+impl<'a, T: Ord + Copy> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SmallSet;
+
+    #[test]
+    fn behaves_like_a_sorted_set() {
+        let mut set = SmallSet::default();
+        let mut model = std::collections::BTreeSet::new();
+        let mut x: u32 = 7;
+        for _ in 0..2000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let item = (x >> 16) % 6;
+            if (x >> 8).is_multiple_of(3) {
+                assert_eq!(set.remove(&item), model.remove(&item));
+            } else {
+                assert_eq!(set.insert(item), model.insert(item));
+            }
+            assert_eq!(set.as_slice(), model.iter().copied().collect::<Vec<_>>().as_slice());
+            assert_eq!(set.is_empty(), model.is_empty());
+            assert!(matches!(set, SmallSet::Many(ref m) if m.len() >= 2) || set.as_slice().len() <= 1);
+        }
+    }
+}
