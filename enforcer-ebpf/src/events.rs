@@ -106,10 +106,11 @@ pub struct Judged {
 /// it, saves looking the addresses up again) and reports an event within
 /// this CPU's budget. The event is built only once a token is taken: in a
 /// flood, most drops are over budget and pay for neither the clock nor the
-/// copy. Not inlined: as its own subprogram it adds one call to each path
-/// instead of its branches, which keeps the programs well inside the
-/// verifier's limits. `now` is the packet clock, which the budget is kept in.
-#[inline(never)]
+/// copy. Inlined: a call to a subprogram cost every drop 6–10 ns (measured
+/// beside the inlined build at 100k identities), and the inlined programs
+/// still pass the verifier with room (tests load all three on every run).
+/// `now` is the packet clock, which the budget is kept in.
+#[inline(always)]
 pub fn report(packet: &Packet, judged: &Judged, pair: &IdentityPairKey, now: u64) {
     if !judged.audit {
         count_pair(packet, pair);

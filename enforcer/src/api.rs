@@ -263,10 +263,8 @@ async fn current_policy(State(state): State<Arc<ApiState>>, Extension(caller): E
         return refusal;
     }
     let sources = state.shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    Json(PolicyFiles {
-        files: sources.iter().map(|s| PolicyFile { name: s.name.clone(), text: s.text() }).collect(),
-    })
-    .into_response()
+    Json(PolicyFiles { files: sources.iter().map(|s| PolicyFile { name: s.name.clone(), text: s.text() }).collect() })
+        .into_response()
 }
 
 /// A short, stable fingerprint of a policy's text, for the audit log.

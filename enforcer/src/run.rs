@@ -294,6 +294,8 @@ fn start_datapath(
     let hosts = enforcer::host::addresses().context("listing the node's addresses failed")?;
     datapath.set_host_addresses(&hosts, engine)?;
     let generation = datapath.apply(diff, engine, args.audit)?;
+    // The other slot too, so that the first change writes only itself.
+    datapath.prefill_standby(engine)?;
     datapath.set_xdp_attach(args.xdp_attach);
     datapath.set_ingress_hook(args.ingress_hook);
     let mut stats = InterfaceStats::default();
@@ -632,7 +634,8 @@ impl Maintainer<'_> {
                 sources.clear();
             }
             sources.retain(|s| !pushed.contains(s.name.as_str()) && !push.removed.contains(&s.name));
-            sources.extend(push.sources.iter().map(|s| Arc::new(enforcer::sources::StoredSource::new(&s.name, &s.text))));
+            sources
+                .extend(push.sources.iter().map(|s| Arc::new(enforcer::sources::StoredSource::new(&s.name, &s.text))));
             sources.sort_by(|a, b| a.name.cmp(&b.name));
         }
         let _ = push.reply.send(answer);
@@ -719,6 +722,16 @@ impl Maintainer<'_> {
             );
         }
         self.enforced_now(generation);
+        if diff.entries() > BIG_CHANGE_ENTRIES {
+            // Catch the other slot up now, while nothing waits, rather
+            // than in the next change.
+            let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(datapath) = guard.as_mut()
+                && let Err(error) = datapath.prefill_standby(&self.engine)
+            {
+                log::warn!("catching the standby policy slot up failed ({error}); the next change will");
+            }
+        }
         if parsed_bytes > BIG_CHANGE_BYTES || diff.entries() > BIG_CHANGE_ENTRIES {
             return_freed_memory();
         }

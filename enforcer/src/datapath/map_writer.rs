@@ -133,13 +133,17 @@ impl Datapath {
         for (pair, count) in self.read_identity_drops(index, true)? {
             *self.harvested_pairs.entry(pair).or_default() += count;
         }
-        let written = if self.slots[index].in_step {
+        // Out of step until written: an error midway leaves it to a resync.
+        let in_step = std::mem::replace(&mut self.slots[index].in_step, false);
+        let written = if in_step {
             let slot = &mut self.slots[index];
             let change = std::mem::take(&mut slot.behind).then(diff);
             // Rule numbers are stable, so a rule's decision counters carry
             // on from generation to generation; only a number that leaves
             // its rule has its count kept under the rule's name and zeroed.
-            for (rule, count) in slot.take_rule_verdicts(&mut self.maps, change.rules.iter().filter(|d| d.old.is_some()).map(|d| d.key))? {
+            for (rule, count) in
+                slot.take_rule_verdicts(&mut self.maps, change.rules.iter().filter(|d| d.old.is_some()).map(|d| d.key))?
+            {
                 *self.harvested_rules.entry(rule).or_default() += count;
             }
             let slot = &mut self.slots[index];
@@ -152,10 +156,7 @@ impl Datapath {
         } else {
             self.resync_slot(index, state)
         };
-        if let Err(error) = written {
-            self.slots[index].in_step = false;
-            return Err(error);
-        }
+        written?;
         self.slots[index].in_step = true;
         let other = &mut self.slots[1 - index];
         other.behind = std::mem::take(&mut other.behind).then(diff);
@@ -177,6 +178,39 @@ impl Datapath {
         let change = SourceChange { source: "policy".to_owned(), contents: Contents::Parsed(policy.clone()) };
         let diff = engine.apply(vec![change], SystemTime::now()).map_err(DatapathError::Policy)?;
         self.apply(&diff, engine, audit_all)
+    }
+
+    /// Brings the slot the kernel is not reading up to the generation in
+    /// force (`state`) without switching, once no program run can still
+    /// read it: after a start or a large change, the next change then
+    /// writes only its own entries instead of also catching that slot up.
+    pub fn prefill_standby(&mut self, state: &Engine) -> Result<(), DatapathError> {
+        let standby = 1 - slot_of(self.config_value.policy_generation);
+        if self.slots[standby].in_step && self.slots[standby].behind.is_empty() {
+            return Ok(());
+        }
+        self.wait_for_old_slot_readers();
+        // Out of step until written: an error midway leaves it to a resync.
+        let in_step = std::mem::replace(&mut self.slots[standby].in_step, false);
+        let written = if in_step {
+            let slot = &mut self.slots[standby];
+            let change = std::mem::take(&mut slot.behind);
+            let harvested = slot
+                .take_rule_verdicts(&mut self.maps, change.rules.iter().filter(|d| d.old.is_some()).map(|d| d.key))?;
+            for (rule, count) in harvested {
+                *self.harvested_rules.entry(rule).or_default() += count;
+            }
+            self.slots[standby].take_tables(&change);
+            let writes = SlotWrites {
+                identities: change.identities.iter().map(|d| (d.key, d.new)).collect(),
+                policy: change.policy.iter().map(|d| (d.key, d.new)).collect(),
+            };
+            self.maps.write_slot(standby, &writes, Some(&self.host_addresses))
+        } else {
+            self.resync_slot(standby, state)
+        };
+        self.slots[standby].in_step = written.is_ok();
+        written
     }
 
     /// Records an engine change that no slot received (the engine stepping

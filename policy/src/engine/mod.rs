@@ -60,7 +60,10 @@ use crate::model::{Action, HOST, Identity, Mode, Peer, Policy, Rule, Selector, W
 
 use self::check::Checks;
 use self::partition::{Partition, Settled};
-use self::small::SmallSet;
+use self::small::{NumberMap, SmallSet};
+
+/// Identity pairs whose entries must be resolved again.
+type PairSet = HashSet<(IdentityId, IdentityId), std::hash::BuildHasherDefault<small::NumberHasher>>;
 
 /// A name shared between the model and the engine's indexes.
 pub type Name = Arc<str>;
@@ -172,12 +175,12 @@ fn compose<K: Eq + Hash + Clone, V: PartialEq + Clone>(
 
 /// Collects changes by key, keeping the first old and the last new value.
 struct Recorder<K, V> {
-    changes: HashMap<K, (Option<V>, Option<V>)>,
+    changes: NumberMap<K, (Option<V>, Option<V>)>,
 }
 
 impl<K, V> Default for Recorder<K, V> {
     fn default() -> Self {
-        Self { changes: HashMap::new() }
+        Self { changes: NumberMap::default() }
     }
 }
 
@@ -307,27 +310,27 @@ pub struct Engine {
     identities: HashMap<Name, Arc<Identity>>,
     /// Identities by one of their labels, to resolve label selectors.
     by_label: HashMap<(String, String), HashSet<Name>>,
-    active: HashMap<u32, ActiveRule>,
+    active: NumberMap<u32, ActiveRule>,
     rule_ids: HashMap<Name, u32>,
     rule_pool: IdPool,
     expiries: BTreeSet<(SystemTime, Name)>,
     /// Active rules by the selectors their peers use.
     /// Keyed by a hash of the identity name: a collision only makes a
     /// rule a candidate for selecting again, which finds what it selects.
-    rules_naming: HashMap<u64, SmallSet<u32>>,
+    rules_naming: NumberMap<u64, SmallSet<u32>>,
     world_rules: HashSet<u32>,
     label_rules: HashMap<BTreeMap<String, String>, SmallSet<u32>>,
     label_selectors_by_pair: HashMap<(String, String), HashSet<BTreeMap<String, String>>>,
-    cidr_rules: HashMap<SelectorId, SmallSet<u32>>,
+    cidr_rules: NumberMap<SelectorId, SmallSet<u32>>,
     selectors: HashMap<CidrSelector, (SelectorId, u32)>,
-    selector_values: HashMap<SelectorId, CidrSelector>,
+    selector_values: NumberMap<SelectorId, CidrSelector>,
     selector_pool: IdPool,
     partition: Partition,
     /// Active rules by an atom their `from` (`to`) selects.
-    rules_from: HashMap<IdentityId, SmallSet<u32>>,
-    rules_to: HashMap<IdentityId, SmallSet<u32>>,
+    rules_from: NumberMap<IdentityId, SmallSet<u32>>,
+    rules_to: NumberMap<IdentityId, SmallSet<u32>>,
     /// Entries of each identity pair some rule claims.
-    pairs: HashMap<(IdentityId, IdentityId), PairEntries>,
+    pairs: NumberMap<(IdentityId, IdentityId), PairEntries>,
     counts: EntryCounts,
     /// The sources the last `apply` replaced, for [`Engine::revert`].
     undo: Vec<(String, Option<Arc<Fragment>>)>,
@@ -389,22 +392,22 @@ impl Engine {
             checks: Checks::default(),
             identities: HashMap::new(),
             by_label: HashMap::new(),
-            active: HashMap::new(),
+            active: NumberMap::default(),
             rule_ids: HashMap::new(),
             rule_pool: IdPool::starting_at(0),
             expiries: BTreeSet::new(),
-            rules_naming: HashMap::new(),
+            rules_naming: NumberMap::default(),
             world_rules: HashSet::new(),
             label_rules: HashMap::new(),
             label_selectors_by_pair: HashMap::new(),
-            cidr_rules: HashMap::new(),
+            cidr_rules: NumberMap::default(),
             selectors: HashMap::new(),
-            selector_values: HashMap::new(),
+            selector_values: NumberMap::default(),
             selector_pool: IdPool::starting_at(0),
             partition: Partition::new(IDENTITY_FIRST_DYNAMIC),
-            rules_from: HashMap::new(),
-            rules_to: HashMap::new(),
-            pairs: HashMap::new(),
+            rules_from: NumberMap::default(),
+            rules_to: NumberMap::default(),
+            pairs: NumberMap::default(),
             counts: EntryCounts::default(),
             undo: Vec::new(),
         }
@@ -617,7 +620,7 @@ impl Engine {
     fn compile(&mut self, touched: &Touched, now: SystemTime) -> EntryDiff {
         let mut rec = Recorders::default();
         let mut dirty_rules: BTreeSet<u32> = BTreeSet::new();
-        let mut dirty_pairs: HashSet<(IdentityId, IdentityId)> = HashSet::new();
+        let mut dirty_pairs: PairSet = PairSet::default();
 
         // 1. Rules: the ones leaving take their claims with them; the ones
         //    entering are selected below, once the partition is final.
@@ -668,7 +671,7 @@ impl Engine {
         now: SystemTime,
         rec: &mut Recorders,
         dirty_rules: &mut BTreeSet<u32>,
-        dirty_pairs: &mut HashSet<(IdentityId, IdentityId)>,
+        dirty_pairs: &mut PairSet,
     ) {
         let mut rule_names: BTreeSet<Name> = touched.clone();
         for (when, name) in &self.expiries {
@@ -852,7 +855,7 @@ impl Engine {
 
     /// Takes a leaving rule (or the old version of a changed one) off its
     /// selectors and pairs.
-    fn deactivate(&mut self, id: u32, dirty_pairs: &mut HashSet<(IdentityId, IdentityId)>) {
+    fn deactivate(&mut self, id: u32, dirty_pairs: &mut PairSet) {
         let Some(active) = self.active.remove(&id) else { return };
         if let Some(expires) = active.rule.expires {
             self.expiries.remove(&(expires, Name::clone(&active.name)));
@@ -964,7 +967,7 @@ impl Engine {
     }
 
     /// Selects rule `id` again and marks the pairs it gained or lost.
-    fn reselect(&mut self, id: u32, dirty_pairs: &mut HashSet<(IdentityId, IdentityId)>) {
+    fn reselect(&mut self, id: u32, dirty_pairs: &mut PairSet) {
         let Some(active) = self.active.get(&id) else { return };
         let from = self.select(&active.rule.from);
         let to = self.select(&active.rule.to);
@@ -1134,7 +1137,7 @@ fn difference(a: &[IdentityId], b: &[IdentityId]) -> Vec<IdentityId> {
     a.iter().filter(|x| b.binary_search(x).is_err()).copied().collect()
 }
 
-fn remove_from<K, Q>(map: &mut HashMap<Q, SmallSet<u32>>, key: &K, id: u32)
+fn remove_from<K, Q, S: std::hash::BuildHasher>(map: &mut HashMap<Q, SmallSet<u32>, S>, key: &K, id: u32)
 where
     K: Eq + Hash + ?Sized,
     Q: Eq + Hash + std::borrow::Borrow<K>,

@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use enforcer_common::{IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_WORLD, IdentityId, IdentityValue};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::small::SmallSet;
+use super::small::{NumberMap, SmallSet};
 use super::{EntryCounts, IdPool, Name, Recorder, SelectorId};
 
 /// What an atom stands for: its owner (`None`: no declared identity) and the
@@ -70,10 +70,10 @@ pub(super) struct Partition {
     prefixes: BTreeMap<IpNet, PrefixState>,
     /// Distinct prefix lengths in use per (family is v4, length).
     lengths: BTreeMap<(bool, u8), usize>,
-    atoms: HashMap<IdentityId, AtomState>,
+    atoms: NumberMap<IdentityId, AtomState>,
     by_key: HashMap<AtomKey, IdentityId>,
     by_owner: HashMap<Option<Name>, SmallSet<IdentityId>>,
-    by_selector: HashMap<SelectorId, SmallSet<IdentityId>>,
+    by_selector: NumberMap<SelectorId, SmallSet<IdentityId>>,
     pool: IdPool,
     /// Prefixes whose role changed since the last settle.
     dirty: BTreeSet<IpNet>,
@@ -84,10 +84,10 @@ impl Partition {
         let mut partition = Self {
             prefixes: BTreeMap::new(),
             lengths: BTreeMap::new(),
-            atoms: HashMap::new(),
+            atoms: NumberMap::default(),
             by_key: HashMap::new(),
             by_owner: HashMap::new(),
-            by_selector: HashMap::new(),
+            by_selector: NumberMap::default(),
             pool: IdPool::starting_at(first_dynamic),
             dirty: BTreeSet::new(),
         };
@@ -346,7 +346,11 @@ fn owner_name(owner: Option<&Name>) -> Name {
     owner.cloned().unwrap_or_else(|| Name::from(crate::model::WORLD))
 }
 
-fn remove_id<K: std::hash::Hash + Eq>(map: &mut HashMap<K, SmallSet<IdentityId>>, key: &K, id: IdentityId) {
+fn remove_id<K: std::hash::Hash + Eq, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, SmallSet<IdentityId>, S>,
+    key: &K,
+    id: IdentityId,
+) {
     if let Some(set) = map.get_mut(key) {
         set.remove(&id);
         if set.is_empty() {

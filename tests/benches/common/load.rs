@@ -43,6 +43,9 @@ pub fn in_process(datapath: &mut Datapath, policy: &Policy) -> Result<Load, Erro
     datapath.apply(&diff, &engine, false)?;
     let full = started.elapsed();
     drop(diff);
+    // As the daemon does after its first load: the other slot too, so
+    // that a change writes only itself.
+    datapath.prefill_standby(&engine)?;
     // A one-rule change on top, in a source of its own: rule r0 again,
     // under another name and port.
     let mut extra = Policy::default();
