@@ -367,7 +367,11 @@ pub struct Config {
     /// Length of the kernel's timer tick (1/`CONFIG_HZ` s), which the
     /// programs' clock counts in; 0 until the daemon has measured it.
     pub clock_tick_ns: u32,
-    pub padding: u32,
+    /// Bumped by the daemon whenever it changes a verdict without a new
+    /// policy generation (the node's own addresses): verdict cache entries
+    /// of another epoch never match. (Padding, always 0, in builds before
+    /// the verdict cache, which ignore it.)
+    pub verdict_epoch: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
@@ -377,6 +381,42 @@ pub const MAX_CLOCK_TICK_NS: u32 = 10_000_000;
 
 /// Daemon-wide audit mode: policy drops become counted passes.
 pub const CONFIG_FLAG_AUDIT: u32 = 1;
+
+/// The verdict cache is neither read nor filled: for measuring the path a
+/// never-seen tuple takes.
+pub const CONFIG_FLAG_NO_VERDICT_CACHE: u32 = 1 << 1;
+
+/// Entries of the per-CPU verdict cache (a power of two: the index is the
+/// top bits of a hash).
+pub const VERDICT_CACHE_ENTRIES: u32 = 4096;
+
+/// One entry of the per-CPU verdict cache: what the identity and policy
+/// lookups answered for one (source address, destination address,
+/// protocol, policy port) under one policy generation. The policy depends
+/// on nothing else, so the entry stands for those lookups until the
+/// generation changes; the daemon bumps the generation with every write
+/// that can change a verdict (policy changes), or the verdict epoch (the
+/// node's own addresses).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictCacheEntry {
+    /// Source then destination address, as in [`FlowKey`].
+    pub addrs: [u64; 4],
+    /// `generation | policy port << 32 | protocol << 48 | family << 56`;
+    /// never 0 for a filled entry (the family is 4 or 6).
+    pub tag: u64,
+    pub src: IdentityValue,
+    pub dst: IdentityValue,
+    /// 1 if the policy allows, 0 if it denies.
+    pub allow: u32,
+    /// The [`DropReason`] of a denial.
+    pub reason: u32,
+    /// The deciding rule, or `u32::MAX` for none.
+    pub rule_index: u32,
+    /// [`Config::verdict_epoch`] when the entry was filled.
+    pub epoch: u32,
+}
+const _: () = assert!(core::mem::size_of::<VerdictCacheEntry>() == 72);
 
 /// Connection-tracking timeouts, in nanoseconds.
 pub mod timeouts {
@@ -530,7 +570,7 @@ pub mod maps {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
     /// Every map, for pinning.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         EVENTS,
         IDENTITY_DROPS,
         EVENT_BUDGET,
@@ -548,15 +588,18 @@ pub mod maps {
         RULE_VERDICTS,
         STATE_ERRORS,
         FRAGMENTS,
+        VERDICT_CACHE,
     ];
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
+    pub const VERDICT_CACHE: &str = "VERDICT_CACHE";
 
     use core::mem::size_of;
 
     use super::{
         Config, Counter, EventBudget, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityKeyV4, IdentityKeyV6,
         IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue,
+        VerdictCacheEntry,
     };
 
     /// An LPM trie key: the prefix length, then the data.
@@ -601,6 +644,7 @@ pub mod maps {
         layout(RULE_VERDICTS, 4, 8),
         layout(STATE_ERRORS, 4, 8),
         layout(FRAGMENTS, size_of::<FragmentKey>(), size_of::<FragmentValue>()),
+        layout(VERDICT_CACHE, 4, size_of::<VerdictCacheEntry>()),
     ];
 }
 
@@ -622,4 +666,5 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentValue {}
+    unsafe impl aya::Pod for super::VerdictCacheEntry {}
 }

@@ -18,6 +18,7 @@
 // to the accesses they guard, where the verifier can see them.
 #![allow(clippy::inline_always)]
 
+mod cache;
 mod clock;
 mod conntrack;
 mod events;
@@ -34,8 +35,8 @@ use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
 use aya_ebpf::macros::{classifier, xdp};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST,
-    IdentityPairKey, IdentityValue, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_INDEX, Config, Direction, DropReason, IDENTITY_FLAG_AUDIT,
+    IDENTITY_HOST, IdentityPairKey, IdentityValue, slot_of,
 };
 
 use crate::parse::{Fragment, Frame, Kind, Packet, Parsed};
@@ -209,6 +210,21 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
         }
     }
     let slot = slot_of(config.policy_generation);
+    // Whole packets at ingress that the policy judges by their tuple alone
+    // may take their identities and the policy's answer from the cache.
+    let cached = direction == Direction::Ingress
+        && packet.fragment == Fragment::Whole
+        && packet.kind != Kind::IcmpError
+        && config.flags & CONFIG_FLAG_NO_VERDICT_CACHE == 0;
+    let cache_slot = cache::slot(packet, config);
+    if cached && let Some((src, dst, outcome)) = cache::lookup(&cache_slot) {
+        if src.id == IDENTITY_HOST {
+            return Verdict::drop(DropReason::HostSpoofed);
+        }
+        *pair = IdentityPairKey { slot: slot as u32, src: src.id, dst: dst.id };
+        let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
+        return conclude(packet, direction, dst, config.policy_generation, (audit, stale), now, outcome);
+    }
     let src = identity::lookup(slot, packet.flow.family, &packet.flow.src_addr);
     match direction {
         Direction::Ingress if src.id == IDENTITY_HOST => {
@@ -241,20 +257,26 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
     if packet.kind == Kind::IcmpError && conntrack::is_tracked(&packet.quoted, now) {
         return Verdict::PASS;
     }
-    decide(packet, direction, (src, dst), config.policy_generation, (audit, stale), now)
+    let outcome = policy::decide(slot, src, dst, packet.flow.protocol, packet.policy_port);
+    if cached {
+        cache::store(&cache_slot, src, dst, &outcome);
+    }
+    conclude(packet, direction, dst, config.policy_generation, (audit, stale), now, outcome)
 }
 
-/// Policy verdict for a packet no tracked flow covers, with the conntrack
-/// bookkeeping it implies. `stale`: conntrack holds an unusable entry for
-/// the packet's tuple, which a denial must forget.
+/// The verdict for a packet no tracked flow covers, from the policy's
+/// `outcome`, with the conntrack bookkeeping it implies. `stale`: conntrack
+/// holds an unusable entry for the packet's tuple, which a denial must
+/// forget.
 #[inline(always)]
-fn decide(
+fn conclude(
     packet: &Packet,
     direction: Direction,
-    (src, dst): (IdentityValue, IdentityValue),
+    dst: IdentityValue,
     generation: u32,
     (audit, stale): (bool, bool),
     now: u64,
+    outcome: policy::Outcome,
 ) -> Verdict {
     // Replies come back in at ingress, unless the node itself answers.
     let reply_hook = if dst.id == IDENTITY_HOST { Direction::Egress } else { Direction::Ingress };
@@ -263,7 +285,7 @@ fn decide(
     let slot = slot_of(generation);
     // Rule counters are bumped last: a map lookup between the decision and
     // the conntrack bookkeeping doubles the paths the verifier must walk.
-    match policy::decide(slot, src, dst, packet.flow.protocol, packet.policy_port) {
+    match outcome {
         policy::Outcome::Allow { rule_index } => {
             if trackable {
                 conntrack::admit(packet, hooks, generation, rule_index, None, now);

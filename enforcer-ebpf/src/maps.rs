@@ -7,7 +7,7 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHas
 use enforcer_common::{
     Config, Counter, DEFAULT_MAX_RULES, DROP_COUNTER_ENTRIES, Direction, EventBudget, FlowKey, FlowValue, FragmentKey,
     FragmentValue, IdentityKeyV4, IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue,
-    PolicyKeyData, PolicyValue, StateError,
+    PolicyKeyData, PolicyValue, StateError, VERDICT_CACHE_ENTRIES, VerdictCacheEntry,
 };
 
 // Identity and policy keys start with the policy slot (see
@@ -91,3 +91,10 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entrie
 /// hash the verifier inlines lookups of, which every counted drop pays for.
 #[map]
 pub static IDENTITY_DROPS: PerCpuHashMap<IdentityPairKey, u64> = PerCpuHashMap::with_max_entries(16_384, 0);
+
+/// Recent identity-and-policy answers per CPU, direct-mapped (see
+/// `crate::cache`): a flood of denied (or allowed, untracked) packets
+/// between the same addresses and port pays one array lookup instead of two
+/// identity and one or two policy lookups.
+#[map]
+pub static VERDICT_CACHE: PerCpuArray<VerdictCacheEntry> = PerCpuArray::with_max_entries(VERDICT_CACHE_ENTRIES, 0);

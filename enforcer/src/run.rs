@@ -721,6 +721,7 @@ impl Maintainer<'_> {
                 policy::diff::summary(&self.engine.last_differences())
             );
         }
+        self.engine.commit();
         self.enforced_now(generation);
         if diff.entries() > BIG_CHANGE_ENTRIES {
             // Catch the other slot up now, while nothing waits, rather

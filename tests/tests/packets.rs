@@ -569,6 +569,48 @@ fn a_new_policy_generation_reaches_live_flows() {
     assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, ACK))), Drop(DefaultDeny), "replies stop too");
 }
 
+/// The verdict cache answers a repeated tuple, whatever its source port,
+/// exactly as the lookups would, and never past a change: a new policy
+/// generation or new node addresses make every entry miss at once.
+#[test]
+fn cached_verdicts_never_outlive_a_change() {
+    let mut kernel = kernel(false);
+    let h = V4;
+    let syn = |src, dst, source_port, port| frames::simple(src, dst, TCP, tcp(source_port, port, SYN));
+    // Denied many times over (each run after the first is a cache hit),
+    // then allowed by the next generation: the first packet after it passes.
+    for source_port in 41_000..41_050 {
+        assert_eq!(kernel.ingress(&syn(h.db, h.web, source_port, 8080)), Drop(DefaultDeny));
+    }
+    let opened = POLICY.replace(
+        "  rules:\n",
+        "  rules:\n    - {name: db-to-web, from: [{identity: db}], to: [{identity: web}], ports: [\"8080/tcp\"]}\n",
+    );
+    kernel.enforce(&policy::parse_str("opened.yaml", &opened).unwrap(), false);
+    assert_eq!(kernel.ingress(&syn(h.db, h.web, 41_050, 8080)), Pass, "the new generation's verdict");
+    // Allowed and untracked many times over (an echo request to bulk is
+    // never opened; UDP is), then the source becomes the node's own
+    // address: the next packet is spoofed.
+    let datagram = frames::simple(h.web, h.bulk, UDP, udp(5000, 6000, b"x"));
+    for _ in 0..50 {
+        assert_eq!(kernel.ingress(&datagram), Pass);
+        kernel.datapath.clear_state().unwrap();
+    }
+    let hosts: BTreeSet<IpAddr> = [V4.host, V6.host, h.web].into_iter().collect();
+    kernel.datapath.set_host_addresses(&hosts, &kernel.engine).unwrap();
+    assert_eq!(kernel.ingress(&datagram), Drop(HostSpoofed), "new node addresses reach cached verdicts");
+    // 10.1.0.5 is the node's now: db may not reach it on 8080 (db-to-web
+    // names web, not host), while the rest of web still may be reached.
+    assert_eq!(kernel.ingress(&syn(h.db, h.web, 41_051, 8080)), Drop(DefaultDeny));
+    let other_web = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 6));
+    assert_eq!(kernel.ingress(&syn(h.db, other_web, 41_052, 8080)), Pass);
+    // With the cache off, the same verdicts.
+    kernel.datapath.set_verdict_cache(false).unwrap();
+    assert_eq!(kernel.ingress(&datagram), Drop(HostSpoofed));
+    assert_eq!(kernel.ingress(&syn(h.db, h.web, 41_053, 8080)), Drop(DefaultDeny));
+    assert_eq!(kernel.ingress(&syn(h.db, other_web, 41_054, 8080)), Pass);
+}
+
 /// Rule decisions are counted per slot and carried over when a slot is
 /// reused: the total per rule survives any number of policy changes.
 #[test]

@@ -14,9 +14,9 @@ use aya::maps::IterableMap as _;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, IDENTITY_HOST, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4,
-    IdentityPrefixV6, IdentityValue, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue, SLOT_BITS, maps,
-    rule_counter_index, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_INDEX, Config, IDENTITY_HOST, IdentityId, IdentityKeyV4,
+    IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, POLICY_KEY_MAX_PREFIX, PolicyKeyData,
+    PolicyValue, SLOT_BITS, maps, rule_counter_index, slot_of,
 };
 use ipnet::IpNet;
 use policy::engine::{Contents, EntryCounts, Name, SourceChange};
@@ -161,11 +161,12 @@ impl Datapath {
         let other = &mut self.slots[1 - index];
         other.behind = std::mem::take(&mut other.behind).then(diff);
         self.counts = state.counts();
+        let cache_off = if self.verdict_cache { 0 } else { CONFIG_FLAG_NO_VERDICT_CACHE };
         self.config_value = Config {
             policy_generation: generation,
-            flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 },
+            flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 } | cache_off,
             clock_tick_ns: clock_tick_ns(),
-            padding: 0,
+            verdict_epoch: self.config_value.verdict_epoch,
         };
         self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))?;
         self.quiescing = quiesce_in_background(&self.barrier);
@@ -177,7 +178,9 @@ impl Datapath {
     pub fn enforce(&mut self, engine: &mut Engine, policy: &Policy, audit_all: bool) -> Result<u32, DatapathError> {
         let change = SourceChange { source: "policy".to_owned(), contents: Contents::Parsed(policy.clone()) };
         let diff = engine.apply(vec![change], SystemTime::now()).map_err(DatapathError::Policy)?;
-        self.apply(&diff, engine, audit_all)
+        let generation = self.apply(&diff, engine, audit_all)?;
+        engine.commit();
+        Ok(generation)
     }
 
     /// Brings the slot the kernel is not reading up to the generation in
@@ -335,7 +338,22 @@ impl Datapath {
             self.maps.write_slot(index, &writes, None)?;
         }
         self.host_addresses.clone_from(addresses);
-        Ok(())
+        // Verdicts cached with the old addresses must not match any more.
+        self.config_value.verdict_epoch = self.config_value.verdict_epoch.wrapping_add(1);
+        self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))
+    }
+
+    /// Turns the kernel's verdict cache on (the default) or off. Off, every
+    /// packet no tracked flow covers takes the identity and policy lookups:
+    /// what a never-seen tuple costs, for measuring.
+    pub fn set_verdict_cache(&mut self, enabled: bool) -> Result<(), DatapathError> {
+        self.verdict_cache = enabled;
+        if enabled {
+            self.config_value.flags &= !CONFIG_FLAG_NO_VERDICT_CACHE;
+        } else {
+            self.config_value.flags |= CONFIG_FLAG_NO_VERDICT_CACHE;
+        }
+        self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))
     }
 }
 

@@ -196,6 +196,8 @@ pub struct Datapath {
     last_slot_wait: Duration,
     /// Entries the policy in force needs, as of the last `apply`.
     counts: EntryCounts,
+    /// Whether the kernel's verdict cache is used (see `set_verdict_cache`).
+    verdict_cache: bool,
 }
 
 /// Counter totals summed over CPUs.

@@ -477,6 +477,13 @@ impl Engine {
         self.compile(&touched, now)
     }
 
+    /// Forgets what [`Engine::revert`] would restore, once the last change
+    /// is written: it holds the replaced sources (after a large file's
+    /// change, a second copy of it).
+    pub fn commit(&mut self) {
+        self.undo = Vec::new();
+    }
+
     /// What the last [`Engine::apply`] changed, by identity and rule name
     /// (for the audit log): its sources before against the same sources now.
     #[must_use]

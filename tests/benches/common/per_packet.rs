@@ -30,13 +30,12 @@ fn classes(family: &str) -> Vec<(&'static str, Vec<u8>)> {
     };
     vec![
         ("established (conntrack hit)", frames::simple(src, dst, TCP, tcp(40000, 1000, ACK))),
-        (
-            "new allowed (full lookup, untracked)",
-            frames::simple(src, dst, icmp_proto, icmp(timestamp, 0, [0; 4], &[0; 12])),
-        ),
+        // An ICMP timestamp request: allowed, never tracked.
+        ("new allowed", frames::simple(src, dst, icmp_proto, icmp(timestamp, 0, [0; 4], &[0; 12]))),
         ("default-denied", frames::simple(src, dst, TCP, tcp(40000, 9, SYN))),
         ("deny rule", frames::simple(src, dst, TCP, tcp(40000, 22, SYN))),
-        ("unknown source (world, default-denied)", frames::simple(unknown, dst, TCP, tcp(40000, 1000, SYN))),
+        // From no identity (`world`) to one no rule opens to `world`.
+        ("unknown source", frames::simple(unknown, dst, TCP, tcp(40000, 1000, SYN))),
         ("non-IP (ARP)", frames::arp()),
     ]
 }
@@ -66,8 +65,25 @@ pub fn per_packet(sizes: &[usize], repeat: u32, runs: usize, spin: Option<&str>)
         let policy = synthetic_policy(n);
         loads.push(load::in_process(&mut datapath, &policy)?);
         datapath.clear_state()?;
-        for family in ["IPv4", "IPv6"] {
+        for (family, cache) in [("IPv4", true), ("IPv6", true), ("IPv4", false), ("IPv6", false)] {
+            datapath.set_verdict_cache(cache)?;
             for (class, frame) in classes(family) {
+                // The policy classes twice: repeated (every run after the
+                // first is a verdict cache hit, as in a flood) and with the
+                // cache off (the full lookup a never-seen tuple takes, as in
+                // a scan, minus the cache's store).
+                let class = match (cache, class) {
+                    (true, "new allowed") => "new allowed, untracked (repeated tuple: verdict cache)",
+                    (true, "default-denied") => "default-denied (repeated tuple: verdict cache)",
+                    (true, "deny rule") => "deny rule (repeated tuple: verdict cache)",
+                    (true, "unknown source") => "unknown source, world (repeated tuple: verdict cache)",
+                    (true, class) => class,
+                    (false, "new allowed") => "new allowed, untracked (never-seen tuple: full lookup)",
+                    (false, "default-denied") => "default-denied (never-seen tuple: full lookup)",
+                    (false, "deny rule") => "deny rule (never-seen tuple: full lookup)",
+                    (false, "unknown source") => "unknown source, world (never-seen tuple: full lookup)",
+                    (false, _) => continue,
+                };
                 if class.starts_with("established") {
                     // Open the connection once so the measured packets hit conntrack.
                     let syn = frame.clone();
@@ -99,6 +115,7 @@ pub fn per_packet(sizes: &[usize], repeat: u32, runs: usize, spin: Option<&str>)
                 rows.push(Row { identities: n, family, class, ns: median(program), floor: median(floor), ratio });
             }
         }
+        datapath.set_verdict_cache(true)?;
     }
     Ok((rows, loads))
 }
