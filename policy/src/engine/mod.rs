@@ -49,8 +49,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use enforcer_common::{
-    ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_FLAG_NO_RULES_FROM_WORLD,
-    IDENTITY_HOST, IDENTITY_WORLD, IdentityId, IdentityValue, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
+    IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_HOST, IDENTITY_WORLD,
+    IdentityId, IdentityValue, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
 };
 use ipnet::IpNet;
 
@@ -604,24 +604,6 @@ impl Engine {
         self.active.iter().map(|(&id, rule)| (id, RuleInfo { name: Arc::clone(&rule.name), action: rule.rule.action }))
     }
 
-    /// The whole state as a diff from nothing: what a writer starting from
-    /// empty maps writes.
-    #[must_use]
-    pub fn everything(&self) -> EntryDiff {
-        EntryDiff {
-            identities: self
-                .identity_entries()
-                .map(|(key, value)| Delta { key, old: None, new: Some(value) })
-                .collect(),
-            policy: self
-                .policy_entries()
-                .map(|e| Delta { key: (e.prefix_len, e.key), old: None, new: Some(e.value) })
-                .collect(),
-            rules: self.rule_table().map(|(key, info)| Delta { key, old: None, new: Some(info) }).collect(),
-            atoms: self.atoms().map(|(key, owner, _)| Delta { key, old: None, new: Some(Name::from(owner)) }).collect(),
-        }
-    }
-
     /// Brings the compiled state to the model: `touched` names what the
     /// model changed; rules that lapsed by `now` leave too.
     fn compile(&mut self, touched: &Touched, now: SystemTime) -> EntryDiff {
@@ -1063,21 +1045,6 @@ impl Engine {
     pub fn lookup_identity(&self, addr: IpAddr) -> IdentityValue {
         self.partition.lookup(addr)
     }
-
-    /// The owner name of a numeric identity.
-    #[must_use]
-    pub fn atom_owner(&self, id: IdentityId) -> Option<&str> {
-        if id == IDENTITY_HOST {
-            return Some(HOST);
-        }
-        self.partition.owner_of(id).map(|owner| owner.as_ref().map_or(WORLD, |name| &**name))
-    }
-
-    /// The rule a `rule_index` stands for.
-    #[must_use]
-    pub fn rule(&self, index: u32) -> Option<RuleInfo> {
-        self.active.get(&index).map(|a| RuleInfo { name: Arc::clone(&a.name), action: a.rule.action })
-    }
 }
 
 /// The entries of one identity pair: usually one, kept inline.
@@ -1154,14 +1121,5 @@ where
         if set.is_empty() {
             map.remove(key);
         }
-    }
-}
-
-/// Values of the policy map as the kernel reads them.
-#[must_use]
-pub fn action_value(action: Action) -> u32 {
-    match action {
-        Action::Allow => ACTION_ALLOW,
-        Action::Deny => ACTION_DENY,
     }
 }
