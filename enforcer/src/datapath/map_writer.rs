@@ -133,31 +133,7 @@ impl Datapath {
         for (pair, count) in self.read_identity_drops(index, true)? {
             *self.harvested_pairs.entry(pair).or_default() += count;
         }
-        // Out of step until written: an error midway leaves it to a resync.
-        let in_step = std::mem::replace(&mut self.slots[index].in_step, false);
-        let written = if in_step {
-            let slot = &mut self.slots[index];
-            let change = std::mem::take(&mut slot.behind).then(diff);
-            // Rule numbers are stable, so a rule's decision counters carry
-            // on from generation to generation; only a number that leaves
-            // its rule has its count kept under the rule's name and zeroed.
-            for (rule, count) in
-                slot.take_rule_verdicts(&mut self.maps, change.rules.iter().filter(|d| d.old.is_some()).map(|d| d.key))?
-            {
-                *self.harvested_rules.entry(rule).or_default() += count;
-            }
-            let slot = &mut self.slots[index];
-            slot.take_tables(&change);
-            let writes = SlotWrites {
-                identities: change.identities.iter().map(|d| (d.key, d.new)).collect(),
-                policy: change.policy.iter().map(|d| (d.key, d.new)).collect(),
-            };
-            self.maps.write_slot(index, &writes, Some(&self.host_addresses))
-        } else {
-            self.resync_slot(index, state)
-        };
-        written?;
-        self.slots[index].in_step = true;
+        self.bring_up_to_date(index, Some(diff), state)?;
         let other = &mut self.slots[1 - index];
         other.behind = std::mem::take(&mut other.behind).then(diff);
         self.counts = state.counts();
@@ -193,27 +169,47 @@ impl Datapath {
             return Ok(());
         }
         self.wait_for_old_slot_readers();
-        // Out of step until written: an error midway leaves it to a resync.
-        let in_step = std::mem::replace(&mut self.slots[standby].in_step, false);
-        let written = if in_step {
-            let slot = &mut self.slots[standby];
-            let change = std::mem::take(&mut slot.behind);
-            let harvested = slot
-                .take_rule_verdicts(&mut self.maps, change.rules.iter().filter(|d| d.old.is_some()).map(|d| d.key))?;
-            for (rule, count) in harvested {
-                *self.harvested_rules.entry(rule).or_default() += count;
-            }
-            self.slots[standby].take_tables(&change);
-            let writes = SlotWrites {
-                identities: change.identities.iter().map(|d| (d.key, d.new)).collect(),
-                policy: change.policy.iter().map(|d| (d.key, d.new)).collect(),
-            };
-            self.maps.write_slot(standby, &writes, Some(&self.host_addresses))
-        } else {
-            self.resync_slot(standby, state)
+        self.bring_up_to_date(standby, None, state)
+    }
+
+    /// Brings slot `index` (which no program run reads any more) up to the
+    /// engine's state: what it missed, then `change`, or, for a slot not in
+    /// step, everything read back and synced whole. The slot is out of step
+    /// until the write succeeded, so an error midway leads to a resync,
+    /// never to a lost change.
+    fn bring_up_to_date(
+        &mut self,
+        index: usize,
+        change: Option<&EntryDiff>,
+        state: &Engine,
+    ) -> Result<(), DatapathError> {
+        let in_step = std::mem::replace(&mut self.slots[index].in_step, false);
+        if !in_step {
+            self.resync_slot(index, state)?;
+            self.slots[index].in_step = true;
+            return Ok(());
+        }
+        let slot = &mut self.slots[index];
+        let behind = std::mem::take(&mut slot.behind);
+        let change = match change {
+            Some(change) => behind.then(change),
+            None => behind,
         };
-        self.slots[standby].in_step = written.is_ok();
-        written
+        // Rule numbers are stable, so a rule's decision counters carry on
+        // from generation to generation; only a number that leaves its rule
+        // has its count kept under the rule's name and zeroed.
+        let leaving = change.rules.iter().filter(|d| d.old.is_some()).map(|d| d.key);
+        for (rule, count) in slot.take_rule_verdicts(&mut self.maps, leaving)? {
+            *self.harvested_rules.entry(rule).or_default() += count;
+        }
+        self.slots[index].take_tables(&change);
+        let writes = SlotWrites {
+            identities: change.identities.iter().map(|d| (d.key, d.new)).collect(),
+            policy: change.policy.iter().map(|d| (d.key, d.new)).collect(),
+        };
+        self.maps.write_slot(index, &writes, Some(&self.host_addresses))?;
+        self.slots[index].in_step = true;
+        Ok(())
     }
 
     /// Records an engine change that no slot received (the engine stepping
