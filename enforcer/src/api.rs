@@ -250,6 +250,11 @@ async fn status(State(state): State<Arc<ApiState>>, Extension(caller): Extension
 #[derive(Serialize, Deserialize)]
 pub struct PolicyFiles {
     pub files: Vec<PolicyFile>,
+    /// On a push: change only these files and keep the enforced policy's
+    /// other files (one change, validated with them), instead of replacing
+    /// the whole policy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_others: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -263,8 +268,11 @@ async fn current_policy(State(state): State<Arc<ApiState>>, Extension(caller): E
         return refusal;
     }
     let sources = state.shared.sources.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    Json(PolicyFiles { files: sources.iter().map(|s| PolicyFile { name: s.name.clone(), text: s.text() }).collect() })
-        .into_response()
+    Json(PolicyFiles {
+        files: sources.iter().map(|s| PolicyFile { name: s.name.clone(), text: s.text() }).collect(),
+        keep_others: false,
+    })
+    .into_response()
 }
 
 /// A short, stable fingerprint of a policy's text, for the audit log.
@@ -292,9 +300,10 @@ async fn push_policy(
         log::warn!(target: "audit", "refused policy push by `{}`: not an operator", caller.name);
         return refusal;
     }
+    let whole = !body.keep_others;
     let sources: Vec<Source> = body.files.into_iter().map(|f| Source { name: f.name, text: f.text }).collect();
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let push = Push { sources, removed: Vec::new(), whole: true, who: caller.name.clone(), reply };
+    let push = Push { sources, removed: Vec::new(), whole, who: caller.name.clone(), reply };
     send_push(&state, push, answer).await
 }
 

@@ -157,11 +157,14 @@ pub fn status(server: &ServerArgs) -> anyhow::Result<ExitCode> {
 
 fn read_files(paths: &[PathBuf]) -> anyhow::Result<PolicyFiles> {
     let sources = policy::read_sources(paths)?;
-    Ok(PolicyFiles { files: sources.into_iter().map(|s| PolicyFile { name: s.name, text: s.text }).collect() })
+    Ok(PolicyFiles {
+        files: sources.into_iter().map(|s| PolicyFile { name: s.name, text: s.text }).collect(),
+        keep_others: false,
+    })
 }
 
-pub fn push(server: &ServerArgs, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let files = read_files(paths)?;
+pub fn push(server: &ServerArgs, paths: &[PathBuf], keep_others: bool) -> anyhow::Result<ExitCode> {
+    let files = PolicyFiles { keep_others, ..read_files(paths)? };
     let body = serde_json::to_string(&files)?;
     let (status, body) = server.request("POST", "/v1/policy", Some(&body))?.text()?;
     if status == 422 {

@@ -68,6 +68,11 @@ enum PolicyCommand {
     Push {
         #[command(flatten)]
         server: client::ServerArgs,
+        /// Change only these files of the enforced policy (by name) and keep
+        /// its other files, in one change; without it the files replace the
+        /// whole policy.
+        #[arg(long)]
+        keep_others: bool,
         #[arg(value_name = "PATH", required = true)]
         paths: Vec<PathBuf>,
     },
@@ -116,7 +121,9 @@ fn main() -> ExitCode {
         Command::Uninstall { bpffs_root } => uninstall(&bpffs_root),
         Command::Status(server) => client::status(&server),
         Command::Flows { server, follow } => client::flows(&server, follow),
-        Command::Policy(PolicyCommand::Push { server, paths }) => client::push(&server, &paths),
+        Command::Policy(PolicyCommand::Push { server, keep_others, paths }) => {
+            client::push(&server, &paths, keep_others)
+        }
         Command::Policy(PolicyCommand::Diff { server, paths }) => client::diff(&server, &paths),
         Command::Policy(PolicyCommand::Check { paths }) => check::check(&paths),
         Command::Policy(PolicyCommand::Explain { policy_dir, from, to, audit }) => {

@@ -266,6 +266,15 @@ fn one_file_changes_beside_the_others() {
     let (status, body) = env.request("operator", "DELETE", "/v1/policy/files/extra.yaml", "");
     assert_eq!((status, env.generation()), (200, Some(3)), "{body}");
     assert_eq!(probe::tcp(outsider, db).unwrap(), Outcome::TimedOut, "revoked");
+
+    // The CLI does the same for several files in one change.
+    let file = write(&env.pki, "extra.yaml", extra);
+    let pushed = env.cli("operator", &["policy", "push", "--keep-others", file.to_str().unwrap()]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert_eq!(env.generation(), Some(4));
+    assert_eq!(probe::tcp(outsider, db).unwrap(), Outcome::Connected, "enforced beside the directory's file");
+    let (_, listed) = env.request("viewer", "GET", "/v1/policy", "");
+    assert!(listed.contains("/p.yaml") && listed.contains("extra.yaml"), "{listed}");
 }
 
 #[test]
