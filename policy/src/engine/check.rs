@@ -4,15 +4,14 @@
 //! declarations take. The counters only say *whether* the policy is valid;
 //! the full validator names the problems of a refused change.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::{Name, labels_match};
+use super::Name;
+use super::labels::{LabelSelectors, Labels, labels_match};
 use crate::model::{HOST, Identity, Rule, Selector, WORLD};
-
-type Labels = BTreeMap<String, String>;
 
 /// The declarations of one name: one in a valid policy, kept inline.
 #[derive(Debug)]
@@ -68,8 +67,8 @@ pub(super) struct Checks {
     identity_refs: HashMap<String, usize>,
     /// Peers using each label selector, and the declarations it matches.
     label_refs: HashMap<Labels, (usize, usize)>,
-    /// Used label selectors by one of their labels.
-    selectors_by_label: HashMap<(String, String), HashSet<Labels>>,
+    /// Used label selectors, found from the labels they select.
+    selectors: LabelSelectors,
     problems: Problems,
 }
 
@@ -163,17 +162,8 @@ impl Checks {
     /// Adds `delta` to the match count of every used label selector the
     /// identity satisfies.
     fn count_matches(&mut self, identity: &Identity, delta: isize) {
-        let mut selectors: HashSet<Labels> = HashSet::new();
-        for pair in &identity.labels {
-            if let Some(found) = self.selectors_by_label.get(&(pair.0.clone(), pair.1.clone())) {
-                selectors.extend(found.iter().filter(|wanted| labels_match(wanted, &identity.labels)).cloned());
-            }
-        }
-        if self.label_refs.contains_key(&Labels::new()) {
-            selectors.insert(Labels::new());
-        }
-        for wanted in selectors {
-            if let Some((refs, matches)) = self.label_refs.get_mut(&wanted) {
+        for wanted in self.selectors.satisfied_by(&identity.labels) {
+            if let Some((refs, matches)) = self.label_refs.get_mut(wanted) {
                 let before = *matches;
                 *matches = matches.saturating_add_signed(delta);
                 if before == 0 && *matches > 0 {
@@ -306,9 +296,7 @@ impl Checks {
         if matches == 0 {
             self.problems.unmatched_label_selectors += 1;
         }
-        for pair in wanted {
-            self.selectors_by_label.entry((pair.0.clone(), pair.1.clone())).or_default().insert(wanted.clone());
-        }
+        self.selectors.insert(wanted);
     }
 
     fn remove_label_ref(&mut self, wanted: &Labels) {
@@ -321,14 +309,6 @@ impl Checks {
             return;
         }
         self.label_refs.remove(wanted);
-        for pair in wanted {
-            let key = (pair.0.clone(), pair.1.clone());
-            if let Some(set) = self.selectors_by_label.get_mut(&key) {
-                set.remove(wanted);
-                if set.is_empty() {
-                    self.selectors_by_label.remove(&key);
-                }
-            }
-        }
+        self.selectors.remove(wanted);
     }
 }

@@ -39,6 +39,7 @@
 //! what full validation accepts.
 
 mod check;
+mod labels;
 mod partition;
 mod small;
 
@@ -59,6 +60,7 @@ use crate::error::{Diagnostic, PolicyError};
 use crate::model::{Action, HOST, Identity, Mode, Peer, Policy, Rule, Selector, WORLD};
 
 use self::check::Checks;
+use self::labels::{LabelSelectors, labels_match};
 use self::partition::{Partition, Settled};
 use self::small::{NumberMap, SmallSet};
 
@@ -320,7 +322,8 @@ pub struct Engine {
     rules_naming: NumberMap<u64, SmallSet<u32>>,
     world_rules: HashSet<u32>,
     label_rules: HashMap<BTreeMap<String, String>, SmallSet<u32>>,
-    label_selectors_by_pair: HashMap<(String, String), HashSet<BTreeMap<String, String>>>,
+    /// The label selectors of active rules.
+    label_selectors: LabelSelectors,
     cidr_rules: NumberMap<SelectorId, SmallSet<u32>>,
     selectors: HashMap<CidrSelector, (SelectorId, u32)>,
     selector_values: NumberMap<SelectorId, CidrSelector>,
@@ -399,7 +402,7 @@ impl Engine {
             rules_naming: NumberMap::default(),
             world_rules: HashSet::new(),
             label_rules: HashMap::new(),
-            label_selectors_by_pair: HashMap::new(),
+            label_selectors: LabelSelectors::default(),
             cidr_rules: NumberMap::default(),
             selectors: HashMap::new(),
             selector_values: NumberMap::default(),
@@ -814,12 +817,7 @@ impl Engine {
                 }
                 Selector::Labels(wanted) => {
                     self.label_rules.entry(wanted.clone()).or_default().insert(id);
-                    for pair in wanted {
-                        self.label_selectors_by_pair
-                            .entry((pair.0.clone(), pair.1.clone()))
-                            .or_default()
-                            .insert(wanted.clone());
-                    }
+                    self.label_selectors.insert(wanted);
                 }
                 Selector::Cidr { cidr, except } => {
                     let key = (*cidr, except.clone());
@@ -869,15 +867,7 @@ impl Engine {
                 Selector::Labels(wanted) => {
                     remove_from(&mut self.label_rules, wanted, id);
                     if !self.label_rules.contains_key(wanted) {
-                        for pair in wanted {
-                            let key = (pair.0.clone(), pair.1.clone());
-                            if let Some(set) = self.label_selectors_by_pair.get_mut(&key) {
-                                set.remove(wanted);
-                                if set.is_empty() {
-                                    self.label_selectors_by_pair.remove(&key);
-                                }
-                            }
-                        }
+                        self.label_selectors.remove(wanted);
                     }
                 }
                 Selector::Cidr { cidr, except } => {
@@ -900,17 +890,11 @@ impl Engine {
 
     /// Active rules with a label selector that `labels` satisfies.
     fn label_rules_matching(&self, labels: &BTreeMap<String, String>) -> Vec<u32> {
-        let mut selectors: HashSet<&BTreeMap<String, String>> = HashSet::new();
-        for pair in labels {
-            if let Some(found) = self.label_selectors_by_pair.get(&(pair.0.clone(), pair.1.clone())) {
-                selectors.extend(found.iter().filter(|wanted| labels_match(wanted, labels)));
-            }
-        }
-        let empty = BTreeMap::new();
-        if self.label_rules.contains_key(&empty) {
-            selectors.insert(self.label_rules.get_key_value(&empty).map_or(&empty, |(k, _)| k));
-        }
-        selectors.into_iter().flat_map(|wanted| self.label_rules.get(wanted).into_iter().flatten().copied()).collect()
+        self.label_selectors
+            .satisfied_by(labels)
+            .into_iter()
+            .flat_map(|wanted| self.label_rules.get(wanted).into_iter().flatten().copied())
+            .collect()
     }
 
     /// The atoms `peers` select now.
@@ -1101,10 +1085,6 @@ fn same_rule(a: &Rule, b: &Rule) -> bool {
         && a.expires == b.expires
         && same_peers(&a.from, &b.from)
         && same_peers(&a.to, &b.to)
-}
-
-pub(crate) fn labels_match(wanted: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 fn difference(a: &[IdentityId], b: &[IdentityId]) -> Vec<IdentityId> {

@@ -1,0 +1,60 @@
+//! The label selectors in use, found from the labels they select: both the
+//! checks (does each used selector still match some identity?) and the
+//! compile (which rules may select this relabelled identity?) ask which
+//! selectors a label set satisfies, and a policy may use thousands of them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+pub(crate) type Labels = BTreeMap<String, String>;
+
+/// Whether `labels` carries every label `wanted` names.
+pub(crate) fn labels_match(wanted: &Labels, labels: &Labels) -> bool {
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Selectors filed under each of their (key, value) pairs; the empty
+/// selector, which every label set satisfies, apart.
+#[derive(Debug, Default)]
+pub(crate) struct LabelSelectors {
+    by_pair: HashMap<(String, String), HashSet<Labels>>,
+    empty: Option<Labels>,
+}
+
+impl LabelSelectors {
+    /// Files `wanted` (again: a no-op).
+    pub(crate) fn insert(&mut self, wanted: &Labels) {
+        if wanted.is_empty() {
+            self.empty = Some(Labels::new());
+        }
+        for (key, value) in wanted {
+            self.by_pair.entry((key.clone(), value.clone())).or_default().insert(wanted.clone());
+        }
+    }
+
+    /// Takes `wanted` out, once it is no longer used.
+    pub(crate) fn remove(&mut self, wanted: &Labels) {
+        if wanted.is_empty() {
+            self.empty = None;
+        }
+        for (key, value) in wanted {
+            let pair = (key.clone(), value.clone());
+            if let Some(set) = self.by_pair.get_mut(&pair) {
+                set.remove(wanted);
+                if set.is_empty() {
+                    self.by_pair.remove(&pair);
+                }
+            }
+        }
+    }
+
+    /// The filed selectors that `labels` satisfies.
+    pub(crate) fn satisfied_by(&self, labels: &Labels) -> HashSet<&Labels> {
+        let mut found: HashSet<&Labels> = self.empty.iter().collect();
+        for (key, value) in labels {
+            if let Some(selectors) = self.by_pair.get(&(key.clone(), value.clone())) {
+                found.extend(selectors.iter().filter(|wanted| labels_match(wanted, labels)));
+            }
+        }
+        found
+    }
+}
