@@ -20,7 +20,7 @@ use lab::{Daemon, ThreeTier};
 
 use crate::Error;
 use crate::footprint;
-use crate::live::{LiveProgram, syn};
+use crate::live::{self, LiveProgram, syn};
 use crate::results::percentile;
 use crate::synthetic::v4;
 use crate::update::{ApiSession, CHANGE_GAP, ClientFiles};
@@ -95,17 +95,10 @@ fn probe(k: usize) -> (Vec<u8>, bool) {
     (frame, k.is_multiple_of(2))
 }
 
-/// Sends `probe` through the live program until it passes (`pass`) or is
-/// dropped; the time since `started`.
+/// [`live::settled_after`] as the change series poll: every 20 µs, for
+/// at most 10 s.
 fn settled_after(program: &LiveProgram, probe: &[u8], pass: bool, started: Instant) -> Result<Duration, Error> {
-    let limit = Duration::from_secs(10);
-    while program.passes(probe)? != pass {
-        if started.elapsed() > limit {
-            return Err(format!("the daemon did not apply a change within {limit:?}").into());
-        }
-        std::thread::sleep(Duration::from_micros(20));
-    }
-    Ok(started.elapsed())
+    live::settled_after(program, probe, pass, started, Duration::from_secs(10), Duration::from_micros(20))
 }
 
 /// Latencies (ms) of one series, by kind of change.
@@ -243,13 +236,7 @@ pub fn address_churn(
     std::fs::rename(&staging, dir.join("q.yaml"))?;
     // After API changes the directory comes back whole: wait for it.
     let first = syn(churn_address(0), v4(1), 19_998, EXTRA_PORT);
-    let limit = Instant::now() + Duration::from_mins(3);
-    while !program.passes(&first)? {
-        if Instant::now() > limit {
-            return Err("the churn's first file was not enforced within 3 minutes".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    live::enforced_after(program, &first, Instant::now(), Duration::from_mins(3), Duration::from_millis(5))?;
     std::thread::sleep(Duration::from_millis(500));
     let generation = |lab: &ThreeTier| -> Result<u64, Error> {
         let (_, text) = lab::probe::http_get(&lab.router, daemon.metrics_addr, "/metrics")?;

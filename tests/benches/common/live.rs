@@ -67,7 +67,20 @@ pub fn enforced_after(
     limit: Duration,
     resolution: Duration,
 ) -> Result<Duration, Error> {
-    while !program.passes(probe)? {
+    settled_after(program, probe, true, started, limit, resolution)
+}
+
+/// Sends `probe` through the live program until it passes (`pass`) or is
+/// dropped (a revocation); the time since `started`.
+pub fn settled_after(
+    program: &LiveProgram,
+    probe: &[u8],
+    pass: bool,
+    started: Instant,
+    limit: Duration,
+    resolution: Duration,
+) -> Result<Duration, Error> {
+    while program.passes(probe)? != pass {
         if started.elapsed() > limit {
             return Err(format!("the daemon did not apply a change within {limit:?}").into());
         }
