@@ -386,6 +386,10 @@ pub const CONFIG_FLAG_AUDIT: u32 = 1;
 /// never-seen tuple takes.
 pub const CONFIG_FLAG_NO_VERDICT_CACHE: u32 = 1 << 1;
 
+/// The flow cache is neither read nor filled: every packet of an
+/// established flow takes the conntrack lookup (for measuring).
+pub const CONFIG_FLAG_NO_FLOW_CACHE: u32 = 1 << 2;
+
 /// Entries of the per-CPU verdict cache (a power of two: the index is the
 /// top bits of a hash).
 pub const VERDICT_CACHE_ENTRIES: u32 = 4096;
@@ -418,6 +422,35 @@ pub struct VerdictCacheEntry {
 }
 const _: () = assert!(core::mem::size_of::<VerdictCacheEntry>() == 72);
 
+/// Entries of the per-CPU flow cache (a power of two: the index is the top
+/// bits of a hash).
+pub const FLOW_CACHE_ENTRIES: u32 = 4096;
+
+/// One entry of the per-CPU flow cache: a tuple whose conntrack entry, at
+/// the ingress hook, passed the packet without changing anything but its
+/// clock, under one policy generation, verdict epoch and conntrack epoch.
+/// Until any of those changes, or [`timeouts::FLOW_CACHE_REVALIDATE_NS`]
+/// passes, the conntrack lookup would pass the tuple again; the entry lets
+/// the next packets skip it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheEntry {
+    /// The tuple, as the packet carries it.
+    pub flow: FlowKey,
+    /// When the conntrack entry was last looked up (and refreshed), on the
+    /// packet clock.
+    pub verified_ns: u64,
+    /// [`Config::policy_generation`] then; never matched while 0 and the
+    /// entry blank, since a blank entry's flow has family 0.
+    pub generation: u32,
+    /// [`Config::verdict_epoch`] then.
+    pub verdict_epoch: u32,
+    /// The conntrack epoch then: bumped whenever the kernel forgets a
+    /// connection.
+    pub conntrack_epoch: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowCacheEntry>() == 64);
+
 /// Connection-tracking timeouts, in nanoseconds.
 pub mod timeouts {
     /// How often an entry refreshes its peer entry.
@@ -427,6 +460,11 @@ pub mod timeouts {
     pub const TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
     pub const UDP_NS: u64 = 60 * 1_000_000_000;
     pub const ICMP_NS: u64 = 30 * 1_000_000_000;
+    /// How long a flow cache entry stands for its conntrack entry before
+    /// the packet looks conntrack up again (refreshing the entry's clock):
+    /// far below every conntrack timeout, so a flow passed by the cache is
+    /// one conntrack would pass.
+    pub const FLOW_CACHE_REVALIDATE_NS: u64 = 1_000_000_000;
     /// How long a datagram's first-fragment verdict is remembered.
     pub const FRAGMENT_NS: u64 = 30 * 1_000_000_000;
 }

@@ -39,11 +39,23 @@ pub fn slot(packet: &Packet, config: &Config) -> Slot {
     Slot { index, tag, epoch: config.verdict_epoch, words }
 }
 
+/// Whether two keys are equal, word by word: comparing the arrays with `==`
+/// compiles to a call of a byte-wise `memcmp` subprogram, which cost an
+/// established packet a third of its time.
+#[inline(always)]
+pub fn same_words<const N: usize>(a: &[u64; N], b: &[u64; N]) -> bool {
+    let mut differ = 0;
+    for i in 0..N {
+        differ |= a[i] ^ b[i];
+    }
+    differ == 0
+}
+
 /// The cached answer for the tuple, if this CPU has it.
 #[inline(always)]
 pub fn lookup(slot: &Slot) -> Option<(IdentityValue, IdentityValue, Outcome)> {
     let entry = VERDICT_CACHE.get(slot.index)?;
-    if entry.tag != slot.tag || entry.epoch != slot.epoch || entry.addrs != slot.words {
+    if entry.tag != slot.tag || entry.epoch != slot.epoch || !same_words(&entry.addrs, &slot.words) {
         return None;
     }
     let outcome = if entry.allow != 0 {

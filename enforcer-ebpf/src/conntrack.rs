@@ -13,8 +13,10 @@ use crate::maps::CONNTRACK;
 use crate::parse::{PROTO_TCP, PROTO_UDP, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 pub enum Hit {
-    /// The packet belongs to a live connection and passes.
-    Pass,
+    /// The packet belongs to a live connection and passes. `settled`: the
+    /// lookup changed nothing but the entry's clock (an established TCP
+    /// connection, or another protocol), so the flow cache may stand for it.
+    Pass { settled: bool },
     /// The packet belongs to a connection only audit mode let through: it
     /// passes and is counted as audited with the policy's reason.
     Audit(DropReason),
@@ -65,17 +67,21 @@ pub fn lookup(packet: &Packet, direction: Direction, generation: u32, now: u64) 
         return Hit::Stale;
     }
     entry.last_seen_ns = now;
+    let tcp = packet.flow.protocol == PROTO_TCP;
     let hit = match DropReason::from_u32(entry.audit_reason) {
         Some(reason) if entry.direction == FLOW_ORIGINAL => Hit::Audit(reason),
-        _ => Hit::Pass,
+        _ => Hit::Pass { settled: !tcp || entry.tcp_state == TCP_STATE_ESTABLISHED },
     };
-    if packet.flow.protocol == PROTO_TCP {
+    if tcp {
         let state = tcp_state_after(entry.tcp_state, packet.tcp_flags);
         if state != entry.tcp_state {
             entry.tcp_state = state;
             update_peer(&packet.flow, now, Some(state));
             entry.peer_refreshed_ns = now;
-            return hit;
+            return match hit {
+                Hit::Pass { .. } => Hit::Pass { settled: false },
+                other => other,
+            };
         }
     }
     if now.saturating_sub(entry.peer_refreshed_ns) > timeouts::PEER_REFRESH_NS {
@@ -154,4 +160,7 @@ pub fn admit(
 pub fn revoke(packet: &Packet) {
     let _ = CONNTRACK.remove(&packet.flow);
     let _ = CONNTRACK.remove(packet.flow.reversed());
+    // After the removal: a CPU that read the old epoch and then still found
+    // the entry caches it under the old epoch, which no longer matches.
+    crate::flow_cache::invalidate_all();
 }

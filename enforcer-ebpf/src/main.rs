@@ -22,6 +22,7 @@ mod cache;
 mod clock;
 mod conntrack;
 mod events;
+mod flow_cache;
 mod fragments;
 mod identity;
 mod maps;
@@ -35,8 +36,8 @@ use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
 use aya_ebpf::macros::{classifier, xdp};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_INDEX, Config, Direction, DropReason, IDENTITY_FLAG_AUDIT,
-    IDENTITY_HOST, IdentityPairKey, IdentityValue, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_INDEX, Config, Direction,
+    DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityPairKey, IdentityValue, slot_of,
 };
 
 use crate::parse::{Fragment, Frame, Kind, Packet, Parsed};
@@ -202,8 +203,20 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
     // Fast path: one conntrack lookup for established flows at ingress.
     let mut stale = false;
     if direction == Direction::Ingress && matches!(packet.kind, Kind::Trackable | Kind::EchoReply) {
+        let flow_slot =
+            if config.flags & CONFIG_FLAG_NO_FLOW_CACHE == 0 { flow_cache::slot(packet, config) } else { None };
+        if let Some(flow_slot) = &flow_slot
+            && flow_cache::passes(flow_slot, now)
+        {
+            return Verdict::PASS;
+        }
         match conntrack::lookup(packet, direction, config.policy_generation, now) {
-            conntrack::Hit::Pass => return Verdict::PASS,
+            conntrack::Hit::Pass { settled } => {
+                if settled && let Some(flow_slot) = &flow_slot {
+                    flow_cache::store(flow_slot, now);
+                }
+                return Verdict::PASS;
+            }
             conntrack::Hit::Audit(reason) => return Verdict::audit(reason),
             conntrack::Hit::Stale => stale = true,
             conntrack::Hit::Miss => {}
@@ -233,7 +246,7 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
         Direction::Egress if src.id != IDENTITY_HOST => return Verdict::IGNORE,
         Direction::Egress if matches!(packet.kind, Kind::Trackable | Kind::EchoReply) => {
             match conntrack::lookup(packet, direction, config.policy_generation, now) {
-                conntrack::Hit::Pass => return Verdict::PASS,
+                conntrack::Hit::Pass { .. } => return Verdict::PASS,
                 conntrack::Hit::Audit(reason) => return Verdict::audit(reason),
                 conntrack::Hit::Stale => stale = true,
                 conntrack::Hit::Miss => {}

@@ -5,9 +5,10 @@ use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use enforcer_common::{
-    Config, Counter, DEFAULT_MAX_RULES, DROP_COUNTER_ENTRIES, Direction, EventBudget, FlowKey, FlowValue, FragmentKey,
-    FragmentValue, IdentityKeyV4, IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue,
-    PolicyKeyData, PolicyValue, StateError, VERDICT_CACHE_ENTRIES, VerdictCacheEntry,
+    Config, Counter, DEFAULT_MAX_RULES, DROP_COUNTER_ENTRIES, Direction, EventBudget, FLOW_CACHE_ENTRIES,
+    FlowCacheEntry, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityKeyV4, IdentityKeyV6, IdentityPairKey,
+    IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue, StateError, VERDICT_CACHE_ENTRIES,
+    VerdictCacheEntry,
 };
 
 // Identity and policy keys start with the policy slot (see
@@ -98,3 +99,14 @@ pub static IDENTITY_DROPS: PerCpuHashMap<IdentityPairKey, u64> = PerCpuHashMap::
 /// identity and one or two policy lookups.
 #[map]
 pub static VERDICT_CACHE: PerCpuArray<VerdictCacheEntry> = PerCpuArray::with_max_entries(VERDICT_CACHE_ENTRIES, 0);
+
+/// Tuples conntrack just passed unchanged, per CPU, direct-mapped (see
+/// `crate::flow_cache`): an established flow's packets pay one array
+/// lookup instead of the conntrack hash lookup.
+#[map]
+pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(FLOW_CACHE_ENTRIES, 0);
+
+/// Bumped whenever the kernel forgets a connection: flow cache entries of
+/// an older epoch never match.
+#[map]
+pub static CONNTRACK_EPOCH: Array<u64> = Array::with_max_entries(1, 0);

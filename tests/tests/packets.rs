@@ -569,6 +569,70 @@ fn a_new_policy_generation_reaches_live_flows() {
     assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, ACK))), Drop(DefaultDeny), "replies stop too");
 }
 
+/// Keeps the calling thread on one CPU, so that packets judged one after
+/// the other meet the same per-CPU caches.
+fn stay_on_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set, and the call only
+    // reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(usize::try_from(libc::sched_getcpu()).unwrap_or(0), &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set),
+            0,
+            "pinning the test thread"
+        );
+    }
+}
+
+/// The flow cache passes an established flow's packets exactly as the
+/// conntrack lookup would. The case it must not miss: a reply entry
+/// outlives policy generations (until the originator is denied), so the
+/// replies are cached under the new generation too; when the originator's
+/// next packet is denied and the kernel forgets the connection, the very
+/// next reply must be judged by the policy, not passed from the cache.
+#[test]
+fn cached_flows_never_outlive_their_connection() {
+    stay_on_one_cpu();
+    let mut kernel = kernel(false);
+    for h in [V4, V6] {
+        kernel.datapath.clear_state().unwrap();
+        let f = |src, dst, l4| frames::simple(src, dst, TCP, l4);
+        let (request, reply) = (f(h.web, h.db, tcp(40000, 5432, ACK)), f(h.db, h.web, tcp(5432, 40000, ACK)));
+        assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, SYN))), Pass);
+        assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, SYN | ACK))), Pass);
+        // Established, then passed over and over (from the cache after the first).
+        for _ in 0..20 {
+            assert_eq!(kernel.ingress(&request), Pass);
+            assert_eq!(kernel.ingress(&reply), Pass);
+        }
+        let revoked = POLICY.replace("ports: [\"tcp\", \"53/udp\"", "ports: [\"8443/tcp\", \"53/udp\"");
+        kernel.enforce(&policy::parse_str("revoked.yaml", &revoked).unwrap(), false);
+        for _ in 0..20 {
+            assert_eq!(kernel.ingress(&reply), Pass, "a reply entry passes under any generation");
+        }
+        assert_eq!(kernel.ingress(&request), Drop(DefaultDeny), "the originator is judged again");
+        assert_eq!(kernel.ingress(&reply), Drop(DefaultDeny), "the next reply after the connection is forgotten");
+        for key in [flow_key(h.web, h.db, 40000, 5432, TCP), flow_key(h.db, h.web, 5432, 40000, TCP)] {
+            assert!(kernel.datapath.conntrack_entry(&key).unwrap().is_none(), "{key:?} forgotten");
+        }
+        // Open again for the other family.
+        kernel.enforce(&policy::parse_str("policy.yaml", POLICY).unwrap(), false);
+    }
+    // A flow the daemon forgets (here: every flow) passes no more either.
+    let h = V4;
+    let f = |src, dst, l4| frames::simple(src, dst, TCP, l4);
+    let reply = f(h.db, h.web, tcp(5432, 40001, ACK));
+    assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40001, 5432, SYN))), Pass);
+    assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40001, SYN | ACK))), Pass);
+    assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40001, 5432, ACK))), Pass);
+    for _ in 0..20 {
+        assert_eq!(kernel.ingress(&reply), Pass);
+    }
+    kernel.datapath.clear_state().unwrap();
+    assert_eq!(kernel.ingress(&reply), Drop(DefaultDeny), "forgotten by the daemon");
+}
+
 /// The verdict cache answers a repeated tuple, whatever its source port,
 /// exactly as the lookups would, and never past a change: a new policy
 /// generation or new node addresses make every entry miss at once.

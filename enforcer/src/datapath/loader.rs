@@ -122,7 +122,7 @@ impl Datapath {
             barrier,
             last_slot_wait: Duration::ZERO,
             counts: policy::engine::EntryCounts::default(),
-            verdict_cache: true,
+            caches_off: 0,
         })
     }
 }

@@ -14,9 +14,9 @@ use aya::maps::IterableMap as _;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_INDEX, Config, IDENTITY_HOST, IdentityId, IdentityKeyV4,
-    IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, POLICY_KEY_MAX_PREFIX, PolicyKeyData,
-    PolicyValue, SLOT_BITS, maps, rule_counter_index, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_INDEX, Config, IDENTITY_HOST,
+    IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, POLICY_KEY_MAX_PREFIX,
+    PolicyKeyData, PolicyValue, SLOT_BITS, maps, rule_counter_index, slot_of,
 };
 use ipnet::IpNet;
 use policy::engine::{Contents, EntryCounts, Name, SourceChange};
@@ -137,10 +137,9 @@ impl Datapath {
         let other = &mut self.slots[1 - index];
         other.behind = std::mem::take(&mut other.behind).then(diff);
         self.counts = state.counts();
-        let cache_off = if self.verdict_cache { 0 } else { CONFIG_FLAG_NO_VERDICT_CACHE };
         self.config_value = Config {
             policy_generation: generation,
-            flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 } | cache_off,
+            flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 } | self.caches_off,
             clock_tick_ns: clock_tick_ns(),
             verdict_epoch: self.config_value.verdict_epoch,
         };
@@ -335,6 +334,12 @@ impl Datapath {
         }
         self.host_addresses.clone_from(addresses);
         // Verdicts cached with the old addresses must not match any more.
+        self.bump_verdict_epoch()
+    }
+
+    /// Makes every entry of the kernel's verdict and flow caches stale, after
+    /// a write that changes verdicts without a new policy generation.
+    pub(super) fn bump_verdict_epoch(&mut self) -> Result<(), DatapathError> {
         self.config_value.verdict_epoch = self.config_value.verdict_epoch.wrapping_add(1);
         self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))
     }
@@ -343,12 +348,23 @@ impl Datapath {
     /// packet no tracked flow covers takes the identity and policy lookups:
     /// what a never-seen tuple costs, for measuring.
     pub fn set_verdict_cache(&mut self, enabled: bool) -> Result<(), DatapathError> {
-        self.verdict_cache = enabled;
+        self.set_cache(CONFIG_FLAG_NO_VERDICT_CACHE, enabled)
+    }
+
+    /// Turns the kernel's flow cache on (the default) or off. Off, every
+    /// packet of an established flow takes the conntrack lookup, for
+    /// measuring.
+    pub fn set_flow_cache(&mut self, enabled: bool) -> Result<(), DatapathError> {
+        self.set_cache(CONFIG_FLAG_NO_FLOW_CACHE, enabled)
+    }
+
+    fn set_cache(&mut self, off_flag: u32, enabled: bool) -> Result<(), DatapathError> {
         if enabled {
-            self.config_value.flags &= !CONFIG_FLAG_NO_VERDICT_CACHE;
+            self.caches_off &= !off_flag;
         } else {
-            self.config_value.flags |= CONFIG_FLAG_NO_VERDICT_CACHE;
+            self.caches_off |= off_flag;
         }
+        self.config_value.flags = self.config_value.flags & !off_flag | self.caches_off & off_flag;
         self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))
     }
 }

@@ -196,8 +196,9 @@ pub struct Datapath {
     last_slot_wait: Duration,
     /// Entries the policy in force needs, as of the last `apply`.
     counts: EntryCounts,
-    /// Whether the kernel's verdict cache is used (see `set_verdict_cache`).
-    verdict_cache: bool,
+    /// `CONFIG_FLAG_NO_*_CACHE` bits of the caches turned off (see
+    /// `set_verdict_cache`, `set_flow_cache`): every config write keeps them.
+    caches_off: u32,
 }
 
 /// Counter totals summed over CPUs.
@@ -455,7 +456,8 @@ impl Datapath {
         for fragment in fragments {
             ignore_missing(self.fragments.remove(&fragment)).map_err(write_error(maps::FRAGMENTS))?;
         }
-        Ok(())
+        // Flows the kernel's flow cache holds are gone now.
+        self.bump_verdict_epoch()
     }
 
     /// Runs a program on `frame` in the kernel (`BPF_PROG_TEST_RUN`),
