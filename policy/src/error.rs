@@ -9,8 +9,10 @@ use std::sync::Arc;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Location {
     pub file: Arc<str>,
-    pub line: usize,
-    pub column: usize,
+    /// 1-based; `u32`, not `usize`: a policy keeps a location for every
+    /// identity, address, rule and peer.
+    pub line: u32,
+    pub column: u32,
 }
 
 impl fmt::Display for Location {

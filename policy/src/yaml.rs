@@ -33,7 +33,7 @@ impl Mark {
     /// This mark in `file`.
     #[must_use]
     pub fn location(self, file: &Arc<str>) -> Location {
-        Location { file: Arc::clone(file), line: self.line as usize, column: self.column as usize }
+        Location { file: Arc::clone(file), line: self.line, column: self.column }
     }
 }
 
