@@ -4,9 +4,7 @@
 
 use std::io::Write;
 use std::net::IpAddr;
-use std::ops::Deref;
 use std::os::fd::AsRawFd as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -92,24 +90,20 @@ pub fn rfc3339(unix_ns: i128) -> String {
     )
 }
 
-/// The describer the pump keeps: indexed once per enforced policy and host
-/// address list.
-pub type Describer = policy::Describer<Arc<policy::Policy>>;
-
-/// Describes one kernel event, with identities and rule from `describer`
-/// as of `now` (rules expired by then do not apply).
+/// What the policy says of the packet an event is about.
 #[must_use]
-pub fn describe<P: Deref<Target = policy::Policy>>(
-    event: &Event,
-    describer: &policy::Describer<P>,
-    now: SystemTime,
-    unix_offset_ns: i128,
-) -> EventRecord {
+pub fn packet_of(event: &Event) -> policy::Packet {
+    let (src, dst) = (address(event.family, event.src_addr), address(event.family, event.dst_addr));
+    policy::Packet { src, dst, protocol: event.protocol, port: event.dst_port }
+}
+
+/// Describes one kernel event, with identities and rule from `decision`
+/// (the enforced policy's answer for [`packet_of`] the event).
+#[must_use]
+pub fn describe(event: &Event, decision: policy::Decision, unix_offset_ns: i128) -> EventRecord {
     let (src, dst) = (address(event.family, event.src_addr), address(event.family, event.dst_addr));
     let icmp = matches!(event.protocol, 1 | 58);
     let ports = matches!(event.protocol, 6 | 17);
-    let packet = policy::Packet { src, dst, protocol: event.protocol, port: event.dst_port };
-    let decision = describer.describe_at(&packet, now);
     let reason = DropReason::from_u32(event.reason).unwrap_or(DropReason::Malformed);
     EventRecord {
         time: rfc3339(i128::from(event.time_ns) + unix_offset_ns),
@@ -138,32 +132,22 @@ pub enum Sink {
     Off,
 }
 
-/// The describer for `policy` and `hosts`: `current` when it was built from
-/// the same policy allocation and host addresses, else a new one. Building
-/// indexes the whole policy (O(n log n)); describing is then independent of
-/// its size, so a describer is rebuilt only when the policy is replaced or
-/// the node's addresses change.
-#[must_use]
-pub fn refresh_describer(current: Option<Describer>, policy: Arc<policy::Policy>, hosts: Vec<IpAddr>) -> Describer {
-    match current {
-        Some(describer) if Arc::ptr_eq(describer.policy(), &policy) && describer.host_addresses() == hosts => describer,
-        // Events report the verdict the kernel chose; audit mode only
-        // affects the describer's own verdict, which is not written.
-        _ => policy::Describer::new(policy, hosts, false),
-    }
-}
+/// Answers the enforced policy's decisions for a batch of packets, or
+/// `None` before there is a policy.
+pub type DecideBatch<'a> = &'a dyn Fn(&[policy::Packet]) -> Option<Vec<policy::Decision>>;
 
-/// Reads the ring until `stop`, writing one JSON line per event. `context`
-/// gives the enforced policy and the node's addresses for each batch.
+/// Reads the ring until `stop`, writing one JSON line per event. `decide`
+/// names each batch's identities and rules: a few lookups per event in the
+/// daemon's incremental engine, so describing costs the same at any policy
+/// size and nothing when the policy changes.
 pub fn pump(
     mut ring: RingBuf<MapData>,
     mut sink: Sink,
     stop: &AtomicBool,
-    context: &dyn Fn() -> Option<(Arc<policy::Policy>, Vec<IpAddr>)>,
+    decide: DecideBatch<'_>,
     publish: &dyn Fn(&[String]),
 ) {
     let offset = monotonic_to_unix_offset();
-    let mut describer: Option<Describer> = None;
     while !stop.load(Ordering::Relaxed) {
         let mut poll = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
@@ -171,25 +155,25 @@ pub fn pump(
         if ready <= 0 {
             continue;
         }
-        let Some((policy, hosts)) = context() else {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        };
-        let current = refresh_describer(describer.take(), policy, hosts);
-        let current = describer.insert(current);
-        let now = SystemTime::now();
-        let mut lines = Vec::new();
+        let mut events = Vec::new();
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<Event>() {
                 continue;
             }
             // SAFETY: the kernel wrote a whole `Event` (size checked above);
             // read_unaligned copes with the ring's 8-byte alignment.
-            let event = unsafe { item.as_ptr().cast::<Event>().read_unaligned() };
-            if let Ok(line) = serde_json::to_string(&describe(&event, current, now, offset)) {
-                lines.push(line);
-            }
+            events.push(unsafe { item.as_ptr().cast::<Event>().read_unaligned() });
         }
+        let packets: Vec<policy::Packet> = events.iter().map(packet_of).collect();
+        let Some(decisions) = decide(&packets) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let lines: Vec<String> = events
+            .iter()
+            .zip(decisions)
+            .filter_map(|(event, decision)| serde_json::to_string(&describe(event, decision, offset)).ok())
+            .collect();
         publish(&lines);
         let written = match &mut sink {
             Sink::Stdout => write_lines(&mut std::io::stdout().lock(), &lines),
@@ -216,8 +200,12 @@ mod tests {
     #[test]
     fn describes_a_deny_rule_drop() {
         let text = "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: t}\nspec:\n  identities:\n    - {name: web, addresses: [\"10.1.0.0/24\"]}\n    - {name: db, addresses: [\"10.2.0.10\"]}\n  rules:\n    - {name: no-ssh, action: deny, from: [{identity: web}], to: [{identity: db}], ports: [\"22/tcp\"]}\n";
-        let parsed = policy::parse_str("t.yaml", text).unwrap();
-        let describer = policy::Describer::new(&parsed, [], false);
+        let mut engine = policy::Engine::new();
+        let change = policy::engine::SourceChange {
+            source: "t.yaml".to_owned(),
+            contents: policy::engine::Contents::Text(text.to_owned()),
+        };
+        engine.apply(vec![change], SystemTime::now()).unwrap();
         let mut event = Event {
             time_ns: 1_000_000_000,
             src_port: 40000,
@@ -232,7 +220,7 @@ mod tests {
         };
         event.src_addr[..4].copy_from_slice(&[10, 1, 0, 5]);
         event.dst_addr[..4].copy_from_slice(&[10, 2, 0, 10]);
-        let record = describe(&event, &describer, SystemTime::now(), 1_795_609_799_000_000_000);
+        let record = describe(&event, engine.describe(&packet_of(&event), &[]), 1_795_609_799_000_000_000);
         assert_eq!(record.time, "2026-11-25T12:30:00.000Z");
         assert_eq!((record.src.as_str(), record.dst.as_str()), ("10.1.0.5", "10.2.0.10"));
         assert_eq!((record.src_identity.as_str(), record.dst_identity.as_str()), ("web", "db"));
@@ -241,23 +229,8 @@ mod tests {
         assert_eq!((record.src_port, record.dst_port, record.icmp_type), (Some(40000), Some(22), None));
         let json = serde_json::to_string(&record).unwrap();
         assert!(json.contains("\"protocol\":\"tcp\"") && !json.contains("icmp_type"), "{json}");
-    }
-
-    #[test]
-    fn keeps_the_describer_while_policy_and_addresses_stay() {
-        let text = "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: t}\nspec:\n  identities:\n    - {name: web, addresses: [\"10.1.0.0/24\"]}\n";
-        let parsed = Arc::new(policy::parse_str("t.yaml", text).unwrap());
-        let hosts: Vec<IpAddr> = vec!["10.1.0.1".parse().unwrap()];
-        let first = refresh_describer(None, Arc::clone(&parsed), hosts.clone());
-        let kept = first.host_addresses().as_ptr();
-        let same = refresh_describer(Some(first), Arc::clone(&parsed), hosts.clone());
-        assert!(std::ptr::eq(same.host_addresses().as_ptr(), kept), "rebuilt for the same policy and addresses");
-        assert_eq!(same.identity_name("10.1.0.1".parse().unwrap()), "host");
-        let moved = refresh_describer(Some(same), Arc::clone(&parsed), vec![]);
-        assert_eq!(moved.identity_name("10.1.0.1".parse().unwrap()), "web");
-        // An equal policy in a new allocation (a reload) is a new describer.
-        let reloaded = Arc::new(policy::parse_str("t.yaml", text).unwrap());
-        let fresh = refresh_describer(Some(moved), Arc::clone(&reloaded), vec![]);
-        assert!(Arc::ptr_eq(fresh.policy(), &reloaded));
+        // The node's own addresses are `host`, whatever the policy says.
+        let from_node = engine.describe(&packet_of(&event), &["10.1.0.5".parse().unwrap()]);
+        assert_eq!((from_node.src_identity.as_str(), from_node.rule), ("host", None));
     }
 }

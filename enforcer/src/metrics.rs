@@ -267,8 +267,10 @@ pub struct Shared {
     pub datapath: Mutex<Option<Datapath>>,
     pub stats: Mutex<PolicyStats>,
     pub usage: Mutex<Usage>,
-    /// The enforced policy's sources, for describing events.
-    pub policy: Mutex<Option<Arc<policy::engine::Snapshot>>>,
+    /// The policy engine: the one copy of the enforced policy. The
+    /// maintainer thread, its only writer, changes it; the event pump reads
+    /// it to name identities and rules, holding no other lock meanwhile.
+    pub engine: std::sync::RwLock<policy::Engine>,
     /// The sources of the enforced policy (files or a push), for the API.
     pub sources: Mutex<Vec<Arc<crate::sources::StoredSource>>>,
     /// Why the last candidate policy was rejected, if it was.
@@ -311,7 +313,7 @@ impl Shared {
             datapath: Mutex::new(None),
             stats: Mutex::new(PolicyStats::default()),
             usage: Mutex::new(Usage::default()),
-            policy: Mutex::new(None),
+            engine: std::sync::RwLock::new(policy::Engine::new()),
             sources: Mutex::new(Vec::new()),
             last_error: Mutex::new(None),
             events: tokio::sync::broadcast::channel(4096).0,

@@ -131,7 +131,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
     *shared.interfaces.lock().unwrap_or_else(PoisonError::into_inner) = interface_stats;
-    *shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(engine.snapshot()));
+    *shared.engine.write().unwrap_or_else(PoisonError::into_inner) = engine;
     return_freed_memory();
     let events = start_events(args, &mut datapath, &shared)?;
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
@@ -146,7 +146,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let maintenance = {
         let shared = Arc::clone(&shared);
         let audit = args.audit;
-        let start = InForce { engine, policy_dir };
+        let start = InForce { policy_dir };
         std::thread::spawn(move || maintain(&shared, &dir, start, audit, (&wakeup, &resync_rx, &push_rx)))
     };
 
@@ -246,17 +246,20 @@ fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>)
     let pump = {
         let (stop, shared) = (Arc::clone(&stop), Arc::clone(shared));
         std::thread::spawn(move || {
-            let context = || {
-                let snapshot = shared.policy.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
-                let policy = snapshot.policy();
-                let hosts = shared
+            let decide = |packets: &[policy::Packet]| {
+                // The addresses first, and no lock held while the other is
+                // taken: the maintainer takes the engine, then the datapath.
+                let hosts: Vec<std::net::IpAddr> = shared
                     .datapath
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .as_ref()
-                    .map(|d| d.host_addresses().iter().copied().collect())
-                    .unwrap_or_default();
-                Some((policy, hosts))
+                    .as_ref()?
+                    .host_addresses()
+                    .iter()
+                    .copied()
+                    .collect();
+                let engine = shared.engine.read().unwrap_or_else(PoisonError::into_inner);
+                Some(packets.iter().map(|packet| engine.describe(packet, &hosts)).collect())
             };
             let publish = |lines: &[String]| {
                 let mut recent = shared.recent_events.lock().unwrap_or_else(PoisonError::into_inner);
@@ -268,7 +271,7 @@ fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>)
                     recent.push_back(line.clone());
                 }
             };
-            enforcer::events::pump(ring, sink, &stop, &context, &publish);
+            enforcer::events::pump(ring, sink, &stop, &decide, &publish);
         })
     };
     Ok(Some((stop, pump)))
@@ -484,8 +487,6 @@ const WAIT_SLICE: Duration = Duration::from_millis(100);
 struct Maintainer<'a> {
     shared: &'a Shared,
     audit: bool,
-    /// The policy state between changes; the one copy of the policy.
-    engine: policy::Engine,
     policy_dir: enforcer::sources::PolicyDir,
     /// A push replaced the directory's files; the next change to the
     /// directory brings them back whole.
@@ -498,9 +499,9 @@ struct Maintainer<'a> {
     held_back: Vec<SourceChange>,
 }
 
-/// What the daemon started enforcing, handed to the maintainer.
+/// What the daemon started enforcing, handed to the maintainer (the engine
+/// is in [`Shared`]).
 struct InForce {
-    engine: policy::Engine,
     policy_dir: enforcer::sources::PolicyDir,
 }
 
@@ -560,9 +561,9 @@ fn maintain(
             None
         }
     };
-    let InForce { engine, policy_dir } = start;
+    let InForce { policy_dir } = start;
     let mut maintainer =
-        Maintainer { shared, audit, engine, policy_dir, pushed: false, unwritten: false, held_back: Vec::new() };
+        Maintainer { shared, audit, policy_dir, pushed: false, unwritten: false, held_back: Vec::new() };
     let mut last_resync = Instant::now();
     let mut last_usage: Option<Instant> = None;
     loop {
@@ -584,7 +585,7 @@ fn maintain(
             last_usage = Some(Instant::now());
             maintainer.refresh_usage();
         }
-        if maintainer.engine.next_expiry().is_some_and(|t| SystemTime::now() >= t) {
+        if maintainer.engine().next_expiry().is_some_and(|t| SystemTime::now() >= t) {
             let _ = maintainer.apply(&Origin::Expiry, None);
         } else if maintainer.unwritten && periodic {
             let _ = maintainer.apply(&Origin::Retry, None);
@@ -603,8 +604,9 @@ impl Maintainer<'_> {
         let digest = crate::api::digest(&push.sources);
         let origin = Origin::Push { who: push.who, digest };
         let pushed: BTreeSet<&str> = push.sources.iter().map(|s| s.name.as_str()).collect();
+        let engine = self.engine();
         let mut changes: Vec<SourceChange> = if push.whole {
-            self.engine
+            engine
                 .sources()
                 .filter(|(name, _)| !pushed.contains(name))
                 .map(|(name, _)| SourceChange { source: name.to_owned(), contents: Contents::Removed })
@@ -613,14 +615,15 @@ impl Maintainer<'_> {
             push.removed.iter().map(|name| SourceChange { source: name.clone(), contents: Contents::Removed }).collect()
         };
         if !push.whole
-            && let Some(unknown) =
-                push.removed.iter().find(|name| !self.engine.sources().any(|(s, _)| s == name.as_str()))
+            && let Some(unknown) = push.removed.iter().find(|name| !engine.sources().any(|(s, _)| s == name.as_str()))
         {
+            drop(engine);
             let problem = format!("the enforced policy has no file `{unknown}`; `GET /v1/policy` lists its files");
             self.refused(&origin, &problem, 1);
             let _ = push.reply.send(Err(vec![problem]));
             return;
         }
+        drop(engine);
         changes.extend(
             push.sources
                 .iter()
@@ -660,9 +663,10 @@ impl Maintainer<'_> {
                 Contents::Parsed(_) | Contents::Removed => 0,
             })
             .sum();
+        let mut engine = self.shared.engine.write().unwrap_or_else(PoisonError::into_inner);
         let diff = match changes {
-            None => self.engine.advance(now),
-            Some(changes) => match self.engine.apply(changes, now) {
+            None => engine.advance(now),
+            Some(changes) => match engine.apply(changes, now) {
                 Ok(diff) => diff,
                 Err(error) => {
                     let problems: Vec<String> = match &error {
@@ -678,13 +682,13 @@ impl Maintainer<'_> {
         let applied = {
             let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(datapath) = guard.as_mut() else { return Err(vec!["the daemon is shutting down".to_owned()]) };
-            match datapath.apply(&diff, &self.engine, self.audit) {
+            match datapath.apply(&diff, &engine, self.audit) {
                 Ok(generation) => Ok((generation, datapath.last_slot_wait())),
                 Err(error) => {
                     // Step the engine back to what the kernel enforces; a
                     // lapse cannot be taken back, so it is written later.
                     if revertible {
-                        let back = self.engine.revert(now);
+                        let back = engine.revert(now);
                         datapath.missed(&diff.clone().then(&back));
                     } else {
                         datapath.missed(&diff);
@@ -707,8 +711,8 @@ impl Maintainer<'_> {
         log::info!(
             "applied policy generation {generation} ({}): {} identities, {} rules in force; {} entries changed; took {} µs (parse, validate and compile {} µs, write and switch {} µs)",
             origin.why(),
-            self.engine.identity_count(),
-            self.engine.active_rule_count(),
+            engine.identity_count(),
+            engine.active_rule_count(),
             diff.entries(),
             total.as_micros(),
             compiled_in.as_micros(),
@@ -718,21 +722,22 @@ impl Maintainer<'_> {
             log::info!(
                 target: "audit",
                 "who={who} action=push result=applied generation={generation} digest=sha256:{digest} {}",
-                policy::diff::summary(&self.engine.last_differences())
+                policy::diff::summary(&engine.last_differences())
             );
         }
-        self.engine.commit();
-        self.enforced_now(generation);
+        engine.commit();
+        self.enforced_now(generation, &engine);
         if diff.entries() > BIG_CHANGE_ENTRIES {
             // Catch the other slot up now, while nothing waits, rather
             // than in the next change.
             let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(datapath) = guard.as_mut()
-                && let Err(error) = datapath.prefill_standby(&self.engine)
+                && let Err(error) = datapath.prefill_standby(&engine)
             {
                 log::warn!("catching the standby policy slot up failed ({error}); the next change will");
             }
         }
+        drop(engine);
         if parsed_bytes > BIG_CHANGE_BYTES || diff.entries() > BIG_CHANGE_ENTRIES {
             return_freed_memory();
         }
@@ -759,14 +764,13 @@ impl Maintainer<'_> {
     }
 
     /// Records a newly enforced policy everywhere the daemon reports it.
-    fn enforced_now(&mut self, generation: u32) {
+    fn enforced_now(&mut self, generation: u32, engine: &policy::Engine) {
         {
             let mut stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
             stats.generation = generation;
-            stats.identities = self.engine.identity_count();
-            stats.rules = self.engine.active_rule_count();
+            stats.identities = engine.identity_count();
+            stats.rules = engine.active_rule_count();
         }
-        *self.shared.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(self.engine.snapshot()));
         if !self.pushed {
             *self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner) = self.policy_dir.sources();
         }
@@ -779,13 +783,18 @@ impl Maintainer<'_> {
         match enforcer::host::addresses() {
             Ok(addresses) if &addresses != datapath.host_addresses() => {
                 log::info!("node addresses changed: {addresses:?}");
-                if let Err(error) = datapath.set_host_addresses(&addresses, &self.engine) {
+                if let Err(error) = datapath.set_host_addresses(&addresses, &self.engine()) {
                     log::error!("updating the node's addresses failed: {error}");
                 }
             }
             Ok(_) => {}
             Err(error) => log::warn!("listing the node's addresses failed: {error}"),
         }
+    }
+
+    /// The engine, to read (the maintainer is its only writer).
+    fn engine(&self) -> std::sync::RwLockReadGuard<'_, policy::Engine> {
+        self.shared.engine.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn refresh_usage(&self) {
@@ -829,7 +838,7 @@ impl Maintainer<'_> {
             // The directory replaces the push: every source goes, every file comes.
             self.policy_dir.forget();
             let mut all: Vec<SourceChange> = self
-                .engine
+                .engine()
                 .sources()
                 .map(|(name, _)| SourceChange { source: name.to_owned(), contents: Contents::Removed })
                 .collect();

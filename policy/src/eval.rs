@@ -40,14 +40,14 @@ pub struct Decision {
 
 /// Who owns an address.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Owner<'p> {
+enum Owner<'p> {
     Host,
     Declared(&'p Identity),
     World,
 }
 
 impl Owner<'_> {
-    pub(crate) fn name(&self) -> &str {
+    fn name(&self) -> &str {
         match self {
             Owner::Host => HOST,
             Owner::Declared(identity) => &identity.name,
@@ -205,7 +205,7 @@ impl<'p> Evaluator<'p> {
     }
 }
 
-pub(crate) fn selector_matches(selector: &Selector, addr: IpAddr, owner: Owner<'_>) -> bool {
+fn selector_matches(selector: &Selector, addr: IpAddr, owner: Owner<'_>) -> bool {
     match (selector, owner) {
         (Selector::Identity(name), owner) => owner.name() == name,
         (Selector::Labels(wanted), Owner::Declared(identity)) => {
@@ -218,7 +218,7 @@ pub(crate) fn selector_matches(selector: &Selector, addr: IpAddr, owner: Owner<'
     }
 }
 
-pub(crate) fn ports_match(ports: Option<&[PortSpec]>, protocol: u8, port: u16) -> bool {
+fn ports_match(ports: Option<&[PortSpec]>, protocol: u8, port: u16) -> bool {
     ports.is_none_or(|specs| {
         specs.iter().any(|spec| spec.protocol.number() == protocol && (spec.first..=spec.last).contains(&port))
     })

@@ -6,7 +6,6 @@
 //! specification the kernel program is tested against.
 
 pub mod compile;
-pub mod describe;
 pub mod diff;
 pub mod engine;
 pub mod error;
@@ -20,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use compile::{CompiledPolicy, IdAssigner, compile, compile_at, compile_stable};
-pub use describe::Describer;
 pub use engine::{Contents, Engine, EntryDiff, SourceChange};
 pub use error::{Diagnostic, Location, PolicyError};
 pub use eval::{Decision, Evaluator, Packet, Verdict};

@@ -2,7 +2,9 @@
 //! of changes to several sources, the engine accepts exactly what full
 //! validation accepts, its diffs replayed from empty maps give exactly its
 //! state, and that state is a full compile of the same policy entry for
-//! entry, modulo the numbering of atoms and rules.
+//! entry, modulo the numbering of atoms and rules. What the engine says of
+//! a packet (`Engine::describe`, which names kernel events) is the
+//! reference evaluator's answer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -209,6 +211,44 @@ fn merged(sources: &[Policy]) -> Policy {
     policy
 }
 
+/// Addresses probed by [`assert_describes`]: inside and around every
+/// prefix the generator declares.
+const PROBED: [&str; 12] = [
+    "10.0.0.1",
+    "10.0.0.2",
+    "10.0.0.77",
+    "10.0.1.5",
+    "10.0.1.6",
+    "10.0.2.7",
+    "10.1.3.3",
+    "10.9.9.9",
+    "192.168.0.9",
+    "fd00::1",
+    "fd00:1::5",
+    "2001:db8::1",
+];
+
+/// The engine describes random packets as the reference evaluator decides
+/// them (audit modes aside: the kernel's verdict says that), with one of
+/// the probed addresses sometimes the node's own.
+fn assert_describes(dice: &mut Dice, policy: &Policy, engine: &Engine, now: SystemTime) -> Result<(), TestCaseError> {
+    use policy::eval::{Evaluator, Packet, Verdict};
+    let hosts: Vec<IpAddr> = if dice.roll(3) == 0 { vec![dice.pick(&PROBED).parse().unwrap()] } else { Vec::new() };
+    let evaluator = Evaluator::new(policy).at(now).with_host_addresses(hosts.iter().copied());
+    for _ in 0..24 {
+        let src: IpAddr = dice.pick(&PROBED).parse().unwrap();
+        let dst: IpAddr = dice.pick(&PROBED).parse().unwrap();
+        let (protocol, port) = *dice.pick(&[(6, 80), (6, 85), (6, 1001), (6, 22), (17, 53), (1, 8 << 8), (58, 0)]);
+        let packet = Packet { src, dst, protocol, port };
+        let mut expected = evaluator.evaluate(&packet);
+        if let Verdict::Audit(reason) = expected.verdict {
+            expected.verdict = Verdict::Drop(reason);
+        }
+        prop_assert_eq!(engine.describe(&packet, &hosts), expected, "{:?} with host addresses {:?}", packet, hosts);
+    }
+    Ok(())
+}
+
 /// The maps as the diffs leave them, each diff checked against what the
 /// maps held before it.
 #[derive(Default)]
@@ -346,6 +386,7 @@ proptest! {
                 let diff = engine.advance(now);
                 maps.replay(&diff)?;
                 assert_same(&compile_at(&merged(&sources), now), &engine, &maps)?;
+                assert_describes(&mut dice, &merged(&sources), &engine, now)?;
                 continue;
             }
             let replaced = change(&mut dice, &sources, now);
@@ -372,6 +413,7 @@ proptest! {
                 }
             }
             assert_same(&compile_at(&merged(&sources), now), &engine, &maps)?;
+            assert_describes(&mut dice, &merged(&sources), &engine, now)?;
         }
     }
 }

@@ -272,20 +272,23 @@ fn drops_are_reported_as_json_lines() {
     std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
     let events = scratch.0.join("events.jsonl");
     let events_arg = events.display().to_string();
-    let _daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log"), &["--events-to", &events_arg]).unwrap();
+    let daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log"), &["--events-to", &events_arg]).unwrap();
     let _servers = servers(&lab);
     assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut);
     assert_eq!(probe::tcp(&lab.host("gateway").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let records: Vec<serde_json::Value> = loop {
-        let text = std::fs::read_to_string(&events).unwrap_or_default();
-        let records: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
-        if records.len() >= 2 || Instant::now() > deadline {
-            break records;
+    let read_until = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&events).unwrap_or_default();
+            let records: Vec<serde_json::Value> =
+                text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+            if records.len() >= count || Instant::now() > deadline {
+                break records;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
     };
+    let records = read_until(2);
     let find = |src: &str| {
         records.iter().find(|r| r["src"] == src).unwrap_or_else(|| panic!("no event from {src}: {records:?}"))
     };
@@ -300,6 +303,19 @@ fn drops_are_reported_as_json_lines() {
     let deny = find("10.0.1.10");
     assert_eq!(deny["rule"], "gateway-never-touches-data");
     assert_eq!(deny["reason"], "deny_rule");
+    // Events name what the policy in force says: a file declaring the
+    // outsider's address as an identity of its own renames its drops.
+    let declared = "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: partners}\nspec:\n  identities:\n    - {name: partner, addresses: [\"10.0.9.10\"]}\n";
+    std::fs::write(dir.join("partners.yaml"), declared).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&lab, &daemon, "bulkhead_policy_generation") < Some(2) {
+        assert!(Instant::now() < deadline, "the new file was not applied: {}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut);
+    let records = read_until(records.len() + 1);
+    let latest = records.iter().rev().find(|r| r["src"] == "10.0.9.10").expect("an event from the outsider");
+    assert_eq!((latest["src_identity"].as_str(), latest["dst_identity"].as_str()), (Some("partner"), Some("db")));
 }
 
 #[test]

@@ -51,7 +51,7 @@ use std::time::SystemTime;
 
 use enforcer_common::{
     IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_HOST, IDENTITY_WORLD,
-    IdentityId, IdentityValue, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
+    IdentityId, IdentityValue, POLICY_KEY_IDENTITY_BITS, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
 };
 use ipnet::IpNet;
 
@@ -339,22 +339,6 @@ pub struct Engine {
     undo: Vec<(String, Option<Arc<Fragment>>)>,
 }
 
-/// The sources of one state of the engine, shared with other threads; the
-/// merged [`Policy`] (for the reference evaluator and the event describer)
-/// is built on first use only.
-#[derive(Debug)]
-pub struct Snapshot {
-    fragments: Vec<Arc<Fragment>>,
-    merged: std::sync::OnceLock<Arc<Policy>>,
-}
-
-impl Snapshot {
-    /// The policy as one [`Policy`], built once per snapshot.
-    pub fn policy(&self) -> Arc<Policy> {
-        Arc::clone(self.merged.get_or_init(|| Arc::new(merge(self.fragments.iter()))))
-    }
-}
-
 fn merge<'a>(fragments: impl Iterator<Item = &'a Arc<Fragment>>) -> Policy {
     let mut policy = Policy::default();
     for fragment in fragments {
@@ -494,12 +478,6 @@ impl Engine {
         let before = merge(self.undo.iter().filter_map(|(_, old)| old.as_ref()));
         let after = merge(self.undo.iter().filter_map(|(source, _)| self.sources.get(source)));
         crate::diff::diff(&before, &after)
-    }
-
-    /// The sources in force, for readers on other threads.
-    #[must_use]
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot { fragments: self.sources.values().cloned().collect(), merged: std::sync::OnceLock::new() }
     }
 
     /// Replaces one source's fragment in the model and the checks, noting
@@ -1028,6 +1006,50 @@ impl Engine {
     #[must_use]
     pub fn lookup_identity(&self, addr: IpAddr) -> IdentityValue {
         self.partition.lookup(addr)
+    }
+
+    /// What the maps of this state decide for `packet`, named: the
+    /// identities owning its addresses (the node's own `hosts` first, as the
+    /// map writer writes them over the policy's) and the rule whose entry
+    /// covers it, or none for the zero-trust default. Audit modes aside,
+    /// this is the reference evaluator's answer for the rules in force (the
+    /// engine proptest holds the entries to a full compile, and the
+    /// differential test holds those to the evaluator), found with a few
+    /// lookups whatever the policy's size: the daemon describes kernel
+    /// events with it, where an index of the whole policy would have to be
+    /// rebuilt for every change.
+    #[must_use]
+    pub fn describe(&self, packet: &crate::eval::Packet, hosts: &[IpAddr]) -> crate::eval::Decision {
+        use crate::eval::{Decision, Verdict};
+        use enforcer_common::{ACTION_ALLOW, DropReason};
+        let identity = |addr: IpAddr| -> (IdentityId, String) {
+            if hosts.contains(&addr) {
+                return (IDENTITY_HOST, HOST.to_owned());
+            }
+            let id = self.partition.lookup(addr).id;
+            let owner = self.partition.owner_of(id).and_then(Option::as_ref);
+            (id, owner.map_or_else(|| WORLD.to_owned(), ToString::to_string))
+        };
+        let ((src, src_identity), (dst, dst_identity)) = (identity(packet.src), identity(packet.dst));
+        let wanted = u32::from(packet.protocol) << 16 | u32::from(packet.port);
+        let covering = self.pairs.get(&(src, dst)).map_or(&[][..], PairEntries::as_slice).iter().find(|entry| {
+            let length = entry.prefix_len.saturating_sub(POLICY_KEY_IDENTITY_BITS).min(24);
+            let bits = u32::from(entry.key.protocol) << 16 | u32::from(u16::from_be_bytes(entry.key.port));
+            length == 0 || wanted >> (24 - length) == bits >> (24 - length)
+        });
+        let (verdict, rule) = match covering {
+            None => (Verdict::Drop(DropReason::DefaultDeny), None),
+            Some(entry) => {
+                let rule = self.active.get(&entry.value.rule_index).map(|rule| rule.name.to_string());
+                let verdict = if entry.value.action == ACTION_ALLOW {
+                    Verdict::Forward
+                } else {
+                    Verdict::Drop(DropReason::DenyRule)
+                };
+                (verdict, rule)
+            }
+        };
+        Decision { verdict, src_identity, dst_identity, rule }
     }
 }
 
