@@ -419,8 +419,12 @@ pub struct VerdictCacheEntry {
     pub rule_index: u32,
     /// [`Config::verdict_epoch`] when the entry was filled.
     pub epoch: u32,
+    /// Where drops between the entry's identities are counted (see
+    /// [`IDENTITY_PAIRS_PER_SLOT`]), once known; else [`NO_PAIR_INDEX`].
+    pub pair_index: u32,
+    pub padding: u32,
 }
-const _: () = assert!(core::mem::size_of::<VerdictCacheEntry>() == 72);
+const _: () = assert!(core::mem::size_of::<VerdictCacheEntry>() == 80);
 
 /// Entries of the per-CPU flow cache (a power of two: the index is the top
 /// bits of a hash).
@@ -570,6 +574,17 @@ pub struct IdentityPairKey {
 }
 const _: () = assert!(core::mem::size_of::<IdentityPairKey>() == 12);
 
+/// Identity pairs whose drops each policy slot can count. A pair's count
+/// lives at an index the kernel hands out the first time the pair drops
+/// (slot `s` uses `s * IDENTITY_PAIRS_PER_SLOT ..` onwards), so a packet
+/// whose pair is known (from the verdict cache) counts with one array
+/// increment; the daemon harvests and resets a slot's indexes whenever it
+/// reuses the slot.
+pub const IDENTITY_PAIRS_PER_SLOT: u32 = 16_384;
+
+/// [`VerdictCacheEntry::pair_index`] before the pair's first counted drop.
+pub const NO_PAIR_INDEX: u32 = u32::MAX;
+
 /// [`Event::verdict`] of a dropped packet.
 pub const EVENT_DROP: u8 = 1;
 /// [`Event::verdict`] of a packet passed by audit mode.
@@ -604,13 +619,19 @@ pub mod maps {
     pub const STATE_ERRORS: &str = "STATE_ERRORS";
 
     pub const EVENTS: &str = "EVENTS";
-    pub const IDENTITY_DROPS: &str = "IDENTITY_DROPS";
+    /// Identity pair → index of its drop count in `PAIR_DROPS`.
+    pub const IDENTITY_PAIRS: &str = "IDENTITY_PAIRS";
+    pub const PAIR_DROPS: &str = "PAIR_DROPS";
+    /// Per slot: indexes handed out.
+    pub const PAIRS_ALLOCATED: &str = "PAIRS_ALLOCATED";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
     /// Every map, for pinning.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 22] = [
         EVENTS,
-        IDENTITY_DROPS,
+        IDENTITY_PAIRS,
+        PAIR_DROPS,
+        PAIRS_ALLOCATED,
         EVENT_BUDGET,
         IDENTITY_V4_EXACT,
         IDENTITY_V4_PREFIX,
@@ -627,16 +648,22 @@ pub mod maps {
         STATE_ERRORS,
         FRAGMENTS,
         VERDICT_CACHE,
+        FLOW_CACHE,
+        CONNTRACK_EPOCH,
     ];
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
     pub const VERDICT_CACHE: &str = "VERDICT_CACHE";
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    /// Shared with the programs of a daemon being replaced, like `CONNTRACK`
+    /// itself: a connection either build forgets stales both builds' flow caches.
+    pub const CONNTRACK_EPOCH: &str = "CONNTRACK_EPOCH";
 
     use core::mem::size_of;
 
     use super::{
-        Config, Counter, EventBudget, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityKeyV4, IdentityKeyV6,
-        IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue,
+        Config, Counter, EventBudget, FlowCacheEntry, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityKeyV4,
+        IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue,
         VerdictCacheEntry,
     };
 
@@ -666,7 +693,9 @@ pub mod maps {
     pub const LAYOUT: [Layout; ALL.len()] = [
         // A ring buffer has no keys or values.
         layout(EVENTS, 0, 0),
-        layout(IDENTITY_DROPS, size_of::<IdentityPairKey>(), 8),
+        layout(IDENTITY_PAIRS, size_of::<IdentityPairKey>(), 4),
+        layout(PAIR_DROPS, 4, 8),
+        layout(PAIRS_ALLOCATED, 4, 8),
         layout(EVENT_BUDGET, 4, size_of::<EventBudget>()),
         layout(IDENTITY_V4_EXACT, size_of::<IdentityKeyV4>(), size_of::<IdentityValue>()),
         layout(IDENTITY_V4_PREFIX, trie_key(size_of::<IdentityPrefixV4>()) as usize, size_of::<IdentityValue>()),
@@ -683,6 +712,8 @@ pub mod maps {
         layout(STATE_ERRORS, 4, 8),
         layout(FRAGMENTS, size_of::<FragmentKey>(), size_of::<FragmentValue>()),
         layout(VERDICT_CACHE, 4, size_of::<VerdictCacheEntry>()),
+        layout(FLOW_CACHE, 4, size_of::<FlowCacheEntry>()),
+        layout(CONNTRACK_EPOCH, 4, 8),
     ];
 }
 

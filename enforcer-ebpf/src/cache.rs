@@ -10,7 +10,7 @@
 //! source ports) costs that. A never-seen tuple pays for the hash and the
 //! store on top of the lookups.
 
-use enforcer_common::{Config, DropReason, IdentityValue, VERDICT_CACHE_ENTRIES, VerdictCacheEntry};
+use enforcer_common::{Config, DropReason, IdentityValue, NO_PAIR_INDEX, VERDICT_CACHE_ENTRIES, VerdictCacheEntry};
 
 use crate::maps::VERDICT_CACHE;
 use crate::parse::Packet;
@@ -51,9 +51,27 @@ pub fn same_words<const N: usize>(a: &[u64; N], b: &[u64; N]) -> bool {
     differ == 0
 }
 
+impl Slot {
+    /// The entry's index in the cache.
+    #[inline(always)]
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}
+
+/// What the cache holds for a tuple: the identities, the policy's answer,
+/// and where drops between the identities are counted (or
+/// [`NO_PAIR_INDEX`]).
+pub struct Cached {
+    pub src: IdentityValue,
+    pub dst: IdentityValue,
+    pub outcome: Outcome,
+    pub pair_index: u32,
+}
+
 /// The cached answer for the tuple, if this CPU has it.
 #[inline(always)]
-pub fn lookup(slot: &Slot) -> Option<(IdentityValue, IdentityValue, Outcome)> {
+pub fn lookup(slot: &Slot) -> Option<Cached> {
     let entry = VERDICT_CACHE.get(slot.index)?;
     if entry.tag != slot.tag || entry.epoch != slot.epoch || !same_words(&entry.addrs, &slot.words) {
         return None;
@@ -66,7 +84,7 @@ pub fn lookup(slot: &Slot) -> Option<(IdentityValue, IdentityValue, Outcome)> {
             rule_index: entry.rule_index,
         }
     };
-    Some((entry.src, entry.dst, outcome))
+    Some(Cached { src: entry.src, dst: entry.dst, outcome, pair_index: entry.pair_index })
 }
 
 /// Remembers the answer for the tuple on this CPU.
@@ -88,6 +106,18 @@ pub fn store(slot: &Slot, src: IdentityValue, dst: IdentityValue, outcome: &Outc
             reason,
             rule_index,
             epoch: slot.epoch,
+            pair_index: NO_PAIR_INDEX,
+            padding: 0,
         };
+    }
+}
+
+/// Remembers, in the entry at `cache_index` (filled by this program run),
+/// where its identity pair's drops are counted.
+#[inline(always)]
+pub fn remember_pair_index(cache_index: u32, pair_index: u32) {
+    if let Some(entry) = VERDICT_CACHE.get_ptr_mut(cache_index) {
+        // SAFETY: this CPU's own entry; programs do not migrate while they run.
+        unsafe { (*entry).pair_index = pair_index };
     }
 }

@@ -103,16 +103,8 @@ pub fn store(slot: &Slot, now: u64) {
 #[inline(always)]
 pub fn invalidate_all() {
     if let Some(epoch) = CONNTRACK_EPOCH.get_ptr_mut(0) {
-        // An atomic add (core has no atomic read-modify-write for BPF), so
-        // that bumps on two CPUs at once are not lost.
+        // Atomic, so that bumps on two CPUs at once are not lost.
         // SAFETY: an 8-aligned map value, valid for this program run.
-        unsafe {
-            core::arch::asm!(
-                "lock *(u64 *)({epoch} + 0) += {one}",
-                epoch = in(reg) epoch,
-                one = in(reg) 1u64,
-                options(nostack, preserves_flags),
-            );
-        }
+        unsafe { crate::atomic::add(epoch, 1) };
     }
 }

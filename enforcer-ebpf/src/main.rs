@@ -18,6 +18,7 @@
 // to the accesses they guard, where the verifier can see them.
 #![allow(clippy::inline_always)]
 
+mod atomic;
 mod cache;
 mod clock;
 mod conntrack;
@@ -178,7 +179,7 @@ fn judge(frame: &Frame, direction: Direction, ifindex: impl Fn() -> u32) -> Verd
     }
     let config = maps::CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
     let now = clock::now(&config);
-    let mut pair = IdentityPairKey { slot: events::PAIR_UNKNOWN, src: 0, dst: 0 };
+    let mut pair = events::Pair::UNKNOWN;
     let verdict = judge_ip(packet, direction, &config, now, &mut pair);
     // Whatever decided a first fragment (conntrack, policy, audit) decides
     // the datagram's later fragments too.
@@ -192,14 +193,14 @@ fn judge(frame: &Frame, direction: Direction, ifindex: impl Fn() -> u32) -> Verd
         Action::Audit => true,
         Action::Pass | Action::Ignore => return verdict,
     };
-    let judged = events::Judged { direction, reason: verdict.reason, audit, ifindex: ifindex() };
+    let judged = events::Judged { direction, reason: verdict.reason, audit, ifindex };
     events::report(packet, &judged, &pair, now);
     verdict
 }
 
 /// `pair` receives the packet's identities once they are looked up.
 #[inline(always)]
-fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pair: &mut IdentityPairKey) -> Verdict {
+fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pair: &mut events::Pair) -> Verdict {
     // Fast path: one conntrack lookup for established flows at ingress.
     let mut stale = false;
     if direction == Direction::Ingress && matches!(packet.kind, Kind::Trackable | Kind::EchoReply) {
@@ -230,13 +231,17 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
         && packet.kind != Kind::IcmpError
         && config.flags & CONFIG_FLAG_NO_VERDICT_CACHE == 0;
     let cache_slot = cache::slot(packet, config);
-    if cached && let Some((src, dst, outcome)) = cache::lookup(&cache_slot) {
-        if src.id == IDENTITY_HOST {
+    if cached && let Some(hit) = cache::lookup(&cache_slot) {
+        if hit.src.id == IDENTITY_HOST {
             return Verdict::drop(DropReason::HostSpoofed);
         }
-        *pair = IdentityPairKey { slot: slot as u32, src: src.id, dst: dst.id };
-        let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
-        return conclude(packet, direction, dst, config.policy_generation, (audit, stale), now, outcome);
+        *pair = events::Pair {
+            key: IdentityPairKey { slot: slot as u32, src: hit.src.id, dst: hit.dst.id },
+            index: hit.pair_index,
+            cache_entry: cache_slot.index(),
+        };
+        let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || hit.dst.flags & IDENTITY_FLAG_AUDIT != 0;
+        return conclude(packet, direction, hit.dst, config.policy_generation, (audit, stale), now, hit.outcome);
     }
     let src = identity::lookup(slot, packet.flow.family, &packet.flow.src_addr);
     match direction {
@@ -255,7 +260,7 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
         _ => {}
     }
     let dst = identity::lookup(slot, packet.flow.family, &packet.flow.dst_addr);
-    *pair = IdentityPairKey { slot: slot as u32, src: src.id, dst: dst.id };
+    pair.key = IdentityPairKey { slot: slot as u32, src: src.id, dst: dst.id };
     let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
 
     if let Fragment::Later(id) = packet.fragment {
@@ -273,6 +278,7 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
     let outcome = policy::decide(slot, src, dst, packet.flow.protocol, packet.policy_port);
     if cached {
         cache::store(&cache_slot, src, dst, &outcome);
+        pair.cache_entry = cache_slot.index();
     }
     conclude(packet, direction, dst, config.policy_generation, (audit, stale), now, outcome)
 }

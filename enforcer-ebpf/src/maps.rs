@@ -3,12 +3,12 @@
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use enforcer_common::{
     Config, Counter, DEFAULT_MAX_RULES, DROP_COUNTER_ENTRIES, Direction, EventBudget, FLOW_CACHE_ENTRIES,
-    FlowCacheEntry, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityKeyV4, IdentityKeyV6, IdentityPairKey,
-    IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue, StateError, VERDICT_CACHE_ENTRIES,
-    VerdictCacheEntry,
+    FlowCacheEntry, FlowKey, FlowValue, FragmentKey, FragmentValue, IDENTITY_PAIRS_PER_SLOT, IdentityKeyV4,
+    IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue,
+    StateError, VERDICT_CACHE_ENTRIES, VerdictCacheEntry,
 };
 
 // Identity and policy keys start with the policy slot (see
@@ -84,14 +84,25 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
-/// Drops per (slot, source identity, destination identity). Not LRU: an
-/// evicted pair would take its count with it unseen (and its Prometheus
-/// counter would go backwards); when this map is full a new pair's drops
-/// are counted as failed inserts instead. The daemon empties a slot's
-/// pairs whenever it reuses the slot. It is also the one kind of per-CPU
-/// hash the verifier inlines lookups of, which every counted drop pays for.
+/// (slot, source identity, destination identity) → index of the pair's
+/// drop count in `PAIR_DROPS`, handed out on its first drop (see
+/// `crate::events`). Not LRU: an evicted pair would take its count with it
+/// unseen (and its Prometheus counter would go backwards); when a slot's
+/// indexes are used up a new pair's drops are counted as failed inserts
+/// instead. The daemon harvests and empties a slot's pairs whenever it
+/// reuses the slot.
 #[map]
-pub static IDENTITY_DROPS: PerCpuHashMap<IdentityPairKey, u64> = PerCpuHashMap::with_max_entries(16_384, 0);
+pub static IDENTITY_PAIRS: HashMap<IdentityPairKey, u32> = HashMap::with_max_entries(2 * IDENTITY_PAIRS_PER_SLOT, 0);
+
+/// Drops per identity pair, per CPU, at the pair's index: an array, whose
+/// lookups the verifier inlines, so a pair the verdict cache knows costs
+/// a few instructions to count.
+#[map]
+pub static PAIR_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * IDENTITY_PAIRS_PER_SLOT, 0);
+
+/// Per slot, how many pair indexes have been handed out.
+#[map]
+pub static PAIRS_ALLOCATED: Array<u64> = Array::with_max_entries(2, 0);
 
 /// Recent identity-and-policy answers per CPU, direct-mapped (see
 /// `crate::cache`): a flood of denied (or allowed, untracked) packets

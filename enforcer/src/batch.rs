@@ -71,15 +71,17 @@ fn command(
     }
 }
 
-/// Sums over CPUs of the `u64` counters at keys `0..count` of a per-CPU
-/// array with `cpus` possible CPUs, read a chunk of keys per system call:
-/// a 100k-rule policy has 200k rule counters, and reading them one by one
-/// held the datapath for a quarter of a second per scrape.
-pub fn per_cpu_sums(map: &MapData, count: u32, cpus: usize) -> Result<Vec<u64>, MapError> {
+/// Sums over CPUs of the `u64` counters at `keys` of a per-CPU array with
+/// `cpus` possible CPUs (the sum for key `k` at `k - keys.start`), read a
+/// chunk of keys per system call: a 100k-rule policy has 200k rule
+/// counters, and reading them one by one held the datapath for a quarter
+/// of a second per scrape.
+pub fn per_cpu_sums(map: &MapData, keys: std::ops::Range<u32>, cpus: usize) -> Result<Vec<u64>, MapError> {
     let map_fd = map_fd(map).map_err(|error| failed("bpf_map_lookup_batch", error))?;
+    let (first, count) = (keys.start, keys.len() as u32);
     let mut sums = vec![0u64; count as usize];
-    // The kernel's cursor: where the next chunk starts (none for the first).
-    let mut cursor: Option<u32> = None;
+    // The kernel's cursor: the key before the next chunk (none from key 0).
+    let mut cursor: Option<u32> = first.checked_sub(1);
     let mut read = 0u32;
     while read < count {
         let wanted = (count - read).min(CHUNK as u32);
@@ -104,7 +106,7 @@ pub fn per_cpu_sums(map: &MapData, count: u32, cpus: usize) -> Result<Vec<u64>, 
         };
         let got = attr.count.min(wanted) as usize;
         for (key, per_cpu) in keys[..got].iter().zip(values.chunks(cpus)) {
-            if let Some(sum) = sums.get_mut(*key as usize) {
+            if let Some(sum) = key.checked_sub(first).and_then(|at| sums.get_mut(at as usize)) {
                 *sum = per_cpu.iter().sum();
             }
         }

@@ -633,6 +633,51 @@ fn cached_flows_never_outlive_their_connection() {
     assert_eq!(kernel.ingress(&reply), Drop(DefaultDeny), "forgotten by the daemon");
 }
 
+/// Drops per identity pair add up exactly: counted by the array index the
+/// verdict cache remembers for the pair, or found through the pair's hash
+/// entry (and handed out on its first drop), across policy generations
+/// whose slots, reused, start their pairs afresh.
+#[test]
+fn identity_pair_drops_add_up_across_generations() {
+    stay_on_one_cpu();
+    let mut kernel = kernel(false);
+    let h = V4;
+    let syn = |src, dst, source_port| frames::simple(src, dst, TCP, tcp(source_port, 8080, SYN));
+    let drops = |kernel: &Kernel, src: &str, dst: &str| {
+        let counters = kernel.datapath.counters().unwrap();
+        counters.identity_drops.get(&(src.to_owned(), dst.to_owned())).copied().unwrap_or(0)
+    };
+    let widened = POLICY.replace(
+        "  rules:\n",
+        "  rules:\n    - {name: extra, from: [{identity: web}], to: [{identity: db}], ports: [\"9/udp\"]}\n",
+    );
+    let (mut db_web, mut sandbox_web) = (0, 0);
+    for generation in 0..5u16 {
+        // One tuple (whatever its source port): cache hits after the first.
+        for source_port in 0..30 {
+            assert_eq!(kernel.ingress(&syn(h.db, h.web, 42_000 + source_port)), Drop(DefaultDeny));
+        }
+        db_web += 30;
+        // A pair new to this generation, on every other one.
+        if generation % 2 == 1 {
+            for source_port in 0..7 {
+                assert_eq!(kernel.ingress(&syn(h.sandbox, h.web, 43_000 + source_port)), Drop(DefaultDeny));
+            }
+            sandbox_web += 7;
+        }
+        assert_eq!(drops(&kernel, "db", "web"), db_web, "generation {generation}");
+        assert_eq!(drops(&kernel, "sandbox", "web"), sandbox_web, "generation {generation}");
+        let next = if generation % 2 == 0 { widened.as_str() } else { POLICY };
+        kernel.enforce(&policy::parse_str("next.yaml", next).unwrap(), false);
+    }
+    kernel.datapath.set_verdict_cache(false).unwrap();
+    for source_port in 0..11 {
+        assert_eq!(kernel.ingress(&syn(h.db, h.web, 44_000 + source_port)), Drop(DefaultDeny));
+    }
+    assert_eq!(drops(&kernel, "db", "web"), db_web + 11, "without the cache");
+    assert_eq!(drops(&kernel, "other", "other"), 0, "every drop named");
+}
+
 /// The verdict cache answers a repeated tuple, whatever its source port,
 /// exactly as the lookups would, and never past a change: a new policy
 /// generation or new node addresses make every entry miss at once.

@@ -106,7 +106,7 @@ impl Datapath {
             forward_counters: take(&mut ebpf, maps::FORWARD_COUNTERS)?,
             state_errors: take(&mut ebpf, maps::STATE_ERRORS)?,
             events: Some(take(&mut ebpf, maps::EVENTS)?),
-            identity_drops: take(&mut ebpf, maps::IDENTITY_DROPS)?,
+            pairs: super::pairs::PairCounters::take(&mut ebpf)?,
             harvested_pairs: BTreeMap::new(),
             harvested_rules: BTreeMap::new(),
             ebpf,

@@ -130,7 +130,7 @@ impl Datapath {
         let generation = self.config_value.policy_generation.wrapping_add(1);
         self.wait_for_old_slot_readers();
         let index = slot_of(generation);
-        for (pair, count) in self.read_identity_drops(index, true)? {
+        for (pair, count) in self.take_pairs(index)? {
             *self.harvested_pairs.entry(pair).or_default() += count;
         }
         self.bring_up_to_date(index, Some(diff), state)?;
@@ -435,7 +435,7 @@ impl Slot {
         // Slots interleave, so this slot's counters lie among the first
         // twice-as-many keys.
         let span = self.verdict_index(self.rule_table.len() - 1) + 1;
-        let sums = batch::per_cpu_sums(maps.rule_verdicts.map(), span, cpus)
+        let sums = batch::per_cpu_sums(maps.rule_verdicts.map(), 0..span, cpus)
             .map_err(|source| DatapathError::Read { name: maps::RULE_VERDICTS, source })?;
         Ok((0..self.rule_table.len())
             .filter_map(|index| {

@@ -9,6 +9,7 @@
 mod attach;
 mod loader;
 mod map_writer;
+mod pairs;
 
 pub use crate::testrun::TestRun;
 pub use attach::{IngressHook, XdpAttach, uninstall};
@@ -25,14 +26,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::LinkError;
 use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfError};
 use enforcer_common::{
     CONFIG_INDEX, Config, Counter, Direction, DropReason, FlowKey, FlowValue, FragmentKey, FragmentValue,
-    IDENTITY_HOST, IdentityId, IdentityPairKey, IdentityValue, MAX_CLOCK_TICK_NS, POLICY_KEY_MAX_PREFIX, PolicyKeyData,
-    SLOT_BITS, StateError, drop_counter_index, maps, slot_of,
+    IDENTITY_HOST, IdentityId, IdentityValue, MAX_CLOCK_TICK_NS, POLICY_KEY_MAX_PREFIX, PolicyKeyData, SLOT_BITS,
+    StateError, drop_counter_index, maps, slot_of,
 };
 use ipnet::IpNet;
 use policy::engine::EntryCounts;
@@ -177,7 +178,7 @@ pub struct Datapath {
     forward_counters: PerCpuArray<MapData, Counter>,
     state_errors: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
-    identity_drops: PerCpuHashMap<MapData, IdentityPairKey, u64>,
+    pairs: pairs::PairCounters,
     /// Drops per identity pair from generations whose slot has since been reused.
     harvested_pairs: BTreeMap<(String, String), u64>,
     /// Rule decisions of generations whose slot has since been reused.
@@ -319,31 +320,17 @@ impl Datapath {
     }
 
     /// Drops per (source, destination) identity name counted under `slot`.
-    fn clone_free_pairs(&self, slot: usize) -> Result<Vec<PairCount>, DatapathError> {
+    fn read_pairs(&self, slot: usize) -> Result<Vec<PairCount>, DatapathError> {
         let names = &self.slots[slot].atom_names;
         let name = |id: IdentityId| names.get(&id).map_or_else(|| "other".to_owned(), ToString::to_string);
-        let mut out = Vec::new();
-        for key in self.identity_drops.keys().flatten().filter(|k| k.slot as usize == slot) {
-            match self.identity_drops.get(&key, 0) {
-                Ok(values) => out.push(((name(key.src), name(key.dst)), values.iter().sum())),
-                Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(DatapathError::Read { name: maps::IDENTITY_DROPS, source }),
-            }
-        }
-        Ok(out)
+        Ok(self.pairs.read(slot)?.into_iter().map(|(key, count)| ((name(key.src), name(key.dst)), count)).collect())
     }
 
-    /// Reads, then deletes, the identity-pair drops counted under `slot`,
+    /// Reads, then forgets, the identity-pair drops counted under `slot`,
     /// which is about to number its identities anew.
-    fn read_identity_drops(&mut self, slot: usize, remove: bool) -> Result<Vec<PairCount>, DatapathError> {
-        let counts = self.clone_free_pairs(slot)?;
-        if remove {
-            let keys: Vec<IdentityPairKey> =
-                self.identity_drops.keys().flatten().filter(|k| k.slot as usize == slot).collect();
-            for key in keys {
-                ignore_missing(self.identity_drops.remove(&key)).map_err(write_error(maps::IDENTITY_DROPS))?;
-            }
-        }
+    fn take_pairs(&mut self, slot: usize) -> Result<Vec<PairCount>, DatapathError> {
+        let counts = self.read_pairs(slot)?;
+        self.pairs.reset(slot)?;
         Ok(counts)
     }
 
@@ -431,7 +418,7 @@ impl Datapath {
         }
         snapshot.identity_drops.clone_from(&self.harvested_pairs);
         for slot in 0..2 {
-            for (pair, count) in self.clone_free_pairs(slot)? {
+            for (pair, count) in self.read_pairs(slot)? {
                 *snapshot.identity_drops.entry(pair).or_default() += count;
             }
         }

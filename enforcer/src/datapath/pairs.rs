@@ -1,0 +1,80 @@
+//! Drops per identity pair, as the kernel counts them: a hash from pair to
+//! index and a per-CPU array of counts at those indexes, one index range
+//! per policy slot (see `enforcer_common::IDENTITY_PAIRS_PER_SLOT`).
+
+use aya::Ebpf;
+use aya::maps::IterableMap as _;
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use enforcer_common::{IDENTITY_PAIRS_PER_SLOT, IdentityPairKey, maps};
+
+use super::map_writer::{ignore_missing, write_error};
+use super::{DatapathError, take};
+use crate::batch;
+
+pub(super) struct PairCounters {
+    index: HashMap<MapData, IdentityPairKey, u32>,
+    drops: PerCpuArray<MapData, u64>,
+    allocated: Array<MapData, u64>,
+}
+
+impl PairCounters {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        Ok(Self {
+            index: take(ebpf, maps::IDENTITY_PAIRS)?,
+            drops: take(ebpf, maps::PAIR_DROPS)?,
+            allocated: take(ebpf, maps::PAIRS_ALLOCATED)?,
+        })
+    }
+
+    /// The indexes of `slot` handed out so far.
+    fn used(&self, slot: usize) -> Result<std::ops::Range<u32>, DatapathError> {
+        let taken = match self.allocated.get(&(slot as u32), 0) {
+            Ok(taken) => taken,
+            Err(source) => return Err(DatapathError::Read { name: maps::PAIRS_ALLOCATED, source }),
+        };
+        let first = slot as u32 * IDENTITY_PAIRS_PER_SLOT;
+        Ok(first..first + u32::try_from(taken).unwrap_or(u32::MAX).min(IDENTITY_PAIRS_PER_SLOT))
+    }
+
+    /// Drops counted under `slot`, by identity pair (numbers of that slot).
+    pub(super) fn read(&self, slot: usize) -> Result<Vec<(IdentityPairKey, u64)>, DatapathError> {
+        let used = self.used(slot)?;
+        if used.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
+        let sums = batch::per_cpu_sums(self.drops.map(), used.clone(), cpus)
+            .map_err(|source| DatapathError::Read { name: maps::PAIR_DROPS, source })?;
+        let mut counts = Vec::new();
+        for key in self.index.keys().flatten().filter(|key| key.slot as usize == slot) {
+            let index = match self.index.get(&key, 0) {
+                Ok(index) => index,
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(DatapathError::Read { name: maps::IDENTITY_PAIRS, source }),
+            };
+            if let Some(count) = index.checked_sub(used.start).and_then(|at| sums.get(at as usize)) {
+                counts.push((key, *count));
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Forgets `slot`'s pairs and zeroes their counts, for a slot about to
+    /// number its identities anew. Only while no program reads the slot:
+    /// its old readers are gone, its new ones not yet switched to it.
+    pub(super) fn reset(&mut self, slot: usize) -> Result<(), DatapathError> {
+        let used = self.used(slot)?;
+        let keys: Vec<IdentityPairKey> = self.index.keys().flatten().filter(|k| k.slot as usize == slot).collect();
+        for key in keys {
+            ignore_missing(self.index.remove(&key)).map_err(write_error(maps::IDENTITY_PAIRS))?;
+        }
+        if !used.is_empty() {
+            let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
+            for index in used {
+                let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
+                self.drops.set(index, zeros, 0).map_err(write_error(maps::PAIR_DROPS))?;
+            }
+        }
+        self.allocated.set(slot as u32, 0, 0).map_err(write_error(maps::PAIRS_ALLOCATED))
+    }
+}
