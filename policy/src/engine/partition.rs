@@ -24,27 +24,54 @@ use super::{EntryCounts, IdPool, Name, Recorder, SelectorId};
 /// CIDR peers its addresses are part of, sorted.
 type AtomKey = (Option<Name>, Vec<SelectorId>);
 
+/// One prefix the policy names. Most are an identity's address, with no
+/// CIDR peer using them: the CIDR roles are boxed, so such a prefix costs
+/// 48 bytes (in a map of 100,000).
 #[derive(Debug)]
 struct PrefixState {
     owner: Option<Name>,
     /// CIDR peers using this prefix as their CIDR, and as an exception.
-    cidr_of: Vec<SelectorId>,
-    except_of: Vec<SelectorId>,
-    /// The default routes stay whatever the policy says.
-    permanent: bool,
+    roles: Option<Box<CidrRoles>>,
     /// 0 until first settled.
     atom: IdentityId,
     /// The identity entry written for this prefix, if it needs one.
     entry: Option<IdentityValue>,
+    /// The default routes stay whatever the policy says.
+    permanent: bool,
+}
+
+#[derive(Debug, Default)]
+struct CidrRoles {
+    cidr_of: Vec<SelectorId>,
+    except_of: Vec<SelectorId>,
 }
 
 impl PrefixState {
     fn new(permanent: bool) -> Self {
-        Self { owner: None, cidr_of: Vec::new(), except_of: Vec::new(), permanent, atom: 0, entry: None }
+        Self { owner: None, roles: None, permanent, atom: 0, entry: None }
     }
 
     fn is_used(&self) -> bool {
-        self.permanent || self.owner.is_some() || !self.cidr_of.is_empty() || !self.except_of.is_empty()
+        self.permanent || self.owner.is_some() || self.roles.is_some()
+    }
+
+    fn cidr_of(&self) -> &[SelectorId] {
+        self.roles.as_ref().map_or(&[], |roles| &roles.cidr_of)
+    }
+
+    fn except_of(&self) -> &[SelectorId] {
+        self.roles.as_ref().map_or(&[], |roles| &roles.except_of)
+    }
+
+    fn roles_mut(&mut self) -> &mut CidrRoles {
+        self.roles.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the roles once no CIDR peer uses the prefix.
+    fn tidy_roles(&mut self) {
+        if self.roles.as_ref().is_some_and(|roles| roles.cidr_of.is_empty() && roles.except_of.is_empty()) {
+            self.roles = None;
+        }
     }
 }
 
@@ -71,7 +98,11 @@ pub(super) struct Partition {
     /// Distinct prefix lengths in use per (family is v4, length).
     lengths: BTreeMap<(bool, u8), usize>,
     atoms: NumberMap<IdentityId, AtomState>,
-    by_key: HashMap<AtomKey, IdentityId>,
+    /// Atoms by a hash of their key (with a per-process key, so crafted
+    /// names cannot make them collide): the atoms keep their keys, and a
+    /// copy of each beside a hash entry cost more than the entry.
+    by_key: NumberMap<u64, SmallSet<IdentityId>>,
+    key_hasher: std::hash::RandomState,
     by_owner: HashMap<Option<Name>, SmallSet<IdentityId>>,
     by_selector: NumberMap<SelectorId, SmallSet<IdentityId>>,
     pool: IdPool,
@@ -85,7 +116,8 @@ impl Partition {
             prefixes: BTreeMap::new(),
             lengths: BTreeMap::new(),
             atoms: NumberMap::default(),
-            by_key: HashMap::new(),
+            by_key: NumberMap::default(),
+            key_hasher: std::hash::RandomState::new(),
             by_owner: HashMap::new(),
             by_selector: NumberMap::default(),
             pool: IdPool::starting_at(first_dynamic),
@@ -101,7 +133,8 @@ impl Partition {
                 entries: SmallSet::Empty,
             },
         );
-        partition.by_key.insert(world, IDENTITY_WORLD);
+        let world_hash = partition.key_hash(&world);
+        partition.by_key.entry(world_hash).or_default().insert(IDENTITY_WORLD);
         partition.by_owner.entry(None).or_default().insert(IDENTITY_WORLD);
         for net in [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())] {
             let mut state = PrefixState::new(true);
@@ -110,6 +143,11 @@ impl Partition {
             partition.lengths.insert((net.addr().is_ipv4(), 0), 1);
         }
         partition
+    }
+
+    fn key_hash(&self, key: &AtomKey) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.key_hasher.hash_one(key)
     }
 
     fn state(&mut self, net: IpNet) -> &mut PrefixState {
@@ -125,16 +163,20 @@ impl Partition {
     }
 
     pub(super) fn add_selector(&mut self, selector: SelectorId, cidr: IpNet, except: &[IpNet]) {
-        self.state(cidr).cidr_of.push(selector);
+        self.state(cidr).roles_mut().cidr_of.push(selector);
         for net in except {
-            self.state(*net).except_of.push(selector);
+            self.state(*net).roles_mut().except_of.push(selector);
         }
     }
 
     pub(super) fn remove_selector(&mut self, selector: SelectorId, cidr: IpNet, except: &[IpNet]) {
-        self.state(cidr).cidr_of.retain(|s| *s != selector);
+        let state = self.state(cidr);
+        state.roles_mut().cidr_of.retain(|s| *s != selector);
+        state.tidy_roles();
         for net in except {
-            self.state(*net).except_of.retain(|s| *s != selector);
+            let state = self.state(*net);
+            state.roles_mut().except_of.retain(|s| *s != selector);
+            state.tidy_roles();
         }
     }
 
@@ -180,14 +222,19 @@ impl Partition {
                 if owner.is_none() && state.owner.is_some() {
                     owner.clone_from(&state.owner);
                 }
-                inside.extend(state.cidr_of.iter().copied());
-                excluded.extend(state.except_of.iter().copied());
+                inside.extend(state.cidr_of().iter().copied());
+                excluded.extend(state.except_of().iter().copied());
                 if outer != net && state.atom != 0 {
                     parent = state.atom;
                 }
             }
             let key: AtomKey = (owner, inside.difference(&excluded).copied().collect());
-            let id = if let Some(&id) = self.by_key.get(&key) {
+            let hash = self.key_hash(&key);
+            let known = self
+                .by_key
+                .get(&hash)
+                .and_then(|ids| ids.iter().copied().find(|id| self.atoms.get(id).is_some_and(|atom| atom.key == key)));
+            let id = if let Some(id) = known {
                 id
             } else {
                 {
@@ -197,7 +244,7 @@ impl Partition {
                     for selector in &key.1 {
                         self.by_selector.entry(*selector).or_default().insert(id);
                     }
-                    self.by_key.insert(key.clone(), id);
+                    self.by_key.entry(hash).or_default().insert(id);
                     self.atoms.insert(id, AtomState { key, prefixes: 0, flags, entries: SmallSet::Empty });
                     created.push(id);
                     id
@@ -231,7 +278,8 @@ impl Partition {
         for id in touched_atoms.iter().chain(&created) {
             if self.atoms.get(id).is_some_and(|atom| atom.prefixes == 0) {
                 let atom = self.atoms.remove(id).expect("checked above");
-                self.by_key.remove(&atom.key);
+                let hash = self.key_hash(&atom.key);
+                remove_id(&mut self.by_key, &hash, *id);
                 remove_id(&mut self.by_owner, &atom.key.0, *id);
                 for selector in &atom.key.1 {
                     remove_id(&mut self.by_selector, selector, *id);

@@ -8,8 +8,11 @@ pub(crate) enum SmallSet<T> {
     #[default]
     Empty,
     One(T),
-    /// Two or more, sorted.
-    Many(Vec<T>),
+    /// Two or more, sorted. Boxed: a thin pointer keeps a set of numbers at
+    /// 16 bytes (a vector beside them made it 24), and sets are values in
+    /// maps of 100,000 entries; the rare large set pays an indirection.
+    #[allow(clippy::box_collection, reason = "a thin pointer, for the enum's size; see above")]
+    Many(Box<Vec<T>>),
 }
 
 impl<T: Ord + Copy> SmallSet<T> {
@@ -20,7 +23,7 @@ impl<T: Ord + Copy> SmallSet<T> {
             1 => Self::One(items[0]),
             _ => {
                 items.shrink_to_fit();
-                Self::Many(items)
+                Self::Many(Box::new(items))
             }
         }
     }
@@ -52,7 +55,7 @@ impl<T: Ord + Copy> SmallSet<T> {
             Self::One(one) if *one == item => return false,
             Self::One(one) => {
                 let pair = if *one < item { vec![*one, item] } else { vec![item, *one] };
-                *self = Self::Many(pair);
+                *self = Self::Many(Box::new(pair));
             }
             Self::Many(many) => match many.binary_search(&item) {
                 Ok(_) => return false,
