@@ -198,7 +198,8 @@ fn judge(frame: &Frame, direction: Direction, ifindex: impl Fn() -> u32) -> Verd
     verdict
 }
 
-/// `pair` receives the packet's identities once they are looked up.
+/// `pair` receives the packet's identities once they are looked up, and
+/// what the verdict cache knows of where their drops are counted.
 #[inline(always)]
 fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pair: &mut events::Pair) -> Verdict {
     // Fast path: one conntrack lookup for established flows at ingress.
