@@ -132,6 +132,10 @@ pub enum Sink {
     Off,
 }
 
+/// Events kept while there is no policy to describe them by (the daemon
+/// starting or stopping), beyond which they are dropped with a warning.
+const MAX_WAITING_EVENTS: usize = 1 << 16;
+
 /// Answers the enforced policy's decisions for a batch of packets, or
 /// `None` before there is a policy.
 pub type DecideBatch<'a> = &'a dyn Fn(&[policy::Packet]) -> Option<Vec<policy::Decision>>;
@@ -148,14 +152,15 @@ pub fn pump(
     publish: &dyn Fn(&[String]),
 ) {
     let offset = monotonic_to_unix_offset();
+    // Events read while there is no policy to name them by yet wait here.
+    let mut events: Vec<Event> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let mut poll = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&raw mut poll, 1, 200) };
-        if ready <= 0 {
+        if ready <= 0 && events.is_empty() {
             continue;
         }
-        let mut events = Vec::new();
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<Event>() {
                 continue;
@@ -166,10 +171,14 @@ pub fn pump(
         }
         let packets: Vec<policy::Packet> = events.iter().map(packet_of).collect();
         let Some(decisions) = decide(&packets) else {
+            if events.len() > MAX_WAITING_EVENTS {
+                log::warn!("{} drop events dropped: no policy to describe them by", events.len());
+                events.clear();
+            }
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
-        let lines: Vec<String> = events
+        let lines: Vec<String> = std::mem::take(&mut events)
             .iter()
             .zip(decisions)
             .filter_map(|(event, decision)| serde_json::to_string(&describe(event, decision, offset)).ok())
