@@ -19,7 +19,10 @@
 //! The one thing not in the tag is LRU eviction, which the kernel does
 //! silently when the table is full: a flow evicted then keeps passing on a
 //! CPU that cached it for at most [`FLOW_CACHE_REVALIDATE_NS`], under the
-//! same policy generation that admitted it. TCP packets that may change a
+//! same policy generation that admitted it. The same bound holds for a
+//! revoke racing a lookup on a CPU that reorders loads (arm64; x86 keeps
+//! them in order): that CPU may read the epoch after the revoke's bump but
+//! find the entry before its removal. TCP packets that may change a
 //! connection's state (SYN, FIN, RST, or anything before it is
 //! established) always take the conntrack lookup, and are never cached.
 
