@@ -818,9 +818,8 @@ impl Maintainer<'_> {
         let changes = match self.policy_dir.changes() {
             Ok(changes) => changes,
             Err(error) => {
-                // Reported once per look: forget what was seen so a fixed
-                // directory is read whole again.
-                self.policy_dir.forget();
+                // Reported once, not every second. What was seen stays: the
+                // next good pass reports every change since the last one.
                 if self.last_dir_error_differs(&error.to_string()) {
                     self.reject(&error.to_string());
                 }

@@ -75,8 +75,11 @@ impl PolicyDir {
 
     /// The files whose content changed since the last call (all of them
     /// the first time): new and changed files with their text, vanished
-    /// ones as removed. A directory without policy files is an error, as
-    /// is a file that cannot be read; then nothing is remembered as seen.
+    /// ones as removed. A file deleted between the listing and its reading
+    /// counts as vanished. A directory without policy files is an error,
+    /// as is a file that cannot be read; then what was seen stays as it
+    /// was, so the next call reports every change since the last good one
+    /// (a removal too, which a fresh start would not know of).
     pub fn changes(&mut self) -> Result<Vec<SourceChange>, PolicyError> {
         let paths = policy::list_files(std::slice::from_ref(&self.dir))?;
         let mut changes = Vec::new();
@@ -84,24 +87,32 @@ impl PolicyDir {
         for path in paths {
             let name = path.display().to_string();
             let read_error = |source| PolicyError::Read { path: path.clone(), source };
-            let metadata = std::fs::metadata(&path).map_err(read_error)?;
+            let metadata = match std::fs::metadata(&path) {
+                Ok(metadata) => metadata,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(read_error(error)),
+            };
             let stamp = Stamp {
                 len: metadata.len(),
                 modified: metadata.modified().ok(),
                 inode: metadata.ino(),
                 device: metadata.dev(),
             };
-            let known = self.files.remove(&name);
-            if let Some(known) = known.as_ref()
+            let known = self.files.get(&name);
+            if let Some(known) = known
                 && known.stamp == stamp
             {
                 seen.insert(name, Seen { stamp, digest: known.digest, source: Arc::clone(&known.source) });
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(read_error)?;
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(read_error(error)),
+            };
             let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
             let source = match known {
-                Some(known) if known.digest == digest => known.source,
+                Some(known) if known.digest == digest => Arc::clone(&known.source),
                 _ => {
                     let source = Arc::new(StoredSource::new(&name, &text));
                     changes.push(SourceChange { source: name.clone(), contents: Contents::Text(text) });
@@ -110,7 +121,7 @@ impl PolicyDir {
             };
             seen.insert(name, Seen { stamp, digest, source });
         }
-        for gone in self.files.keys() {
+        for gone in self.files.keys().filter(|name| !seen.contains_key(*name)) {
             changes.push(SourceChange { source: gone.clone(), contents: Contents::Removed });
         }
         self.files = seen;
@@ -169,6 +180,31 @@ mod tests {
         assert_eq!(kept.iter().map(|s| s.text()).collect::<Vec<_>>(), ["b: 22\n", "c: 1\n"]);
         policy_dir.forget();
         assert_eq!(policy_dir.changes().unwrap().len(), 2, "after forget, every file again");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A pass that fails on one file forgets nothing: a file removed
+    /// meanwhile is reported removed once the directory reads again (it
+    /// stayed enforced when a failed pass lost track of it).
+    #[test]
+    fn a_failed_pass_loses_no_removal() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-sources-failed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "a: 1\n").unwrap();
+        std::fs::write(dir.join("b.yaml"), "b: 1\n").unwrap();
+        let mut policy_dir = PolicyDir::new(&dir);
+        assert_eq!(policy_dir.changes().unwrap().len(), 2);
+        // b.yaml goes, and a file that cannot be read (not UTF-8) comes.
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        std::fs::write(dir.join("bad.yaml"), [0xff, 0xfe, 0x00]).unwrap();
+        let error = policy_dir.changes().unwrap_err();
+        assert!(error.to_string().contains("bad.yaml"), "{error}");
+        std::fs::remove_file(dir.join("bad.yaml")).unwrap();
+        assert_eq!(
+            names(&policy_dir.changes().unwrap()),
+            [("b.yaml".into(), true)],
+            "b.yaml's removal, late but not lost"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
