@@ -46,6 +46,17 @@ fn load_synthetic(program: &LiveProgram, dir: &Path, size: usize, port: u16) -> 
     Ok(())
 }
 
+/// `result`, with the end of the daemon's log added to an error: a bench
+/// that stops on a change the daemon did not apply says why it did not.
+fn explained<T>(result: Result<T, Error>, daemon: &Daemon) -> Result<T, Error> {
+    result.map_err(|error| {
+        let log = daemon.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!("{error}\nthe end of the daemon's log:\n{}", tail.join("\n")).into()
+    })
+}
+
 /// Update latency through the real daemon (file renames and API pushes),
 /// the large policy's load and one-rule change, and the footprint.
 pub fn figures(
@@ -92,24 +103,27 @@ pub fn figures(
     let idle_kib = footprint::rss_kib(pid);
     let program = LiveProgram::attached_under(&lab.bpffs_root())?;
     let client = ClientFiles { ca: ca_pem, cert: client_cert, key: client_key, scratch: scratch.0.clone() };
-    let updates = update::timed_updates(&lab, &daemon, &program, &dir, &client, changes, &variant)?;
+    let updates = explained(update::timed_updates(&lab, &daemon, &program, &dir, &client, changes, &variant), &daemon)?;
     let mut rss_by_size = Vec::new();
     let mut incremental = Vec::new();
     for (size, port) in [(10, 3001), (1_000, 3002), (10_000, 3003)] {
         if size >= big {
             break;
         }
-        load_synthetic(&program, &dir, size, port)?;
+        explained(load_synthetic(&program, &dir, size, port), &daemon)?;
         rss_by_size.push((size, footprint::settled_rss_kib(pid)));
         if size == 10 {
-            incremental.push(incremental::changes_on_top(&lab, &program, &dir, &client, size, incremental_changes)?);
+            let on_top = incremental::changes_on_top(&lab, &program, &dir, &client, size, incremental_changes);
+            incremental.push(explained(on_top, &daemon)?);
         }
     }
-    let large = load::through_daemon(&daemon, &program, &dir, big)?;
+    let large = explained(load::through_daemon(&daemon, &program, &dir, big), &daemon)?;
     let loaded_kib = footprint::settled_rss_kib(pid);
     rss_by_size.push((big, loaded_kib));
-    incremental.push(incremental::changes_on_top(&lab, &program, &dir, &client, big, incremental_changes)?);
-    let churn = incremental::address_churn(&lab, &daemon, &program, &dir, big, 1000, churn_seconds)?;
+    let on_top = incremental::changes_on_top(&lab, &program, &dir, &client, big, incremental_changes);
+    incremental.push(explained(on_top, &daemon)?);
+    let churn =
+        explained(incremental::address_churn(&lab, &daemon, &program, &dir, big, 1000, churn_seconds), &daemon)?;
     let maps = footprint::memlock(&lab.bpffs_root());
     daemon.stop()?;
     Ok(DaemonFigures {
