@@ -10,7 +10,9 @@
 //! source ports) costs that. A never-seen tuple pays for the hash and the
 //! store on top of the lookups.
 
-use enforcer_common::{Config, DropReason, IdentityValue, NO_PAIR_INDEX, VERDICT_CACHE_ENTRIES, VerdictCacheEntry};
+use enforcer_common::{
+    Config, DropReason, FlowKey, IdentityValue, NO_PAIR_INDEX, VERDICT_CACHE_ENTRIES, VerdictCacheEntry,
+};
 
 use crate::maps::VERDICT_CACHE;
 use crate::parse::Packet;
@@ -27,8 +29,8 @@ pub struct Slot {
 /// The tuple's slot in the cache.
 #[inline(always)]
 pub fn slot(packet: &Packet, config: &Config) -> Slot {
-    // SAFETY: the flow key is 8-aligned and starts with the two 16-byte addresses.
-    let words = unsafe { *(&raw const packet.flow).cast::<[u64; 4]>() };
+    // The two 16-byte addresses.
+    let words = flow_words::<4>(&packet.flow);
     let tag = u64::from(config.policy_generation)
         | u64::from(packet.policy_port) << 32
         | u64::from(packet.flow.protocol) << 48
@@ -37,6 +39,17 @@ pub fn slot(packet: &Packet, config: &Config) -> Slot {
         .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let index = (mixed >> (64 - VERDICT_CACHE_ENTRIES.trailing_zeros())) as u32;
     Slot { index, tag, epoch: config.verdict_epoch, words }
+}
+
+/// The first `N` (at most 5) eight-byte words of a flow key, for hashing
+/// and comparing: the addresses are its first four.
+#[inline(always)]
+pub fn flow_words<const N: usize>(flow: &FlowKey) -> [u64; N] {
+    const { assert!(N * 8 <= core::mem::size_of::<FlowKey>()) };
+    // SAFETY: a flow key is 40 bytes of plain integers (`N` words fit, as
+    // checked above), and every flow key the programs read this way lives
+    // 8-aligned, in `Packet` or in the flow cache.
+    unsafe { *core::ptr::from_ref(flow).cast::<[u64; N]>() }
 }
 
 /// Whether two keys are equal, word by word: comparing the arrays with `==`

@@ -28,6 +28,7 @@
 
 use enforcer_common::{Config, FLOW_CACHE_ENTRIES, FlowKey, timeouts::FLOW_CACHE_REVALIDATE_NS};
 
+use crate::cache::{flow_words, same_words};
 use crate::maps::{CONNTRACK_EPOCH, FLOW_CACHE};
 use crate::parse::{PROTO_TCP, Packet, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -40,14 +41,6 @@ pub struct Slot {
     conntrack_epoch: u64,
 }
 
-/// The flow key as five words, for hashing and comparing.
-#[inline(always)]
-fn words(flow: &FlowKey) -> [u64; 5] {
-    // SAFETY: a flow key is 40 bytes of plain integers, and every flow key
-    // the programs hash lives 8-aligned in `Packet` or in this cache.
-    unsafe { *core::ptr::from_ref(flow).cast::<[u64; 5]>() }
-}
-
 /// The tuple's slot, or `None` for a packet the cache must not answer (a
 /// TCP packet that may change its connection's state) or need not: a SYN
 /// opens a connection, so in a SYN flood or a scan the probe would only
@@ -57,7 +50,7 @@ pub fn slot(packet: &Packet, config: &Config) -> Option<Slot> {
     if packet.flow.protocol == PROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return None;
     }
-    let words = words(&packet.flow);
+    let words = flow_words::<5>(&packet.flow);
     let mixed = (words[0]
         ^ words[1].rotate_left(11)
         ^ words[2].rotate_left(23)
@@ -84,7 +77,7 @@ pub fn passes(slot: &Slot, now: u64) -> bool {
         && entry.verdict_epoch == slot.verdict_epoch
         && entry.conntrack_epoch == slot.conntrack_epoch
         && now.wrapping_sub(entry.verified_ns) < FLOW_CACHE_REVALIDATE_NS
-        && crate::cache::same_words(&words(&entry.flow), &slot.words)
+        && same_words(&flow_words::<5>(&entry.flow), &slot.words)
 }
 
 /// Remembers that conntrack just passed the tuple without changing state.
@@ -108,6 +101,6 @@ pub fn invalidate_all() {
     if let Some(epoch) = CONNTRACK_EPOCH.get_ptr_mut(0) {
         // Atomic, so that bumps on two CPUs at once are not lost.
         // SAFETY: an 8-aligned map value, valid for this program run.
-        unsafe { crate::atomic::add(epoch, 1) };
+        unsafe { crate::atomic::fetch_add(epoch, 1) };
     }
 }
