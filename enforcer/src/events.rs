@@ -101,7 +101,7 @@ pub fn packet_of(event: &Event) -> policy::Packet {
 /// (the enforced policy's answer for [`packet_of`] the event).
 #[must_use]
 pub fn describe(event: &Event, decision: policy::Decision, unix_offset_ns: i128) -> EventRecord {
-    let (src, dst) = (address(event.family, event.src_addr), address(event.family, event.dst_addr));
+    let policy::Packet { src, dst, .. } = packet_of(event);
     let icmp = matches!(event.protocol, 1 | 58);
     let ports = matches!(event.protocol, 6 | 17);
     let reason = DropReason::from_u32(event.reason).unwrap_or(DropReason::Malformed);

@@ -87,11 +87,7 @@ impl PolicyDir {
         for path in paths {
             let name = path.display().to_string();
             let read_error = |source| PolicyError::Read { path: path.clone(), source };
-            let metadata = match std::fs::metadata(&path) {
-                Ok(metadata) => metadata,
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => return Err(read_error(error)),
-            };
+            let Some(metadata) = unless_gone(std::fs::metadata(&path)).map_err(read_error)? else { continue };
             let stamp = Stamp {
                 len: metadata.len(),
                 modified: metadata.modified().ok(),
@@ -105,11 +101,7 @@ impl PolicyDir {
                 seen.insert(name, Seen { stamp, digest: known.digest, source: Arc::clone(&known.source) });
                 continue;
             }
-            let text = match std::fs::read_to_string(&path) {
-                Ok(text) => text,
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => return Err(read_error(error)),
-            };
+            let Some(text) = unless_gone(std::fs::read_to_string(&path)).map_err(read_error)? else { continue };
             let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
             let source = match known {
                 Some(known) if known.digest == digest => Arc::clone(&known.source),
@@ -139,6 +131,15 @@ impl PolicyDir {
     /// come back whole).
     pub fn forget(&mut self) {
         self.files.clear();
+    }
+}
+
+/// `None` for a file deleted since the directory was listed.
+fn unless_gone<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
     }
 }
 

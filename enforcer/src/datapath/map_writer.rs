@@ -99,6 +99,12 @@ pub(super) fn delete_batch<K: aya::Pod>(map: &MapData, name: &'static str, keys:
     batch::delete(map, keys).1.map_err(write_error(name))
 }
 
+/// A zero for every possible CPU: what a per-CPU counter is reset to.
+pub(super) fn per_cpu_zeroes() -> Result<PerCpuValues<u64>, DatapathError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
+    PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)
+}
+
 /// Deleting a key that is already gone is not an error.
 pub(super) fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
@@ -458,7 +464,6 @@ impl Slot {
         maps: &mut PolicyMaps,
         rules: impl Iterator<Item = u32>,
     ) -> Result<Vec<RuleCount>, DatapathError> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
         let mut taken = Vec::new();
         for rule in rules {
             let index = self.verdict_index(rule as usize);
@@ -471,8 +476,7 @@ impl Slot {
             if count == 0 {
                 continue;
             }
-            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
-            maps.rule_verdicts.set(index, zeros, 0).map_err(write_error(maps::RULE_VERDICTS))?;
+            maps.rule_verdicts.set(index, per_cpu_zeroes()?, 0).map_err(write_error(maps::RULE_VERDICTS))?;
             if let Some(name) = self.rule_name(rule as usize) {
                 taken.push((name, count));
             }

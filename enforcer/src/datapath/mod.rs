@@ -32,8 +32,8 @@ use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfError};
 use enforcer_common::{
     CONFIG_INDEX, Config, Counter, Direction, DropReason, FlowKey, FlowValue, FragmentKey, FragmentValue,
-    IDENTITY_HOST, IdentityId, IdentityValue, MAX_CLOCK_TICK_NS, POLICY_KEY_MAX_PREFIX, PolicyKeyData, SLOT_BITS,
-    StateError, drop_counter_index, maps, slot_of,
+    IDENTITY_HOST, IdentityId, IdentityPairKey, IdentityValue, MAX_CLOCK_TICK_NS, POLICY_KEY_MAX_PREFIX, PolicyKeyData,
+    SLOT_BITS, StateError, drop_counter_index, maps, slot_of,
 };
 use ipnet::IpNet;
 use policy::engine::EntryCounts;
@@ -321,17 +321,21 @@ impl Datapath {
 
     /// Drops per (source, destination) identity name counted under `slot`.
     fn read_pairs(&self, slot: usize) -> Result<Vec<PairCount>, DatapathError> {
+        Ok(self.named_pairs(slot, self.pairs.read(slot)?))
+    }
+
+    /// Counts by pair under the names `slot`'s atoms have.
+    fn named_pairs(&self, slot: usize, counts: Vec<(IdentityPairKey, u64)>) -> Vec<PairCount> {
         let names = &self.slots[slot].atom_names;
         let name = |id: IdentityId| names.get(&id).map_or_else(|| "other".to_owned(), ToString::to_string);
-        Ok(self.pairs.read(slot)?.into_iter().map(|(key, count)| ((name(key.src), name(key.dst)), count)).collect())
+        counts.into_iter().map(|(key, count)| ((name(key.src), name(key.dst)), count)).collect()
     }
 
     /// Reads, then forgets, the identity-pair drops counted under `slot`,
     /// which is about to number its identities anew.
     fn take_pairs(&mut self, slot: usize) -> Result<Vec<PairCount>, DatapathError> {
-        let counts = self.read_pairs(slot)?;
-        self.pairs.reset(slot)?;
-        Ok(counts)
+        let taken = self.pairs.harvest(slot)?;
+        Ok(self.named_pairs(slot, taken))
     }
 
     /// The ring of drop and audit events; the first caller gets it.

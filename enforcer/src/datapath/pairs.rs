@@ -4,10 +4,10 @@
 
 use aya::Ebpf;
 use aya::maps::IterableMap as _;
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use enforcer_common::{IDENTITY_PAIRS_PER_SLOT, IdentityPairKey, maps};
 
-use super::map_writer::{ignore_missing, write_error};
+use super::map_writer::{ignore_missing, per_cpu_zeroes, write_error};
 use super::{DatapathError, take};
 use crate::batch;
 
@@ -36,45 +36,58 @@ impl PairCounters {
         Ok(first..first + u32::try_from(taken).unwrap_or(u32::MAX).min(IDENTITY_PAIRS_PER_SLOT))
     }
 
-    /// Drops counted under `slot`, by identity pair (numbers of that slot).
-    pub(super) fn read(&self, slot: usize) -> Result<Vec<(IdentityPairKey, u64)>, DatapathError> {
-        let used = self.used(slot)?;
+    /// The pairs filed under `slot`, with their indexes.
+    fn filed(&self, slot: usize) -> Result<Vec<(IdentityPairKey, u32)>, DatapathError> {
+        let mut filed = Vec::new();
+        for key in self.index.keys().flatten().filter(|key| key.slot as usize == slot) {
+            match self.index.get(&key, 0) {
+                Ok(index) => filed.push((key, index)),
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(DatapathError::Read { name: maps::IDENTITY_PAIRS, source }),
+            }
+        }
+        Ok(filed)
+    }
+
+    /// The drops counted for `filed` pairs of a slot whose handed-out
+    /// indexes are `used`.
+    fn counts(
+        &self,
+        filed: Vec<(IdentityPairKey, u32)>,
+        used: std::ops::Range<u32>,
+    ) -> Result<Vec<(IdentityPairKey, u64)>, DatapathError> {
         if used.is_empty() {
             return Ok(Vec::new());
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
         let sums = batch::per_cpu_sums(self.drops.map(), used.clone(), cpus)
             .map_err(|source| DatapathError::Read { name: maps::PAIR_DROPS, source })?;
-        let mut counts = Vec::new();
-        for key in self.index.keys().flatten().filter(|key| key.slot as usize == slot) {
-            let index = match self.index.get(&key, 0) {
-                Ok(index) => index,
-                Err(MapError::KeyNotFound) => continue,
-                Err(source) => return Err(DatapathError::Read { name: maps::IDENTITY_PAIRS, source }),
-            };
-            if let Some(count) = index.checked_sub(used.start).and_then(|at| sums.get(at as usize)) {
-                counts.push((key, *count));
-            }
-        }
-        Ok(counts)
+        Ok(filed
+            .into_iter()
+            .filter_map(|(key, index)| Some((key, *sums.get(index.checked_sub(used.start)? as usize)?)))
+            .collect())
     }
 
-    /// Forgets `slot`'s pairs and zeroes their counts, for a slot about to
-    /// number its identities anew. Only while no program reads the slot:
-    /// its old readers are gone, its new ones not yet switched to it.
-    pub(super) fn reset(&mut self, slot: usize) -> Result<(), DatapathError> {
-        let used = self.used(slot)?;
-        let keys: Vec<IdentityPairKey> = self.index.keys().flatten().filter(|k| k.slot as usize == slot).collect();
+    /// Drops counted under `slot`, by identity pair (numbers of that slot).
+    pub(super) fn read(&self, slot: usize) -> Result<Vec<(IdentityPairKey, u64)>, DatapathError> {
+        self.counts(self.filed(slot)?, self.used(slot)?)
+    }
+
+    /// Reads, then forgets, `slot`'s pairs and zeroes their counts, for a
+    /// slot about to number its identities anew. Only while no program
+    /// reads the slot: its old readers are gone, its new ones not yet
+    /// switched to it, so one walk of the pairs serves both.
+    pub(super) fn harvest(&mut self, slot: usize) -> Result<Vec<(IdentityPairKey, u64)>, DatapathError> {
+        let (filed, used) = (self.filed(slot)?, self.used(slot)?);
+        let keys: Vec<IdentityPairKey> = filed.iter().map(|(key, _)| *key).collect();
+        let counts = self.counts(filed, used.clone())?;
         for key in keys {
             ignore_missing(self.index.remove(&key)).map_err(write_error(maps::IDENTITY_PAIRS))?;
         }
-        if !used.is_empty() {
-            let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
-            for index in used {
-                let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
-                self.drops.set(index, zeros, 0).map_err(write_error(maps::PAIR_DROPS))?;
-            }
+        for index in used {
+            self.drops.set(index, per_cpu_zeroes()?, 0).map_err(write_error(maps::PAIR_DROPS))?;
         }
-        self.allocated.set(slot as u32, 0, 0).map_err(write_error(maps::PAIRS_ALLOCATED))
+        self.allocated.set(slot as u32, 0, 0).map_err(write_error(maps::PAIRS_ALLOCATED))?;
+        Ok(counts)
     }
 }
