@@ -200,11 +200,27 @@ fn judge(frame: &Frame, direction: Direction, ifindex: impl Fn() -> u32) -> Verd
 
 /// `pair` receives the packet's identities once they are looked up, and
 /// what the verdict cache knows of where their drops are counted.
+///
+/// A bare SYN (at ingress) asks the policy before conntrack: it opens a
+/// connection, and when the policy denies it, it is dropped without the
+/// conntrack lookup, which is most of what a denied packet would cost
+/// otherwise (under a scan or a SYN flood, most of the traffic). The only
+/// entries that lookup could find are the reply side of a connection the
+/// peer opened on the same ports (a TCP simultaneous open, whose handshake
+/// still completes with the SYN-ACK, which conntrack passes) or an entry
+/// the policy no longer allows, which the connection's next non-SYN packet
+/// forgets. When the policy allows it (or audit mode would pass it),
+/// conntrack is asked as for any other packet.
 #[inline(always)]
 fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pair: &mut events::Pair) -> Verdict {
+    let tracked_kind = matches!(packet.kind, Kind::Trackable | Kind::EchoReply);
+    let opening = direction == Direction::Ingress
+        && packet.kind == Kind::Trackable
+        && packet.flow.protocol == parse::PROTO_TCP
+        && packet.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
     // Fast path: one conntrack lookup for established flows at ingress.
     let mut stale = false;
-    if direction == Direction::Ingress && matches!(packet.kind, Kind::Trackable | Kind::EchoReply) {
+    if direction == Direction::Ingress && tracked_kind && !opening {
         let flow_slot =
             if config.flags & CONFIG_FLAG_NO_FLOW_CACHE == 0 { flow_cache::slot(packet, config) } else { None };
         if let Some(flow_slot) = &flow_slot
@@ -232,7 +248,7 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
         && packet.kind != Kind::IcmpError
         && config.flags & CONFIG_FLAG_NO_VERDICT_CACHE == 0;
     let cache_slot = cache::slot(packet, config);
-    if cached && let Some(hit) = cache::lookup(&cache_slot) {
+    let (dst, outcome) = if cached && let Some(hit) = cache::lookup(&cache_slot) {
         if hit.src.id == IDENTITY_HOST {
             return Verdict::drop(DropReason::HostSpoofed);
         }
@@ -241,45 +257,55 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
             index: hit.pair_index,
             cache_entry: cache_slot.index(),
         };
-        let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || hit.dst.flags & IDENTITY_FLAG_AUDIT != 0;
-        return conclude(packet, direction, hit.dst, config.policy_generation, (audit, stale), now, hit.outcome);
-    }
-    let src = identity::lookup(slot, packet.flow.family, &packet.flow.src_addr);
-    match direction {
-        Direction::Ingress if src.id == IDENTITY_HOST => {
-            return Verdict::drop(DropReason::HostSpoofed);
-        }
-        Direction::Egress if src.id != IDENTITY_HOST => return Verdict::IGNORE,
-        Direction::Egress if matches!(packet.kind, Kind::Trackable | Kind::EchoReply) => {
-            match conntrack::lookup(packet, direction, config.policy_generation, now) {
-                conntrack::Hit::Pass { .. } => return Verdict::PASS,
-                conntrack::Hit::Audit(reason) => return Verdict::audit(reason),
-                conntrack::Hit::Stale => stale = true,
-                conntrack::Hit::Miss => {}
+        (hit.dst, hit.outcome)
+    } else {
+        let src = identity::lookup(slot, packet.flow.family, &packet.flow.src_addr);
+        match direction {
+            Direction::Ingress if src.id == IDENTITY_HOST => {
+                return Verdict::drop(DropReason::HostSpoofed);
             }
+            Direction::Egress if src.id != IDENTITY_HOST => return Verdict::IGNORE,
+            Direction::Egress if tracked_kind => {
+                match conntrack::lookup(packet, direction, config.policy_generation, now) {
+                    conntrack::Hit::Pass { .. } => return Verdict::PASS,
+                    conntrack::Hit::Audit(reason) => return Verdict::audit(reason),
+                    conntrack::Hit::Stale => stale = true,
+                    conntrack::Hit::Miss => {}
+                }
+            }
+            _ => {}
         }
-        _ => {}
-    }
-    let dst = identity::lookup(slot, packet.flow.family, &packet.flow.dst_addr);
-    pair.key = IdentityPairKey { slot: slot as u32, src: src.id, dst: dst.id };
+        let dst = identity::lookup(slot, packet.flow.family, &packet.flow.dst_addr);
+        pair.key = IdentityPairKey { slot: slot as u32, src: src.id, dst: dst.id };
+        if let Fragment::Later(id) = packet.fragment {
+            if let Some(verdict) = fragments::recall(packet, id, now) {
+                return verdict;
+            }
+            let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
+            return match policy::decide_any_port(slot, src.id, dst.id, packet.flow.protocol) {
+                policy::Outcome::Allow { .. } => Verdict::PASS,
+                policy::Outcome::Deny { reason, .. } => audited(reason, audit),
+            };
+        }
+        if packet.kind == Kind::IcmpError && conntrack::is_tracked(&packet.quoted, now) {
+            return Verdict::PASS;
+        }
+        let outcome = policy::decide(slot, src, dst, packet.flow.protocol, packet.policy_port);
+        if cached {
+            cache::store(&cache_slot, src, dst, &outcome);
+            pair.cache_entry = cache_slot.index();
+        }
+        (dst, outcome)
+    };
     let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
-
-    if let Fragment::Later(id) = packet.fragment {
-        if let Some(verdict) = fragments::recall(packet, id, now) {
-            return verdict;
+    let dropped = !audit && matches!(outcome, policy::Outcome::Deny { .. });
+    if opening && !dropped {
+        match conntrack::lookup(packet, direction, config.policy_generation, now) {
+            conntrack::Hit::Pass { .. } => return Verdict::PASS,
+            conntrack::Hit::Audit(reason) => return Verdict::audit(reason),
+            conntrack::Hit::Stale => stale = true,
+            conntrack::Hit::Miss => {}
         }
-        return match policy::decide_any_port(slot, src.id, dst.id, packet.flow.protocol) {
-            policy::Outcome::Allow { .. } => Verdict::PASS,
-            policy::Outcome::Deny { reason, .. } => audited(reason, audit),
-        };
-    }
-    if packet.kind == Kind::IcmpError && conntrack::is_tracked(&packet.quoted, now) {
-        return Verdict::PASS;
-    }
-    let outcome = policy::decide(slot, src, dst, packet.flow.protocol, packet.policy_port);
-    if cached {
-        cache::store(&cache_slot, src, dst, &outcome);
-        pair.cache_entry = cache_slot.index();
     }
     conclude(packet, direction, dst, config.policy_generation, (audit, stale), now, outcome)
 }

@@ -315,6 +315,12 @@ fn tcp_connection_replies_pass_and_reverse_opens_do_not() {
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, SYN | ACK))), Pass, "SYN-ACK reply");
         assert_eq!(kernel.ingress(&f(h.web, h.db, tcp(40000, 5432, ACK))), Pass);
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, ACK))), Pass, "data reply");
+        // A bare SYN opens a connection, so the policy judges it before
+        // conntrack is asked, even on the tuple of a tracked reply; the
+        // connection it would have joined is left as it was.
+        let reply_open = f(h.db, h.web, tcp(5432, 40000, SYN));
+        assert_eq!(kernel.ingress(&reply_open), Drop(DefaultDeny), "SYN on a reply tuple");
+        assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40000, ACK))), Pass, "the reply still passes");
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(5432, 40001, SYN))), Drop(DefaultDeny), "other port");
         assert_eq!(kernel.ingress(&f(h.db, h.web, tcp(80, 40000, SYN))), Drop(DefaultDeny), "new connection back");
     }
