@@ -275,7 +275,15 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
             }
             _ => {}
         }
-        let dst = identity::lookup(slot, packet.flow.family, &packet.flow.dst_addr);
+        // One read when the source is also the destination: the daemon may
+        // change one address's entry in the slot being read (see its map
+        // writer), and two reads could give one address two identities.
+        let addrs = cache::flow_words::<4>(&packet.flow);
+        let dst = if cache::same_words(&[addrs[0], addrs[1]], &[addrs[2], addrs[3]]) {
+            src
+        } else {
+            identity::lookup(slot, packet.flow.family, &packet.flow.dst_addr)
+        };
         pair.key = IdentityPairKey { slot: slot as u32, src: src.id, dst: dst.id };
         if let Fragment::Later(id) = packet.fragment {
             if let Some(verdict) = fragments::recall(packet, id, now) {

@@ -88,6 +88,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // The engine keeps the policy between changes: every later change
     // costs what it changes (see policy::engine).
     let mut engine = policy::Engine::new();
+    // The datapath writes small changes into the slot the kernel reads and
+    // says when a freed number is safe to give out again.
+    engine.hold_freed_numbers();
     let mut policy_dir = enforcer::sources::PolicyDir::new(&dir);
     let loaded = policy_dir.changes().and_then(|changes| engine.apply(changes, SystemTime::now()));
     let diff = loaded.map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, &dir)))?;
@@ -585,6 +588,7 @@ fn maintain(
             last_usage = Some(Instant::now());
             maintainer.refresh_usage();
         }
+        maintainer.settle_changes_in_place();
         if maintainer.engine().next_expiry().is_some_and(|t| SystemTime::now() >= t) {
             let _ = maintainer.apply(&Origin::Expiry, None);
         } else if maintainer.unwritten && periodic {
@@ -682,7 +686,10 @@ impl Maintainer<'_> {
         let applied = {
             let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(datapath) = guard.as_mut() else { return Err(vec!["the daemon is shutting down".to_owned()]) };
-            match datapath.apply(&diff, &engine, self.audit) {
+            let applied = datapath.apply(&diff, &engine, self.audit);
+            let (atoms, rules) = datapath.take_released_numbers();
+            engine.release_numbers(&atoms, &rules);
+            match applied {
                 Ok(generation) => Ok((generation, datapath.last_slot_wait())),
                 Err(error) => {
                     // Step the engine back to what the kernel enforces; a
@@ -742,6 +749,19 @@ impl Maintainer<'_> {
             return_freed_memory();
         }
         Ok(generation)
+    }
+
+    /// Finishes what changes written into the live policy slot left for
+    /// one grace period later, and lets the engine reuse what that frees.
+    fn settle_changes_in_place(&self) {
+        let mut engine = self.shared.engine.write().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(datapath) = guard.as_mut() else { return };
+        if let Err(error) = datapath.settle_changes_in_place() {
+            log::warn!("finishing a change written into the live policy slot failed ({error}); retrying");
+        }
+        let (atoms, rules) = datapath.take_released_numbers();
+        engine.release_numbers(&atoms, &rules);
     }
 
     /// Records a refused change: counted, shown in status, logged (pushes

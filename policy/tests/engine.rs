@@ -6,7 +6,7 @@
 //! a packet (`Engine::describe`, which names kernel events) is the
 //! reference evaluator's answer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -370,6 +370,36 @@ fn assert_same(fresh: &CompiledPolicy, engine: &Engine, maps: &Maps) -> Result<(
     Ok(())
 }
 
+/// Atom and rule numbers freed since the last release.
+#[derive(Default)]
+struct Held {
+    atoms: HashSet<u32>,
+    rules: HashSet<u32>,
+}
+
+impl Held {
+    /// Fails if `diff` gives out a held number; then holds what it frees.
+    fn check(&mut self, diff: &EntryDiff) -> Result<(), TestCaseError> {
+        for delta in &diff.atoms {
+            prop_assert!(
+                delta.old.is_some() || !self.atoms.contains(&delta.key),
+                "atom {} given out again before its release",
+                delta.key
+            );
+        }
+        for delta in &diff.rules {
+            prop_assert!(
+                delta.old.is_some() || !self.rules.contains(&delta.key),
+                "rule number {} given out again before its release",
+                delta.key
+            );
+        }
+        self.atoms.extend(diff.atoms.iter().filter(|d| d.new.is_none()).map(|d| d.key));
+        self.rules.extend(diff.rules.iter().filter(|d| d.new.is_none()).map(|d| d.key));
+        Ok(())
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
 
@@ -380,10 +410,25 @@ proptest! {
         let mut maps = Maps::default();
         let mut sources: Vec<Policy> = vec![Policy::default(); SOURCES];
         let mut now = start();
+        // Half the cases hold freed numbers as the daemon does, released
+        // now and then: none may come back before its release.
+        let holding = dice.roll(2) == 0;
+        if holding {
+            engine.hold_freed_numbers();
+        }
+        let mut held = Held::default();
         for _ in 0..steps {
+            if holding && dice.roll(4) == 0 {
+                let atoms: Vec<u32> = held.atoms.drain().collect();
+                let rules: Vec<u32> = held.rules.drain().collect();
+                engine.release_numbers(&atoms, &rules);
+            }
             if dice.roll(8) == 0 {
                 now += Duration::from_mins(1);
                 let diff = engine.advance(now);
+                if holding {
+                    held.check(&diff)?;
+                }
                 maps.replay(&diff)?;
                 assert_same(&compile_at(&merged(&sources), now), &engine, &maps)?;
                 assert_describes(&mut dice, &merged(&sources), &engine, now)?;
@@ -403,6 +448,9 @@ proptest! {
                 Ok(diff) => {
                     prop_assert!(valid.is_ok(), "the engine accepted an invalid policy: {:?}", valid);
                     sources = candidate;
+                    if holding {
+                        held.check(&diff)?;
+                    }
                     maps.replay(&diff)?;
                 }
                 Err(error) => {

@@ -141,3 +141,107 @@ fn the_slot_barrier_is_the_kernels_wait_for_running_programs() {
         assert_eq!(held.info().expect("map info").id(), inner_id, "the update stored the held map");
     }
 }
+
+/// S0 for the in-place test: `tmp` (10.1.0.8) may reach port 82.
+const S0: &str = r#"
+apiVersion: bulkhead/v1
+kind: SegmentPolicy
+metadata: {name: s}
+spec:
+  identities:
+    - {name: web, addresses: ["10.1.0.5"]}
+    - {name: tmp, addresses: ["10.1.0.8"]}
+  rules:
+    - {name: web-80, from: [{identity: web}], to: [{identity: world}], ports: ["80/tcp"]}
+    - {name: tmp-82, from: [{identity: tmp}], to: [{identity: world}], ports: ["82/tcp"]}
+"#;
+
+/// S1: 10.1.0.8 has moved to `web`, which may now reach 82 too; `tmp` and
+/// its rule are gone. From S0 this is one change the datapath writes into
+/// the live slot: `web`'s new entries, then the one address's identity
+/// entry, and `tmp`'s entries only a grace period later.
+const S1: &str = r#"
+apiVersion: bulkhead/v1
+kind: SegmentPolicy
+metadata: {name: s}
+spec:
+  identities:
+    - {name: web, addresses: ["10.1.0.5", "10.1.0.8"]}
+  rules:
+    - {name: web-80, from: [{identity: web}], to: [{identity: world}], ports: ["80/tcp"]}
+    - {name: web-82, from: [{identity: web}], to: [{identity: world}], ports: ["82/tcp"]}
+"#;
+
+/// S2: S1 and a new identity `guest` (10.1.0.9) that no rule names. Were it
+/// given `tmp`'s number while `tmp`'s entries linger, it would reach 82.
+const S2: &str = r#"
+apiVersion: bulkhead/v1
+kind: SegmentPolicy
+metadata: {name: s}
+spec:
+  identities:
+    - {name: web, addresses: ["10.1.0.5", "10.1.0.8"]}
+    - {name: guest, addresses: ["10.1.0.9"]}
+  rules:
+    - {name: web-80, from: [{identity: web}], to: [{identity: world}], ports: ["80/tcp"]}
+    - {name: web-82, from: [{identity: web}], to: [{identity: world}], ports: ["82/tcp"]}
+"#;
+
+/// Small changes back to back, written into the slot the kernel is reading
+/// (S0 → S1 → S2 → S1), with a switch of slots back to S0 (which changes
+/// `web`'s entries while moving an address away from it, so it cannot be
+/// written in place): under continuous traffic, a packet is never judged
+/// by half a change. 10.1.0.8 may reach 82 under every policy of the cycle,
+/// so a drop would show `tmp`'s entries gone before the address left it, or
+/// the address moved before `web`'s entries were there; 10.1.0.9 never
+/// may, so a pass would show a number given out again too soon.
+#[test]
+fn changes_written_into_the_live_slot_never_judge_a_packet_by_half_a_change() {
+    let cycle: Vec<policy::Policy> = [S1, S2, S1, S0]
+        .iter()
+        .enumerate()
+        .map(|(i, text)| policy::parse_str(&format!("s{i}.yaml"), text).unwrap())
+        .collect();
+    let mut kernel = Kernel::load(S0, false);
+    // Every packet reads the maps: the verdict cache would answer repeated
+    // tuples from before the change until its generation moves on.
+    kernel.datapath.set_verdict_cache(false).unwrap();
+    let fd = kernel.datapath.program_fd(Hook::Ingress).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Always passes (twice), never passes (twice), passes under S1 and S2 only.
+    let probes: [(&str, u16); 5] =
+        [("10.1.0.5", 80), ("10.1.0.8", 82), ("10.1.0.9", 82), ("10.1.0.5", 81), ("10.1.0.8", 80)];
+    let traffic = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut passed = [0u64; 5];
+            let mut rounds = 0u64;
+            let dst: IpAddr = "192.0.2.1".parse().unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                for (i, (src, port)) in probes.iter().enumerate() {
+                    let source_port = 1024 + (rounds % 60_000) as u16;
+                    let frame = simple(src.parse().unwrap(), dst, TCP, tcp(source_port, *port, SYN));
+                    if enforcer::testrun::run(fd, &frame, 1).expect("test run").retval == XDP_PASS {
+                        passed[i] += 1;
+                    }
+                }
+                rounds += 1;
+            }
+            (passed, rounds)
+        })
+    };
+    let changes = 600;
+    for change in 0..changes {
+        kernel.enforce(&cycle[change % cycle.len()], false);
+        std::thread::sleep(std::time::Duration::from_micros(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (passed, rounds) = traffic.join().unwrap();
+    assert!(rounds > 5_000, "only {rounds} rounds of probes were sent");
+    assert!(passed[4] > 0 && passed[4] < rounds, "both kinds of policy were enforced during the run: {passed:?}");
+    assert_eq!((passed[0], passed[1]), (rounds, rounds), "allowed packets dropped by half a change: {passed:?}");
+    assert_eq!((passed[2], passed[3]), (0, 0), "packets passed by half a change: {passed:?}");
+    let in_place = kernel.datapath.changes_in_place();
+    assert_eq!(in_place, 3 * changes as u64 / 4, "S0 → S1 → S2 → S1 in place, back to S0 by a switch");
+    assert_eq!(kernel.datapath.generation(), changes as u32 + 1);
+}

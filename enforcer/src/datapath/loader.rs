@@ -121,6 +121,8 @@ impl Datapath {
             quiescing: quiesce_in_background(&barrier),
             barrier,
             last_slot_wait: Duration::ZERO,
+            retiring: super::in_place::Retiring::default(),
+            generation: 0,
             counts: policy::engine::EntryCounts::default(),
             caches_off: 0,
         })

@@ -131,11 +131,30 @@ impl Datapath {
     /// change, and tracked flows are judged again on their next packet. A
     /// policy that does not fit the maps is refused before anything is
     /// written. Returns the new generation.
+    ///
+    /// A small change may instead be written into the slot the kernel is
+    /// reading, in an order no packet can see half of (see `in_place`):
+    /// changes back to back then need not wait for the old slot's readers.
     pub fn apply(&mut self, diff: &EntryDiff, state: &Engine, audit_all: bool) -> Result<u32, DatapathError> {
         self.check_capacity(state.counts())?;
+        self.settle_retired(None)?;
+        if let Some(plan) = self.in_place_plan(diff, state) {
+            match self.write_in_place(diff, plan, audit_all) {
+                Ok(_) => {
+                    self.generation = self.generation.wrapping_add(1);
+                    self.last_slot_wait = Duration::ZERO;
+                    return Ok(self.generation);
+                }
+                Err(error) => {
+                    log::warn!("writing a change into the live policy slot failed ({error}); switching slots instead");
+                }
+            }
+        }
         let generation = self.config_value.policy_generation.wrapping_add(1);
         self.wait_for_old_slot_readers();
         let index = slot_of(generation);
+        // No program run reads the slot now: its queued work is safe.
+        self.settle_retired(Some(index))?;
         for (pair, count) in self.take_pairs(index)? {
             *self.harvested_pairs.entry(pair).or_default() += count;
         }
@@ -151,7 +170,9 @@ impl Datapath {
         };
         self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))?;
         self.quiescing = quiesce_in_background(&self.barrier);
-        Ok(generation)
+        self.released_by_switch(diff);
+        self.generation = self.generation.wrapping_add(1);
+        Ok(self.generation)
     }
 
     /// Makes `policy` the whole policy: the one source of `engine`,
@@ -159,7 +180,10 @@ impl Datapath {
     pub fn enforce(&mut self, engine: &mut Engine, policy: &Policy, audit_all: bool) -> Result<u32, DatapathError> {
         let change = SourceChange { source: "policy".to_owned(), contents: Contents::Parsed(policy.clone()) };
         let diff = engine.apply(vec![change], SystemTime::now()).map_err(DatapathError::Policy)?;
-        let generation = self.apply(&diff, engine, audit_all)?;
+        let applied = self.apply(&diff, engine, audit_all);
+        let (atoms, rules) = self.take_released_numbers();
+        engine.release_numbers(&atoms, &rules);
+        let generation = applied?;
         engine.commit();
         Ok(generation)
     }
@@ -174,6 +198,7 @@ impl Datapath {
             return Ok(());
         }
         self.wait_for_old_slot_readers();
+        self.settle_retired(Some(standby))?;
         self.bring_up_to_date(standby, None, state)
     }
 
@@ -396,7 +421,7 @@ impl Slot {
         }
     }
 
-    fn set_rule(&mut self, id: u32, rule: Option<(Name, Action)>) {
+    pub(super) fn set_rule(&mut self, id: u32, rule: Option<(Name, Action)>) {
         let at = id as usize;
         if at >= self.rule_table.len() {
             if rule.is_none() {

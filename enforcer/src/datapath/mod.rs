@@ -7,6 +7,7 @@
 //! (counters, conntrack, usage, adoption of what an earlier daemon wrote).
 
 mod attach;
+mod in_place;
 mod loader;
 mod map_writer;
 mod pairs;
@@ -195,6 +196,11 @@ pub struct Datapath {
     quiescing: Option<JoinHandle<Result<(), QuiesceError>>>,
     /// How long the last `apply` waited for that, for the metrics.
     last_slot_wait: Duration,
+    /// Work left by changes written into the live slot.
+    retiring: in_place::Retiring,
+    /// The policy generation as reported: one more with every change
+    /// applied. The kernel's moves on by two for a change written in place.
+    generation: u32,
     /// Entries the policy in force needs, as of the last `apply`.
     counts: EntryCounts,
     /// `CONFIG_FLAG_NO_*_CACHE` bits of the caches turned off (see
@@ -250,6 +256,7 @@ impl Datapath {
             return Ok(0);
         }
         self.config_value = config;
+        self.generation = config.policy_generation;
         let (identities, _) = self.read_slot(slot_of(config.policy_generation))?;
         self.host_addresses = identities
             .iter()
@@ -346,7 +353,7 @@ impl Datapath {
     /// The generation the kernel enforces (0 before the first `apply`).
     #[must_use]
     pub fn generation(&self) -> u32 {
-        self.config_value.policy_generation
+        self.generation
     }
 
     /// The node's addresses as last declared.

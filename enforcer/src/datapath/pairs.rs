@@ -73,6 +73,34 @@ impl PairCounters {
         self.counts(self.filed(slot)?, self.used(slot)?)
     }
 
+    /// Reads, then forgets, the pairs of `slot` with a source or destination
+    /// in `atoms` (identities gone from the slot, whose numbers are about to
+    /// be free). Their indexes stay handed out, counted by no pair, until the
+    /// slot is next harvested whole.
+    pub(super) fn harvest_atoms(
+        &mut self,
+        slot: usize,
+        atoms: &std::collections::HashSet<enforcer_common::IdentityId>,
+    ) -> Result<Vec<(IdentityPairKey, u64)>, DatapathError> {
+        if atoms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let filed: Vec<(IdentityPairKey, u32)> = self
+            .filed(slot)?
+            .into_iter()
+            .filter(|(key, _)| atoms.contains(&key.src) || atoms.contains(&key.dst))
+            .collect();
+        if filed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<IdentityPairKey> = filed.iter().map(|(key, _)| *key).collect();
+        let counts = self.counts(filed, self.used(slot)?)?;
+        for key in keys {
+            ignore_missing(self.index.remove(&key)).map_err(write_error(maps::IDENTITY_PAIRS))?;
+        }
+        Ok(counts)
+    }
+
     /// Reads, then forgets, `slot`'s pairs and zeroes their counts, for a
     /// slot about to number its identities anew. Only while no program
     /// reads the slot: its old readers are gone, its new ones not yet

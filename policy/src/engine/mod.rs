@@ -226,17 +226,21 @@ impl Recorders {
 }
 
 /// Numbers handed out lowest-free-first; a number freed during a change is
-/// free only once the change is over.
+/// free only once the change is over, or, while the pool holds freed
+/// numbers, once they are released.
 #[derive(Debug, Clone)]
 struct IdPool {
     free: BTreeSet<u32>,
     freed_now: Vec<u32>,
+    /// Freed by earlier changes, kept out of use until released.
+    held: BTreeSet<u32>,
+    holding: bool,
     next: u32,
 }
 
 impl IdPool {
     fn starting_at(first: u32) -> Self {
-        Self { free: BTreeSet::new(), freed_now: Vec::new(), next: first }
+        Self { free: BTreeSet::new(), freed_now: Vec::new(), held: BTreeSet::new(), holding: false, next: first }
     }
 
     fn take(&mut self) -> u32 {
@@ -252,7 +256,21 @@ impl IdPool {
     }
 
     fn end_of_change(&mut self) {
-        self.free.extend(self.freed_now.drain(..));
+        if self.holding {
+            self.held.extend(self.freed_now.drain(..));
+        } else {
+            self.free.extend(self.freed_now.drain(..));
+        }
+    }
+
+    /// Frees those of `ids` that are held; others (never freed, or given
+    /// out again since) are left alone.
+    fn release(&mut self, ids: &[u32]) {
+        for id in ids {
+            if self.held.remove(id) {
+                self.free.insert(*id);
+            }
+        }
     }
 }
 
@@ -555,6 +573,37 @@ impl Engine {
     /// Every identity entry: what the identity maps hold.
     pub fn identity_entries(&self) -> impl Iterator<Item = (IpNet, IdentityValue)> + '_ {
         self.partition.entries()
+    }
+
+    /// The identity entry the kernel finds for the addresses of `net` when
+    /// `net` itself has none: the longest shorter prefix's, else `world`.
+    #[must_use]
+    pub fn enclosing_identity(&self, net: IpNet) -> IdentityValue {
+        self.partition.lookup_shorter_than(net)
+    }
+
+    /// Keeps numbers freed by a change (atoms' and rules') out of use until
+    /// [`Engine::release_numbers`], instead of handing them out again from
+    /// the next change on. A writer that changes the maps the kernel is
+    /// reading in place needs this: a number may be given to something else
+    /// only once no program run can still be using it under its old
+    /// meaning, and only the writer knows when that is.
+    pub fn hold_freed_numbers(&mut self) {
+        self.rule_pool.holding = true;
+        self.partition.hold_freed_numbers();
+    }
+
+    /// Whether freed numbers are held (see [`Engine::hold_freed_numbers`]).
+    #[must_use]
+    pub fn holds_freed_numbers(&self) -> bool {
+        self.rule_pool.holding
+    }
+
+    /// Lets held atom and rule numbers be handed out again. A number not
+    /// held (never freed, or given out again already) is left alone.
+    pub fn release_numbers(&mut self, atoms: &[IdentityId], rules: &[u32]) {
+        self.rule_pool.release(rules);
+        self.partition.release_numbers(atoms);
     }
 
     /// The identity entry of exactly `net`, if it has one.

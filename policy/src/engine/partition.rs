@@ -374,15 +374,34 @@ impl Partition {
     /// The longest identity entry containing `addr`, else `world`.
     pub(super) fn lookup(&self, addr: IpAddr) -> IdentityValue {
         let net = IpNet::from(addr);
+        self.longest_entry(addr, 0..=net.prefix_len())
+    }
+
+    /// The longest identity entry strictly containing `net`, else `world`.
+    pub(super) fn lookup_shorter_than(&self, net: IpNet) -> IdentityValue {
+        self.longest_entry(net.addr(), 0..net.prefix_len())
+    }
+
+    fn longest_entry(&self, addr: IpAddr, lengths: impl std::ops::RangeBounds<u8>) -> IdentityValue {
         let v4 = addr.is_ipv4();
+        let (start, end) = (lengths.start_bound().cloned(), lengths.end_bound().cloned());
+        let bound = |b: std::ops::Bound<u8>| b.map(|length| (v4, length));
         self.lengths
-            .range((v4, 0)..=(v4, net.prefix_len()))
+            .range((bound(start), bound(end)))
             .rev()
             .find_map(|(&(_, length), _)| {
                 let outer = IpNet::new(addr, length).ok()?.trunc();
                 self.prefixes.get(&outer).and_then(|state| state.entry)
             })
             .unwrap_or(IdentityValue { id: IDENTITY_WORLD, flags: 0 })
+    }
+
+    pub(super) fn hold_freed_numbers(&mut self) {
+        self.pool.holding = true;
+    }
+
+    pub(super) fn release_numbers(&mut self, atoms: &[IdentityId]) {
+        self.pool.release(atoms);
     }
 
     pub(super) fn end_of_change(&mut self) {
