@@ -90,7 +90,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut engine = policy::Engine::new();
     // The datapath writes small changes into the slot the kernel reads and
     // says when a freed number is safe to give out again.
-    engine.hold_freed_numbers();
+    engine.hold_freed_numbers(args.sizes.rules);
     let mut policy_dir = enforcer::sources::PolicyDir::new(&dir);
     let loaded = policy_dir.changes().and_then(|changes| engine.apply(changes, SystemTime::now()));
     let diff = loaded.map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, &dir)))?;

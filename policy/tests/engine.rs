@@ -414,7 +414,7 @@ proptest! {
         // now and then: none may come back before its release.
         let holding = dice.roll(2) == 0;
         if holding {
-            engine.hold_freed_numbers();
+            engine.hold_freed_numbers(u32::MAX);
         }
         let mut held = Held::default();
         for _ in 0..steps {
@@ -463,5 +463,34 @@ proptest! {
             assert_same(&compile_at(&merged(&sources), now), &engine, &maps)?;
             assert_describes(&mut dice, &merged(&sources), &engine, now)?;
         }
+    }
+}
+
+/// A rule number freed while numbers are held comes back only after its
+/// release, unless every number below the rule map's size is taken or held:
+/// then the held one comes back early rather than one the map has no room for.
+#[test]
+fn held_rule_numbers_come_back_early_only_when_the_rule_map_is_full() {
+    let text = |rules: &[&str]| {
+        let mut text = String::from(
+            "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: p}\nspec:\n  identities:\n    - {name: a, addresses: [\"10.0.0.1\"]}\n  rules:\n",
+        );
+        for rule in rules {
+            text += &format!("    - {{name: {rule}, from: [{{identity: a}}], to: [{{identity: world}}]}}\n");
+        }
+        text
+    };
+    let numbers =
+        |diff: &EntryDiff| -> Vec<u32> { diff.rules.iter().filter(|d| d.new.is_some()).map(|d| d.key).collect() };
+    for (slots, expected) in [(2, 1), (3, 2)] {
+        let mut engine = Engine::new();
+        engine.hold_freed_numbers(slots);
+        let mut apply = |rules: &[&str]| {
+            let change = SourceChange { source: "p".into(), contents: Contents::Text(text(rules)) };
+            engine.apply(vec![change], start()).unwrap()
+        };
+        assert_eq!(numbers(&apply(&["r0", "r1"])), [0, 1]);
+        apply(&["r0"]);
+        assert_eq!(numbers(&apply(&["r0", "r2"])), [expected], "rule map of {slots}");
     }
 }

@@ -113,7 +113,13 @@ impl Datapath {
                 (None, _) => {}
             }
         }
-        if diff.rules.iter().any(|delta| delta.old.is_some() && delta.new.is_some()) {
+        // A rule number the live slot has not yet harvested the counters of
+        // can come back only when the rule map is full (see
+        // `Engine::hold_freed_numbers`): then the switch waits instead.
+        let live_index = slot_of(generation);
+        let harvesting =
+            |rule: u32| self.retiring.queued.iter().any(|r| r.slot == live_index && r.rules.contains(&rule));
+        if diff.rules.iter().any(|delta| delta.old.is_some() && delta.new.is_some() || harvesting(delta.key)) {
             return None;
         }
         let moved_from = match diff.identities.first() {

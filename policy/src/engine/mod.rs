@@ -235,20 +235,36 @@ struct IdPool {
     /// Freed by earlier changes, kept out of use until released.
     held: BTreeSet<u32>,
     holding: bool,
+    /// Numbers at or above this are handed out only when none is held: a
+    /// held number is given out early instead (the maps have no room above).
+    limit: u32,
     next: u32,
 }
 
 impl IdPool {
     fn starting_at(first: u32) -> Self {
-        Self { free: BTreeSet::new(), freed_now: Vec::new(), held: BTreeSet::new(), holding: false, next: first }
+        Self {
+            free: BTreeSet::new(),
+            freed_now: Vec::new(),
+            held: BTreeSet::new(),
+            holding: false,
+            limit: u32::MAX,
+            next: first,
+        }
     }
 
     fn take(&mut self) -> u32 {
-        self.free.pop_first().unwrap_or_else(|| {
-            let id = self.next;
-            self.next += 1;
-            id
-        })
+        if let Some(id) = self.free.pop_first() {
+            return id;
+        }
+        if self.next >= self.limit
+            && let Some(id) = self.held.pop_first()
+        {
+            return id;
+        }
+        let id = self.next;
+        self.next += 1;
+        id
     }
 
     fn give_back(&mut self, id: u32) {
@@ -588,8 +604,14 @@ impl Engine {
     /// reading in place needs this: a number may be given to something else
     /// only once no program run can still be using it under its old
     /// meaning, and only the writer knows when that is.
-    pub fn hold_freed_numbers(&mut self) {
+    ///
+    /// Rule numbers index counters in a map of `rule_slots` entries: once
+    /// every number below that is in use or held, a held one is given out
+    /// early rather than one the map has no room for (the writer sees a
+    /// held number come back, and waits for what it waited on).
+    pub fn hold_freed_numbers(&mut self, rule_slots: u32) {
         self.rule_pool.holding = true;
+        self.rule_pool.limit = rule_slots;
         self.partition.hold_freed_numbers();
     }
 

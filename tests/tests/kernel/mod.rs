@@ -35,7 +35,7 @@ impl Kernel {
         let mut datapath = Datapath::load().expect("load the eBPF programs (needs root)");
         let mut engine = policy::Engine::new();
         // As the daemon's: small changes are written into the live slot.
-        engine.hold_freed_numbers();
+        engine.hold_freed_numbers(enforcer::datapath::MapSizes::default().rules);
         datapath.enforce(&mut engine, &parsed, audit_all).expect("apply policy");
         Self { datapath, engine }
     }
