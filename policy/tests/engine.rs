@@ -7,6 +7,7 @@
 //! reference evaluator's answer.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -476,7 +477,7 @@ fn held_rule_numbers_come_back_early_only_when_the_rule_map_is_full() {
             "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: p}\nspec:\n  identities:\n    - {name: a, addresses: [\"10.0.0.1\"]}\n  rules:\n",
         );
         for rule in rules {
-            text += &format!("    - {{name: {rule}, from: [{{identity: a}}], to: [{{identity: world}}]}}\n");
+            let _ = writeln!(text, "    - {{name: {rule}, from: [{{identity: a}}], to: [{{identity: world}}]}}");
         }
         text
     };
