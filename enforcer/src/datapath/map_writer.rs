@@ -526,7 +526,9 @@ impl PolicyMaps {
     /// Writes one slot's changes: deletions first (so a slot never holds
     /// more than its share of a map on the way), trie entries one by one,
     /// hash entries in batches. With `hosts`, the node's own addresses are
-    /// left alone: their `host` entries override the policy's.
+    /// left alone: their `host` entries override the policy's. A large
+    /// change writes its identity and policy entries on two threads: the
+    /// kernel updates different maps in parallel.
     pub(super) fn write_slot(
         &mut self,
         slot: usize,
@@ -537,96 +539,133 @@ impl PolicyMaps {
         let is_host = |net: &IpNet| {
             hosts.is_some_and(|hosts| net.prefix_len() == net.max_prefix_len() && hosts.contains(&net.addr()))
         };
+        let Self {
+            identity_v4_exact,
+            identity_v4_prefix,
+            identity_v6_exact,
+            identity_v6_prefix,
+            policy,
+            policy_exact,
+            rule_verdicts: _,
+        } = self;
         for deleting in [true, false] {
-            let (mut v4, mut v6) = (Vec::new(), Vec::new());
-            let (mut v4_gone, mut v6_gone) = (Vec::new(), Vec::new());
-            for &(net, value) in
-                writes.identities.iter().filter(|(net, value)| value.is_none() == deleting && !is_host(net))
-            {
-                match (net, value) {
-                    (IpNet::V4(n), Some(value)) if n.prefix_len() == 32 => {
-                        v4.push((IdentityKeyV4 { slot: u32::from(tag), addr: n.addr().octets() }, value));
-                    }
-                    (IpNet::V4(n), None) if n.prefix_len() == 32 => {
-                        v4_gone.push(IdentityKeyV4 { slot: u32::from(tag), addr: n.addr().octets() });
-                    }
-                    (IpNet::V6(n), Some(value)) if n.prefix_len() == 128 => {
-                        v6.push((IdentityKeyV6 { slot: u32::from(tag), addr: n.addr().octets() }, value));
-                    }
-                    (IpNet::V6(n), None) if n.prefix_len() == 128 => {
-                        v6_gone.push(IdentityKeyV6 { slot: u32::from(tag), addr: n.addr().octets() });
-                    }
-                    (net, value) => self.write_identity_prefix(slot, net, value)?,
-                }
+            let identities: Vec<(IpNet, Option<IdentityValue>)> = writes
+                .identities
+                .iter()
+                .filter(|(net, value)| value.is_none() == deleting && !is_host(net))
+                .copied()
+                .collect();
+            let policy_writes: Vec<((u32, PolicyKeyData), Option<PolicyValue>)> =
+                writes.policy.iter().filter(|(_, value)| value.is_none() == deleting).copied().collect();
+            let identity_maps = IdentityMaps {
+                v4_exact: &*identity_v4_exact,
+                v4_prefix: &mut *identity_v4_prefix,
+                v6_exact: &*identity_v6_exact,
+                v6_prefix: &mut *identity_v6_prefix,
+            };
+            let write_identities = move || identity_maps.write(tag, &identities);
+            let mut write_policy = || write_policy_entries(tag, &mut *policy, &*policy_exact, &policy_writes);
+            if writes.identities.len().min(writes.policy.len()) >= PARALLEL_WRITES {
+                std::thread::scope(|scope| {
+                    let identities = scope.spawn(write_identities);
+                    let policy = write_policy();
+                    let identities = identities.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    identities.and(policy)
+                })?;
+            } else {
+                write_identities()?;
+                write_policy()?;
             }
-            delete_batch(self.identity_v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4_gone)?;
-            delete_batch(self.identity_v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6_gone)?;
-            write_batch(self.identity_v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4)?;
-            write_batch(self.identity_v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6)?;
-
-            let (mut exact, mut exact_gone) = (Vec::new(), Vec::new());
-            for &((prefix_len, key), value) in writes.policy.iter().filter(|(_, value)| value.is_none() == deleting) {
-                let key = PolicyKeyData { slot: tag, ..key };
-                match value {
-                    Some(value) if prefix_len == POLICY_KEY_MAX_PREFIX => exact.push((key, value)),
-                    None if prefix_len == POLICY_KEY_MAX_PREFIX => exact_gone.push(key),
-                    value => self.write_policy_prefix(prefix_len, key, value)?,
-                }
-            }
-            delete_batch(self.policy_exact.map(), maps::POLICY_EXACT, &exact_gone)?;
-            write_batch(self.policy_exact.map(), maps::POLICY_EXACT, &exact)?;
         }
         Ok(())
     }
+}
 
-    /// Inserts (`Some`) or removes (`None`) one policy entry shorter than
-    /// the whole key (a port range or whole protocol) in the trie.
-    pub(super) fn write_policy_prefix(
-        &mut self,
-        prefix_len: u32,
-        key: PolicyKeyData,
-        value: Option<PolicyValue>,
-    ) -> Result<(), DatapathError> {
-        let key = Key::new(prefix_len, key);
-        let result = match value {
-            Some(value) => self.policy.insert(&key, value, 0),
-            None => ignore_missing(self.policy.remove(&key)),
-        };
-        result.map_err(write_error(maps::POLICY))
-    }
+/// Entries of each kind a change must have for its identity and policy
+/// entries to be written in parallel.
+const PARALLEL_WRITES: usize = 4096;
 
-    /// Inserts (`Some`) or removes (`None`) one prefix identity entry of
-    /// `slot` in its family's trie. (Single addresses are written in
-    /// batches by [`PolicyMaps::write_slot`].)
-    pub(super) fn write_identity_prefix(
-        &mut self,
-        slot: usize,
-        net: IpNet,
-        value: Option<IdentityValue>,
-    ) -> Result<(), DatapathError> {
-        let tag = slot as u8;
-        match net {
-            IpNet::V4(n) => {
-                let o = n.addr().octets();
-                let data: IdentityPrefixV4 = [tag, o[0], o[1], o[2], o[3]];
-                let key = Key::new(SLOT_BITS + u32::from(n.prefix_len()), data);
-                let result = match value {
-                    Some(v) => self.identity_v4_prefix.insert(&key, v, 0),
-                    None => ignore_missing(self.identity_v4_prefix.remove(&key)),
-                };
-                result.map_err(write_error(maps::IDENTITY_V4_PREFIX))
+/// The identity maps, borrowed for one write.
+struct IdentityMaps<'m> {
+    v4_exact: &'m HashMap<MapData, IdentityKeyV4, IdentityValue>,
+    v4_prefix: &'m mut LpmTrie<MapData, IdentityPrefixV4, IdentityValue>,
+    v6_exact: &'m HashMap<MapData, IdentityKeyV6, IdentityValue>,
+    v6_prefix: &'m mut LpmTrie<MapData, IdentityPrefixV6, IdentityValue>,
+}
+
+impl IdentityMaps<'_> {
+    /// Sets (`Some`) or deletes (`None`) identity entries of slot `tag`.
+    fn write(self, tag: u8, entries: &[(IpNet, Option<IdentityValue>)]) -> Result<(), DatapathError> {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        let (mut v4_gone, mut v6_gone) = (Vec::new(), Vec::new());
+        for &(net, value) in entries {
+            match (net, value) {
+                (IpNet::V4(n), Some(value)) if n.prefix_len() == 32 => {
+                    v4.push((IdentityKeyV4 { slot: u32::from(tag), addr: n.addr().octets() }, value));
+                }
+                (IpNet::V4(n), None) if n.prefix_len() == 32 => {
+                    v4_gone.push(IdentityKeyV4 { slot: u32::from(tag), addr: n.addr().octets() });
+                }
+                (IpNet::V6(n), Some(value)) if n.prefix_len() == 128 => {
+                    v6.push((IdentityKeyV6 { slot: u32::from(tag), addr: n.addr().octets() }, value));
+                }
+                (IpNet::V6(n), None) if n.prefix_len() == 128 => {
+                    v6_gone.push(IdentityKeyV6 { slot: u32::from(tag), addr: n.addr().octets() });
+                }
+                (IpNet::V4(n), value) => {
+                    let o = n.addr().octets();
+                    let data: IdentityPrefixV4 = [tag, o[0], o[1], o[2], o[3]];
+                    let key = Key::new(SLOT_BITS + u32::from(n.prefix_len()), data);
+                    let result = match value {
+                        Some(v) => self.v4_prefix.insert(&key, v, 0),
+                        None => ignore_missing(self.v4_prefix.remove(&key)),
+                    };
+                    result.map_err(write_error(maps::IDENTITY_V4_PREFIX))?;
+                }
+                (IpNet::V6(n), value) => {
+                    let mut data: IdentityPrefixV6 = [0; 17];
+                    data[0] = tag;
+                    data[1..].copy_from_slice(&n.addr().octets());
+                    let key = Key::new(SLOT_BITS + u32::from(n.prefix_len()), data);
+                    let result = match value {
+                        Some(v) => self.v6_prefix.insert(&key, v, 0),
+                        None => ignore_missing(self.v6_prefix.remove(&key)),
+                    };
+                    result.map_err(write_error(maps::IDENTITY_V6_PREFIX))?;
+                }
             }
-            IpNet::V6(n) => {
-                let mut data: IdentityPrefixV6 = [0; 17];
-                data[0] = tag;
-                data[1..].copy_from_slice(&n.addr().octets());
-                let key = Key::new(SLOT_BITS + u32::from(n.prefix_len()), data);
+        }
+        delete_batch(self.v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4_gone)?;
+        delete_batch(self.v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6_gone)?;
+        write_batch(self.v4_exact.map(), maps::IDENTITY_V4_EXACT, &v4)?;
+        write_batch(self.v6_exact.map(), maps::IDENTITY_V6_EXACT, &v6)
+    }
+}
+
+/// Sets (`Some`) or deletes (`None`) policy entries of slot `tag`: ranges
+/// and whole protocols one by one in the trie, single ports in batches.
+fn write_policy_entries(
+    tag: u8,
+    trie: &mut LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+    exact: &HashMap<MapData, PolicyKeyData, PolicyValue>,
+    entries: &[((u32, PolicyKeyData), Option<PolicyValue>)],
+) -> Result<(), DatapathError> {
+    let (mut set, mut gone) = (Vec::new(), Vec::new());
+    for &((prefix_len, key), value) in entries {
+        let key = PolicyKeyData { slot: tag, ..key };
+        match value {
+            Some(value) if prefix_len == POLICY_KEY_MAX_PREFIX => set.push((key, value)),
+            None if prefix_len == POLICY_KEY_MAX_PREFIX => gone.push(key),
+            value => {
+                let key = Key::new(prefix_len, key);
                 let result = match value {
-                    Some(v) => self.identity_v6_prefix.insert(&key, v, 0),
-                    None => ignore_missing(self.identity_v6_prefix.remove(&key)),
+                    Some(value) => trie.insert(&key, value, 0),
+                    None => ignore_missing(trie.remove(&key)),
                 };
-                result.map_err(write_error(maps::IDENTITY_V6_PREFIX))
+                result.map_err(write_error(maps::POLICY))?;
             }
         }
     }
+    delete_batch(exact.map(), maps::POLICY_EXACT, &gone)?;
+    write_batch(exact.map(), maps::POLICY_EXACT, &set)
 }

@@ -165,6 +165,14 @@ fn compose<K: Eq + Hash + Clone, V: PartialEq + Clone>(
     first: Vec<Delta<K, V>>,
     then: &[Delta<K, V>],
 ) -> Vec<Delta<K, V>> {
+    // Common and, for a large change, costly otherwise: a slot that
+    // missed nothing receives the change as it is.
+    if first.is_empty() {
+        return then.to_vec();
+    }
+    if then.is_empty() {
+        return first;
+    }
     let mut recorder = Recorder::default();
     for delta in first {
         recorder.record(delta.key, delta.old, delta.new);
