@@ -754,14 +754,15 @@ impl Maintainer<'_> {
     /// Finishes what changes written into the live policy slot left for
     /// one grace period later, and lets the engine reuse what that frees.
     fn settle_changes_in_place(&self) {
-        let mut engine = self.shared.engine.write().unwrap_or_else(PoisonError::into_inner);
-        let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(datapath) = guard.as_mut() else { return };
-        if let Err(error) = datapath.settle_changes_in_place() {
-            log::warn!("finishing a change written into the live policy slot failed ({error}); retrying");
+        let (atoms, rules) = {
+            let mut guard = self.shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(datapath) = guard.as_mut() else { return };
+            datapath.settle_changes_in_place();
+            datapath.take_released_numbers()
+        };
+        if !atoms.is_empty() || !rules.is_empty() {
+            self.shared.engine.write().unwrap_or_else(PoisonError::into_inner).release_numbers(&atoms, &rules);
         }
-        let (atoms, rules) = datapath.take_released_numbers();
-        engine.release_numbers(&atoms, &rules);
     }
 
     /// Records a refused change: counted, shown in status, logged (pushes

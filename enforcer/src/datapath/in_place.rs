@@ -22,7 +22,7 @@
 //!   later, as are the counters of rules that leave harvested: until then a
 //!   packet that read the old identity may still look them up or count
 //!   under them. The engine hands none of their numbers out again until
-//!   they are released ([`Datapath::numbers_reusable`]), so nothing new can
+//!   they are released ([`Datapath::take_released_numbers`]), so nothing new can
 //!   meet them on the way.
 //! - The change ends with the generation moved on by two, which keeps the
 //!   slot: tracked flows and cached verdicts are judged again at their next
@@ -218,7 +218,7 @@ impl Datapath {
             });
         }
         self.retiring.written += 1;
-        self.settle_retired(None)?;
+        self.settle_retired(None);
         Ok(generation)
     }
 
@@ -231,7 +231,12 @@ impl Datapath {
     /// Does the queued work whose wait is over, and starts a wait for the
     /// rest. With `slot`, first does all of that slot's work regardless:
     /// for a caller that knows no program run reads the slot any more.
-    pub(super) fn settle_retired(&mut self, slot: Option<usize>) -> Result<(), DatapathError> {
+    ///
+    /// Work that fails leaves its slot out of step: the slot is then read
+    /// back and brought in step whole before it is read again (entries
+    /// left behind deleted, counters harvested), and until then no change
+    /// is written into it in place.
+    pub(super) fn settle_retired(&mut self, slot: Option<usize>) {
         if let Some((handle, covers)) = self.retiring.waiting.take_if(|(handle, _)| handle.is_finished()) {
             match handle.join() {
                 Ok(Ok(())) => {}
@@ -246,7 +251,13 @@ impl Datapath {
             .partition(|r| r.seq < safe_before || Some(r.slot) == slot);
         self.retiring.queued = waiting;
         for retired in ready {
-            self.retire(retired)?;
+            let index = retired.slot;
+            if let Err(error) = self.retire(retired) {
+                log::warn!(
+                    "finishing a change written into policy slot {index} failed ({error}); the slot will be rewritten whole"
+                );
+                self.slots[index].in_step = false;
+            }
         }
         if self.retiring.waiting.is_none() && !self.retiring.queued.is_empty() {
             let covers = self.retiring.next_seq;
@@ -256,13 +267,12 @@ impl Datapath {
                 self.retiring.safe_before = covers;
             }
         }
-        Ok(())
     }
 
     /// Does the work changes written in place left, once its wait is over
     /// (call it now and then: the work is otherwise done by the next change).
-    pub fn settle_changes_in_place(&mut self) -> Result<(), DatapathError> {
-        self.settle_retired(None)
+    pub fn settle_changes_in_place(&mut self) {
+        self.settle_retired(None);
     }
 
     /// The atom and rule numbers freed by earlier changes that nothing in

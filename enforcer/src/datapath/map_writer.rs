@@ -137,7 +137,7 @@ impl Datapath {
     /// changes back to back then need not wait for the old slot's readers.
     pub fn apply(&mut self, diff: &EntryDiff, state: &Engine, audit_all: bool) -> Result<u32, DatapathError> {
         self.check_capacity(state.counts())?;
-        self.settle_retired(None)?;
+        self.settle_retired(None);
         if let Some(plan) = self.in_place_plan(diff, state) {
             match self.write_in_place(diff, plan, audit_all) {
                 Ok(_) => {
@@ -154,7 +154,7 @@ impl Datapath {
         self.wait_for_old_slot_readers();
         let index = slot_of(generation);
         // No program run reads the slot now: its queued work is safe.
-        self.settle_retired(Some(index))?;
+        self.settle_retired(Some(index));
         for (pair, count) in self.take_pairs(index)? {
             *self.harvested_pairs.entry(pair).or_default() += count;
         }
@@ -198,7 +198,7 @@ impl Datapath {
             return Ok(());
         }
         self.wait_for_old_slot_readers();
-        self.settle_retired(Some(standby))?;
+        self.settle_retired(Some(standby));
         self.bring_up_to_date(standby, None, state)
     }
 
