@@ -588,7 +588,6 @@ fn maintain(
             last_usage = Some(Instant::now());
             maintainer.refresh_usage();
         }
-        maintainer.settle_changes_in_place();
         if maintainer.engine().next_expiry().is_some_and(|t| SystemTime::now() >= t) {
             let _ = maintainer.apply(&Origin::Expiry, None);
         } else if maintainer.unwritten && periodic {
@@ -597,6 +596,9 @@ fn maintain(
         if changed || forced || periodic {
             maintainer.reload();
         }
+        // After the changes, not before: a change waiting to be applied
+        // never waits for this.
+        maintainer.settle_changes_in_place();
     }
 }
 

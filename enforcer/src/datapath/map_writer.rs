@@ -137,7 +137,6 @@ impl Datapath {
     /// changes back to back then need not wait for the old slot's readers.
     pub fn apply(&mut self, diff: &EntryDiff, state: &Engine, audit_all: bool) -> Result<u32, DatapathError> {
         self.check_capacity(state.counts())?;
-        self.settle_retired(None);
         if let Some(plan) = self.in_place_plan(diff, state) {
             match self.write_in_place(diff, plan, audit_all) {
                 Ok(_) => {
