@@ -74,47 +74,58 @@ fn changes_under_traffic_never_judge_a_packet_by_half_a_change() {
     assert!(!a_to_b.identities.is_empty() && !a_to_b.policy.is_empty(), "{a_to_b:?}");
 
     let mut kernel = Kernel::load(A, false);
-    let fd = kernel.datapath.program_fd(Hook::Ingress).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
     // (source, destination port): 10.1.0.5 → 80 (always allowed) and 81
     // (never), 10.1.0.8 → 82 (allowed by A), 10.1.0.9 → 82 (never).
-    let probes: [(&str, u16); 4] = [("10.1.0.5", 80), ("10.1.0.5", 81), ("10.1.0.8", 82), ("10.1.0.9", 82)];
+    let probes = [("10.1.0.5", 80), ("10.1.0.5", 81), ("10.1.0.8", 82), ("10.1.0.9", 82)];
+    let flips = 400;
+    let (passed, rounds) = probed_while(&mut kernel, probes, flips, |kernel, flip| {
+        kernel.enforce(if flip % 2 == 0 { &b } else { &a }, false);
+    });
+    assert!(rounds > 2_500, "only {rounds} rounds of probes were sent");
+    assert!(passed[2] > 0 && passed[2] < rounds, "both policies were enforced during the run: {passed:?}");
+    assert_eq!(passed[0], rounds, "allowed packets dropped by half a change ({rounds} rounds): {passed:?}");
+    assert_eq!((passed[1], passed[3]), (0, 0), "packets passed by half a change ({rounds} rounds): {passed:?}");
+    assert_eq!(kernel.datapath.generation(), flips as u32 + 1);
+}
+
+/// Sends `probes` (source, destination port: a SYN to 192.0.2.1, from a
+/// fresh source port each time so that conntrack never answers) through
+/// the XDP program in a loop, while `change` is called `changes` times,
+/// 300 µs apart so that some traffic meets each generation. Returns how
+/// often each probe passed, and the rounds sent.
+fn probed_while<const N: usize>(
+    kernel: &mut Kernel,
+    probes: [(&'static str, u16); N],
+    changes: usize,
+    mut change: impl FnMut(&mut Kernel, usize),
+) -> ([u64; N], u64) {
+    let fd = kernel.datapath.program_fd(Hook::Ingress).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || {
-            let mut passed = [0u64; 4];
-            let mut sent = 0u64;
+            let mut passed = [0u64; N];
+            let mut rounds = 0u64;
             let dst: IpAddr = "192.0.2.1".parse().unwrap();
             while !stop.load(Ordering::Relaxed) {
                 for (i, (src, port)) in probes.iter().enumerate() {
-                    // A fresh source port each time, so conntrack never answers.
-                    let source_port = 1024 + (sent % 60_000) as u16;
+                    let source_port = 1024 + (rounds % 60_000) as u16;
                     let frame = simple(src.parse().unwrap(), dst, TCP, tcp(source_port, *port, SYN));
-                    let run = enforcer::testrun::run(fd, &frame, 1).expect("test run");
-                    if run.retval == XDP_PASS {
+                    if enforcer::testrun::run(fd, &frame, 1).expect("test run").retval == XDP_PASS {
                         passed[i] += 1;
                     }
-                    sent += 1;
                 }
+                rounds += 1;
             }
-            (passed, sent)
+            (passed, rounds)
         })
     };
-    let flips = 400;
-    for flip in 0..flips {
-        let next = if flip % 2 == 0 { &b } else { &a };
-        kernel.enforce(next, false);
-        // Let some traffic meet each generation.
+    for k in 0..changes {
+        change(kernel, k);
         std::thread::sleep(std::time::Duration::from_micros(300));
     }
     stop.store(true, Ordering::Relaxed);
-    let (passed, sent) = traffic.join().unwrap();
-    assert!(sent > 10_000, "only {sent} packets were sent");
-    let each = sent / 4;
-    assert!(passed[2] > 0 && passed[2] < each, "both policies were enforced during the run: {passed:?}");
-    assert_eq!(passed[0], each, "allowed packets dropped by half a change ({sent} sent): {passed:?}");
-    assert_eq!((passed[1], passed[3]), (0, 0), "packets passed by half a change ({sent} sent): {passed:?}");
-    assert_eq!(kernel.datapath.generation(), flips + 1);
+    traffic.join().unwrap()
 }
 
 /// The map behind `fd`, through a descriptor of its own.
@@ -206,37 +217,12 @@ fn changes_written_into_the_live_slot_never_judge_a_packet_by_half_a_change() {
     // Every packet reads the maps: the verdict cache would answer repeated
     // tuples from before the change until its generation moves on.
     kernel.datapath.set_verdict_cache(false).unwrap();
-    let fd = kernel.datapath.program_fd(Hook::Ingress).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
     // Always passes (twice), never passes (twice), passes under S1 and S2 only.
-    let probes: [(&str, u16); 5] =
-        [("10.1.0.5", 80), ("10.1.0.8", 82), ("10.1.0.9", 82), ("10.1.0.5", 81), ("10.1.0.8", 80)];
-    let traffic = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut passed = [0u64; 5];
-            let mut rounds = 0u64;
-            let dst: IpAddr = "192.0.2.1".parse().unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                for (i, (src, port)) in probes.iter().enumerate() {
-                    let source_port = 1024 + (rounds % 60_000) as u16;
-                    let frame = simple(src.parse().unwrap(), dst, TCP, tcp(source_port, *port, SYN));
-                    if enforcer::testrun::run(fd, &frame, 1).expect("test run").retval == XDP_PASS {
-                        passed[i] += 1;
-                    }
-                }
-                rounds += 1;
-            }
-            (passed, rounds)
-        })
-    };
+    let probes = [("10.1.0.5", 80), ("10.1.0.8", 82), ("10.1.0.9", 82), ("10.1.0.5", 81), ("10.1.0.8", 80)];
     let changes = 600;
-    for change in 0..changes {
+    let (passed, rounds) = probed_while(&mut kernel, probes, changes, |kernel, change| {
         kernel.enforce(&cycle[change % cycle.len()], false);
-        std::thread::sleep(std::time::Duration::from_micros(300));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let (passed, rounds) = traffic.join().unwrap();
+    });
     assert!(rounds > 5_000, "only {rounds} rounds of probes were sent");
     assert!(passed[4] > 0 && passed[4] < rounds, "both kinds of policy were enforced during the run: {passed:?}");
     assert_eq!((passed[0], passed[1]), (rounds, rounds), "allowed packets dropped by half a change: {passed:?}");

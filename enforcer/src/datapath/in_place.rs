@@ -38,12 +38,12 @@
 use std::collections::HashSet;
 use std::thread::JoinHandle;
 
-use enforcer_common::{CONFIG_FLAG_AUDIT, CONFIG_INDEX, Config, IdentityId, PolicyKeyData, maps, slot_of};
+use enforcer_common::{IdentityId, PolicyKeyData, slot_of};
 use policy::engine::Name;
 use policy::{Engine, EntryDiff};
 
-use super::map_writer::{SlotWrites, fall_back, quiesce_in_background, write_error};
-use super::{Datapath, DatapathError, clock_tick_ns};
+use super::map_writer::{SlotWrites, fall_back, quiesce_in_background};
+use super::{Datapath, DatapathError};
 use crate::quiesce::QuiesceError;
 
 /// What a change written in place leaves to be done one grace period later.
@@ -159,6 +159,7 @@ impl Datapath {
         &mut self,
         diff: &EntryDiff,
         plan: Plan,
+        state: &Engine,
         audit_all: bool,
     ) -> Result<u32, DatapathError> {
         let generation = self.config_value.policy_generation.wrapping_add(2);
@@ -195,13 +196,7 @@ impl Datapath {
         let identity =
             SlotWrites { identities: diff.identities.iter().map(|d| (d.key, d.new)).collect(), policy: Vec::new() };
         self.maps.write_slot(index, &identity, Some(&hosts))?;
-        self.config_value = Config {
-            policy_generation: generation,
-            flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 } | self.caches_off,
-            clock_tick_ns: clock_tick_ns(),
-            verdict_epoch: self.config_value.verdict_epoch,
-        };
-        self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))?;
+        self.publish(generation, audit_all, state)?;
         self.slots[index].in_step = true;
         let other = &mut self.slots[1 - index];
         other.behind = std::mem::take(&mut other.behind).then(diff);

@@ -138,7 +138,7 @@ impl Datapath {
     pub fn apply(&mut self, diff: &EntryDiff, state: &Engine, audit_all: bool) -> Result<u32, DatapathError> {
         self.check_capacity(state.counts())?;
         if let Some(plan) = self.in_place_plan(diff, state) {
-            match self.write_in_place(diff, plan, audit_all) {
+            match self.write_in_place(diff, plan, state, audit_all) {
                 Ok(_) => {
                     self.generation = self.generation.wrapping_add(1);
                     self.last_slot_wait = Duration::ZERO;
@@ -160,6 +160,16 @@ impl Datapath {
         self.bring_up_to_date(index, Some(diff), state)?;
         let other = &mut self.slots[1 - index];
         other.behind = std::mem::take(&mut other.behind).then(diff);
+        self.publish(generation, audit_all, state)?;
+        self.quiescing = quiesce_in_background(&self.barrier);
+        self.released_by_switch(diff);
+        self.generation = self.generation.wrapping_add(1);
+        Ok(self.generation)
+    }
+
+    /// Publishes `generation` to the kernel with one write of the config,
+    /// and takes note of what the policy in force (`state`) needs.
+    pub(super) fn publish(&mut self, generation: u32, audit_all: bool, state: &Engine) -> Result<(), DatapathError> {
         self.counts = state.counts();
         self.config_value = Config {
             policy_generation: generation,
@@ -167,11 +177,7 @@ impl Datapath {
             clock_tick_ns: clock_tick_ns(),
             verdict_epoch: self.config_value.verdict_epoch,
         };
-        self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))?;
-        self.quiescing = quiesce_in_background(&self.barrier);
-        self.released_by_switch(diff);
-        self.generation = self.generation.wrapping_add(1);
-        Ok(self.generation)
+        self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))
     }
 
     /// Makes `policy` the whole policy: the one source of `engine`,
