@@ -2,7 +2,7 @@
 //! `kubectl -o yaml` output are written in: block mappings and sequences
 //! by indentation, one-line flow collections, one-line plain and quoted
 //! scalars, comments and `---` between documents. A 100,000-rule file is
-//! read several times faster than by the general parser.
+//! read in about a third of the general parser's time, both passes included.
 //!
 //! It only ever answers for text it fully understands: anything outside the
 //! subset (anchors, aliases, tags, block scalars, multi-line scalars or flow
