@@ -1,5 +1,6 @@
-//! Batched hash-map writes (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`):
-//! one system call per many thousand entries instead of one per entry. A
+//! Batched map reads and writes (`BPF_MAP_LOOKUP_BATCH`,
+//! `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`): one system call per
+//! many thousand entries instead of one (or two) per entry. A
 //! 100k-rule policy is 200k entries, and on a CPU whose mitigations make every
 //! system call costly, entry-by-entry writing was most of its load time.
 //! aya 0.14 has no wrapper for these commands.
@@ -117,6 +118,61 @@ pub fn per_cpu_sums(map: &MapData, keys: std::ops::Range<u32>, cpus: usize) -> R
         cursor = Some(next);
     }
     Ok(sums)
+}
+
+/// Every entry of a hash map (not a per-CPU one) whose keys are `K` and
+/// values `V`, a chunk of buckets per system call instead of two calls per
+/// entry: the conntrack table holds up to 262,144 entries at its default
+/// size, and the daemon counts them every few seconds.
+pub fn hash_entries<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>, MapError> {
+    let map_fd = map_fd(map).map_err(|error| failed("bpf_map_lookup_batch", error))?;
+    let (key_size, value_size) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    let mut entries = Vec::new();
+    // The kernel's cursor: a bucket number, opaque to us.
+    let mut cursor: Option<u32> = None;
+    let mut chunk = CHUNK;
+    loop {
+        let mut keys = vec![0u8; chunk * key_size];
+        let mut values = vec![0u8; chunk * value_size];
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: cursor.as_ref().map_or(0, |c| std::ptr::from_ref(c) as u64),
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(chunk).unwrap_or(u32::MAX),
+            map_fd,
+            ..BatchAttr::default()
+        };
+        let at_end = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(()) => false,
+            // ENOENT: the map's end, with whatever the last chunk holds.
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
+            // One bucket holds more entries than the buffers: larger ones.
+            Err(error) if error.raw_os_error() == Some(libc::ENOSPC) && chunk < CHUNK << 8 => {
+                chunk *= 2;
+                continue;
+            }
+            Err(error) => return Err(failed("bpf_map_lookup_batch", error)),
+        };
+        let got = (attr.count as usize).min(chunk);
+        for i in 0..got {
+            // SAFETY: the kernel wrote `got` whole keys and values of the
+            // map's sizes, which are `K`'s and `V`'s; both are plain data.
+            let entry = unsafe {
+                (
+                    std::ptr::read_unaligned(keys.as_ptr().add(i * key_size).cast::<K>()),
+                    std::ptr::read_unaligned(values.as_ptr().add(i * value_size).cast::<V>()),
+                )
+            };
+            entries.push(entry);
+        }
+        if at_end || (got == 0 && cursor == Some(next)) {
+            break;
+        }
+        cursor = Some(next);
+    }
+    Ok(entries)
 }
 
 fn failed(call: &'static str, io_error: io::Error) -> MapError {

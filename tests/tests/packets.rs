@@ -370,6 +370,24 @@ fn idle_flows_expire_on_a_clock_that_keeps_real_time() {
     assert_eq!(kernel.ingress(&reply), Drop(DefaultDeny), "an expired reply entry admits nothing");
 }
 
+/// The conntrack table is read in batches of buckets; over several of
+/// them every entry is counted once (two per connection).
+#[test]
+fn tracked_connections_are_counted_exactly() {
+    let mut kernel = kernel(false);
+    kernel.datapath.clear_state().unwrap();
+    let h = V4;
+    let connections = 5_000u16;
+    let fd = kernel.datapath.program_fd(Hook::Ingress).unwrap();
+    for port in 0..connections {
+        let syn = frames::simple(h.web, h.db, TCP, tcp(20_000 + port, 5432, SYN));
+        assert_eq!(enforcer::testrun::run(fd, &syn, 1).unwrap().retval, 2, "connection {port} opens (XDP_PASS)");
+    }
+    assert_eq!(kernel.datapath.conntrack_usage().0, 2 * u64::from(connections));
+    kernel.datapath.clear_state().unwrap();
+    assert_eq!(kernel.datapath.conntrack_usage().0, 0);
+}
+
 #[test]
 fn udp_and_echo_replies_pass_only_for_tracked_flows() {
     let mut kernel = kernel(false);

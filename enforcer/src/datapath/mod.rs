@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use aya::maps::IterableMap as _;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::LinkError;
 use aya::programs::{ProgramError, SchedClassifier, Xdp};
@@ -383,7 +384,9 @@ impl Datapath {
     /// Tracked connection entries (two per connection) and the table's capacity.
     #[must_use]
     pub fn conntrack_usage(&self) -> (u64, u32) {
-        (self.conntrack.keys().flatten().count() as u64, self.sizes.conntrack)
+        let entries = crate::batch::hash_entries::<FlowKey, FlowValue>(self.conntrack.map())
+            .map_or_else(|_| self.conntrack.keys().flatten().count(), |entries| entries.len());
+        (entries as u64, self.sizes.conntrack)
     }
 
     /// The tracked connection entry for one direction of a connection.

@@ -4,7 +4,7 @@
 
 use aya::Ebpf;
 use aya::maps::IterableMap as _;
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use enforcer_common::{IDENTITY_PAIRS_PER_SLOT, IdentityPairKey, maps};
 
 use super::map_writer::{ignore_missing, per_cpu_zeroes, write_error};
@@ -38,14 +38,9 @@ impl PairCounters {
 
     /// The pairs filed under `slot`, with their indexes.
     fn filed(&self, slot: usize) -> Result<Vec<(IdentityPairKey, u32)>, DatapathError> {
-        let mut filed = Vec::new();
-        for key in self.index.keys().flatten().filter(|key| key.slot as usize == slot) {
-            match self.index.get(&key, 0) {
-                Ok(index) => filed.push((key, index)),
-                Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(DatapathError::Read { name: maps::IDENTITY_PAIRS, source }),
-            }
-        }
+        let mut filed = batch::hash_entries::<IdentityPairKey, u32>(self.index.map())
+            .map_err(|source| DatapathError::Read { name: maps::IDENTITY_PAIRS, source })?;
+        filed.retain(|(key, _)| key.slot as usize == slot);
         Ok(filed)
     }
 
