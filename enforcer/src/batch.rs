@@ -72,6 +72,40 @@ fn command(
     }
 }
 
+/// What one `BPF_MAP_LOOKUP_BATCH` call read.
+struct Chunk {
+    /// Entries read into the buffers.
+    got: usize,
+    /// The kernel's cursor to go on from.
+    next: u32,
+    /// Whether the map's end was reached (with the entries read so far).
+    at_end: bool,
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH` call, from `cursor` (the map's start with
+/// `None`), into `keys` and `values`, which hold room for `wanted` entries
+/// of the map's key and value sizes. Errors other than the map's end are
+/// returned as the kernel gave them.
+fn lookup_chunk(map_fd: u32, cursor: Option<u32>, keys: *mut u8, values: *mut u8, wanted: u32) -> io::Result<Chunk> {
+    let mut next = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: cursor.as_ref().map_or(0, |c| std::ptr::from_ref(c) as u64),
+        out_batch: std::ptr::from_mut(&mut next) as u64,
+        keys: keys as u64,
+        values: values as u64,
+        count: wanted,
+        map_fd,
+        ..BatchAttr::default()
+    };
+    let at_end = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        Ok(()) => false,
+        // ENOENT: the map's end, with whatever this chunk holds.
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
+        Err(error) => return Err(error),
+    };
+    Ok(Chunk { got: attr.count.min(wanted) as usize, next, at_end })
+}
+
 /// Sums over CPUs of the `u64` counters at `keys` of a per-CPU array with
 /// `cpus` possible CPUs (the sum for key `k` at `k - keys.start`), read a
 /// chunk of keys per system call: a 100k-rule policy has 200k rule
@@ -89,23 +123,9 @@ pub fn per_cpu_sums(map: &MapData, keys: std::ops::Range<u32>, cpus: usize) -> R
         let mut keys = vec![0u32; wanted as usize];
         // A per-CPU value is one 8-aligned slot per possible CPU.
         let mut values = vec![0u64; wanted as usize * cpus];
-        let mut next = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: cursor.as_ref().map_or(0, |c| std::ptr::from_ref(c) as u64),
-            out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: wanted,
-            map_fd,
-            ..BatchAttr::default()
-        };
-        // ENOENT: the map's end, with whatever the last chunk holds.
-        let at_end = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-            Ok(()) => false,
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(error) => return Err(failed("bpf_map_lookup_batch", error)),
-        };
-        let got = attr.count.min(wanted) as usize;
+        let Chunk { got, next, at_end } =
+            lookup_chunk(map_fd, cursor, keys.as_mut_ptr().cast(), values.as_mut_ptr().cast(), wanted)
+                .map_err(|error| failed("bpf_map_lookup_batch", error))?;
         for (key, per_cpu) in keys[..got].iter().zip(values.chunks(cpus)) {
             if let Some(sum) = key.checked_sub(first).and_then(|at| sums.get_mut(at as usize)) {
                 *sum = per_cpu.iter().sum();
@@ -134,28 +154,17 @@ pub fn hash_entries<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>, MapErr
     loop {
         let mut keys = vec![0u8; chunk * key_size];
         let mut values = vec![0u8; chunk * value_size];
-        let mut next = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: cursor.as_ref().map_or(0, |c| std::ptr::from_ref(c) as u64),
-            out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: u32::try_from(chunk).unwrap_or(u32::MAX),
-            map_fd,
-            ..BatchAttr::default()
-        };
-        let at_end = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-            Ok(()) => false,
-            // ENOENT: the map's end, with whatever the last chunk holds.
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
-            // One bucket holds more entries than the buffers: larger ones.
-            Err(error) if error.raw_os_error() == Some(libc::ENOSPC) && chunk < CHUNK << 8 => {
-                chunk *= 2;
-                continue;
-            }
-            Err(error) => return Err(failed("bpf_map_lookup_batch", error)),
-        };
-        let got = (attr.count as usize).min(chunk);
+        let wanted = u32::try_from(chunk).unwrap_or(u32::MAX);
+        let Chunk { got, next, at_end } =
+            match lookup_chunk(map_fd, cursor, keys.as_mut_ptr(), values.as_mut_ptr(), wanted) {
+                Ok(read) => read,
+                // One bucket holds more entries than the buffers: larger ones.
+                Err(error) if error.raw_os_error() == Some(libc::ENOSPC) && chunk < CHUNK << 8 => {
+                    chunk *= 2;
+                    continue;
+                }
+                Err(error) => return Err(failed("bpf_map_lookup_batch", error)),
+            };
         for i in 0..got {
             // SAFETY: the kernel wrote `got` whole keys and values of the
             // map's sizes, which are `K`'s and `V`'s; both are plain data.

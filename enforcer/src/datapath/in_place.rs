@@ -175,7 +175,6 @@ impl Datapath {
             let rule = delta.new.as_ref().map(|r| (Name::clone(&r.name), r.action));
             self.slots[index].set_rule(delta.key, rule);
         }
-        let hosts = self.host_addresses.clone();
         let phase = |wanted: fn(bool, bool) -> bool| SlotWrites {
             identities: Vec::new(),
             policy: diff
@@ -190,12 +189,12 @@ impl Datapath {
         let deletions = phase(|old, new| old && !new);
         for writes in [additions, updates, deletions] {
             if !writes.policy.is_empty() {
-                self.maps.write_slot(index, &writes, Some(&hosts))?;
+                self.maps.write_slot(index, &writes, Some(&self.host_addresses))?;
             }
         }
         let identity =
             SlotWrites { identities: diff.identities.iter().map(|d| (d.key, d.new)).collect(), policy: Vec::new() };
-        self.maps.write_slot(index, &identity, Some(&hosts))?;
+        self.maps.write_slot(index, &identity, Some(&self.host_addresses))?;
         self.publish(generation, audit_all, state)?;
         self.slots[index].in_step = true;
         let other = &mut self.slots[1 - index];

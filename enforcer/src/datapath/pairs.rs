@@ -2,10 +2,12 @@
 //! index and a per-CPU array of counts at those indexes, one index range
 //! per policy slot (see `enforcer_common::IDENTITY_PAIRS_PER_SLOT`).
 
+use std::collections::HashSet;
+
 use aya::Ebpf;
 use aya::maps::IterableMap as _;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
-use enforcer_common::{IDENTITY_PAIRS_PER_SLOT, IdentityPairKey, maps};
+use enforcer_common::{IDENTITY_PAIRS_PER_SLOT, IdentityId, IdentityPairKey, maps};
 
 use super::map_writer::{ignore_missing, per_cpu_zeroes, write_error};
 use super::{DatapathError, take};
@@ -75,7 +77,7 @@ impl PairCounters {
     pub(super) fn harvest_atoms(
         &mut self,
         slot: usize,
-        atoms: &std::collections::HashSet<enforcer_common::IdentityId>,
+        atoms: &HashSet<IdentityId>,
     ) -> Result<Vec<(IdentityPairKey, u64)>, DatapathError> {
         if atoms.is_empty() {
             return Ok(Vec::new());
@@ -88,8 +90,18 @@ impl PairCounters {
         if filed.is_empty() {
             return Ok(Vec::new());
         }
+        self.forget(filed, self.used(slot)?)
+    }
+
+    /// The drops counted for `filed` pairs (as [`PairCounters::counts`]),
+    /// then the pairs themselves forgotten.
+    fn forget(
+        &mut self,
+        filed: Vec<(IdentityPairKey, u32)>,
+        used: std::ops::Range<u32>,
+    ) -> Result<Vec<(IdentityPairKey, u64)>, DatapathError> {
         let keys: Vec<IdentityPairKey> = filed.iter().map(|(key, _)| *key).collect();
-        let counts = self.counts(filed, self.used(slot)?)?;
+        let counts = self.counts(filed, used)?;
         for key in keys {
             ignore_missing(self.index.remove(&key)).map_err(write_error(maps::IDENTITY_PAIRS))?;
         }
@@ -102,11 +114,7 @@ impl PairCounters {
     /// switched to it, so one walk of the pairs serves both.
     pub(super) fn harvest(&mut self, slot: usize) -> Result<Vec<(IdentityPairKey, u64)>, DatapathError> {
         let (filed, used) = (self.filed(slot)?, self.used(slot)?);
-        let keys: Vec<IdentityPairKey> = filed.iter().map(|(key, _)| *key).collect();
-        let counts = self.counts(filed, used.clone())?;
-        for key in keys {
-            ignore_missing(self.index.remove(&key)).map_err(write_error(maps::IDENTITY_PAIRS))?;
-        }
+        let counts = self.forget(filed, used.clone())?;
         for index in used {
             self.drops.set(index, per_cpu_zeroes()?, 0).map_err(write_error(maps::PAIR_DROPS))?;
         }
