@@ -349,28 +349,42 @@ impl Reader<'_, '_> {
     /// A flow collection or a scalar at `at`; returns where it ends.
     fn flow_or_scalar(&mut self, line: &Line, at: usize, in_flow: bool) -> Read<usize> {
         match self.byte(at) {
-            b'[' => self.flow_sequence(line, at),
-            b'{' => self.flow_mapping(line, at),
+            b'[' | b'{' => self.flow_collection(line, at),
             _ => self.scalar(line, at, in_flow),
         }
     }
 
-    fn flow_sequence(&mut self, line: &Line, at: usize) -> Read<usize> {
-        self.out.sequence_start(self.mark(line, at));
+    /// A one-line flow sequence or mapping at `at`: its entries (nodes, or
+    /// `key: node` pairs), separated by commas, up to its closing bracket.
+    fn flow_collection(&mut self, line: &Line, at: usize) -> Read<usize> {
+        let mapping = self.byte(at) == b'{';
+        let close = if mapping { b'}' } else { b']' };
+        let mark = self.mark(line, at);
+        if mapping {
+            self.out.mapping_start(mark);
+        } else {
+            self.out.sequence_start(mark);
+        }
         let mut i = self.skip_spaces(at + 1, line.end);
-        if self.byte(i) == b']' {
+        if self.byte(i) == close {
             self.out.end();
             return Ok(i + 1);
         }
         loop {
-            if matches!(self.byte(i), b',' | b']' | b'#' | b'\n') {
-                return Err(GiveUp);
+            if mapping {
+                self.starts_entry(i)?;
+                let key_end = self.scalar(line, i, true)?;
+                if self.byte(key_end) != b':' || self.byte(key_end + 1) != b' ' {
+                    return Err(GiveUp);
+                }
+                i = self.skip_spaces(key_end + 1, line.end);
             }
+            self.starts_entry(i)?;
             let end = self.flow_or_scalar(line, i, true)?;
             i = self.skip_spaces(end, line.end);
             match self.byte(i) {
                 b',' => i = self.skip_spaces(i + 1, line.end),
-                b']' => {
+                b if b == close => {
                     self.out.end();
                     return Ok(i + 1);
                 }
@@ -379,36 +393,10 @@ impl Reader<'_, '_> {
         }
     }
 
-    fn flow_mapping(&mut self, line: &Line, at: usize) -> Read<usize> {
-        self.out.mapping_start(self.mark(line, at));
-        let mut i = self.skip_spaces(at + 1, line.end);
-        if self.byte(i) == b'}' {
-            self.out.end();
-            return Ok(i + 1);
-        }
-        loop {
-            if matches!(self.byte(i), b',' | b'}' | b'[' | b'{' | b'#' | b'\n') {
-                return Err(GiveUp);
-            }
-            let key_end = self.scalar(line, i, true)?;
-            if self.byte(key_end) != b':' || self.byte(key_end + 1) != b' ' {
-                return Err(GiveUp);
-            }
-            i = self.skip_spaces(key_end + 1, line.end);
-            if matches!(self.byte(i), b',' | b'}' | b'#' | b'\n') {
-                return Err(GiveUp);
-            }
-            let end = self.flow_or_scalar(line, i, true)?;
-            i = self.skip_spaces(end, line.end);
-            match self.byte(i) {
-                b',' => i = self.skip_spaces(i + 1, line.end),
-                b'}' => {
-                    self.out.end();
-                    return Ok(i + 1);
-                }
-                _ => return Err(GiveUp),
-            }
-        }
+    /// A flow collection's entry may not be empty: no separator, closing
+    /// bracket, comment or line end where it starts.
+    fn starts_entry(&self, at: usize) -> Read<()> {
+        if matches!(self.byte(at), b',' | b']' | b'}' | b'#' | b'\n') { Err(GiveUp) } else { Ok(()) }
     }
 
     /// Where a quoted scalar starting at `at` ends (the byte after its
