@@ -19,7 +19,7 @@ use enforcer_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{Action, HOST, Mode, Peer, Policy, Rule, Selector, WORLD};
+use crate::model::{Action, HOST, Mode, Peer, Policy, PortSpec, Selector, WORLD};
 
 /// One entry of the identity maps: addresses in `net` (unless a longer entry
 /// covers them) have identity `id`.
@@ -217,7 +217,7 @@ pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) ->
         };
         let sources = select(&rule.from);
         let destinations = select(&rule.to);
-        let ranges = rule_ranges(rule);
+        let ranges = rule_ranges(rule.ports.as_deref());
         for &src in &sources {
             for &dst in &destinations {
                 pairs.entry((src, dst)).or_default().extend(ranges.iter().map(|&(first, last)| Claim {
@@ -394,8 +394,8 @@ fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector], ids: &m
 }
 
 /// The (protocol, port) intervals a rule claims, in the 24-bit space.
-pub(crate) fn rule_ranges(rule: &Rule) -> Vec<(u32, u32)> {
-    match &rule.ports {
+pub(crate) fn rule_ranges(ports: Option<&[PortSpec]>) -> Vec<(u32, u32)> {
+    match ports {
         None => vec![(0, PROTO_PORT_MAX)],
         Some(specs) => specs
             .iter()

@@ -11,7 +11,8 @@ use ipnet::IpNet;
 
 use super::Name;
 use super::labels::{LabelSelectors, Labels, labels_match};
-use crate::model::{HOST, Identity, Rule, Selector, WORLD};
+use super::stored::{StoredIdentity as Identity, StoredRule as Rule, StoredSelector as Selector};
+use crate::model::{HOST, WORLD};
 
 /// The declarations of one name: one in a valid policy, kept inline.
 #[derive(Debug)]
@@ -57,14 +58,14 @@ pub(super) struct Checks {
     identities: HashMap<Name, Declared<Identity>>,
     rules: HashMap<Name, Declared<Rule>>,
     /// Declarations by one of their labels, keyed by allocation.
-    by_label: HashMap<(String, String), HashMap<usize, Arc<Identity>>>,
+    by_label: HashMap<(Name, Name), HashMap<usize, Arc<Identity>>>,
     identity_declarations: usize,
     /// Declarations of each exact prefix.
     addresses: BTreeMap<IpNet, usize>,
     /// Distinct declared prefixes per (family is v4, length).
     lengths: BTreeMap<(bool, u8), usize>,
     /// Peers naming each identity (`world` and `host` aside).
-    identity_refs: HashMap<String, usize>,
+    identity_refs: HashMap<Name, usize>,
     /// Peers using each label selector, and the declarations it matches.
     label_refs: HashMap<Labels, (usize, usize)>,
     /// Used label selectors, found from the labels they select.
@@ -107,7 +108,7 @@ impl Checks {
     }
 
     pub(super) fn add_identity(&mut self, identity: &Arc<Identity>) {
-        let name = identity.name.as_str();
+        let name = &*identity.name;
         if name == WORLD || name == HOST {
             self.problems.reserved_names += 1;
         }
@@ -115,7 +116,7 @@ impl Checks {
             declarations.push(Arc::clone(identity));
             self.problems.duplicate_identities += 1;
         } else {
-            self.identities.insert(Name::from(name), Declared::One(Arc::clone(identity)));
+            self.identities.insert(Name::clone(&identity.name), Declared::One(Arc::clone(identity)));
             self.problems.undeclared_references -= self.identity_refs.get(name).copied().unwrap_or(0);
         }
         for address in &identity.addresses {
@@ -130,7 +131,7 @@ impl Checks {
     }
 
     pub(super) fn remove_identity(&mut self, identity: &Arc<Identity>) {
-        let name = identity.name.as_str();
+        let name = &*identity.name;
         if name == WORLD || name == HOST {
             self.problems.reserved_names -= 1;
         }
@@ -234,18 +235,18 @@ impl Checks {
     }
 
     pub(super) fn add_rule(&mut self, rule: &Arc<Rule>) {
-        if let Some(declarations) = self.rules.get_mut(rule.name.as_str()) {
+        if let Some(declarations) = self.rules.get_mut(&*rule.name) {
             declarations.push(Arc::clone(rule));
             self.problems.duplicate_rules += 1;
         } else {
-            self.rules.insert(Name::from(rule.name.as_str()), Declared::One(Arc::clone(rule)));
+            self.rules.insert(Name::clone(&rule.name), Declared::One(Arc::clone(rule)));
         }
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
-                Selector::Identity(name) if name == WORLD || name == HOST => {}
+                Selector::Identity(name) if &**name == WORLD || &**name == HOST => {}
                 Selector::Identity(name) => {
                     *self.identity_refs.entry(name.clone()).or_default() += 1;
-                    if !self.identities.contains_key(name.as_str()) {
+                    if !self.identities.contains_key(name) {
                         self.problems.undeclared_references += 1;
                     }
                 }
@@ -256,16 +257,16 @@ impl Checks {
     }
 
     pub(super) fn remove_rule(&mut self, rule: &Arc<Rule>) {
-        if let Some(declarations) = self.rules.get_mut(rule.name.as_str()) {
+        if let Some(declarations) = self.rules.get_mut(&*rule.name) {
             if declarations.remove(rule) == 0 {
-                self.rules.remove(rule.name.as_str());
+                self.rules.remove(&*rule.name);
             } else {
                 self.problems.duplicate_rules -= 1;
             }
         }
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
-                Selector::Identity(name) if name == WORLD || name == HOST => {}
+                Selector::Identity(name) if &**name == WORLD || &**name == HOST => {}
                 Selector::Identity(name) => {
                     if let Some(refs) = self.identity_refs.get_mut(name) {
                         *refs -= 1;
@@ -273,7 +274,7 @@ impl Checks {
                             self.identity_refs.remove(name);
                         }
                     }
-                    if !self.identities.contains_key(name.as_str()) {
+                    if !self.identities.contains_key(name) {
                         self.problems.undeclared_references -= 1;
                     }
                 }

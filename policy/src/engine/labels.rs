@@ -5,7 +5,47 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-pub(crate) type Labels = BTreeMap<String, String>;
+use super::Name;
+
+/// A label set as the engine keeps it: (key, value) pairs sorted by key,
+/// names shared. A pod's handful of labels is one small allocation, where
+/// a `BTreeMap` of strings takes a node of over 500 bytes and a string for
+/// each key and value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Labels(Box<[(Name, Name)]>);
+
+impl Labels {
+    /// From pairs sorted by key, keys distinct.
+    pub(crate) fn from_sorted(pairs: Vec<(Name, Name)>) -> Self {
+        Self(pairs.into_boxed_slice())
+    }
+
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, (Name, Name)> {
+        self.0.iter()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&Name> {
+        self.0.binary_search_by(|(k, _)| (**k).cmp(key)).ok().map(|at| &self.0[at].1)
+    }
+
+    /// The parsed model's form.
+    pub(crate) fn to_map(&self) -> BTreeMap<String, String> {
+        self.0.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a Labels {
+    type Item = &'a (Name, Name);
+    type IntoIter = std::slice::Iter<'a, (Name, Name)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
 
 /// Whether `labels` carries every label `wanted` names.
 pub(crate) fn labels_match(wanted: &Labels, labels: &Labels) -> bool {
@@ -16,7 +56,7 @@ pub(crate) fn labels_match(wanted: &Labels, labels: &Labels) -> bool {
 /// selector, which every label set satisfies, apart.
 #[derive(Debug, Default)]
 pub(crate) struct LabelSelectors {
-    by_pair: HashMap<(String, String), HashSet<Labels>>,
+    by_pair: HashMap<(Name, Name), HashSet<Labels>>,
     empty: Option<Labels>,
 }
 
@@ -24,7 +64,7 @@ impl LabelSelectors {
     /// Files `wanted` (again: a no-op).
     pub(crate) fn insert(&mut self, wanted: &Labels) {
         if wanted.is_empty() {
-            self.empty = Some(Labels::new());
+            self.empty = Some(Labels::default());
         }
         for (key, value) in wanted {
             self.by_pair.entry((key.clone(), value.clone())).or_default().insert(wanted.clone());

@@ -42,6 +42,7 @@ mod check;
 mod labels;
 mod partition;
 mod small;
+mod stored;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
@@ -57,38 +58,20 @@ use ipnet::IpNet;
 
 use crate::compile::{Claim, PolicyEntry, pair_entries, rule_ranges};
 use crate::error::{Diagnostic, PolicyError};
-use crate::model::{Action, HOST, Identity, Mode, Peer, Policy, Rule, Selector, WORLD};
+use crate::model::{Action, HOST, Mode, Policy, WORLD};
 
 use self::check::Checks;
-use self::labels::{LabelSelectors, labels_match};
+use self::labels::{LabelSelectors, Labels, labels_match};
 use self::partition::{Partition, Settled};
-use self::small::{NumberMap, SmallSet};
+use self::small::{DenseMap, NumberMap, SmallSet};
+pub use self::stored::Fragment;
+use self::stored::{Interner, StoredIdentity, StoredPeer, StoredRule, StoredSelector};
 
 /// Identity pairs whose entries must be resolved again.
 type PairSet = HashSet<(IdentityId, IdentityId), std::hash::BuildHasherDefault<small::NumberHasher>>;
 
 /// A name shared between the model and the engine's indexes.
 pub type Name = Arc<str>;
-
-/// What one source holds after parsing: its part of the policy.
-#[derive(Debug, Clone, Default)]
-pub struct Fragment {
-    pub documents: Vec<String>,
-    pub identities: Vec<Arc<Identity>>,
-    pub rules: Vec<Arc<Rule>>,
-}
-
-impl From<Policy> for Fragment {
-    fn from(policy: Policy) -> Self {
-        // Collecting reuses the source vector's buffer, sized for the items
-        // themselves (100k rules: about 14 MB): shrink it to the pointers.
-        let mut identities: Vec<Arc<Identity>> = policy.identities.into_iter().map(Arc::new).collect();
-        identities.shrink_to_fit();
-        let mut rules: Vec<Arc<Rule>> = policy.rules.into_iter().map(Arc::new).collect();
-        rules.shrink_to_fit();
-        Self { documents: policy.documents, identities, rules }
-    }
-}
 
 /// The new contents of one source.
 #[derive(Debug, Clone)]
@@ -333,14 +316,14 @@ impl EntryCounts {
 /// An active rule as compiled: what it selects now.
 #[derive(Debug, Clone)]
 struct ActiveRule {
-    rule: Arc<Rule>,
+    rule: Arc<StoredRule>,
     name: Name,
     from: SmallSet<IdentityId>,
     to: SmallSet<IdentityId>,
 }
 
 /// A CIDR peer: addresses inside `.0` and outside all of `.1`.
-pub(crate) type CidrSelector = (IpNet, Vec<IpNet>);
+pub(crate) type CidrSelector = (IpNet, Box<[IpNet]>);
 
 /// Interned CIDR selector of the active rules.
 pub(crate) type SelectorId = u32;
@@ -351,10 +334,10 @@ pub struct Engine {
     sources: BTreeMap<String, Arc<Fragment>>,
     checks: Checks,
     /// Identities as compiled, by name.
-    identities: HashMap<Name, Arc<Identity>>,
+    identities: HashMap<Name, Arc<StoredIdentity>>,
     /// Identities by one of their labels, to resolve label selectors.
-    by_label: HashMap<(String, String), HashSet<Name>>,
-    active: NumberMap<u32, ActiveRule>,
+    by_label: HashMap<(Name, Name), HashSet<Name>>,
+    active: DenseMap<ActiveRule>,
     rule_ids: HashMap<Name, u32>,
     rule_pool: IdPool,
     expiries: BTreeSet<(SystemTime, Name)>,
@@ -363,7 +346,7 @@ pub struct Engine {
     /// rule a candidate for selecting again, which finds what it selects.
     rules_naming: NumberMap<u64, SmallSet<u32>>,
     world_rules: HashSet<u32>,
-    label_rules: HashMap<BTreeMap<String, String>, SmallSet<u32>>,
+    label_rules: HashMap<Labels, SmallSet<u32>>,
     /// The label selectors of active rules.
     label_selectors: LabelSelectors,
     cidr_rules: NumberMap<SelectorId, SmallSet<u32>>,
@@ -372,21 +355,21 @@ pub struct Engine {
     selector_pool: IdPool,
     partition: Partition,
     /// Active rules by an atom their `from` (`to`) selects.
-    rules_from: NumberMap<IdentityId, SmallSet<u32>>,
-    rules_to: NumberMap<IdentityId, SmallSet<u32>>,
+    rules_from: DenseMap<SmallSet<u32>>,
+    rules_to: DenseMap<SmallSet<u32>>,
     /// Entries of each identity pair some rule claims.
     pairs: NumberMap<(IdentityId, IdentityId), PairEntries>,
     counts: EntryCounts,
     /// The sources the last `apply` replaced, for [`Engine::revert`].
     undo: Vec<(String, Option<Arc<Fragment>>)>,
+    /// Shares the names of identities and labels between fragments.
+    names: Interner,
 }
 
 fn merge<'a>(fragments: impl Iterator<Item = &'a Arc<Fragment>>) -> Policy {
     let mut policy = Policy::default();
     for fragment in fragments {
-        policy.documents.extend(fragment.documents.iter().cloned());
-        policy.identities.extend(fragment.identities.iter().map(|i| Identity::clone(i)));
-        policy.rules.extend(fragment.rules.iter().map(|r| Rule::clone(r)));
+        fragment.extend_policy(&mut policy);
     }
     policy
 }
@@ -401,7 +384,7 @@ impl Default for Engine {
 #[derive(Default)]
 struct IdentityChanges {
     /// Label sets before and after of relabelled identities.
-    relabelled: Vec<BTreeMap<String, String>>,
+    relabelled: Vec<Labels>,
     /// Identities whose mode changed.
     modes: Vec<Name>,
 }
@@ -421,7 +404,7 @@ impl Engine {
             checks: Checks::default(),
             identities: HashMap::new(),
             by_label: HashMap::new(),
-            active: NumberMap::default(),
+            active: DenseMap::default(),
             rule_ids: HashMap::new(),
             rule_pool: IdPool::starting_at(0),
             expiries: BTreeSet::new(),
@@ -434,11 +417,12 @@ impl Engine {
             selector_values: NumberMap::default(),
             selector_pool: IdPool::starting_at(0),
             partition: Partition::new(IDENTITY_FIRST_DYNAMIC),
-            rules_from: NumberMap::default(),
-            rules_to: NumberMap::default(),
+            rules_from: DenseMap::default(),
+            rules_to: DenseMap::default(),
             pairs: NumberMap::default(),
             counts: EntryCounts::default(),
             undo: Vec::new(),
+            names: Interner::default(),
         }
     }
 
@@ -451,12 +435,12 @@ impl Engine {
         for change in changes {
             let fragment = match change.contents {
                 Contents::Removed => None,
-                Contents::Parsed(policy) => Some(Arc::new(Fragment::from(policy))),
+                Contents::Parsed(policy) => Some(Arc::new(Fragment::new(policy, &mut self.names))),
                 Contents::Text(text) => {
                     let file: Arc<str> = Arc::from(change.source.as_str());
                     let mut policy = Policy::default();
                     crate::parse::parse_file(&file, &text, &mut policy, &mut problems);
-                    Some(Arc::new(Fragment::from(policy)))
+                    Some(Arc::new(Fragment::new(policy, &mut self.names)))
                 }
             };
             incoming.push((change.source, fragment));
@@ -537,21 +521,21 @@ impl Engine {
         if let Some(old) = &old {
             for identity in &old.identities {
                 self.checks.remove_identity(identity);
-                touched.identities.insert(Name::from(identity.name.as_str()));
+                touched.identities.insert(Name::clone(&identity.name));
             }
             for rule in &old.rules {
                 self.checks.remove_rule(rule);
-                touched.rules.insert(Name::from(rule.name.as_str()));
+                touched.rules.insert(Name::clone(&rule.name));
             }
         }
         if let Some(new) = fragment {
             for identity in &new.identities {
                 self.checks.add_identity(identity);
-                touched.identities.insert(Name::from(identity.name.as_str()));
+                touched.identities.insert(Name::clone(&identity.name));
             }
             for rule in &new.rules {
                 self.checks.add_rule(rule);
-                touched.rules.insert(Name::from(rule.name.as_str()));
+                touched.rules.insert(Name::clone(&rule.name));
             }
         }
         old
@@ -661,7 +645,7 @@ impl Engine {
 
     /// Every rule in force by `rule_index`.
     pub fn rule_table(&self) -> impl Iterator<Item = (u32, RuleInfo)> + '_ {
-        self.active.iter().map(|(&id, rule)| (id, RuleInfo { name: Arc::clone(&rule.name), action: rule.rule.action }))
+        self.active.iter().map(|(id, rule)| (id, RuleInfo { name: Arc::clone(&rule.name), action: rule.rule.action }))
     }
 
     /// Brings the compiled state to the model: `touched` names what the
@@ -737,7 +721,7 @@ impl Engine {
             let id = self.rule_ids.get(&name).copied();
             let current = id.and_then(|id| self.active.get(&id)).map(|a| Arc::clone(&a.rule));
             if let (Some(current), Some(wanted)) = (&current, &wanted)
-                && same_rule(current, wanted)
+                && current.compiles_like(wanted)
             {
                 if !Arc::ptr_eq(current, wanted) {
                     // Only its position moved: keep what is compiled.
@@ -747,7 +731,7 @@ impl Engine {
                 }
                 continue;
             }
-            let info = |rule: &Rule| RuleInfo { name: Name::clone(&name), action: rule.action };
+            let info = |rule: &StoredRule| RuleInfo { name: Name::clone(&name), action: rule.action };
             if let Some(id) = id {
                 rec.rules.record(id, current.as_deref().map(info), wanted.as_deref().map(info));
                 self.deactivate(id, dirty_pairs);
@@ -832,7 +816,7 @@ impl Engine {
 
     /// Rules whose selection an atom's coming or going, or a relabelled
     /// identity, may change.
-    fn rules_to_reselect(&self, outcome: &Settled, relabelled: &[BTreeMap<String, String>]) -> BTreeSet<u32> {
+    fn rules_to_reselect(&self, outcome: &Settled, relabelled: &[Labels]) -> BTreeSet<u32> {
         let mut dirty_rules = BTreeSet::new();
         for (_, owner, selectors) in &outcome.appeared {
             if let Some(owner) = owner {
@@ -860,23 +844,24 @@ impl Engine {
 
     /// Files an entering rule under its selectors (interning CIDR peers,
     /// whose prefixes then take their role in the partition).
-    fn activate(&mut self, id: u32, name: Name, rule: Arc<Rule>) {
+    fn activate(&mut self, id: u32, name: Name, rule: Arc<StoredRule>) {
         if let Some(expires) = rule.expires {
             self.expiries.insert((expires, Name::clone(&name)));
         }
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
-                Selector::Identity(target) if target == WORLD => {
+                StoredSelector::Identity(target) if &**target == WORLD => {
                     self.world_rules.insert(id);
                 }
-                Selector::Identity(target) => {
+                StoredSelector::Identity(target) => {
                     self.rules_naming.entry(name_key(target)).or_default().insert(id);
                 }
-                Selector::Labels(wanted) => {
+                StoredSelector::Labels(wanted) => {
                     self.label_rules.entry(wanted.clone()).or_default().insert(id);
                     self.label_selectors.insert(wanted);
                 }
-                Selector::Cidr { cidr, except } => {
+                StoredSelector::Cidr(peer) => {
+                    let (cidr, except) = (&peer.cidr, &peer.except);
                     let key = (*cidr, except.clone());
                     let selector = if let Some((selector, uses)) = self.selectors.get_mut(&key) {
                         *uses += 1;
@@ -910,24 +895,25 @@ impl Engine {
             }
         }
         for src in &active.from {
-            remove_from(&mut self.rules_from, src, id);
+            self.rules_from.remove_from(src, id);
         }
         for dst in &active.to {
-            remove_from(&mut self.rules_to, dst, id);
+            self.rules_to.remove_from(dst, id);
         }
         for peer in active.rule.from.iter().chain(&active.rule.to) {
             match &peer.selector {
-                Selector::Identity(target) if target == WORLD => {
+                StoredSelector::Identity(target) if &**target == WORLD => {
                     self.world_rules.remove(&id);
                 }
-                Selector::Identity(target) => remove_from(&mut self.rules_naming, &name_key(target), id),
-                Selector::Labels(wanted) => {
+                StoredSelector::Identity(target) => remove_from(&mut self.rules_naming, &name_key(target), id),
+                StoredSelector::Labels(wanted) => {
                     remove_from(&mut self.label_rules, wanted, id);
                     if !self.label_rules.contains_key(wanted) {
                         self.label_selectors.remove(wanted);
                     }
                 }
-                Selector::Cidr { cidr, except } => {
+                StoredSelector::Cidr(peer) => {
+                    let (cidr, except) = (&peer.cidr, &peer.except);
                     let key = (*cidr, except.clone());
                     if let Some((selector, uses)) = self.selectors.get_mut(&key) {
                         let selector = *selector;
@@ -946,7 +932,7 @@ impl Engine {
     }
 
     /// Active rules with a label selector that `labels` satisfies.
-    fn label_rules_matching(&self, labels: &BTreeMap<String, String>) -> Vec<u32> {
+    fn label_rules_matching(&self, labels: &Labels) -> Vec<u32> {
         self.label_selectors
             .satisfied_by(labels)
             .into_iter()
@@ -955,22 +941,22 @@ impl Engine {
     }
 
     /// The atoms `peers` select now.
-    fn select(&self, peers: &[Peer]) -> Vec<IdentityId> {
+    fn select(&self, peers: &[StoredPeer]) -> Vec<IdentityId> {
         let mut atoms = BTreeSet::new();
         for peer in peers {
             match &peer.selector {
-                Selector::Identity(name) if name == WORLD => atoms.extend(self.partition.atoms_of(None)),
-                Selector::Identity(name) if name == HOST => {
+                StoredSelector::Identity(name) if &**name == WORLD => atoms.extend(self.partition.atoms_of(None)),
+                StoredSelector::Identity(name) if &**name == HOST => {
                     atoms.insert(IDENTITY_HOST);
                 }
-                Selector::Identity(name) => atoms.extend(self.partition.atoms_of(Some(&Name::from(name.as_str())))),
-                Selector::Labels(wanted) => {
+                StoredSelector::Identity(name) => atoms.extend(self.partition.atoms_of(Some(name))),
+                StoredSelector::Labels(wanted) => {
                     for name in self.identities_matching(wanted) {
                         atoms.extend(self.partition.atoms_of(Some(&name)));
                     }
                 }
-                Selector::Cidr { cidr, except } => {
-                    if let Some((selector, _)) = self.selectors.get(&(*cidr, except.clone())) {
+                StoredSelector::Cidr(peer) => {
+                    if let Some((selector, _)) = self.selectors.get(&(peer.cidr, peer.except.clone())) {
                         atoms.extend(self.partition.atoms_of_selector(*selector));
                     }
                 }
@@ -980,7 +966,7 @@ impl Engine {
     }
 
     /// Declared identities carrying every label of `wanted`.
-    fn identities_matching(&self, wanted: &BTreeMap<String, String>) -> Vec<Name> {
+    fn identities_matching(&self, wanted: &Labels) -> Vec<Name> {
         let smallest = wanted
             .iter()
             .map(|(k, v)| self.by_label.get(&(k.clone(), v.clone())))
@@ -1021,16 +1007,16 @@ impl Engine {
         mark(old_from, &lost_to);
         // A freshly activated rule has empty old sets: all its pairs are new.
         for src in &lost_from {
-            remove_from(&mut self.rules_from, src, id);
+            self.rules_from.remove_from(src, id);
         }
         for dst in &lost_to {
-            remove_from(&mut self.rules_to, dst, id);
+            self.rules_to.remove_from(dst, id);
         }
         for src in &gained_from {
-            self.rules_from.entry(*src).or_default().insert(id);
+            self.rules_from.get_or_default(*src).insert(id);
         }
         for dst in &gained_to {
-            self.rules_to.entry(*dst).or_default().insert(id);
+            self.rules_to.get_or_default(*dst).insert(id);
         }
         let active = self.active.get_mut(&id).expect("looked up above");
         active.from = SmallSet::from_sorted(from);
@@ -1047,9 +1033,9 @@ impl Engine {
     ) {
         let mut claims: Vec<Claim<&str>> = Vec::new();
         for id in self.rules_from.get(&src).into_iter().flatten() {
-            let active = &self.active[id];
+            let Some(active) = self.active.get(id) else { continue };
             if active.to.contains(&dst) {
-                claims.extend(rule_ranges(&active.rule).into_iter().map(|(first, last)| Claim {
+                claims.extend(rule_ranges(active.rule.ports.as_deref()).into_iter().map(|(first, last)| Claim {
                     action: active.rule.action,
                     order: &*active.name,
                     rule_index: *id,
@@ -1169,23 +1155,11 @@ fn name_key(name: &str) -> u64 {
     hasher.finish()
 }
 
-fn mode_of_owner(identities: &HashMap<Name, Arc<Identity>>, owner: Option<&Name>) -> u32 {
+fn mode_of_owner(identities: &HashMap<Name, Arc<StoredIdentity>>, owner: Option<&Name>) -> u32 {
     match owner.and_then(|name| identities.get(name)).map(|i| i.mode) {
         Some(Mode::Audit) => IDENTITY_FLAG_AUDIT,
         _ => 0,
     }
-}
-
-/// Whether two versions of a rule compile alike (positions aside).
-fn same_rule(a: &Rule, b: &Rule) -> bool {
-    fn same_peers(a: &[Peer], b: &[Peer]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.selector == y.selector)
-    }
-    a.action == b.action
-        && a.ports == b.ports
-        && a.expires == b.expires
-        && same_peers(&a.from, &b.from)
-        && same_peers(&a.to, &b.to)
 }
 
 fn difference(a: &[IdentityId], b: &[IdentityId]) -> Vec<IdentityId> {

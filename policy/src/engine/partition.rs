@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use enforcer_common::{IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_WORLD, IdentityId, IdentityValue};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::small::{NumberMap, SmallSet};
+use super::small::{DenseMap, NumberMap, SmallSet};
 use super::{EntryCounts, IdPool, Name, Recorder, SelectorId};
 
 /// What an atom stands for: its owner (`None`: no declared identity) and the
@@ -97,7 +97,7 @@ pub(super) struct Partition {
     prefixes: BTreeMap<IpNet, PrefixState>,
     /// Distinct prefix lengths in use per (family is v4, length).
     lengths: BTreeMap<(bool, u8), usize>,
-    atoms: NumberMap<IdentityId, AtomState>,
+    atoms: DenseMap<AtomState>,
     /// Atoms by a hash of their key (with a per-process key, so crafted
     /// names cannot make them collide): the atoms keep their keys, and a
     /// copy of each beside a hash entry cost more than the entry.
@@ -115,7 +115,7 @@ impl Partition {
         let mut partition = Self {
             prefixes: BTreeMap::new(),
             lengths: BTreeMap::new(),
-            atoms: NumberMap::default(),
+            atoms: DenseMap::default(),
             by_key: NumberMap::default(),
             key_hasher: std::hash::RandomState::new(),
             by_owner: HashMap::new(),
@@ -368,7 +368,7 @@ impl Partition {
     }
 
     pub(super) fn atoms(&self) -> impl Iterator<Item = (IdentityId, Option<&Name>, u32)> + '_ {
-        self.atoms.iter().map(|(id, atom)| (*id, atom.key.0.as_ref(), atom.flags))
+        self.atoms.iter().map(|(id, atom)| (id, atom.key.0.as_ref(), atom.flags))
     }
 
     /// The longest identity entry containing `addr`, else `world`.

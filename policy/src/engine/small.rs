@@ -169,3 +169,92 @@ impl std::hash::Hasher for NumberHasher {
 
 /// A map keyed by engine-given numbers.
 pub(crate) type NumberMap<K, V> = std::collections::HashMap<K, V, std::hash::BuildHasherDefault<NumberHasher>>;
+
+/// A map keyed by numbers the engine hands out lowest first (rule and
+/// atom numbers): a vector indexed by number. At 100,000 keys it holds
+/// the values alone, where a hash map adds a key and a control byte to
+/// each and keeps an eighth of its buckets empty.
+#[derive(Debug)]
+pub(crate) struct DenseMap<V> {
+    slots: Vec<Option<V>>,
+    len: usize,
+}
+
+impl<V> Default for DenseMap<V> {
+    fn default() -> Self {
+        Self { slots: Vec::new(), len: 0 }
+    }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref, reason = "called as the hash maps it replaced are")]
+impl<V> DenseMap<V> {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn get(&self, key: &u32) -> Option<&V> {
+        self.slots.get(*key as usize).and_then(Option::as_ref)
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &u32) -> Option<&mut V> {
+        self.slots.get_mut(*key as usize).and_then(Option::as_mut)
+    }
+
+    pub(crate) fn contains_key(&self, key: &u32) -> bool {
+        self.get(key).is_some()
+    }
+
+    pub(crate) fn insert(&mut self, key: u32, value: V) -> Option<V> {
+        let at = key as usize;
+        if at >= self.slots.len() {
+            self.slots.resize_with(at + 1, || None);
+        }
+        let old = self.slots[at].replace(value);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    pub(crate) fn remove(&mut self, key: &u32) -> Option<V> {
+        let old = self.slots.get_mut(*key as usize).and_then(Option::take);
+        if old.is_some() {
+            self.len -= 1;
+            // Numbers come back lowest first: trailing free slots stay free.
+            while self.slots.last().is_some_and(Option::is_none) {
+                self.slots.pop();
+            }
+        }
+        old
+    }
+
+    /// The value of `key`, inserted as the default when absent.
+    pub(crate) fn get_or_default(&mut self, key: u32) -> &mut V
+    where
+        V: Default,
+    {
+        if !self.contains_key(&key) {
+            self.insert(key, V::default());
+        }
+        self.get_mut(&key).expect("inserted above")
+    }
+
+    /// Entries in number order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &V)> + '_ {
+        #[allow(clippy::cast_possible_truncation, reason = "keys are u32, so every index is one")]
+        self.slots.iter().enumerate().filter_map(|(at, slot)| slot.as_ref().map(|value| (at as u32, value)))
+    }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref, reason = "called as the hash maps it replaced are")]
+impl DenseMap<SmallSet<u32>> {
+    /// Takes `item` out of the set of `key`, dropping the set once empty.
+    pub(crate) fn remove_from(&mut self, key: &u32, item: u32) {
+        if let Some(set) = self.get_mut(key) {
+            set.remove(&item);
+            if set.is_empty() {
+                self.remove(key);
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The policy as the engine keeps it between changes: each source's
+//! identities and rules in a compact form, built once from the parsed
+//! [`Policy`] and turned back into one when a refused change needs the
+//! full validator's messages, or the audit log a diff.
+//!
+//! The parsed model is made to be read once: every identity, address, rule
+//! and peer carries a [`Location`] (a shared file name and two numbers), a
+//! label set is a B-tree with a node of its own, an identity named by a
+//! rule is a string of its own. At 100,000 identities and rules that was
+//! about 50 MB held for as long as the policy is enforced. Kept here, a
+//! position is three numbers (the file is the fragment's), names of
+//! identities and labels are shared through the engine's [`Interner`], and
+//! lists are boxed slices.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ipnet::IpNet;
+
+use super::Name;
+use super::labels::Labels;
+use crate::error::Location;
+use crate::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Rule, Selector};
+
+/// Shares equal names (identities, label keys and values): a name a rule
+/// refers to, and a label thousands of identities carry, are stored once.
+#[derive(Debug, Default)]
+pub(crate) struct Interner {
+    names: HashSet<Name>,
+    /// How many names were left after the last sweep.
+    kept: usize,
+}
+
+impl Interner {
+    pub(crate) fn intern(&mut self, name: &str) -> Name {
+        if let Some(known) = self.names.get(name) {
+            return Name::clone(known);
+        }
+        if self.names.len() >= 2 * self.kept.max(1024) {
+            self.sweep();
+        }
+        let name = Name::from(name);
+        self.names.insert(Name::clone(&name));
+        name
+    }
+
+    /// Forgets names nothing else holds any more: names stay as long as the
+    /// policy uses them, and the set stays within twice what it uses.
+    fn sweep(&mut self) {
+        self.names.retain(|name| Arc::strong_count(name) > 1);
+        self.names.shrink_to_fit();
+        self.kept = self.names.len();
+    }
+}
+
+/// A position in one of the fragment's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pos {
+    file: u32,
+    line: u32,
+    column: u32,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StoredIdentity {
+    pub(crate) name: Name,
+    pub(crate) labels: Labels,
+    pub(crate) addresses: Box<[StoredAddress]>,
+    pub(crate) mode: Mode,
+    at: Pos,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StoredAddress {
+    pub(crate) net: IpNet,
+    at: Pos,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StoredRule {
+    pub(crate) name: Name,
+    pub(crate) action: Action,
+    pub(crate) from: Box<[StoredPeer]>,
+    pub(crate) to: Box<[StoredPeer]>,
+    /// `None` when `ports` is omitted: the rule covers every protocol.
+    pub(crate) ports: Option<Box<[PortSpec]>>,
+    pub(crate) expires: Option<SystemTime>,
+    at: Pos,
+}
+
+impl StoredRule {
+    /// Whether the rule is in force at `now`.
+    pub(crate) fn is_active_at(&self, now: SystemTime) -> bool {
+        self.expires.is_none_or(|expires| now < expires)
+    }
+
+    /// Whether two versions of a rule compile alike (positions aside).
+    pub(crate) fn compiles_like(&self, other: &StoredRule) -> bool {
+        fn same_peers(a: &[StoredPeer], b: &[StoredPeer]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.selector == y.selector)
+        }
+        self.action == other.action
+            && self.ports == other.ports
+            && self.expires == other.expires
+            && same_peers(&self.from, &other.from)
+            && same_peers(&self.to, &other.to)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StoredPeer {
+    pub(crate) selector: StoredSelector,
+    at: Pos,
+}
+
+/// [`Selector`], compact: the rare CIDR peer is boxed, so a peer naming an
+/// identity (the common one) is a shared name and a position.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum StoredSelector {
+    Identity(Name),
+    Labels(Labels),
+    Cidr(Box<CidrPeer>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct CidrPeer {
+    pub(crate) cidr: IpNet,
+    pub(crate) except: Box<[IpNet]>,
+}
+
+/// What one source holds: its part of the policy.
+#[derive(Debug, Default)]
+pub struct Fragment {
+    documents: Box<[String]>,
+    /// The files positions refer to (a file source has one).
+    files: Box<[Arc<str>]>,
+    pub(crate) identities: Box<[Arc<StoredIdentity>]>,
+    pub(crate) rules: Box<[Arc<StoredRule>]>,
+}
+
+impl Fragment {
+    /// Stores a parsed policy, sharing names through `names`.
+    pub(crate) fn new(policy: Policy, names: &mut Interner) -> Self {
+        let mut files: Vec<Arc<str>> = Vec::new();
+        let mut pos = |location: &Location| {
+            let known = files.iter().position(|file| Arc::ptr_eq(file, &location.file) || *file == location.file);
+            let file = known.unwrap_or_else(|| {
+                files.push(Arc::clone(&location.file));
+                files.len() - 1
+            });
+            Pos { file: u32::try_from(file).unwrap_or(u32::MAX), line: location.line, column: location.column }
+        };
+        let identities = policy
+            .identities
+            .into_iter()
+            .map(|identity| {
+                Arc::new(StoredIdentity {
+                    name: names.intern(&identity.name),
+                    labels: Labels::new(&identity.labels, names),
+                    addresses: identity
+                        .addresses
+                        .iter()
+                        .map(|address| StoredAddress { net: address.net, at: pos(&address.location) })
+                        .collect(),
+                    mode: identity.mode,
+                    at: pos(&identity.location),
+                })
+            })
+            .collect();
+        let rules = policy
+            .rules
+            .into_iter()
+            .map(|rule| {
+                let mut peers = |peers: Vec<Peer>| -> Box<[StoredPeer]> {
+                    peers
+                        .into_iter()
+                        .map(|peer| StoredPeer {
+                            selector: match peer.selector {
+                                Selector::Identity(name) => StoredSelector::Identity(names.intern(&name)),
+                                Selector::Labels(labels) => StoredSelector::Labels(Labels::new(&labels, names)),
+                                Selector::Cidr { cidr, except } => {
+                                    StoredSelector::Cidr(Box::new(CidrPeer { cidr, except: except.into_boxed_slice() }))
+                                }
+                            },
+                            at: pos(&peer.location),
+                        })
+                        .collect()
+                };
+                let (from, to) = (peers(rule.from), peers(rule.to));
+                Arc::new(StoredRule {
+                    name: Name::from(rule.name),
+                    action: rule.action,
+                    from,
+                    to,
+                    ports: rule.ports.map(Vec::into_boxed_slice),
+                    expires: rule.expires,
+                    at: pos(&rule.location),
+                })
+            })
+            .collect();
+        Self { documents: policy.documents.into_boxed_slice(), files: files.into_boxed_slice(), identities, rules }
+    }
+
+    /// Appends this fragment's part of the policy, as parsed, to `policy`.
+    pub(crate) fn extend_policy(&self, policy: &mut Policy) {
+        let location = |at: Pos| Location {
+            file: self.files.get(at.file as usize).map_or_else(|| Arc::from(""), Arc::clone),
+            line: at.line,
+            column: at.column,
+        };
+        policy.documents.extend(self.documents.iter().cloned());
+        policy.identities.extend(self.identities.iter().map(|identity| Identity {
+            name: identity.name.to_string(),
+            labels: identity.labels.to_map(),
+            addresses: identity
+                .addresses
+                .iter()
+                .map(|address| Address { net: address.net, location: location(address.at) })
+                .collect(),
+            mode: identity.mode,
+            location: location(identity.at),
+        }));
+        let peers = |peers: &[StoredPeer]| -> Vec<Peer> {
+            peers
+                .iter()
+                .map(|peer| Peer {
+                    selector: match &peer.selector {
+                        StoredSelector::Identity(name) => Selector::Identity(name.to_string()),
+                        StoredSelector::Labels(labels) => Selector::Labels(labels.to_map()),
+                        StoredSelector::Cidr(peer) => Selector::Cidr { cidr: peer.cidr, except: peer.except.to_vec() },
+                    },
+                    location: location(peer.at),
+                })
+                .collect()
+        };
+        policy.rules.extend(self.rules.iter().map(|rule| Rule {
+            name: rule.name.to_string(),
+            action: rule.action,
+            from: peers(&rule.from),
+            to: peers(&rule.to),
+            ports: rule.ports.as_ref().map(|ports| ports.to_vec()),
+            expires: rule.expires,
+            location: location(rule.at),
+        }));
+    }
+}
+
+impl Labels {
+    /// A label set from the parsed model's map, names shared.
+    pub(crate) fn new(labels: &BTreeMap<String, String>, names: &mut Interner) -> Self {
+        Self::from_sorted(labels.iter().map(|(key, value)| (names.intern(key), names.intern(value))).collect())
+    }
+}
