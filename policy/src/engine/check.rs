@@ -1,8 +1,14 @@
-//! Validation kept in step with every declaration: each kind of problem the
-//! full validator ([`crate::validate`]) reports is a counter here, updated
-//! as declarations come and go, so a change is checked in the time its own
-//! declarations take. The counters only say *whether* the policy is valid;
-//! the full validator names the problems of a refused change.
+//! The declarations of every identity and rule name, and validation kept
+//! in step with them: each kind of problem the full validator
+//! ([`crate::validate`]) reports is a counter here, updated as declarations
+//! come and go, so a change is checked in the time its own declarations
+//! take. The counters only say *whether* the policy is valid; the full
+//! validator names the problems of a refused change.
+//!
+//! A name's record also holds what the engine compiled of it (the
+//! identity's declaration in force, the rules naming it, the rule's
+//! number): one table per kind of name, where separate maps for each
+//! question cost a key and a bucket each at 100,000 names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -11,12 +17,16 @@ use ipnet::IpNet;
 
 use super::Name;
 use super::labels::{LabelSelectors, Labels, labels_match};
+use super::small::SmallSet;
 use super::stored::{StoredIdentity as Identity, StoredRule as Rule, StoredSelector as Selector};
 use crate::model::{HOST, WORLD};
 
-/// The declarations of one name: one in a valid policy, kept inline.
-#[derive(Debug)]
+/// The declarations of one name: one in a valid policy, kept inline; none
+/// for an identity only named by rules (or only compiled, in a change).
+#[derive(Debug, Default)]
 enum Declared<T> {
+    #[default]
+    None,
     One(Arc<T>),
     Many(Vec<Arc<T>>),
 }
@@ -24,6 +34,7 @@ enum Declared<T> {
 impl<T> Declared<T> {
     fn as_slice(&self) -> &[Arc<T>] {
         match self {
+            Self::None => &[],
             Self::One(one) => std::slice::from_ref(one),
             Self::Many(many) => many,
         }
@@ -32,6 +43,7 @@ impl<T> Declared<T> {
     /// Adds a declaration; returns how many there are now.
     fn push(&mut self, item: Arc<T>) -> usize {
         match self {
+            Self::None => *self = Self::One(item),
             Self::One(one) => *self = Self::Many(vec![Arc::clone(one), item]),
             Self::Many(many) => many.push(item),
         }
@@ -40,23 +52,69 @@ impl<T> Declared<T> {
 
     /// Removes `item`; returns how many are left.
     fn remove(&mut self, item: &Arc<T>) -> usize {
-        if let Self::Many(many) = self {
-            if let Some(at) = many.iter().position(|d| Arc::ptr_eq(d, item)) {
-                many.swap_remove(at);
+        match self {
+            Self::None => {}
+            Self::One(one) => {
+                if Arc::ptr_eq(one, item) {
+                    *self = Self::None;
+                }
             }
-            if many.len() == 1 {
-                *self = Self::One(Arc::clone(&many[0]));
+            Self::Many(many) => {
+                if let Some(at) = many.iter().position(|d| Arc::ptr_eq(d, item)) {
+                    many.swap_remove(at);
+                }
+                if many.len() == 1 {
+                    *self = Self::One(Arc::clone(&many[0]));
+                }
             }
-            return self.as_slice().len();
         }
-        usize::from(!matches!(self, Self::One(one) if Arc::ptr_eq(one, item)))
+        self.as_slice().len()
     }
+
+    /// The declaration, when there is exactly one.
+    fn only(&self) -> Option<&Arc<T>> {
+        match self {
+            Self::One(one) => Some(one),
+            _ => None,
+        }
+    }
+}
+
+/// Everything kept under one identity name.
+#[derive(Debug, Default)]
+pub(super) struct IdentityRecord {
+    declared: Declared<Identity>,
+    /// Peers naming the identity (`world` and `host` aside).
+    refs: usize,
+    /// The declaration compiled now.
+    compiled: Option<Arc<Identity>>,
+    /// Active rules with a peer naming the identity.
+    naming_rules: SmallSet<u32>,
+}
+
+impl IdentityRecord {
+    fn is_unused(&self) -> bool {
+        matches!(self.declared, Declared::None)
+            && self.refs == 0
+            && self.compiled.is_none()
+            && self.naming_rules.is_empty()
+    }
+}
+
+/// Everything kept under one rule name.
+#[derive(Debug, Default)]
+struct RuleRecord {
+    declared: Declared<Rule>,
+    /// The rule's number (`rule_index`) while it is active.
+    number: Option<u32>,
 }
 
 #[derive(Debug, Default)]
 pub(super) struct Checks {
-    identities: HashMap<Name, Declared<Identity>>,
-    rules: HashMap<Name, Declared<Rule>>,
+    identities: HashMap<Name, IdentityRecord>,
+    rules: HashMap<Name, RuleRecord>,
+    /// Identities with a compiled declaration.
+    compiled_identities: usize,
     /// Declarations by one of their labels, keyed by allocation.
     by_label: HashMap<(Name, Name), HashMap<usize, Arc<Identity>>>,
     identity_declarations: usize,
@@ -64,8 +122,6 @@ pub(super) struct Checks {
     addresses: BTreeMap<IpNet, usize>,
     /// Distinct declared prefixes per (family is v4, length).
     lengths: BTreeMap<(bool, u8), usize>,
-    /// Peers naming each identity (`world` and `host` aside).
-    identity_refs: HashMap<Name, usize>,
     /// Peers using each label selector, and the declarations it matches.
     label_refs: HashMap<Labels, (usize, usize)>,
     /// Used label selectors, found from the labels they select.
@@ -93,17 +149,72 @@ impl Checks {
     /// The identity `name` (and the name as kept here), when declared
     /// exactly once.
     pub(super) fn identity(&self, name: &str) -> Option<(Name, Arc<Identity>)> {
-        match self.identities.get_key_value(name).map(|(name, all)| (name, all.as_slice())) {
-            Some((name, [only])) => Some((Name::clone(name), Arc::clone(only))),
-            _ => None,
-        }
+        let (name, record) = self.identities.get_key_value(name)?;
+        record.declared.only().map(|only| (Name::clone(name), Arc::clone(only)))
     }
 
     /// The rule `name` (and the name as kept here), when declared exactly once.
     pub(super) fn rule(&self, name: &str) -> Option<(Name, Arc<Rule>)> {
-        match self.rules.get_key_value(name).map(|(name, all)| (name, all.as_slice())) {
-            Some((name, [only])) => Some((Name::clone(name), Arc::clone(only))),
-            _ => None,
+        let (name, record) = self.rules.get_key_value(name)?;
+        record.declared.only().map(|only| (Name::clone(name), Arc::clone(only)))
+    }
+
+    /// The declaration of identity `name` compiled now.
+    pub(super) fn compiled_identity(&self, name: &str) -> Option<&Arc<Identity>> {
+        self.identities.get(name).and_then(|record| record.compiled.as_ref())
+    }
+
+    /// Every identity compiled now, by name.
+    pub(super) fn compiled_identities(&self) -> impl Iterator<Item = (&Name, &Arc<Identity>)> + '_ {
+        self.identities.iter().filter_map(|(name, record)| record.compiled.as_ref().map(|identity| (name, identity)))
+    }
+
+    pub(super) fn compiled_identity_count(&self) -> usize {
+        self.compiled_identities
+    }
+
+    /// Records which declaration of `name` is compiled now.
+    pub(super) fn set_compiled(&mut self, name: &Name, identity: Option<Arc<Identity>>) {
+        let record = self.identities.entry(Name::clone(name)).or_default();
+        self.compiled_identities -= usize::from(record.compiled.is_some());
+        self.compiled_identities += usize::from(identity.is_some());
+        record.compiled = identity;
+        self.tidy_identity(name);
+    }
+
+    /// Active rules with a peer naming identity `name`.
+    pub(super) fn rules_naming(&self, name: &str) -> &[u32] {
+        self.identities.get(name).map_or(&[], |record| record.naming_rules.as_slice())
+    }
+
+    /// Files active rule `rule` under the identity `name` it names.
+    pub(super) fn name_rule(&mut self, name: &Name, rule: u32) {
+        self.identities.entry(Name::clone(name)).or_default().naming_rules.insert(rule);
+    }
+
+    pub(super) fn unname_rule(&mut self, name: &str, rule: u32) {
+        if let Some(record) = self.identities.get_mut(name) {
+            record.naming_rules.remove(&rule);
+            self.tidy_identity(name);
+        }
+    }
+
+    /// The number of active rule `name`.
+    pub(super) fn rule_number(&self, name: &str) -> Option<u32> {
+        self.rules.get(name).and_then(|record| record.number)
+    }
+
+    pub(super) fn set_rule_number(&mut self, name: &Name, number: Option<u32>) {
+        let record = self.rules.entry(Name::clone(name)).or_default();
+        record.number = number;
+        if record.number.is_none() && matches!(record.declared, Declared::None) {
+            self.rules.remove(&**name);
+        }
+    }
+
+    fn tidy_identity(&mut self, name: &str) {
+        if self.identities.get(name).is_some_and(IdentityRecord::is_unused) {
+            self.identities.remove(name);
         }
     }
 
@@ -112,12 +223,11 @@ impl Checks {
         if name == WORLD || name == HOST {
             self.problems.reserved_names += 1;
         }
-        if let Some(declarations) = self.identities.get_mut(name) {
-            declarations.push(Arc::clone(identity));
+        let record = self.identities.entry(Name::clone(&identity.name)).or_default();
+        if record.declared.push(Arc::clone(identity)) > 1 {
             self.problems.duplicate_identities += 1;
         } else {
-            self.identities.insert(Name::clone(&identity.name), Declared::One(Arc::clone(identity)));
-            self.problems.undeclared_references -= self.identity_refs.get(name).copied().unwrap_or(0);
+            self.problems.undeclared_references -= record.refs;
         }
         for address in &identity.addresses {
             self.add_address(address.net);
@@ -135,14 +245,12 @@ impl Checks {
         if name == WORLD || name == HOST {
             self.problems.reserved_names -= 1;
         }
-        if let Some(declarations) = self.identities.get_mut(name) {
-            match declarations.remove(identity) {
-                0 => {
-                    self.identities.remove(name);
-                    self.problems.undeclared_references += self.identity_refs.get(name).copied().unwrap_or(0);
-                }
+        if let Some(record) = self.identities.get_mut(name) {
+            match record.declared.remove(identity) {
+                0 => self.problems.undeclared_references += record.refs,
                 _ => self.problems.duplicate_identities -= 1,
             }
+            self.tidy_identity(name);
         }
         for address in &identity.addresses {
             self.remove_address(address.net);
@@ -235,18 +343,16 @@ impl Checks {
     }
 
     pub(super) fn add_rule(&mut self, rule: &Arc<Rule>) {
-        if let Some(declarations) = self.rules.get_mut(&*rule.name) {
-            declarations.push(Arc::clone(rule));
+        if self.rules.entry(Name::clone(&rule.name)).or_default().declared.push(Arc::clone(rule)) > 1 {
             self.problems.duplicate_rules += 1;
-        } else {
-            self.rules.insert(Name::clone(&rule.name), Declared::One(Arc::clone(rule)));
         }
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
                 Selector::Identity(name) if &**name == WORLD || &**name == HOST => {}
                 Selector::Identity(name) => {
-                    *self.identity_refs.entry(name.clone()).or_default() += 1;
-                    if !self.identities.contains_key(name) {
+                    let record = self.identities.entry(Name::clone(name)).or_default();
+                    record.refs += 1;
+                    if matches!(record.declared, Declared::None) {
                         self.problems.undeclared_references += 1;
                     }
                 }
@@ -257,25 +363,23 @@ impl Checks {
     }
 
     pub(super) fn remove_rule(&mut self, rule: &Arc<Rule>) {
-        if let Some(declarations) = self.rules.get_mut(&*rule.name) {
-            if declarations.remove(rule) == 0 {
-                self.rules.remove(&*rule.name);
-            } else {
+        if let Some(record) = self.rules.get_mut(&*rule.name) {
+            if record.declared.remove(rule) > 0 {
                 self.problems.duplicate_rules -= 1;
+            } else if record.number.is_none() {
+                self.rules.remove(&*rule.name);
             }
         }
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
                 Selector::Identity(name) if &**name == WORLD || &**name == HOST => {}
                 Selector::Identity(name) => {
-                    if let Some(refs) = self.identity_refs.get_mut(name) {
-                        *refs -= 1;
-                        if *refs == 0 {
-                            self.identity_refs.remove(name);
+                    if let Some(record) = self.identities.get_mut(&**name) {
+                        record.refs -= 1;
+                        if matches!(record.declared, Declared::None) {
+                            self.problems.undeclared_references -= 1;
                         }
-                    }
-                    if !self.identities.contains_key(name) {
-                        self.problems.undeclared_references -= 1;
+                        self.tidy_identity(name);
                     }
                 }
                 Selector::Labels(wanted) => self.remove_label_ref(wanted),

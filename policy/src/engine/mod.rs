@@ -65,7 +65,7 @@ use self::labels::{LabelSelectors, Labels, labels_match};
 use self::partition::{Partition, Settled};
 use self::small::{DenseMap, NumberMap, SmallSet};
 pub use self::stored::Fragment;
-use self::stored::{Interner, StoredIdentity, StoredPeer, StoredRule, StoredSelector};
+use self::stored::{Interner, StoredPeer, StoredRule, StoredSelector};
 
 /// Identity pairs whose entries must be resolved again.
 type PairSet = HashSet<(IdentityId, IdentityId), std::hash::BuildHasherDefault<small::NumberHasher>>;
@@ -332,19 +332,15 @@ pub(crate) type SelectorId = u32;
 #[derive(Debug)]
 pub struct Engine {
     sources: BTreeMap<String, Arc<Fragment>>,
+    /// Declarations by name, and what is compiled of them.
     checks: Checks,
-    /// Identities as compiled, by name.
-    identities: HashMap<Name, Arc<StoredIdentity>>,
     /// Identities by one of their labels, to resolve label selectors.
     by_label: HashMap<(Name, Name), HashSet<Name>>,
     active: DenseMap<ActiveRule>,
-    rule_ids: HashMap<Name, u32>,
     rule_pool: IdPool,
     expiries: BTreeSet<(SystemTime, Name)>,
-    /// Active rules by the selectors their peers use.
-    /// Keyed by a hash of the identity name: a collision only makes a
-    /// rule a candidate for selecting again, which finds what it selects.
-    rules_naming: NumberMap<u64, SmallSet<u32>>,
+    /// Active rules by the selectors their peers use (naming an identity:
+    /// in the identity's record in `checks`).
     world_rules: HashSet<u32>,
     label_rules: HashMap<Labels, SmallSet<u32>>,
     /// The label selectors of active rules.
@@ -402,13 +398,10 @@ impl Engine {
         Self {
             sources: BTreeMap::new(),
             checks: Checks::default(),
-            identities: HashMap::new(),
             by_label: HashMap::new(),
             active: DenseMap::default(),
-            rule_ids: HashMap::new(),
             rule_pool: IdPool::starting_at(0),
             expiries: BTreeSet::new(),
-            rules_naming: NumberMap::default(),
             world_rules: HashSet::new(),
             label_rules: HashMap::new(),
             label_selectors: LabelSelectors::default(),
@@ -555,7 +548,7 @@ impl Engine {
     /// Declared identities.
     #[must_use]
     pub fn identity_count(&self) -> usize {
-        self.identities.len()
+        self.checks.compiled_identity_count()
     }
 
     /// Rules in force (not expired).
@@ -661,8 +654,8 @@ impl Engine {
         // 2. Identities: labels, modes and addresses.
         let changed = self.update_identities(&touched.identities);
         // 3. The partition: re-derive every prefix whose role changed.
-        let identities = &self.identities;
-        let mode_of = |owner: Option<&Name>| mode_of_owner(identities, owner);
+        let checks = &self.checks;
+        let mode_of = |owner: Option<&Name>| mode_of_owner(checks, owner);
         let outcome = self.partition.settle(&mode_of, &mut rec.identities, &mut rec.atoms, &mut self.counts);
 
         // 4. Rules that may select differently now.
@@ -683,7 +676,7 @@ impl Engine {
             reflag.extend(self.partition.atoms_of(Some(name)));
         }
         for id in reflag {
-            let owner_flags = self.partition.owner_of(id).map(|owner| mode_of_owner(&self.identities, owner.as_ref()));
+            let owner_flags = self.partition.owner_of(id).map(|owner| mode_of_owner(&self.checks, owner.as_ref()));
             let Some(mode) = owner_flags else { continue };
             let unreachable = !self.pairs.contains_key(&(IDENTITY_WORLD, id));
             let flags = mode | if unreachable { IDENTITY_FLAG_NO_RULES_FROM_WORLD } else { 0 };
@@ -718,7 +711,7 @@ impl Engine {
             let declared = self.checks.rule(&touched_name);
             let name = declared.as_ref().map_or(touched_name, |(name, _)| Name::clone(name));
             let wanted = declared.map(|(_, rule)| rule).filter(|rule| rule.is_active_at(now));
-            let id = self.rule_ids.get(&name).copied();
+            let id = self.checks.rule_number(&name);
             let current = id.and_then(|id| self.active.get(&id)).map(|a| Arc::clone(&a.rule));
             if let (Some(current), Some(wanted)) = (&current, &wanted)
                 && current.compiles_like(wanted)
@@ -736,14 +729,14 @@ impl Engine {
                 rec.rules.record(id, current.as_deref().map(info), wanted.as_deref().map(info));
                 self.deactivate(id, dirty_pairs);
                 if wanted.is_none() {
-                    self.rule_ids.remove(&name);
+                    self.checks.set_rule_number(&name, None);
                     self.rule_pool.give_back(id);
                 }
             }
             if let Some(rule) = wanted {
                 let id = id.unwrap_or_else(|| {
                     let id = self.rule_pool.take();
-                    self.rule_ids.insert(Name::clone(&name), id);
+                    self.checks.set_rule_number(&name, Some(id));
                     rec.rules.record(id, None, Some(info(&rule)));
                     id
                 });
@@ -763,7 +756,7 @@ impl Engine {
             let declared = self.checks.identity(name);
             let name = declared.as_ref().map_or(name, |(name, _)| name);
             let wanted = declared.as_ref().map(|(_, identity)| Arc::clone(identity));
-            let current = self.identities.get(name).cloned();
+            let current = self.checks.compiled_identity(name).cloned();
             if let (Some(a), Some(b)) = (&current, &wanted)
                 && Arc::ptr_eq(a, b)
             {
@@ -799,10 +792,8 @@ impl Engine {
             if current.as_ref().map(|i| i.mode) != wanted.as_ref().map(|i| i.mode) {
                 changed.modes.push(Name::clone(name));
             }
-            match wanted {
-                Some(identity) => self.identities.insert(Name::clone(name), identity),
-                None => self.identities.remove(name),
-            };
+            let name = Name::clone(name);
+            self.checks.set_compiled(&name, wanted);
         }
 
         for net in released {
@@ -820,8 +811,8 @@ impl Engine {
         let mut dirty_rules = BTreeSet::new();
         for (_, owner, selectors) in &outcome.appeared {
             if let Some(owner) = owner {
-                dirty_rules.extend(self.rules_naming.get(&name_key(owner)).into_iter().flatten());
-                if let Some(identity) = self.identities.get(owner) {
+                dirty_rules.extend(self.checks.rules_naming(owner));
+                if let Some(identity) = self.checks.compiled_identity(owner) {
                     let labels = identity.labels.clone();
                     dirty_rules.extend(self.label_rules_matching(&labels));
                 }
@@ -854,7 +845,7 @@ impl Engine {
                     self.world_rules.insert(id);
                 }
                 StoredSelector::Identity(target) => {
-                    self.rules_naming.entry(name_key(target)).or_default().insert(id);
+                    self.checks.name_rule(target, id);
                 }
                 StoredSelector::Labels(wanted) => {
                     self.label_rules.entry(wanted.clone()).or_default().insert(id);
@@ -905,7 +896,7 @@ impl Engine {
                 StoredSelector::Identity(target) if &**target == WORLD => {
                     self.world_rules.remove(&id);
                 }
-                StoredSelector::Identity(target) => remove_from(&mut self.rules_naming, &name_key(target), id),
+                StoredSelector::Identity(target) => self.checks.unname_rule(target, id),
                 StoredSelector::Labels(wanted) => {
                     remove_from(&mut self.label_rules, wanted, id);
                     if !self.label_rules.contains_key(wanted) {
@@ -972,11 +963,11 @@ impl Engine {
             .map(|(k, v)| self.by_label.get(&(k.clone(), v.clone())))
             .min_by_key(|set| set.map_or(0, HashSet::len));
         match smallest {
-            None => self.identities.keys().cloned().collect(),
+            None => self.checks.compiled_identities().map(|(name, _)| Name::clone(name)).collect(),
             Some(None) => Vec::new(),
             Some(Some(names)) => names
                 .iter()
-                .filter(|name| self.identities.get(*name).is_some_and(|i| labels_match(wanted, &i.labels)))
+                .filter(|name| self.checks.compiled_identity(name).is_some_and(|i| labels_match(wanted, &i.labels)))
                 .cloned()
                 .collect(),
         }
@@ -1147,16 +1138,8 @@ impl From<Vec<PolicyEntry>> for PairEntries {
     }
 }
 
-/// The key of an identity name in `rules_naming`.
-fn name_key(name: &str) -> u64 {
-    use std::hash::Hasher as _;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    hasher.write(name.as_bytes());
-    hasher.finish()
-}
-
-fn mode_of_owner(identities: &HashMap<Name, Arc<StoredIdentity>>, owner: Option<&Name>) -> u32 {
-    match owner.and_then(|name| identities.get(name)).map(|i| i.mode) {
+fn mode_of_owner(checks: &Checks, owner: Option<&Name>) -> u32 {
+    match owner.and_then(|name| checks.compiled_identity(name)).map(|i| i.mode) {
         Some(Mode::Audit) => IDENTITY_FLAG_AUDIT,
         _ => 0,
     }
