@@ -210,16 +210,18 @@ impl Fragment {
             column: at.column,
         };
         policy.documents.extend(self.documents.iter().cloned());
-        policy.identities.extend(self.identities.iter().map(|identity| Identity {
-            name: identity.name.to_string(),
-            labels: identity.labels.to_map(),
-            addresses: identity
-                .addresses
-                .iter()
-                .map(|address| Address { net: address.net, location: location(address.at) })
-                .collect(),
-            mode: identity.mode,
-            location: location(identity.at),
+        policy.identities.extend(self.identities.iter().map(|identity| {
+            Identity {
+                name: identity.name.to_string(),
+                labels: identity.labels.to_map(),
+                addresses: identity
+                    .addresses
+                    .iter()
+                    .map(|address| Address { net: address.net, location: location(address.at) })
+                    .collect(),
+                mode: identity.mode,
+                location: location(identity.at),
+            }
         }));
         let peers = |peers: &[StoredPeer]| -> Vec<Peer> {
             peers
