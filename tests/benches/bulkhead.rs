@@ -41,7 +41,7 @@ fn main() -> Result<(), Error> {
     let out =
         value_of("--out").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"), PathBuf::from);
     std::fs::create_dir_all(&out)?;
-    // For working on one part: `--only packets|daemon|traffic`, `--sizes 10,100000`,
+    // For working on one part: `--only packets|daemon|loads|traffic`, `--sizes 10,100000`,
     // and `--spin established` (see `per_packet`).
     let only = value_of("--only");
     let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
@@ -65,13 +65,14 @@ fn main() -> Result<(), Error> {
         json.insert("per_packet".into(), per_packet::json(&rows));
         json.insert("policy_load".into(), load::json(&loads));
     }
-    if wanted("daemon") {
+    if wanted("daemon") || only.as_deref() == Some("loads") {
+        let loads_only = only.as_deref() == Some("loads");
         let (changes, big, incremental_changes, churn_seconds) =
             if quick { (20, 10_000, 60, 5) } else { (100, 100_000, 1_000, 60) };
         eprintln!(
             "bench: policy updates through the daemon ({changes} renames, {changes} CLI pushes, {changes} pushes on an open connection, {changes} back-to-back renames, {big}-rule policy) and footprint"
         );
-        let figures = daemon::figures(changes, big, incremental_changes, churn_seconds)?;
+        let figures = daemon::figures(changes, big, incremental_changes, churn_seconds, loads_only)?;
         daemon::markdown(&mut md, &figures);
         daemon::json(&mut json, &figures);
     }

@@ -13,6 +13,8 @@
 //! the same code reads the same text. A property test checks that whenever
 //! it answers, its tree equals the general parser's, marks included.
 
+use std::borrow::Cow;
+
 use super::{Mark, Receiver};
 
 /// The text is outside the subset: read it with the general parser.
@@ -164,7 +166,7 @@ impl Reader<'_, '_> {
     /// token, which must be known), every block closes.
     fn close_all(&mut self, next_token: Option<Mark>) -> Read<()> {
         if self.pending.take().is_some() {
-            self.out.scalar(String::new(), false, next_token.ok_or(GiveUp)?);
+            self.out.scalar(Cow::Borrowed(""), false, next_token.ok_or(GiveUp)?);
         }
         while self.stack.pop().is_some() {
             self.out.end();
@@ -201,7 +203,7 @@ impl Reader<'_, '_> {
                 Pending::Item { .. } if is_item => return Err(GiveUp),
                 _ => self.mark(line, line.content),
             };
-            self.out.scalar(String::new(), false, mark);
+            self.out.scalar(Cow::Borrowed(""), false, mark);
         }
         // Close what this line's indentation ends.
         while let Some(&top) = self.stack.last() {
@@ -431,7 +433,9 @@ impl Reader<'_, '_> {
             }
             b'\'' => {
                 let end = self.quoted_end(at, line.end)?;
-                self.out.scalar(self.text[at + 1..end - 1].replace("''", "'"), true, mark);
+                let raw = &self.text[at + 1..end - 1];
+                let text = if raw.contains("''") { Cow::Owned(raw.replace("''", "'")) } else { Cow::Borrowed(raw) };
+                self.out.scalar(text, true, mark);
                 Ok(end)
             }
             first => {
@@ -475,7 +479,7 @@ impl Reader<'_, '_> {
                     }
                     i += 1;
                 }
-                self.out.scalar(self.text[at..last].to_owned(), false, mark);
+                self.out.scalar(Cow::Borrowed(&self.text[at..last]), false, mark);
                 Ok(last)
             }
         }
@@ -484,9 +488,9 @@ impl Reader<'_, '_> {
 
 /// The text of a one-line double-quoted scalar, escapes resolved; gives up
 /// on escapes other than the common ones.
-fn unescape_double(raw: &str) -> Read<String> {
+fn unescape_double(raw: &str) -> Read<Cow<'_, str>> {
     if !raw.contains('\\') {
-        return Ok(raw.to_owned());
+        return Ok(Cow::Borrowed(raw));
     }
     let mut text = String::with_capacity(raw.len());
     let mut chars = raw.chars();
@@ -504,5 +508,5 @@ fn unescape_double(raw: &str) -> Read<String> {
             _ => return Err(GiveUp),
         });
     }
-    Ok(text)
+    Ok(Cow::Owned(text))
 }

@@ -3,6 +3,7 @@
 
 mod fast;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
@@ -134,7 +135,9 @@ fn location(file: &Arc<str>, marker: Marker) -> Location {
 /// What a YAML reader reports, in document order: nodes as they start
 /// (collections) or are complete (scalars), and collections' ends.
 trait Receiver {
-    fn scalar(&mut self, text: String, quoted: bool, mark: Mark);
+    /// `text` is borrowed from the text read where it can be: the first
+    /// pass of the fast reader keeps none of it.
+    fn scalar(&mut self, text: Cow<'_, str>, quoted: bool, mark: Mark);
     fn sequence_start(&mut self, mark: Mark);
     fn mapping_start(&mut self, mark: Mark);
     fn end(&mut self);
@@ -144,7 +147,7 @@ trait Receiver {
 struct Discard;
 
 impl Receiver for Discard {
-    fn scalar(&mut self, _: String, _: bool, _: Mark) {}
+    fn scalar(&mut self, _: Cow<'_, str>, _: bool, _: Mark) {}
     fn sequence_start(&mut self, _: Mark) {}
     fn mapping_start(&mut self, _: Mark) {}
     fn end(&mut self) {}
@@ -171,30 +174,34 @@ fn key_text(key: Option<&Node>) -> Option<&str> {
     }
 }
 
+/// The list a node completed now belongs to, if it is an item of a
+/// document's `spec.identities` or `spec.rules`: the stack is then the
+/// document's mapping (at key `spec`), the spec mapping (at the list's key)
+/// and the list.
+fn spec_list_of(stack: &[Partial]) -> Option<(Mark, SpecList)> {
+    let [Partial::Mapping(_, _, root_key), Partial::Mapping(_, _, spec_key), Partial::Sequence(mark, _)] = stack else {
+        return None;
+    };
+    if key_text(root_key.as_ref()) != Some("spec") {
+        return None;
+    }
+    match key_text(spec_key.as_ref()) {
+        Some("identities") => Some((*mark, SpecList::Identities)),
+        Some("rules") => Some((*mark, SpecList::Rules)),
+        _ => None,
+    }
+}
+
 impl TreeBuilder<'_> {
-    /// The list a node completed now belongs to, if it is an item of a
-    /// document's `spec.identities` or `spec.rules`: the stack is then the
-    /// document's mapping (at key `spec`), the spec mapping (at the list's
-    /// key) and the list.
-    fn spec_list(&self) -> Option<(Mark, SpecList)> {
-        let [Partial::Mapping(_, _, root_key), Partial::Mapping(_, _, spec_key), Partial::Sequence(mark, _)] =
-            self.stack.as_slice()
-        else {
-            return None;
-        };
-        if key_text(root_key.as_ref()) != Some("spec") {
-            return None;
-        }
-        match key_text(spec_key.as_ref()) {
-            Some("identities") => Some((*mark, SpecList::Identities)),
-            Some("rules") => Some((*mark, SpecList::Rules)),
-            _ => None,
-        }
+    /// Whether a node completed now is part of an item going to the sink:
+    /// dropped once read, so not worth shrinking.
+    fn inside_streamed_item(&self) -> bool {
+        self.sink.is_some() && self.stack.len() >= 3 && spec_list_of(&self.stack[..3]).is_some()
     }
 
     fn finish(&mut self, node: Node) {
         if self.sink.is_some()
-            && let Some((mark, list)) = self.spec_list()
+            && let Some((mark, list)) = spec_list_of(&self.stack)
             && let Some(sink) = self.sink.as_mut()
         {
             sink(mark, list, node);
@@ -212,8 +219,8 @@ impl TreeBuilder<'_> {
 }
 
 impl Receiver for TreeBuilder<'_> {
-    fn scalar(&mut self, text: String, quoted: bool, mark: Mark) {
-        self.finish(Node { value: Value::Scalar { text, quoted }, mark });
+    fn scalar(&mut self, text: Cow<'_, str>, quoted: bool, mark: Mark) {
+        self.finish(Node { value: Value::Scalar { text: text.into_owned(), quoted }, mark });
     }
 
     fn sequence_start(&mut self, mark: Mark) {
@@ -225,17 +232,23 @@ impl Receiver for TreeBuilder<'_> {
     }
 
     fn end(&mut self) {
-        // Shrunk to fit: most mappings and lists in a policy hold one or
-        // two items, and a vector grows to room for four.
-        let node = match self.stack.pop() {
+        // Shrunk to fit when kept: most mappings and lists in a policy hold
+        // one or two items, and a vector grows to room for four.
+        let popped = self.stack.pop();
+        let keep = !self.inside_streamed_item();
+        let node = match popped {
             Some(Partial::Sequence(mark, mut items)) => {
-                items.shrink_to_fit();
+                if keep {
+                    items.shrink_to_fit();
+                }
                 Node { value: Value::Sequence(items), mark }
             }
             // A block mapping's start mark lies past its first key; point
             // at the first key, where a reader expects it.
             Some(Partial::Mapping(mark, mut entries, _)) => {
-                entries.shrink_to_fit();
+                if keep {
+                    entries.shrink_to_fit();
+                }
                 Node { mark: entries.first().map_or(mark, |(key, _)| key.mark), value: Value::Mapping(entries) }
             }
             None => return,
@@ -251,7 +264,9 @@ impl MarkedEventReceiver for TreeBuilder<'_> {
         }
         let here = Mark::of(mark);
         match event {
-            Event::Scalar(text, style, _, _) => self.scalar(text, !matches!(style, TScalarStyle::Plain), here),
+            Event::Scalar(text, style, _, _) => {
+                self.scalar(Cow::Owned(text), !matches!(style, TScalarStyle::Plain), here);
+            }
             Event::SequenceStart(..) => self.sequence_start(here),
             Event::MappingStart(..) => self.mapping_start(here),
             Event::SequenceEnd | Event::MappingEnd => self.end(),

@@ -22,8 +22,9 @@ use crate::update::{self, API, ClientFiles, UpdateSeries};
 /// What the daemon part measures.
 pub struct DaemonFigures {
     /// Rename, `bulkhead policy push` started, or push request sent on an
-    /// open API connection → new generation enforced.
-    updates: UpdateSeries,
+    /// open API connection → new generation enforced. None when only the
+    /// loads were measured.
+    updates: Option<UpdateSeries>,
     /// The large policy: rename → enforced, and a one-rule change to it.
     large: Large,
     footprint: Footprint,
@@ -58,12 +59,15 @@ fn explained<T>(result: Result<T, Error>, daemon: &Daemon) -> Result<T, Error> {
 }
 
 /// Update latency through the real daemon (file renames and API pushes),
-/// the large policy's load and one-rule change, and the footprint.
+/// the large policy's load and one-rule change, and the footprint. With
+/// `loads_only`, just the loads and the footprint (`--only loads`: a quick
+/// look at load time and memory while working on them).
 pub fn figures(
     changes: usize,
     big: usize,
     incremental_changes: usize,
     churn_seconds: u64,
+    loads_only: bool,
 ) -> Result<DaemonFigures, Error> {
     let lab = ThreeTier::new("bench")?;
     let scratch = ScratchDir::new(&lab.stem)?;
@@ -103,7 +107,11 @@ pub fn figures(
     let idle_kib = footprint::rss_kib(pid);
     let program = LiveProgram::attached_under(&lab.bpffs_root())?;
     let client = ClientFiles { ca: ca_pem, cert: client_cert, key: client_key, scratch: scratch.0.clone() };
-    let updates = explained(update::timed_updates(&lab, &daemon, &program, &dir, &client, changes, &variant), &daemon)?;
+    let updates = if loads_only {
+        None
+    } else {
+        Some(explained(update::timed_updates(&lab, &daemon, &program, &dir, &client, changes, &variant), &daemon)?)
+    };
     let mut rss_by_size = Vec::new();
     let mut incremental = Vec::new();
     for (size, port) in [(10, 3001), (1_000, 3002), (10_000, 3003)] {
@@ -112,7 +120,7 @@ pub fn figures(
         }
         explained(load_synthetic(&program, &dir, size, port), &daemon)?;
         rss_by_size.push((size, footprint::settled_rss_kib(pid)));
-        if size == 10 {
+        if size == 10 && !loads_only {
             let on_top = incremental::changes_on_top(&lab, &program, &dir, &client, size, incremental_changes);
             incremental.push(explained(on_top, &daemon)?);
         }
@@ -120,10 +128,13 @@ pub fn figures(
     let large = explained(load::through_daemon(&daemon, &program, &dir, big), &daemon)?;
     let loaded_kib = footprint::settled_rss_kib(pid);
     rss_by_size.push((big, loaded_kib));
-    let on_top = incremental::changes_on_top(&lab, &program, &dir, &client, big, incremental_changes);
-    incremental.push(explained(on_top, &daemon)?);
-    let churn =
-        explained(incremental::address_churn(&lab, &daemon, &program, &dir, big, 1000, churn_seconds), &daemon)?;
+    let mut churn = None;
+    if !loads_only {
+        let on_top = incremental::changes_on_top(&lab, &program, &dir, &client, big, incremental_changes);
+        incremental.push(explained(on_top, &daemon)?);
+        let churned = incremental::address_churn(&lab, &daemon, &program, &dir, big, 1000, churn_seconds);
+        churn = Some(explained(churned, &daemon)?);
+    }
     let maps = footprint::memlock(&lab.bpffs_root());
     daemon.stop()?;
     Ok(DaemonFigures {
@@ -131,13 +142,15 @@ pub fn figures(
         large,
         footprint: Footprint { idle_kib, loaded_kib, loaded_size: big, maps },
         incremental,
-        churn: Some(churn),
+        churn,
         rss_by_size,
     })
 }
 
 pub fn markdown(md: &mut String, figures: &DaemonFigures) {
-    update::markdown(md, &figures.updates);
+    if let Some(updates) = &figures.updates {
+        update::markdown(md, updates);
+    }
     load::large_markdown(md, &figures.large);
     incremental::markdown(md, &figures.incremental, figures.churn.as_ref());
     footprint::markdown(md, &figures.footprint);
@@ -148,7 +161,9 @@ pub fn markdown(md: &mut String, figures: &DaemonFigures) {
 }
 
 pub fn json(json: &mut serde_json::Map<String, serde_json::Value>, figures: &DaemonFigures) {
-    json.insert("update_latency_ms".into(), update::json(&figures.updates));
+    if let Some(updates) = &figures.updates {
+        json.insert("update_latency_ms".into(), update::json(updates));
+    }
     json.insert("large_policy".into(), load::large_json(&figures.large));
     json.insert("footprint".into(), footprint::json(&figures.footprint));
     json.insert("incremental".into(), incremental::json(&figures.incremental, figures.churn.as_ref()));
