@@ -80,9 +80,15 @@ impl<T> Declared<T> {
     }
 }
 
+/// The engine's number for an identity name (not a kernel identity): the
+/// partition and the atoms refer to owners by it, so they hold four bytes
+/// and index a vector where a name would be a pointer pair to hash.
+pub(crate) type OwnerId = u32;
+
 /// Everything kept under one identity name.
-#[derive(Debug, Default)]
-pub(super) struct IdentityRecord {
+#[derive(Debug)]
+struct IdentityRecord {
+    name: Name,
     declared: Declared<Identity>,
     /// Peers naming the identity (`world` and `host` aside).
     refs: usize,
@@ -111,7 +117,13 @@ struct RuleRecord {
 
 #[derive(Debug, Default)]
 pub(super) struct Checks {
-    identities: HashMap<Name, IdentityRecord>,
+    /// Identity records by name, and by number.
+    identity_ids: HashMap<Name, OwnerId>,
+    identities: Vec<Option<IdentityRecord>>,
+    free_ids: Vec<OwnerId>,
+    /// Records that may have become unused: freed at the end of a change,
+    /// never within one, so a number refers to one name for a whole change.
+    untidy: Vec<OwnerId>,
     rules: HashMap<Name, RuleRecord>,
     /// Identities with a compiled declaration.
     compiled_identities: usize,
@@ -149,8 +161,51 @@ impl Checks {
     /// The identity `name` (and the name as kept here), when declared
     /// exactly once.
     pub(super) fn identity(&self, name: &str) -> Option<(Name, Arc<Identity>)> {
-        let (name, record) = self.identities.get_key_value(name)?;
-        record.declared.only().map(|only| (Name::clone(name), Arc::clone(only)))
+        let record = self.record(self.identity_id(name)?)?;
+        record.declared.only().map(|only| (Name::clone(&record.name), Arc::clone(only)))
+    }
+
+    /// The number of identity name `name`, while anything refers to it.
+    pub(super) fn identity_id(&self, name: &str) -> Option<OwnerId> {
+        self.identity_ids.get(name).copied()
+    }
+
+    /// The name numbered `id`.
+    pub(super) fn identity_name(&self, id: OwnerId) -> Option<&Name> {
+        self.record(id).map(|record| &record.name)
+    }
+
+    fn record(&self, id: OwnerId) -> Option<&IdentityRecord> {
+        self.identities.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn record_mut(&mut self, id: OwnerId) -> Option<&mut IdentityRecord> {
+        self.identities.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
+    /// The record of `name`, made if there is none; its number.
+    fn record_for(&mut self, name: &Name) -> (OwnerId, &mut IdentityRecord) {
+        let id = if let Some(&id) = self.identity_ids.get(&**name) {
+            id
+        } else {
+            let record = IdentityRecord {
+                name: Name::clone(name),
+                declared: Declared::None,
+                refs: 0,
+                compiled: None,
+                naming_rules: SmallSet::Empty,
+            };
+            let id = if let Some(id) = self.free_ids.pop() {
+                self.identities[id as usize] = Some(record);
+                id
+            } else {
+                self.identities.push(Some(record));
+                OwnerId::try_from(self.identities.len() - 1).unwrap_or(OwnerId::MAX)
+            };
+            self.identity_ids.insert(Name::clone(name), id);
+            id
+        };
+        (id, self.identities[id as usize].as_mut().expect("numbered records exist"))
     }
 
     /// The rule `name` (and the name as kept here), when declared exactly once.
@@ -161,12 +216,19 @@ impl Checks {
 
     /// The declaration of identity `name` compiled now.
     pub(super) fn compiled_identity(&self, name: &str) -> Option<&Arc<Identity>> {
-        self.identities.get(name).and_then(|record| record.compiled.as_ref())
+        self.compiled_identity_of(self.identity_id(name)?)
     }
 
-    /// Every identity compiled now, by name.
-    pub(super) fn compiled_identities(&self) -> impl Iterator<Item = (&Name, &Arc<Identity>)> + '_ {
-        self.identities.iter().filter_map(|(name, record)| record.compiled.as_ref().map(|identity| (name, identity)))
+    pub(super) fn compiled_identity_of(&self, id: OwnerId) -> Option<&Arc<Identity>> {
+        self.record(id).and_then(|record| record.compiled.as_ref())
+    }
+
+    /// Every identity compiled now, by number.
+    pub(super) fn compiled_identities(&self) -> impl Iterator<Item = (OwnerId, &Arc<Identity>)> + '_ {
+        self.identities.iter().enumerate().filter_map(|(id, record)| {
+            let identity = record.as_ref()?.compiled.as_ref()?;
+            Some((OwnerId::try_from(id).ok()?, identity))
+        })
     }
 
     pub(super) fn compiled_identity_count(&self) -> usize {
@@ -174,28 +236,32 @@ impl Checks {
     }
 
     /// Records which declaration of `name` is compiled now.
-    pub(super) fn set_compiled(&mut self, name: &Name, identity: Option<Arc<Identity>>) {
-        let record = self.identities.entry(Name::clone(name)).or_default();
-        self.compiled_identities -= usize::from(record.compiled.is_some());
-        self.compiled_identities += usize::from(identity.is_some());
+    /// Records which declaration of `name` is compiled now; returns its number.
+    pub(super) fn set_compiled(&mut self, name: &Name, identity: Option<Arc<Identity>>) -> OwnerId {
+        let (id, record) = self.record_for(name);
+        let (was, is) = (record.compiled.is_some(), identity.is_some());
         record.compiled = identity;
-        self.tidy_identity(name);
+        self.compiled_identities = self.compiled_identities - usize::from(was) + usize::from(is);
+        self.untidy.push(id);
+        id
     }
 
-    /// Active rules with a peer naming identity `name`.
-    pub(super) fn rules_naming(&self, name: &str) -> &[u32] {
-        self.identities.get(name).map_or(&[], |record| record.naming_rules.as_slice())
+    /// Active rules with a peer naming identity `id`.
+    pub(super) fn rules_naming(&self, id: OwnerId) -> &[u32] {
+        self.record(id).map_or(&[], |record| record.naming_rules.as_slice())
     }
 
     /// Files active rule `rule` under the identity `name` it names.
     pub(super) fn name_rule(&mut self, name: &Name, rule: u32) {
-        self.identities.entry(Name::clone(name)).or_default().naming_rules.insert(rule);
+        self.record_for(name).1.naming_rules.insert(rule);
     }
 
     pub(super) fn unname_rule(&mut self, name: &str, rule: u32) {
-        if let Some(record) = self.identities.get_mut(name) {
+        if let Some(id) = self.identity_id(name)
+            && let Some(record) = self.record_mut(id)
+        {
             record.naming_rules.remove(&rule);
-            self.tidy_identity(name);
+            self.untidy.push(id);
         }
     }
 
@@ -212,9 +278,15 @@ impl Checks {
         }
     }
 
-    fn tidy_identity(&mut self, name: &str) {
-        if self.identities.get(name).is_some_and(IdentityRecord::is_unused) {
-            self.identities.remove(name);
+    /// Frees the records nothing refers to any more (at the end of a change).
+    pub(super) fn tidy(&mut self) {
+        for id in std::mem::take(&mut self.untidy) {
+            if self.record(id).is_some_and(IdentityRecord::is_unused)
+                && let Some(record) = self.identities[id as usize].take()
+            {
+                self.identity_ids.remove(&*record.name);
+                self.free_ids.push(id);
+            }
         }
     }
 
@@ -223,7 +295,7 @@ impl Checks {
         if name == WORLD || name == HOST {
             self.problems.reserved_names += 1;
         }
-        let record = self.identities.entry(Name::clone(&identity.name)).or_default();
+        let (_, record) = self.record_for(&identity.name);
         if record.declared.push(Arc::clone(identity)) > 1 {
             self.problems.duplicate_identities += 1;
         } else {
@@ -245,12 +317,14 @@ impl Checks {
         if name == WORLD || name == HOST {
             self.problems.reserved_names -= 1;
         }
-        if let Some(record) = self.identities.get_mut(name) {
+        if let Some(id) = self.identity_id(name)
+            && let Some(record) = self.record_mut(id)
+        {
             match record.declared.remove(identity) {
                 0 => self.problems.undeclared_references += record.refs,
                 _ => self.problems.duplicate_identities -= 1,
             }
-            self.tidy_identity(name);
+            self.untidy.push(id);
         }
         for address in &identity.addresses {
             self.remove_address(address.net);
@@ -350,7 +424,7 @@ impl Checks {
             match &peer.selector {
                 Selector::Identity(name) if &**name == WORLD || &**name == HOST => {}
                 Selector::Identity(name) => {
-                    let record = self.identities.entry(Name::clone(name)).or_default();
+                    let (_, record) = self.record_for(name);
                     record.refs += 1;
                     if matches!(record.declared, Declared::None) {
                         self.problems.undeclared_references += 1;
@@ -374,12 +448,14 @@ impl Checks {
             match &peer.selector {
                 Selector::Identity(name) if &**name == WORLD || &**name == HOST => {}
                 Selector::Identity(name) => {
-                    if let Some(record) = self.identities.get_mut(&**name) {
+                    if let Some(id) = self.identity_id(name)
+                        && let Some(record) = self.record_mut(id)
+                    {
                         record.refs -= 1;
                         if matches!(record.declared, Declared::None) {
                             self.problems.undeclared_references -= 1;
                         }
-                        self.tidy_identity(name);
+                        self.untidy.push(id);
                     }
                 }
                 Selector::Labels(wanted) => self.remove_label_ref(wanted),

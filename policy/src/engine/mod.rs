@@ -60,7 +60,7 @@ use crate::compile::{Claim, PolicyEntry, pair_entries, rule_ranges};
 use crate::error::{Diagnostic, PolicyError};
 use crate::model::{Action, HOST, Mode, Policy, WORLD};
 
-use self::check::Checks;
+use self::check::{Checks, OwnerId};
 use self::labels::{LabelSelectors, Labels, labels_match};
 use self::partition::{Partition, Settled};
 use self::small::{DenseMap, NumberMap, SmallSet};
@@ -335,7 +335,7 @@ pub struct Engine {
     /// Declarations by name, and what is compiled of them.
     checks: Checks,
     /// Identities by one of their labels, to resolve label selectors.
-    by_label: HashMap<(Name, Name), HashSet<Name>>,
+    by_label: HashMap<(Name, Name), HashSet<OwnerId>>,
     active: DenseMap<ActiveRule>,
     rule_pool: IdPool,
     expiries: BTreeSet<(SystemTime, Name)>,
@@ -382,7 +382,7 @@ struct IdentityChanges {
     /// Label sets before and after of relabelled identities.
     relabelled: Vec<Labels>,
     /// Identities whose mode changed.
-    modes: Vec<Name>,
+    modes: Vec<OwnerId>,
 }
 
 /// What a change touched, found while the model is updated.
@@ -449,6 +449,7 @@ impl Engine {
             for (source, old) in replaced.into_iter().rev() {
                 self.replace_source(&source, old.as_ref(), &mut Touched::default());
             }
+            self.checks.tidy();
             problems.sort_by(|a, b| a.location.cmp(&b.location));
             problems.dedup();
             if problems.is_empty() {
@@ -633,7 +634,12 @@ impl Engine {
             IDENTITY_FLAG_NO_RULES_FROM_WORLD
         };
         std::iter::once((IDENTITY_HOST, HOST, host_flags))
-            .chain(self.partition.atoms().map(|(id, owner, flags)| (id, owner.map_or(WORLD, |name| &**name), flags)))
+            .chain(self.partition.atoms().map(|(id, owner, flags)| (id, self.owner_name(owner), flags)))
+    }
+
+    /// The name of an atom's owner: `world` for none.
+    fn owner_name(&self, owner: Option<OwnerId>) -> &str {
+        owner.and_then(|id| self.checks.identity_name(id)).map_or(WORLD, |name| &**name)
     }
 
     /// Every rule in force by `rule_index`.
@@ -655,8 +661,12 @@ impl Engine {
         let changed = self.update_identities(&touched.identities);
         // 3. The partition: re-derive every prefix whose role changed.
         let checks = &self.checks;
-        let mode_of = |owner: Option<&Name>| mode_of_owner(checks, owner);
-        let outcome = self.partition.settle(&mode_of, &mut rec.identities, &mut rec.atoms, &mut self.counts);
+        let mode_of = |owner: Option<OwnerId>| mode_of_owner(checks, owner);
+        let name_of = |owner: Option<OwnerId>| match owner.and_then(|id| checks.identity_name(id)) {
+            Some(name) => Name::clone(name),
+            None => Name::from(WORLD),
+        };
+        let outcome = self.partition.settle(&mode_of, &name_of, &mut rec.identities, &mut rec.atoms, &mut self.counts);
 
         // 4. Rules that may select differently now.
         dirty_rules.extend(self.rules_to_reselect(&outcome, &changed.relabelled));
@@ -672,11 +682,11 @@ impl Engine {
 
         // 6. Flags: audit mode and reachability from `world`.
         let mut reflag: BTreeSet<IdentityId> = reach_changed;
-        for name in &changed.modes {
-            reflag.extend(self.partition.atoms_of(Some(name)));
+        for owner in &changed.modes {
+            reflag.extend(self.partition.atoms_of(Some(*owner)));
         }
         for id in reflag {
-            let owner_flags = self.partition.owner_of(id).map(|owner| mode_of_owner(&self.checks, owner.as_ref()));
+            let owner_flags = self.partition.owner_of(id).map(|owner| mode_of_owner(&self.checks, owner));
             let Some(mode) = owner_flags else { continue };
             let unreachable = !self.pairs.contains_key(&(IDENTITY_WORLD, id));
             let flags = mode | if unreachable { IDENTITY_FLAG_NO_RULES_FROM_WORLD } else { 0 };
@@ -686,6 +696,7 @@ impl Engine {
         self.rule_pool.end_of_change();
         self.selector_pool.end_of_change();
         self.partition.end_of_change();
+        self.checks.tidy();
         rec.finish()
     }
 
@@ -751,7 +762,7 @@ impl Engine {
     fn update_identities(&mut self, touched: &BTreeSet<Name>) -> IdentityChanges {
         let mut changed = IdentityChanges::default();
         let mut released: Vec<IpNet> = Vec::new();
-        let mut claimed: Vec<(IpNet, Name)> = Vec::new();
+        let mut claimed: Vec<(IpNet, OwnerId)> = Vec::new();
         for name in touched {
             let declared = self.checks.identity(name);
             let name = declared.as_ref().map_or(name, |(name, _)| name);
@@ -762,12 +773,13 @@ impl Engine {
             {
                 continue;
             }
+            let id = self.checks.set_compiled(name, wanted.clone());
             let old_nets: BTreeSet<IpNet> = current.iter().flat_map(|i| i.addresses.iter().map(|a| a.net)).collect();
             let new_nets: BTreeSet<IpNet> = wanted.iter().flat_map(|i| i.addresses.iter().map(|a| a.net)).collect();
             // All releases before all claims: an address may pass from one
             // identity to another within one change.
             released.extend(old_nets.difference(&new_nets).copied());
-            claimed.extend(new_nets.difference(&old_nets).map(|net| (*net, Name::clone(name))));
+            claimed.extend(new_nets.difference(&old_nets).map(|net| (*net, id)));
             let old_labels = current.as_ref().map(|i| &i.labels);
             let new_labels = wanted.as_ref().map(|i| &i.labels);
             if old_labels != new_labels {
@@ -775,9 +787,9 @@ impl Engine {
                 if let Some(old) = &current {
                     for pair in &old.labels {
                         let key = (pair.0.clone(), pair.1.clone());
-                        if let Some(names) = self.by_label.get_mut(&key) {
-                            names.remove(name);
-                            if names.is_empty() {
+                        if let Some(ids) = self.by_label.get_mut(&key) {
+                            ids.remove(&id);
+                            if ids.is_empty() {
                                 self.by_label.remove(&key);
                             }
                         }
@@ -785,15 +797,13 @@ impl Engine {
                 }
                 if let Some(new) = &wanted {
                     for pair in &new.labels {
-                        self.by_label.entry((pair.0.clone(), pair.1.clone())).or_default().insert(Name::clone(name));
+                        self.by_label.entry((pair.0.clone(), pair.1.clone())).or_default().insert(id);
                     }
                 }
             }
             if current.as_ref().map(|i| i.mode) != wanted.as_ref().map(|i| i.mode) {
-                changed.modes.push(Name::clone(name));
+                changed.modes.push(id);
             }
-            let name = Name::clone(name);
-            self.checks.set_compiled(&name, wanted);
         }
 
         for net in released {
@@ -811,8 +821,8 @@ impl Engine {
         let mut dirty_rules = BTreeSet::new();
         for (_, owner, selectors) in &outcome.appeared {
             if let Some(owner) = owner {
-                dirty_rules.extend(self.checks.rules_naming(owner));
-                if let Some(identity) = self.checks.compiled_identity(owner) {
+                dirty_rules.extend(self.checks.rules_naming(*owner));
+                if let Some(identity) = self.checks.compiled_identity_of(*owner) {
                     let labels = identity.labels.clone();
                     dirty_rules.extend(self.label_rules_matching(&labels));
                 }
@@ -940,10 +950,14 @@ impl Engine {
                 StoredSelector::Identity(name) if &**name == HOST => {
                     atoms.insert(IDENTITY_HOST);
                 }
-                StoredSelector::Identity(name) => atoms.extend(self.partition.atoms_of(Some(name))),
+                StoredSelector::Identity(name) => {
+                    if let Some(owner) = self.checks.identity_id(name) {
+                        atoms.extend(self.partition.atoms_of(Some(owner)));
+                    }
+                }
                 StoredSelector::Labels(wanted) => {
-                    for name in self.identities_matching(wanted) {
-                        atoms.extend(self.partition.atoms_of(Some(&name)));
+                    for owner in self.identities_matching(wanted) {
+                        atoms.extend(self.partition.atoms_of(Some(owner)));
                     }
                 }
                 StoredSelector::Cidr(peer) => {
@@ -957,18 +971,18 @@ impl Engine {
     }
 
     /// Declared identities carrying every label of `wanted`.
-    fn identities_matching(&self, wanted: &Labels) -> Vec<Name> {
+    fn identities_matching(&self, wanted: &Labels) -> Vec<OwnerId> {
         let smallest = wanted
             .iter()
             .map(|(k, v)| self.by_label.get(&(k.clone(), v.clone())))
             .min_by_key(|set| set.map_or(0, HashSet::len));
         match smallest {
-            None => self.checks.compiled_identities().map(|(name, _)| Name::clone(name)).collect(),
+            None => self.checks.compiled_identities().map(|(id, _)| id).collect(),
             Some(None) => Vec::new(),
-            Some(Some(names)) => names
+            Some(Some(ids)) => ids
                 .iter()
-                .filter(|name| self.checks.compiled_identity(name).is_some_and(|i| labels_match(wanted, &i.labels)))
-                .cloned()
+                .copied()
+                .filter(|id| self.checks.compiled_identity_of(*id).is_some_and(|i| labels_match(wanted, &i.labels)))
                 .collect(),
         }
     }
@@ -1083,7 +1097,7 @@ impl Engine {
                 return (IDENTITY_HOST, HOST.to_owned());
             }
             let id = self.partition.lookup(addr).id;
-            let owner = self.partition.owner_of(id).and_then(Option::as_ref);
+            let owner = self.partition.owner_of(id).flatten().and_then(|owner| self.checks.identity_name(owner));
             (id, owner.map_or_else(|| WORLD.to_owned(), ToString::to_string))
         };
         let ((src, src_identity), (dst, dst_identity)) = (identity(packet.src), identity(packet.dst));
@@ -1138,8 +1152,8 @@ impl From<Vec<PolicyEntry>> for PairEntries {
     }
 }
 
-fn mode_of_owner(checks: &Checks, owner: Option<&Name>) -> u32 {
-    match owner.and_then(|name| checks.compiled_identity(name)).map(|i| i.mode) {
+fn mode_of_owner(checks: &Checks, owner: Option<OwnerId>) -> u32 {
+    match owner.and_then(|id| checks.compiled_identity_of(id)).map(|i| i.mode) {
         Some(Mode::Audit) => IDENTITY_FLAG_AUDIT,
         _ => 0,
     }

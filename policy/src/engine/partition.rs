@@ -17,19 +17,20 @@ use std::net::IpAddr;
 use enforcer_common::{IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_WORLD, IdentityId, IdentityValue};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use super::check::OwnerId;
 use super::small::{DenseMap, NumberMap, SmallSet};
 use super::{EntryCounts, IdPool, Name, Recorder, SelectorId};
 
 /// What an atom stands for: its owner (`None`: no declared identity) and the
 /// CIDR peers its addresses are part of, sorted.
-type AtomKey = (Option<Name>, Vec<SelectorId>);
+type AtomKey = (Option<OwnerId>, Box<[SelectorId]>);
 
 /// One prefix the policy names. Most are an identity's address, with no
 /// CIDR peer using them: the CIDR roles are boxed, so such a prefix costs
-/// 48 bytes (in a map of 100,000).
+/// 40 bytes (in a map of 100,000).
 #[derive(Debug)]
 struct PrefixState {
-    owner: Option<Name>,
+    owner: Option<OwnerId>,
     /// CIDR peers using this prefix as their CIDR, and as an exception.
     roles: Option<Box<CidrRoles>>,
     /// 0 until first settled.
@@ -88,7 +89,7 @@ struct AtomState {
 /// What a `settle` changed in the set of atoms.
 pub(super) struct Settled {
     /// New atoms: number, owner, CIDR peers.
-    pub(super) appeared: Vec<(IdentityId, Option<Name>, Vec<SelectorId>)>,
+    pub(super) appeared: Vec<(IdentityId, Option<OwnerId>, Box<[SelectorId]>)>,
     pub(super) vanished: Vec<IdentityId>,
 }
 
@@ -98,12 +99,11 @@ pub(super) struct Partition {
     /// Distinct prefix lengths in use per (family is v4, length).
     lengths: BTreeMap<(bool, u8), usize>,
     atoms: DenseMap<AtomState>,
-    /// Atoms by a hash of their key (with a per-process key, so crafted
-    /// names cannot make them collide): the atoms keep their keys, and a
-    /// copy of each beside a hash entry cost more than the entry.
-    by_key: NumberMap<u64, SmallSet<IdentityId>>,
-    key_hasher: std::hash::RandomState,
-    by_owner: HashMap<Option<Name>, SmallSet<IdentityId>>,
+    /// Atoms by owner, and those of no declared identity. An atom is found
+    /// by its key among its owner's (a few at most), or among the atoms of
+    /// its least-used CIDR peer.
+    owned: DenseMap<SmallSet<IdentityId>>,
+    unowned: SmallSet<IdentityId>,
     by_selector: NumberMap<SelectorId, SmallSet<IdentityId>>,
     pool: IdPool,
     /// Prefixes whose role changed since the last settle.
@@ -116,26 +116,18 @@ impl Partition {
             prefixes: BTreeMap::new(),
             lengths: BTreeMap::new(),
             atoms: DenseMap::default(),
-            by_key: NumberMap::default(),
-            key_hasher: std::hash::RandomState::new(),
-            by_owner: HashMap::new(),
+            owned: DenseMap::default(),
+            unowned: SmallSet::Empty,
             by_selector: NumberMap::default(),
             pool: IdPool::starting_at(first_dynamic),
             dirty: BTreeSet::new(),
         };
-        let world: AtomKey = (None, Vec::new());
+        let world: AtomKey = (None, Box::default());
         partition.atoms.insert(
             IDENTITY_WORLD,
-            AtomState {
-                key: world.clone(),
-                prefixes: 2,
-                flags: IDENTITY_FLAG_NO_RULES_FROM_WORLD,
-                entries: SmallSet::Empty,
-            },
+            AtomState { key: world, prefixes: 2, flags: IDENTITY_FLAG_NO_RULES_FROM_WORLD, entries: SmallSet::Empty },
         );
-        let world_hash = partition.key_hash(&world);
-        partition.by_key.entry(world_hash).or_default().insert(IDENTITY_WORLD);
-        partition.by_owner.entry(None).or_default().insert(IDENTITY_WORLD);
+        partition.unowned.insert(IDENTITY_WORLD);
         for net in [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())] {
             let mut state = PrefixState::new(true);
             state.atom = IDENTITY_WORLD;
@@ -145,9 +137,25 @@ impl Partition {
         partition
     }
 
-    fn key_hash(&self, key: &AtomKey) -> u64 {
-        use std::hash::BuildHasher as _;
-        self.key_hasher.hash_one(key)
+    /// The atom standing for `key`, if there is one.
+    fn find_atom(&self, key: &AtomKey) -> Option<IdentityId> {
+        let candidates = match key.0 {
+            Some(owner) => self.owned.get(&owner).map_or(&[][..], SmallSet::as_slice),
+            None => key
+                .1
+                .iter()
+                .map(|selector| self.by_selector.get(selector).map_or(&[][..], SmallSet::as_slice))
+                .min_by_key(|atoms| atoms.len())
+                .unwrap_or(self.unowned.as_slice()),
+        };
+        candidates.iter().copied().find(|id| self.atoms.get(id).is_some_and(|atom| atom.key == *key))
+    }
+
+    fn atoms_of_mut(&mut self, owner: Option<OwnerId>) -> &mut SmallSet<IdentityId> {
+        match owner {
+            Some(owner) => self.owned.get_or_default(owner),
+            None => &mut self.unowned,
+        }
     }
 
     fn state(&mut self, net: IpNet) -> &mut PrefixState {
@@ -158,7 +166,7 @@ impl Partition {
         self.prefixes.entry(net).or_insert_with(|| PrefixState::new(false))
     }
 
-    pub(super) fn set_owner(&mut self, net: IpNet, owner: Option<Name>) {
+    pub(super) fn set_owner(&mut self, net: IpNet, owner: Option<OwnerId>) {
         self.state(net).owner = owner;
     }
 
@@ -193,7 +201,8 @@ impl Partition {
     /// nested in them; records identity entries and atoms that changed.
     pub(super) fn settle(
         &mut self,
-        mode_of: &dyn Fn(Option<&Name>) -> u32,
+        mode_of: &dyn Fn(Option<OwnerId>) -> u32,
+        name_of: &dyn Fn(Option<OwnerId>) -> Name,
         identities: &mut Recorder<IpNet, IdentityValue>,
         atoms: &mut Recorder<IdentityId, Name>,
         counts: &mut EntryCounts,
@@ -219,8 +228,8 @@ impl Partition {
             let mut excluded = BTreeSet::new();
             let mut parent = IDENTITY_WORLD;
             for (outer, state) in self.covering(net) {
-                if owner.is_none() && state.owner.is_some() {
-                    owner.clone_from(&state.owner);
+                if owner.is_none() {
+                    owner = state.owner;
                 }
                 inside.extend(state.cidr_of().iter().copied());
                 excluded.extend(state.except_of().iter().copied());
@@ -229,22 +238,16 @@ impl Partition {
                 }
             }
             let key: AtomKey = (owner, inside.difference(&excluded).copied().collect());
-            let hash = self.key_hash(&key);
-            let known = self
-                .by_key
-                .get(&hash)
-                .and_then(|ids| ids.iter().copied().find(|id| self.atoms.get(id).is_some_and(|atom| atom.key == key)));
-            let id = if let Some(id) = known {
+            let id = if let Some(id) = self.find_atom(&key) {
                 id
             } else {
                 {
                     let id = self.pool.take();
-                    let flags = mode_of(key.0.as_ref()) | IDENTITY_FLAG_NO_RULES_FROM_WORLD;
-                    self.by_owner.entry(key.0.clone()).or_default().insert(id);
+                    let flags = mode_of(key.0) | IDENTITY_FLAG_NO_RULES_FROM_WORLD;
+                    self.atoms_of_mut(key.0).insert(id);
                     for selector in &key.1 {
                         self.by_selector.entry(*selector).or_default().insert(id);
                     }
-                    self.by_key.entry(hash).or_default().insert(id);
                     self.atoms.insert(id, AtomState { key, prefixes: 0, flags, entries: SmallSet::Empty });
                     created.push(id);
                     id
@@ -278,16 +281,19 @@ impl Partition {
         for id in touched_atoms.iter().chain(&created) {
             if self.atoms.get(id).is_some_and(|atom| atom.prefixes == 0) {
                 let atom = self.atoms.remove(id).expect("checked above");
-                let hash = self.key_hash(&atom.key);
-                remove_id(&mut self.by_key, &hash, *id);
-                remove_id(&mut self.by_owner, &atom.key.0, *id);
+                self.atoms_of_mut(atom.key.0).remove(id);
+                if let Some(owner) = atom.key.0
+                    && self.owned.get(&owner).is_some_and(SmallSet::is_empty)
+                {
+                    self.owned.remove(&owner);
+                }
                 for selector in &atom.key.1 {
                     remove_id(&mut self.by_selector, selector, *id);
                 }
                 self.pool.give_back(*id);
                 // An atom born and gone within this change was never seen.
                 if !created.contains(id) {
-                    atoms.record(*id, Some(owner_name(atom.key.0.as_ref())), None);
+                    atoms.record(*id, Some(name_of(atom.key.0)), None);
                     vanished.push(*id);
                 }
             }
@@ -295,8 +301,8 @@ impl Partition {
         let mut appeared = Vec::new();
         for id in created {
             if let Some(atom) = self.atoms.get(&id) {
-                atoms.record(id, None, Some(owner_name(atom.key.0.as_ref())));
-                appeared.push((id, atom.key.0.clone(), atom.key.1.clone()));
+                atoms.record(id, None, Some(name_of(atom.key.0)));
+                appeared.push((id, atom.key.0, atom.key.1.clone()));
             }
         }
         Settled { appeared, vanished }
@@ -347,16 +353,24 @@ impl Partition {
         }
     }
 
-    pub(super) fn atoms_of(&self, owner: Option<&Name>) -> impl Iterator<Item = IdentityId> + '_ {
-        self.by_owner.get(&owner.cloned()).into_iter().flatten().copied()
+    pub(super) fn atoms_of(&self, owner: Option<OwnerId>) -> impl Iterator<Item = IdentityId> + '_ {
+        match owner {
+            Some(owner) => self.owned.get(&owner).map_or(&[][..], SmallSet::as_slice),
+            None => self.unowned.as_slice(),
+        }
+        .iter()
+        .copied()
     }
 
     pub(super) fn atoms_of_selector(&self, selector: SelectorId) -> impl Iterator<Item = IdentityId> + '_ {
         self.by_selector.get(&selector).into_iter().flatten().copied()
     }
 
-    pub(super) fn owner_of(&self, id: IdentityId) -> Option<&Option<Name>> {
-        self.atoms.get(&id).map(|atom| &atom.key.0)
+    /// The owner of atom `id` (inner `None`: no declared identity), if
+    /// `id` is an atom.
+    #[allow(clippy::option_option, reason = "not an atom, an atom of no identity, an atom of one")]
+    pub(super) fn owner_of(&self, id: IdentityId) -> Option<Option<OwnerId>> {
+        self.atoms.get(&id).map(|atom| atom.key.0)
     }
 
     pub(super) fn entry(&self, net: IpNet) -> Option<IdentityValue> {
@@ -367,8 +381,8 @@ impl Partition {
         self.prefixes.iter().filter_map(|(net, state)| state.entry.map(|value| (*net, value)))
     }
 
-    pub(super) fn atoms(&self) -> impl Iterator<Item = (IdentityId, Option<&Name>, u32)> + '_ {
-        self.atoms.iter().map(|(id, atom)| (id, atom.key.0.as_ref(), atom.flags))
+    pub(super) fn atoms(&self) -> impl Iterator<Item = (IdentityId, Option<OwnerId>, u32)> + '_ {
+        self.atoms.iter().map(|(id, atom)| (id, atom.key.0, atom.flags))
     }
 
     /// The longest identity entry containing `addr`, else `world`.
@@ -407,10 +421,6 @@ impl Partition {
     pub(super) fn end_of_change(&mut self) {
         self.pool.end_of_change();
     }
-}
-
-fn owner_name(owner: Option<&Name>) -> Name {
-    owner.cloned().unwrap_or_else(|| Name::from(crate::model::WORLD))
 }
 
 fn remove_id<K: std::hash::Hash + Eq, S: std::hash::BuildHasher>(
