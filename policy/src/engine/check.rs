@@ -345,6 +345,9 @@ impl Checks {
     /// Adds `delta` to the match count of every used label selector the
     /// identity satisfies.
     fn count_matches(&mut self, identity: &Identity, delta: isize) {
+        if self.label_refs.is_empty() {
+            return;
+        }
         for wanted in self.selectors.satisfied_by(&identity.labels) {
             if let Some((refs, matches)) = self.label_refs.get_mut(wanted) {
                 let before = *matches;

@@ -385,11 +385,22 @@ struct IdentityChanges {
     modes: Vec<OwnerId>,
 }
 
-/// What a change touched, found while the model is updated.
+/// What a change touched, found while the model is updated: names in the
+/// order found, sorted and made distinct once, before the compile.
 #[derive(Default)]
 struct Touched {
-    identities: BTreeSet<Name>,
-    rules: BTreeSet<Name>,
+    identities: Vec<Name>,
+    rules: Vec<Name>,
+}
+
+impl Touched {
+    fn sorted(mut self) -> Self {
+        for names in [&mut self.identities, &mut self.rules] {
+            names.sort_unstable();
+            names.dedup();
+        }
+        self
+    }
 }
 
 impl Engine {
@@ -463,7 +474,7 @@ impl Engine {
             return Err(PolicyError::Invalid { diagnostics: problems });
         }
         self.undo = replaced;
-        Ok(self.compile(&touched, now))
+        Ok(self.compile(&touched.sorted(), now))
     }
 
     /// Lets rules that expired by `now` lapse.
@@ -481,7 +492,7 @@ impl Engine {
         for (source, old) in std::mem::take(&mut self.undo).into_iter().rev() {
             self.replace_source(&source, old.as_ref(), &mut touched);
         }
-        self.compile(&touched, now)
+        self.compile(&touched.sorted(), now)
     }
 
     /// Forgets what [`Engine::revert`] would restore, once the last change
@@ -515,21 +526,21 @@ impl Engine {
         if let Some(old) = &old {
             for identity in &old.identities {
                 self.checks.remove_identity(identity);
-                touched.identities.insert(Name::clone(&identity.name));
+                touched.identities.push(Name::clone(&identity.name));
             }
             for rule in &old.rules {
                 self.checks.remove_rule(rule);
-                touched.rules.insert(Name::clone(&rule.name));
+                touched.rules.push(Name::clone(&rule.name));
             }
         }
         if let Some(new) = fragment {
             for identity in &new.identities {
                 self.checks.add_identity(identity);
-                touched.identities.insert(Name::clone(&identity.name));
+                touched.identities.push(Name::clone(&identity.name));
             }
             for rule in &new.rules {
                 self.checks.add_rule(rule);
-                touched.rules.insert(Name::clone(&rule.name));
+                touched.rules.push(Name::clone(&rule.name));
             }
         }
         old
@@ -704,20 +715,20 @@ impl Engine {
     /// whose time ran out; marks what must be selected and resolved again.
     fn update_rules(
         &mut self,
-        touched: &BTreeSet<Name>,
+        touched: &[Name],
         now: SystemTime,
         rec: &mut Recorders,
         dirty_rules: &mut BTreeSet<u32>,
         dirty_pairs: &mut PairSet,
     ) {
-        let mut rule_names: BTreeSet<Name> = touched.clone();
-        for (when, name) in &self.expiries {
-            if *when > now {
-                break;
-            }
-            rule_names.insert(Name::clone(name));
-        }
-        for touched_name in rule_names {
+        let expired: BTreeSet<Name> = self
+            .expiries
+            .iter()
+            .take_while(|(when, _)| *when <= now)
+            .map(|(_, name)| Name::clone(name))
+            .filter(|name| touched.binary_search(name).is_err())
+            .collect();
+        for touched_name in touched.iter().cloned().chain(expired) {
             // The checks' copy of the name is the one kept: one per rule.
             let declared = self.checks.rule(&touched_name);
             let name = declared.as_ref().map_or(touched_name, |(name, _)| Name::clone(name));
@@ -759,7 +770,7 @@ impl Engine {
 
     /// Takes identities whose declaration changed into the compiled view:
     /// labels into the label index, addresses into the partition.
-    fn update_identities(&mut self, touched: &BTreeSet<Name>) -> IdentityChanges {
+    fn update_identities(&mut self, touched: &[Name]) -> IdentityChanges {
         let mut changed = IdentityChanges::default();
         let mut released: Vec<IpNet> = Vec::new();
         let mut claimed: Vec<(IpNet, OwnerId)> = Vec::new();
