@@ -313,7 +313,7 @@ fn assert_same(fresh: &CompiledPolicy, engine: &Engine, maps: &Maps) -> Result<(
         .map(|a| (renumber.get(&a.id).copied().unwrap_or(u32::MAX), a.owner.clone(), a.flags))
         .collect();
     let mut our_atoms: Vec<(u32, String, u32)> =
-        engine.atoms().map(|(id, owner, flags)| (id, owner.to_owned(), flags)).collect();
+        engine.atoms().map(|(id, owner, flags)| (id, owner.to_string(), flags)).collect();
     fresh_atoms.sort();
     our_atoms.sort();
     prop_assert_eq!(fresh_atoms, our_atoms, "atoms");

@@ -307,7 +307,7 @@ impl Datapath {
             *self.harvested_pairs.entry(pair).or_default() += count;
         }
         for atom in &atoms {
-            self.slots[slot].atom_names.remove(atom);
+            self.slots[slot].atom_names.remove(*atom);
         }
         if numbers_held {
             self.retiring.released.0.extend(atoms);

@@ -64,6 +64,31 @@ pub(super) struct PolicyMaps {
     pub(super) rule_verdicts: PerCpuArray<MapData, u64>,
 }
 
+/// Numeric identity → owner name: a vector by number, as the engine hands
+/// numbers out lowest first (a hash map of 100,000 names cost twice this).
+#[derive(Default)]
+pub(super) struct AtomNames(Vec<Option<Name>>);
+
+impl AtomNames {
+    pub(super) fn get(&self, id: IdentityId) -> Option<&Name> {
+        self.0.get(id as usize).and_then(Option::as_ref)
+    }
+
+    pub(super) fn insert(&mut self, id: IdentityId, name: Name) {
+        let at = id as usize;
+        if at >= self.0.len() {
+            self.0.resize(at + 1, None);
+        }
+        self.0[at] = Some(name);
+    }
+
+    pub(super) fn remove(&mut self, id: IdentityId) {
+        if let Some(slot) = self.0.get_mut(id as usize) {
+            *slot = None;
+        }
+    }
+}
+
 /// What the daemon knows of one policy slot. It keeps no copy of the
 /// entries: the engine holds the policy once, and a slot records only the
 /// changes it has not received yet.
@@ -71,7 +96,7 @@ pub(super) struct Slot {
     /// The rule table of the generation in this slot: `rule_index` → rule.
     pub(super) rule_table: Vec<Option<(Name, Action)>>,
     /// Numeric identity → owner name, for the generation in this slot.
-    pub(super) atom_names: StdHashMap<IdentityId, Name>,
+    pub(super) atom_names: AtomNames,
     /// What the engine changed since this slot was last written.
     pub(super) behind: EntryDiff,
     /// Whether the maps hold exactly the engine's state minus `behind`
@@ -288,7 +313,10 @@ impl Datapath {
         for (id, rule) in state.rule_table() {
             slot.set_rule(id, Some((rule.name, rule.action)));
         }
-        slot.atom_names = state.atoms().map(|(id, owner, _)| (id, Name::from(owner))).collect();
+        slot.atom_names = AtomNames::default();
+        for (id, owner, _) in state.atoms() {
+            slot.atom_names.insert(id, Name::clone(owner));
+        }
         self.maps.write_slot(index, &writes, None)
     }
 
@@ -419,7 +447,7 @@ impl Slot {
     pub(super) fn new(index: usize) -> Self {
         Self {
             rule_table: Vec::new(),
-            atom_names: StdHashMap::new(),
+            atom_names: AtomNames::default(),
             behind: EntryDiff::default(),
             in_step: false,
             index,
@@ -448,8 +476,8 @@ impl Slot {
         for delta in &change.atoms {
             match &delta.new {
                 Some(owner) => self.atom_names.insert(delta.key, Name::clone(owner)),
-                None => self.atom_names.remove(&delta.key),
-            };
+                None => self.atom_names.remove(delta.key),
+            }
         }
     }
 

@@ -335,7 +335,7 @@ impl Datapath {
     /// Counts by pair under the names `slot`'s atoms have.
     fn named_pairs(&self, slot: usize, counts: Vec<(IdentityPairKey, u64)>) -> Vec<PairCount> {
         let names = &self.slots[slot].atom_names;
-        let name = |id: IdentityId| names.get(&id).map_or_else(|| "other".to_owned(), ToString::to_string);
+        let name = |id: IdentityId| names.get(id).map_or_else(|| "other".to_owned(), ToString::to_string);
         counts.into_iter().map(|(key, count)| ((name(key.src), name(key.dst)), count)).collect()
     }
 

@@ -317,7 +317,6 @@ impl EntryCounts {
 #[derive(Debug, Clone)]
 struct ActiveRule {
     rule: Arc<StoredRule>,
-    name: Name,
     from: SmallSet<IdentityId>,
     to: SmallSet<IdentityId>,
 }
@@ -360,6 +359,8 @@ pub struct Engine {
     undo: Vec<(String, Option<Arc<Fragment>>)>,
     /// Shares the names of identities and labels between fragments.
     names: Interner,
+    /// `host` and `world`, as the atoms' owners are named.
+    reserved: [Name; 2],
 }
 
 fn merge<'a>(fragments: impl Iterator<Item = &'a Arc<Fragment>>) -> Policy {
@@ -427,6 +428,7 @@ impl Engine {
             counts: EntryCounts::default(),
             undo: Vec::new(),
             names: Interner::default(),
+            reserved: [Name::from(HOST), Name::from(WORLD)],
         }
     }
 
@@ -638,24 +640,26 @@ impl Engine {
 
     /// Every atom: number, owner (`world` for unowned) and flags; `host`
     /// included.
-    pub fn atoms(&self) -> impl Iterator<Item = (IdentityId, &str, u32)> + '_ {
+    pub fn atoms(&self) -> impl Iterator<Item = (IdentityId, &Name, u32)> + '_ {
         let host_flags = if self.pairs.contains_key(&(IDENTITY_WORLD, IDENTITY_HOST)) {
             0
         } else {
             IDENTITY_FLAG_NO_RULES_FROM_WORLD
         };
-        std::iter::once((IDENTITY_HOST, HOST, host_flags))
+        std::iter::once((IDENTITY_HOST, &self.reserved[0], host_flags))
             .chain(self.partition.atoms().map(|(id, owner, flags)| (id, self.owner_name(owner), flags)))
     }
 
     /// The name of an atom's owner: `world` for none.
-    fn owner_name(&self, owner: Option<OwnerId>) -> &str {
-        owner.and_then(|id| self.checks.identity_name(id)).map_or(WORLD, |name| &**name)
+    fn owner_name(&self, owner: Option<OwnerId>) -> &Name {
+        owner.and_then(|id| self.checks.identity_name(id)).unwrap_or(&self.reserved[1])
     }
 
     /// Every rule in force by `rule_index`.
     pub fn rule_table(&self) -> impl Iterator<Item = (u32, RuleInfo)> + '_ {
-        self.active.iter().map(|(id, rule)| (id, RuleInfo { name: Arc::clone(&rule.name), action: rule.rule.action }))
+        self.active
+            .iter()
+            .map(|(id, rule)| (id, RuleInfo { name: Arc::clone(&rule.rule.name), action: rule.rule.action }))
     }
 
     /// Brings the compiled state to the model: `touched` names what the
@@ -671,12 +675,10 @@ impl Engine {
         // 2. Identities: labels, modes and addresses.
         let changed = self.update_identities(&touched.identities);
         // 3. The partition: re-derive every prefix whose role changed.
-        let checks = &self.checks;
+        let (checks, world) = (&self.checks, &self.reserved[1]);
         let mode_of = |owner: Option<OwnerId>| mode_of_owner(checks, owner);
-        let name_of = |owner: Option<OwnerId>| match owner.and_then(|id| checks.identity_name(id)) {
-            Some(name) => Name::clone(name),
-            None => Name::from(WORLD),
-        };
+        let name_of =
+            |owner: Option<OwnerId>| Name::clone(owner.and_then(|id| checks.identity_name(id)).unwrap_or(world));
         let outcome = self.partition.settle(&mode_of, &name_of, &mut rec.identities, &mut rec.atoms, &mut self.counts);
 
         // 4. Rules that may select differently now.
@@ -762,7 +764,7 @@ impl Engine {
                     rec.rules.record(id, None, Some(info(&rule)));
                     id
                 });
-                self.activate(id, name, rule);
+                self.activate(id, rule);
                 dirty_rules.insert(id);
             }
         }
@@ -856,9 +858,9 @@ impl Engine {
 
     /// Files an entering rule under its selectors (interning CIDR peers,
     /// whose prefixes then take their role in the partition).
-    fn activate(&mut self, id: u32, name: Name, rule: Arc<StoredRule>) {
+    fn activate(&mut self, id: u32, rule: Arc<StoredRule>) {
         if let Some(expires) = rule.expires {
-            self.expiries.insert((expires, Name::clone(&name)));
+            self.expiries.insert((expires, Name::clone(&rule.name)));
         }
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
@@ -891,7 +893,7 @@ impl Engine {
                 }
             }
         }
-        self.active.insert(id, ActiveRule { rule, name, from: SmallSet::Empty, to: SmallSet::Empty });
+        self.active.insert(id, ActiveRule { rule, from: SmallSet::Empty, to: SmallSet::Empty });
     }
 
     /// Takes a leaving rule (or the old version of a changed one) off its
@@ -899,7 +901,7 @@ impl Engine {
     fn deactivate(&mut self, id: u32, dirty_pairs: &mut PairSet) {
         let Some(active) = self.active.remove(&id) else { return };
         if let Some(expires) = active.rule.expires {
-            self.expiries.remove(&(expires, Name::clone(&active.name)));
+            self.expiries.remove(&(expires, Name::clone(&active.rule.name)));
         }
         for &src in &active.from {
             for &dst in &active.to {
@@ -1053,7 +1055,7 @@ impl Engine {
             if active.to.contains(&dst) {
                 claims.extend(rule_ranges(active.rule.ports.as_deref()).into_iter().map(|(first, last)| Claim {
                     action: active.rule.action,
-                    order: &*active.name,
+                    order: &*active.rule.name,
                     rule_index: *id,
                     first,
                     last,
@@ -1121,7 +1123,7 @@ impl Engine {
         let (verdict, rule) = match covering {
             None => (Verdict::Drop(DropReason::DefaultDeny), None),
             Some(entry) => {
-                let rule = self.active.get(&entry.value.rule_index).map(|rule| rule.name.to_string());
+                let rule = self.active.get(&entry.value.rule_index).map(|rule| rule.rule.name.to_string());
                 let verdict = if entry.value.action == ACTION_ALLOW {
                     Verdict::Forward
                 } else {

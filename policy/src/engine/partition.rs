@@ -80,7 +80,7 @@ impl PrefixState {
 struct AtomState {
     key: AtomKey,
     /// Prefixes whose atom this is.
-    prefixes: usize,
+    prefixes: u32,
     flags: u32,
     /// Prefixes with an identity entry of this atom.
     entries: SmallSet<IpNet>,

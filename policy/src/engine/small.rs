@@ -207,6 +207,12 @@ impl<V> DenseMap<V> {
     pub(crate) fn insert(&mut self, key: u32, value: V) -> Option<V> {
         let at = key as usize;
         if at >= self.slots.len() {
+            if at >= self.slots.capacity() {
+                // By an eighth, not double: a doubled vector of 100,000
+                // numbers is a third empty.
+                let room = (at + 1).max(self.slots.capacity() + self.slots.capacity() / 8);
+                self.slots.reserve_exact(room - self.slots.len());
+            }
             self.slots.resize_with(at + 1, || None);
         }
         let old = self.slots[at].replace(value);
