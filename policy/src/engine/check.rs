@@ -193,7 +193,7 @@ impl Checks {
                 declared: Declared::None,
                 refs: 0,
                 compiled: None,
-                naming_rules: SmallSet::Empty,
+                naming_rules: SmallSet::default(),
             };
             let id = if let Some(id) = self.free_ids.pop() {
                 self.identities[id as usize] = Some(record);

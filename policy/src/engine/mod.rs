@@ -893,7 +893,7 @@ impl Engine {
                 }
             }
         }
-        self.active.insert(id, ActiveRule { rule, from: SmallSet::Empty, to: SmallSet::Empty });
+        self.active.insert(id, ActiveRule { rule, from: SmallSet::default(), to: SmallSet::default() });
     }
 
     /// Takes a leaving rule (or the old version of a changed one) off its

@@ -83,7 +83,7 @@ struct AtomState {
     prefixes: u32,
     flags: u32,
     /// Prefixes with an identity entry of this atom.
-    entries: SmallSet<IpNet>,
+    entries: SmallSet<IpNet, 1>,
 }
 
 /// What a `settle` changed in the set of atoms.
@@ -117,7 +117,7 @@ impl Partition {
             lengths: BTreeMap::new(),
             atoms: DenseMap::default(),
             owned: DenseMap::default(),
-            unowned: SmallSet::Empty,
+            unowned: SmallSet::default(),
             by_selector: NumberMap::default(),
             pool: IdPool::starting_at(first_dynamic),
             dirty: BTreeSet::new(),
@@ -125,7 +125,12 @@ impl Partition {
         let world: AtomKey = (None, Box::default());
         partition.atoms.insert(
             IDENTITY_WORLD,
-            AtomState { key: world, prefixes: 2, flags: IDENTITY_FLAG_NO_RULES_FROM_WORLD, entries: SmallSet::Empty },
+            AtomState {
+                key: world,
+                prefixes: 2,
+                flags: IDENTITY_FLAG_NO_RULES_FROM_WORLD,
+                entries: SmallSet::default(),
+            },
         );
         partition.unowned.insert(IDENTITY_WORLD);
         for net in [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())] {
@@ -248,7 +253,7 @@ impl Partition {
                     for selector in &key.1 {
                         self.by_selector.entry(*selector).or_default().insert(id);
                     }
-                    self.atoms.insert(id, AtomState { key, prefixes: 0, flags, entries: SmallSet::Empty });
+                    self.atoms.insert(id, AtomState { key, prefixes: 0, flags, entries: SmallSet::default() });
                     created.push(id);
                     id
                 }

@@ -1,37 +1,45 @@
-//! A sorted set that stores one element inline: most sets the engine keeps
-//! (the rules selecting an atom, the atoms of an owner, the entries of an
-//! atom) hold exactly one, and a heap allocation for each of 100,000 of
-//! them is most of what such indexes cost.
+//! A sorted set that stores its first elements inline: most sets the
+//! engine keeps (the rules selecting an atom or naming an identity, the
+//! atoms of an owner, the entries of an atom) hold one or two, and a heap
+//! allocation for each of 100,000 of them is most of what such indexes cost.
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) enum SmallSet<T> {
-    #[default]
-    Empty,
-    One(T),
-    /// Two or more, sorted. Boxed: a thin pointer keeps a set of numbers at
-    /// 16 bytes (a vector beside them made it 24), and sets are values in
-    /// maps of 100,000 entries; the rare large set pays an indirection.
+/// Up to `N` elements inline (a set of numbers holds two in 16 bytes, a
+/// set of prefixes one in 24), more on the heap.
+#[derive(Debug, Clone)]
+pub(crate) enum SmallSet<T, const N: usize = 2> {
+    /// The first `len` places, sorted.
+    Inline { len: u8, items: [T; N] },
+    /// More than `N`, sorted. Boxed: a thin pointer keeps the enum as small
+    /// as its inline places, and sets are values in maps of 100,000
+    /// entries; the rare large set pays an indirection.
     #[allow(clippy::box_collection, reason = "a thin pointer, for the enum's size; see above")]
     Many(Box<Vec<T>>),
 }
 
-impl<T: Ord + Copy> SmallSet<T> {
+impl<T: Copy + Default, const N: usize> Default for SmallSet<T, N> {
+    fn default() -> Self {
+        Self::Inline { len: 0, items: [T::default(); N] }
+    }
+}
+
+impl<T: Ord + Copy + Default, const N: usize> SmallSet<T, N> {
     /// From sorted, distinct elements.
     pub(crate) fn from_sorted(mut items: Vec<T>) -> Self {
-        match items.len() {
-            0 => Self::Empty,
-            1 => Self::One(items[0]),
-            _ => {
-                items.shrink_to_fit();
-                Self::Many(Box::new(items))
+        if items.len() <= N {
+            let mut set = Self::default();
+            if let Self::Inline { len, items: inline } = &mut set {
+                inline[..items.len()].copy_from_slice(&items);
+                *len = u8::try_from(items.len()).unwrap_or(u8::MAX);
             }
+            return set;
         }
+        items.shrink_to_fit();
+        Self::Many(Box::new(items))
     }
 
     pub(crate) fn as_slice(&self) -> &[T] {
         match self {
-            Self::Empty => &[],
-            Self::One(one) => std::slice::from_ref(one),
+            Self::Inline { len, items } => &items[..usize::from(*len)],
             Self::Many(many) => many,
         }
     }
@@ -41,7 +49,7 @@ impl<T: Ord + Copy> SmallSet<T> {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        matches!(self, Self::Empty)
+        self.as_slice().is_empty()
     }
 
     pub(crate) fn contains(&self, item: &T) -> bool {
@@ -50,41 +58,47 @@ impl<T: Ord + Copy> SmallSet<T> {
 
     /// Adds `item`; false if it was there.
     pub(crate) fn insert(&mut self, item: T) -> bool {
+        let Err(at) = self.as_slice().binary_search(&item) else { return false };
         match self {
-            Self::Empty => *self = Self::One(item),
-            Self::One(one) if *one == item => return false,
-            Self::One(one) => {
-                let pair = if *one < item { vec![*one, item] } else { vec![item, *one] };
-                *self = Self::Many(Box::new(pair));
+            Self::Inline { len, items } if usize::from(*len) < N => {
+                let used = usize::from(*len);
+                items.copy_within(at..used, at + 1);
+                items[at] = item;
+                *len += 1;
             }
-            Self::Many(many) => match many.binary_search(&item) {
-                Ok(_) => return false,
-                Err(at) => many.insert(at, item),
-            },
+            Self::Inline { items, .. } => {
+                let mut many = Vec::with_capacity(N + 1);
+                many.extend_from_slice(&items[..at]);
+                many.push(item);
+                many.extend_from_slice(&items[at..]);
+                *self = Self::Many(Box::new(many));
+            }
+            Self::Many(many) => many.insert(at, item),
         }
         true
     }
 
     /// Takes `item` out; false if it was not there.
     pub(crate) fn remove(&mut self, item: &T) -> bool {
+        let Ok(at) = self.as_slice().binary_search(item) else { return false };
         match self {
-            Self::One(one) if one == item => *self = Self::Empty,
-            Self::Many(many) => match many.binary_search(item) {
-                Ok(at) => {
-                    many.remove(at);
-                    if many.len() == 1 {
-                        *self = Self::One(many[0]);
-                    }
+            Self::Inline { len, items } => {
+                let used = usize::from(*len);
+                items.copy_within(at + 1..used, at);
+                *len -= 1;
+            }
+            Self::Many(many) => {
+                many.remove(at);
+                if many.len() <= N {
+                    *self = Self::from_sorted(std::mem::take(&mut **many));
                 }
-                Err(_) => return false,
-            },
-            _ => return false,
+            }
         }
         true
     }
 }
 
-impl<'a, T: Ord + Copy> IntoIterator for &'a SmallSet<T> {
+impl<'a, T: Ord + Copy + Default, const N: usize> IntoIterator for &'a SmallSet<T, N> {
     type Item = &'a T;
     type IntoIter = std::slice::Iter<'a, T>;
 
@@ -99,7 +113,7 @@ mod tests {
 
     #[test]
     fn behaves_like_a_sorted_set() {
-        let mut set = SmallSet::default();
+        let mut set: SmallSet<u32> = SmallSet::default();
         let mut model = std::collections::BTreeSet::new();
         let mut x: u32 = 7;
         for _ in 0..2000 {
@@ -112,8 +126,32 @@ mod tests {
             }
             assert_eq!(set.as_slice(), model.iter().copied().collect::<Vec<_>>().as_slice());
             assert_eq!(set.is_empty(), model.is_empty());
-            assert!(matches!(set, SmallSet::Many(ref m) if m.len() >= 2) || set.as_slice().len() <= 1);
+            assert!(matches!(set, SmallSet::Many(ref m) if m.len() > 2) || set.as_slice().len() <= 2);
         }
+    }
+
+    #[test]
+    fn one_inline_place_behaves_alike() {
+        let mut set: SmallSet<u16, 1> = SmallSet::default();
+        let mut model = std::collections::BTreeSet::new();
+        let mut x: u32 = 11;
+        for _ in 0..2000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let item = u16::try_from((x >> 16) % 4).unwrap_or_default();
+            if (x >> 8).is_multiple_of(2) {
+                assert_eq!(set.remove(&item), model.remove(&item));
+            } else {
+                assert_eq!(set.insert(item), model.insert(item));
+            }
+            assert_eq!(set.as_slice(), model.iter().copied().collect::<Vec<_>>().as_slice());
+            assert!(matches!(set, SmallSet::Many(ref m) if m.len() > 1) || set.as_slice().len() <= 1);
+        }
+    }
+
+    #[test]
+    fn sets_stay_small() {
+        assert_eq!(size_of::<SmallSet<u32>>(), 16);
+        assert_eq!(size_of::<SmallSet<ipnet::IpNet, 1>>(), 24);
     }
 }
 
