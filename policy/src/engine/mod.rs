@@ -859,7 +859,7 @@ impl Engine {
     /// Files an entering rule under its selectors (interning CIDR peers,
     /// whose prefixes then take their role in the partition).
     fn activate(&mut self, id: u32, rule: Arc<StoredRule>) {
-        if let Some(expires) = rule.expires {
+        if let Some(expires) = rule.expires() {
             self.expiries.insert((expires, Name::clone(&rule.name)));
         }
         for peer in rule.from.iter().chain(&rule.to) {
@@ -900,7 +900,7 @@ impl Engine {
     /// selectors and pairs.
     fn deactivate(&mut self, id: u32, dirty_pairs: &mut PairSet) {
         let Some(active) = self.active.remove(&id) else { return };
-        if let Some(expires) = active.rule.expires {
+        if let Some(expires) = active.rule.expires() {
             self.expiries.remove(&(expires, Name::clone(&active.rule.name)));
         }
         for &src in &active.from {

@@ -13,8 +13,9 @@
 //! lists are boxed slices.
 
 use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroU64;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 
@@ -66,7 +67,7 @@ pub(crate) struct Pos {
 pub(crate) struct StoredIdentity {
     pub(crate) name: Name,
     pub(crate) labels: Labels,
-    pub(crate) addresses: Box<[StoredAddress]>,
+    pub(crate) addresses: Few<StoredAddress>,
     pub(crate) mode: Mode,
     at: Pos,
 }
@@ -81,18 +82,25 @@ pub(crate) struct StoredAddress {
 pub(crate) struct StoredRule {
     pub(crate) name: Name,
     pub(crate) action: Action,
-    pub(crate) from: Box<[StoredPeer]>,
-    pub(crate) to: Box<[StoredPeer]>,
+    pub(crate) from: Few<StoredPeer>,
+    pub(crate) to: Few<StoredPeer>,
     /// `None` when `ports` is omitted: the rule covers every protocol.
-    pub(crate) ports: Option<Box<[PortSpec]>>,
-    pub(crate) expires: Option<SystemTime>,
+    pub(crate) ports: Option<Few<PortSpec>>,
+    /// When the rule lapses, in nanoseconds since the epoch (eight bytes
+    /// where a `SystemTime` takes sixteen; see [`StoredRule::expires`]).
+    expires_ns: Option<NonZeroU64>,
     at: Pos,
 }
 
 impl StoredRule {
+    /// When the rule lapses by itself, if it does.
+    pub(crate) fn expires(&self) -> Option<SystemTime> {
+        self.expires_ns.map(|ns| SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.get()))
+    }
+
     /// Whether the rule is in force at `now`.
     pub(crate) fn is_active_at(&self, now: SystemTime) -> bool {
-        self.expires.is_none_or(|expires| now < expires)
+        self.expires().is_none_or(|expires| now < expires)
     }
 
     /// Whether two versions of a rule compile alike (positions aside).
@@ -102,7 +110,7 @@ impl StoredRule {
         }
         self.action == other.action
             && self.ports == other.ports
-            && self.expires == other.expires
+            && self.expires_ns == other.expires_ns
             && same_peers(&self.from, &other.from)
             && same_peers(&self.to, &other.to)
     }
@@ -127,6 +135,56 @@ pub(crate) enum StoredSelector {
 pub(crate) struct CidrPeer {
     pub(crate) cidr: IpNet,
     pub(crate) except: Box<[IpNet]>,
+}
+
+/// A list that is mostly of one item (an identity's addresses, a rule's
+/// peers and ports): that item is kept inline, more in a boxed slice.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Few<T> {
+    None,
+    One(T),
+    More(Box<[T]>),
+}
+
+impl<T> std::ops::Deref for Few<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match self {
+            Self::None => &[],
+            Self::One(one) => std::slice::from_ref(one),
+            Self::More(more) => more,
+        }
+    }
+}
+
+impl<T> FromIterator<T> for Few<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(items: I) -> Self {
+        let mut items = items.into_iter();
+        match (items.next(), items.next()) {
+            (None, _) => Self::None,
+            (Some(one), None) => Self::One(one),
+            (Some(first), Some(second)) => Self::More([first, second].into_iter().chain(items).collect()),
+        }
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Few<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+/// `time` as kept in a [`StoredRule`]: times before the epoch (which no
+/// policy means) as its first nanosecond, times past 2554 as the last
+/// one. Exact for every time between, so the round trip through
+/// [`StoredRule::expires`] gives the time back.
+fn nanos_since_epoch(time: SystemTime) -> NonZeroU64 {
+    let nanos = time.duration_since(SystemTime::UNIX_EPOCH).map_or(1, |since| since.as_nanos());
+    NonZeroU64::new(u64::try_from(nanos).unwrap_or(u64::MAX)).unwrap_or(NonZeroU64::MIN)
 }
 
 /// What one source holds: its part of the policy.
@@ -172,7 +230,7 @@ impl Fragment {
             .rules
             .into_iter()
             .map(|rule| {
-                let mut peers = |peers: Vec<Peer>| -> Box<[StoredPeer]> {
+                let mut peers = |peers: Vec<Peer>| -> Few<StoredPeer> {
                     peers
                         .into_iter()
                         .map(|peer| StoredPeer {
@@ -193,8 +251,8 @@ impl Fragment {
                     action: rule.action,
                     from,
                     to,
-                    ports: rule.ports.map(Vec::into_boxed_slice),
-                    expires: rule.expires,
+                    ports: rule.ports.map(|ports| ports.into_iter().collect()),
+                    expires_ns: rule.expires.map(nanos_since_epoch),
                     at: pos(&rule.location),
                 })
             })
@@ -242,7 +300,7 @@ impl Fragment {
             from: peers(&rule.from),
             to: peers(&rule.to),
             ports: rule.ports.as_ref().map(|ports| ports.to_vec()),
-            expires: rule.expires,
+            expires: rule.expires(),
             location: location(rule.at),
         }));
     }
@@ -252,5 +310,41 @@ impl Labels {
     /// A label set from the parsed model's map, names shared.
     pub(crate) fn new(labels: &BTreeMap<String, String>, names: &mut Interner) -> Self {
         Self::from_sorted(labels.iter().map(|(key, value)| (names.intern(key), names.intern(value))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Few, StoredIdentity, StoredPeer, StoredRule};
+
+    #[test]
+    fn few_keeps_order_and_items() {
+        for n in 0..5u32 {
+            let few: Few<u32> = (0..n).collect();
+            assert_eq!(&*few, (0..n).collect::<Vec<_>>().as_slice());
+            assert_eq!(matches!(few, Few::More(_)), n > 1);
+        }
+    }
+
+    /// The sizes the module's compactness rests on: a rule of one peer a
+    /// side is one allocation of 160 bytes with its `Arc`.
+    #[test]
+    fn records_stay_compact() {
+        assert_eq!(size_of::<StoredPeer>(), 40);
+        assert_eq!(size_of::<Few<StoredPeer>>(), 40);
+        assert!(size_of::<StoredRule>() <= 144);
+    }
+
+    #[test]
+    fn expiry_times_come_back_exactly() {
+        use std::time::{Duration, SystemTime};
+        for since in
+            [Duration::from_nanos(1), Duration::new(1_800_000_000, 123_456_789), Duration::from_secs(4_000_000_000)]
+        {
+            let time = SystemTime::UNIX_EPOCH + since;
+            let ns = super::nanos_since_epoch(time);
+            assert_eq!(SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.get()), time);
+        }
+        assert!(size_of::<StoredIdentity>() <= 80);
     }
 }
