@@ -10,13 +10,12 @@
 //! number): one table per kind of name, where separate maps for each
 //! question cost a key and a bucket each at 100,000 names.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
-
-use ipnet::IpNet;
 
 use super::Name;
 use super::labels::{LabelSelectors, Labels, labels_match};
+use super::partition::Partition;
 use super::small::SmallSet;
 use super::stored::{StoredIdentity as Identity, StoredRule as Rule, StoredSelector as Selector};
 use crate::model::{HOST, WORLD};
@@ -132,10 +131,6 @@ pub(super) struct Checks {
     /// Declarations by one of their labels, keyed by allocation.
     by_label: HashMap<(Name, Name), HashMap<usize, Arc<Identity>>>,
     identity_declarations: usize,
-    /// Declarations of each exact prefix.
-    addresses: BTreeMap<IpNet, usize>,
-    /// Distinct declared prefixes per (family is v4, length).
-    lengths: BTreeMap<(bool, u8), usize>,
     /// Peers using each label selector, and the declarations it matches.
     label_refs: HashMap<Labels, (usize, usize)>,
     /// Used label selectors, found from the labels they select.
@@ -297,7 +292,9 @@ impl Checks {
         }
     }
 
-    pub(super) fn add_identity(&mut self, identity: &Arc<Identity>) {
+    /// Adds a declaration; its addresses are counted in `partition`,
+    /// which holds every prefix anyway.
+    pub(super) fn add_identity(&mut self, identity: &Arc<Identity>, partition: &mut Partition) {
         let name = &*identity.name;
         if name == WORLD || name == HOST {
             self.problems.reserved_names += 1;
@@ -309,7 +306,12 @@ impl Checks {
             self.problems.undeclared_references -= record.refs as usize;
         }
         for address in &identity.addresses {
-            self.add_address(address.net);
+            let found = partition.declare(address.net);
+            if found.duplicate {
+                self.problems.duplicate_addresses += 1;
+            } else {
+                self.problems.nested_addresses += found.related;
+            }
         }
         self.identity_declarations += 1;
         for pair in &identity.labels {
@@ -319,7 +321,7 @@ impl Checks {
         self.count_matches(identity, 1);
     }
 
-    pub(super) fn remove_identity(&mut self, identity: &Arc<Identity>) {
+    pub(super) fn remove_identity(&mut self, identity: &Arc<Identity>, partition: &mut Partition) {
         let name = &*identity.name;
         if name == WORLD || name == HOST {
             self.problems.reserved_names -= 1;
@@ -334,7 +336,12 @@ impl Checks {
             self.untidy.push(id);
         }
         for address in &identity.addresses {
-            self.remove_address(address.net);
+            let found = partition.undeclare(address.net);
+            if found.duplicate {
+                self.problems.duplicate_addresses -= 1;
+            } else {
+                self.problems.nested_addresses -= found.related;
+            }
         }
         self.identity_declarations -= 1;
         for pair in &identity.labels {
@@ -379,51 +386,6 @@ impl Checks {
             Some(None) => 0,
             Some(Some(found)) => found.values().filter(|identity| labels_match(wanted, &identity.labels)).count(),
         }
-    }
-
-    fn add_address(&mut self, net: IpNet) {
-        let count = self.addresses.entry(net).or_default();
-        *count += 1;
-        if *count > 1 {
-            self.problems.duplicate_addresses += 1;
-            return;
-        }
-        self.problems.nested_addresses += self.related(net);
-        *self.lengths.entry((net.addr().is_ipv4(), net.prefix_len())).or_default() += 1;
-    }
-
-    fn remove_address(&mut self, net: IpNet) {
-        let Some(count) = self.addresses.get_mut(&net) else { return };
-        *count -= 1;
-        if *count > 0 {
-            self.problems.duplicate_addresses -= 1;
-            return;
-        }
-        self.addresses.remove(&net);
-        let key = (net.addr().is_ipv4(), net.prefix_len());
-        if let Some(n) = self.lengths.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.lengths.remove(&key);
-            }
-        }
-        self.problems.nested_addresses -= self.related(net);
-    }
-
-    /// Distinct declared prefixes (other than `net`) that contain `net` or
-    /// that `net` contains.
-    fn related(&self, net: IpNet) -> usize {
-        let v4 = net.addr().is_ipv4();
-        let covering = self
-            .lengths
-            .range((v4, 0)..(v4, net.prefix_len()))
-            .filter_map(|(&(_, length), _)| IpNet::new(net.addr(), length).ok())
-            .filter(|outer| self.addresses.contains_key(&outer.trunc()))
-            .count();
-        let last = IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(net);
-        let nested =
-            self.addresses.range(net..=last).filter(|(inner, _)| **inner != net && net.contains(*inner)).count();
-        covering + nested
     }
 
     pub(super) fn add_rule(&mut self, rule: &Arc<Rule>) {

@@ -527,7 +527,7 @@ impl Engine {
         };
         if let Some(old) = &old {
             for identity in &old.identities {
-                self.checks.remove_identity(identity);
+                self.checks.remove_identity(identity, &mut self.partition);
                 touched.identities.push(Name::clone(&identity.name));
             }
             for rule in &old.rules {
@@ -537,7 +537,7 @@ impl Engine {
         }
         if let Some(new) = fragment {
             for identity in &new.identities {
-                self.checks.add_identity(identity);
+                self.checks.add_identity(identity, &mut self.partition);
                 touched.identities.push(Name::clone(&identity.name));
             }
             for rule in &new.rules {

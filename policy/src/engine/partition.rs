@@ -30,11 +30,16 @@ type AtomKey = (Option<OwnerId>, Box<[SelectorId]>);
 /// 24 bytes (in a map of 100,000).
 #[derive(Debug)]
 struct PrefixState {
-    owner: Option<OwnerId>,
     /// CIDR peers using this prefix as their CIDR, and as an exception.
     roles: Option<Box<CidrRoles>>,
+    /// [`NO_OWNER`] for none: four bytes where an `Option` takes eight.
+    owner: OwnerId,
     /// 0 until first settled.
     atom: IdentityId,
+    /// Identities declaring exactly this prefix (the checks' count of
+    /// declarations: one in a valid policy). Kept here, where the prefix
+    /// is anyway, rather than in a map of the checks' own.
+    declared: u32,
     /// Whether the prefix has an identity entry: its atom's number and
     /// flags (`set_flags` rewrites every entry of an atom whose flags change,
     /// so the atom's flags are always the entry's).
@@ -49,13 +54,22 @@ struct CidrRoles {
     except_of: Vec<SelectorId>,
 }
 
+/// A prefix's owner when it has none.
+const NO_OWNER: OwnerId = OwnerId::MAX;
+
 impl PrefixState {
     fn new(permanent: bool) -> Self {
-        Self { owner: None, roles: None, permanent, atom: 0, has_entry: false }
+        Self { roles: None, owner: NO_OWNER, atom: 0, declared: 0, has_entry: false, permanent }
     }
 
+    fn owner(&self) -> Option<OwnerId> {
+        (self.owner != NO_OWNER).then_some(self.owner)
+    }
+
+    /// Whether the prefix takes part in the partition (a declaration alone
+    /// does not: its identity owns it once compiled).
     fn is_used(&self) -> bool {
-        self.permanent || self.owner.is_some() || self.roles.is_some()
+        self.permanent || self.owner != NO_OWNER || self.roles.is_some()
     }
 
     fn cidr_of(&self) -> &[SelectorId] {
@@ -100,6 +114,8 @@ pub(super) struct Partition {
     prefixes: BTreeMap<IpNet, PrefixState>,
     /// Distinct prefix lengths in use per (family is v4, length).
     lengths: BTreeMap<(bool, u8), usize>,
+    /// The same for declared prefixes only.
+    declared_lengths: BTreeMap<(bool, u8), usize>,
     atoms: DenseMap<AtomState>,
     /// Atoms by owner, and those of no declared identity. An atom is found
     /// by its key among its owner's (a few at most), or among the atoms of
@@ -117,6 +133,7 @@ impl Partition {
         let mut partition = Self {
             prefixes: BTreeMap::new(),
             lengths: BTreeMap::new(),
+            declared_lengths: BTreeMap::new(),
             atoms: DenseMap::default(),
             owned: DenseMap::default(),
             unowned: SmallSet::default(),
@@ -165,16 +182,79 @@ impl Partition {
         }
     }
 
+    /// The state of `net`, to be derived again at the next settle.
     fn state(&mut self, net: IpNet) -> &mut PrefixState {
         self.dirty.insert(net);
+        self.state_kept(net)
+    }
+
+    /// The state of `net`, made if there is none.
+    fn state_kept(&mut self, net: IpNet) -> &mut PrefixState {
         if !self.prefixes.contains_key(&net) {
             *self.lengths.entry((net.addr().is_ipv4(), net.prefix_len())).or_default() += 1;
         }
         self.prefixes.entry(net).or_insert_with(|| PrefixState::new(false))
     }
 
+    /// Forgets `net` from the map and its length count.
+    fn forget(&mut self, net: IpNet) -> Option<PrefixState> {
+        let state = self.prefixes.remove(&net)?;
+        count_down(&mut self.lengths, (net.addr().is_ipv4(), net.prefix_len()));
+        Some(state)
+    }
+
     pub(super) fn set_owner(&mut self, net: IpNet, owner: Option<OwnerId>) {
-        self.state(net).owner = owner;
+        self.state(net).owner = owner.unwrap_or(NO_OWNER);
+    }
+
+    /// Counts one more identity declaring exactly `net` (for the checks).
+    pub(super) fn declare(&mut self, net: IpNet) -> AddressProblems {
+        let state = self.state_kept(net);
+        state.declared += 1;
+        if state.declared > 1 {
+            return AddressProblems { duplicate: true, related: 0 };
+        }
+        let related = self.related(net);
+        *self.declared_lengths.entry((net.addr().is_ipv4(), net.prefix_len())).or_default() += 1;
+        AddressProblems { duplicate: false, related }
+    }
+
+    /// Counts one identity fewer declaring exactly `net`.
+    pub(super) fn undeclare(&mut self, net: IpNet) -> AddressProblems {
+        let Some(state) = self.prefixes.get_mut(&net).filter(|state| state.declared > 0) else {
+            return AddressProblems::default();
+        };
+        state.declared -= 1;
+        if state.declared > 0 {
+            return AddressProblems { duplicate: true, related: 0 };
+        }
+        // A prefix never settled (its declaration was refused) goes now;
+        // one settled goes when its owner leaves it.
+        if !state.is_used() && state.atom == 0 {
+            self.forget(net);
+        }
+        count_down(&mut self.declared_lengths, (net.addr().is_ipv4(), net.prefix_len()));
+        AddressProblems { duplicate: false, related: self.related(net) }
+    }
+
+    /// Distinct declared prefixes (other than `net`) that contain `net` or
+    /// that `net` contains.
+    fn related(&self, net: IpNet) -> usize {
+        let v4 = net.addr().is_ipv4();
+        let declared = |net: &IpNet| self.prefixes.get(net).is_some_and(|state| state.declared > 0);
+        let covering = self
+            .declared_lengths
+            .range((v4, 0)..(v4, net.prefix_len()))
+            .filter_map(|(&(_, length), _)| IpNet::new(net.addr(), length).ok())
+            .filter(|outer| declared(&outer.trunc()))
+            .count();
+        let last = IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(net);
+        let nested = self
+            .prefixes
+            .range(net..=last)
+            .filter(|(inner, state)| **inner != net && state.declared > 0 && net.contains(*inner))
+            .count();
+        covering + nested
     }
 
     pub(super) fn add_selector(&mut self, selector: SelectorId, cidr: IpNet, except: &[IpNet]) {
@@ -227,7 +307,7 @@ impl Partition {
             self.retire_if_unused(*net, identities, counts, &mut touched_atoms);
         }
         for net in region {
-            if !self.prefixes.contains_key(&net) {
+            if !self.prefixes.get(&net).is_some_and(PrefixState::is_used) {
                 continue;
             }
             let mut owner = None;
@@ -236,7 +316,7 @@ impl Partition {
             let mut parent = IDENTITY_WORLD;
             for (outer, state) in self.covering(net) {
                 if owner.is_none() {
-                    owner = state.owner;
+                    owner = state.owner();
                 }
                 inside.extend(state.cidr_of().iter().copied());
                 excluded.extend(state.except_of().iter().copied());
@@ -324,15 +404,8 @@ impl Partition {
         counts: &mut EntryCounts,
         touched_atoms: &mut BTreeSet<IdentityId>,
     ) {
-        if self.prefixes.get(&net).is_some_and(|state| !state.is_used()) {
-            let state = self.prefixes.remove(&net).expect("checked above");
-            let key = (net.addr().is_ipv4(), net.prefix_len());
-            if let Some(n) = self.lengths.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    self.lengths.remove(&key);
-                }
-            }
+        if self.prefixes.get(&net).is_some_and(|state| !state.is_used() && state.declared == 0) {
+            let state = self.forget(net).expect("checked above");
             if state.has_entry {
                 identities.record(net, Some(value_of(&self.atoms, state.atom)), None);
                 counts.identity(net, -1);
@@ -436,6 +509,24 @@ impl Partition {
 /// The identity entry of a prefix of atom `id`.
 fn value_of(atoms: &DenseMap<AtomState>, id: IdentityId) -> IdentityValue {
     IdentityValue { id, flags: atoms.get(&id).map_or(0, |atom| atom.flags) }
+}
+
+/// Counts one fewer of `key`, dropping it at zero.
+fn count_down(counts: &mut BTreeMap<(bool, u8), usize>, key: (bool, u8)) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
+}
+
+/// What one declaration more or fewer of an exact prefix changes in the
+/// checks' counts: a duplicate, or a prefix nested with `related` others.
+#[derive(Debug, Default)]
+pub(super) struct AddressProblems {
+    pub(super) duplicate: bool,
+    pub(super) related: usize,
 }
 
 fn remove_id<K: std::hash::Hash + Eq, S: std::hash::BuildHasher>(
