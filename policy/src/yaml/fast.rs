@@ -2,16 +2,16 @@
 //! `kubectl -o yaml` output are written in: block mappings and sequences
 //! by indentation, one-line flow collections, one-line plain and quoted
 //! scalars, comments and `---` between documents. A 100,000-rule file is
-//! read in about a third of the general parser's time, both passes included.
+//! read in about a quarter of the general parser's time.
 //!
 //! It only ever answers for text it fully understands: anything outside the
 //! subset (anchors, aliases, tags, block scalars, multi-line scalars or flow
 //! collections, complex keys, directives, tabs, carriage returns, escapes it
 //! does not know, and every error) makes it give up, and the general parser
-//! reads the text instead. So the caller first runs it without output over
-//! the whole text, and only then for real, which cannot give up differently:
-//! the same code reads the same text. A property test checks that whenever
-//! it answers, its tree equals the general parser's, marks included.
+//! reads the text instead, from the start: what the fast reader handed on
+//! before it gave up is taken back ([`super::Streamed::Restart`]). A
+//! property test checks that whenever it answers, its tree equals the
+//! general parser's, marks included.
 
 use std::borrow::Cow;
 

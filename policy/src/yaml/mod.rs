@@ -92,7 +92,17 @@ pub enum SpecList {
 /// Receives each item of a document's `spec.identities` and `spec.rules`
 /// as soon as it is complete, with the mark of its list; the list itself
 /// stays in the tree, empty.
-pub type ItemSink<'a> = &'a mut dyn FnMut(Mark, SpecList, Node);
+pub type ItemSink<'a> = &'a mut dyn FnMut(Streamed);
+
+/// What an [`ItemSink`] receives.
+#[derive(Debug)]
+pub enum Streamed {
+    /// An item, with the mark of its list.
+    Item(Mark, SpecList, Node),
+    /// Forget every item so far: the text is read again from its start
+    /// (the fast reader gave up on it, and the general parser reads it).
+    Restart,
+}
 
 /// Like [`parse_documents`], but hands the items of `spec.identities` and
 /// `spec.rules` to `sink` instead of keeping them: a 100k-rule policy is
@@ -104,17 +114,17 @@ pub fn parse_documents_streaming(
     sink: Option<ItemSink<'_>>,
 ) -> Result<Vec<Node>, Diagnostic> {
     let mut builder = TreeBuilder { stack: Vec::new(), documents: Vec::new(), alias: None, sink };
-    // The fast reader answers only for text it reads completely, which a
-    // first pass without output finds out; the second cannot differ.
-    if fast::read(text, &mut Discard).is_ok() {
-        if fast::read(text, &mut builder).is_err() || !builder.stack.is_empty() {
-            return Err(Diagnostic::new(
-                Location { file: Arc::clone(file), line: 1, column: 1 },
-                "the YAML reader disagreed with itself; please report this",
-            ));
-        }
+    // The fast reader answers only for text it reads completely; when it
+    // gives up, the sink forgets what it handed on, and the general parser
+    // reads the text from the start.
+    if fast::read(text, &mut builder).is_ok() && builder.stack.is_empty() {
         return Ok(builder.documents.into_iter().filter(|document| !document.is_null()).collect());
     }
+    let mut sink = builder.sink.take();
+    if let Some(sink) = sink.as_mut() {
+        sink(Streamed::Restart);
+    }
+    let mut builder = TreeBuilder { stack: Vec::new(), documents: Vec::new(), alias: None, sink };
     let mut parser = Parser::new_from_str(text);
     parser
         .load(&mut builder, true)
@@ -135,22 +145,11 @@ fn location(file: &Arc<str>, marker: Marker) -> Location {
 /// What a YAML reader reports, in document order: nodes as they start
 /// (collections) or are complete (scalars), and collections' ends.
 trait Receiver {
-    /// `text` is borrowed from the text read where it can be: the first
-    /// pass of the fast reader keeps none of it.
+    /// `text` is borrowed from the text read where it can be.
     fn scalar(&mut self, text: Cow<'_, str>, quoted: bool, mark: Mark);
     fn sequence_start(&mut self, mark: Mark);
     fn mapping_start(&mut self, mark: Mark);
     fn end(&mut self);
-}
-
-/// Takes a reader's reports and keeps nothing.
-struct Discard;
-
-impl Receiver for Discard {
-    fn scalar(&mut self, _: Cow<'_, str>, _: bool, _: Mark) {}
-    fn sequence_start(&mut self, _: Mark) {}
-    fn mapping_start(&mut self, _: Mark) {}
-    fn end(&mut self) {}
 }
 
 enum Partial {
@@ -204,7 +203,7 @@ impl TreeBuilder<'_> {
             && let Some((mark, list)) = spec_list_of(&self.stack)
             && let Some(sink) = self.sink.as_mut()
         {
-            sink(mark, list, node);
+            sink(Streamed::Item(mark, list, node));
             return;
         }
         match self.stack.last_mut() {
