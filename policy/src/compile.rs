@@ -217,7 +217,7 @@ pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) ->
         };
         let sources = select(&rule.from);
         let destinations = select(&rule.to);
-        let ranges = rule_ranges(rule.ports.as_deref());
+        let ranges: Vec<(u32, u32)> = rule_ranges(rule.ports.as_deref()).collect();
         for &src in &sources {
             for &dst in &destinations {
                 pairs.entry((src, dst)).or_default().extend(ranges.iter().map(|&(first, last)| Claim {
@@ -394,17 +394,13 @@ fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector], ids: &m
 }
 
 /// The (protocol, port) intervals a rule claims, in the 24-bit space.
-pub(crate) fn rule_ranges(ports: Option<&[PortSpec]>) -> Vec<(u32, u32)> {
-    match ports {
-        None => vec![(0, PROTO_PORT_MAX)],
-        Some(specs) => specs
-            .iter()
-            .map(|s| {
-                let base = u32::from(s.protocol.number()) << 16;
-                (base | u32::from(s.first), base | u32::from(s.last))
-            })
-            .collect(),
-    }
+pub(crate) fn rule_ranges(ports: Option<&[PortSpec]>) -> impl Iterator<Item = (u32, u32)> + '_ {
+    let every = ports.is_none().then_some((0, PROTO_PORT_MAX));
+    let listed = ports.into_iter().flatten().map(|s| {
+        let base = u32::from(s.protocol.number()) << 16;
+        (base | u32::from(s.first), base | u32::from(s.last))
+    });
+    every.into_iter().chain(listed)
 }
 
 /// Appends the policy entries of one identity pair, given every claim on it.
@@ -433,6 +429,15 @@ pub(crate) fn pair_entries<O: Ord + Copy>(
 /// pair into disjoint intervals: any deny beats every allow, and among claims
 /// of the winning action the lowest `order` (first by name) is reported.
 fn resolve<O: Ord + Copy>(claims: &[Claim<O>]) -> Vec<(u32, u32, PolicyValue)> {
+    let value = |action: Action, rule_index: u32| PolicyValue {
+        action: if action == Action::Deny { ACTION_DENY } else { ACTION_ALLOW },
+        rule_index,
+        flags: 0,
+    };
+    // Most pairs have one claim, which is its own resolution.
+    if let [only] = claims {
+        return vec![(only.first, only.last, value(only.action, only.rule_index))];
+    }
     let mut cuts: BTreeSet<u32> = BTreeSet::new();
     for &Claim { first, last, .. } in claims {
         cuts.insert(first);
@@ -449,11 +454,7 @@ fn resolve<O: Ord + Copy>(claims: &[Claim<O>]) -> Vec<(u32, u32, PolicyValue)> {
         let Some(&Claim { action, rule_index, .. }) = winner else {
             continue;
         };
-        let value = PolicyValue {
-            action: if action == Action::Deny { ACTION_DENY } else { ACTION_ALLOW },
-            rule_index,
-            flags: 0,
-        };
+        let value = value(action, rule_index);
         match out.last_mut() {
             Some(last) if last.2 == value && last.1 + 1 == start => last.1 = end,
             _ => out.push((start, end, value)),
@@ -484,20 +485,22 @@ fn allows_whole_protocol(segments: &[(u32, u32, PolicyValue)], protocol: u32) ->
 
 /// Splits `[first, last]` of the 24-bit space into the fewest aligned blocks,
 /// each as (start, prefix bits within the 24).
-fn aligned_blocks(mut first: u32, last: u32) -> Vec<(u32, u32)> {
-    let mut blocks = Vec::new();
-    loop {
+fn aligned_blocks(mut first: u32, last: u32) -> impl Iterator<Item = (u32, u32)> {
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
         let mut size_log = if first == 0 { PROTO_PORT_BITS } else { first.trailing_zeros().min(PROTO_PORT_BITS) };
         while first + (1 << size_log) - 1 > last {
             size_log -= 1;
         }
-        blocks.push((first, PROTO_PORT_BITS - size_log));
+        let block = (first, PROTO_PORT_BITS - size_log);
         let next = first + (1 << size_log);
-        if next > last {
-            return blocks;
-        }
+        done = next > last;
         first = next;
-    }
+        Some(block)
+    })
 }
 
 /// The distinct prefix lengths of a set of prefixes, per family, to find the
@@ -583,7 +586,7 @@ mod tests {
     #[test]
     fn aligned_blocks_cover_exactly() {
         for (first, last) in [(0, PROTO_PORT_MAX), (5, 5), (1, 1023), (80, 443), (6 << 16, (6 << 16) | 0xffff)] {
-            let blocks = aligned_blocks(first, last);
+            let blocks: Vec<(u32, u32)> = aligned_blocks(first, last).collect();
             let mut next = first;
             for (start, bits) in &blocks {
                 assert_eq!(*start, next);
@@ -593,8 +596,8 @@ mod tests {
             }
             assert_eq!(next, last + 1);
         }
-        assert_eq!(aligned_blocks(6 << 16, (6 << 16) | 0xffff), vec![(6 << 16, 8)]);
-        assert_eq!(aligned_blocks(0, PROTO_PORT_MAX), vec![(0, 0)]);
+        assert_eq!(aligned_blocks(6 << 16, (6 << 16) | 0xffff).collect::<Vec<_>>(), vec![(6 << 16, 8)]);
+        assert_eq!(aligned_blocks(0, PROTO_PORT_MAX).collect::<Vec<_>>(), vec![(0, 0)]);
     }
 
     #[test]

@@ -956,12 +956,12 @@ impl Engine {
 
     /// The atoms `peers` select now.
     fn select(&self, peers: &[StoredPeer]) -> Vec<IdentityId> {
-        let mut atoms = BTreeSet::new();
+        let mut atoms = Vec::new();
         for peer in peers {
             match &peer.selector {
                 StoredSelector::Identity(name) if &**name == WORLD => atoms.extend(self.partition.atoms_of(None)),
                 StoredSelector::Identity(name) if &**name == HOST => {
-                    atoms.insert(IDENTITY_HOST);
+                    atoms.push(IDENTITY_HOST);
                 }
                 StoredSelector::Identity(name) => {
                     if let Some(owner) = self.checks.identity_id(name) {
@@ -980,7 +980,9 @@ impl Engine {
                 }
             }
         }
-        atoms.into_iter().collect()
+        atoms.sort_unstable();
+        atoms.dedup();
+        atoms
     }
 
     /// Declared identities carrying every label of `wanted`.
@@ -1053,7 +1055,7 @@ impl Engine {
         for id in self.rules_from.get(&src).into_iter().flatten() {
             let Some(active) = self.active.get(id) else { continue };
             if active.to.contains(&dst) {
-                claims.extend(rule_ranges(active.rule.ports.as_deref()).into_iter().map(|(first, last)| Claim {
+                claims.extend(rule_ranges(active.rule.ports.as_deref()).map(|(first, last)| Claim {
                     action: active.rule.action,
                     order: &*active.rule.name,
                     rule_index: *id,

@@ -284,6 +284,23 @@ impl Partition {
         })
     }
 
+    /// The prefixes `dirty` and every prefix nested in one of them.
+    fn region(&self, dirty: BTreeSet<IpNet>) -> BTreeSet<IpNet> {
+        // Single addresses contain no other prefix: then the region is
+        // what changed (the common case, and a load of 100,000 of them).
+        if dirty.iter().all(|net| net.prefix_len() == net.max_prefix_len()) {
+            return dirty;
+        }
+        let mut region: BTreeSet<IpNet> = BTreeSet::new();
+        for net in dirty {
+            let last = IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(net);
+            let nested = self.prefixes.range(net..=last).map(|(inner, _)| *inner);
+            region.extend(nested.filter(|inner| net.contains(inner)));
+            region.insert(net);
+        }
+        region
+    }
+
     /// Derives again every prefix whose role changed and the prefixes
     /// nested in them; records identity entries and atoms that changed.
     pub(super) fn settle(
@@ -294,12 +311,8 @@ impl Partition {
         atoms: &mut Recorder<IdentityId, Name>,
         counts: &mut EntryCounts,
     ) -> Settled {
-        let mut region: BTreeSet<IpNet> = BTreeSet::new();
-        for net in std::mem::take(&mut self.dirty) {
-            let last = IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(net);
-            region.extend(self.prefixes.range(net..=last).map(|(inner, _)| *inner).filter(|inner| net.contains(inner)));
-            region.insert(net);
-        }
+        let dirty = std::mem::take(&mut self.dirty);
+        let region = self.region(dirty);
         let mut touched_atoms: BTreeSet<IdentityId> = BTreeSet::new();
         let mut created: Vec<IdentityId> = Vec::new();
         // Prefixes no longer used leave first, so none is anyone's parent.
