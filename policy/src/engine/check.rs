@@ -157,9 +157,9 @@ impl Checks {
 
     /// The identity `name` (and the name as kept here), when declared
     /// exactly once.
-    pub(super) fn identity(&self, name: &str) -> Option<(Name, Arc<Identity>)> {
-        let record = self.record(self.identity_id(name)?)?;
-        record.declared.only().map(|only| (Name::clone(&record.name), Arc::clone(only)))
+    /// The identity numbered `id` when declared exactly once.
+    pub(super) fn identity(&self, id: OwnerId) -> Option<&Arc<Identity>> {
+        self.record(id).and_then(|record| record.declared.only())
     }
 
     /// The number of identity name `name`, while anything refers to it.
@@ -210,18 +210,15 @@ impl Checks {
         (id, self.identities[id as usize].as_mut().expect("numbered records exist"))
     }
 
-    /// The rule `name` (and the name as kept here), when declared exactly once.
-    pub(super) fn rule(&self, name: &str) -> Option<(Name, Arc<Rule>)> {
-        let (name, record) = self.rules.get_key_value(name)?;
-        record.declared.only().map(|only| (Name::clone(name), Arc::clone(only)))
+    /// The rule `name` (and the name as kept here) when declared exactly
+    /// once, and its number while active: one lookup for both.
+    pub(super) fn rule(&self, name: &str) -> (Option<(Name, Arc<Rule>)>, Option<u32>) {
+        let Some((name, record)) = self.rules.get_key_value(name) else { return (None, None) };
+        (record.declared.only().map(|only| (Name::clone(name), Arc::clone(only))), record.number)
     }
 
-    /// The declaration of identity `name` compiled now.
-    pub(super) fn compiled_identity(&self, name: &str) -> Option<&Arc<Identity>> {
-        self.compiled_identity_of(self.identity_id(name)?)
-    }
-
-    pub(super) fn compiled_identity_of(&self, id: OwnerId) -> Option<&Arc<Identity>> {
+    /// The declaration of identity `id` compiled now.
+    pub(super) fn compiled_identity(&self, id: OwnerId) -> Option<&Arc<Identity>> {
         self.record(id).and_then(|record| record.compiled.as_ref())
     }
 
@@ -238,14 +235,13 @@ impl Checks {
     }
 
     /// Records which declaration of `name` is compiled now.
-    /// Records which declaration of `name` is compiled now; returns its number.
-    pub(super) fn set_compiled(&mut self, name: &Name, identity: Option<Arc<Identity>>) -> OwnerId {
-        let (id, record) = self.record_for(name);
+    /// Records which declaration of identity `id` is compiled now.
+    pub(super) fn set_compiled(&mut self, id: OwnerId, identity: Option<Arc<Identity>>) {
+        let Some(record) = self.record_mut(id) else { return };
         let (was, is) = (record.compiled.is_some(), identity.is_some());
         record.compiled = identity;
         self.compiled_identities = self.compiled_identities - usize::from(was) + usize::from(is);
         self.untidy.push(id);
-        id
     }
 
     /// Active rules with a peer naming identity `id`.
@@ -265,11 +261,6 @@ impl Checks {
             record.naming_rules.remove(&rule);
             self.untidy.push(id);
         }
-    }
-
-    /// The number of active rule `name`.
-    pub(super) fn rule_number(&self, name: &str) -> Option<u32> {
-        self.rules.get(name).and_then(|record| record.number)
     }
 
     pub(super) fn set_rule_number(&mut self, name: &Name, number: Option<u32>) {

@@ -732,10 +732,9 @@ impl Engine {
             .collect();
         for touched_name in touched.iter().cloned().chain(expired) {
             // The checks' copy of the name is the one kept: one per rule.
-            let declared = self.checks.rule(&touched_name);
+            let (declared, id) = self.checks.rule(&touched_name);
             let name = declared.as_ref().map_or(touched_name, |(name, _)| Name::clone(name));
             let wanted = declared.map(|(_, rule)| rule).filter(|rule| rule.is_active_at(now));
-            let id = self.checks.rule_number(&name);
             let current = id.and_then(|id| self.active.get(&id)).map(|a| Arc::clone(&a.rule));
             if let (Some(current), Some(wanted)) = (&current, &wanted)
                 && current.compiles_like(wanted)
@@ -777,16 +776,16 @@ impl Engine {
         let mut released: Vec<IpNet> = Vec::new();
         let mut claimed: Vec<(IpNet, OwnerId)> = Vec::new();
         for name in touched {
-            let declared = self.checks.identity(name);
-            let name = declared.as_ref().map_or(name, |(name, _)| name);
-            let wanted = declared.as_ref().map(|(_, identity)| Arc::clone(identity));
-            let current = self.checks.compiled_identity(name).cloned();
+            // Every name a change touches keeps its record to its end.
+            let Some(id) = self.checks.identity_id(name) else { continue };
+            let wanted = self.checks.identity(id).cloned();
+            let current = self.checks.compiled_identity(id).cloned();
             if let (Some(a), Some(b)) = (&current, &wanted)
                 && Arc::ptr_eq(a, b)
             {
                 continue;
             }
-            let id = self.checks.set_compiled(name, wanted.clone());
+            self.checks.set_compiled(id, wanted.clone());
             let old_nets: BTreeSet<IpNet> = current.iter().flat_map(|i| i.addresses.iter().map(|a| a.net)).collect();
             let new_nets: BTreeSet<IpNet> = wanted.iter().flat_map(|i| i.addresses.iter().map(|a| a.net)).collect();
             // All releases before all claims: an address may pass from one
@@ -835,7 +834,7 @@ impl Engine {
         for (_, owner, selectors) in &outcome.appeared {
             if let Some(owner) = owner {
                 dirty_rules.extend(self.checks.rules_naming(*owner));
-                if let Some(identity) = self.checks.compiled_identity_of(*owner) {
+                if let Some(identity) = self.checks.compiled_identity(*owner) {
                     let labels = identity.labels.clone();
                     dirty_rules.extend(self.label_rules_matching(&labels));
                 }
@@ -997,7 +996,7 @@ impl Engine {
             Some(Some(ids)) => ids
                 .iter()
                 .copied()
-                .filter(|id| self.checks.compiled_identity_of(*id).is_some_and(|i| labels_match(wanted, &i.labels)))
+                .filter(|id| self.checks.compiled_identity(*id).is_some_and(|i| labels_match(wanted, &i.labels)))
                 .collect(),
         }
     }
@@ -1168,7 +1167,7 @@ impl From<Vec<PolicyEntry>> for PairEntries {
 }
 
 fn mode_of_owner(checks: &Checks, owner: Option<OwnerId>) -> u32 {
-    match owner.and_then(|id| checks.compiled_identity_of(id)).map(|i| i.mode) {
+    match owner.and_then(|id| checks.compiled_identity(id)).map(|i| i.mode) {
         Some(Mode::Audit) => IDENTITY_FLAG_AUDIT,
         _ => 0,
     }
