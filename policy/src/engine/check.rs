@@ -155,8 +155,6 @@ impl Checks {
         self.problems == Problems::default()
     }
 
-    /// The identity `name` (and the name as kept here), when declared
-    /// exactly once.
     /// The identity numbered `id` when declared exactly once.
     pub(super) fn identity(&self, id: OwnerId) -> Option<&Arc<Identity>> {
         self.record(id).and_then(|record| record.declared.only())
@@ -234,7 +232,6 @@ impl Checks {
         self.compiled_identities
     }
 
-    /// Records which declaration of `name` is compiled now.
     /// Records which declaration of identity `id` is compiled now.
     pub(super) fn set_compiled(&mut self, id: OwnerId, identity: Option<Arc<Identity>>) {
         let Some(record) = self.record_mut(id) else { return };

@@ -27,6 +27,11 @@
 //! - **Identity pairs**: a pair's entries are resolved again only when the
 //!   set of rules claiming it changed (a rule's selection grew or shrank by
 //!   the pair, or a claiming rule changed).
+//! - **Storage** (`stored.rs`): each source's identities and rules are kept
+//!   compact, not as parsed (positions as numbers, names of identities and
+//!   labels shared); an identity name is numbered once (`check::OwnerId`),
+//!   and the partition and the indexes refer to owners by that number. At
+//!   100,000 identities and rules the engine holds about 75 MiB.
 //!
 //! Ids are stable: atoms keep their numbers and rules their `rule_index`
 //! while they exist; a freed number is given out again only by a later
