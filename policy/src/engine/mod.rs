@@ -639,8 +639,8 @@ impl Engine {
     }
 
     /// Every policy entry.
-    pub fn policy_entries(&self) -> impl Iterator<Item = &PolicyEntry> + '_ {
-        self.pairs.values().flat_map(PairEntries::as_slice)
+    pub fn policy_entries(&self) -> impl Iterator<Item = PolicyEntry> + '_ {
+        self.pairs.iter().flat_map(|(&(src, dst), entries)| entries.entries(src, dst))
     }
 
     /// Every atom: number, owner (`world` for unowned) and flags; `host`
@@ -1073,11 +1073,10 @@ impl Engine {
             pair_entries(src, dst, &claims, &mut entries);
         }
         let old = self.pairs.remove(&(src, dst)).unwrap_or_default();
-        let old = old.as_slice();
         if src == IDENTITY_WORLD && old.is_empty() != entries.is_empty() {
             reach_changed.insert(dst);
         }
-        for entry in old {
+        for entry in old.entries(src, dst) {
             policy.record((entry.prefix_len, entry.key), Some(entry.value), None);
             self.counts.policy(entry.prefix_len, -1);
         }
@@ -1086,7 +1085,7 @@ impl Engine {
             self.counts.policy(entry.prefix_len, 1);
         }
         if !entries.is_empty() {
-            self.pairs.insert((src, dst), PairEntries::from(entries));
+            self.pairs.insert((src, dst), PairEntries::from(&entries[..]));
         }
     }
 
@@ -1121,11 +1120,12 @@ impl Engine {
         };
         let ((src, src_identity), (dst, dst_identity)) = (identity(packet.src), identity(packet.dst));
         let wanted = u32::from(packet.protocol) << 16 | u32::from(packet.port);
-        let covering = self.pairs.get(&(src, dst)).map_or(&[][..], PairEntries::as_slice).iter().find(|entry| {
-            let length = entry.prefix_len.saturating_sub(POLICY_KEY_IDENTITY_BITS).min(24);
-            let bits = u32::from(entry.key.protocol) << 16 | u32::from(u16::from_be_bytes(entry.key.port));
-            length == 0 || wanted >> (24 - length) == bits >> (24 - length)
-        });
+        let covering =
+            self.pairs.get(&(src, dst)).into_iter().flat_map(|entries| entries.entries(src, dst)).find(|entry| {
+                let length = entry.prefix_len.saturating_sub(POLICY_KEY_IDENTITY_BITS).min(24);
+                let bits = u32::from(entry.key.protocol) << 16 | u32::from(u16::from_be_bytes(entry.key.port));
+                length == 0 || wanted >> (24 - length) == bits >> (24 - length)
+            });
         let (verdict, rule) = match covering {
             None => (Verdict::Drop(DropReason::DefaultDeny), None),
             Some(entry) => {
@@ -1147,26 +1147,83 @@ impl Engine {
 enum PairEntries {
     #[default]
     None,
-    One(PolicyEntry),
-    Many(Box<[PolicyEntry]>),
+    One(PairEntry),
+    /// Boxed: a thin pointer keeps the usual case at 16 bytes.
+    #[allow(clippy::box_collection, reason = "a thin pointer, for the enum's size; see above")]
+    Many(Box<Vec<PairEntry>>),
+}
+
+/// A policy entry without its pair (the key it is kept under) and slot:
+/// 12 bytes where a [`PolicyEntry`] takes 28, in a map of 100,000 pairs.
+#[derive(Debug, Clone, Copy)]
+struct PairEntry {
+    rule_index: u32,
+    port: u16,
+    protocol: u8,
+    /// Prefix bits in the 24-bit protocol and port space.
+    bits: u8,
+    action: u8,
+    flags: u8,
+}
+
+// Actions and flags are kept in a byte each.
+const _: () = assert!(
+    enforcer_common::ACTION_ALLOW <= 0xff
+        && enforcer_common::ACTION_DENY <= 0xff
+        && enforcer_common::POLICY_FLAG_WHOLE_PROTOCOL <= 0xff
+);
+
+impl PairEntry {
+    fn of(entry: &PolicyEntry) -> Self {
+        let byte = |n: u32| u8::try_from(n).unwrap_or(u8::MAX);
+        Self {
+            rule_index: entry.value.rule_index,
+            port: u16::from_be_bytes(entry.key.port),
+            protocol: entry.key.protocol,
+            bits: byte(entry.prefix_len.saturating_sub(POLICY_KEY_IDENTITY_BITS)),
+            action: byte(entry.value.action),
+            flags: byte(entry.value.flags),
+        }
+    }
+
+    fn entry(self, src: IdentityId, dst: IdentityId) -> PolicyEntry {
+        PolicyEntry {
+            prefix_len: POLICY_KEY_IDENTITY_BITS + u32::from(self.bits),
+            key: PolicyKeyData::new(0, src, dst, self.protocol, self.port),
+            value: PolicyValue {
+                action: u32::from(self.action),
+                rule_index: self.rule_index,
+                flags: u32::from(self.flags),
+            },
+        }
+    }
 }
 
 impl PairEntries {
-    fn as_slice(&self) -> &[PolicyEntry] {
+    fn as_slice(&self) -> &[PairEntry] {
         match self {
             Self::None => &[],
             Self::One(one) => std::slice::from_ref(one),
             Self::Many(many) => many,
         }
     }
+
+    fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    /// The entries, as written for the pair `src` → `dst`.
+    fn entries(&self, src: IdentityId, dst: IdentityId) -> impl Iterator<Item = PolicyEntry> + '_ {
+        self.as_slice().iter().map(move |entry| entry.entry(src, dst))
+    }
 }
 
-impl From<Vec<PolicyEntry>> for PairEntries {
-    fn from(entries: Vec<PolicyEntry>) -> Self {
-        match entries.len() {
-            0 => Self::None,
-            1 => Self::One(entries[0]),
-            _ => Self::Many(entries.into_boxed_slice()),
+impl From<&[PolicyEntry]> for PairEntries {
+    fn from(entries: &[PolicyEntry]) -> Self {
+        match entries {
+            [] => Self::None,
+            [one] => Self::One(PairEntry::of(one)),
+            _ => Self::Many(Box::new(entries.iter().map(PairEntry::of).collect())),
         }
     }
 }
