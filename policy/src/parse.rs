@@ -15,21 +15,71 @@ use crate::yaml::{Mark, Node, SpecList, Streamed, Value};
 pub const API_VERSION: &str = "bulkhead/v1";
 pub const KIND: &str = "SegmentPolicy";
 
+/// Where a file's documents go as they are read: the parsed model
+/// ([`Policy`]), or a compact store that takes each identity and rule as
+/// soon as it is read, so a large file is never held whole in the model.
+pub(crate) trait Collect {
+    /// What an identity becomes once read.
+    type Identity;
+    /// What a rule becomes once read.
+    type Rule;
+    fn identity(&mut self, identity: Identity) -> Self::Identity;
+    fn rule(&mut self, rule: Rule) -> Self::Rule;
+    fn push_document(&mut self, name: String);
+    fn push_identity(&mut self, identity: Self::Identity);
+    fn push_rule(&mut self, rule: Self::Rule);
+}
+
+impl Collect for Policy {
+    type Identity = Identity;
+    type Rule = Rule;
+
+    fn identity(&mut self, identity: Identity) -> Identity {
+        identity
+    }
+
+    fn rule(&mut self, rule: Rule) -> Rule {
+        rule
+    }
+
+    fn push_document(&mut self, name: String) {
+        self.documents.push(name);
+    }
+
+    fn push_identity(&mut self, identity: Identity) {
+        self.identities.push(identity);
+    }
+
+    fn push_rule(&mut self, rule: Rule) {
+        self.rules.push(rule);
+    }
+}
+
 /// What the items of one `spec.identities` or `spec.rules` list became,
 /// read while the YAML was still being parsed. Kept aside until the
 /// document around them is read: a list the document's reading never
 /// reaches (a repeated `identities` key, say) counts for nothing, as if
 /// its items had never been read.
-#[derive(Default)]
-struct Staged {
-    identities: Vec<Identity>,
-    rules: Vec<Rule>,
+struct Staged<C: Collect> {
+    identities: Vec<C::Identity>,
+    rules: Vec<C::Rule>,
     problems: Vec<Diagnostic>,
+}
+
+impl<C: Collect> Default for Staged<C> {
+    fn default() -> Self {
+        Self { identities: Vec::new(), rules: Vec::new(), problems: Vec::new() }
+    }
 }
 
 /// Appends the documents of one file to `policy`, recording problems in `problems`.
 pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &mut Vec<Diagnostic>) {
-    let mut staged: HashMap<Mark, Staged> = HashMap::new();
+    parse_file_into(file, text, policy, problems);
+}
+
+/// Appends the documents of one file to `out`, recording problems in `problems`.
+pub(crate) fn parse_file_into<C: Collect>(file: &Arc<str>, text: &str, out: &mut C, problems: &mut Vec<Diagnostic>) {
+    let mut staged: HashMap<Mark, Staged<C>> = HashMap::new();
     let mut read_item = |streamed: Streamed| {
         let (list_mark, list, item) = match streamed {
             Streamed::Item(list_mark, list, item) => (list_mark, list, item),
@@ -39,16 +89,16 @@ pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &m
             }
         };
         let batch = staged.entry(list_mark).or_default();
-        let mut parser = Parser { file, problems: &mut batch.problems, staged: None };
+        let mut parser = Parser::<C> { file, problems: &mut batch.problems, staged: None };
         match list {
             SpecList::Identities => {
                 if let Some(identity) = parser.identity(&item) {
-                    batch.identities.push(identity);
+                    batch.identities.push(out.identity(identity));
                 }
             }
             SpecList::Rules => {
                 if let Some(rule) = parser.rule(&item) {
-                    batch.rules.push(rule);
+                    batch.rules.push(out.rule(rule));
                 }
             }
         }
@@ -61,15 +111,15 @@ pub fn parse_file(file: &Arc<str>, text: &str, policy: &mut Policy, problems: &m
         }
     };
     for document in &documents {
-        Parser { file, problems: &mut *problems, staged: Some(&mut staged) }.document(document, policy);
+        Parser { file, problems: &mut *problems, staged: Some(&mut staged) }.document(document, out);
     }
 }
 
-struct Parser<'a> {
+struct Parser<'a, C: Collect> {
     file: &'a Arc<str>,
     problems: &'a mut Vec<Diagnostic>,
     /// Lists whose items were read as they were parsed, by the list's mark.
-    staged: Option<&'a mut HashMap<Mark, Staged>>,
+    staged: Option<&'a mut HashMap<Mark, Staged<C>>>,
 }
 
 /// The fields of one mapping, checked against the fields it may have.
@@ -84,7 +134,7 @@ impl<'n> Fields<'n> {
     }
 }
 
-impl Parser<'_> {
+impl<C: Collect> Parser<'_, C> {
     /// Where `mark` lies, as diagnostics and the model name places.
     fn at(&self, mark: Mark) -> Location {
         mark.location(self.file)
@@ -170,7 +220,7 @@ impl Parser<'_> {
         }
     }
 
-    fn document(&mut self, node: &Node, policy: &mut Policy) {
+    fn document(&mut self, node: &Node, out: &mut C) {
         let Some(fields) = self.fields(node, "a policy document", &["apiVersion", "kind", "metadata", "spec"]) else {
             return;
         };
@@ -181,7 +231,7 @@ impl Parser<'_> {
             && let Some(name) = self.required(&meta, "name", "metadata")
             && let Some(name) = self.name(name, "metadata.name")
         {
-            policy.documents.push(name);
+            out.push_document(name);
         }
         let Some(spec) = self.required(&fields, "spec", "the policy document") else {
             return;
@@ -192,29 +242,31 @@ impl Parser<'_> {
         if let Some(identities) = spec.get("identities").filter(|n| !n.is_null()) {
             for item in self.sequence(identities, "spec.identities").unwrap_or_default() {
                 if let Some(identity) = self.identity(item) {
-                    policy.identities.push(identity);
+                    let kept = out.identity(identity);
+                    out.push_identity(kept);
                 }
             }
             if let Some(batch) = self.take_staged(identities) {
-                policy.identities.extend(batch.identities);
+                batch.identities.into_iter().for_each(|identity| out.push_identity(identity));
                 self.problems.extend(batch.problems);
             }
         }
         if let Some(rules) = spec.get("rules").filter(|n| !n.is_null()) {
             for item in self.sequence(rules, "spec.rules").unwrap_or_default() {
                 if let Some(rule) = self.rule(item) {
-                    policy.rules.push(rule);
+                    let kept = out.rule(rule);
+                    out.push_rule(kept);
                 }
             }
             if let Some(batch) = self.take_staged(rules) {
-                policy.rules.extend(batch.rules);
+                batch.rules.into_iter().for_each(|rule| out.push_rule(rule));
                 self.problems.extend(batch.problems);
             }
         }
     }
 
     /// The items of `list` read while parsing, if it was such a list.
-    fn take_staged(&mut self, list: &Node) -> Option<Staged> {
+    fn take_staged(&mut self, list: &Node) -> Option<Staged<C>> {
         if !matches!(list.value, Value::Sequence(_)) {
             return None;
         }
@@ -570,6 +622,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::{Parser, Policy, parse_file, rfc3339};
+    use crate::engine::stored::{Fragment, Interner};
     use crate::error::Diagnostic;
 
     /// The policy and problems as reading the whole tree at once gives them.
@@ -625,6 +678,14 @@ mod tests {
             let (streamed, streamed_problems) = read_streaming(&file, text);
             assert_eq!(format!("{whole:?}"), format!("{streamed:?}"), "{text}");
             assert_eq!(whole_problems, streamed_problems, "{text}");
+            // The engine's path: each item stored as soon as it is read.
+            let mut problems = Vec::new();
+            let fragment = Fragment::parse(&file, text, &mut Interner::default(), &mut problems);
+            let mut stored = Policy::default();
+            fragment.extend_policy(&mut stored);
+            problems.sort_by(|a, b| a.location.cmp(&b.location));
+            assert_eq!(format!("{whole:?}"), format!("{stored:?}"), "{text}");
+            assert_eq!(whole_problems, problems, "{text}");
         }
     }
 

@@ -47,7 +47,7 @@ mod check;
 mod labels;
 mod partition;
 mod small;
-mod stored;
+pub(crate) mod stored;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
@@ -449,9 +449,7 @@ impl Engine {
                 Contents::Parsed(policy) => Some(Arc::new(Fragment::new(policy, &mut self.names))),
                 Contents::Text(text) => {
                     let file: Arc<str> = Arc::from(change.source.as_str());
-                    let mut policy = Policy::default();
-                    crate::parse::parse_file(&file, &text, &mut policy, &mut problems);
-                    Some(Arc::new(Fragment::new(policy, &mut self.names)))
+                    Some(Arc::new(Fragment::parse(&file, &text, &mut self.names, &mut problems)))
                 }
             };
             incoming.push((change.source, fragment));

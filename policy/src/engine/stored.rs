@@ -21,7 +21,7 @@ use ipnet::IpNet;
 
 use super::Name;
 use super::labels::Labels;
-use crate::error::Location;
+use crate::error::{Diagnostic, Location};
 use crate::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Rule, Selector};
 
 /// Shares equal names (identities, label keys and values): a name a rule
@@ -197,67 +197,125 @@ pub struct Fragment {
     pub(crate) rules: Box<[Arc<StoredRule>]>,
 }
 
+/// Builds a [`Fragment`] an item at a time, as the parser reads them: a
+/// large file's items never exist all at once in the parsed model.
+pub(crate) struct FragmentBuilder<'n> {
+    names: &'n mut Interner,
+    documents: Vec<String>,
+    files: Vec<Arc<str>>,
+    identities: Vec<Arc<StoredIdentity>>,
+    rules: Vec<Arc<StoredRule>>,
+}
+
+impl<'n> FragmentBuilder<'n> {
+    pub(crate) fn new(names: &'n mut Interner) -> Self {
+        Self { names, documents: Vec::new(), files: Vec::new(), identities: Vec::new(), rules: Vec::new() }
+    }
+
+    pub(crate) fn finish(self) -> Fragment {
+        Fragment {
+            documents: self.documents.into_boxed_slice(),
+            files: self.files.into_boxed_slice(),
+            identities: self.identities.into_boxed_slice(),
+            rules: self.rules.into_boxed_slice(),
+        }
+    }
+
+    fn pos(&mut self, location: &Location) -> Pos {
+        let known = self.files.iter().position(|file| Arc::ptr_eq(file, &location.file) || *file == location.file);
+        let file = known.unwrap_or_else(|| {
+            self.files.push(Arc::clone(&location.file));
+            self.files.len() - 1
+        });
+        Pos { file: u32::try_from(file).unwrap_or(u32::MAX), line: location.line, column: location.column }
+    }
+
+    fn peers(&mut self, peers: Vec<Peer>) -> Few<StoredPeer> {
+        peers
+            .into_iter()
+            .map(|peer| StoredPeer {
+                selector: match peer.selector {
+                    Selector::Identity(name) => StoredSelector::Identity(self.names.intern(&name)),
+                    Selector::Labels(labels) => StoredSelector::Labels(Labels::new(&labels, self.names)),
+                    Selector::Cidr { cidr, except } => {
+                        StoredSelector::Cidr(Box::new(CidrPeer { cidr, except: except.into_boxed_slice() }))
+                    }
+                },
+                at: self.pos(&peer.location),
+            })
+            .collect()
+    }
+}
+
+impl crate::parse::Collect for FragmentBuilder<'_> {
+    type Identity = Arc<StoredIdentity>;
+    type Rule = Arc<StoredRule>;
+
+    fn identity(&mut self, identity: Identity) -> Arc<StoredIdentity> {
+        let addresses = identity
+            .addresses
+            .iter()
+            .map(|address| StoredAddress { net: address.net, at: self.pos(&address.location) })
+            .collect();
+        Arc::new(StoredIdentity {
+            name: self.names.intern(&identity.name),
+            labels: Labels::new(&identity.labels, self.names),
+            addresses,
+            mode: identity.mode,
+            at: self.pos(&identity.location),
+        })
+    }
+
+    fn rule(&mut self, rule: Rule) -> Arc<StoredRule> {
+        let (from, to) = (self.peers(rule.from), self.peers(rule.to));
+        Arc::new(StoredRule {
+            name: Name::from(rule.name),
+            action: rule.action,
+            from,
+            to,
+            ports: rule.ports.map(|ports| ports.into_iter().collect()),
+            expires_ns: rule.expires.map(nanos_since_epoch),
+            at: self.pos(&rule.location),
+        })
+    }
+
+    fn push_document(&mut self, name: String) {
+        self.documents.push(name);
+    }
+
+    fn push_identity(&mut self, identity: Arc<StoredIdentity>) {
+        self.identities.push(identity);
+    }
+
+    fn push_rule(&mut self, rule: Arc<StoredRule>) {
+        self.rules.push(rule);
+    }
+}
+
 impl Fragment {
     /// Stores a parsed policy, sharing names through `names`.
     pub(crate) fn new(policy: Policy, names: &mut Interner) -> Self {
-        let mut files: Vec<Arc<str>> = Vec::new();
-        let mut pos = |location: &Location| {
-            let known = files.iter().position(|file| Arc::ptr_eq(file, &location.file) || *file == location.file);
-            let file = known.unwrap_or_else(|| {
-                files.push(Arc::clone(&location.file));
-                files.len() - 1
-            });
-            Pos { file: u32::try_from(file).unwrap_or(u32::MAX), line: location.line, column: location.column }
-        };
-        let identities = policy
-            .identities
-            .into_iter()
-            .map(|identity| {
-                Arc::new(StoredIdentity {
-                    name: names.intern(&identity.name),
-                    labels: Labels::new(&identity.labels, names),
-                    addresses: identity
-                        .addresses
-                        .iter()
-                        .map(|address| StoredAddress { net: address.net, at: pos(&address.location) })
-                        .collect(),
-                    mode: identity.mode,
-                    at: pos(&identity.location),
-                })
-            })
-            .collect();
-        let rules = policy
-            .rules
-            .into_iter()
-            .map(|rule| {
-                let mut peers = |peers: Vec<Peer>| -> Few<StoredPeer> {
-                    peers
-                        .into_iter()
-                        .map(|peer| StoredPeer {
-                            selector: match peer.selector {
-                                Selector::Identity(name) => StoredSelector::Identity(names.intern(&name)),
-                                Selector::Labels(labels) => StoredSelector::Labels(Labels::new(&labels, names)),
-                                Selector::Cidr { cidr, except } => {
-                                    StoredSelector::Cidr(Box::new(CidrPeer { cidr, except: except.into_boxed_slice() }))
-                                }
-                            },
-                            at: pos(&peer.location),
-                        })
-                        .collect()
-                };
-                let (from, to) = (peers(rule.from), peers(rule.to));
-                Arc::new(StoredRule {
-                    name: Name::from(rule.name),
-                    action: rule.action,
-                    from,
-                    to,
-                    ports: rule.ports.map(|ports| ports.into_iter().collect()),
-                    expires_ns: rule.expires.map(nanos_since_epoch),
-                    at: pos(&rule.location),
-                })
-            })
-            .collect();
-        Self { documents: policy.documents.into_boxed_slice(), files: files.into_boxed_slice(), identities, rules }
+        use crate::parse::Collect as _;
+        let mut builder = FragmentBuilder::new(names);
+        for name in policy.documents {
+            builder.push_document(name);
+        }
+        for identity in policy.identities {
+            let kept = builder.identity(identity);
+            builder.push_identity(kept);
+        }
+        for rule in policy.rules {
+            let kept = builder.rule(rule);
+            builder.push_rule(kept);
+        }
+        builder.finish()
+    }
+
+    /// Reads one file's text straight into a fragment, an item at a time.
+    pub(crate) fn parse(file: &Arc<str>, text: &str, names: &mut Interner, problems: &mut Vec<Diagnostic>) -> Self {
+        let mut builder = FragmentBuilder::new(names);
+        crate::parse::parse_file_into(file, text, &mut builder, problems);
+        builder.finish()
     }
 
     /// Appends this fragment's part of the policy, as parsed, to `policy`.
