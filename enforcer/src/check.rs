@@ -13,14 +13,22 @@ pub fn check(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     match policy::parse_sources(&sources) {
         Ok(parsed) => {
             let compiled = policy::compile(&parsed);
+            let warnings = policy::warnings(&parsed);
+            for warning in &warnings {
+                println!("{}: warning: {}", warning.location, warning.message);
+            }
             println!(
-                "ok: {} file(s), {} identities, {} rules, {} compiled entries ({} identity, {} policy)",
+                "ok: {} file(s), {} identities, {} rules, {} compiled entries ({} identity, {} policy){}",
                 sources.len(),
                 parsed.identities.len(),
                 parsed.rules.len(),
                 compiled.identity_entries.len() + compiled.policy_entries.len(),
                 compiled.identity_entries.len(),
                 compiled.policy_entries.len(),
+                match warnings.len() {
+                    0 => String::new(),
+                    n => format!("; {n} warning(s): peers that select no identity yet"),
+                },
             );
             Ok(ExitCode::SUCCESS)
         }

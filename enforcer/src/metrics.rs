@@ -22,6 +22,8 @@ pub struct PolicyStats {
     /// Identity pairs exported by name in `bulkhead_identity_drops_total`;
     /// the rest are summed under `other`.
     pub identity_drops_top: usize,
+    /// Rule peers of the enforced policy that select no identity yet.
+    pub unmatched_peers: usize,
 }
 
 /// How full the maps are; refreshed by the daemon's maintenance loop, since
@@ -158,6 +160,11 @@ fn policy_figures(builder: &Builder, snapshot: &CounterSnapshot, stats: PolicySt
         saturating(stats.identities),
     )?;
     builder.gauge("bulkhead_policy_rules", "Rules in the enforced policy.", saturating(stats.rules))?;
+    builder.gauge(
+        "bulkhead_policy_unmatched_peers",
+        "Rule peers of the enforced policy that select no identity yet (an undeclared name, labels no identity carries).",
+        saturating(stats.unmatched_peers),
+    )?;
     builder.gauge("bulkhead_policy_generation", "Generation of the enforced policy.", i64::from(stats.generation))?;
     let errors = prometheus::IntCounter::new(
         "bulkhead_policy_load_errors_total",
@@ -341,7 +348,14 @@ mod tests {
         for (pair, count) in [(("world", "db"), 9), (("web", "db"), 5), (("web", "app"), 1), (("app", "db"), 1)] {
             snapshot.identity_drops.insert((pair.0.to_owned(), pair.1.to_owned()), count);
         }
-        let stats = PolicyStats { identities: 4, rules: 2, generation: 3, load_errors: 1, identity_drops_top: 2 };
+        let stats = PolicyStats {
+            identities: 4,
+            rules: 2,
+            generation: 3,
+            load_errors: 1,
+            identity_drops_top: 2,
+            unmatched_peers: 5,
+        };
         snapshot.rules.insert(("web-to-db".to_owned(), policy::model::Action::Allow), 9);
         let usage = Usage { maps: vec![("policy", 12, 100)], conntrack: (4, 1000) };
         let histogram = apply_duration_histogram();
@@ -386,6 +400,7 @@ mod tests {
         assert!(text.contains("bulkhead_forward_packets_total{direction=\"ingress\"} 7"), "{text}");
         assert!(text.contains("bulkhead_identities 4"), "{text}");
         assert!(text.contains("bulkhead_policy_rules 2"), "{text}");
+        assert!(text.contains("bulkhead_policy_unmatched_peers 5"), "{text}");
         let audit = "bulkhead_audit_packets_total{direction=\"egress\",reason=\"default_deny\"} 5";
         assert!(text.contains(audit), "{text}");
         assert!(text.contains("bulkhead_policy_generation 3"), "{text}");

@@ -113,13 +113,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let counts = engine.counts();
     log::info!(
-        "enforcing {} identities and {} rules ({} identity entries, {} policy entries){} on {}",
+        "enforcing {} identities and {} rules ({} identity entries, {} policy entries){} on {}{}",
         engine.identity_count(),
         engine.active_rule_count(),
         counts.identity_v4_exact + counts.identity_v4_prefix + counts.identity_v6_exact + counts.identity_v6_prefix,
         counts.policy_exact + counts.policy_prefix,
         if args.audit { " in audit mode" } else { "" },
-        datapath.attached().collect::<Vec<_>>().join(", ")
+        datapath.attached().collect::<Vec<_>>().join(", "),
+        unmatched_note(engine.unmatched_peers()),
     );
     drop(diff);
 
@@ -130,6 +131,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         generation,
         load_errors: 0,
         identity_drops_top: args.identity_drops_top,
+        unmatched_peers: engine.unmatched_peers(),
     };
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
@@ -535,6 +537,15 @@ impl Origin {
     }
 }
 
+/// The log's note on rule peers that select no identity yet: valid (the
+/// identities may come later), but named by `policy check` in case of a typo.
+fn unmatched_note(unmatched: usize) -> String {
+    match unmatched {
+        0 => String::new(),
+        n => format!("; {n} rule peer(s) select no identity yet (`bulkhead policy check` names them)"),
+    }
+}
+
 /// A change at least this large (text parsed, or entries written) hands
 /// the memory it freed back to the kernel; smaller ones leave nothing worth
 /// the walk over the heap, which costs milliseconds at 100k identities.
@@ -721,7 +732,7 @@ impl Maintainer<'_> {
         self.observe_apply(started, slot_wait);
         let total = started.elapsed();
         log::info!(
-            "applied policy generation {generation} ({}): {} identities, {} rules in force; {} entries changed; took {} µs (parse, validate and compile {} µs, write and switch {} µs)",
+            "applied policy generation {generation} ({}): {} identities, {} rules in force; {} entries changed; took {} µs (parse, validate and compile {} µs, write and switch {} µs){}",
             origin.why(),
             engine.identity_count(),
             engine.active_rule_count(),
@@ -729,6 +740,7 @@ impl Maintainer<'_> {
             total.as_micros(),
             compiled_in.as_micros(),
             total.saturating_sub(compiled_in).as_micros(),
+            unmatched_note(engine.unmatched_peers()),
         );
         if let Origin::Push { who, digest } = origin {
             log::info!(
@@ -799,6 +811,7 @@ impl Maintainer<'_> {
             stats.generation = generation;
             stats.identities = engine.identity_count();
             stats.rules = engine.active_rule_count();
+            stats.unmatched_peers = engine.unmatched_peers();
         }
         if !self.pushed {
             *self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner) = self.policy_dir.sources();

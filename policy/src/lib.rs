@@ -64,6 +64,14 @@ pub fn validate(policy: &Policy) -> Result<(), PolicyError> {
     }
 }
 
+/// What is valid but likely unintended in a policy that validates: peers
+/// that select no identity yet (see [`Engine::unmatched_peers`]), in
+/// position order.
+#[must_use]
+pub fn warnings(policy: &Policy) -> Vec<Diagnostic> {
+    validate::warnings(policy)
+}
+
 /// Parses and validates one policy text; `name` is used in positions.
 pub fn parse_str(name: &str, text: &str) -> Result<Policy, PolicyError> {
     parse_sources(&[Source { name: name.to_owned(), text: text.to_owned() }])

@@ -1,7 +1,9 @@
-//! Checks that need the whole merged policy: unique names, non-overlapping
-//! identity addresses, and selectors that match something.
+//! Checks that need the whole merged policy: unique names and
+//! non-overlapping identity addresses (errors), and selectors that match
+//! nothing yet (warnings: a rule may be applied before what it names
+//! exists, as a Kubernetes network policy may be applied before its pods).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use ipnet::IpNet;
 
@@ -36,6 +38,14 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
         }
     }
     overlapping_addresses(policy, problems);
+}
+
+/// Peers that select no identity: a name no identity is declared under, a
+/// label selector no identity satisfies. Such a peer matches nothing until
+/// the identity appears; the policy is valid.
+pub fn warnings(policy: &Policy) -> Vec<Diagnostic> {
+    let mut warnings = Vec::new();
+    let identity_names: HashSet<&str> = policy.identities.iter().map(|identity| identity.name.as_str()).collect();
     // Each distinct label selector is matched against the identities once,
     // however many rules repeat it.
     let mut label_matches: HashMap<&BTreeMap<String, String>, bool> = HashMap::new();
@@ -43,10 +53,10 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
         for peer in rule.from.iter().chain(&rule.to) {
             match &peer.selector {
                 Selector::Identity(name) => {
-                    if name != WORLD && name != HOST && !identity_names.contains_key(name.as_str()) {
-                        problems.push(Diagnostic::new(
+                    if name != WORLD && name != HOST && !identity_names.contains(name.as_str()) {
+                        warnings.push(Diagnostic::new(
                             peer.location.clone(),
-                            format!("rule `{}` names identity `{name}`, which is not declared; declare it, or use `world` or `host`", rule.name),
+                            format!("rule `{}` names identity `{name}`, which is not declared; the peer matches nothing until it is (or use `world` or `host`)", rule.name),
                         ));
                     }
                 }
@@ -59,9 +69,9 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
                     });
                     if !matches {
                         let shown: Vec<_> = wanted.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                        problems.push(Diagnostic::new(
+                        warnings.push(Diagnostic::new(
                             peer.location.clone(),
-                            format!("label selector {{{}}} in rule `{}` matches no identity; fix the labels or add an identity carrying them", shown.join(", "), rule.name),
+                            format!("label selector {{{}}} in rule `{}` matches no identity; the peer matches nothing until an identity carries those labels", shown.join(", "), rule.name),
                         ));
                     }
                 }
@@ -69,6 +79,8 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
             }
         }
     }
+    warnings.sort_by(|a, b| a.location.cmp(&b.location));
+    warnings
 }
 
 /// Two identities may not claim the same address: an address must have

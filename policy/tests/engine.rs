@@ -463,6 +463,9 @@ proptest! {
             }
             assert_same(&compile_at(&merged(&sources), now), &engine, &maps)?;
             assert_describes(&mut dice, &merged(&sources), &engine, now)?;
+            // Peers selecting nothing are valid; the engine counts what the
+            // full validator warns of.
+            prop_assert_eq!(engine.unmatched_peers(), policy::warnings(&merged(&sources)).len());
         }
     }
 }

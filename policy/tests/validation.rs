@@ -1,5 +1,5 @@
-//! One test per kind of policy error: each asserts the exact position and
-//! the message, because operators act on both.
+//! One test per kind of policy error (and warning): each asserts the exact
+//! position and the message, because operators act on both.
 
 use policy::{Diagnostic, PolicyError, parse_str};
 
@@ -125,19 +125,43 @@ fn duplicate_address_in_one_identity() {
     assert_one(body, "p.yaml:8:31:", "address 10.0.0.1/32 is listed twice in identity `a`");
 }
 
+/// Parses `HEADER + body`, which must be valid, and returns its warnings
+/// as `file:line:col: message`.
+fn warnings(body: &str) -> Vec<String> {
+    let policy = parse_str("p.yaml", &format!("{HEADER}{body}")).expect("valid: selecting nothing is no error");
+    policy::warnings(&policy).iter().map(Diagnostic::to_string).collect()
+}
+
+fn assert_one_warning(body: &str, expected_prefix: &str, expected_text: &str) {
+    let found = warnings(body);
+    assert_eq!(found.len(), 1, "expected exactly one warning, got {found:#?}");
+    assert!(found[0].starts_with(expected_prefix), "{} does not start with {expected_prefix}", found[0]);
+    assert!(found[0].contains(expected_text), "{} does not contain {expected_text}", found[0]);
+}
+
+/// A rule may come before the identity it names (as a network policy
+/// before its pods): valid, with a warning.
 #[test]
-fn identity_selector_matches_nothing() {
+fn identity_selector_matches_nothing_yet() {
     let body =
         format!("{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: c}}]\n      to: [{{identity: b}}]\n");
-    assert_one(&body, "p.yaml:15:15:", "rule `r` names identity `c`, which is not declared");
+    assert_one_warning(&body, "p.yaml:15:15:", "rule `r` names identity `c`, which is not declared");
 }
 
 #[test]
-fn label_selector_matches_nothing() {
+fn label_selector_matches_nothing_yet() {
     let body = format!(
         "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a}}]\n      to: [{{labels: {{tier: c}}}}]\n"
     );
-    assert_one(&body, "p.yaml:16:13:", "label selector {tier=c} in rule `r` matches no identity");
+    assert_one_warning(&body, "p.yaml:16:13:", "label selector {tier=c} in rule `r` matches no identity");
+}
+
+#[test]
+fn selectors_that_match_give_no_warning() {
+    let body = format!(
+        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a}}, {{identity: world}}, {{identity: host}}]\n      to: [{{labels: {{tier: b}}}}, {{cidr: 10.9.0.0/16}}]\n"
+    );
+    assert_eq!(warnings(&body), Vec::<String>::new());
 }
 
 #[test]
@@ -256,7 +280,7 @@ fn repeated_yaml_key() {
 #[test]
 fn every_problem_is_reported_in_one_run() {
     let body = format!(
-        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: nope}}]\n      to: [{{identity: b}}]\n      ports: [\"99999/tcp\", \"1/gre\"]\n"
+        "{IDENTITIES}  rules:\n    - name: r\n      from: [{{identity: a}}]\n      to: [{{identity: b}}]\n      ports: [\"99999/tcp\", \"1/gre\"]\n    - name: r\n      from: [{{identity: a}}]\n      to: [{{identity: b}}]\n"
     );
     assert_eq!(problems(&body).len(), 3, "{:#?}", problems(&body));
 }

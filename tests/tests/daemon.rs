@@ -182,6 +182,91 @@ fn metrics_show_rule_hits_map_usage_and_apply_times() {
     assert!(body.contains("bulkhead_build_info{version=\""), "{body}");
 }
 
+/// Waits until the daemon enforces generation `generation` or later.
+fn wait_for_generation(lab: &ThreeTier, daemon: &Daemon, generation: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(lab, daemon, "bulkhead_policy_generation") < Some(generation) {
+        assert!(Instant::now() < deadline, "generation {generation} never came: {}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Rules may come before the identities they name (as network policies
+/// before their pods): the daemon accepts them, they admit nothing until
+/// the identity is declared by another file, and from then on they do.
+#[test]
+fn rules_naming_an_identity_not_yet_declared_wait_for_it() {
+    let lab = ThreeTier::new("waiting").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = "    - name: db\n      labels: {tier: db, env: prod}\n      addresses: [\"10.0.3.10\"]\n";
+    let without_db = three_tier().replace(db, "");
+    assert_ne!(without_db, three_tier(), "the example declares db as this test expects");
+    std::fs::write(dir.join("p.yaml"), &without_db).unwrap();
+    let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
+    let _servers = servers(&lab);
+    // Three rules name `db`: logic-to-db, gateway-admin-to-db and the deny.
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_unmatched_peers"), Some(3), "{}", daemon.log_text());
+    assert!(daemon.log_text().contains("3 rule peer(s) select no identity yet"), "{}", daemon.log_text());
+    let (logic, gateway) = (&lab.host("logic").ns, &lab.host("gateway").ns);
+    assert_eq!(probe::tcp(logic, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut, "db is `world` for now");
+    assert_eq!(probe::tcp(gateway, addr(&lab, "db", 22)).unwrap(), Outcome::TimedOut);
+    assert_eq!(probe::tcp(gateway, addr(&lab, "logic", 8080)).unwrap(), Outcome::Connected, "the rest is enforced");
+
+    let declared =
+        format!("apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {{name: db}}\nspec:\n  identities:\n{db}");
+    std::fs::write(dir.join("db.yaml"), declared).unwrap();
+    wait_for_generation(&lab, &daemon, 2);
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_unmatched_peers"), Some(0));
+    assert_eq!(probe::tcp(logic, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected, "{}", daemon.log_text());
+    assert_eq!(probe::tcp(gateway, addr(&lab, "db", 22)).unwrap(), Outcome::Connected);
+    assert_eq!(probe::tcp(gateway, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut, "the deny rule now applies");
+
+    std::fs::remove_file(dir.join("db.yaml")).unwrap();
+    wait_for_generation(&lab, &daemon, 3);
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_unmatched_peers"), Some(3));
+    assert_eq!(probe::tcp(logic, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut, "gone with its identity");
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total"), Some(0));
+}
+
+/// `policy check` names each peer that selects nothing yet, as a warning,
+/// and still passes the policy; an error still fails it.
+#[test]
+fn policy_check_warns_of_peers_that_select_nothing_yet() {
+    let scratch = ScratchDir::new(&format!("bh-check-warns-{}", std::process::id())).unwrap();
+    let file = scratch.0.join("p.yaml");
+    let db = "    - name: db\n      labels: {tier: db, env: prod}\n      addresses: [\"10.0.3.10\"]\n";
+    std::fs::write(
+        &file,
+        three_tier().replace(db, "").replace(
+            "{tier: logic}}]\n      to: [{identity: db}]",
+            "{tier: logic}}]\n      to: [{labels: {tier: dbs}}]",
+        ),
+    )
+    .unwrap();
+    let check = |path: &Path| {
+        std::process::Command::new(lab::topology::bulkhead_binary())
+            .args(["policy", "check"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let output = check(&file);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let warnings: Vec<&str> = stdout.lines().filter(|line| line.contains(": warning: ")).collect();
+    assert_eq!(warnings.len(), 3, "{stdout}");
+    assert!(warnings[0].ends_with("label selector {tier=dbs} in rule `logic-to-db` matches no identity; the peer matches nothing until an identity carries those labels"), "{stdout}");
+    assert!(warnings[1].contains("rule `gateway-admin-to-db` names identity `db`, which is not declared"), "{stdout}");
+    assert!(warnings.iter().all(|w| w.starts_with(&format!("{}:", file.display()))), "{stdout}");
+    assert!(stdout.contains("; 3 warning(s)"), "{stdout}");
+    std::fs::write(&file, three_tier().replace("name: db\n", "name: logic\n")).unwrap();
+    let output = check(&file);
+    assert_eq!(output.status.code(), Some(1), "a duplicate name is still an error");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("duplicate identity name `logic`"));
+}
+
 /// Repeated probes from another thread: (allowed outcomes, denied outcomes).
 fn probe_continuously(lab: &ThreeTier, stop: &std::sync::atomic::AtomicBool) -> (Vec<Outcome>, Vec<Outcome>) {
     let mut allowed = Vec::new();

@@ -136,6 +136,7 @@ pub(super) struct Checks {
     /// Used label selectors, found from the labels they select.
     selectors: LabelSelectors,
     problems: Problems,
+    unmatched: Unmatched,
 }
 
 /// One counter per kind of problem; all zero means valid.
@@ -146,13 +147,26 @@ struct Problems {
     duplicate_rules: usize,
     duplicate_addresses: usize,
     nested_addresses: usize,
+}
+
+/// Peers that select no identity now: valid (a rule may come before the
+/// identities it names), counted for the warnings.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Unmatched {
+    /// Peers naming an identity no declaration has.
     undeclared_references: usize,
-    unmatched_label_selectors: usize,
+    /// Peers with a label selector no declaration satisfies.
+    label_selectors: usize,
 }
 
 impl Checks {
     pub(super) fn is_clean(&self) -> bool {
         self.problems == Problems::default()
+    }
+
+    /// Rule peers that select no identity now.
+    pub(super) fn unmatched_peers(&self) -> usize {
+        self.unmatched.undeclared_references + self.unmatched.label_selectors
     }
 
     /// The identity numbered `id` when declared exactly once.
@@ -291,7 +305,7 @@ impl Checks {
         if record.declared.push(Arc::clone(identity)) > 1 {
             self.problems.duplicate_identities += 1;
         } else {
-            self.problems.undeclared_references -= record.refs as usize;
+            self.unmatched.undeclared_references -= record.refs as usize;
         }
         for address in &identity.addresses {
             let found = partition.declare(address.net);
@@ -318,7 +332,7 @@ impl Checks {
             && let Some(record) = self.record_mut(id)
         {
             match record.declared.remove(identity) {
-                0 => self.problems.undeclared_references += record.refs as usize,
+                0 => self.unmatched.undeclared_references += record.refs as usize,
                 _ => self.problems.duplicate_identities -= 1,
             }
             self.untidy.push(id);
@@ -355,9 +369,9 @@ impl Checks {
                 let before = *matches;
                 *matches = matches.saturating_add_signed(delta);
                 if before == 0 && *matches > 0 {
-                    self.problems.unmatched_label_selectors -= *refs;
+                    self.unmatched.label_selectors -= *refs;
                 } else if before > 0 && *matches == 0 {
-                    self.problems.unmatched_label_selectors += *refs;
+                    self.unmatched.label_selectors += *refs;
                 }
             }
         }
@@ -387,7 +401,7 @@ impl Checks {
                     let (_, record) = self.record_for(name);
                     record.refs += 1;
                     if matches!(record.declared, Declared::None) {
-                        self.problems.undeclared_references += 1;
+                        self.unmatched.undeclared_references += 1;
                     }
                 }
                 Selector::Labels(wanted) => self.add_label_ref(wanted),
@@ -413,7 +427,7 @@ impl Checks {
                     {
                         record.refs -= 1;
                         if matches!(record.declared, Declared::None) {
-                            self.problems.undeclared_references -= 1;
+                            self.unmatched.undeclared_references -= 1;
                         }
                         self.untidy.push(id);
                     }
@@ -428,14 +442,14 @@ impl Checks {
         if let Some((refs, matches)) = self.label_refs.get_mut(wanted) {
             *refs += 1;
             if *matches == 0 {
-                self.problems.unmatched_label_selectors += 1;
+                self.unmatched.label_selectors += 1;
             }
             return;
         }
         let matches = self.matches(wanted);
         self.label_refs.insert(wanted.clone(), (1, matches));
         if matches == 0 {
-            self.problems.unmatched_label_selectors += 1;
+            self.unmatched.label_selectors += 1;
         }
         self.selectors.insert(wanted);
     }
@@ -444,7 +458,7 @@ impl Checks {
         let Some((refs, matches)) = self.label_refs.get_mut(wanted) else { return };
         *refs -= 1;
         if *matches == 0 {
-            self.problems.unmatched_label_selectors -= 1;
+            self.unmatched.label_selectors -= 1;
         }
         if *refs > 0 {
             return;

@@ -12,11 +12,13 @@
 //! engine keeps and updates locally:
 //!
 //! - **Validation** (`check.rs`): each problem a full validation would
-//!   report (duplicate names, overlapping addresses, rules naming undeclared
-//!   identities, label selectors matching nothing) is a counter kept in step
-//!   with every declaration added or removed. A change is valid when all
-//!   counters are zero; only a refused change pays for the full validator,
-//!   for its exact messages.
+//!   report (reserved or duplicate names, overlapping addresses) is a
+//!   counter kept in step with every declaration added or removed. A change
+//!   is valid when all counters are zero; only a refused change pays for the
+//!   full validator, for its exact messages. Peers that select no identity
+//!   (a name not declared, labels no identity carries) are counted too, but
+//!   they are valid: they select nothing until the identity appears, which
+//!   then takes the rule's entries like any identity added.
 //! - **The address partition** (`partition.rs`): prefixes map to atoms; a
 //!   change re-derives just the prefixes it adds, removes or gives another
 //!   role, and the prefixes nested in them.
@@ -566,6 +568,15 @@ impl Engine {
     #[must_use]
     pub fn identity_count(&self) -> usize {
         self.checks.compiled_identity_count()
+    }
+
+    /// Rule peers that select no identity now: a name no identity is
+    /// declared under, or labels no identity carries. Valid, and worth a
+    /// warning: such a rule is likely waiting for its identities, or has a
+    /// typo. [`crate::warnings`] names them.
+    #[must_use]
+    pub fn unmatched_peers(&self) -> usize {
+        self.checks.unmatched_peers()
     }
 
     /// Rules in force (not expired).
