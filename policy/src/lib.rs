@@ -10,6 +10,7 @@ pub mod diff;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod kubernetes;
 pub mod model;
 mod parse;
 mod validate;

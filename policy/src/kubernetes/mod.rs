@@ -1,0 +1,197 @@
+//! Kubernetes objects as policy input: the parts of `v1` `Namespace`,
+//! `v1` `Pod` and `networking.k8s.io/v1` `NetworkPolicy` that decide who
+//! may connect to whom, read from YAML exactly as `kubectl get -o yaml`
+//! prints them ([`read_objects`]), and `NetworkPolicy`'s semantics
+//! ([`netpol`]), written against the API reference.
+//!
+//! Only what connectivity depends on is kept; every field the API adds
+//! (`managedFields`, `status.conditions`, `uid`, container images, …) is
+//! ignored rather than refused, since a cluster snapshot carries all of
+//! them. A malformed object, or one this version cannot enforce, is
+//! reported and skipped on its own: it never makes the rest invalid.
+
+pub mod netpol;
+mod parse;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+pub use parse::read_objects;
+
+use crate::error::Location;
+use crate::model::Protocol;
+
+/// The Kubernetes objects of one load.
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub network_policies: Vec<NetworkPolicy>,
+}
+
+/// A `v1` `Namespace`: its labels are what namespace selectors match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub location: Location,
+}
+
+/// A `v1` `Pod`: where it is, what it carries, and the names of its ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// `status.podIPs` (or `status.podIP` where the list is absent): none
+    /// until the pod is scheduled and started.
+    pub addresses: Vec<IpAddr>,
+    /// Container ports, for named ports in `NetworkPolicy`.
+    pub ports: Vec<ContainerPort>,
+    pub location: Location,
+}
+
+/// One `containerPorts` entry of one of the pod's containers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub protocol: PortProtocol,
+    pub port: u16,
+}
+
+/// The protocols a Kubernetes port may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    Tcp,
+    Udp,
+    /// Read, but not enforced by this version: a policy port entry for it
+    /// matches nothing (reported when read), so it never widens a rule.
+    Sctp,
+}
+
+impl PortProtocol {
+    /// Whether a packet of `protocol` is of this protocol.
+    #[must_use]
+    pub fn matches(self, protocol: Protocol) -> bool {
+        matches!((self, protocol), (PortProtocol::Tcp, Protocol::Tcp) | (PortProtocol::Udp, Protocol::Udp))
+    }
+}
+
+/// A `networking.k8s.io/v1` `NetworkPolicy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPolicy {
+    pub namespace: String,
+    pub name: String,
+    /// The pods of its namespace the policy applies to.
+    pub pod_selector: LabelSelector,
+    /// Whether the selected pods are isolated for ingress, for egress:
+    /// `policyTypes`, or its default when omitted (ingress always, egress
+    /// when the spec has egress rules).
+    pub ingress_isolating: bool,
+    pub egress_isolating: bool,
+    /// Each rule admits what one of its peers and one of its ports match.
+    pub ingress: Vec<PolicyRule>,
+    pub egress: Vec<PolicyRule>,
+    pub location: Location,
+}
+
+/// One `ingress` (`from`) or `egress` (`to`) rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// Empty: every peer, inside the cluster or not.
+    pub peers: Vec<PolicyPeer>,
+    /// Empty: every port of every protocol.
+    pub ports: Vec<PolicyPort>,
+}
+
+/// One `from`/`to` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyPeer {
+    /// Pods chosen by labels. Only `pods`: in the policy's own namespace.
+    /// Only `namespaces`: every pod of the matching namespaces. Both: the
+    /// matching pods of the matching namespaces.
+    Pods { pods: Option<LabelSelector>, namespaces: Option<LabelSelector> },
+    /// Addresses inside `cidr` and outside every `except`, pods or not.
+    IpBlock { cidr: IpNet, except: Vec<IpNet> },
+}
+
+/// One `ports` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyPort {
+    pub protocol: PortProtocol,
+    /// `None`: every port of the protocol.
+    pub port: Option<PortRef>,
+    /// With a numeric `port`: the last port of the range.
+    pub end_port: Option<u16>,
+}
+
+/// A port by number, or by the name a destination pod gives one of its
+/// container ports (resolved per destination pod).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+/// A `metav1.LabelSelector`: every `matchLabels` pair and every
+/// requirement must hold; the empty selector matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelSelector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<Requirement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl LabelSelector {
+    /// Whether `labels` satisfy the selector.
+    #[must_use]
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels.iter().all(|(key, value)| labels.get(key) == Some(value))
+            && self.match_expressions.iter().all(|requirement| requirement.matches(labels))
+    }
+}
+
+impl Requirement {
+    #[must_use]
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            Operator::In => value.is_some_and(|value| self.values.contains(value)),
+            // As Kubernetes defines it: a pod without the key is not in
+            // the set, so `NotIn` matches it.
+            Operator::NotIn => value.is_none_or(|value| !self.values.contains(value)),
+            Operator::Exists => value.is_some(),
+            Operator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+impl Objects {
+    /// The namespace named `name`, if it was given.
+    #[must_use]
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.iter().find(|namespace| namespace.name == name)
+    }
+
+    /// The pod that has `address`, if any.
+    #[must_use]
+    pub fn pod_at(&self, address: IpAddr) -> Option<&Pod> {
+        self.pods.iter().find(|pod| pod.addresses.contains(&address))
+    }
+}
