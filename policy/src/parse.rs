@@ -13,6 +13,10 @@ use crate::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Prot
 use crate::yaml::{Mark, Node, SpecList, Streamed, Value};
 
 pub const API_VERSION: &str = "bulkhead/v1";
+/// The same format as a Kubernetes custom resource
+/// (`segmentpolicies.bulkhead.dev`): files accept it too, so an object
+/// fetched from a cluster can be checked and explained as it is.
+pub const CRD_API_VERSION: &str = "bulkhead.dev/v1";
 pub const KIND: &str = "SegmentPolicy";
 
 /// Where a file's documents go as they are read: the parsed model
@@ -224,7 +228,16 @@ impl<C: Collect> Parser<'_, C> {
         let Some(fields) = self.fields(node, "a policy document", &["apiVersion", "kind", "metadata", "spec"]) else {
             return;
         };
-        self.expect_value(&fields, "apiVersion", API_VERSION);
+        if let Some(node) = self.required(&fields, "apiVersion", "the policy document")
+            && let Some(text) = self.string(node, "apiVersion")
+            && text != API_VERSION
+            && text != CRD_API_VERSION
+        {
+            self.problem(
+                node.mark,
+                format!("unsupported apiVersion `{text}`; use `{API_VERSION}` or `{CRD_API_VERSION}`"),
+            );
+        }
         self.expect_value(&fields, "kind", KIND);
         if let Some(metadata) = self.required(&fields, "metadata", "the policy document")
             && let Some(meta) = self.fields(metadata, "metadata", &["name"])

@@ -350,9 +350,9 @@ fn ip_blocks_match_addresses_pods_or_not_minus_their_exceptions() {
 #[test]
 fn selectors_follow_kubernetes_set_semantics() {
     let objects = cluster(
-        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: in, namespace: x}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [b]}, {key: tier, operator: DoesNotExist}]}\n  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [y]}]}, podSelector: {matchExpressions: [{key: app, operator: Exists}]}}]}]\n",
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: in, namespace: x}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [b]}, {key: tier, operator: DoesNotExist}, {key: tier, operator: NotIn, values: [db]}]}\n  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [y]}]}, podSelector: {matchExpressions: [{key: app, operator: Exists}]}}]}]\n",
     );
-    // x/a is selected (app=a is not in [b], no tier); x/b is not.
+    // x/a is selected (app=a is not in [b]; no tier, so none in [db]); x/b is not.
     assert!(judge(&objects, &tcp("10.0.1.1", "10.0.0.1", 80)).allowed(), "y/a: namespace by its name label");
     assert!(!judge(&objects, &tcp("10.0.0.2", "10.0.0.1", 80)).allowed(), "x/b: not in namespace y");
     assert!(judge(&objects, &tcp("10.0.0.1", "10.0.0.2", 80)).allowed(), "x/b is not selected: open");

@@ -73,6 +73,21 @@ fn wrong_api_version_and_kind() {
     assert!(found[1].starts_with("p.yaml:2:7: unsupported kind `NetworkPolicy`"), "{}", found[1]);
 }
 
+/// The custom resource's apiVersion reads the same document as the file
+/// format's: an object fetched from a cluster can be checked as it is.
+#[test]
+fn the_custom_resource_api_version_is_accepted() {
+    let body = format!("{IDENTITIES}  rules: []\n");
+    let file = parse_str("p.yaml", &format!("{HEADER}{body}")).unwrap();
+    let resource = parse_str("p.yaml", &format!("{}{body}", HEADER.replace("bulkhead/v1", "bulkhead.dev/v1"))).unwrap();
+    assert_eq!(format!("{file:?}"), format!("{resource:?}"));
+    let found = problems_of("apiVersion: bulkhead.dev/v2\nkind: SegmentPolicy\nmetadata: {name: x}\nspec: {}\n");
+    assert_eq!(
+        found,
+        ["p.yaml:1:13: unsupported apiVersion `bulkhead.dev/v2`; use `bulkhead/v1` or `bulkhead.dev/v1`"]
+    );
+}
+
 fn problems_of(text: &str) -> Vec<String> {
     parse_str("p.yaml", text).unwrap_err().diagnostics().iter().map(ToString::to_string).collect()
 }

@@ -82,7 +82,7 @@ impl Reader<'_> {
         let kind = get(node, "kind").and_then(text).unwrap_or_default();
         let what = describe(node, kind);
         match (api_version, kind) {
-            (crate::API_VERSION, crate::KIND) => return,
+            (crate::API_VERSION | crate::CRD_API_VERSION, crate::KIND) => return,
             ("v1", "List") if depth < MAX_LIST_DEPTH => {
                 match get(node, "items").map(|items| &items.value) {
                     Some(Value::Sequence(items)) => {
