@@ -18,7 +18,7 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Config};
 use lab::ScratchDir;
-use lab::fake_api::{Chaos, FailWith, FakeApiServer};
+use lab::fake_api::{Chaos, FailWith, FakeApiServer, Options};
 use serde_json::{Value, json};
 
 /// Only a guard against deadlocks: every wait below ends as soon as its
@@ -571,4 +571,69 @@ fn raw_streaming_list_ends_its_initial_events_with_a_bookmark() {
     server.update(&a).expect("update");
     let event = watch.next().expect("event");
     assert_eq!((event["type"].as_str(), event["object"]["metadata"]["name"].as_str()), (Some("DELETED"), Some("a")));
+}
+
+/// One plain request on its own connection: status code, headers, body.
+fn raw_request(server: &FakeApiServer, method: &str, path: &str) -> (u16, String, Value) {
+    let mut stream = TcpStream::connect(server.address()).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        .expect("send");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("response");
+    let text = String::from_utf8(response).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
+    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    (code, head.to_ascii_lowercase(), serde_json::from_str(body).expect("JSON body"))
+}
+
+#[test]
+fn raw_failures_are_status_objects() {
+    let server = FakeApiServer::start().expect("fake API server");
+    server.set_chaos(Chaos { fail_next: 1, fail_with: FailWith::TooManyRequests, ..Chaos::default() });
+    let (code, head, body) = raw_request(&server, "GET", "/api/v1/pods");
+    assert_eq!((code, body["kind"].as_str(), body["code"].as_u64()), (429, Some("Status"), Some(429)));
+    assert!(head.contains("retry-after: 1"), "{head}");
+    server.set_chaos(Chaos { fail_next: 1, ..Chaos::default() });
+    let (code, _, body) = raw_request(&server, "GET", "/api/v1/pods");
+    assert_eq!((code, body["reason"].as_str()), (500, Some("InternalError")));
+    // The next one goes through: `fail_next` counts down.
+    let (code, head, body) = raw_request(&server, "GET", "/api/v1/pods");
+    assert_eq!((code, body["kind"].as_str()), (200, Some("PodList")));
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert_eq!(server.stats().injected_failures, 2);
+
+    let (code, _, body) = raw_request(&server, "POST", "/api/v1/namespaces/default/pods");
+    assert_eq!((code, body["reason"].as_str()), (405, Some("MethodNotAllowed")));
+    let (code, _, body) = raw_request(&server, "GET", "/apis/bulkhead.dev/v1/namespaces/default/segmentpolicies");
+    assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")), "SegmentPolicy is cluster-scoped");
+    let (code, _, body) = raw_request(&server, "GET", "/api/v1/pods?labelSelector=a%20in%20(b");
+    assert_eq!((code, body["reason"].as_str()), (400, Some("BadRequest")));
+    let (code, _, body) = raw_request(&server, "GET", "/apis/bulkhead.dev/v1");
+    assert_eq!(code, 200);
+    assert_eq!(body["resources"][0]["name"], "segmentpolicies");
+    assert_eq!(body["resources"][0]["namespaced"], false);
+}
+
+#[test]
+fn a_socket_bound_by_the_caller_and_a_short_history() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    let options = Options { history_limit: 5, ..Options::default() };
+    let server = FakeApiServer::start_on(listener, options).expect("fake API server");
+    assert_eq!(server.address(), address);
+    server.create(&namespace("shop")).expect("namespace");
+    let start = server.resource_version();
+    for i in 0..6 {
+        server.create(&pod("shop", &format!("p{i}"), &[], "node-a")).expect("pod");
+    }
+    // Six events past `start` with five kept: the first is forgotten.
+    let mut watch = RawWatch::open(&server, &format!("/api/v1/pods?watch=true&resourceVersion={start}"));
+    let event = watch.next().expect("ERROR");
+    assert_eq!((event["type"].as_str(), event["object"]["code"].as_u64()), (Some("ERROR"), Some(410)));
+    let mut watch = RawWatch::open(&server, &format!("/api/v1/pods?watch=true&resourceVersion={}", start + 1));
+    let names: Vec<String> = (0..5)
+        .map(|_| watch.next().expect("event")["object"]["metadata"]["name"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(names, ["p1", "p2", "p3", "p4", "p5"]);
 }

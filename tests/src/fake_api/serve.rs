@@ -218,18 +218,16 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
 }
 
 fn resource_request(shared: &Arc<Shared>, group: &str, version: &str, rest: &[&str], query: &Query) -> Response<Body> {
-    let lookup = |plural: &str, namespaced: bool| {
-        resources::by_path(group, version, plural).filter(|&r| RESOURCES[r].namespaced == namespaced || !namespaced)
+    // A namespaced type is reached cluster-wide (list/watch only) or under
+    // `namespaces/{ns}/`; a cluster-scoped one only without a namespace.
+    let scoped = |plural: &str, namespaced: bool| {
+        resources::by_path(group, version, plural).filter(|&r| RESOURCES[r].namespaced == namespaced)
     };
     let (resource, namespace, name) = match *rest {
         [plural] => (resources::by_path(group, version, plural), None, None),
-        [plural, name] => (lookup(plural, false).filter(|&r| !RESOURCES[r].namespaced), None, Some(name)),
-        ["namespaces", namespace, plural] => {
-            (lookup(plural, true).filter(|&r| RESOURCES[r].namespaced), Some(namespace), None)
-        }
-        ["namespaces", namespace, plural, name] => {
-            (lookup(plural, true).filter(|&r| RESOURCES[r].namespaced), Some(namespace), Some(name))
-        }
+        [plural, name] => (scoped(plural, false), None, Some(name)),
+        ["namespaces", namespace, plural] => (scoped(plural, true), Some(namespace), None),
+        ["namespaces", namespace, plural, name] => (scoped(plural, true), Some(namespace), Some(name)),
         _ => (None, None, None),
     };
     let Some(resource) = resource else {
@@ -437,7 +435,8 @@ fn watch(shared: &Arc<Shared>, resource: usize, namespace: Option<&str>, query: 
         }
     };
     let timeout = match query.timeout_seconds.as_deref().map(str::parse::<u64>).transpose() {
-        Ok(seconds) => seconds.map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs),
+        // 0, like no value, leaves the timeout to the server.
+        Ok(seconds) => seconds.filter(|&s| s > 0).map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs),
         Err(_) => return bad_request("timeoutSeconds must be a non-negative integer"),
     };
     let (sender, receiver) = mpsc::channel(64);
