@@ -221,10 +221,22 @@ fn kube_list_pages_through_a_consistent_snapshot_with_selectors() {
             .expect("segment policy");
         let gvk = GroupVersionKind::gvk("bulkhead.dev", "v1", "SegmentPolicy");
         let resource = ApiResource::from_gvk_with_plural(&gvk, "segmentpolicies");
-        let segments = Api::<DynamicObject>::all_with(client, &resource);
+        let segments = Api::<DynamicObject>::all_with(client.clone(), &resource);
         let listed = segments.list(&ListParams::default().labels("team=shop")).await.expect("list");
         assert_eq!(listed.items.len(), 1);
         assert_eq!(listed.items[0].data["spec"]["segments"], json!(["web", "db"]));
+
+        // kube-rs's own discovery finds every served type, with its scope.
+        let version = client.apiserver_version().await.expect("/version");
+        assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "32"));
+        let discovery = kube::Discovery::new(client.clone()).run().await.expect("discovery");
+        let (found, capabilities) = discovery.resolve_gvk(&gvk).expect("SegmentPolicy discovered");
+        assert_eq!(found.plural, "segmentpolicies");
+        assert_eq!(capabilities.scope, kube::discovery::Scope::Cluster);
+        let netpol = GroupVersionKind::gvk("networking.k8s.io", "v1", "NetworkPolicy");
+        let (_, capabilities) = discovery.resolve_gvk(&netpol).expect("NetworkPolicy discovered");
+        assert_eq!(capabilities.scope, kube::discovery::Scope::Namespaced);
+        assert!(discovery.resolve_gvk(&GroupVersionKind::gvk("", "v1", "Pod")).is_some());
     });
 }
 
@@ -260,13 +272,16 @@ fn kube_reflector_converges_through_changes_compaction_and_chaos() {
 
         // Everything at once: delays, watches cut every few events (cleanly
         // and mid-body), 500s and 429s, duplicates, reordering.
-        for (round, abort, fail_with) in [(3, false, FailWith::InternalError), (4, true, FailWith::TooManyRequests)] {
+        // kube-rs retries a 429 itself after its Retry-After (1 s, as API
+        // priority and fairness says), so fewer of those keep the run short.
+        let rounds = [(3, false, FailWith::InternalError, 25), (4, true, FailWith::TooManyRequests, 10)];
+        for (round, abort, fail_with, fail_percent) in rounds {
             let before = server.stats();
             server.set_chaos(Chaos {
                 delay: Duration::from_millis(2),
                 watch_event_limit: Some(4),
                 abort_cut_watches: abort,
-                fail_percent: 25,
+                fail_percent,
                 // Two sure failures, whatever the timing draws.
                 fail_next: 2,
                 fail_with,
