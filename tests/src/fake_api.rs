@@ -19,6 +19,13 @@
 //!   `410 Expired` ERROR events for a resourceVersion older than the kept
 //!   history, streaming lists (`sendInitialEvents=true`), and `timeoutSeconds`.
 //!
+//! In a test: `FakeApiServer::start()` (or `start_on` with a listener bound
+//! inside a network namespace), then point clients at `url()` or at the file
+//! `write_kubeconfig` writes, and change the cluster with `create`, `update`
+//! and `delete` (typed, for k8s-openapi types) or their `_value` forms (JSON,
+//! for the custom resource). `compact()` and `disconnect_watches()` force a
+//! watcher through 410 and a relist; `stats()` tells whether a mode bit.
+//!
 //! Every change takes the next value of one global resourceVersion counter, as
 //! etcd's revision does. Deleting a namespace deletes what is in it first.
 //!

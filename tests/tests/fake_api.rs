@@ -316,8 +316,48 @@ fn kube_streaming_list_watcher_converges() {
         assert_eq!(server.stats().lists, 0, "a streaming list is a watch, not a list");
         churn(&server, "shop", 1, 6);
         converged(&server, &store, "after streaming list").await;
+        // A namespace takes its pods along, each a DELETED first.
+        server.delete::<Namespace>(None, "shop").expect("delete namespace");
+        assert!(server.objects::<Pod>().expect("pods").is_empty());
+        converged(&server, &store, "after namespace deletion").await;
+        assert!(store.state().is_empty());
         task.abort();
     });
+}
+
+#[test]
+fn the_handle_checks_what_the_real_server_checks() {
+    use lab::fake_api::FakeApiError;
+    let server = FakeApiServer::start().expect("fake API server");
+    let orphan = server.create(&pod("nowhere", "p", &[], "node-a"));
+    assert!(matches!(orphan, Err(FakeApiError::NamespaceNotFound { .. })), "{orphan:?}");
+    server.create(&namespace("shop")).expect("namespace");
+    let created = server.create(&pod("shop", "p", &[("v", "1")], "node-a")).expect("pod");
+    let again = server.create(&pod("shop", "p", &[], "node-a"));
+    assert!(matches!(again, Err(FakeApiError::AlreadyExists { .. })), "{again:?}");
+
+    // Labels only: resourceVersion moves, generation does not; a spec change bumps it.
+    let mut relabeled = created.clone();
+    relabeled.metadata.labels = Some(BTreeMap::from([("v".into(), "2".into())]));
+    let relabeled = server.update(&relabeled).expect("update");
+    assert_eq!(relabeled.metadata.generation, Some(1));
+    assert_eq!(relabeled.metadata.uid, created.metadata.uid);
+    let rv = |p: &Pod| p.metadata.resource_version.as_deref().and_then(|v| v.parse::<u64>().ok());
+    assert!(rv(&relabeled) > rv(&created), "resourceVersion moves on every change");
+    let mut moved = relabeled.clone();
+    moved.spec.get_or_insert_default().node_name = Some("node-b".into());
+    assert_eq!(server.update(&moved).expect("update").metadata.generation, Some(2));
+
+    // Optimistic concurrency: an update from a stale copy is refused.
+    let stale = server.update(&created);
+    assert!(matches!(stale, Err(FakeApiError::Conflict { .. })), "{stale:?}");
+    let last: Pod = server.delete(Some("shop"), "p").expect("delete");
+    assert_eq!(last.metadata.resource_version, Some(server.resource_version().to_string()));
+    assert!(matches!(server.delete::<Pod>(Some("shop"), "p"), Err(FakeApiError::NotFound { .. })));
+    let unnamed = server.create_value(json!({"apiVersion": "bulkhead.dev/v1", "kind": "SegmentPolicy"}));
+    assert!(matches!(unnamed, Err(FakeApiError::MissingName { .. })), "{unnamed:?}");
+    let unknown = server.create_value(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}));
+    assert!(matches!(unknown, Err(FakeApiError::UnknownKind { .. })), "{unknown:?}");
 }
 
 #[test]

@@ -217,7 +217,7 @@ impl Store {
             }
         }
         let Some(old) = Arc::make_mut(&mut self.objects).remove(&key) else {
-            unreachable!("checked above under the same lock");
+            return Err(FakeApiError::NotFound { kind: RESOURCES[resource].kind, namespace: key.1, name: key.2 });
         };
         self.rv += 1;
         let mut last = (*old).clone();
