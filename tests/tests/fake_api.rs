@@ -463,7 +463,8 @@ fn kubectl_gets_pods_network_policies_and_segment_policies() {
     assert!(default_ns.trim().is_empty(), "the kubeconfig's namespace is default: {default_ns}");
 }
 
-/// A raw HTTP/1.1 watch: request line, headers, then one JSON event per line
+/// A raw HTTP/1.1 watch on its own connection (closed after the response):
+/// request line, headers, then one JSON event per line
 /// out of the chunked body.
 struct RawWatch {
     reader: BufReader<TcpStream>,
@@ -475,8 +476,11 @@ impl RawWatch {
     fn open(server: &FakeApiServer, path_and_query: &str) -> Self {
         let mut stream = TcpStream::connect(server.address()).expect("connect");
         stream.set_read_timeout(Some(DEADLINE)).expect("read timeout");
-        write!(stream, "GET {path_and_query} HTTP/1.1\r\nHost: fake\r\nAccept: application/json\r\n\r\n")
-            .expect("send");
+        write!(
+            stream,
+            "GET {path_and_query} HTTP/1.1\r\nHost: fake\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
         let mut reader = BufReader::new(stream);
         let mut status = String::new();
         reader.read_line(&mut status).expect("status line");
@@ -515,6 +519,30 @@ impl RawWatch {
             self.ended = size == 0;
         }
     }
+}
+
+impl RawWatch {
+    /// Everything left on the connection, raw, until the server closes it.
+    fn rest(mut self) -> Vec<u8> {
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest).expect("read to the end");
+        rest
+    }
+}
+
+#[test]
+fn raw_watches_cut_after_a_lifetime_cleanly_or_mid_body() {
+    let server = FakeApiServer::start().expect("fake API server");
+    let lifetime = Some(Duration::from_millis(300));
+    let path = format!("/api/v1/pods?watch=true&resourceVersion={}", server.resource_version());
+    server.set_chaos(Chaos { watch_lifetime: lifetime, ..Chaos::default() });
+    let clean = RawWatch::open(&server, &path);
+    // A clean cut ends the chunked body with its last (empty) chunk.
+    assert_eq!(clean.rest(), b"0\r\n\r\n");
+    server.set_chaos(Chaos { watch_lifetime: lifetime, abort_cut_watches: true, ..Chaos::default() });
+    let aborted = RawWatch::open(&server, &path);
+    assert!(aborted.rest().is_empty(), "an aborted watch closes the connection without the last chunk");
+    assert_eq!(server.stats().cut_watches, 2);
 }
 
 fn event_rv(event: &Value) -> u64 {
