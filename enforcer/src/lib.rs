@@ -2,6 +2,7 @@
 //! the integration tests and the benchmarks.
 
 pub mod batch;
+pub mod crd;
 pub mod datapath;
 pub mod events;
 pub mod host;

@@ -415,3 +415,46 @@ fn the_metrics_service_selects_the_daemon_pods() {
         }
     }
 }
+
+/// Whether `instance` is valid against the JSON schema `schema`, by the
+/// `jsonschema` library in the virtualenv (kubernetes-validate's own).
+fn schema_errors(label: &str, schema: &Value, instance: &Value) -> Option<String> {
+    let dir = std::env::temp_dir().join(format!("bulkhead-schema-{}-{label}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("schema.json"), schema.to_string()).unwrap();
+    std::fs::write(dir.join("instance.json"), instance.to_string()).unwrap();
+    let python = validator().with_file_name("python");
+    let output = Command::new(python)
+        .arg("-c")
+        .arg("import json, sys, jsonschema\ntry:\n    jsonschema.validate(json.load(open(sys.argv[2])), json.load(open(sys.argv[1])))\nexcept jsonschema.ValidationError as e:\n    print(e.message); sys.exit(1)")
+        .arg(dir.join("schema.json"))
+        .arg(dir.join("instance.json"))
+        .output()
+        .expect("run the virtualenv's python");
+    let _ = std::fs::remove_dir_all(&dir);
+    (!output.status.success())
+        .then(|| format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+}
+
+/// The `SegmentPolicy` custom resource definition (generated from the Rust
+/// types; enforcer/src/crd.rs keeps it in step) is a valid Kubernetes
+/// object, and its schema takes the policy file format: every example
+/// policy, as a custom resource, validates; a wrongly shaped one does not.
+#[test]
+fn the_segment_policy_crd_validates_and_takes_the_file_format() {
+    let yaml = std::fs::read_to_string(workspace_root().join("deploy/crd/segmentpolicies.bulkhead.dev.yaml")).unwrap();
+    let crd = assert_valid("crd", &yaml).remove(0);
+    assert_eq!(crd["metadata"]["name"], "segmentpolicies.bulkhead.dev");
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let example = std::fs::read_to_string(workspace_root().join("examples/three-tier.yaml")).unwrap();
+    let resource = example.replace("apiVersion: bulkhead/v1", "apiVersion: bulkhead.dev/v1");
+    policy::parse_str("three-tier.yaml", &resource).expect("the parser reads the custom resource's apiVersion");
+    for document in objects(&resource) {
+        assert_eq!(document["kind"], "SegmentPolicy");
+        let errors = schema_errors("example", schema, &document);
+        assert!(errors.is_none(), "the example policy does not fit the CRD schema: {errors:?}");
+        let mut wrong = document.clone();
+        wrong["spec"]["identities"][0]["addresses"] = Value::String("10.0.1.0/24".into());
+        assert!(schema_errors("wrong", schema, &wrong).is_some(), "a string where a list belongs passed");
+    }
+}
