@@ -88,6 +88,48 @@ fn the_custom_resource_api_version_is_accepted() {
     );
 }
 
+/// A custom resource as the API server serves it, JSON (which is YAML),
+/// reads as the same policy written as a file: the Kubernetes source can
+/// hand the engine the object's text as it is.
+#[test]
+fn a_policy_as_the_api_serves_it_in_json_reads_the_same() {
+    let yaml = format!(
+        "{HEADER}{IDENTITIES}  rules:\n    - name: a-to-b\n      from: [{{identity: a}}]\n      to: [{{labels: {{tier: b}}, cidr: null}}]\n      ports: [\"80/tcp\"]\n"
+    )
+    .replace("apiVersion: bulkhead/v1", "apiVersion: bulkhead.dev/v1")
+    .replace(", cidr: null", "");
+    let json = r#"{
+  "apiVersion": "bulkhead.dev/v1",
+  "kind": "SegmentPolicy",
+  "metadata": {"name": "test", "uid": "4f1c", "resourceVersion": "12", "generation": 1},
+  "spec": {
+    "identities": [
+      {"name": "a", "labels": {"tier": "a"}, "addresses": ["10.0.1.0/24"]},
+      {"name": "b", "labels": {"tier": "b"}, "addresses": ["10.0.2.10", "fd00::/64"]}
+    ],
+    "rules": [
+      {"name": "a-to-b", "from": [{"identity": "a"}], "to": [{"labels": {"tier": "b"}}], "ports": ["80/tcp"]}
+    ]
+  }
+}"#;
+    let from_yaml = parse_str("p.yaml", &yaml).unwrap();
+    let metadata_as_kept = json.replace(", \"uid\": \"4f1c\", \"resourceVersion\": \"12\", \"generation\": 1", "");
+    let from_json = parse_str("p.yaml", &metadata_as_kept).unwrap();
+    let shape = |policy: &policy::Policy| {
+        let names: Vec<_> =
+            policy.identities.iter().map(|i| (i.name.clone(), i.labels.clone(), i.addresses.len())).collect();
+        let rules: Vec<_> =
+            policy.rules.iter().map(|r| (r.name.clone(), format!("{:?} {:?}", r.to[0].selector, r.ports))).collect();
+        (policy.documents.clone(), names, rules)
+    };
+    assert_eq!(shape(&from_json), shape(&from_yaml));
+    // The API's own metadata fields are not the policy's: named, as any
+    // unknown field is, so the source strips them first.
+    let found = problems_of(json);
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert!(found[0].contains("unknown field `uid` in metadata"), "{found:#?}");
+}
+
 fn problems_of(text: &str) -> Vec<String> {
     parse_str("p.yaml", text).unwrap_err().diagnostics().iter().map(ToString::to_string).collect()
 }
