@@ -24,6 +24,9 @@ pub struct PolicyStats {
     pub identity_drops_top: usize,
     /// Rule peers of the enforced policy that select no identity yet.
     pub unmatched_peers: usize,
+    /// Whether the policy directory could be read at the last look; while
+    /// it cannot, the last policy read from it stays enforced.
+    pub files_up: bool,
 }
 
 /// How full the maps are; refreshed by the daemon's maintenance loop, since
@@ -166,6 +169,12 @@ fn policy_figures(builder: &Builder, snapshot: &CounterSnapshot, stats: PolicySt
         saturating(stats.unmatched_peers),
     )?;
     builder.gauge("bulkhead_policy_generation", "Generation of the enforced policy.", i64::from(stats.generation))?;
+    let sources = builder.gauges(
+        "bulkhead_source_up",
+        "Whether each policy source can be read (1) or not (0); while one cannot, what it gave last stays enforced.",
+        &["source"],
+    )?;
+    sources.with_label_values(&["files"]).set(i64::from(stats.files_up));
     let errors = prometheus::IntCounter::new(
         "bulkhead_policy_load_errors_total",
         "Candidate policies rejected (the previous policy stayed enforced).",
@@ -287,6 +296,9 @@ pub struct Shared {
     /// The most recent events, for `bulkhead flows` without `--follow`.
     pub recent_events: Mutex<std::collections::VecDeque<String>>,
     pub ready: std::sync::atomic::AtomicBool,
+    /// Why a policy source cannot be read now, if one cannot: `/readyz`
+    /// says so (the last policy stays enforced meanwhile).
+    pub source_down: Mutex<Option<String>>,
     /// Where the programs are attached; see [`InterfaceStats`].
     pub interfaces: Mutex<InterfaceStats>,
     /// Time from reading a changed policy to publishing its generation.
@@ -323,6 +335,7 @@ impl Shared {
             engine: std::sync::RwLock::new(policy::Engine::new()),
             sources: Mutex::new(Vec::new()),
             last_error: Mutex::new(None),
+            source_down: Mutex::new(None),
             events: tokio::sync::broadcast::channel(4096).0,
             recent_events: Mutex::new(std::collections::VecDeque::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
@@ -355,6 +368,7 @@ mod tests {
             load_errors: 1,
             identity_drops_top: 2,
             unmatched_peers: 5,
+            files_up: false,
         };
         snapshot.rules.insert(("web-to-db".to_owned(), policy::model::Action::Allow), 9);
         let usage = Usage { maps: vec![("policy", 12, 100)], conntrack: (4, 1000) };
@@ -401,6 +415,7 @@ mod tests {
         assert!(text.contains("bulkhead_identities 4"), "{text}");
         assert!(text.contains("bulkhead_policy_rules 2"), "{text}");
         assert!(text.contains("bulkhead_policy_unmatched_peers 5"), "{text}");
+        assert!(text.contains("bulkhead_source_up{source=\"files\"} 0"), "{text}");
         let audit = "bulkhead_audit_packets_total{direction=\"egress\",reason=\"default_deny\"} 5";
         assert!(text.contains(audit), "{text}");
         assert!(text.contains("bulkhead_policy_generation 3"), "{text}");

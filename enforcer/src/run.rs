@@ -132,6 +132,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         load_errors: 0,
         identity_drops_top: args.identity_drops_top,
         unmatched_peers: engine.unmatched_peers(),
+        files_up: true,
     };
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
@@ -865,10 +866,12 @@ impl Maintainer<'_> {
                 if self.last_dir_error_differs(&error.to_string()) {
                     self.reject(&error.to_string());
                 }
+                self.files_up(Some(&error.to_string()));
                 return_freed_memory();
                 return;
             }
         };
+        self.files_up(None);
         if changes.is_empty() {
             return;
         }
@@ -887,6 +890,7 @@ impl Maintainer<'_> {
                 Ok(files) => all.extend(files),
                 Err(error) => {
                     self.reject(&error.to_string());
+                    self.files_up(Some(&error.to_string()));
                     return;
                 }
             }
@@ -904,6 +908,20 @@ impl Maintainer<'_> {
             self.pushed = false;
         } else {
             self.held_back = kept;
+        }
+    }
+
+    /// Records whether the policy directory can be read: `bulkhead_source_up`
+    /// and `/readyz` say so (with `why`), and the log says when it changes.
+    fn files_up(&self, why: Option<&str>) {
+        let up = why.is_none();
+        let was = std::mem::replace(&mut self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).files_up, up);
+        *self.shared.source_down.lock().unwrap_or_else(PoisonError::into_inner) =
+            why.map(|why| format!("source files: {why}"));
+        if was && !up {
+            log::warn!("the policy directory cannot be read; the last policy read from it stays enforced");
+        } else if up && !was {
+            log::info!("the policy directory can be read again");
         }
     }
 

@@ -31,11 +31,19 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready: policy not yet enforced\n".to_owned());
     }
     let unenforced = shared.interfaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unenforced.clone();
-    if unenforced.is_empty() {
+    let source_down = shared.source_down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let mut why: Vec<String> = Vec::new();
+    if !unenforced.is_empty() {
+        let each: Vec<String> = unenforced.iter().map(|(name, why)| format!("{name}: {why}")).collect();
+        why.push(format!("not enforcing on {}", each.join("; ")));
+    }
+    if let Some(down) = source_down {
+        why.push(format!("{down} (the last policy it gave stays enforced)"));
+    }
+    if why.is_empty() {
         return (StatusCode::OK, "ready\n".to_owned());
     }
-    let why: Vec<String> = unenforced.iter().map(|(name, why)| format!("{name}: {why}")).collect();
-    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: not enforcing on {}\n", why.join("; ")))
+    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", why.join("; ")))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

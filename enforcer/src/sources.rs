@@ -76,11 +76,19 @@ impl PolicyDir {
     /// The files whose content changed since the last call (all of them
     /// the first time): new and changed files with their text, vanished
     /// ones as removed. A file deleted between the listing and its reading
-    /// counts as vanished. A directory without policy files is an error,
-    /// as is a file that cannot be read; then what was seen stays as it
+    /// counts as vanished. A directory that is gone or without policy files
+    /// is an error, as is a file that cannot be read; then what was seen stays as it
     /// was, so the next call reports every change since the last good one
     /// (a removal too, which a fresh start would not know of).
     pub fn changes(&mut self) -> Result<Vec<SourceChange>, PolicyError> {
+        // The directory itself must be there: listed as a path, a vanished
+        // directory would read as one vanished file, and every file it held
+        // would seem removed (an empty policy, enforced).
+        let dir_error = |source| PolicyError::Read { path: self.dir.clone(), source };
+        let metadata = std::fs::metadata(&self.dir).map_err(dir_error)?;
+        if !metadata.is_dir() {
+            return Err(dir_error(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")));
+        }
         let paths = policy::list_files(std::slice::from_ref(&self.dir))?;
         let mut changes = Vec::new();
         let mut seen = BTreeMap::new();
@@ -206,6 +214,25 @@ mod tests {
             [("b.yaml".into(), true)],
             "b.yaml's removal, late but not lost"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A directory that is gone is an error, not a directory whose files
+    /// were all removed (which would enforce an empty policy); when it
+    /// comes back unchanged, nothing changed.
+    #[test]
+    fn a_vanished_directory_is_an_error_not_an_empty_policy() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-sources-gone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "a: 1\n").unwrap();
+        let mut policy_dir = PolicyDir::new(&dir);
+        assert_eq!(policy_dir.changes().unwrap().len(), 1);
+        let away = dir.with_extension("away");
+        std::fs::rename(&dir, &away).unwrap();
+        let error = policy_dir.changes().unwrap_err();
+        assert!(error.to_string().contains(&*dir.to_string_lossy()), "{error}");
+        std::fs::rename(&away, &dir).unwrap();
+        assert!(policy_dir.changes().unwrap().is_empty(), "back as it was: no change");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

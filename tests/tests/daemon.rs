@@ -267,6 +267,46 @@ fn policy_check_warns_of_peers_that_select_nothing_yet() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("duplicate identity name `logic`"));
 }
 
+/// A policy directory that cannot be read is a source that is down: the
+/// last policy read from it stays enforced, `bulkhead_source_up` and
+/// `/readyz` say so, and both recover when it can be read again.
+#[test]
+fn a_policy_directory_that_cannot_be_read_is_a_source_down() {
+    let lab = ThreeTier::new("srcdown").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
+    let _servers = servers(&lab);
+    let up = "bulkhead_source_up{source=\"files\"}";
+    let wait_for = |value: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metric(&lab, &daemon, up) != Some(value) {
+            assert!(Instant::now() < deadline, "{up} never became {value}: {}", daemon.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(metric(&lab, &daemon, up), Some(1));
+    // Root reads whatever its mode: the directory goes away instead.
+    let away = scratch.0.join("policy.away");
+    std::fs::rename(&dir, &away).unwrap();
+    wait_for(0);
+    let (status, body) = probe::http_get(&lab.router, daemon.metrics_addr, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("source files: ") && body.contains("stays enforced"), "{body}");
+    let (gateway, logic) = (&lab.host("gateway").ns, &lab.host("logic").ns);
+    assert_eq!(probe::tcp(gateway, addr(&lab, "logic", 8080)).unwrap(), Outcome::Connected, "still enforced");
+    assert_eq!(probe::tcp(logic, addr(&lab, "gateway", 8080)).unwrap(), Outcome::TimedOut, "still enforced");
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_generation"), Some(1));
+
+    std::fs::rename(&away, &dir).unwrap();
+    wait_for(1);
+    let (status, body) = probe::http_get(&lab.router, daemon.metrics_addr, "/readyz").unwrap();
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert!(daemon.log_text().contains("the policy directory can be read again"), "{}", daemon.log_text());
+}
+
 /// Repeated probes from another thread: (allowed outcomes, denied outcomes).
 fn probe_continuously(lab: &ThreeTier, stop: &std::sync::atomic::AtomicBool) -> (Vec<Outcome>, Vec<Outcome>) {
     let mut allowed = Vec::new();
