@@ -3,7 +3,7 @@
 //! through `cargo xtask test`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use aya::maps::{MapData, MapInfo};
@@ -26,6 +26,27 @@ fn addr(lab: &ThreeTier, host: &str, port: u16) -> SocketAddr {
 fn metric(lab: &ThreeTier, daemon: &Daemon, sample: &str) -> Option<u64> {
     let (_, body) = probe::http_get(&lab.router, daemon.metrics_addr, "/metrics").unwrap();
     probe::metric(&body, sample)
+}
+
+/// A lab named `label` and a scratch directory whose `policy/p.yaml` holds
+/// `policy`; returned in the order they must be dropped last to first.
+fn lab_with_policy(label: &str, policy: &str) -> (ThreeTier, ScratchDir, PathBuf) {
+    let lab = ThreeTier::new(label).unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), policy).unwrap();
+    (lab, scratch, dir)
+}
+
+/// Waits until the daemon's `sample` satisfies `done` (what: for the
+/// failure message).
+fn wait_for_metric(lab: &ThreeTier, daemon: &Daemon, sample: &str, what: &str, done: impl Fn(Option<u64>) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done(metric(lab, daemon, sample)) {
+        assert!(Instant::now() < deadline, "{sample} never became {what}: {}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// RFC 3339 for `time` (UTC), as an operator would write it.
@@ -57,11 +78,7 @@ fn a_time_bound_rule_lapses_by_itself() {
     while SystemTime::now() < expiry + Duration::from_millis(500) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&lab, &daemon, "bulkhead_policy_generation") < Some(2) {
-        assert!(Instant::now() < deadline, "no new generation after expiry: {}", daemon.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_generation(&lab, &daemon, 2);
     assert_eq!(probe::tcp(&lab.host("gateway").ns, addr(&lab, "logic", 8080)).unwrap(), Outcome::TimedOut);
     assert_eq!(metric(&lab, &daemon, "bulkhead_policy_rules"), Some(4), "one rule fewer in force");
     assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total"), Some(0));
@@ -70,11 +87,7 @@ fn a_time_bound_rule_lapses_by_itself() {
 
 #[test]
 fn a_config_file_sets_every_option_and_flags_win() {
-    let lab = ThreeTier::new("config").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let (lab, scratch, dir) = lab_with_policy("config", &three_tier());
     let interfaces: Vec<String> = lab.router_interfaces();
     let config = format!(
         "policy-dir: {}\ninterface: [{}]\nmetrics-addr: 127.0.0.1:9191\naudit: true\nconntrack-size: 4096\n",
@@ -114,11 +127,7 @@ fn refused_at_start(lab: &ThreeTier, dir: &Path, log: &Path, extra: &[&str]) -> 
 
 #[test]
 fn a_policy_too_large_for_the_maps_is_refused_whole() {
-    let lab = ThreeTier::new("capacity").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let (lab, scratch, dir) = lab_with_policy("capacity", &three_tier());
     let log = refused_at_start(&lab, &dir, &scratch.0.join("log"), &["--policy-map-size", "8"]);
     assert!(log.contains("entries in map `POLICY`, which holds 8"), "{log}");
 
@@ -144,11 +153,7 @@ fn a_policy_too_large_for_the_maps_is_refused_whole() {
 
 #[test]
 fn metrics_show_rule_hits_map_usage_and_apply_times() {
-    let lab = ThreeTier::new("metrics").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let (lab, scratch, dir) = lab_with_policy("metrics", &three_tier());
     let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
     let _servers = servers(&lab);
     for _ in 0..3 {
@@ -184,11 +189,8 @@ fn metrics_show_rule_hits_map_usage_and_apply_times() {
 
 /// Waits until the daemon enforces generation `generation` or later.
 fn wait_for_generation(lab: &ThreeTier, daemon: &Daemon, generation: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(lab, daemon, "bulkhead_policy_generation") < Some(generation) {
-        assert!(Instant::now() < deadline, "generation {generation} never came: {}", daemon.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = format!("{generation} or more");
+    wait_for_metric(lab, daemon, "bulkhead_policy_generation", &what, |now| now >= Some(generation));
 }
 
 /// Rules may come before the identities they name (as network policies
@@ -272,21 +274,11 @@ fn policy_check_warns_of_peers_that_select_nothing_yet() {
 /// `/readyz` say so, and both recover when it can be read again.
 #[test]
 fn a_policy_directory_that_cannot_be_read_is_a_source_down() {
-    let lab = ThreeTier::new("srcdown").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let (lab, scratch, dir) = lab_with_policy("srcdown", &three_tier());
     let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
     let _servers = servers(&lab);
     let up = "bulkhead_source_up{source=\"files\"}";
-    let wait_for = |value: u64| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while metric(&lab, &daemon, up) != Some(value) {
-            assert!(Instant::now() < deadline, "{up} never became {value}: {}", daemon.log_text());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for = |value: u64| wait_for_metric(&lab, &daemon, up, &value.to_string(), |now| now == Some(value));
     assert_eq!(metric(&lab, &daemon, up), Some(1));
     // Root reads whatever its mode: the directory goes away instead.
     let away = scratch.0.join("policy.away");
@@ -320,11 +312,7 @@ fn probe_continuously(lab: &ThreeTier, stop: &std::sync::atomic::AtomicBool) -> 
 
 #[test]
 fn enforcement_survives_sigkill_and_restart() {
-    let lab = ThreeTier::new("restart").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let (lab, scratch, dir) = lab_with_policy("restart", &three_tier());
     let _servers = servers(&lab);
     let mut first = Daemon::start_persistent(&lab, &dir, &scratch.0.join("log1"), &[]).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -355,11 +343,7 @@ fn enforcement_survives_sigkill_and_restart() {
 
 #[test]
 fn sigterm_leaves_the_node_protected_until_uninstall() {
-    let lab = ThreeTier::new("uninstall").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let (lab, scratch, dir) = lab_with_policy("uninstall", &three_tier());
     let _servers = servers(&lab);
     let mut daemon = Daemon::start_persistent(&lab, &dir, &scratch.0.join("log"), &[]).unwrap();
     let status = daemon.stop().unwrap().expect("exits on SIGTERM");
@@ -390,11 +374,7 @@ fn sigterm_leaves_the_node_protected_until_uninstall() {
 
 #[test]
 fn drops_are_reported_as_json_lines() {
-    let lab = ThreeTier::new("events").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let (lab, scratch, dir) = lab_with_policy("events", &three_tier());
     let events = scratch.0.join("events.jsonl");
     let events_arg = events.display().to_string();
     let daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log"), &["--events-to", &events_arg]).unwrap();
@@ -481,11 +461,7 @@ fn a_configmap_style_symlink_swap_is_applied() {
 
 #[test]
 fn maps_pinned_with_another_layout_are_rebuilt_and_tampered_ones_refused() {
-    let lab = ThreeTier::new("layout").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let (lab, scratch, dir) = lab_with_policy("layout", &three_tier());
     let maps = lab.bpffs_root().join("maps");
     let stamped = |name: &str| {
         let layout = enforcer_common::maps::LAYOUT.iter().find(|l| l.name == name).unwrap();

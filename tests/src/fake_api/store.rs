@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
@@ -59,21 +58,13 @@ pub(crate) struct Store {
     snapshots: BTreeMap<u64, Arc<Objects>>,
 }
 
-/// Now as RFC 3339 in UTC at second precision, as `metav1.Time` serializes.
-fn timestamp_now() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+/// Now, as the API server serializes a `metav1.Time` (RFC 3339, UTC,
+/// whole seconds): k8s-openapi's own type does it.
+fn timestamp_now() -> Value {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = i64::try_from(seconds).ok().and_then(|s| k8s_openapi::jiff::Timestamp::from_second(s).ok());
+    serde_json::to_value(Time(now.unwrap_or_default())).unwrap_or(Value::Null)
 }
 
 /// Everything but metadata and status: a change here bumps `generation`.
@@ -152,7 +143,7 @@ impl Store {
         self.uids += 1;
         Self::set_metadata(&mut object, "resourceVersion", json!(self.rv.to_string()));
         Self::set_metadata(&mut object, "uid", json!(format!("00000000-0000-4000-8000-{:012x}", self.uids)));
-        Self::set_metadata(&mut object, "creationTimestamp", json!(timestamp_now()));
+        Self::set_metadata(&mut object, "creationTimestamp", timestamp_now());
         Self::set_metadata(&mut object, "generation", json!(1));
         if key.0 == NAMESPACES {
             // The real server's defaults, which kubectl prints as STATUS.
