@@ -24,8 +24,9 @@ pub struct PolicyStats {
     pub identity_drops_top: usize,
     /// Rule peers of the enforced policy that select no identity yet.
     pub unmatched_peers: usize,
-    /// Whether the policy directory could be read at the last look; while
-    /// it cannot, the last policy read from it stays enforced.
+    /// Whether the policy directory could be read at the last look (while
+    /// it cannot, the last policy read from it stays enforced): derived
+    /// from [`Shared::source_down`] when metrics are rendered.
     pub files_up: bool,
 }
 

@@ -132,7 +132,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         load_errors: 0,
         identity_drops_top: args.identity_drops_top,
         unmatched_peers: engine.unmatched_peers(),
-        files_up: true,
+        files_up: true, // filled in at each scrape from `Shared::source_down`
     };
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
@@ -915,9 +915,11 @@ impl Maintainer<'_> {
     /// and `/readyz` say so (with `why`), and the log says when it changes.
     fn files_up(&self, why: Option<&str>) {
         let up = why.is_none();
-        let was = std::mem::replace(&mut self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).files_up, up);
-        *self.shared.source_down.lock().unwrap_or_else(PoisonError::into_inner) =
-            why.map(|why| format!("source files: {why}"));
+        let was = std::mem::replace(
+            &mut *self.shared.source_down.lock().unwrap_or_else(PoisonError::into_inner),
+            why.map(|why| format!("source files: {why}")),
+        )
+        .is_none();
         if was && !up {
             log::warn!("the policy directory cannot be read; the last policy read from it stays enforced");
         } else if up && !was {

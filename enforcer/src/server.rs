@@ -47,7 +47,8 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let stats = *shared.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut stats = *shared.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    stats.files_up = shared.source_down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none();
     let snapshot = {
         let datapath = shared.datapath.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match datapath.as_ref().map(crate::datapath::Datapath::counters) {
