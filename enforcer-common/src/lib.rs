@@ -129,6 +129,27 @@ pub const IDENTITY_FLAG_AUDIT: u32 = 1;
 /// it is looked up as usual.
 pub const IDENTITY_FLAG_NO_RULES_FROM_WORLD: u32 = 1 << 1;
 
+/// Nothing isolates this identity for ingress (`--policy-enforcement
+/// default`): a packet towards it that no policy entry covers passes if
+/// its source is open for egress too.
+pub const IDENTITY_FLAG_OPEN_INGRESS: u32 = 1 << 2;
+
+/// Nothing isolates this identity for egress (see
+/// [`IDENTITY_FLAG_OPEN_INGRESS`]).
+pub const IDENTITY_FLAG_OPEN_EGRESS: u32 = 1 << 3;
+
+/// The node itself under `--policy-enforcement default`: as Kubernetes has
+/// it, the node may reach its pods whatever isolates them, so a packet from
+/// it that no entry covers passes.
+pub const IDENTITY_FLAG_NODE: u32 = 1 << 4;
+
+/// Whether a packet between identities flagged `src` and `dst` that no
+/// policy entry covers passes: both its ends are open.
+#[must_use]
+pub const fn open_between(src: u32, dst: u32) -> bool {
+    src & IDENTITY_FLAG_OPEN_EGRESS != 0 && (dst & IDENTITY_FLAG_OPEN_INGRESS != 0 || src & IDENTITY_FLAG_NODE != 0)
+}
+
 /// Value of the identity maps (exact-address hash and prefix trie).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -389,6 +410,15 @@ pub const CONFIG_FLAG_NO_VERDICT_CACHE: u32 = 1 << 1;
 /// The flow cache is neither read nor filled: every packet of an
 /// established flow takes the conntrack lookup (for measuring).
 pub const CONFIG_FLAG_NO_FLOW_CACHE: u32 = 1 << 2;
+
+/// `--policy-enforcement default`: addresses of no identity (`world`) are
+/// open in both directions (flags [`IDENTITY_FLAG_OPEN_INGRESS`] and
+/// [`IDENTITY_FLAG_OPEN_EGRESS`]).
+pub const CONFIG_FLAG_WORLD_OPEN: u32 = 1 << 3;
+
+/// The `rule_index` of the entries that pass a pair both of whose ends
+/// are open, beside the rules on it: no rule's (no counter is kept).
+pub const RULE_INDEX_OPEN: u32 = u32::MAX - 1;
 
 /// Entries of the per-CPU verdict cache (a power of two: the index is the
 /// top bits of a hash).

@@ -14,12 +14,15 @@ use std::time::SystemTime;
 
 use enforcer_common::{
     ACTION_ALLOW, ACTION_DENY, IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_FLAG_NO_RULES_FROM_WORLD,
-    IDENTITY_HOST, IDENTITY_WORLD, IdentityId, IdentityValue, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_IDENTITY_BITS,
-    PolicyKeyData, PolicyValue,
+    IDENTITY_FLAG_NODE, IDENTITY_FLAG_OPEN_EGRESS, IDENTITY_FLAG_OPEN_INGRESS, IDENTITY_HOST, IDENTITY_WORLD,
+    IdentityId, IdentityValue, POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_IDENTITY_BITS, PolicyKeyData, PolicyValue,
+    RULE_INDEX_OPEN,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{Action, HOST, Mode, Peer, Policy, PortSpec, Selector, WORLD};
+use crate::model::{
+    Action, Enforcement, HOST, Identity, Mode, NamedPort, Peer, Policy, PortName, PortSpec, Selector, Side, WORLD,
+};
 
 /// One entry of the identity maps: addresses in `net` (unless a longer entry
 /// covers them) have identity `id`.
@@ -82,6 +85,72 @@ pub(crate) struct Claim<O> {
     pub(crate) rule_index: u32,
     pub(crate) first: u32,
     pub(crate) last: u32,
+    /// Whom the claiming rule speaks for.
+    pub(crate) side: Side,
+}
+
+/// Which ends of an identity pair are open: its source for egress, its
+/// destination for ingress (the node counts as open towards any
+/// destination under `default` enforcement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ends {
+    pub(crate) src_open: bool,
+    pub(crate) dst_open: bool,
+}
+
+impl Ends {
+    /// The ends of a pair whose atoms carry flags `src` and `dst`.
+    pub(crate) const fn of(src: u32, dst: u32) -> Self {
+        Self {
+            src_open: src & IDENTITY_FLAG_OPEN_EGRESS != 0,
+            dst_open: dst & IDENTITY_FLAG_OPEN_INGRESS != 0 || src & IDENTITY_FLAG_NODE != 0,
+        }
+    }
+}
+
+/// The isolation flags of an atom: open for each direction no rule of
+/// that side isolates it in, under `default` enforcement; the node also
+/// passes ingress isolation.
+pub(crate) fn isolation_flags(
+    enforcement: Enforcement,
+    host: bool,
+    ingress_isolated: bool,
+    egress_isolated: bool,
+) -> u32 {
+    if enforcement == Enforcement::Always {
+        return 0;
+    }
+    let mut flags = 0;
+    if !ingress_isolated {
+        flags |= IDENTITY_FLAG_OPEN_INGRESS;
+    }
+    if !egress_isolated {
+        flags |= IDENTITY_FLAG_OPEN_EGRESS;
+    }
+    if host {
+        flags |= IDENTITY_FLAG_NODE;
+    }
+    flags
+}
+
+/// The flag that lets the kernel deny `world`'s packets to an atom without
+/// a lookup: no entry for the pair, and the atom is isolated for ingress.
+pub(crate) fn unreachable_from_world(flags: u32, has_world_pair: bool) -> u32 {
+    if has_world_pair || flags & IDENTITY_FLAG_OPEN_INGRESS != 0 { 0 } else { IDENTITY_FLAG_NO_RULES_FROM_WORLD }
+}
+
+/// The (protocol number, port) of each name of `names` among `ports` (a
+/// destination pod's named ports).
+pub(crate) fn named_port_ranges<'a>(
+    names: &'a [PortName],
+    ports: &'a [NamedPort],
+) -> impl Iterator<Item = (u32, u32)> + 'a {
+    ports.iter().filter(|port| names.iter().any(|name| name.name == port.name && name.protocol == port.protocol)).map(
+        |port| {
+            let at = u32::from(port.protocol.number()) << 16 | u32::from(port.port);
+            (at, at)
+        },
+    )
 }
 
 /// A CIDR peer: addresses inside `.0` and outside all of `.1`.
@@ -180,6 +249,16 @@ impl IdAssigner {
 /// As [`compile_at`], numbering atoms with `ids` so that atoms that stay
 /// keep their numbers across compiles (see [`IdAssigner`]).
 pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) -> CompiledPolicy {
+    compile_enforcing(policy, now, ids, Enforcement::Always)
+}
+
+/// As [`compile_stable`], isolating identities as `enforcement` says.
+pub fn compile_enforcing(
+    policy: &Policy,
+    now: SystemTime,
+    ids: &mut IdAssigner,
+    enforcement: Enforcement,
+) -> CompiledPolicy {
     let mut rules: Vec<_> = policy.rules.iter().filter(|r| r.is_active_at(now)).collect();
     rules.sort_by(|a, b| a.name.cmp(&b.name));
     let next_expiry = rules.iter().filter_map(|r| r.expires).min();
@@ -201,6 +280,14 @@ pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) ->
     // Large policies repeat selectors across many rules; each is resolved once.
     let mut selected: HashMap<Selector, Vec<IdentityId>> = HashMap::new();
     let mut pairs: BTreeMap<(IdentityId, IdentityId), Vec<Claim<u32>>> = BTreeMap::new();
+    let mut ingress_isolated: HashSet<IdentityId> = HashSet::new();
+    let mut egress_isolated: HashSet<IdentityId> = HashSet::new();
+    let owner_of: HashMap<IdentityId, &Identity> = atoms
+        .by_owner
+        .iter()
+        .filter_map(|(owner, ids)| owner.map(|i| (&policy.identities[i], ids)))
+        .flat_map(|(identity, ids)| ids.iter().map(move |id| (*id, identity)))
+        .collect();
     for (rule_index, rule) in rules.iter().enumerate() {
         let mut select = |peers: &[Peer]| {
             let mut ids = BTreeSet::new();
@@ -217,26 +304,51 @@ pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) ->
         };
         let sources = select(&rule.from);
         let destinations = select(&rule.to);
+        match rule.side {
+            Side::Both => {}
+            Side::Ingress => ingress_isolated.extend(destinations.iter().copied()),
+            Side::Egress => egress_isolated.extend(sources.iter().copied()),
+        }
         let ranges: Vec<(u32, u32)> = rule_ranges(rule.ports.as_deref()).collect();
         for &src in &sources {
             for &dst in &destinations {
-                pairs.entry((src, dst)).or_default().extend(ranges.iter().map(|&(first, last)| Claim {
-                    action: rule.action,
-                    order: rule_index as u32,
-                    rule_index: rule_index as u32,
-                    first,
-                    last,
-                }));
+                let named =
+                    owner_of.get(&dst).and_then(|identity| identity.pod.as_ref()).filter(|_| rule.ports.is_some());
+                let named = named.into_iter().flat_map(|pod| named_port_ranges(&rule.named_ports, &pod.ports));
+                pairs.entry((src, dst)).or_default().extend(ranges.iter().copied().chain(named).map(
+                    |(first, last)| Claim {
+                        action: rule.action,
+                        order: rule_index as u32,
+                        rule_index: rule_index as u32,
+                        first,
+                        last,
+                        side: rule.side,
+                    },
+                ));
             }
         }
     }
 
-    let mut policy_entries = Vec::new();
-    for (&(src, dst), claims) in &pairs {
-        pair_entries(src, dst, claims, &mut policy_entries);
+    for atom in &mut atoms.atoms {
+        atom.flags |= isolation_flags(
+            enforcement,
+            atom.id == IDENTITY_HOST,
+            ingress_isolated.contains(&atom.id),
+            egress_isolated.contains(&atom.id),
+        );
+    }
+    let flags: HashMap<IdentityId, u32> = atoms.atoms.iter().map(|atom| (atom.id, atom.flags)).collect();
+    for entry in &mut atoms.identity_entries {
+        entry.flags = flags.get(&entry.id).copied().unwrap_or(entry.flags);
     }
 
-    mark_unreachable_from_world(&mut atoms, &pairs);
+    let mut policy_entries = Vec::new();
+    for (&(src, dst), claims) in &pairs {
+        let ends = Ends::of(flags.get(&src).copied().unwrap_or(0), flags.get(&dst).copied().unwrap_or(0));
+        pair_entries(src, dst, claims, ends, u32::MAX, &mut policy_entries);
+    }
+
+    mark_unreachable_from_world(&mut atoms, &policy_entries);
 
     CompiledPolicy {
         rules: rules.iter().map(|r| CompiledRule { name: r.name.clone(), action: r.action }).collect(),
@@ -247,24 +359,20 @@ pub fn compile_stable(policy: &Policy, now: SystemTime, ids: &mut IdAssigner) ->
     }
 }
 
-/// Flags every atom that no rule names as a destination for `world`
-/// sources (see [`IDENTITY_FLAG_NO_RULES_FROM_WORLD`]): for them the
-/// policy holds no (`world`, atom) entry, so the kernel may skip the lookup.
-fn mark_unreachable_from_world(atoms: &mut Partition, pairs: &BTreeMap<(IdentityId, IdentityId), Vec<Claim<u32>>>) {
-    let reached: BTreeSet<IdentityId> = pairs
-        .range((IDENTITY_WORLD, 0)..=(IDENTITY_WORLD, IdentityId::MAX))
-        .filter(|(_, claims)| !claims.is_empty())
-        .map(|(&(_, dst), _)| dst)
+/// Flags every atom isolated for ingress that `world` has no entry
+/// towards (see [`IDENTITY_FLAG_NO_RULES_FROM_WORLD`]): the kernel may
+/// deny those packets without a lookup.
+fn mark_unreachable_from_world(atoms: &mut Partition, entries: &[PolicyEntry]) {
+    let reached: BTreeSet<IdentityId> = entries
+        .iter()
+        .filter(|entry| u32::from_be_bytes(entry.key.src_identity) == IDENTITY_WORLD)
+        .map(|entry| u32::from_be_bytes(entry.key.dst_identity))
         .collect();
     for atom in &mut atoms.atoms {
-        if !reached.contains(&atom.id) {
-            atom.flags |= IDENTITY_FLAG_NO_RULES_FROM_WORLD;
-        }
+        atom.flags |= unreachable_from_world(atom.flags, reached.contains(&atom.id));
     }
     for entry in &mut atoms.identity_entries {
-        if !reached.contains(&entry.id) {
-            entry.flags |= IDENTITY_FLAG_NO_RULES_FROM_WORLD;
-        }
+        entry.flags |= unreachable_from_world(entry.flags, reached.contains(&entry.id));
     }
 }
 
@@ -288,6 +396,13 @@ fn select_atoms(
             .iter()
             .enumerate()
             .filter(|(_, identity)| wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v)))
+            .flat_map(|(i, _)| owned_by(Some(i)))
+            .collect(),
+        Selector::Pods(peer) => policy
+            .identities
+            .iter()
+            .enumerate()
+            .filter(|(_, identity)| peer.selects(identity, policy.pod_namespace(identity)))
             .flat_map(|(i, _)| owned_by(Some(i)))
             .collect(),
         Selector::Cidr { cidr, except } => cidr_selectors
@@ -403,14 +518,18 @@ pub(crate) fn rule_ranges(ports: Option<&[PortSpec]>) -> impl Iterator<Item = (u
     every.into_iter().chain(listed)
 }
 
-/// Appends the policy entries of one identity pair, given every claim on it.
+/// Appends the policy entries of one identity pair, given every claim on
+/// it and which of its ends are open; `open_order` sorts after every rule.
 pub(crate) fn pair_entries<O: Ord + Copy>(
     src: IdentityId,
     dst: IdentityId,
     claims: &[Claim<O>],
+    ends: Ends,
+    open_order: O,
     out: &mut Vec<PolicyEntry>,
 ) {
-    let segments = resolve(claims);
+    let counted = counted_claims(claims, ends, open_order);
+    let segments = resolve(counted.as_deref().unwrap_or(claims));
     for &(first, last, value) in &segments {
         for (start, bits) in aligned_blocks(first, last) {
             let whole_protocol = value.action == ACTION_ALLOW && allows_whole_protocol(&segments, start >> 16);
@@ -423,6 +542,64 @@ pub(crate) fn pair_entries<O: Ord + Copy>(
             });
         }
     }
+}
+
+/// The claims that count on a pair whose ends are `ends`, as claims for
+/// the connection; `None` when they are `claims` as they are (the usual
+/// case: rules that speak for the connection, an end isolated).
+///
+/// Deny claims always count. Rules for the connection always count. A
+/// rule for one end counts as it is where the other end is open; where
+/// both ends are isolated, an ingress claim counts where an egress claim
+/// admits too. A pair both of whose ends are open passes whatever no claim
+/// decides; where a deny claim carves a protocol, one more claim below
+/// every rule says so for that protocol, so that a fragment whose port is
+/// unknown finds the protocol not passed whole.
+fn counted_claims<O: Ord + Copy>(claims: &[Claim<O>], ends: Ends, open_order: O) -> Option<Vec<Claim<O>>> {
+    let one_sided = claims.iter().any(|claim| claim.side != Side::Both);
+    let both_open = ends.src_open && ends.dst_open;
+    if !one_sided && !both_open {
+        return None;
+    }
+    let mut counted: Vec<Claim<O>> = Vec::new();
+    for claim in claims {
+        let counts = match (claim.action, claim.side) {
+            (Action::Deny, _) | (Action::Allow, Side::Both) => true,
+            (Action::Allow, Side::Egress) => !ends.src_open && ends.dst_open,
+            (Action::Allow, Side::Ingress) => ends.src_open && !ends.dst_open,
+        };
+        if counts {
+            counted.push(Claim { side: Side::Both, ..*claim });
+        }
+    }
+    if !ends.src_open && !ends.dst_open {
+        let allows = |side: Side| claims.iter().filter(move |c| c.action == Action::Allow && c.side == side);
+        for ingress in allows(Side::Ingress) {
+            for egress in allows(Side::Egress) {
+                let (first, last) = (ingress.first.max(egress.first), ingress.last.min(egress.last));
+                if first <= last {
+                    counted.push(Claim { first, last, side: Side::Both, ..*ingress });
+                }
+            }
+        }
+    }
+    if both_open {
+        // Only a protocol a deny rule carves needs its open ports written:
+        // elsewhere a lookup that misses passes, fragments included.
+        let mut carved: Vec<u32> =
+            claims.iter().filter(|c| c.action == Action::Deny).flat_map(|c| (c.first >> 16)..=(c.last >> 16)).collect();
+        carved.sort_unstable();
+        carved.dedup();
+        counted.extend(carved.into_iter().map(|protocol| Claim {
+            action: Action::Allow,
+            order: open_order,
+            rule_index: RULE_INDEX_OPEN,
+            first: protocol << 16,
+            last: protocol << 16 | 0xffff,
+            side: Side::Both,
+        }));
+    }
+    Some(counted)
 }
 
 /// Resolves overlapping claims on the (protocol, port) space of one identity
@@ -603,12 +780,50 @@ mod tests {
     #[test]
     fn deny_beats_allow_and_splits_ranges() {
         let claims = [
-            Claim { action: Action::Allow, order: 0, rule_index: 0, first: 100, last: 200 },
-            Claim { action: Action::Deny, order: 1, rule_index: 1, first: 150, last: 150 },
+            Claim { action: Action::Allow, order: 0, rule_index: 0, first: 100, last: 200, side: Side::Both },
+            Claim { action: Action::Deny, order: 1, rule_index: 1, first: 150, last: 150, side: Side::Both },
         ];
         let resolved = resolve(&claims);
         let allow = PolicyValue { action: ACTION_ALLOW, rule_index: 0, flags: 0 };
         let deny = PolicyValue { action: ACTION_DENY, rule_index: 1, flags: 0 };
         assert_eq!(resolved, vec![(100, 149, allow), (150, 150, deny), (151, 200, allow)]);
+    }
+
+    /// Rules for one end count as the other end's openness says; where
+    /// both are isolated an ingress claim counts only where an egress
+    /// claim admits too; both open, a deny rule's protocol is written whole.
+    #[test]
+    fn claims_for_one_end_count_by_the_other_ends_isolation() {
+        let claim = |side, action, order, first, last| Claim { action, order, rule_index: order, first, last, side };
+        let ingress = claim(Side::Ingress, Action::Allow, 0, 100, 200);
+        let egress = claim(Side::Egress, Action::Allow, 1, 150, 300);
+        let both = [ingress, egress];
+        let ranges = |ends: Ends| {
+            let counted = counted_claims(&both, ends, u32::MAX).expect("one-sided claims");
+            resolve(&counted)
+                .into_iter()
+                .map(|(first, last, value)| (first, last, value.rule_index))
+                .collect::<Vec<_>>()
+        };
+        let isolated = Ends { src_open: false, dst_open: false };
+        assert_eq!(ranges(isolated), vec![(150, 200, 0)]);
+        assert_eq!(ranges(Ends { src_open: true, dst_open: false }), vec![(100, 200, 0)]);
+        assert_eq!(ranges(Ends { src_open: false, dst_open: true }), vec![(150, 300, 1)]);
+        let deny = [claim(Side::Both, Action::Deny, 0, (6 << 16) | 0x16, (6 << 16) | 0x16)];
+        let counted = counted_claims(&deny, Ends { src_open: true, dst_open: true }, u32::MAX).expect("open pair");
+        let resolved = resolve(&counted);
+        assert_eq!(
+            resolved.first().map(|r| (r.0, r.1, r.2.rule_index)),
+            Some((6 << 16, (6 << 16) | 0x15, RULE_INDEX_OPEN))
+        );
+        assert_eq!(
+            resolved.last().map(|r| (r.0, r.1, r.2.rule_index)),
+            Some(((6 << 16) | 0x17, (6 << 16) | 0xffff, RULE_INDEX_OPEN))
+        );
+        assert_eq!(
+            counted_claims(&deny, isolated, u32::MAX).map(|c| c.len()),
+            None,
+            "isolated: the claims as they are"
+        );
     }
 }

@@ -7,7 +7,9 @@ use std::time::SystemTime;
 
 use enforcer_common::DropReason;
 
-use crate::model::{Action, HOST, Identity, Mode, Policy, PortSpec, Rule, Selector, WORLD};
+use crate::model::{
+    Action, Enforcement, HOST, Identity, Mode, Policy, PortName, PortSpec, Rule, Selector, Side, WORLD,
+};
 
 /// What the evaluator needs to know about a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +70,7 @@ pub struct Evaluator<'p> {
     audit_all: bool,
     /// The moment evaluated: rules expired by then do not apply.
     now: SystemTime,
+    enforcement: Enforcement,
 }
 
 impl<'p> Evaluator<'p> {
@@ -75,7 +78,21 @@ impl<'p> Evaluator<'p> {
     pub fn new(policy: &'p Policy) -> Self {
         let mut rules: Vec<&Rule> = policy.rules.iter().collect();
         rules.sort_by(|a, b| a.name.cmp(&b.name));
-        Self { policy, rules, host_addresses: Vec::new(), audit_all: false, now: SystemTime::now() }
+        Self {
+            policy,
+            rules,
+            host_addresses: Vec::new(),
+            audit_all: false,
+            now: SystemTime::now(),
+            enforcement: Enforcement::Always,
+        }
+    }
+
+    /// Which identities are isolated (see [`Enforcement`]).
+    #[must_use]
+    pub fn with_enforcement(mut self, enforcement: Enforcement) -> Self {
+        self.enforcement = enforcement;
+        self
     }
 
     /// Evaluates as of `now` instead of the current time.
@@ -118,8 +135,47 @@ impl<'p> Evaluator<'p> {
 
     fn rule_matches_peers(&self, rule: &Rule, src: IpAddr, dst: IpAddr) -> bool {
         let (src_owner, dst_owner) = (self.owner_of(src), self.owner_of(dst));
-        rule.from.iter().any(|p| selector_matches(&p.selector, src, src_owner))
-            && rule.to.iter().any(|p| selector_matches(&p.selector, dst, dst_owner))
+        rule.from.iter().any(|p| self.selector_matches(&p.selector, src, src_owner))
+            && rule.to.iter().any(|p| self.selector_matches(&p.selector, dst, dst_owner))
+    }
+
+    fn selector_matches(&self, selector: &Selector, addr: IpAddr, owner: Owner<'_>) -> bool {
+        match (selector, owner) {
+            (Selector::Identity(name), owner) => owner.name() == name,
+            (Selector::Labels(wanted), Owner::Declared(identity)) => {
+                wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v))
+            }
+            (Selector::Pods(peer), Owner::Declared(identity)) => {
+                peer.selects(identity, self.policy.pod_namespace(identity))
+            }
+            // Labels and pods match declared identities only, and the node's
+            // own addresses are matched only by `{identity: host}`.
+            (Selector::Labels(_) | Selector::Pods(_), _) | (Selector::Cidr { .. }, Owner::Host) => false,
+            (Selector::Cidr { cidr, except }, _) => cidr.contains(&addr) && !except.iter().any(|e| e.contains(&addr)),
+        }
+    }
+
+    /// Whether `rule` covers `protocol`/`port` towards `dst`: a named port
+    /// is looked up among the destination pod's ports.
+    fn ports_match(&self, rule: &Rule, dst: IpAddr, protocol: u8, port: u16) -> bool {
+        ports_match(rule.ports.as_deref(), protocol, port)
+            || (!rule.named_ports.is_empty()
+                && matches!(self.owner_of(dst), Owner::Declared(identity)
+                    if named_port_numbers(identity, &rule.named_ports).any(|(p, number)| p == protocol && number == port)))
+    }
+
+    /// Whether `addr` is isolated in the direction rules of `side` speak
+    /// for: under `always` everything is, under `default` what a rule of
+    /// that side selects at its own end.
+    fn isolated(&self, side: Side, addr: IpAddr) -> bool {
+        if self.enforcement == Enforcement::Always {
+            return true;
+        }
+        let owner = self.owner_of(addr);
+        self.rules.iter().filter(|rule| rule.side == side && rule.is_active_at(self.now)).any(|rule| {
+            let end = if side == Side::Ingress { &rule.to } else { &rule.from };
+            end.iter().any(|peer| self.selector_matches(&peer.selector, addr, owner))
+        })
     }
 
     /// Turns a policy drop into an audit where audit mode applies: daemon
@@ -139,59 +195,76 @@ impl<'p> Evaluator<'p> {
     }
 
     /// The policy's decision for a packet with known ports.
+    ///
+    /// A deny rule that matches decides. Otherwise the first allow rule by
+    /// name of those that count decides: rules that speak for the
+    /// connection always count; rules that speak for one end count when
+    /// the other end is open, and an ingress rule counts when both ends
+    /// are isolated and some egress rule admits the packet too. No rule
+    /// deciding, the packet passes if both ends are open, and is dropped
+    /// by the zero-trust default otherwise.
     #[must_use]
     pub fn evaluate(&self, packet: &Packet) -> Decision {
         let matches = |rule: &&&Rule| {
             rule.is_active_at(self.now)
                 && self.rule_matches_peers(rule, packet.src, packet.dst)
-                && ports_match(rule.ports.as_deref(), packet.protocol, packet.port)
+                && self.ports_match(rule, packet.dst, packet.protocol, packet.port)
         };
-        let deny = self.rules.iter().filter(|r| r.action == Action::Deny).find(matches);
-        let allow = || self.rules.iter().filter(|r| r.action == Action::Allow).find(matches);
-        match deny {
-            Some(rule) => self.decision(packet, self.audited(DropReason::DenyRule, packet.dst), Some(rule)),
-            None => match allow() {
-                Some(rule) => self.decision(packet, Verdict::Forward, Some(rule)),
-                None => self.decision(packet, self.audited(DropReason::DefaultDeny, packet.dst), None),
-            },
+        if let Some(rule) = self.rules.iter().filter(|r| r.action == Action::Deny).find(matches) {
+            return self.decision(packet, self.audited(DropReason::DenyRule, packet.dst), Some(rule));
+        }
+        let src_open = !self.isolated(Side::Egress, packet.src);
+        // The node may always reach its own pods, as Kubernetes has it.
+        let node = self.enforcement == Enforcement::Default && matches!(self.owner_of(packet.src), Owner::Host);
+        let dst_open = node || !self.isolated(Side::Ingress, packet.dst);
+        let allows = |side: Side| self.rules.iter().filter(move |r| r.action == Action::Allow && r.side == side);
+        let egress_admits = || allows(Side::Egress).any(|rule| matches(&rule));
+        let counted = |rule: &&&Rule| match rule.side {
+            Side::Both => true,
+            Side::Egress => !src_open && dst_open,
+            Side::Ingress => !dst_open && (src_open || egress_admits()),
+        };
+        let allow = self.rules.iter().filter(|r| r.action == Action::Allow).filter(matches).find(counted);
+        match allow {
+            Some(rule) => self.decision(packet, Verdict::Forward, Some(rule)),
+            None if src_open && dst_open => self.decision(packet, Verdict::Forward, None),
+            None => self.decision(packet, self.audited(DropReason::DefaultDeny, packet.dst), None),
         }
     }
 
     /// The decision for a later IP fragment whose first fragment was never
-    /// seen (its ports are unknown): it passes only if the policy allows the
-    /// pair every port of the protocol; `packet.port` is ignored.
+    /// seen (its ports are unknown): it passes only if the policy passes
+    /// every port of the protocol, and no deny rule covers any;
+    /// `packet.port` is ignored.
     #[must_use]
     pub fn evaluate_orphan_fragment(&self, packet: &Packet) -> Decision {
-        let matching: Vec<&&Rule> = self
-            .rules
-            .iter()
-            .filter(|r| r.is_active_at(self.now) && self.rule_matches_peers(r, packet.src, packet.dst))
-            .collect();
-        let port_ranges = |action| -> Vec<(u16, u16)> {
-            let mut ranges: Vec<(u16, u16)> = Vec::new();
-            for rule in matching.iter().filter(|r| r.action == action) {
-                match &rule.ports {
-                    None => ranges.push((0, u16::MAX)),
-                    Some(specs) => ranges.extend(
-                        specs.iter().filter(|s| s.protocol.number() == packet.protocol).map(|s| (s.first, s.last)),
-                    ),
+        // Every decision is constant between the ends of the ranges the
+        // rules on this pair name: asking at each start covers every port.
+        let mut starts: Vec<u32> = vec![0];
+        for rule in
+            self.rules.iter().filter(|r| r.is_active_at(self.now) && self.rule_matches_peers(r, packet.src, packet.dst))
+        {
+            for spec in rule.ports.iter().flatten().filter(|s| s.protocol.number() == packet.protocol) {
+                starts.extend([u32::from(spec.first), u32::from(spec.last) + 1]);
+            }
+            if let Owner::Declared(identity) = self.owner_of(packet.dst) {
+                for (protocol, port) in named_port_numbers(identity, &rule.named_ports) {
+                    if protocol == packet.protocol {
+                        starts.extend([u32::from(port), u32::from(port) + 1]);
+                    }
                 }
             }
-            ranges
-        };
-        let denied_somewhere = !port_ranges(Action::Deny).is_empty();
-        let mut allowed = port_ranges(Action::Allow);
-        allowed.sort_unstable();
-        // Do the allowed ranges cover 0..=65535 without a gap?
-        let mut next: u32 = 0;
-        for (first, last) in allowed {
-            if u32::from(first) > next {
-                break;
-            }
-            next = next.max(u32::from(last) + 1);
         }
-        let allowed_everywhere = next > u32::from(u16::MAX);
-        if allowed_everywhere && !denied_somewhere {
+        starts.retain(|start| u16::try_from(*start).is_ok());
+        starts.sort_unstable();
+        starts.dedup();
+        let denied_somewhere = starts.iter().any(|&port| {
+            let decision = self.evaluate(&Packet { port: port as u16, ..*packet });
+            !matches!(decision.verdict, Verdict::Forward)
+        });
+        if denied_somewhere {
+            self.decision(packet, self.audited(DropReason::FragmentUnknown, packet.dst), None)
+        } else {
             let rule = self.evaluate(&Packet { port: 0, ..*packet }).rule;
             Decision {
                 verdict: Verdict::Forward,
@@ -199,23 +272,17 @@ impl<'p> Evaluator<'p> {
                 dst_identity: self.identity_name(packet.dst),
                 rule,
             }
-        } else {
-            self.decision(packet, self.audited(DropReason::FragmentUnknown, packet.dst), None)
         }
     }
 }
 
-fn selector_matches(selector: &Selector, addr: IpAddr, owner: Owner<'_>) -> bool {
-    match (selector, owner) {
-        (Selector::Identity(name), owner) => owner.name() == name,
-        (Selector::Labels(wanted), Owner::Declared(identity)) => {
-            wanted.iter().all(|(k, v)| identity.labels.get(k) == Some(v))
-        }
-        // Labels match declared identities only, and the node's own
-        // addresses are matched only by `{identity: host}`.
-        (Selector::Labels(_), _) | (Selector::Cidr { .. }, Owner::Host) => false,
-        (Selector::Cidr { cidr, except }, _) => cidr.contains(&addr) && !except.iter().any(|e| e.contains(&addr)),
-    }
+/// The (protocol number, port) pairs `names` resolve to among a pod
+/// identity's named ports.
+fn named_port_numbers<'a>(identity: &'a Identity, names: &'a [PortName]) -> impl Iterator<Item = (u8, u16)> + 'a {
+    let ports = identity.pod.iter().flat_map(|pod| &pod.ports);
+    ports
+        .filter(|port| names.iter().any(|name| name.name == port.name && name.protocol == port.protocol))
+        .map(|port| (port.protocol.number(), port.port))
 }
 
 fn ports_match(ports: Option<&[PortSpec]>, protocol: u8, port: u16) -> bool {

@@ -19,7 +19,7 @@ pub mod yaml;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use compile::{CompiledPolicy, IdAssigner, compile, compile_at, compile_stable};
+pub use compile::{CompiledPolicy, IdAssigner, compile, compile_at, compile_enforcing, compile_stable};
 pub use engine::{Contents, Engine, EntryDiff, SourceChange};
 pub use error::{Diagnostic, Location, PolicyError};
 pub use eval::{Decision, Evaluator, Packet, Verdict};

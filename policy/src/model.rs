@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use ipnet::IpNet;
 
 use crate::error::Location;
+use crate::kubernetes::{LabelSelector, Namespace};
 
 /// Reserved identity of addresses that belong to no declared identity.
 pub const WORLD: &str = "world";
@@ -21,6 +22,95 @@ pub struct Policy {
     pub documents: Vec<String>,
     pub identities: Vec<Identity>,
     pub rules: Vec<Rule>,
+    /// Kubernetes namespaces: their labels are what `namespaceSelector`s
+    /// match.
+    pub namespaces: Vec<Namespace>,
+    /// What was read but is skipped or not enforced, reported beside the
+    /// policy (Kubernetes objects of other kinds, SCTP ports).
+    pub notes: Vec<crate::error::Diagnostic>,
+}
+
+impl Policy {
+    /// The namespace of a pod identity, if it was given.
+    #[must_use]
+    pub fn pod_namespace(&self, identity: &Identity) -> Option<&Namespace> {
+        let pod = identity.pod.as_ref()?;
+        self.namespaces.iter().find(|namespace| namespace.name == pod.namespace)
+    }
+}
+
+/// Which identities are isolated: judged by rules, with what no rule
+/// admits dropped. The other identities are open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Enforcement {
+    /// Zero trust: every identity is isolated in both directions, as if
+    /// every namespace had a default-deny `NetworkPolicy` for ingress and
+    /// egress. A connection passes only where rules admit it.
+    #[default]
+    Always,
+    /// As Kubernetes defines `NetworkPolicy`: a pod is isolated for ingress
+    /// (egress) only while an ingress (egress) rule selects it; every other
+    /// identity, `world` and `host` included, is open. `SegmentPolicy`
+    /// rules isolate nothing: an allow rule admits its connections on both
+    /// ends, a deny rule drops them whatever else admits them.
+    Default,
+}
+
+impl Enforcement {
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "always" => Some(Self::Always),
+            "default" => Some(Self::Default),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::Default => "default",
+        }
+    }
+}
+
+/// Whom a rule speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum Side {
+    /// The connection itself (a `SegmentPolicy` rule): an allow admits it
+    /// on both ends.
+    #[default]
+    Both,
+    /// Its destination only (a `NetworkPolicy` ingress rule): the
+    /// identities its `to` selects are isolated for ingress, and admit
+    /// what it allows; the source's egress side must admit it too.
+    Ingress,
+    /// Its source only (a `NetworkPolicy` egress rule), likewise.
+    Egress,
+}
+
+/// What a Kubernetes pod adds to its identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    /// Container ports that have a name, for named ports in rules.
+    pub ports: Vec<NamedPort>,
+}
+
+/// A container port with a name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A port a rule names, looked up among the destination pod's ports.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortName {
+    pub protocol: Protocol,
+    pub name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +120,8 @@ pub struct Identity {
     pub addresses: Vec<Address>,
     /// How policy drops of traffic towards this identity are handled.
     pub mode: Mode,
+    /// Set for a Kubernetes pod: its namespace and named ports.
+    pub pod: Option<PodInfo>,
     pub location: Location,
 }
 
@@ -73,8 +165,14 @@ pub struct Rule {
     pub to: Vec<Peer>,
     /// `None` when `ports` is omitted: the rule covers every protocol.
     pub ports: Option<Vec<PortSpec>>,
+    /// Ports by name, besides `ports` (which is then `Some`): each is the
+    /// destination pod's container port of that name and protocol, if it
+    /// has one.
+    pub named_ports: Vec<PortName>,
     /// When the rule lapses by itself (just-in-time access).
     pub expires: Option<SystemTime>,
+    /// Whom the rule speaks for: the connection, or one of its ends.
+    pub side: Side,
     pub location: Location,
 }
 
@@ -100,6 +198,25 @@ pub enum Selector {
     Labels(BTreeMap<String, String>),
     /// Every address inside `cidr` and outside all of `except`.
     Cidr { cidr: IpNet, except: Vec<IpNet> },
+    /// Kubernetes pods, by namespace and labels.
+    Pods(PodPeer),
+}
+
+/// Pods a `NetworkPolicy` peer (or its `podSelector`) chooses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodPeer {
+    pub namespaces: NamespaceScope,
+    /// Empty: every pod of those namespaces.
+    pub pods: LabelSelector,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamespaceScope {
+    /// The one namespace of this name.
+    Named(String),
+    /// Every namespace whose labels match (its name is the label
+    /// `kubernetes.io/metadata.name`).
+    Matching(LabelSelector),
 }
 
 /// A protocol a rule can name.

@@ -9,7 +9,8 @@ use std::time::SystemTime;
 use ipnet::IpNet;
 
 use crate::error::{Diagnostic, Location};
-use crate::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector};
+use crate::kubernetes::Namespace;
+use crate::model::{Action, Address, Identity, Mode, Peer, Policy, PortSpec, Protocol, Rule, Selector, Side};
 use crate::yaml::{Mark, Node, SpecList, Streamed, Value};
 
 pub const API_VERSION: &str = "bulkhead/v1";
@@ -32,6 +33,10 @@ pub(crate) trait Collect {
     fn push_document(&mut self, name: String);
     fn push_identity(&mut self, identity: Self::Identity);
     fn push_rule(&mut self, rule: Self::Rule);
+    fn push_namespace(&mut self, namespace: Namespace);
+    /// What was read but is skipped or not enforced (a Kubernetes object of
+    /// a kind Bulkhead does not read, an SCTP port): reported, not refused.
+    fn push_note(&mut self, note: Diagnostic);
 }
 
 impl Collect for Policy {
@@ -56,6 +61,14 @@ impl Collect for Policy {
 
     fn push_rule(&mut self, rule: Rule) {
         self.rules.push(rule);
+    }
+
+    fn push_namespace(&mut self, namespace: Namespace) {
+        self.namespaces.push(namespace);
+    }
+
+    fn push_note(&mut self, note: Diagnostic) {
+        self.notes.push(note);
     }
 }
 
@@ -225,6 +238,10 @@ impl<C: Collect> Parser<'_, C> {
     }
 
     fn document(&mut self, node: &Node, out: &mut C) {
+        if !is_segment_policy(node) {
+            self.kubernetes_objects(node, out);
+            return;
+        }
         let Some(fields) = self.fields(node, "a policy document", &["apiVersion", "kind", "metadata", "spec"]) else {
             return;
         };
@@ -275,6 +292,31 @@ impl<C: Collect> Parser<'_, C> {
                 batch.rules.into_iter().for_each(|rule| out.push_rule(rule));
                 self.problems.extend(batch.problems);
             }
+        }
+    }
+
+    /// A document that is no `SegmentPolicy`: Kubernetes objects, read
+    /// leniently (each broken or unknown one reported and skipped alone),
+    /// and translated.
+    fn kubernetes_objects(&mut self, node: &Node, out: &mut C) {
+        let mut objects = crate::kubernetes::Objects::default();
+        let mut notes = Vec::new();
+        crate::kubernetes::read_object(self.file, node, &mut objects, &mut notes);
+        for pod in &objects.pods {
+            let identity = out.identity(crate::kubernetes::translate::pod_identity(pod));
+            out.push_identity(identity);
+        }
+        for policy in &objects.network_policies {
+            for rule in crate::kubernetes::translate::policy_rules(policy) {
+                let rule = out.rule(rule);
+                out.push_rule(rule);
+            }
+        }
+        for namespace in objects.namespaces {
+            out.push_namespace(namespace);
+        }
+        for note in notes {
+            out.push_note(note);
         }
     }
 
@@ -329,7 +371,7 @@ impl<C: Collect> Parser<'_, C> {
                 }
             }
         }
-        Some(Identity { name: name?, labels, addresses, mode, location: self.at(fields.mark) })
+        Some(Identity { name: name?, labels, addresses, mode, pod: None, location: self.at(fields.mark) })
     }
 
     fn labels(&mut self, node: &Node, what: &str) -> Option<BTreeMap<String, String>> {
@@ -421,7 +463,9 @@ impl<C: Collect> Parser<'_, C> {
             from: from?,
             to: to?,
             ports,
+            named_ports: Vec::new(),
             expires,
+            side: Side::Both,
             location: self.at(fields.mark),
         })
     }
@@ -553,6 +597,27 @@ impl<C: Collect> Parser<'_, C> {
 }
 
 /// Levenshtein distance, for "did you mean" hints on short field names.
+/// Whether a document is meant as a `SegmentPolicy`: its `apiVersion` is
+/// one of Bulkhead's groups (known version or not), or its `kind` is
+/// `SegmentPolicy`, or it has neither (a document that says nothing is
+/// read, and refused, as a policy). Anything else is read as Kubernetes
+/// objects, where a kind Bulkhead does not read is reported and skipped.
+fn is_segment_policy(node: &Node) -> bool {
+    let Value::Mapping(entries) = &node.value else { return true };
+    let field = |name: &str| {
+        entries.iter().find_map(|(key, value)| match (&key.value, &value.value) {
+            (Value::Scalar { text: key, .. }, Value::Scalar { text, .. }) if key == name => Some(text.as_str()),
+            _ => None,
+        })
+    };
+    let ours = |version: &str| version.starts_with("bulkhead/") || version.starts_with("bulkhead.dev/");
+    match (field("apiVersion"), field("kind")) {
+        (Some(version), _) if ours(version) => true,
+        (_, Some(KIND)) | (None, None) => true,
+        (_, _) => false,
+    }
+}
+
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();

@@ -37,6 +37,18 @@ pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
             ));
         }
     }
+    let mut namespaces = HashMap::new();
+    for namespace in &policy.namespaces {
+        if let Some(first) = namespaces.insert(namespace.name.as_str(), &namespace.location) {
+            problems.push(Diagnostic::new(
+                namespace.location.clone(),
+                format!(
+                    "namespace `{}` is given twice (first at {first}); keep one copy of each namespace",
+                    namespace.name
+                ),
+            ));
+        }
+    }
     overlapping_addresses(policy, problems);
 }
 
@@ -72,6 +84,16 @@ pub fn warnings(policy: &Policy) -> Vec<Diagnostic> {
                         warnings.push(Diagnostic::new(
                             peer.location.clone(),
                             format!("label selector {{{}}} in rule `{}` matches no identity; the peer matches nothing until an identity carries those labels", shown.join(", "), rule.name),
+                        ));
+                    }
+                }
+                Selector::Pods(pods) => {
+                    let matches =
+                        policy.identities.iter().any(|identity| pods.selects(identity, policy.pod_namespace(identity)));
+                    if !matches {
+                        warnings.push(Diagnostic::new(
+                            peer.location.clone(),
+                            format!("rule `{}` selects no pod yet; it matches pods as they appear", rule.name),
                         ));
                     }
                 }

@@ -177,6 +177,7 @@ fn identity_strategy(index: usize) -> impl Strategy<Value = Identity> {
             labels,
             addresses: vec![Address { net, location: here() }],
             mode: if mode == 0 { Mode::Audit } else { Mode::Enforce },
+            pod: None,
             location: here(),
         }
     })
@@ -245,14 +246,17 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
                     from: from.into_iter().map(|selector| Peer { selector, location: here() }).collect(),
                     to: to.into_iter().map(|selector| Peer { selector, location: here() }).collect(),
                     ports,
+                    named_ports: Vec::new(),
                     expires: match expiry {
                         0 => None,
                         1 => Some(now() - Duration::from_secs(1)),
                         _ => Some(now() + Duration::from_hours(1)),
                     },
+                    side: policy::model::Side::Both,
                     location: here(),
                 })
                 .collect(),
+            ..Policy::default()
         })
     })
 }

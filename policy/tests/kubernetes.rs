@@ -370,3 +370,66 @@ fn policy_types_default_to_ingress_and_to_egress_when_there_are_egress_rules() {
         .collect();
     assert_eq!(types, [("default", "a", true, true), ("default", "b", true, false), ("default", "c", false, true)]);
 }
+
+/// A cluster snapshot is a complete policy file: pods become identities
+/// named `namespace/pod`, the policy's rules are named after it, a kind
+/// Bulkhead does not read is noted beside the policy, and the verdicts
+/// under `default` enforcement are `NetworkPolicy`'s.
+#[test]
+fn a_snapshot_file_is_a_complete_policy() {
+    use policy::model::Enforcement;
+    use policy::{Evaluator, Packet, Verdict};
+    let service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n";
+    let text = format!("{SNAPSHOT}{service}");
+    let parsed = policy::parse_str("snap.yaml", &text).expect("a snapshot is valid policy");
+    let names: Vec<&str> = parsed.identities.iter().map(|identity| identity.name.as_str()).collect();
+    assert_eq!(names, ["shop/frontend-7d9f8c6b5-x2k4q"]);
+    let rules: Vec<&str> = parsed.rules.iter().map(|rule| rule.name.as_str()).collect();
+    assert_eq!(rules, ["shop/frontend-ingress#ingress-0"]);
+    let notes: Vec<String> = parsed.notes.iter().map(ToString::to_string).collect();
+    assert_eq!(notes.len(), 1, "{notes:#?}");
+    assert!(notes[0].contains("Service shop/web skipped"), "{notes:#?}");
+
+    let evaluator = Evaluator::new(&parsed).with_enforcement(Enforcement::Default);
+    let packet =
+        |src: &str, port| Packet { src: src.parse().unwrap(), dst: "10.244.1.7".parse().unwrap(), protocol: 6, port };
+    // The ipBlock admits 10/8 outside 10.244/16, on the named port and the range.
+    let decision = evaluator.evaluate(&packet("10.1.2.3", 8080));
+    assert_eq!(decision.verdict, Verdict::Forward);
+    assert_eq!(decision.dst_identity, "shop/frontend-7d9f8c6b5-x2k4q");
+    assert_eq!(decision.rule.as_deref(), Some("shop/frontend-ingress#ingress-0"));
+    assert_eq!(evaluator.evaluate(&packet("10.1.2.3", 9150)).verdict, Verdict::Forward);
+    assert!(
+        matches!(evaluator.evaluate(&packet("10.1.2.3", 9090)).verdict, Verdict::Drop(_)),
+        "9090 is no port of the rule"
+    );
+    assert!(matches!(evaluator.evaluate(&packet("10.244.9.9", 8080)).verdict, Verdict::Drop(_)), "the exception");
+    // The pod is isolated for ingress only: its own connections out pass.
+    let out = Packet { src: "10.244.1.7".parse().unwrap(), dst: "192.0.2.1".parse().unwrap(), protocol: 6, port: 443 };
+    assert_eq!(evaluator.evaluate(&out).verdict, Verdict::Forward);
+    // Under `always`, nothing admits them: every identity is isolated.
+    let always = Evaluator::new(&parsed);
+    assert!(matches!(always.evaluate(&out).verdict, Verdict::Drop(_)));
+
+    // The engine takes the same text as a file source, and describes alike.
+    let mut engine = policy::Engine::with_enforcement(Enforcement::Default);
+    let change = policy::SourceChange { source: "snap.yaml".into(), contents: policy::Contents::Text(text) };
+    engine.apply(vec![change], std::time::SystemTime::now()).expect("valid");
+    for (src, port) in [("10.1.2.3", 8080), ("10.1.2.3", 9150), ("10.1.2.3", 9090), ("10.244.9.9", 8080)] {
+        assert_eq!(engine.describe(&packet(src, port), &[]), evaluator.evaluate(&packet(src, port)), "{src}:{port}");
+    }
+    assert_eq!(engine.describe(&out, &[]), evaluator.evaluate(&out));
+    assert_eq!(engine.notes().count(), 1);
+}
+
+/// The same namespace given twice is refused with both places named.
+#[test]
+fn a_namespace_given_twice_is_refused() {
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
+    let error = policy::parse_sources(&[
+        policy::Source { name: "a.yaml".into(), text: namespace.into() },
+        policy::Source { name: "b.yaml".into(), text: namespace.into() },
+    ])
+    .unwrap_err();
+    assert!(error.to_string().contains("namespace `shop` is given twice (first at a.yaml:1:1)"), "{error}");
+}

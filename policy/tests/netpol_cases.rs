@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use policy::kubernetes::netpol::{Connection, NAMESPACE_NAME_LABEL, judge};
+use policy::kubernetes::translate::translate;
 use policy::kubernetes::{ContainerPort, Namespace, Objects, Pod, PortProtocol, read_objects};
-use policy::model::Protocol;
+use policy::model::{Enforcement, Protocol};
 use policy::yaml::{Node, Value};
+use policy::{Contents, Engine, Evaluator, Packet, SourceChange, Verdict};
 use policy::{Diagnostic, Location};
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -159,6 +161,32 @@ fn run_case(path: &Path) -> Vec<String> {
     // the state after every policy is deleted).
     assert_eq!(objects.network_policies.len(), policies_text.matches("kind: NetworkPolicy").count(), "{name}");
     let all: Vec<(usize, usize)> = (0..3).flat_map(|n| (0..3).map(move |p| (n, p))).collect();
+    // The same cluster as the engine and the reference evaluator take it,
+    // under `default` enforcement: once as one source, and once object by
+    // object, policies first (they select nothing yet), then the
+    // namespaces, then the pods, which the rules select as they appear.
+    let translated = translate(&objects);
+    let evaluator = Evaluator::new(&translated).with_enforcement(Enforcement::Default);
+    let now = std::time::SystemTime::now();
+    let mut whole = Engine::with_enforcement(Enforcement::Default);
+    whole
+        .apply(vec![SourceChange { source: "cluster".to_owned(), contents: Contents::Parsed(translated.clone()) }], now)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut piecewise = Engine::with_enforcement(Enforcement::Default);
+    let mut pieces: Vec<policy::Policy> = Vec::new();
+    for network_policy in &objects.network_policies {
+        let rules = policy::kubernetes::translate::policy_rules(network_policy);
+        pieces.push(policy::Policy { rules, ..policy::Policy::default() });
+    }
+    pieces.push(policy::Policy { namespaces: objects.namespaces.clone(), ..policy::Policy::default() });
+    for pod in &objects.pods {
+        let identities = vec![policy::kubernetes::translate::pod_identity(pod)];
+        pieces.push(policy::Policy { identities, ..policy::Policy::default() });
+    }
+    for (index, piece) in pieces.into_iter().enumerate() {
+        let change = SourceChange { source: format!("piece-{index}"), contents: Contents::Parsed(piece) };
+        piecewise.apply(vec![change], now).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
     let mut mismatches = Vec::new();
     for probe in items(get(&header, "probes").expect("probes")) {
         let protocol = match text(get(probe, "protocol").expect("protocol")).as_str() {
@@ -192,12 +220,22 @@ fn run_case(path: &Path) -> Vec<String> {
                     port,
                 };
                 let judged = judge(&objects, &connection);
-                let got = if judged.allowed() { '.' } else { 'X' };
-                if got != expected {
-                    mismatches.push(format!(
-                        "{name}: {protocol}/{port_text} {}/{} → {}/{}: expected {expected}, got {got} ({judged:?})",
-                        NAMESPACES[from_n], PODS[from_p], NAMESPACES[to_n], PODS[to_p]
-                    ));
+                let packet =
+                    Packet { src: connection.source, dst: connection.destination, protocol: protocol.number(), port };
+                let shown = |verdict: Verdict| if verdict == Verdict::Forward { '.' } else { 'X' };
+                let answers = [
+                    ("the NetworkPolicy evaluator", if judged.allowed() { '.' } else { 'X' }),
+                    ("the reference evaluator", shown(evaluator.evaluate(&packet).verdict)),
+                    ("the engine (one source)", shown(whole.describe(&packet, &[]).verdict)),
+                    ("the engine (object by object)", shown(piecewise.describe(&packet, &[]).verdict)),
+                ];
+                for (who, got) in answers {
+                    if got != expected {
+                        mismatches.push(format!(
+                            "{name}: {protocol}/{port_text} {}/{} → {}/{}: expected {expected}, {who} says {got} ({judged:?})",
+                            NAMESPACES[from_n], PODS[from_p], NAMESPACES[to_n], PODS[to_p]
+                        ));
+                    }
                 }
             }
         }

@@ -405,7 +405,9 @@ impl Checks {
                     }
                 }
                 Selector::Labels(wanted) => self.add_label_ref(wanted),
-                Selector::Cidr { .. } => {}
+                // Pods that are not there yet are the rule in a cluster:
+                // `policy check` names such peers, the count does not.
+                Selector::Cidr { .. } | Selector::Pods(_) => {}
             }
         }
     }
@@ -433,7 +435,7 @@ impl Checks {
                     }
                 }
                 Selector::Labels(wanted) => self.remove_label_ref(wanted),
-                Selector::Cidr { .. } => {}
+                Selector::Cidr { .. } | Selector::Pods(_) => {}
             }
         }
     }

@@ -58,21 +58,28 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use enforcer_common::{
-    IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_HOST, IDENTITY_WORLD,
-    IdentityId, IdentityValue, POLICY_KEY_IDENTITY_BITS, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
+    IDENTITY_FIRST_DYNAMIC, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IDENTITY_WORLD, IdentityId, IdentityValue,
+    POLICY_KEY_IDENTITY_BITS, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
 };
 use ipnet::IpNet;
 
-use crate::compile::{Claim, PolicyEntry, pair_entries, rule_ranges};
+use crate::compile::{
+    Claim, Ends, PolicyEntry, isolation_flags, named_port_ranges, pair_entries, rule_ranges, unreachable_from_world,
+};
 use crate::error::{Diagnostic, PolicyError};
-use crate::model::{Action, HOST, Mode, Policy, WORLD};
+use crate::kubernetes::Namespace;
+use crate::model::{Action, Enforcement, HOST, Mode, PodPeer, Policy, Side, WORLD};
 
 use self::check::{Checks, OwnerId};
 use self::labels::{LabelSelectors, Labels, labels_match};
 use self::partition::{Partition, Settled};
 use self::small::{DenseMap, NumberMap, SmallSet};
 pub use self::stored::Fragment;
-use self::stored::{Interner, StoredPeer, StoredRule, StoredSelector};
+use self::stored::{Interner, StoredIdentity, StoredPeer, StoredRule, StoredSelector};
+
+/// Orders the entries that pass a pair with both ends open after every
+/// rule's (see [`crate::compile`]).
+const OPEN_ORDER: &str = "\u{10ffff}";
 
 /// Identity pairs whose entries must be resolved again.
 type PairSet = HashSet<(IdentityId, IdentityId), std::hash::BuildHasherDefault<small::NumberHasher>>;
@@ -368,6 +375,17 @@ pub struct Engine {
     names: Interner,
     /// `host` and `world`, as the atoms' owners are named.
     reserved: [Name; 2],
+    enforcement: Enforcement,
+    /// Active rules with a pod selector among their peers.
+    pod_rules: BTreeSet<u32>,
+    /// Pod identities by namespace.
+    pods_by_namespace: HashMap<Name, HashSet<OwnerId>>,
+    /// Every declaration of each namespace (more than one is a conflict).
+    namespaces: BTreeMap<String, Vec<Namespace>>,
+    /// Namespaces declared more than once.
+    namespace_conflicts: usize,
+    /// Atoms whose isolation may have changed in this change.
+    reisolate: BTreeSet<IdentityId>,
 }
 
 fn merge<'a>(fragments: impl Iterator<Item = &'a Arc<Fragment>>) -> Policy {
@@ -391,6 +409,11 @@ struct IdentityChanges {
     relabelled: Vec<Labels>,
     /// Identities whose mode changed.
     modes: Vec<OwnerId>,
+    /// Pods before and after, of pods added, removed or moved or
+    /// relabelled.
+    pods: Vec<Arc<StoredIdentity>>,
+    /// Pods whose named ports changed.
+    ports: Vec<OwnerId>,
 }
 
 /// What a change touched, found while the model is updated: names in the
@@ -399,6 +422,8 @@ struct IdentityChanges {
 struct Touched {
     identities: Vec<Name>,
     rules: Vec<Name>,
+    /// Whether a namespace was declared, changed or removed.
+    namespaces: bool,
 }
 
 impl Touched {
@@ -436,7 +461,31 @@ impl Engine {
             undo: Vec::new(),
             names: Interner::default(),
             reserved: [Name::from(HOST), Name::from(WORLD)],
+            enforcement: Enforcement::Always,
+            pod_rules: BTreeSet::new(),
+            pods_by_namespace: HashMap::new(),
+            namespaces: BTreeMap::new(),
+            namespace_conflicts: 0,
+            reisolate: BTreeSet::new(),
         }
+    }
+
+    /// An engine that isolates identities as `enforcement` says (see
+    /// [`Enforcement`]); [`Engine::new`] isolates every one.
+    #[must_use]
+    pub fn with_enforcement(enforcement: Enforcement) -> Self {
+        let mut engine = Self::new();
+        engine.enforcement = enforcement;
+        let isolation = engine.isolation(IDENTITY_WORLD);
+        let flags = isolation | unreachable_from_world(isolation, false);
+        engine.partition.set_flags(IDENTITY_WORLD, flags, &mut Recorder::default());
+        engine
+    }
+
+    /// How the engine isolates identities.
+    #[must_use]
+    pub fn enforcement(&self) -> Enforcement {
+        self.enforcement
     }
 
     /// Applies changes to sources as one change: all of them or, if the
@@ -461,7 +510,7 @@ impl Engine {
             let old = self.replace_source(&source, fragment.as_ref(), &mut touched);
             replaced.push((source, old));
         }
-        if !problems.is_empty() || !self.checks.is_clean() {
+        if !problems.is_empty() || !self.checks.is_clean() || self.namespace_conflicts > 0 {
             let policy = self.merged();
             crate::validate::validate(&policy, &mut problems);
             for (source, old) in replaced.into_iter().rev() {
@@ -531,6 +580,10 @@ impl Engine {
             None => self.sources.remove(source),
         };
         if let Some(old) = &old {
+            for namespace in &old.namespaces {
+                self.undeclare_namespace(namespace);
+                touched.namespaces = true;
+            }
             for identity in &old.identities {
                 self.checks.remove_identity(identity, &mut self.partition);
                 touched.identities.push(Name::clone(&identity.name));
@@ -541,6 +594,10 @@ impl Engine {
             }
         }
         if let Some(new) = fragment {
+            for namespace in &new.namespaces {
+                self.declare_namespace(namespace);
+                touched.namespaces = true;
+            }
             for identity in &new.identities {
                 self.checks.add_identity(identity, &mut self.partition);
                 touched.identities.push(Name::clone(&identity.name));
@@ -551,6 +608,33 @@ impl Engine {
             }
         }
         old
+    }
+
+    fn declare_namespace(&mut self, namespace: &Namespace) {
+        let declarations = self.namespaces.entry(namespace.name.clone()).or_default();
+        declarations.push(namespace.clone());
+        if declarations.len() == 2 {
+            self.namespace_conflicts += 1;
+        }
+    }
+
+    fn undeclare_namespace(&mut self, namespace: &Namespace) {
+        let Some(declarations) = self.namespaces.get_mut(&namespace.name) else { return };
+        if let Some(at) = declarations.iter().position(|declared| declared == namespace) {
+            declarations.remove(at);
+        }
+        match declarations.len() {
+            0 => {
+                self.namespaces.remove(&namespace.name);
+            }
+            1 => self.namespace_conflicts -= 1,
+            _ => {}
+        }
+    }
+
+    /// What was read but is skipped or not enforced, source by source.
+    pub fn notes(&self) -> impl Iterator<Item = &Diagnostic> + '_ {
+        self.sources.values().flat_map(|fragment| fragment.notes.iter())
     }
 
     /// The whole policy as one [`Policy`], sources in name order.
@@ -655,13 +739,16 @@ impl Engine {
     /// Every atom: number, owner (`world` for unowned) and flags; `host`
     /// included.
     pub fn atoms(&self) -> impl Iterator<Item = (IdentityId, &Name, u32)> + '_ {
-        let host_flags = if self.pairs.contains_key(&(IDENTITY_WORLD, IDENTITY_HOST)) {
-            0
-        } else {
-            IDENTITY_FLAG_NO_RULES_FROM_WORLD
-        };
+        let host_flags = self.host_flags();
         std::iter::once((IDENTITY_HOST, &self.reserved[0], host_flags))
             .chain(self.partition.atoms().map(|(id, owner, flags)| (id, self.owner_name(owner), flags)))
+    }
+
+    /// The flags of the node's own addresses.
+    #[must_use]
+    pub fn host_flags(&self) -> u32 {
+        let isolation = self.isolation(IDENTITY_HOST);
+        isolation | unreachable_from_world(isolation, self.pairs.contains_key(&(IDENTITY_WORLD, IDENTITY_HOST)))
     }
 
     /// The name of an atom's owner: `world` for none.
@@ -696,9 +783,28 @@ impl Engine {
         let outcome = self.partition.settle(&mode_of, &name_of, &mut rec.identities, &mut rec.atoms, &mut self.counts);
 
         // 4. Rules that may select differently now.
-        dirty_rules.extend(self.rules_to_reselect(&outcome, &changed.relabelled));
+        dirty_rules.extend(self.rules_to_reselect(&outcome, &changed, touched.namespaces));
         for id in dirty_rules {
             self.reselect(id, &mut dirty_pairs);
+        }
+
+        // 4b. Isolation: an atom isolated or opened has every pair it is
+        //     in resolved again; named ports changed likewise.
+        let mut reisolated: BTreeSet<IdentityId> = BTreeSet::new();
+        if self.enforcement != Enforcement::Always {
+            let candidates = std::mem::take(&mut self.reisolate);
+            for atom in candidates.into_iter().chain(outcome.appeared.iter().map(|(id, _, _)| *id)) {
+                let wanted = self.isolation(atom);
+                if atom == IDENTITY_HOST || self.partition.flags(atom) & ISOLATION_FLAGS != wanted {
+                    self.mark_pairs_of(atom, &mut dirty_pairs, |_| true);
+                    reisolated.insert(atom);
+                }
+            }
+        }
+        for owner in &changed.ports {
+            for atom in self.partition.atoms_of(Some(*owner)).collect::<Vec<_>>() {
+                self.mark_pairs_of(atom, &mut dirty_pairs, |rule| !rule.named_ports().is_empty());
+            }
         }
 
         // 5. Pairs whose claims changed.
@@ -707,16 +813,18 @@ impl Engine {
             self.resolve_pair(src, dst, &mut rec.policy, &mut reach_changed);
         }
 
-        // 6. Flags: audit mode and reachability from `world`.
+        // 6. Flags: audit mode, isolation and reachability from `world`.
         let mut reflag: BTreeSet<IdentityId> = reach_changed;
+        reflag.extend(reisolated);
         for owner in &changed.modes {
             reflag.extend(self.partition.atoms_of(Some(*owner)));
         }
         for id in reflag {
             let owner_flags = self.partition.owner_of(id).map(|owner| mode_of_owner(&self.checks, owner));
             let Some(mode) = owner_flags else { continue };
-            let unreachable = !self.pairs.contains_key(&(IDENTITY_WORLD, id));
-            let flags = mode | if unreachable { IDENTITY_FLAG_NO_RULES_FROM_WORLD } else { 0 };
+            let isolation = self.isolation(id);
+            let flags =
+                mode | isolation | unreachable_from_world(isolation, self.pairs.contains_key(&(IDENTITY_WORLD, id)));
             self.partition.set_flags(id, flags, &mut rec.identities);
         }
 
@@ -806,6 +914,25 @@ impl Engine {
             // identity to another within one change.
             released.extend(old_nets.difference(&new_nets).copied());
             claimed.extend(new_nets.difference(&old_nets).map(|net| (*net, id)));
+            let pod_key = |i: &Arc<StoredIdentity>| i.pod.as_ref().map(|pod| (pod.namespace.clone(), i.labels.clone()));
+            if current.as_ref().and_then(pod_key) != wanted.as_ref().and_then(pod_key) {
+                changed.pods.extend(current.iter().chain(&wanted).filter(|i| i.pod.is_some()).cloned());
+                if let Some(pod) = current.as_ref().and_then(|i| i.pod.as_ref())
+                    && let Some(owners) = self.pods_by_namespace.get_mut(pod.namespace.as_str())
+                {
+                    owners.remove(&id);
+                    if owners.is_empty() {
+                        self.pods_by_namespace.remove(pod.namespace.as_str());
+                    }
+                }
+                if let Some(pod) = wanted.as_ref().and_then(|i| i.pod.as_ref()) {
+                    self.pods_by_namespace.entry(self.names.intern(&pod.namespace)).or_default().insert(id);
+                }
+            }
+            let ports = |i: &Arc<StoredIdentity>| i.pod.as_ref().map(|pod| pod.ports.clone());
+            if current.as_ref().and_then(ports) != wanted.as_ref().and_then(ports) {
+                changed.ports.push(id);
+            }
             let old_labels = current.as_ref().map(|i| &i.labels);
             let new_labels = wanted.as_ref().map(|i| &i.labels);
             if old_labels != new_labels {
@@ -843,14 +970,21 @@ impl Engine {
 
     /// Rules whose selection an atom's coming or going, or a relabelled
     /// identity, may change.
-    fn rules_to_reselect(&self, outcome: &Settled, relabelled: &[Labels]) -> BTreeSet<u32> {
+    fn rules_to_reselect(&self, outcome: &Settled, changed: &IdentityChanges, namespaces: bool) -> BTreeSet<u32> {
         let mut dirty_rules = BTreeSet::new();
+        if namespaces {
+            dirty_rules.extend(self.pod_rules.iter().copied());
+        }
+        for pod in &changed.pods {
+            dirty_rules.extend(self.pod_rules_selecting(pod));
+        }
         for (_, owner, selectors) in &outcome.appeared {
             if let Some(owner) = owner {
                 dirty_rules.extend(self.checks.rules_naming(*owner));
                 if let Some(identity) = self.checks.compiled_identity(*owner) {
                     let labels = identity.labels.clone();
                     dirty_rules.extend(self.label_rules_matching(&labels));
+                    dirty_rules.extend(self.pod_rules_selecting(identity));
                 }
             } else {
                 dirty_rules.extend(self.world_rules.iter());
@@ -863,10 +997,63 @@ impl Engine {
             dirty_rules.extend(self.rules_from.get(id).into_iter().flatten());
             dirty_rules.extend(self.rules_to.get(id).into_iter().flatten());
         }
-        for labels in relabelled {
+        for labels in &changed.relabelled {
             dirty_rules.extend(self.label_rules_matching(labels));
         }
         dirty_rules
+    }
+
+    /// Active rules with a pod selector that selects `identity`.
+    fn pod_rules_selecting<'a>(&'a self, identity: &'a StoredIdentity) -> impl Iterator<Item = u32> + 'a {
+        self.pod_rules.iter().copied().filter(move |id| {
+            self.active.get(id).is_some_and(|active| {
+                active.rule.from.iter().chain(&active.rule.to).any(|peer| match &peer.selector {
+                    StoredSelector::Pods(pods) => self.pod_selected(pods, identity),
+                    _ => false,
+                })
+            })
+        })
+    }
+
+    /// Whether `identity` is a pod `peer` chooses.
+    fn pod_selected(&self, peer: &PodPeer, identity: &StoredIdentity) -> bool {
+        let Some(pod) = &identity.pod else { return false };
+        let namespace = self.namespaces.get(&pod.namespace).and_then(|declared| declared.first());
+        peer.matches_by(
+            &pod.namespace,
+            |key| namespace.and_then(|n| n.labels.get(key)).map(String::as_str),
+            |key| identity.labels.get(key).map(|value| &**value),
+        )
+    }
+
+    /// The isolation flags atom `id` has now (see [`isolation_flags`]).
+    fn isolation(&self, id: IdentityId) -> u32 {
+        if self.enforcement == Enforcement::Always {
+            return 0;
+        }
+        let isolated = |rules: Option<&SmallSet<u32>>, side: Side| {
+            rules.into_iter().flatten().any(|rule| self.active.get(rule).is_some_and(|a| a.rule.side == side))
+        };
+        isolation_flags(
+            self.enforcement,
+            id == IDENTITY_HOST,
+            isolated(self.rules_to.get(&id), Side::Ingress),
+            isolated(self.rules_from.get(&id), Side::Egress),
+        )
+    }
+
+    /// Marks every pair `atom` is in through a rule that `wanted` keeps.
+    fn mark_pairs_of(&self, atom: IdentityId, dirty_pairs: &mut PairSet, wanted: impl Fn(&StoredRule) -> bool) {
+        for rule in self.rules_from.get(&atom).into_iter().flatten() {
+            if let Some(active) = self.active.get(rule).filter(|a| wanted(&a.rule)) {
+                dirty_pairs.extend(active.to.iter().map(|&dst| (atom, dst)));
+            }
+        }
+        for rule in self.rules_to.get(&atom).into_iter().flatten() {
+            if let Some(active) = self.active.get(rule).filter(|a| wanted(&a.rule)) {
+                dirty_pairs.extend(active.from.iter().map(|&src| (src, atom)));
+            }
+        }
     }
 
     /// Files an entering rule under its selectors (interning CIDR peers,
@@ -904,6 +1091,9 @@ impl Engine {
                     };
                     self.cidr_rules.entry(selector).or_default().insert(id);
                 }
+                StoredSelector::Pods(_) => {
+                    self.pod_rules.insert(id);
+                }
             }
         }
         self.active.insert(id, ActiveRule { rule, from: SmallSet::default(), to: SmallSet::default() });
@@ -927,6 +1117,13 @@ impl Engine {
         for dst in &active.to {
             self.rules_to.remove_from(dst, id);
         }
+        match active.rule.side {
+            _ if self.enforcement == Enforcement::Always => {}
+            Side::Both => {}
+            Side::Ingress => self.reisolate.extend(active.to.iter().copied()),
+            Side::Egress => self.reisolate.extend(active.from.iter().copied()),
+        }
+        self.pod_rules.remove(&id);
         for peer in active.rule.from.iter().chain(&active.rule.to) {
             match &peer.selector {
                 StoredSelector::Identity(target) if &**target == WORLD => {
@@ -954,6 +1151,7 @@ impl Engine {
                         }
                     }
                 }
+                StoredSelector::Pods(_) => {}
             }
         }
     }
@@ -989,6 +1187,25 @@ impl Engine {
                 StoredSelector::Cidr(peer) => {
                     if let Some((selector, _)) = self.selectors.get(&(peer.cidr, peer.except.clone())) {
                         atoms.extend(self.partition.atoms_of_selector(*selector));
+                    }
+                }
+                StoredSelector::Pods(pods) => {
+                    let owners: Box<dyn Iterator<Item = &OwnerId>> = match &pods.namespaces {
+                        crate::model::NamespaceScope::Named(name) => {
+                            Box::new(self.pods_by_namespace.get(name.as_str()).into_iter().flatten())
+                        }
+                        crate::model::NamespaceScope::Matching(_) => {
+                            Box::new(self.pods_by_namespace.values().flatten())
+                        }
+                    };
+                    for owner in owners {
+                        if self
+                            .checks
+                            .compiled_identity(*owner)
+                            .is_some_and(|identity| self.pod_selected(pods, identity))
+                        {
+                            atoms.extend(self.partition.atoms_of(Some(*owner)));
+                        }
                     }
                 }
             }
@@ -1039,6 +1256,13 @@ impl Engine {
         mark(&lost_from, old_to);
         mark(old_from, &lost_to);
         // A freshly activated rule has empty old sets: all its pairs are new.
+        if self.enforcement != Enforcement::Always {
+            match self.active.get(&id).map(|a| a.rule.side) {
+                Some(Side::Ingress) => self.reisolate.extend(gained_to.iter().chain(&lost_to).copied()),
+                Some(Side::Egress) => self.reisolate.extend(gained_from.iter().chain(&lost_from).copied()),
+                _ => {}
+            }
+        }
         for src in &lost_from {
             self.rules_from.remove_from(src, id);
         }
@@ -1065,21 +1289,30 @@ impl Engine {
         reach_changed: &mut BTreeSet<IdentityId>,
     ) {
         let mut claims: Vec<Claim<&str>> = Vec::new();
+        let dst_ports = || {
+            let owner = self.partition.owner_of(dst).flatten()?;
+            Some(&self.checks.compiled_identity(owner)?.pod.as_ref()?.ports)
+        };
         for id in self.rules_from.get(&src).into_iter().flatten() {
             let Some(active) = self.active.get(id) else { continue };
             if active.to.contains(&dst) {
-                claims.extend(rule_ranges(active.rule.ports.as_deref()).map(|(first, last)| Claim {
-                    action: active.rule.action,
-                    order: &*active.rule.name,
+                let rule = &active.rule;
+                let named = (rule.ports.is_some() && !rule.named_ports().is_empty()).then(dst_ports).flatten();
+                let named = named.into_iter().flat_map(|ports| named_port_ranges(rule.named_ports(), ports));
+                claims.extend(rule_ranges(rule.ports.as_deref()).chain(named).map(|(first, last)| Claim {
+                    action: rule.action,
+                    order: &*rule.name,
                     rule_index: *id,
                     first,
                     last,
+                    side: rule.side,
                 }));
             }
         }
         let mut entries = Vec::new();
         if !claims.is_empty() {
-            pair_entries(src, dst, &claims, &mut entries);
+            let ends = Ends::of(self.isolation(src), self.isolation(dst));
+            pair_entries(src, dst, &claims, ends, OPEN_ORDER, &mut entries);
         }
         let old = self.pairs.remove(&(src, dst)).unwrap_or_default();
         if src == IDENTITY_WORLD && old.is_empty() != entries.is_empty() {
@@ -1135,7 +1368,9 @@ impl Engine {
                 let bits = u32::from(entry.key.protocol) << 16 | u32::from(u16::from_be_bytes(entry.key.port));
                 length == 0 || wanted >> (24 - length) == bits >> (24 - length)
             });
+        let flags = |id: IdentityId| if id == IDENTITY_HOST { self.host_flags() } else { self.partition.flags(id) };
         let (verdict, rule) = match covering {
+            None if enforcer_common::open_between(flags(src), flags(dst)) => (Verdict::Forward, None),
             None => (Verdict::Drop(DropReason::DefaultDeny), None),
             Some(entry) => {
                 let rule = self.active.get(&entry.value.rule_index).map(|rule| rule.rule.name.to_string());
@@ -1236,6 +1471,11 @@ impl From<&[PolicyEntry]> for PairEntries {
         }
     }
 }
+
+/// The flags [`isolation_flags`] sets.
+const ISOLATION_FLAGS: u32 = enforcer_common::IDENTITY_FLAG_OPEN_INGRESS
+    | enforcer_common::IDENTITY_FLAG_OPEN_EGRESS
+    | enforcer_common::IDENTITY_FLAG_NODE;
 
 fn mode_of_owner(checks: &Checks, owner: Option<OwnerId>) -> u32 {
     match owner.and_then(|id| checks.compiled_identity(id)).map(|i| i.mode) {

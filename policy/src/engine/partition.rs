@@ -459,6 +459,11 @@ impl Partition {
         self.by_selector.get(&selector).into_iter().flatten().copied()
     }
 
+    /// The flags of atom `id` (0 for none such).
+    pub(super) fn flags(&self, id: IdentityId) -> u32 {
+        value_of(&self.atoms, id).flags
+    }
+
     /// The owner of atom `id` (inner `None`: no declared identity), if
     /// `id` is an atom.
     #[allow(clippy::option_option, reason = "not an atom, an atom of no identity, an atom of one")]

@@ -12,12 +12,14 @@
 
 pub mod netpol;
 mod parse;
+pub mod translate;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+pub(crate) use parse::read_object;
 pub use parse::read_objects;
 
 use crate::error::Location;
@@ -137,20 +139,20 @@ pub enum PortRef {
 
 /// A `metav1.LabelSelector`: every `matchLabels` pair and every
 /// requirement must hold; the empty selector matches everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LabelSelector {
     pub match_labels: BTreeMap<String, String>,
     pub match_expressions: Vec<Requirement>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Requirement {
     pub key: String,
     pub operator: Operator,
     pub values: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Operator {
     In,
     NotIn,
@@ -162,23 +164,69 @@ impl LabelSelector {
     /// Whether `labels` satisfy the selector.
     #[must_use]
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels.iter().all(|(key, value)| labels.get(key) == Some(value))
-            && self.match_expressions.iter().all(|requirement| requirement.matches(labels))
+        self.matches_by(|key| labels.get(key).map(String::as_str))
+    }
+
+    /// Whether the label set that `get` reads (a key's value, if it has
+    /// the key) satisfies the selector.
+    pub fn matches_by<'l>(&self, get: impl Fn(&str) -> Option<&'l str>) -> bool {
+        self.match_labels.iter().all(|(key, value)| get(key) == Some(value.as_str()))
+            && self.match_expressions.iter().all(|requirement| requirement.matches_value(get(&requirement.key)))
     }
 }
 
 impl Requirement {
     #[must_use]
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        let value = labels.get(&self.key);
+        self.matches_value(labels.get(&self.key).map(String::as_str))
+    }
+
+    /// Whether a label set whose value for the key is `value` satisfies it.
+    #[must_use]
+    pub fn matches_value(&self, value: Option<&str>) -> bool {
+        let listed = |value: &str| self.values.iter().any(|listed| listed == value);
         match self.operator {
-            Operator::In => value.is_some_and(|value| self.values.contains(value)),
+            Operator::In => value.is_some_and(listed),
             // As Kubernetes defines it: a pod without the key is not in
             // the set, so `NotIn` matches it.
-            Operator::NotIn => value.is_none_or(|value| !self.values.contains(value)),
+            Operator::NotIn => value.is_none_or(|value| !listed(value)),
             Operator::Exists => value.is_some(),
             Operator::DoesNotExist => value.is_none(),
         }
+    }
+}
+
+impl crate::model::PodPeer {
+    /// Whether a pod of namespace `namespace` (labelled
+    /// `namespace_labels`, when known) carrying labels that `pod_label`
+    /// reads is chosen. A namespace always carries its name as the label
+    /// [`netpol::NAMESPACE_NAME_LABEL`], as the API server sets it.
+    pub fn matches_by<'l>(
+        &self,
+        namespace: &'l str,
+        namespace_labels: impl Fn(&str) -> Option<&'l str>,
+        pod_label: impl Fn(&str) -> Option<&'l str>,
+    ) -> bool {
+        let in_namespace = match &self.namespaces {
+            crate::model::NamespaceScope::Named(name) => name == namespace,
+            crate::model::NamespaceScope::Matching(selector) => selector.matches_by(|key| {
+                if key == netpol::NAMESPACE_NAME_LABEL { Some(namespace) } else { namespace_labels(key) }
+            }),
+        };
+        in_namespace && self.pods.matches_by(pod_label)
+    }
+
+    /// Whether `identity` is a pod this peer chooses; `namespace` is the
+    /// pod's namespace, if it was given.
+    #[must_use]
+    pub fn selects(&self, identity: &crate::model::Identity, namespace: Option<&Namespace>) -> bool {
+        identity.pod.as_ref().is_some_and(|pod| {
+            self.matches_by(
+                &pod.namespace,
+                |key| namespace.and_then(|n| n.labels.get(key)).map(String::as_str),
+                |key| identity.labels.get(key).map(String::as_str),
+            )
+        })
     }
 }
 

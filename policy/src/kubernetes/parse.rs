@@ -36,6 +36,12 @@ pub fn read_objects(
     Ok(())
 }
 
+/// Reads one YAML document's object (or `List` of them) into `objects`,
+/// as [`read_objects`] does for each document of a file.
+pub(crate) fn read_object(file: &Arc<str>, document: &Node, objects: &mut Objects, reports: &mut Vec<Diagnostic>) {
+    Reader::new(file).object(document, objects, reports, 0);
+}
+
 /// How deep `List`s may nest (kubectl prints one level).
 const MAX_LIST_DEPTH: usize = 4;
 

@@ -46,6 +46,7 @@ pub fn synthetic_policy(n: usize) -> Policy {
                 labels: BTreeMap::new(),
                 addresses,
                 mode: Mode::Enforce,
+                pod: None,
                 location: here(),
             }
         })
@@ -59,6 +60,8 @@ pub fn synthetic_policy(n: usize) -> Policy {
             to: vec![peer((i + 1) % n)],
             ports: Some(vec![port(Protocol::Tcp, 1000 + (i % 1000) as u16, 1000 + (i % 1000) as u16)]),
             expires: None,
+            named_ports: Vec::new(),
+            side: policy::model::Side::Both,
             location: here(),
         })
         .collect();
@@ -69,6 +72,8 @@ pub fn synthetic_policy(n: usize) -> Policy {
         to: vec![peer(1)],
         ports: Some(vec![port(Protocol::Icmp, 0, u16::MAX), port(Protocol::Icmpv6, 0, u16::MAX)]),
         expires: None,
+        named_ports: Vec::new(),
+        side: policy::model::Side::Both,
         location: here(),
     });
     rules.push(Rule {
@@ -78,9 +83,11 @@ pub fn synthetic_policy(n: usize) -> Policy {
         to: vec![peer(1)],
         ports: Some(vec![port(Protocol::Tcp, 22, 22)]),
         expires: None,
+        named_ports: Vec::new(),
+        side: policy::model::Side::Both,
         location: here(),
     });
-    Policy { documents: vec!["bench".into()], identities, rules }
+    Policy { documents: vec!["bench".into()], identities, rules, ..Policy::default() }
 }
 
 /// The synthetic policy as the YAML an operator would write.

@@ -332,6 +332,7 @@ fn pair_policy(rules: usize) -> Policy {
         labels: std::collections::BTreeMap::new(),
         addresses: vec![Address { net: IpAddr::V4(addr).into(), location: here() }],
         mode: Mode::Enforce,
+        pod: None,
         location: here(),
     };
     let mut identities: Vec<Identity> = (0..rules).map(|i| identity(format!("src{i}"), allowed(i).0)).collect();
@@ -344,10 +345,12 @@ fn pair_policy(rules: usize) -> Policy {
             to: vec![peer("receiver".into())],
             ports: Some(vec![PortSpec { protocol: Protocol::Udp, first: allowed(i).1, last: allowed(i).1 }]),
             expires: None,
+            named_ports: Vec::new(),
+            side: policy::model::Side::Both,
             location: here(),
         })
         .collect();
-    Policy { documents: vec!["traffic".into()], identities, rules }
+    Policy { documents: vec!["traffic".into()], identities, rules, ..Policy::default() }
 }
 
 /// A sender and a receiver namespace joined by one veth pair.
