@@ -76,8 +76,8 @@ fn count_pair(packet: &Packet, pair: &Pair) {
         let flow = &packet.flow;
         IdentityPairKey {
             slot: slot as u32,
-            src: identity::lookup(slot, flow.family, &flow.src_addr).id,
-            dst: identity::lookup(slot, flow.family, &flow.dst_addr).id,
+            src: identity::lookup(slot, flow.family, &flow.src_addr, identity::WORLD_ID_ONLY).id,
+            dst: identity::lookup(slot, flow.family, &flow.dst_addr, identity::WORLD_ID_ONLY).id,
         }
     } else {
         pair.key

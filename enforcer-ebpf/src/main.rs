@@ -259,7 +259,8 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
         };
         (hit.dst, hit.outcome)
     } else {
-        let src = identity::lookup(slot, packet.flow.family, &packet.flow.src_addr);
+        let world = identity::world(config);
+        let src = identity::lookup(slot, packet.flow.family, &packet.flow.src_addr, world);
         match direction {
             Direction::Ingress if src.id == IDENTITY_HOST => {
                 return Verdict::drop(DropReason::HostSpoofed);
@@ -282,7 +283,7 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
         let dst = if cache::same_words(&[addrs[0], addrs[1]], &[addrs[2], addrs[3]]) {
             src
         } else {
-            identity::lookup(slot, packet.flow.family, &packet.flow.dst_addr)
+            identity::lookup(slot, packet.flow.family, &packet.flow.dst_addr, world)
         };
         pair.key = IdentityPairKey { slot: slot as u32, src: src.id, dst: dst.id };
         if let Fragment::Later(id) = packet.fragment {
@@ -290,7 +291,7 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
                 return verdict;
             }
             let audit = config.flags & CONFIG_FLAG_AUDIT != 0 || dst.flags & IDENTITY_FLAG_AUDIT != 0;
-            return match policy::decide_any_port(slot, src.id, dst.id, packet.flow.protocol) {
+            return match policy::decide_any_port(slot, src, dst, packet.flow.protocol) {
                 policy::Outcome::Allow { .. } => Verdict::PASS,
                 policy::Outcome::Deny { reason, .. } => audited(reason, audit),
             };

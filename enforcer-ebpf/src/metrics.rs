@@ -2,9 +2,9 @@
 //! sums the CPUs when Prometheus scrapes.
 
 use aya_ebpf::maps::PerCpuArray;
-use enforcer_common::{Counter, Direction, DropReason, StateError, drop_counter_index, rule_counter_index};
-
-use crate::policy::NO_RULE;
+use enforcer_common::{
+    Counter, Direction, DropReason, RULE_INDEX_OPEN, StateError, drop_counter_index, rule_counter_index,
+};
 
 use crate::maps::{AUDIT_COUNTERS, DROP_COUNTERS, FORWARD_COUNTERS, RULE_VERDICTS, STATE_ERRORS};
 
@@ -38,7 +38,8 @@ pub fn count_audit(reason: DropReason, direction: Direction, bytes: u64) {
 /// Counts one policy decision made by rule `rule_index` of the slot's policy.
 #[inline(always)]
 pub fn count_rule(slot: usize, rule_index: u32) {
-    if rule_index == NO_RULE {
+    // No rule decided, or both ends were open (`RULE_INDEX_OPEN`).
+    if rule_index >= RULE_INDEX_OPEN {
         return;
     }
     // A rule index beyond the map (the daemon sizes it) finds no counter.

@@ -7,8 +7,8 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    ACTION_ALLOW, DropReason, IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_WORLD, IdentityId, IdentityValue,
-    POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue,
+    ACTION_ALLOW, DropReason, IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_WORLD, IdentityValue,
+    POLICY_FLAG_WHOLE_PROTOCOL, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue, RULE_INDEX_OPEN, open_between,
 };
 
 use crate::maps::{POLICY, POLICY_EXACT};
@@ -47,6 +47,8 @@ pub fn decide(slot: usize, src: IdentityValue, dst: IdentityValue, protocol: u8,
         return Outcome::Deny { reason: DropReason::DefaultDeny, rule_index: NO_RULE };
     }
     match lookup(PolicyKeyData::new(slot as u8, src.id, dst.id, protocol, port)) {
+        // No entry: both ends open (`--policy-enforcement default`) pass.
+        None if open_between(src.flags, dst.flags) => Outcome::Allow { rule_index: RULE_INDEX_OPEN },
         None => Outcome::Deny { reason: DropReason::DefaultDeny, rule_index: NO_RULE },
         Some(value) if value.action == ACTION_ALLOW => Outcome::Allow { rule_index: value.rule_index },
         Some(value) => Outcome::Deny { reason: DropReason::DenyRule, rule_index: value.rule_index },
@@ -54,10 +56,12 @@ pub fn decide(slot: usize, src: IdentityValue, dst: IdentityValue, protocol: u8,
 }
 
 /// For a later fragment whose ports are unknown: allowed only if the pair
-/// is allowed on every port of the protocol.
+/// is allowed on every port of the protocol. A pair both of whose ends are
+/// open has entries for a protocol only where a deny rule carves it.
 #[inline(always)]
-pub fn decide_any_port(slot: usize, src: IdentityId, dst: IdentityId, protocol: u8) -> Outcome {
-    match lookup(PolicyKeyData::new(slot as u8, src, dst, protocol, 0)) {
+pub fn decide_any_port(slot: usize, src: IdentityValue, dst: IdentityValue, protocol: u8) -> Outcome {
+    match lookup(PolicyKeyData::new(slot as u8, src.id, dst.id, protocol, 0)) {
+        None if open_between(src.flags, dst.flags) => Outcome::Allow { rule_index: RULE_INDEX_OPEN },
         Some(value) if value.action == ACTION_ALLOW && value.flags & POLICY_FLAG_WHOLE_PROTOCOL != 0 => {
             Outcome::Allow { rule_index: value.rule_index }
         }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
-use policy::model::Protocol;
+use policy::model::{Enforcement, Protocol, Side};
 use policy::{Packet, PolicyError, Verdict};
 
 pub fn check(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
@@ -16,6 +16,10 @@ pub fn check(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
             let warnings = policy::warnings(&parsed);
             for warning in &warnings {
                 println!("{}: warning: {}", warning.location, warning.message);
+            }
+            // Kubernetes objects skipped, or read but partly enforced.
+            for note in &parsed.notes {
+                println!("{}: note: {}", note.location, note.message);
             }
             println!(
                 "ok: {} file(s), {} identities, {} rules, {} compiled entries ({} identity, {} policy){}",
@@ -30,6 +34,9 @@ pub fn check(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
                     n => format!("; {n} warning(s): peers that select no identity yet"),
                 },
             );
+            if !parsed.notes.is_empty() {
+                println!("{} Kubernetes object(s) or part(s) of one skipped (see the notes)", parsed.notes.len());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(PolicyError::Invalid { diagnostics }) => {
@@ -95,14 +102,27 @@ fn parse_destination(text: &str) -> anyhow::Result<(IpAddr, u8, u16)> {
     Ok((addr, protocol.number(), port))
 }
 
-pub fn explain(policy_dir: &Path, from: &str, to: &str, audit: bool) -> anyhow::Result<ExitCode> {
+pub fn explain(
+    policy_dir: &Path,
+    from: &str,
+    to: &str,
+    audit: bool,
+    enforcement: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let enforcement = match enforcement {
+        None => Enforcement::Always,
+        Some(name) => Enforcement::from_name(name)
+            .with_context(|| format!("`{name}` is not a policy enforcement mode: use always or default"))?,
+    };
     let parsed = policy::load(&[policy_dir.to_path_buf()])?;
     let src: IpAddr = from.parse().with_context(|| format!("--from `{from}` is not an IP address"))?;
     let (dst, protocol, port) = parse_destination(to)?;
     let packet = Packet { src, dst, protocol, port };
     // The node's own addresses are identity `host` here as in the daemon.
     let hosts = enforcer::host::addresses().unwrap_or_default();
-    let decision = policy::Evaluator::new(&parsed).with_host_addresses(hosts).with_audit(audit).evaluate(&packet);
+    let evaluator =
+        policy::Evaluator::new(&parsed).with_host_addresses(hosts).with_audit(audit).with_enforcement(enforcement);
+    let decision = evaluator.evaluate(&packet);
     println!("source:      {src} (identity {})", decision.src_identity);
     println!("destination: {dst} (identity {})", decision.dst_identity);
     let what = if protocol == 1 || protocol == 58 {
@@ -111,7 +131,29 @@ pub fn explain(policy_dir: &Path, from: &str, to: &str, audit: bool) -> anyhow::
         format!("port {port}")
     };
     println!("protocol:    {protocol} ({what})");
-    let rule = decision.rule.map_or_else(|| "no allow rule admits this packet".to_owned(), |r| format!("rule {r}"));
+    // Each end's isolation, named by the NetworkPolicies (or rules) that
+    // isolate it.
+    for (label, side, addr) in [("egress:      ", Side::Egress, src), ("ingress:     ", Side::Ingress, dst)] {
+        let mut by: Vec<&str> = evaluator
+            .isolating_rules(side, addr)
+            .map(|rule| rule.split_once('#').map_or(rule, |(policy, _)| policy))
+            .collect();
+        by.dedup();
+        let state = match (enforcement, by.is_empty()) {
+            (Enforcement::Always, true) => "isolated (policy enforcement always)".to_owned(),
+            (Enforcement::Always, false) => {
+                format!("isolated (policy enforcement always; selected by {})", by.join(", "))
+            }
+            (Enforcement::Default, true) => "open (no policy selects this end for the direction)".to_owned(),
+            (Enforcement::Default, false) => format!("isolated by {}", by.join(", ")),
+        };
+        println!("{label}{state}");
+    }
+    let rule = match (decision.rule, decision.verdict) {
+        (Some(rule), _) => format!("rule {rule}"),
+        (None, Verdict::Forward) => "both ends open, no deny rule".to_owned(),
+        (None, _) => "no allow rule admits this packet".to_owned(),
+    };
     match decision.verdict {
         Verdict::Forward => println!("verdict:     allow ({rule})"),
         Verdict::Drop(reason) => println!("verdict:     drop, reason {} ({rule})", reason.label()),

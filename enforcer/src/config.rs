@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use enforcer::datapath::{IngressHook, MapSizes, XdpAttach};
+use policy::model::Enforcement;
 use policy::yaml::{Node, Value};
 
 use crate::api::{ApiConfig, Role};
@@ -37,6 +38,14 @@ pub struct RunArgs {
     /// it in `bulkhead_audit_packets_total` with the would-be reason [default: off].
     #[arg(long)]
     pub audit: bool,
+    /// Which identities are isolated: `always` (zero trust: every identity,
+    /// in both directions; only what rules allow passes) or `default`
+    /// (Kubernetes `NetworkPolicy`: a pod is isolated for a direction only
+    /// while a policy selects it for that direction; everything else is
+    /// open, and `SegmentPolicy` allow rules isolate nothing). Deny rules win
+    /// in both [default: always].
+    #[arg(long, value_name = "always|default")]
+    pub policy_enforcement: Option<String>,
     /// Tracked connection entries, two per connection [default: 262144].
     #[arg(long, value_name = "N")]
     pub conntrack_size: Option<u32>,
@@ -108,6 +117,7 @@ pub struct RunConfig {
     pub interfaces: Vec<String>,
     pub metrics_addr: SocketAddr,
     pub audit: bool,
+    pub enforcement: Enforcement,
     pub sizes: MapSizes,
     pub xdp_attach: XdpAttach,
     pub ingress_hook: IngressHook,
@@ -161,8 +171,14 @@ impl RunArgs {
             Some("tc") => IngressHook::Tc,
             Some(other) => bail!("`{other}` is not an ingress hook: use xdp or tc"),
         };
+        let enforcement = match self.policy_enforcement.clone().or(file.policy_enforcement).as_deref() {
+            None => Enforcement::Always,
+            Some(name) => Enforcement::from_name(name)
+                .with_context(|| format!("`{name}` is not a policy enforcement mode: use always or default"))?,
+        };
         Ok(RunConfig {
             policy_dir,
+            enforcement,
             interfaces,
             metrics_addr: self
                 .metrics_addr
@@ -272,6 +288,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                     other => bail!("{at}: `audit` must be true or false, found `{other}`"),
                 }
             }
+            "policy-enforcement" => args.policy_enforcement = Some(scalar(value, &key)?),
             "conntrack-size" => args.conntrack_size = Some(number(value, &key)?),
             "identity-map-size" => args.identity_map_size = Some(number(value, &key)?),
             "prefix-map-size" => args.prefix_map_size = Some(number(value, &key)?),
@@ -308,7 +325,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, policy-enforcement, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location(&file)
             ),
         }
@@ -352,6 +369,26 @@ mod tests {
         let error = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap_err();
         std::fs::remove_file(path).unwrap();
         assert!(error.to_string().contains(":3:17: `conntrack-size` must be a positive whole number"), "{error}");
+    }
+
+    #[test]
+    fn policy_enforcement_from_flag_or_file() {
+        let path = file("policy-dir: /p\ninterface: eth0\npolicy-enforcement: default\n");
+        let config = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap();
+        assert_eq!(config.enforcement, Enforcement::Default);
+        let flagged =
+            RunArgs { config: Some(path.clone()), policy_enforcement: Some("always".into()), ..RunArgs::default() };
+        assert_eq!(flagged.resolve().unwrap().enforcement, Enforcement::Always, "the flag wins");
+        let wrong =
+            RunArgs { config: Some(path.clone()), policy_enforcement: Some("never".into()), ..RunArgs::default() };
+        let error = wrong.resolve().unwrap_err();
+        std::fs::remove_file(path).unwrap();
+        assert!(
+            error.to_string().contains("`never` is not a policy enforcement mode: use always or default"),
+            "{error}"
+        );
+        let default = RunArgs { policy_dir: Some("/p".into()), interfaces: vec!["eth0".into()], ..RunArgs::default() };
+        assert_eq!(default.resolve().unwrap().enforcement, Enforcement::Always, "zero trust unless told");
     }
 
     #[test]

@@ -97,6 +97,10 @@ enum PolicyCommand {
         /// Evaluate as a daemon running with --audit would.
         #[arg(long)]
         audit: bool,
+        /// Evaluate as a daemon running with this --policy-enforcement would
+        /// (`always` or `default`) [default: always].
+        #[arg(long, value_name = "always|default")]
+        policy_enforcement: Option<String>,
     },
 }
 
@@ -126,8 +130,8 @@ fn main() -> ExitCode {
         }
         Command::Policy(PolicyCommand::Diff { server, paths }) => client::diff(&server, &paths),
         Command::Policy(PolicyCommand::Check { paths }) => check::check(&paths),
-        Command::Policy(PolicyCommand::Explain { policy_dir, from, to, audit }) => {
-            check::explain(&policy_dir, &from, &to, audit)
+        Command::Policy(PolicyCommand::Explain { policy_dir, from, to, audit, policy_enforcement }) => {
+            check::explain(&policy_dir, &from, &to, audit, policy_enforcement.as_deref())
         }
     };
     match result {

@@ -87,7 +87,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let dir = args.policy_dir.clone();
     // The engine keeps the policy between changes: every later change
     // costs what it changes (see policy::engine).
-    let mut engine = policy::Engine::new();
+    let mut engine = policy::Engine::with_enforcement(args.enforcement);
     // The datapath writes small changes into the slot the kernel reads and
     // says when a freed number is safe to give out again.
     engine.hold_freed_numbers(args.sizes.rules);
@@ -111,17 +111,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             return Err(error);
         }
     };
-    let counts = engine.counts();
-    log::info!(
-        "enforcing {} identities and {} rules ({} identity entries, {} policy entries){} on {}{}",
-        engine.identity_count(),
-        engine.active_rule_count(),
-        counts.identity_v4_exact + counts.identity_v4_prefix + counts.identity_v6_exact + counts.identity_v6_prefix,
-        counts.policy_exact + counts.policy_prefix,
-        if args.audit { " in audit mode" } else { "" },
-        datapath.attached().collect::<Vec<_>>().join(", "),
-        unmatched_note(engine.unmatched_peers()),
-    );
+    log_enforcing(&engine, args.audit, &datapath.attached().collect::<Vec<_>>().join(", "));
     drop(diff);
 
     let shared = Shared::new();
@@ -538,6 +528,25 @@ impl Origin {
     }
 }
 
+/// The startup log's account of what is enforced, with what was read of
+/// the policy but skipped.
+fn log_enforcing(engine: &policy::Engine, audit: bool, attached: &str) {
+    for note in engine.notes() {
+        log::warn!("{note}");
+    }
+    let counts = engine.counts();
+    log::info!(
+        "enforcing {} identities and {} rules ({} identity entries, {} policy entries){}, policy enforcement {}, on {attached}{}",
+        engine.identity_count(),
+        engine.active_rule_count(),
+        counts.identity_v4_exact + counts.identity_v4_prefix + counts.identity_v6_exact + counts.identity_v6_prefix,
+        counts.policy_exact + counts.policy_prefix,
+        if audit { " in audit mode" } else { "" },
+        engine.enforcement().name(),
+        unmatched_note(engine.unmatched_peers()),
+    );
+}
+
 /// The log's note on rule peers that select no identity yet: valid (the
 /// identities may come later), but named by `policy check` in case of a typo.
 fn unmatched_note(unmatched: usize) -> String {
@@ -684,6 +693,7 @@ impl Maintainer<'_> {
                 Contents::Parsed(_) | Contents::Removed => 0,
             })
             .sum();
+        let sources_changed: Vec<String> = changes.iter().flatten().map(|change| change.source.clone()).collect();
         let mut engine = self.shared.engine.write().unwrap_or_else(PoisonError::into_inner);
         let diff = match changes {
             None => engine.advance(now),
@@ -749,6 +759,9 @@ impl Maintainer<'_> {
                 "who={who} action=push result=applied generation={generation} digest=sha256:{digest} {}",
                 policy::diff::summary(&engine.last_differences())
             );
+        }
+        for note in sources_changed.iter().flat_map(|source| engine.notes_of(source)) {
+            log::warn!("{note}");
         }
         engine.commit();
         self.enforced_now(generation, &engine);

@@ -168,14 +168,27 @@ impl<'p> Evaluator<'p> {
     /// for: under `always` everything is, under `default` what a rule of
     /// that side selects at its own end.
     fn isolated(&self, side: Side, addr: IpAddr) -> bool {
-        if self.enforcement == Enforcement::Always {
-            return true;
-        }
+        self.enforcement == Enforcement::Always || self.isolating_rules(side, addr).next().is_some()
+    }
+
+    /// The rules (by name) that isolate `addr` for the direction `side`
+    /// stands for (`Side::Ingress`, `Side::Egress`), whatever the
+    /// enforcement: the rules of that side that select it at their own end.
+    pub fn isolating_rules(&self, side: Side, addr: IpAddr) -> impl Iterator<Item = &'p str> + '_ {
         let owner = self.owner_of(addr);
-        self.rules.iter().filter(|rule| rule.side == side && rule.is_active_at(self.now)).any(|rule| {
-            let end = if side == Side::Ingress { &rule.to } else { &rule.from };
-            end.iter().any(|peer| self.selector_matches(&peer.selector, addr, owner))
-        })
+        self.rules
+            .iter()
+            .filter(move |rule| rule.side == side && side != Side::Both && rule.is_active_at(self.now))
+            .filter_map(move |rule| {
+                let end = if side == Side::Ingress { &rule.to } else { &rule.from };
+                end.iter().any(|peer| self.selector_matches(&peer.selector, addr, owner)).then_some(rule.name.as_str())
+            })
+    }
+
+    /// The enforcement evaluated under.
+    #[must_use]
+    pub fn enforcement(&self) -> Enforcement {
+        self.enforcement
     }
 
     /// Turns a policy drop into an audit where audit mode applies: daemon

@@ -433,3 +433,15 @@ fn a_namespace_given_twice_is_refused() {
     .unwrap_err();
     assert!(error.to_string().contains("namespace `shop` is given twice (first at a.yaml:1:1)"), "{error}");
 }
+
+/// Two objects run together (a `---` left out) repeat their keys: which
+/// value counts would be a guess, so the object is reported and skipped.
+#[test]
+fn an_object_that_repeats_a_key_is_skipped() {
+    let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nstatus: {podIP: 10.0.0.1}\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {a: b, a: c}}\n";
+    let (objects, reports) = read(text);
+    assert!(objects.pods.is_empty() && objects.network_policies.is_empty() && objects.namespaces.is_empty());
+    assert_eq!(reports.len(), 2, "{reports:#?}");
+    assert!(reports[0].starts_with("snap.yaml:5:1: Pod x/a skipped: `apiVersion` is given twice"), "{reports:#?}");
+    assert!(reports[1].contains("Namespace x skipped: `a` is given twice"), "{reports:#?}");
+}

@@ -60,19 +60,21 @@ impl Drop for ThreeTier {
 }
 
 /// Creates the veth pair `router_interface` (router side) / `eth0` (in
-/// `ns`) for subnet `10.0.<octet>.0/24` (and `fd00:<octet>::/64`), with the
-/// host's default route through the router. Returns the host's addresses.
+/// `ns`) for subnet `<subnet>.0/24` (and `fd00:<last byte of subnet>::/64`),
+/// with the host's default route through the router (`<subnet>.1`).
+/// Returns the host's addresses (`<subnet>.10`).
 fn wire(
     router: &Netns,
     ns: &Netns,
     router_interface: &str,
-    octet: u8,
+    subnet: [u8; 3],
     ipv6: bool,
 ) -> Result<(Ipv4Addr, Option<Ipv6Addr>), LabError> {
+    let [a, b, octet] = subnet;
     let peer = ["link", "add", router_interface, "type", "veth", "peer", "name", "eth0", "netns", ns.name()];
     router.ip(&peer)?;
-    router.ip(&["addr", "add", &format!("10.0.{octet}.1/24"), "dev", router_interface])?;
-    let addr = Ipv4Addr::new(10, 0, octet, 10);
+    router.ip(&["addr", "add", &format!("{a}.{b}.{octet}.1/24"), "dev", router_interface])?;
+    let addr = Ipv4Addr::new(a, b, octet, 10);
     ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
     let addr6 = if ipv6 {
         ns.enable_ipv6()?;
@@ -87,7 +89,7 @@ fn wire(
     };
     router.ip(&["link", "set", router_interface, "up"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
-    ns.ip(&["route", "add", "default", "via", &format!("10.0.{octet}.1")])?;
+    ns.ip(&["route", "add", "default", "via", &format!("{a}.{b}.{octet}.1")])?;
     if ipv6 {
         ns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:{octet}::1")])?;
     }
@@ -108,7 +110,18 @@ impl ThreeTier {
         Self::build(label, true)
     }
 
+    /// A lab of other hosts: each `(name, subnet)` on `<subnet>.0/24`,
+    /// IPv4 only, behind a router-side interface named `to-<name>`.
+    pub fn with_hosts(label: &str, hosts: &[(&'static str, [u8; 3])]) -> Result<Self, LabError> {
+        Self::build_hosts(label, hosts, false)
+    }
+
     fn build(label: &str, ipv6: bool) -> Result<Self, LabError> {
+        let hosts: Vec<(&'static str, [u8; 3])> = HOSTS.iter().map(|&(name, octet)| (name, [10, 0, octet])).collect();
+        Self::build_hosts(label, &hosts, ipv6)
+    }
+
+    fn build_hosts(label: &str, wanted: &[(&'static str, [u8; 3])], ipv6: bool) -> Result<Self, LabError> {
         let stem = unique_stem(label);
         let router = Netns::new(&format!("{stem}-router"))?;
         router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
@@ -117,11 +130,11 @@ impl ThreeTier {
             router.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
         }
         let mut hosts = Vec::new();
-        for (name, octet) in HOSTS {
+        for &(name, subnet) in wanted {
             let ns = Netns::new(&format!("{stem}-{name}"))?;
             let router_interface = format!("to-{name}");
-            let (addr, addr6) = wire(&router, &ns, &router_interface, octet, ipv6)?;
-            let router_addr = Ipv4Addr::new(10, 0, octet, 1);
+            let (addr, addr6) = wire(&router, &ns, &router_interface, subnet, ipv6)?;
+            let router_addr = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 1);
             hosts.push(Host { name, ns, addr, addr6, router_addr, router_interface });
         }
         Ok(Self { hosts, router, stem })
@@ -136,8 +149,8 @@ impl ThreeTier {
         if self.router.ip(&["link", "show", &host.router_interface]).is_ok() {
             self.router.ip(&["link", "del", &host.router_interface])?;
         }
-        let octet = host.addr.octets()[2];
-        wire(&self.router, &host.ns, &host.router_interface, octet, host.addr6.is_some())?;
+        let [a, b, c, _] = host.addr.octets();
+        wire(&self.router, &host.ns, &host.router_interface, [a, b, c], host.addr6.is_some())?;
         Ok(())
     }
 

@@ -14,13 +14,13 @@ use aya::maps::IterableMap as _;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_INDEX, Config, IDENTITY_HOST,
-    IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, POLICY_KEY_MAX_PREFIX,
-    PolicyKeyData, PolicyValue, SLOT_BITS, maps, rule_counter_index, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_FLAG_WORLD_OPEN, CONFIG_INDEX,
+    Config, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue,
+    POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue, SLOT_BITS, maps, rule_counter_index, slot_of,
 };
 use ipnet::IpNet;
 use policy::engine::{Contents, EntryCounts, Name, SourceChange};
-use policy::model::Action;
+use policy::model::{Action, Enforcement};
 use policy::{Engine, EntryDiff, Policy};
 
 use crate::batch;
@@ -198,7 +198,9 @@ impl Datapath {
         self.counts = state.counts();
         self.config_value = Config {
             policy_generation: generation,
-            flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 } | self.caches_off,
+            flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 }
+                | if state.enforcement() == Enforcement::Default { CONFIG_FLAG_WORLD_OPEN } else { 0 }
+                | self.caches_off,
             clock_tick_ns: clock_tick_ns(),
             verdict_epoch: self.config_value.verdict_epoch,
         };
@@ -288,7 +290,7 @@ impl Datapath {
         let mut writes = SlotWrites::default();
         let mut wanted: StdHashMap<IpNet, IdentityValue> = state.identity_entries().collect();
         for addr in &self.host_addresses {
-            wanted.insert(IpNet::from(*addr), IdentityValue { id: IDENTITY_HOST, flags: 0 });
+            wanted.insert(IpNet::from(*addr), state.host_value());
         }
         for (net, value) in &wanted {
             if identities.remove(net).as_ref() != Some(value) {
@@ -392,7 +394,7 @@ impl Datapath {
                 writes.identities.push((net, held));
             }
             for addr in &new {
-                writes.identities.push((IpNet::from(*addr), Some(IdentityValue { id: IDENTITY_HOST, flags: 0 })));
+                writes.identities.push((IpNet::from(*addr), Some(state.host_value())));
             }
             self.maps.write_slot(index, &writes, None)?;
         }

@@ -637,6 +637,12 @@ impl Engine {
         self.sources.values().flat_map(|fragment| fragment.notes.iter())
     }
 
+    /// What was read of `source` but is skipped or not enforced.
+    #[must_use]
+    pub fn notes_of(&self, source: &str) -> &[Diagnostic] {
+        self.sources.get(source).map_or(&[], |fragment| &fragment.notes)
+    }
+
     /// The whole policy as one [`Policy`], sources in name order.
     #[must_use]
     pub fn merged(&self) -> Policy {
@@ -744,7 +750,14 @@ impl Engine {
             .chain(self.partition.atoms().map(|(id, owner, flags)| (id, self.owner_name(owner), flags)))
     }
 
-    /// The flags of the node's own addresses.
+    /// The identity entry of each of the node's own addresses: `host`,
+    /// with its isolation.
+    #[must_use]
+    pub fn host_value(&self) -> IdentityValue {
+        IdentityValue { id: IDENTITY_HOST, flags: self.isolation(IDENTITY_HOST) }
+    }
+
+    /// The flags of the node's own addresses as an atom.
     #[must_use]
     pub fn host_flags(&self) -> u32 {
         let isolation = self.isolation(IDENTITY_HOST);

@@ -69,6 +69,26 @@ fn get<'n>(node: &'n Node, key: &str) -> Option<&'n Node> {
         .filter(|value| !value.is_null())
 }
 
+/// The first key, anywhere in `node`, that its mapping repeats.
+fn repeated_key(node: &Node) -> Option<&Node> {
+    match &node.value {
+        Value::Mapping(entries) => {
+            for (at, (key, value)) in entries.iter().enumerate() {
+                let same = |earlier: &Node| matches!((&earlier.value, &key.value), (Value::Scalar { text: a, .. }, Value::Scalar { text: b, .. }) if a == b);
+                if entries[..at].iter().any(|(earlier, _)| same(earlier)) {
+                    return Some(key);
+                }
+                if let Some(repeated) = repeated_key(value) {
+                    return Some(repeated);
+                }
+            }
+            None
+        }
+        Value::Sequence(items) => items.iter().find_map(repeated_key),
+        Value::Scalar { .. } => None,
+    }
+}
+
 fn text(node: &Node) -> Option<&str> {
     match &node.value {
         Value::Scalar { text, .. } if !node.is_null() => Some(text),
@@ -87,6 +107,19 @@ impl Reader<'_> {
         let api_version = get(node, "apiVersion").and_then(text).unwrap_or_default();
         let kind = get(node, "kind").and_then(text).unwrap_or_default();
         let what = describe(node, kind);
+        // Which of a repeated key's values counts is anyone's guess (a
+        // missing `---` between two objects, typically): neither does.
+        if let Some(key) = repeated_key(node) {
+            let shown = text(key).unwrap_or_default();
+            self.problem(
+                key,
+                format!("`{shown}` is given twice in one mapping; is a `---` between two objects missing?"),
+            );
+            for problem in self.problems.drain(..) {
+                reports.push(Diagnostic::new(problem.location, format!("{what} skipped: {}", problem.message)));
+            }
+            return;
+        }
         match (api_version, kind) {
             (crate::API_VERSION | crate::CRD_API_VERSION, crate::KIND) => return,
             ("v1", "List") if depth < MAX_LIST_DEPTH => {
