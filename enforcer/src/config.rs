@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use enforcer::datapath::{IngressHook, MapSizes, XdpAttach};
+use enforcer::kubernetes::ClusterConfig;
 use policy::model::Enforcement;
 use policy::yaml::{Node, Value};
 
@@ -46,6 +47,19 @@ pub struct RunArgs {
     /// in both [default: always].
     #[arg(long, value_name = "always|default")]
     pub policy_enforcement: Option<String>,
+    /// Learn identities and policy from the Kubernetes API as well: pods,
+    /// namespaces, `NetworkPolicies` and `SegmentPolicy` custom resources,
+    /// watched (the service account's in-cluster configuration, unless
+    /// `--kubeconfig` is given). The policy directory may then be empty.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// With `--kubernetes`: the kubeconfig to reach the API server with
+    /// (its current context).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With `--kubernetes`: this node's name, as the cluster knows it.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
     /// Tracked connection entries, two per connection [default: 262144].
     #[arg(long, value_name = "N")]
     pub conntrack_size: Option<u32>,
@@ -118,6 +132,8 @@ pub struct RunConfig {
     pub metrics_addr: SocketAddr,
     pub audit: bool,
     pub enforcement: Enforcement,
+    /// Set with `--kubernetes`.
+    pub kubernetes: Option<KubernetesSource>,
     pub sizes: MapSizes,
     pub xdp_attach: XdpAttach,
     pub ingress_hook: IngressHook,
@@ -126,6 +142,13 @@ pub struct RunConfig {
     pub events_to: EventsTo,
     pub api: Option<ApiConfig>,
     pub identity_drops_top: usize,
+}
+
+/// The Kubernetes API as a policy source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesSource {
+    pub cluster: ClusterConfig,
+    pub node_name: String,
 }
 
 /// Where drop and audit events go.
@@ -151,6 +174,7 @@ impl RunArgs {
             None => RunArgs::default(),
         };
         let api = self.api(&file)?;
+        let kubernetes = self.kubernetes_source(&file)?;
         let defaults = MapSizes::default();
         let interfaces = if self.interfaces.is_empty() { file.interfaces } else { self.interfaces.clone() };
         let Some(policy_dir) = self.policy_dir.clone().or(file.policy_dir) else {
@@ -179,6 +203,7 @@ impl RunArgs {
         Ok(RunConfig {
             policy_dir,
             enforcement,
+            kubernetes,
             interfaces,
             metrics_addr: self
                 .metrics_addr
@@ -213,6 +238,28 @@ impl RunArgs {
 }
 
 impl RunArgs {
+    /// The Kubernetes source's settings, if `kubernetes` is set anywhere.
+    fn kubernetes_source(&self, file: &RunArgs) -> anyhow::Result<Option<KubernetesSource>> {
+        let kubeconfig = self.kubeconfig.clone().or_else(|| file.kubeconfig.clone());
+        let node_name = self.node_name.clone().or_else(|| file.node_name.clone());
+        if !(self.kubernetes || file.kubernetes) {
+            // (A node name alone is fine: NODE_NAME may be set for anything.)
+            if kubeconfig.is_some() {
+                bail!(
+                    "--kubeconfig is for the Kubernetes source: add --kubernetes (or `kubernetes: true` in the config file)"
+                );
+            }
+            return Ok(None);
+        }
+        let Some(node_name) = node_name.filter(|name| !name.is_empty()) else {
+            bail!(
+                "--kubernetes needs this node's name: pass --node-name NAME or set NODE_NAME (the DaemonSet sets it from spec.nodeName)"
+            );
+        };
+        let cluster = kubeconfig.map_or(ClusterConfig::Infer, ClusterConfig::Kubeconfig);
+        Ok(Some(KubernetesSource { cluster, node_name }))
+    }
+
     /// The admin API settings, if `api-addr` is set anywhere.
     fn api(&self, file: &RunArgs) -> anyhow::Result<Option<ApiConfig>> {
         let Some(addr) = self.api_addr.or(file.api_addr) else { return Ok(None) };
@@ -289,6 +336,15 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             "policy-enforcement" => args.policy_enforcement = Some(scalar(value, &key)?),
+            "kubernetes" => {
+                args.kubernetes = match scalar(value, &key)?.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => bail!("{at}: `kubernetes` must be true or false, found `{other}`"),
+                }
+            }
+            "kubeconfig" => args.kubeconfig = Some(PathBuf::from(scalar(value, &key)?)),
+            "node-name" => args.node_name = Some(scalar(value, &key)?),
             "conntrack-size" => args.conntrack_size = Some(number(value, &key)?),
             "identity-map-size" => args.identity_map_size = Some(number(value, &key)?),
             "prefix-map-size" => args.prefix_map_size = Some(number(value, &key)?),
@@ -325,7 +381,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, policy-enforcement, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, policy-enforcement, kubernetes, kubeconfig, node-name, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location(&file)
             ),
         }
@@ -369,6 +425,23 @@ mod tests {
         let error = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap_err();
         std::fs::remove_file(path).unwrap();
         assert!(error.to_string().contains(":3:17: `conntrack-size` must be a positive whole number"), "{error}");
+    }
+
+    #[test]
+    fn the_kubernetes_source_needs_the_node_name() {
+        let base = || RunArgs { policy_dir: Some("/p".into()), interfaces: vec!["eth0".into()], ..RunArgs::default() };
+        assert_eq!(base().resolve().unwrap().kubernetes, None);
+        let error = RunArgs { kubernetes: true, ..base() }.resolve().unwrap_err();
+        assert!(error.to_string().contains("pass --node-name NAME or set NODE_NAME"), "{error}");
+        let path =
+            file("policy-dir: /p\ninterface: eth0\nkubernetes: true\nkubeconfig: /etc/kube.conf\nnode-name: n1\n");
+        let config = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap();
+        std::fs::remove_file(path).unwrap();
+        let expected =
+            KubernetesSource { cluster: ClusterConfig::Kubeconfig("/etc/kube.conf".into()), node_name: "n1".into() };
+        assert_eq!(config.kubernetes, Some(expected));
+        let stray = RunArgs { kubeconfig: Some("/k".into()), ..base() }.resolve().unwrap_err();
+        assert!(stray.to_string().contains("add --kubernetes"), "{stray}");
     }
 
     #[test]

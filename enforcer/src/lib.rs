@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod events;
 pub mod host;
 pub mod interfaces;
+pub mod kubernetes;
 pub mod metrics;
 pub mod pins;
 pub mod quiesce;

@@ -3,6 +3,7 @@
 mod api;
 mod check;
 mod client;
+mod cluster;
 mod config;
 mod run;
 

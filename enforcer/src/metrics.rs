@@ -28,6 +28,12 @@ pub struct PolicyStats {
     /// it cannot, the last policy read from it stays enforced): derived
     /// from [`Shared::source_down`] when metrics are rendered.
     pub files_up: bool,
+    /// With `--kubernetes`: whether every watcher has listed and none is
+    /// failing, derived from [`Shared::kubernetes_down`]; `None` without.
+    pub kubernetes_up: Option<bool>,
+    /// With `--kubernetes`: cluster objects the policy refuses (each
+    /// reported in the log; what they gave before stays enforced).
+    pub kubernetes_rejected: usize,
 }
 
 /// How full the maps are; refreshed by the daemon's maintenance loop, since
@@ -176,6 +182,14 @@ fn policy_figures(builder: &Builder, snapshot: &CounterSnapshot, stats: PolicySt
         &["source"],
     )?;
     sources.with_label_values(&["files"]).set(i64::from(stats.files_up));
+    if let Some(up) = stats.kubernetes_up {
+        sources.with_label_values(&["kubernetes"]).set(i64::from(up));
+        builder.gauge(
+            "bulkhead_kubernetes_objects_rejected",
+            "Cluster objects (SegmentPolicies, NetworkPolicies, pods) the policy refuses, each reported in the log; what they gave before stays enforced.",
+            i64::try_from(stats.kubernetes_rejected).unwrap_or(i64::MAX),
+        )?;
+    }
     let errors = prometheus::IntCounter::new(
         "bulkhead_policy_load_errors_total",
         "Candidate policies rejected (the previous policy stayed enforced).",
@@ -300,6 +314,9 @@ pub struct Shared {
     /// Why a policy source cannot be read now, if one cannot: `/readyz`
     /// says so (the last policy stays enforced meanwhile).
     pub source_down: Mutex<Option<String>>,
+    /// With `--kubernetes`: why the cluster's objects are not all known
+    /// now (a watcher failing, or not listed yet); `/readyz` says so.
+    pub kubernetes_down: Mutex<Option<String>>,
     /// Where the programs are attached; see [`InterfaceStats`].
     pub interfaces: Mutex<InterfaceStats>,
     /// Time from reading a changed policy to publishing its generation.
@@ -337,6 +354,7 @@ impl Shared {
             sources: Mutex::new(Vec::new()),
             last_error: Mutex::new(None),
             source_down: Mutex::new(None),
+            kubernetes_down: Mutex::new(None),
             events: tokio::sync::broadcast::channel(4096).0,
             recent_events: Mutex::new(std::collections::VecDeque::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
@@ -370,6 +388,8 @@ mod tests {
             identity_drops_top: 2,
             unmatched_peers: 5,
             files_up: false,
+            kubernetes_up: Some(true),
+            kubernetes_rejected: 2,
         };
         snapshot.rules.insert(("web-to-db".to_owned(), policy::model::Action::Allow), 9);
         let usage = Usage { maps: vec![("policy", 12, 100)], conntrack: (4, 1000) };
@@ -417,6 +437,8 @@ mod tests {
         assert!(text.contains("bulkhead_policy_rules 2"), "{text}");
         assert!(text.contains("bulkhead_policy_unmatched_peers 5"), "{text}");
         assert!(text.contains("bulkhead_source_up{source=\"files\"} 0"), "{text}");
+        assert!(text.contains("bulkhead_source_up{source=\"kubernetes\"} 1"), "{text}");
+        assert!(text.contains("bulkhead_kubernetes_objects_rejected 2"), "{text}");
         let audit = "bulkhead_audit_packets_total{direction=\"egress\",reason=\"default_deny\"} 5";
         assert!(text.contains(audit), "{text}");
         assert!(text.contains("bulkhead_policy_generation 3"), "{text}");

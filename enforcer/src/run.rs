@@ -26,7 +26,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::RunArgs;
 use crate::api::Push;
-use crate::config::{EventsTo, RunConfig};
+use crate::cluster;
+use crate::config::{EventsTo, KubernetesSource, RunConfig};
 use enforcer::events::Sink;
 
 /// Capability bit numbers from `linux/capability.h`.
@@ -91,11 +92,21 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // The datapath writes small changes into the slot the kernel reads and
     // says when a freed number is safe to give out again.
     engine.hold_freed_numbers(args.sizes.rules);
-    let mut policy_dir = enforcer::sources::PolicyDir::new(&dir);
-    let loaded = policy_dir.changes().and_then(|changes| engine.apply(changes, SystemTime::now()));
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime failed")?;
+    let wakeup = Wakeup::new().context("creating the maintainer's eventfd failed")?;
+    let mut cluster = match &args.kubernetes {
+        Some(source) => Some(start_cluster(&runtime, source, &wakeup)?),
+        None => None,
+    };
+    let mut policy_dir = enforcer::sources::PolicyDir::new(&dir).allowing_empty(cluster.is_some());
+    let loaded = policy_dir.changes().and_then(|files| first_policy(&mut engine, files, cluster.as_mut()));
     let diff = loaded.map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, &dir)))?;
     let selector = check_host(&args.interfaces)?;
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
     let root = args.bpffs_root.as_path();
     let link_watcher = prepare_node(root)?;
@@ -123,7 +134,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         identity_drops_top: args.identity_drops_top,
         unmatched_peers: engine.unmatched_peers(),
         files_up: true, // filled in at each scrape from `Shared::source_down`
+        // Likewise from `Shared::kubernetes_down`.
+        kubernetes_up: cluster.as_ref().map(|_| false),
+        kubernetes_rejected: cluster.as_ref().map_or(0, cluster::Cluster::refused),
     };
+    if let Some(cluster) = &cluster {
+        *shared.kubernetes_down.lock().unwrap_or_else(PoisonError::into_inner) = cluster.why_not_up();
+    }
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
     *shared.interfaces.lock().unwrap_or_else(PoisonError::into_inner) = interface_stats;
@@ -133,7 +150,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     *shared.datapath.lock().unwrap_or_else(PoisonError::into_inner) = Some(datapath);
 
     let stopping = Arc::new(AtomicBool::new(false));
-    let wakeup = Wakeup::new().context("creating the maintainer's eventfd failed")?;
     let (resync_tx, resync_rx) = mpsc::channel::<Resync>();
     let resync_tx = Mailbox::new(resync_tx, wakeup.clone());
     let (push_tx, push_rx) = mpsc::channel::<Push>();
@@ -142,7 +158,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let maintenance = {
         let shared = Arc::clone(&shared);
         let audit = args.audit;
-        let start = InForce { policy_dir };
+        let start = InForce { policy_dir, cluster };
         std::thread::spawn(move || maintain(&shared, &dir, start, audit, (&wakeup, &resync_rx, &push_rx)))
     };
 
@@ -152,11 +168,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         std::thread::spawn(move || keep_interfaces(&shared, &selector, &root, link_watcher.as_ref(), &stop))
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime failed")?;
     let served = runtime.block_on(serve_until_signal(args, &shared, &resync_tx, push_tx));
     let _ = resync_tx.send(Resync::Stop);
     let _ = maintenance.join();
@@ -493,12 +504,16 @@ struct Maintainer<'a> {
     /// Files whose change was refused: tried again with the next change to
     /// the directory, as the directory is always taken as a whole.
     held_back: Vec<SourceChange>,
+    /// With `--kubernetes`.
+    cluster: Option<cluster::Cluster>,
 }
 
 /// What the daemon started enforcing, handed to the maintainer (the engine
 /// is in [`Shared`]).
 struct InForce {
     policy_dir: enforcer::sources::PolicyDir,
+    /// With `--kubernetes`.
+    cluster: Option<cluster::Cluster>,
 }
 
 /// Where a policy change came from. Every source (the policy directory,
@@ -515,6 +530,10 @@ enum Origin {
     Expiry,
     /// Writing the last change failed; trying again.
     Retry,
+    /// Objects of the cluster changed (this many).
+    Cluster {
+        objects: usize,
+    },
 }
 
 impl Origin {
@@ -524,8 +543,95 @@ impl Origin {
             Self::Push { .. } => "pushed through the API",
             Self::Expiry => "a rule expired",
             Self::Retry => "retrying a change that could not be written",
+            Self::Cluster { .. } => "the cluster changed",
         }
     }
+}
+
+/// How long the daemon waits, at start, for the cluster's first lists, so
+/// that its first policy holds the whole cluster. After that it starts
+/// with what it has (not ready, and `bulkhead_source_up{source="kubernetes"}`
+/// 0, until the lists arrive).
+const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Starts the Kubernetes watchers on `runtime` and waits for their first
+/// lists (see [`FIRST_LIST_TIMEOUT`]).
+fn start_cluster(
+    runtime: &tokio::runtime::Runtime,
+    source: &KubernetesSource,
+    wakeup: &Wakeup,
+) -> anyhow::Result<cluster::Cluster> {
+    let client = runtime.block_on(enforcer::kubernetes::client(&source.cluster))?;
+    log::info!("kubernetes: watching the cluster as node {}", source.node_name);
+    let (sender, receiver) = mpsc::channel();
+    let mailbox = Mailbox::new(sender, wakeup.clone());
+    runtime.spawn(enforcer::kubernetes::watch_all(client, move |report| mailbox.send(report).is_ok()));
+    let mut cluster = cluster::Cluster::new(receiver);
+    cluster.wait_listed(FIRST_LIST_TIMEOUT);
+    if let Some(why) = cluster.why_not_up() {
+        log::warn!("{why}; starting with what is known, and taking the rest as it comes");
+    }
+    Ok(cluster)
+}
+
+/// The first policy: the files, and the cluster's objects known so far.
+/// An object the policy refuses is left out (and reported), never the
+/// files or the other objects.
+fn first_policy(
+    engine: &mut policy::Engine,
+    files: Vec<SourceChange>,
+    cluster: Option<&mut cluster::Cluster>,
+) -> Result<policy::EntryDiff, PolicyError> {
+    let now = SystemTime::now();
+    let Some(cluster) = cluster else { return engine.apply(files, now) };
+    let objects = cluster.take_pending();
+    let mut all = files.clone();
+    all.extend(objects.iter().cloned());
+    if let Ok(diff) = engine.apply(all, now) {
+        return Ok(diff);
+    }
+    let mut diff = engine.apply(files, now)?;
+    for object in objects {
+        match engine.apply(vec![object.clone()], now) {
+            Ok(more) => diff = diff.then(&more),
+            Err(error) => cluster.refuse(&object, &problems_of(&error)),
+        }
+    }
+    Ok(diff)
+}
+
+/// A refusal's problems, one line each.
+fn problems_of(error: &PolicyError) -> Vec<String> {
+    match error {
+        PolicyError::Invalid { diagnostics } => diagnostics.iter().map(ToString::to_string).collect(),
+        other => vec![other.to_string()],
+    }
+}
+
+/// The log's account of one change applied: how long it took, and how.
+fn log_applied(
+    origin: &Origin,
+    generation: u32,
+    engine: &policy::Engine,
+    entries: usize,
+    (total, compiled_in): (Duration, Duration),
+) {
+    // Pod churn is many small changes: each is at debug level.
+    let level = match origin {
+        Origin::Cluster { objects } if *objects < 10 => log::Level::Debug,
+        _ => log::Level::Info,
+    };
+    log::log!(
+        level,
+        "applied policy generation {generation} ({}): {} identities, {} rules in force; {entries} entries changed; took {} µs (parse, validate and compile {} µs, write and switch {} µs){}",
+        origin.why(),
+        engine.identity_count(),
+        engine.active_rule_count(),
+        total.as_micros(),
+        compiled_in.as_micros(),
+        total.saturating_sub(compiled_in).as_micros(),
+        unmatched_note(engine.unmatched_peers()),
+    );
 }
 
 /// The startup log's account of what is enforced, with what was read of
@@ -588,9 +694,9 @@ fn maintain(
             None
         }
     };
-    let InForce { policy_dir } = start;
+    let InForce { policy_dir, cluster } = start;
     let mut maintainer =
-        Maintainer { shared, audit, policy_dir, pushed: false, unwritten: false, held_back: Vec::new() };
+        Maintainer { shared, audit, policy_dir, pushed: false, unwritten: false, held_back: Vec::new(), cluster };
     let mut last_resync = Instant::now();
     let mut last_usage: Option<Instant> = None;
     loop {
@@ -620,6 +726,7 @@ fn maintain(
         if changed || forced || periodic {
             maintainer.reload();
         }
+        maintainer.take_cluster_changes();
         // After the changes, not before: a change waiting to be applied
         // never waits for this.
         maintainer.settle_changes_in_place();
@@ -638,7 +745,7 @@ impl Maintainer<'_> {
         let mut changes: Vec<SourceChange> = if push.whole {
             engine
                 .sources()
-                .filter(|(name, _)| !pushed.contains(name))
+                .filter(|(name, _)| !pushed.contains(name) && !enforcer::kubernetes::is_cluster_source(name))
                 .map(|(name, _)| SourceChange { source: name.to_owned(), contents: Contents::Removed })
                 .collect()
         } else {
@@ -742,17 +849,7 @@ impl Maintainer<'_> {
         self.unwritten = false;
         self.observe_apply(started, slot_wait);
         let total = started.elapsed();
-        log::info!(
-            "applied policy generation {generation} ({}): {} identities, {} rules in force; {} entries changed; took {} µs (parse, validate and compile {} µs, write and switch {} µs){}",
-            origin.why(),
-            engine.identity_count(),
-            engine.active_rule_count(),
-            diff.entries(),
-            total.as_micros(),
-            compiled_in.as_micros(),
-            total.saturating_sub(compiled_in).as_micros(),
-            unmatched_note(engine.unmatched_peers()),
-        );
+        log_applied(origin, generation, &engine, diff.entries(), (total, compiled_in));
         if let Origin::Push { who, digest } = origin {
             log::info!(
                 target: "audit",
@@ -807,7 +904,12 @@ impl Maintainer<'_> {
                 self.reject(&format!("push by `{who}`: {why}"));
                 log::warn!(target: "audit", "who={who} action=push result=rejected digest=sha256:{digest} problems={problems}");
             }
-            Origin::Files | Origin::Expiry | Origin::Retry => self.reject(why),
+            // A batch refused is tried again object by object: only what
+            // is refused alone counts.
+            Origin::Cluster { objects } if *objects > 1 => {
+                log::debug!("a batch of {objects} cluster objects is refused ({why}); trying each alone");
+            }
+            Origin::Files | Origin::Expiry | Origin::Retry | Origin::Cluster { .. } => self.reject(why),
         }
     }
 
@@ -897,6 +999,7 @@ impl Maintainer<'_> {
             let mut all: Vec<SourceChange> = self
                 .engine()
                 .sources()
+                .filter(|(name, _)| !enforcer::kubernetes::is_cluster_source(name))
                 .map(|(name, _)| SourceChange { source: name.to_owned(), contents: Contents::Removed })
                 .collect();
             match self.policy_dir.changes() {
@@ -922,6 +1025,45 @@ impl Maintainer<'_> {
         } else {
             self.held_back = kept;
         }
+    }
+
+    /// Applies what the cluster's watchers reported since the last look, as
+    /// one change. If the policy refuses it, each object is tried alone:
+    /// an object the policy refuses (an invalid `SegmentPolicy`, a pod
+    /// claiming another's address) is reported and left out, never the
+    /// others, and what it gave before stays enforced.
+    fn take_cluster_changes(&mut self) {
+        let Some(cluster) = self.cluster.as_mut() else { return };
+        if !cluster.drain() {
+            log::error!("kubernetes: the watchers stopped; what the cluster gave last stays enforced");
+        }
+        let changes = cluster.take_pending();
+        let why_not_up = cluster.why_not_up();
+        *self.shared.kubernetes_down.lock().unwrap_or_else(PoisonError::into_inner) = why_not_up;
+        if changes.is_empty() {
+            return;
+        }
+        let origin = Origin::Cluster { objects: changes.len() };
+        let each = match self.apply(&origin, Some(changes.clone())) {
+            Ok(_) => {
+                self.cluster.as_mut().expect("checked above").taken(&changes);
+                Vec::new()
+            }
+            Err(_) if changes.len() > 1 => changes,
+            Err(problems) => {
+                self.cluster.as_mut().expect("checked above").refuse(&changes[0], &problems);
+                Vec::new()
+            }
+        };
+        for change in each {
+            let origin = Origin::Cluster { objects: 1 };
+            match self.apply(&origin, Some(vec![change.clone()])) {
+                Ok(_) => self.cluster.as_mut().expect("checked above").taken(&[change]),
+                Err(problems) => self.cluster.as_mut().expect("checked above").refuse(&change, &problems),
+            }
+        }
+        let refused = self.cluster.as_ref().map_or(0, cluster::Cluster::refused);
+        self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).kubernetes_rejected = refused;
     }
 
     /// Records whether the policy directory can be read: `bulkhead_source_up`

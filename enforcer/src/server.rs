@@ -32,12 +32,13 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     }
     let unenforced = shared.interfaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unenforced.clone();
     let source_down = shared.source_down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let kubernetes_down = shared.kubernetes_down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let mut why: Vec<String> = Vec::new();
     if !unenforced.is_empty() {
         let each: Vec<String> = unenforced.iter().map(|(name, why)| format!("{name}: {why}")).collect();
         why.push(format!("not enforcing on {}", each.join("; ")));
     }
-    if let Some(down) = source_down {
+    for down in source_down.into_iter().chain(kubernetes_down) {
         why.push(format!("{down} (the last policy it gave stays enforced)"));
     }
     if why.is_empty() {
@@ -49,6 +50,10 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let mut stats = *shared.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     stats.files_up = shared.source_down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none();
+    if stats.kubernetes_up.is_some() {
+        stats.kubernetes_up =
+            Some(shared.kubernetes_down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none());
+    }
     let snapshot = {
         let datapath = shared.datapath.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match datapath.as_ref().map(crate::datapath::Datapath::counters) {

@@ -65,12 +65,24 @@ struct Seen {
 pub struct PolicyDir {
     dir: PathBuf,
     files: BTreeMap<String, Seen>,
+    /// A directory without policy files is an empty policy, not an error
+    /// (with `--kubernetes`, the cluster may be the whole policy).
+    empty_allowed: bool,
 }
 
 impl PolicyDir {
     #[must_use]
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf(), files: BTreeMap::new() }
+        Self { dir: dir.to_path_buf(), files: BTreeMap::new(), empty_allowed: false }
+    }
+
+    /// The same, taking a directory without policy files as an empty
+    /// policy when `allowed` (it must still be there: a vanished directory
+    /// stays an error).
+    #[must_use]
+    pub fn allowing_empty(mut self, allowed: bool) -> Self {
+        self.empty_allowed = allowed;
+        self
     }
 
     /// The files whose content changed since the last call (all of them
@@ -89,7 +101,10 @@ impl PolicyDir {
         if !metadata.is_dir() {
             return Err(dir_error(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")));
         }
-        let paths = policy::list_files(std::slice::from_ref(&self.dir))?;
+        let paths = match policy::list_files(std::slice::from_ref(&self.dir)) {
+            Err(PolicyError::NoFiles { .. }) if self.empty_allowed => Vec::new(),
+            listed => listed?,
+        };
         let mut changes = Vec::new();
         let mut seen = BTreeMap::new();
         for path in paths {

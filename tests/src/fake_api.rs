@@ -196,6 +196,9 @@ struct Shared {
     store: Mutex<Store>,
     chaos: Mutex<ChaosState>,
     counters: Counters,
+    /// Every (verb, API group, resource) a client asked for, as RBAC names
+    /// them: what a `ClusterRole` must grant, and all it needs to.
+    access: Mutex<std::collections::BTreeSet<(String, String, String)>>,
     /// The store's resourceVersion after every change: wakes watches.
     changed: tokio::sync::watch::Sender<u64>,
     /// Bumped by `disconnect_watches`: every open watch ends.
@@ -216,6 +219,10 @@ impl Shared {
 
     fn chaos(&self) -> MutexGuard<'_, ChaosState> {
         lock(&self.chaos)
+    }
+
+    fn note_access(&self, verb: &str, group: &str, resource: &str) {
+        lock(&self.access).insert((verb.to_owned(), group.to_owned(), resource.to_owned()));
     }
 }
 
@@ -269,6 +276,7 @@ impl FakeApiServer {
             store: Mutex::new(store),
             chaos: Mutex::new(ChaosState { chaos: Chaos::default(), rng: 1 }),
             counters: Counters::default(),
+            access: Mutex::new(std::collections::BTreeSet::new()),
             changed,
             cut,
             bookmark_interval: options.bookmark_interval,
@@ -426,6 +434,13 @@ impl FakeApiServer {
         let mut state = self.shared.chaos();
         state.rng = chaos.seed | 1;
         state.chaos = chaos;
+    }
+
+    /// Every (verb, API group, resource) clients asked for so far, as RBAC
+    /// names them (`get`, `list`, `watch`; `""` for the core group).
+    #[must_use]
+    pub fn access(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        lock(&self.shared.access).clone()
     }
 
     #[must_use]

@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use lab::fake_api::{FakeApiServer, Options};
 use lab::manifests::{added_capabilities, container, find, objects, render, workspace_root};
 use lab::pki::Ca;
 use lab::probe::{self, EchoServer, Outcome};
@@ -89,6 +90,8 @@ fn rendered() -> Rendered {
 /// material for the API the config turns on.
 struct Setup {
     _servers: Vec<EchoServer>,
+    /// The API the config's Kubernetes source watches (an empty cluster).
+    _api: FakeApiServer,
     lab: ThreeTier,
     scratch: ScratchDir,
     args: Vec<String>,
@@ -104,10 +107,24 @@ fn setup(label: &str, rendered: &Rendered) -> Setup {
     for (name, text) in &rendered.policy {
         std::fs::write(policy_dir.join(name), text).unwrap();
     }
-    // The base ships in audit mode (see deploy/base/config.yaml); this
-    // test needs drops to see enforcement, so it switches to enforcing.
-    assert_eq!(rendered.config.matches("\naudit: true\n").count(), 1, "{}", rendered.config);
-    let enforcing = rendered.config.replacen("\naudit: true\n", "\naudit: false\n", 1);
+    // The base ships in audit mode, enforcing NetworkPolicy's way (see
+    // deploy/base/config.yaml); this test needs drops to see enforcement,
+    // and its hosts are the example policy's SegmentPolicy identities,
+    // which only zero trust isolates: it switches to enforcing, always.
+    for line in ["\naudit: true\n", "\npolicy-enforcement: default\n", "\nkubernetes: true\n"] {
+        assert_eq!(rendered.config.matches(line).count(), 1, "{line}: {}", rendered.config);
+    }
+    let enforcing = rendered.config.replacen("\naudit: true\n", "\naudit: false\n", 1).replacen(
+        "\npolicy-enforcement: default\n",
+        "\npolicy-enforcement: always\n",
+        1,
+    );
+    // The config's Kubernetes source watches a fake API server on the
+    // node's loopback, where the daemon runs.
+    let listener = lab.router.enter(|| std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+    let api = FakeApiServer::start_on(listener, Options::default()).expect("fake API server");
+    let kubeconfig = scratch.0.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     let config = scratch.0.join("config.yaml");
     std::fs::write(&config, enforcing).unwrap();
     let pki = Ca::new("bulkhead test CA");
@@ -119,6 +136,12 @@ fn setup(label: &str, rendered: &Rendered) -> Setup {
     // API address and roles, events); these flags point at the lab's
     // interfaces and files instead of the node's.
     let mut args = vec!["--config".to_owned(), config.display().to_string()];
+    args.extend([
+        "--kubeconfig".to_owned(),
+        kubeconfig.display().to_string(),
+        "--node-name".to_owned(),
+        "node-1".to_owned(),
+    ]);
     args.extend(["--policy-dir".to_owned(), policy_dir.display().to_string()]);
     args.extend(["--metrics-addr".to_owned(), "127.0.0.1:9090".to_owned()]);
     for (flag, path) in [("--tls-cert", &cert), ("--tls-key", &key), ("--client-ca", &ca)] {
@@ -132,7 +155,7 @@ fn setup(label: &str, rendered: &Rendered) -> Setup {
         .iter()
         .map(|host| EchoServer::start(&host.ns, &host.addrs(), &[5432, 8080], &[]).expect("echo server"))
         .collect();
-    Setup { _servers: servers, lab, scratch, args, ca, client }
+    Setup { _servers: servers, _api: api, lab, scratch, args, ca, client }
 }
 
 impl Setup {

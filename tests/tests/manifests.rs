@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use lab::manifests::{self, DIRECTORIES, added_capabilities, container, find, objects, render, workspace_root};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The Kubernetes version the manifests must be valid for.
 const KUBERNETES_VERSION: &str = "1.32.0";
@@ -18,7 +18,8 @@ const NAMESPACE: &str = "bulkhead-system";
 /// core schema: checked structurally below instead.
 const CRD_GROUPS: [&str; 1] = ["monitoring.coreos.com/"];
 /// Kinds that are not namespaced.
-const CLUSTER_SCOPED: [&str; 4] = ["Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass"];
+const CLUSTER_SCOPED: [&str; 5] =
+    ["Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass", "CustomResourceDefinition"];
 
 fn validator() -> PathBuf {
     let path = std::env::var_os("KUBERNETES_VALIDATE")
@@ -267,6 +268,44 @@ fn arg<'a>(container: &'a Value, flag: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {flag}=... argument"))
 }
 
+/// Every (verb, API group, resource) the daemon's watchers call: list and
+/// watch each kind of `enforcer::kubernetes`.
+fn watched() -> BTreeSet<(String, String, String)> {
+    enforcer::kubernetes::Kind::ALL
+        .iter()
+        .flat_map(|kind| {
+            enforcer::kubernetes::VERBS
+                .iter()
+                .map(|verb| ((*verb).to_owned(), kind.group().to_owned(), kind.plural().to_owned()))
+        })
+        .collect()
+}
+
+/// Every (verb, API group, resource) the `ClusterRole` `bulkhead` grants.
+fn granted(objects: &[Value], dir: &str) -> BTreeSet<(String, String, String)> {
+    let role = find(objects, "ClusterRole", "bulkhead");
+    let strings = |value: &Value| -> Vec<String> {
+        value
+            .as_array()
+            .unwrap_or_else(|| panic!("{dir}: a list"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap_or_else(|| panic!("{dir}: rules")) {
+        assert!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(), "{dir}: {rule}");
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    granted.insert((verb, group.clone(), resource.clone()));
+                }
+            }
+        }
+    }
+    granted
+}
+
 #[test]
 fn the_daemonset_has_what_a_node_enforcer_needs() {
     for dir in DIRECTORIES {
@@ -288,13 +327,7 @@ fn the_daemonset_has_what_a_node_enforcer_needs() {
         assert_eq!(strategy["type"], "RollingUpdate", "{dir}");
         assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 1, "{dir}");
         assert_eq!(strategy["rollingUpdate"]["maxSurge"], 0, "{dir}: one daemon per node and bpffs root");
-        // No Kubernetes API access: no token, and no RBAC granting any.
-        assert_eq!(pod["automountServiceAccountToken"], false, "{dir}");
         assert_eq!(pod["serviceAccountName"], "bulkhead", "{dir}");
-        let _ = find(&objects, "ServiceAccount", "bulkhead");
-        for kind in ["Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"] {
-            assert!(objects.iter().all(|o| o["kind"] != kind), "{dir}: the daemon needs no {kind}");
-        }
         let selector = ds["spec"]["selector"]["matchLabels"].as_object().unwrap();
         for (key, value) in selector {
             assert_eq!(&ds["spec"]["template"]["metadata"]["labels"][key], value, "{dir}: selector {key}");
@@ -380,6 +413,37 @@ fn the_daemonset_has_what_a_node_enforcer_needs() {
             }
             _ => {}
         }
+    }
+}
+
+/// The Kubernetes source's token, and exactly the access its watchers need
+/// (`enforcer::kubernetes` says what they watch; tests/tests/kubernetes.rs
+/// holds a running daemon's requests to the same set).
+#[test]
+fn the_daemon_may_list_and_watch_exactly_what_it_watches() {
+    for dir in DIRECTORIES {
+        let objects = objects(&render(dir));
+        let pod = &find(&objects, "DaemonSet", "bulkhead")["spec"]["template"]["spec"];
+        assert_eq!(pod["automountServiceAccountToken"], true, "{dir}");
+        let _ = find(&objects, "ServiceAccount", "bulkhead");
+        assert_eq!(granted(&objects, dir), watched(), "{dir}: the ClusterRole grants what the watchers call");
+        for kind in ["Role", "RoleBinding"] {
+            assert!(objects.iter().all(|o| o["kind"] != kind), "{dir}: the daemon needs no {kind}");
+        }
+        let binding = find(&objects, "ClusterRoleBinding", "bulkhead");
+        assert_eq!(binding["roleRef"]["name"], "bulkhead", "{dir}");
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "bulkhead", "namespace": "bulkhead-system"}]),
+            "{dir}"
+        );
+        assert!(
+            objects
+                .iter()
+                .any(|o| o["kind"] == "CustomResourceDefinition"
+                    && o["metadata"]["name"] == "segmentpolicies.bulkhead.dev"),
+            "{dir}: the CRD"
+        );
     }
 }
 

@@ -233,6 +233,12 @@ fn resource_request(shared: &Arc<Shared>, group: &str, version: &str, rest: &[&s
     let Some(resource) = resource else {
         return not_found("the server could not find the requested resource");
     };
+    let verb = match name {
+        Some(_) => "get",
+        None if query.watch => "watch",
+        None => "list",
+    };
+    shared.note_access(verb, group, RESOURCES[resource].plural);
     match name {
         Some(name) => get(shared, resource, namespace.unwrap_or(""), name),
         None if query.watch => watch(shared, resource, namespace, query),

@@ -1,0 +1,465 @@
+//! The Kubernetes API as a policy source (`bulkhead run --kubernetes`).
+//!
+//! One kube-rs watcher per kind: `Namespaces`, `Pods`, `NetworkPolicies`
+//! and the `SegmentPolicy` custom resource. Each object is a source of its
+//! own in the engine, named `kubernetes:<plural>/[<namespace>/]<name>`
+//! ([`source_name`]), holding the object as JSON: the engine reads it
+//! exactly as it reads a policy file of Kubernetes objects (`policy`'s
+//! `kubernetes` module), so a file snapshot and the live cluster mean the
+//! same, and a pod that starts costs one identity added, never a recompile.
+//!
+//! Only what connectivity depends on is kept of an object (a pod's labels,
+//! addresses and named ports; a namespace's labels; a policy's spec), and
+//! the engine is the store: a reflector's cache of whole objects would hold
+//! every pod a second time. What each source last gave is remembered by
+//! digest, so an object the API repeats unchanged (a resync, a duplicate
+//! event, a status change that moves no address) changes nothing.
+//!
+//! A watcher's list (its first, and each after a lost watch or a
+//! `410 Gone`) arrives as one batch, ending with the objects it no longer
+//! lists removed. While a watcher fails it retries with backoff and the
+//! daemon keeps enforcing what it gave last.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::hash::{Hash as _, Hasher as _};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt as _};
+use policy::engine::{Contents, SourceChange};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+
+use crate::crd::SegmentPolicy;
+
+/// Where the client finds the API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterConfig {
+    /// In the cluster: the pod's service account; outside it, the
+    /// kubeconfig `KUBECONFIG` or `~/.kube/config` names.
+    Infer,
+    /// This kubeconfig file (its current context).
+    Kubeconfig(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("cannot read the kubeconfig {path}: {source}; check the path and that it is a kubeconfig")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "cannot find the Kubernetes API: {0}; inside a cluster, run in a pod with a service account, outside one, pass --kubeconfig FILE"
+    )]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// A client for `config`.
+///
+/// # Errors
+/// If the kubeconfig cannot be read, or no configuration is found.
+pub async fn client(config: &ClusterConfig) -> Result<Client, KubernetesError> {
+    let config = match config {
+        ClusterConfig::Infer => kube::Config::infer().await.map_err(KubernetesError::Infer)?,
+        ClusterConfig::Kubeconfig(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|source| KubernetesError::Kubeconfig { path: path.clone(), source })?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubernetesError::Kubeconfig { path: path.clone(), source })?
+        }
+    };
+    Client::try_from(config).map_err(KubernetesError::Client)
+}
+
+/// The kinds watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+    SegmentPolicy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy, Kind::SegmentPolicy];
+
+    /// The resource's plural, as the API and RBAC name it.
+    #[must_use]
+    pub const fn plural(self) -> &'static str {
+        match self {
+            Kind::Namespace => "namespaces",
+            Kind::Pod => "pods",
+            Kind::NetworkPolicy => "networkpolicies",
+            Kind::SegmentPolicy => "segmentpolicies",
+        }
+    }
+
+    /// The resource's API group (`""` for the core group).
+    #[must_use]
+    pub const fn group(self) -> &'static str {
+        match self {
+            Kind::Namespace | Kind::Pod => "",
+            Kind::NetworkPolicy => "networking.k8s.io",
+            Kind::SegmentPolicy => "bulkhead.dev",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.plural())
+    }
+}
+
+/// What the watchers ask of the API server for each kind, as RBAC names
+/// it: a list (the first, each relist, and a failing kind's probe) and a
+/// watch. Nothing is read one object at a time, and nothing is written.
+pub const VERBS: [&str; 2] = ["list", "watch"];
+
+/// What every engine source of this module's is named with.
+pub const SOURCE_PREFIX: &str = "kubernetes:";
+
+/// The engine source name of one object.
+#[must_use]
+pub fn source_name(kind: Kind, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(namespace) => format!("{SOURCE_PREFIX}{}/{namespace}/{name}", kind.plural()),
+        None => format!("{SOURCE_PREFIX}{}/{name}", kind.plural()),
+    }
+}
+
+/// Whether an engine source is an object of the cluster's.
+#[must_use]
+pub fn is_cluster_source(name: &str) -> bool {
+    name.starts_with(SOURCE_PREFIX)
+}
+
+/// What the watchers tell the daemon.
+#[derive(Debug)]
+pub enum Report {
+    /// Objects changed: each one's source, with its new text or removed.
+    Changes(Vec<SourceChange>),
+    /// A kind's watcher listed every object (its first list, or a relist);
+    /// the changes of that list came just before.
+    Listed(Kind),
+    /// A kind's watcher failed. It retries with backoff; what it gave last
+    /// stays enforced.
+    Down { kind: Kind, reason: String },
+    /// A kind's watcher works again after being down.
+    Up(Kind),
+}
+
+/// Watches every kind until `report` says the receiver is gone.
+pub async fn watch_all(client: Client, report: impl Fn(Report) -> bool + Clone + Send + Sync + 'static) {
+    let tasks = [
+        tokio::spawn(watch(Api::<Namespace>::all(client.clone()), Kind::Namespace, namespace_json, report.clone())),
+        tokio::spawn(watch(Api::<Pod>::all(client.clone()), Kind::Pod, pod_json, report.clone())),
+        tokio::spawn(watch(
+            Api::<NetworkPolicy>::all(client.clone()),
+            Kind::NetworkPolicy,
+            network_policy_json,
+            report.clone(),
+        )),
+        // Untyped: a custom resource the API server holds may still be one
+        // the policy parser refuses, and that refusal, with its positions,
+        // is what the object's owner needs (a typed watcher would fail the
+        // whole list on it instead).
+        tokio::spawn(watch(
+            Api::<DynamicObject>::all_with(client, &ApiResource::erase::<SegmentPolicy>(&())),
+            Kind::SegmentPolicy,
+            segment_policy_json,
+            report,
+        )),
+    ];
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// How often a failing kind is asked whether it answers again.
+const PROBE_WHILE_DOWN: Duration = Duration::from_secs(1);
+
+/// The longest a watch stays open before it is renewed (the API server
+/// ends it by then anyway); a renewal resumes from the last version seen.
+const WATCH_TIMEOUT: Duration = Duration::from_secs(290);
+
+/// One kind's watcher: its events as engine sources, until `report` says
+/// the receiver is gone.
+async fn watch<K>(api: Api<K>, kind: Kind, to_json: fn(&K) -> Value, report: impl Fn(Report) -> bool)
+where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug + Send + 'static,
+{
+    let config = watcher::Config::default().timeout(u32::try_from(WATCH_TIMEOUT.as_secs()).unwrap_or(290));
+    let probe = api.clone();
+    let stream = watcher::watcher(api, config).default_backoff();
+    futures_util::pin_mut!(stream);
+    let mut given = Given::default();
+    let mut relisted: Option<(HashSet<String>, Vec<SourceChange>)> = None;
+    let mut down = false;
+    loop {
+        // A watch that resumes after a failure says nothing until the
+        // cluster changes: while down, the kind is also listed (one item)
+        // now and then, and its answering is what says the source is back.
+        let next = if down {
+            tokio::select! {
+                next = stream.next() => next,
+                () = tokio::time::sleep(PROBE_WHILE_DOWN) => {
+                    if probe.list(&ListParams::default().limit(1)).await.is_ok() {
+                        down = false;
+                        if !report(Report::Up(kind)) {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+            }
+        } else {
+            stream.next().await
+        };
+        let Some(event) = next else { return };
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                down = true;
+                if !report(Report::Down { kind, reason: error.to_string() }) {
+                    return;
+                }
+                continue;
+            }
+        };
+        if std::mem::take(&mut down) && !report(Report::Up(kind)) {
+            return;
+        }
+        let sent = match event {
+            Event::Init => {
+                relisted = Some((HashSet::new(), Vec::new()));
+                true
+            }
+            Event::InitApply(object) => {
+                let (source, text) = describe(kind, &object, to_json);
+                let (seen, changes) = relisted.get_or_insert_with(Default::default);
+                seen.insert(source.clone());
+                changes.extend(given.give(source, Some(text)));
+                true
+            }
+            Event::InitDone => {
+                let (seen, mut changes) = relisted.take().unwrap_or_default();
+                changes.extend(given.keep_only(&seen));
+                (changes.is_empty() || report(Report::Changes(changes))) && report(Report::Listed(kind))
+            }
+            Event::Apply(object) => {
+                let (source, text) = describe(kind, &object, to_json);
+                let change = given.give(source, Some(text));
+                change.is_none() || report(Report::Changes(change.into_iter().collect()))
+            }
+            Event::Delete(object) => {
+                let (source, _) = describe(kind, &object, to_json);
+                let change = given.give(source, None);
+                change.is_none() || report(Report::Changes(change.into_iter().collect()))
+            }
+        };
+        if !sent {
+            return;
+        }
+    }
+}
+
+/// What this watcher gave each source last, by digest.
+#[derive(Default)]
+struct Given {
+    digests: HashMap<String, u64>,
+}
+
+impl Given {
+    /// The change that gives `source` the text `text` (`None`: removed),
+    /// or nothing if it has it already.
+    fn give(&mut self, source: String, text: Option<String>) -> Option<SourceChange> {
+        let Some(text) = text else {
+            self.digests.remove(&source)?;
+            return Some(SourceChange { source, contents: Contents::Removed });
+        };
+        let digest = digest(&text);
+        if self.digests.insert(source.clone(), digest) == Some(digest) {
+            return None;
+        }
+        Some(SourceChange { source, contents: Contents::Text(text) })
+    }
+
+    /// Removes every source a list did not name again.
+    fn keep_only(&mut self, listed: &HashSet<String>) -> Vec<SourceChange> {
+        let gone: Vec<String> = self.digests.keys().filter(|source| !listed.contains(*source)).cloned().collect();
+        gone.into_iter().filter_map(|source| self.give(source, None)).collect()
+    }
+}
+
+fn digest(text: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// An object's source name and the JSON text the engine reads.
+fn describe<K: Resource>(kind: Kind, object: &K, to_json: fn(&K) -> Value) -> (String, String) {
+    let meta = object.meta();
+    let name = meta.name.as_deref().unwrap_or_default();
+    let source = source_name(kind, meta.namespace.as_deref(), name);
+    (source, to_json(object).to_string())
+}
+
+/// `value` as JSON, or null for what cannot be (no k8s-openapi type fails).
+fn json_of(value: &impl Serialize) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// `metadata` cut to what policy reads: name, namespace, labels.
+fn metadata<K: Resource>(object: &K) -> Value {
+    let meta = object.meta();
+    let mut kept = Map::new();
+    kept.insert("name".to_owned(), json!(object.name_any()));
+    if let Some(namespace) = &meta.namespace {
+        kept.insert("namespace".to_owned(), json!(namespace));
+    }
+    if let Some(labels) = meta.labels.as_ref().filter(|labels| !labels.is_empty()) {
+        kept.insert("labels".to_owned(), json_of(labels));
+    }
+    Value::Object(kept)
+}
+
+fn namespace_json(namespace: &Namespace) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": metadata(namespace)})
+}
+
+/// A pod cut to its labels, addresses, phase, host networking and the
+/// containers' ports.
+fn pod_json(pod: &Pod) -> Value {
+    let spec = pod.spec.as_ref();
+    let containers: Vec<Value> = spec
+        .map(|spec| &spec.containers)
+        .into_iter()
+        .flatten()
+        .map(|container| json!({"name": container.name, "ports": json_of(&container.ports)}))
+        .collect();
+    let status = pod.status.as_ref();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata(pod),
+        "spec": {
+            "hostNetwork": spec.and_then(|spec| spec.host_network).unwrap_or(false),
+            "containers": containers,
+        },
+        "status": {
+            "phase": status.and_then(|status| status.phase.clone()),
+            "podIP": status.and_then(|status| status.pod_ip.clone()),
+            "podIPs": json_of(&status.and_then(|status| status.pod_ips.clone())),
+        },
+    })
+}
+
+fn network_policy_json(policy: &NetworkPolicy) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(policy),
+        "spec": json_of(&policy.spec),
+    })
+}
+
+/// The custom resource as the policy file it is: its metadata cut to the
+/// name, which the policy format takes as the document's name.
+fn segment_policy_json(policy: &DynamicObject) -> Value {
+    json!({
+        "apiVersion": policy::CRD_API_VERSION,
+        "kind": policy::KIND,
+        "metadata": {"name": policy.name_any()},
+        "spec": policy.data.get("spec").cloned().unwrap_or(Value::Null),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_named_by_kind_namespace_and_name() {
+        assert_eq!(source_name(Kind::Pod, Some("shop"), "web-1"), "kubernetes:pods/shop/web-1");
+        assert_eq!(source_name(Kind::Namespace, None, "shop"), "kubernetes:namespaces/shop");
+        assert!(is_cluster_source("kubernetes:segmentpolicies/base"));
+        assert!(!is_cluster_source("/etc/bulkhead/policy/base.yaml"));
+    }
+
+    #[test]
+    fn an_object_given_again_unchanged_changes_nothing() {
+        let mut given = Given::default();
+        assert!(given.give("a".into(), Some("{}".into())).is_some());
+        assert!(given.give("a".into(), Some("{}".into())).is_none());
+        assert!(given.give("a".into(), Some("{\"x\":1}".into())).is_some());
+        assert!(given.give("b".into(), None).is_none(), "never given: nothing to remove");
+        assert!(given.give("c".into(), Some("{}".into())).is_some());
+        let gone = given.keep_only(&HashSet::from(["a".to_owned()]));
+        assert_eq!(gone.len(), 1);
+        assert!(matches!(&gone[0], SourceChange { source, contents: Contents::Removed } if source == "c"));
+    }
+
+    /// A pod as the API serves it reads, through the engine's file path, as
+    /// the identity of its labels, addresses and named ports; everything
+    /// else it carries is cut before.
+    #[test]
+    fn a_pod_reads_as_its_identity() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"},
+                         "managedFields": [{"manager": "kubelet"}], "annotations": {"a": "b"}},
+            "spec": {"containers": [{"name": "c", "image": "web:1",
+                                      "ports": [{"containerPort": 8080, "name": "http", "protocol": "TCP"}]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.7", "podIPs": [{"ip": "10.0.0.7"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let (source, text) = describe(Kind::Pod, &pod, pod_json);
+        assert_eq!(source, "kubernetes:pods/shop/web-1");
+        assert!(!text.contains("managedFields") && !text.contains("annotations") && !text.contains("web:1"), "{text}");
+        let parsed = policy::parse_str(&source, &text).unwrap();
+        assert_eq!(parsed.identities.len(), 1);
+        let identity = &parsed.identities[0];
+        assert_eq!(identity.name, "shop/web-1");
+        assert_eq!(identity.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(identity.addresses[0].net.to_string(), "10.0.0.7/32");
+        assert_eq!(identity.pod.as_ref().unwrap().ports[0].name, "http");
+        assert!(parsed.notes.is_empty(), "{:?}", parsed.notes);
+    }
+
+    #[test]
+    fn a_segment_policy_reads_as_its_file() {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "bulkhead.dev/v1", "kind": "SegmentPolicy",
+            "metadata": {"name": "base", "uid": "1", "resourceVersion": "7"},
+            "spec": {"identities": [{"name": "db", "addresses": ["10.0.3.10"]}],
+                     "rules": [{"name": "to-db", "from": [{"identity": "world"}], "to": [{"identity": "db"}]}]}
+        }))
+        .unwrap();
+        let (_, text) = describe(Kind::SegmentPolicy, &object, segment_policy_json);
+        let parsed = policy::parse_str("cr", &text).unwrap();
+        assert_eq!(parsed.documents, ["base"]);
+        assert_eq!(parsed.rules[0].name, "to-db");
+        // What the schema would let through but the policy refuses is
+        // refused with its position, as a file would be.
+        let mut bad = object.clone();
+        bad.data["spec"]["identities"][0]["addresses"] = json!(["10.0.3.300"]);
+        let (_, text) = describe(Kind::SegmentPolicy, &bad, segment_policy_json);
+        let error = policy::parse_str("cr", &text).unwrap_err().to_string();
+        assert!(error.contains("10.0.3.300"), "{error}");
+    }
+}
