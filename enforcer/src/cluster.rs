@@ -20,6 +20,9 @@ pub struct Cluster {
     /// Objects whose last change the policy refused, with the first
     /// problem; what each gave before stays enforced.
     refused: BTreeMap<String, String>,
+    /// The newest resourceVersion of each kind reported, whose changes are
+    /// pending (published once they are applied).
+    versions: BTreeMap<Kind, u64>,
 }
 
 impl Cluster {
@@ -30,6 +33,7 @@ impl Cluster {
             listed: BTreeSet::new(),
             failing: BTreeMap::new(),
             refused: BTreeMap::new(),
+            versions: BTreeMap::new(),
         }
     }
 
@@ -76,6 +80,10 @@ impl Cluster {
                     );
                 }
             }
+            Report::Version { kind, version } => {
+                let newest = self.versions.entry(kind).or_insert(version);
+                *newest = (*newest).max(version);
+            }
             Report::Up(kind) => {
                 if self.failing.remove(&kind).is_some() {
                     log::info!("kubernetes: watching {kind} works again");
@@ -88,6 +96,12 @@ impl Cluster {
     /// policies: the order a snapshot is best read in).
     pub fn take_pending(&mut self) -> Vec<SourceChange> {
         std::mem::take(&mut self.pending).into_values().collect()
+    }
+
+    /// The newest resourceVersion of each kind that the changes taken so
+    /// far include: once they are applied, this node's view of the cluster.
+    pub fn versions(&self) -> &BTreeMap<Kind, u64> {
+        &self.versions
     }
 
     /// Why the cluster's objects are not all known now, if they are not.

@@ -160,6 +160,9 @@ pub enum Report {
     Down { kind: Kind, reason: String },
     /// A kind's watcher works again after being down.
     Up(Kind),
+    /// A kind's watcher has given everything up to this resourceVersion
+    /// (the changes it implies came before).
+    Version { kind: Kind, version: u64 },
 }
 
 /// Watches every kind until `report` says the receiver is gone.
@@ -208,6 +211,7 @@ where
     futures_util::pin_mut!(stream);
     let mut given = Given::default();
     let mut relisted: Option<(HashSet<String>, Vec<SourceChange>)> = None;
+    let mut listed_version: Option<u64> = None;
     let mut down = false;
     loop {
         // A watch that resumes after a failure says nothing until the
@@ -246,9 +250,11 @@ where
         let sent = match event {
             Event::Init => {
                 relisted = Some((HashSet::new(), Vec::new()));
+                listed_version = None;
                 true
             }
             Event::InitApply(object) => {
+                listed_version = listed_version.max(version_of(&object));
                 let (source, text) = describe(kind, &object, to_json);
                 let (seen, changes) = relisted.get_or_insert_with(Default::default);
                 seen.insert(source.clone());
@@ -258,23 +264,33 @@ where
             Event::InitDone => {
                 let (seen, mut changes) = relisted.take().unwrap_or_default();
                 changes.extend(given.keep_only(&seen));
-                (changes.is_empty() || report(Report::Changes(changes))) && report(Report::Listed(kind))
+                (changes.is_empty() || report(Report::Changes(changes)))
+                    && listed_version.take().is_none_or(|version| report(Report::Version { kind, version }))
+                    && report(Report::Listed(kind))
             }
             Event::Apply(object) => {
                 let (source, text) = describe(kind, &object, to_json);
                 let change = given.give(source, Some(text));
-                change.is_none() || report(Report::Changes(change.into_iter().collect()))
+                (change.is_none() || report(Report::Changes(change.into_iter().collect())))
+                    && version_of(&object).is_none_or(|version| report(Report::Version { kind, version }))
             }
             Event::Delete(object) => {
                 let (source, _) = describe(kind, &object, to_json);
                 let change = given.give(source, None);
-                change.is_none() || report(Report::Changes(change.into_iter().collect()))
+                (change.is_none() || report(Report::Changes(change.into_iter().collect())))
+                    && version_of(&object).is_none_or(|version| report(Report::Version { kind, version }))
             }
         };
         if !sent {
             return;
         }
     }
+}
+
+/// An object's resourceVersion, where it is a number (etcd's revision, as
+/// every API server built on etcd gives it).
+fn version_of<K: Resource>(object: &K) -> Option<u64> {
+    object.meta().resource_version.as_deref()?.parse().ok()
 }
 
 /// What this watcher gave each source last, by digest.

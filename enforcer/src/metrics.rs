@@ -100,6 +100,7 @@ pub fn render(
     stats: PolicyStats,
     usage: &Usage,
     interfaces: &InterfaceStats,
+    cluster_versions: &std::collections::BTreeMap<&'static str, u64>,
     histograms: &[&Histogram],
 ) -> Result<String, prometheus::Error> {
     let builder = Builder { registry: Registry::new() };
@@ -110,6 +111,16 @@ pub fn render(
     policy_figures(&builder, snapshot, stats)?;
     usage_figures(&builder, snapshot, usage)?;
     interface_figures(&builder, interfaces)?;
+    if !cluster_versions.is_empty() {
+        let versions = builder.gauges(
+            "bulkhead_kubernetes_resource_version",
+            "The newest resourceVersion of each watched kind that the enforced policy includes: how current this node's view of the cluster is (compare with the API server's).",
+            &["resource"],
+        )?;
+        for (resource, version) in cluster_versions {
+            versions.with_label_values(&[resource]).set(i64::try_from(*version).unwrap_or(i64::MAX));
+        }
+    }
     let build = builder.gauges("bulkhead_build_info", "Build of the running daemon.", &["version"])?;
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     let registry = builder.registry;
@@ -317,6 +328,9 @@ pub struct Shared {
     /// With `--kubernetes`: why the cluster's objects are not all known
     /// now (a watcher failing, or not listed yet); `/readyz` says so.
     pub kubernetes_down: Mutex<Option<String>>,
+    /// With `--kubernetes`: the newest resourceVersion of each kind
+    /// (by plural) that the enforced policy includes.
+    pub kubernetes_versions: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Where the programs are attached; see [`InterfaceStats`].
     pub interfaces: Mutex<InterfaceStats>,
     /// Time from reading a changed policy to publishing its generation.
@@ -355,6 +369,7 @@ impl Shared {
             last_error: Mutex::new(None),
             source_down: Mutex::new(None),
             kubernetes_down: Mutex::new(None),
+            kubernetes_versions: Mutex::new(std::collections::BTreeMap::new()),
             events: tokio::sync::broadcast::channel(4096).0,
             recent_events: Mutex::new(std::collections::VecDeque::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
@@ -401,7 +416,9 @@ mod tests {
         interfaces.changes.insert("attached", 4);
         interfaces.repairs.insert("defunct", 2);
         interfaces.unenforced.insert("lxc9".to_owned(), "busy".to_owned());
-        let text = render(&snapshot, stats, &usage, &interfaces, &[&histogram, &slot_wait]).unwrap();
+        let versions = std::collections::BTreeMap::from([("pods", 41)]);
+        let text = render(&snapshot, stats, &usage, &interfaces, &versions, &[&histogram, &slot_wait]).unwrap();
+        assert!(text.contains("bulkhead_kubernetes_resource_version{resource=\"pods\"} 41"), "{text}");
         for line in [
             "bulkhead_interfaces{hook=\"xdp\"} 3",
             "bulkhead_interface_changes_total{change=\"attached\"} 4",

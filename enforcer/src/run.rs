@@ -18,7 +18,7 @@ use enforcer::datapath::Datapath;
 use enforcer::interfaces::{Attacher, LinkWatcher, Selector};
 use enforcer::metrics::{InterfaceStats, PolicyStats, Shared, Usage};
 use enforcer::watch::{Mailbox, Wakeup};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use policy::PolicyError;
 use policy::engine::{Contents, SourceChange};
@@ -140,6 +140,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     if let Some(cluster) = &cluster {
         *shared.kubernetes_down.lock().unwrap_or_else(PoisonError::into_inner) = cluster.why_not_up();
+        *shared.kubernetes_versions.lock().unwrap_or_else(PoisonError::into_inner) =
+            cluster.versions().iter().map(|(kind, version)| (kind.plural(), *version)).collect();
     }
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
@@ -1038,9 +1040,11 @@ impl Maintainer<'_> {
             log::error!("kubernetes: the watchers stopped; what the cluster gave last stays enforced");
         }
         let changes = cluster.take_pending();
+        let versions = cluster.versions().clone();
         let why_not_up = cluster.why_not_up();
         *self.shared.kubernetes_down.lock().unwrap_or_else(PoisonError::into_inner) = why_not_up;
         if changes.is_empty() {
+            self.publish_versions(versions);
             return;
         }
         let origin = Origin::Cluster { objects: changes.len() };
@@ -1064,6 +1068,16 @@ impl Maintainer<'_> {
         }
         let refused = self.cluster.as_ref().map_or(0, cluster::Cluster::refused);
         self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).kubernetes_rejected = refused;
+        self.publish_versions(versions);
+    }
+
+    /// Exports how current this node's view of the cluster is, once what
+    /// those versions include is applied (or refused).
+    fn publish_versions(&self, versions: BTreeMap<enforcer::kubernetes::Kind, u64>) {
+        let mut published = self.shared.kubernetes_versions.lock().unwrap_or_else(PoisonError::into_inner);
+        for (kind, version) in versions {
+            published.insert(kind.plural(), version);
+        }
     }
 
     /// Records whether the policy directory can be read: `bulkhead_source_up`

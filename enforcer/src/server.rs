@@ -70,7 +70,8 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     };
     let usage = shared.usage.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let interfaces = shared.interfaces.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    match render(&snapshot, stats, &usage, &interfaces, &[&shared.apply_duration, &shared.slot_wait]) {
+    let versions = shared.kubernetes_versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    match render(&snapshot, stats, &usage, &interfaces, &versions, &[&shared.apply_duration, &shared.slot_wait]) {
         Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], format!("{error}\n")),
     }

@@ -6,6 +6,7 @@
 //! interrupted runs never collide, and everything is removed in `Drop`.
 //! Traffic only ever flows between namespaces the lab created.
 
+pub mod cluster;
 pub mod fake_api;
 pub mod frames;
 pub mod manifests;

@@ -286,3 +286,19 @@ pub fn metric(text: &str, sample: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|value| value.trim().parse().ok())
 }
+
+/// Runs one probe from each `(namespace, target)` at once, TCP or UDP: a
+/// blocked one waits out [`BLOCKED_AFTER`] in parallel with the others, so
+/// a whole connectivity matrix costs one timeout. Outcomes in input order.
+pub fn all_at_once(probes: &[(&Netns, SocketAddr)], udp: bool) -> Result<Vec<Outcome>, LabError> {
+    std::thread::scope(|scope| {
+        let running: Vec<_> = probes
+            .iter()
+            .map(|&(ns, target)| scope.spawn(move || if udp { self::udp(ns, target) } else { tcp(ns, target) }))
+            .collect();
+        running
+            .into_iter()
+            .map(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    })
+}

@@ -89,26 +89,19 @@ fn upstream_network_policy_cases_over_real_packets() {
         for expected in &case.probes {
             probes += 1;
             let port = expected.number();
-            // Every cell of the matrix at once: a blocked one waits out the
-            // probe's timeout, in parallel with the others.
-            let outcomes: Vec<(PodAt, PodAt, Outcome)> = std::thread::scope(|scope| {
-                let mut running = Vec::new();
-                for from in all_pods() {
-                    for to in all_pods().into_iter().filter(|to| *to != from) {
-                        let ns = &lab.hosts[from.0 * 3 + from.1].ns;
-                        let target = SocketAddr::new(IpAddr::V4(address(to.0, to.1)), port);
-                        let protocol = expected.protocol;
-                        running.push(scope.spawn(move || {
-                            let outcome = match protocol {
-                                Protocol::Tcp => probe::tcp(ns, target),
-                                _ => probe::udp(ns, target),
-                            };
-                            (from, to, outcome.unwrap())
-                        }));
-                    }
-                }
-                running.into_iter().map(|thread| thread.join().unwrap()).collect()
-            });
+            let pods = all_pods();
+            let pairs: Vec<(PodAt, PodAt)> = pods
+                .iter()
+                .flat_map(|&from| pods.iter().filter(move |&&to| to != from).map(move |&to| (from, to)))
+                .collect();
+            let targets: Vec<(&lab::Netns, SocketAddr)> = pairs
+                .iter()
+                .map(|&(from, to)| {
+                    (&lab.hosts[from.0 * 3 + from.1].ns, SocketAddr::new(IpAddr::V4(address(to.0, to.1)), port))
+                })
+                .collect();
+            let outcomes = probe::all_at_once(&targets, expected.protocol == Protocol::Udp).unwrap();
+            let outcomes = pairs.into_iter().zip(outcomes).map(|((from, to), outcome)| (from, to, outcome));
             for (from, to, outcome) in outcomes {
                 cells += 1;
                 let want = if expected.expects(from, to) { Outcome::Connected } else { Outcome::TimedOut };
