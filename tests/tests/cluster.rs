@@ -19,36 +19,11 @@ use lab::cluster::{EmulatedCluster, PodPlace};
 use lab::probe::{self, EchoServer, Outcome};
 use policy::kubernetes::{Objects, read_objects};
 use policy::model::Protocol;
-use policy::yaml::{Node, Value as Yaml};
 use serde_json::{Value, json};
 
 use cases::{NAMESPACES, PODS, address, all_pods, case_files, read_case};
 
 const POD_HOSTS: [&str; 9] = ["x-a", "x-b", "x-c", "y-a", "y-b", "y-c", "z-a", "z-b", "z-c"];
-
-/// A YAML tree as the JSON the API takes: plain scalars that read as
-/// numbers, booleans or null are those.
-fn json_of(node: &Node) -> Value {
-    match &node.value {
-        Yaml::Scalar { text, quoted: true } => json!(text),
-        Yaml::Scalar { text, quoted: false } => match text.as_str() {
-            "" | "~" | "null" => Value::Null,
-            "true" => json!(true),
-            "false" => json!(false),
-            number => number.parse::<i64>().map_or_else(|_| json!(number), |n| json!(n)),
-        },
-        Yaml::Sequence(items) => Value::Array(items.iter().map(json_of).collect()),
-        Yaml::Mapping(entries) => Value::Object(
-            entries
-                .iter()
-                .map(|(key, value)| {
-                    let Yaml::Scalar { text, .. } = &key.value else { panic!("a mapping key that is no scalar") };
-                    (text.clone(), json_of(value))
-                })
-                .collect(),
-        ),
-    }
-}
 
 /// Brings the API to `case`'s state: labels first, then the old policies go
 /// and the case's come. Returns the resourceVersion of the last change of
@@ -137,7 +112,7 @@ fn objects_of(text: &str) -> Objects {
 
 /// Each document of a case's YAML, as JSON.
 fn documents(text: &str) -> Vec<Value> {
-    policy::yaml::parse_documents(&Arc::from("case"), text).unwrap().iter().map(json_of).collect()
+    lab::manifests::objects(text)
 }
 
 fn resource_version(object: &Value) -> u64 {

@@ -1,6 +1,7 @@
 //! `cargo xtask`: one-command setup, build, test and demo for Bulkhead.
 
 mod demo;
+mod demo_cluster;
 mod image;
 mod setup;
 
@@ -44,6 +45,10 @@ enum Task {
         /// Leave the topology and daemon running until Ctrl-C.
         #[arg(long)]
         keep: bool,
+        /// Three emulated nodes instead, each with its own daemon, all
+        /// learning pods and policies from one fake Kubernetes API server.
+        #[arg(long, conflicts_with = "keep")]
+        cluster: bool,
     },
 }
 
@@ -178,9 +183,9 @@ fn main() -> anyhow::Result<()> {
             let binary = build()?;
             image::build(&binary).map(drop)
         }
-        Task::Demo { keep } => {
+        Task::Demo { keep, cluster } => {
             let binary = build()?;
-            demo::demo(&binary, keep)
+            if cluster { demo_cluster::demo(&binary) } else { demo::demo(&binary, keep) }
         }
     }
 }
