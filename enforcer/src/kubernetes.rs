@@ -457,6 +457,93 @@ mod tests {
         assert!(parsed.notes.is_empty(), "{:?}", parsed.notes);
     }
 
+    /// The watcher against kube-rs's mock service: a list, a watch that
+    /// changes and deletes, a `410 Gone` and the relist after it. Each
+    /// step's reports are what the engine must be told, no more.
+    #[tokio::test]
+    async fn the_watcher_turns_lists_watches_and_relists_into_changes() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (sender, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = tokio::spawn(watch(Api::<Pod>::all(client), Kind::Pod, pod_json, move |report| {
+            sender.send(report).is_ok()
+        }));
+        let pod = |name: &str, version: &str, app: &str, ip: &str| {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": name, "namespace": "shop", "resourceVersion": version, "labels": {"app": app}},
+                   "status": {"phase": "Running", "podIP": ip}})
+        };
+        let list = |version: &str, items: Vec<Value>| json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": version}, "items": items});
+        let mut answer = async |expect: &str, body: String| {
+            let (request, respond) = tokio::time::timeout(Duration::from_secs(10), server.next_request())
+                .await
+                .expect("the watcher asks")
+                .expect("a request");
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            assert_eq!(query.contains("watch=true"), expect == "watch", "{expect}: {}", request.uri());
+            respond.send_response(Response::builder().body(Body::from(body.into_bytes())).unwrap());
+        };
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(10), reports.recv()).await.expect("a report").expect("open")
+        };
+        let sources = |report: Report| match report {
+            Report::Changes(changes) => {
+                changes.into_iter().map(|c| (c.source, matches!(c.contents, Contents::Removed))).collect::<Vec<_>>()
+            }
+            other => panic!("expected changes, got {other:?}"),
+        };
+
+        // The first list: both pods, their version, listed.
+        let first = list("5", vec![pod("a", "3", "web", "10.0.0.1"), pod("b", "4", "db", "10.0.0.2")]);
+        answer("list", first.to_string()).await;
+        let listed = sources(next().await);
+        assert_eq!(listed, [("kubernetes:pods/shop/a".into(), false), ("kubernetes:pods/shop/b".into(), false)]);
+        assert!(matches!(next().await, Report::Version { kind: Kind::Pod, version: 4 }));
+        assert!(matches!(next().await, Report::Listed(Kind::Pod)));
+
+        // A watch: a relabel, a deletion, and a repeat that changes nothing.
+        let events = [
+            json!({"type": "MODIFIED", "object": pod("a", "6", "api", "10.0.0.1")}),
+            json!({"type": "MODIFIED", "object": pod("a", "6", "api", "10.0.0.1")}),
+            json!({"type": "DELETED", "object": pod("b", "7", "db", "10.0.0.2")}),
+        ];
+        answer("watch", events.iter().map(|e| e.to_string() + "\n").collect()).await;
+        assert_eq!(sources(next().await), [("kubernetes:pods/shop/a".into(), false)]);
+        assert!(matches!(next().await, Report::Version { version: 6, .. }));
+        assert!(matches!(next().await, Report::Version { version: 6, .. }), "the repeat: no change, its version");
+        assert_eq!(sources(next().await), [("kubernetes:pods/shop/b".into(), true)]);
+        assert!(matches!(next().await, Report::Version { version: 7, .. }));
+
+        // The history is gone: 410, then a relist that no longer has `a`
+        // and has a new `c`.
+        let gone = json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                          "code": 410, "reason": "Expired", "message": "too old resource version: 7 (9)"}});
+        answer("watch", format!("{gone}\n")).await;
+        assert!(matches!(next().await, Report::Down { kind: Kind::Pod, .. }));
+        // From here every list gets the new state (the relist, and the
+        // probe a failing kind makes), and watches wait.
+        let serving = tokio::spawn(async move {
+            let mut waiting = Vec::new();
+            while let Some((request, respond)) = server.next_request().await {
+                if request.uri().query().unwrap_or_default().contains("watch=true") {
+                    waiting.push(respond);
+                } else {
+                    let body = list("9", vec![pod("c", "8", "web", "10.0.0.3")]).to_string();
+                    respond.send_response(Response::builder().body(Body::from(body.into_bytes())).unwrap());
+                }
+            }
+        });
+        assert!(matches!(next().await, Report::Up(Kind::Pod)));
+        let relisted = sources(next().await);
+        assert_eq!(relisted, [("kubernetes:pods/shop/c".into(), false), ("kubernetes:pods/shop/a".into(), true)]);
+        assert!(matches!(next().await, Report::Version { version: 8, .. }));
+        assert!(matches!(next().await, Report::Listed(Kind::Pod)));
+        watcher.abort();
+        serving.abort();
+    }
+
     #[test]
     fn a_segment_policy_reads_as_its_file() {
         let object: DynamicObject = serde_json::from_value(json!({

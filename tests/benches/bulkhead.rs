@@ -11,6 +11,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+#[path = "common/cluster.rs"]
+mod cluster;
 #[path = "common/daemon.rs"]
 mod daemon;
 #[path = "common/footprint.rs"]
@@ -41,7 +43,7 @@ fn main() -> Result<(), Error> {
     let out =
         value_of("--out").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"), PathBuf::from);
     std::fs::create_dir_all(&out)?;
-    // For working on one part: `--only packets|daemon|loads|traffic`, `--sizes 10,100000`,
+    // For working on one part: `--only packets|daemon|loads|traffic|cluster`, `--sizes 10,100000`,
     // and `--spin established` (see `per_packet`).
     let only = value_of("--only");
     let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
@@ -75,6 +77,16 @@ fn main() -> Result<(), Error> {
         let figures = daemon::figures(changes, big, incremental_changes, churn_seconds, loads_only)?;
         daemon::markdown(&mut md, &figures);
         daemon::json(&mut json, &figures);
+    }
+    if wanted("cluster") {
+        let (pods, policies, changes, churn_seconds) =
+            if quick { (1_000, 100, 20, 3) } else { (10_000, 1_000, 100, 10) };
+        eprintln!(
+            "bench: 3 emulated nodes against a fake API with {pods} pods and {policies} NetworkPolicies ({changes} pods created and deleted, {churn_seconds} s of 100 relabels per second)"
+        );
+        let figures = cluster::figures(pods, policies, changes, churn_seconds)?;
+        cluster::markdown(&mut md, &figures);
+        json.insert("cluster".into(), cluster::json(&figures));
     }
     if wanted("traffic") {
         let (seconds, rounds, profiled) = if quick { (2, 1, (1, 2)) } else { (5, 5, (3, 3)) };

@@ -103,20 +103,27 @@ impl EmulatedCluster {
     /// policy directory), enforcing on its pods' veths and its fabric link,
     /// with `extra` arguments; waits until each is ready.
     pub fn start_daemons(&mut self, extra: &[&str]) -> Result<(), LabError> {
+        for node in 0..self.nodes.len() {
+            self.start_node(node, extra)?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `index`'s daemon (see [`EmulatedCluster::start_daemons`]).
+    pub fn start_node(&mut self, index: usize, extra: &[&str]) -> Result<(), LabError> {
         let kubeconfig = self.scratch.0.join("kubeconfig");
         self.api
             .write_kubeconfig(&kubeconfig)
             .map_err(|error| LabError::Daemon(format!("cannot write the kubeconfig: {error}")))?;
         let policy_dir = self.scratch.0.join("policy");
         std::fs::create_dir_all(&policy_dir)?;
-        for node in &mut self.nodes {
-            let kubeconfig = kubeconfig.display().to_string();
-            let mut args = vec!["--kubernetes", "--kubeconfig", &kubeconfig, "--node-name", &node.name];
-            args.extend(["--interface", "fab0"]);
-            args.extend_from_slice(extra);
-            let log = self.scratch.0.join(format!("{}.log", node.name));
-            node.daemon = Some(Daemon::start_with(&node.lab, &policy_dir, &log, &args)?);
-        }
+        let node = &mut self.nodes[index];
+        let kubeconfig = kubeconfig.display().to_string();
+        let mut args = vec!["--kubernetes", "--kubeconfig", &kubeconfig, "--node-name", &node.name];
+        args.extend(["--interface", "fab0"]);
+        args.extend_from_slice(extra);
+        let log = self.scratch.0.join(format!("{}.log", node.name));
+        node.daemon = Some(Daemon::start_with(&node.lab, &policy_dir, &log, &args)?);
         Ok(())
     }
 
