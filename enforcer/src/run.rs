@@ -99,19 +99,35 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime failed")?;
     let wakeup = Wakeup::new().context("creating the maintainer's eventfd failed")?;
+    // The watchers list the cluster while the files are read and the
+    // programs load.
     let mut cluster = match &args.kubernetes {
         Some(source) => Some(start_cluster(&runtime, source, &wakeup)?),
         None => None,
     };
     let mut policy_dir = enforcer::sources::PolicyDir::new(&dir).allowing_empty(cluster.is_some());
-    let loaded = policy_dir.changes().and_then(|files| first_policy(&mut engine, files, cluster.as_mut()));
+    let loaded = policy_dir.changes().and_then(|files| engine.apply(files, SystemTime::now()));
     let diff = loaded.map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, &dir)))?;
     let selector = check_host(&args.interfaces)?;
 
     let root = args.bpffs_root.as_path();
     let link_watcher = prepare_node(root)?;
     let fresh = !root.join("links").exists();
-    let (mut datapath, generation, interface_stats) = match start_datapath(args, &diff, &engine, &selector) {
+    // Loading the programs (the verifier's work) takes about a second and
+    // needs no policy: it runs while the cluster's first lists arrive.
+    let loading = {
+        let (sizes, root) = (args.sizes, root.to_path_buf());
+        std::thread::spawn(move || Datapath::load_pinned(sizes, Some(&root)))
+    };
+    let diff = match cluster.as_mut() {
+        Some(cluster) => diff.then(&first_cluster_policy(&mut engine, cluster)),
+        None => diff,
+    };
+    let loaded = loading.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    let started = loaded
+        .map_err(anyhow::Error::from)
+        .and_then(|datapath| start_datapath(args, datapath, &diff, &engine, &selector));
+    let (mut datapath, generation, interface_stats) = match started {
         Ok(started) => started,
         Err(error) => {
             // A failed first install leaves nothing behind; an adopted
@@ -126,23 +142,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     drop(diff);
 
     let shared = Shared::new();
-    *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = PolicyStats {
-        identities: engine.identity_count(),
-        rules: engine.active_rule_count(),
-        generation,
-        load_errors: 0,
-        identity_drops_top: args.identity_drops_top,
-        unmatched_peers: engine.unmatched_peers(),
-        files_up: true, // filled in at each scrape from `Shared::source_down`
-        // Likewise from `Shared::kubernetes_down`.
-        kubernetes_up: cluster.as_ref().map(|_| false),
-        kubernetes_rejected: cluster.as_ref().map_or(0, cluster::Cluster::refused),
-    };
-    if let Some(cluster) = &cluster {
-        *shared.kubernetes_down.lock().unwrap_or_else(PoisonError::into_inner) = cluster.why_not_up();
-        *shared.kubernetes_versions.lock().unwrap_or_else(PoisonError::into_inner) =
-            cluster.versions().iter().map(|(kind, version)| (kind.plural(), *version)).collect();
-    }
+    publish_start(&shared, &engine, generation, args, cluster.as_ref());
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
     *shared.interfaces.lock().unwrap_or_else(PoisonError::into_inner) = interface_stats;
@@ -293,12 +293,12 @@ fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>)
 /// the start; one matched by a pattern is reported and retried.
 fn start_datapath(
     args: &RunConfig,
+    mut datapath: Datapath,
     diff: &policy::EntryDiff,
     engine: &policy::Engine,
     selector: &Selector,
 ) -> anyhow::Result<(Datapath, u32, InterfaceStats)> {
     let root = args.bpffs_root.as_path();
-    let mut datapath = Datapath::load_pinned(args.sizes, Some(root))?;
     let adopted = datapath.adopt_state()?;
     if adopted > 0 {
         log::info!("adopted enforcement state (policy generation {adopted}) pinned under {}", root.display());
@@ -556,8 +556,34 @@ impl Origin {
 /// 0, until the lists arrive).
 const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Starts the Kubernetes watchers on `runtime` and waits for their first
-/// lists (see [`FIRST_LIST_TIMEOUT`]).
+/// Records the first policy enforced everywhere the daemon reports it.
+fn publish_start(
+    shared: &Shared,
+    engine: &policy::Engine,
+    generation: u32,
+    args: &RunConfig,
+    cluster: Option<&cluster::Cluster>,
+) {
+    *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = PolicyStats {
+        identities: engine.identity_count(),
+        rules: engine.active_rule_count(),
+        generation,
+        load_errors: 0,
+        identity_drops_top: args.identity_drops_top,
+        unmatched_peers: engine.unmatched_peers(),
+        files_up: true, // filled in at each scrape from `Shared::source_down`
+        // Likewise from `Shared::kubernetes_down`.
+        kubernetes_up: cluster.map(|_| false),
+        kubernetes_rejected: cluster.map_or(0, cluster::Cluster::refused),
+    };
+    if let Some(cluster) = cluster {
+        *shared.kubernetes_down.lock().unwrap_or_else(PoisonError::into_inner) = cluster.why_not_up();
+        *shared.kubernetes_versions.lock().unwrap_or_else(PoisonError::into_inner) =
+            cluster.versions().iter().map(|(kind, version)| (kind.plural(), *version)).collect();
+    }
+}
+
+/// Starts the Kubernetes watchers on `runtime`.
 fn start_cluster(
     runtime: &tokio::runtime::Runtime,
     source: &KubernetesSource,
@@ -568,38 +594,35 @@ fn start_cluster(
     let (sender, receiver) = mpsc::channel();
     let mailbox = Mailbox::new(sender, wakeup.clone());
     runtime.spawn(enforcer::kubernetes::watch_all(client, move |report| mailbox.send(report).is_ok()));
-    let mut cluster = cluster::Cluster::new(receiver);
+    Ok(cluster::Cluster::new(receiver))
+}
+
+/// The cluster's part of the first policy: waits for the watchers' first
+/// lists (see [`FIRST_LIST_TIMEOUT`]), then takes every object known, as
+/// one change if the policy takes them all, else one by one: an object the
+/// policy refuses is left out and reported, never the others.
+fn first_cluster_policy(engine: &mut policy::Engine, cluster: &mut cluster::Cluster) -> policy::EntryDiff {
     cluster.wait_listed(FIRST_LIST_TIMEOUT);
     if let Some(why) = cluster.why_not_up() {
         log::warn!("{why}; starting with what is known, and taking the rest as it comes");
     }
-    Ok(cluster)
-}
-
-/// The first policy: the files, and the cluster's objects known so far.
-/// An object the policy refuses is left out (and reported), never the
-/// files or the other objects.
-fn first_policy(
-    engine: &mut policy::Engine,
-    files: Vec<SourceChange>,
-    cluster: Option<&mut cluster::Cluster>,
-) -> Result<policy::EntryDiff, PolicyError> {
     let now = SystemTime::now();
-    let Some(cluster) = cluster else { return engine.apply(files, now) };
     let objects = cluster.take_pending();
-    let mut all = files.clone();
-    all.extend(objects.iter().cloned());
-    if let Ok(diff) = engine.apply(all, now) {
-        return Ok(diff);
+    if let Ok(diff) = engine.apply(objects.clone(), now) {
+        cluster.taken(&objects);
+        return diff;
     }
-    let mut diff = engine.apply(files, now)?;
+    let mut diff = policy::EntryDiff::default();
     for object in objects {
         match engine.apply(vec![object.clone()], now) {
-            Ok(more) => diff = diff.then(&more),
+            Ok(more) => {
+                diff = diff.then(&more);
+                cluster.taken(std::slice::from_ref(&object));
+            }
             Err(error) => cluster.refuse(&object, &problems_of(&error)),
         }
     }
-    Ok(diff)
+    diff
 }
 
 /// A refusal's problems, one line each.

@@ -378,6 +378,12 @@ pub struct Engine {
     enforcement: Enforcement,
     /// Active rules with a pod selector among their peers.
     pod_rules: BTreeSet<u32>,
+    /// The same, by one `matchLabels` pair of each pod selector (a pod
+    /// without that label cannot be selected by it), or, for selectors
+    /// without one, in `pod_rules_any`: a pod is checked against the rules
+    /// that may select it, not against every rule.
+    pod_rules_by_label: HashMap<(Name, Name), SmallSet<u32>>,
+    pod_rules_any: BTreeSet<u32>,
     /// Pod identities by namespace.
     pods_by_namespace: HashMap<Name, HashSet<OwnerId>>,
     /// Every declaration of each namespace (more than one is a conflict).
@@ -463,6 +469,8 @@ impl Engine {
             reserved: [Name::from(HOST), Name::from(WORLD)],
             enforcement: Enforcement::Always,
             pod_rules: BTreeSet::new(),
+            pod_rules_by_label: HashMap::new(),
+            pod_rules_any: BTreeSet::new(),
             pods_by_namespace: HashMap::new(),
             namespaces: BTreeMap::new(),
             namespace_conflicts: 0,
@@ -1018,7 +1026,15 @@ impl Engine {
 
     /// Active rules with a pod selector that selects `identity`.
     fn pod_rules_selecting<'a>(&'a self, identity: &'a StoredIdentity) -> impl Iterator<Item = u32> + 'a {
-        self.pod_rules.iter().copied().filter(move |id| {
+        let mut candidates: Vec<u32> = self.pod_rules_any.iter().copied().collect();
+        if identity.pod.is_some() {
+            for pair in &identity.labels {
+                candidates.extend(self.pod_rules_by_label.get(pair).into_iter().flatten().copied());
+            }
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates.into_iter().filter(move |id| {
             self.active.get(id).is_some_and(|active| {
                 active.rule.from.iter().chain(&active.rule.to).any(|peer| match &peer.selector {
                     StoredSelector::Pods(pods) => self.pod_selected(pods, identity),
@@ -1104,8 +1120,17 @@ impl Engine {
                     };
                     self.cidr_rules.entry(selector).or_default().insert(id);
                 }
-                StoredSelector::Pods(_) => {
+                StoredSelector::Pods(pods) => {
                     self.pod_rules.insert(id);
+                    match pods.pods.match_labels.iter().next() {
+                        Some((key, value)) => {
+                            let pair = (self.names.intern(key), self.names.intern(value));
+                            self.pod_rules_by_label.entry(pair).or_default().insert(id);
+                        }
+                        None => {
+                            self.pod_rules_any.insert(id);
+                        }
+                    }
                 }
             }
         }
@@ -1136,7 +1161,17 @@ impl Engine {
             Side::Ingress => self.reisolate.extend(active.to.iter().copied()),
             Side::Egress => self.reisolate.extend(active.from.iter().copied()),
         }
-        self.pod_rules.remove(&id);
+        if self.pod_rules.remove(&id) {
+            self.pod_rules_any.remove(&id);
+            for peer in active.rule.from.iter().chain(&active.rule.to) {
+                if let StoredSelector::Pods(pods) = &peer.selector
+                    && let Some((key, value)) = pods.pods.match_labels.iter().next()
+                {
+                    let pair = (Name::from(key.as_str()), Name::from(value.as_str()));
+                    remove_from(&mut self.pod_rules_by_label, &pair, id);
+                }
+            }
+        }
         for peer in active.rule.from.iter().chain(&active.rule.to) {
             match &peer.selector {
                 StoredSelector::Identity(target) if &**target == WORLD => {
@@ -1203,11 +1238,20 @@ impl Engine {
                     }
                 }
                 StoredSelector::Pods(pods) => {
-                    let owners: Box<dyn Iterator<Item = &OwnerId>> = match &pods.namespaces {
-                        crate::model::NamespaceScope::Named(name) => {
+                    // The candidates: the pods carrying the selector's rarest
+                    // `matchLabels` pair, else every pod of the namespaces.
+                    let rarest = pods
+                        .pods
+                        .match_labels
+                        .iter()
+                        .map(|(key, value)| self.by_label.get(&(Name::from(key.as_str()), Name::from(value.as_str()))))
+                        .min_by_key(|found| found.map_or(0, HashSet::len));
+                    let owners: Box<dyn Iterator<Item = &OwnerId>> = match (rarest, &pods.namespaces) {
+                        (Some(found), _) => Box::new(found.into_iter().flatten()),
+                        (None, crate::model::NamespaceScope::Named(name)) => {
                             Box::new(self.pods_by_namespace.get(name.as_str()).into_iter().flatten())
                         }
-                        crate::model::NamespaceScope::Matching(_) => {
+                        (None, crate::model::NamespaceScope::Matching(_)) => {
                             Box::new(self.pods_by_namespace.values().flatten())
                         }
                     };

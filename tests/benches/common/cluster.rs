@@ -36,14 +36,16 @@ pub struct ClusterFigures {
 }
 
 /// The preloaded cluster: pod `i` is `bench/pod-i`, labelled `app: svc-(i %
-/// policies)`, at 10.64.0.0/10 + i; policy `k` admits `svc-(k+1)` to
-/// `svc-k` on TCP 8080 (and, every tenth, a namespace by label too).
+/// policies)`, at 10.64.0.0/10 + i, except the first ten, which are
+/// `monitoring/pod-i`; policy `k` admits `svc-(k+1)` to `svc-k` on TCP 8080
+/// (and, every tenth, the `monitoring` namespace, by its label).
 fn pod(i: usize, app: &str) -> Value {
+    let namespace = if i < 10 { "monitoring" } else { "bench" };
     let i = u32::try_from(i).unwrap_or(u32::MAX);
     let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 64, 0, 0)) + i + 1);
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": format!("pod-{i}"), "namespace": "bench", "labels": {"app": app}},
+        "metadata": {"name": format!("pod-{i}"), "namespace": namespace, "labels": {"app": app}},
         "spec": {"nodeName": format!("node-{}", i % 3 + 1), "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
         "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
     })
@@ -89,9 +91,11 @@ pub fn figures(pods: usize, policies: usize, changes: usize, churn_seconds: u64)
         PodPlace { host: "p3", node: 2, subnet: [10, 33, 1] },
     ];
     let mut cluster = EmulatedCluster::new("bench-cluster", 3, &places)?;
-    cluster.api.create_value(
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench", "labels": {"team": "ops"}}}),
-    )?;
+    for (name, labels) in [("bench", json!({})), ("monitoring", json!({"team": "ops"}))] {
+        cluster.api.create_value(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}),
+        )?;
+    }
     for k in 0..policies {
         cluster.api.create_value(policy(k, policies))?;
     }
