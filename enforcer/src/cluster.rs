@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
-use enforcer::kubernetes::{Kind, Report};
+use enforcer::kubernetes::{Kind, Refusal, Report};
 use policy::engine::{Contents, SourceChange};
 
 /// The Kubernetes source as the maintainer sees it.
@@ -23,10 +23,12 @@ pub struct Cluster {
     /// The newest resourceVersion of each kind reported, whose changes are
     /// pending (published once they are applied).
     versions: BTreeMap<Kind, u64>,
+    /// Where refusals go to be reported on their objects.
+    refusals: tokio::sync::mpsc::UnboundedSender<Refusal>,
 }
 
 impl Cluster {
-    pub fn new(reports: Receiver<Report>) -> Self {
+    pub fn new(reports: Receiver<Report>, refusals: tokio::sync::mpsc::UnboundedSender<Refusal>) -> Self {
         Self {
             reports,
             pending: BTreeMap::new(),
@@ -34,6 +36,7 @@ impl Cluster {
             failing: BTreeMap::new(),
             refused: BTreeMap::new(),
             versions: BTreeMap::new(),
+            refusals,
         }
     }
 
@@ -137,6 +140,7 @@ impl Cluster {
             problems.join("; ")
         );
         self.refused.insert(change.source.clone(), first);
+        let _ = self.refusals.send(Refusal { source: change.source.clone(), problems: problems.to_vec() });
     }
 
     /// Objects the policy refuses now.

@@ -129,6 +129,11 @@ impl fmt::Display for Kind {
 /// watch. Nothing is read one object at a time, and nothing is written.
 pub const VERBS: [&str; 2] = ["list", "watch"];
 
+/// What the daemon writes: an `events.k8s.io` `Event` on each object it
+/// refuses (as RBAC names it). Each node writes its own events, so no two
+/// nodes ever write one object.
+pub const EVENT_ACCESS: (&str, &str, &str) = ("create", "events.k8s.io", "events");
+
 /// What every engine source of this module's is named with.
 pub const SOURCE_PREFIX: &str = "kubernetes:";
 
@@ -163,6 +168,89 @@ pub enum Report {
     /// A kind's watcher has given everything up to this resourceVersion
     /// (the changes it implies came before).
     Version { kind: Kind, version: u64 },
+}
+
+/// An object the policy refused, to be reported on the object.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The engine source: `kubernetes:<plural>/[<namespace>/]<name>`.
+    pub source: String,
+    pub problems: Vec<String>,
+}
+
+/// The object a source name stands for: (apiVersion, kind, namespace, name).
+fn object_of(source: &str) -> Option<(String, &'static str, Option<String>, String)> {
+    let rest = source.strip_prefix(SOURCE_PREFIX)?;
+    let (plural, rest) = rest.split_once('/')?;
+    let kind = Kind::ALL.into_iter().find(|kind| kind.plural() == plural)?;
+    let (namespace, name) = match rest.split_once('/') {
+        Some((namespace, name)) => (Some(namespace.to_owned()), name.to_owned()),
+        None => (None, rest.to_owned()),
+    };
+    let (api_version, kind_name) = match kind {
+        Kind::Namespace => ("v1".to_owned(), "Namespace"),
+        Kind::Pod => ("v1".to_owned(), "Pod"),
+        Kind::NetworkPolicy => ("networking.k8s.io/v1".to_owned(), "NetworkPolicy"),
+        Kind::SegmentPolicy => (policy::CRD_API_VERSION.to_owned(), policy::KIND),
+    };
+    Some((api_version, kind_name, namespace, name))
+}
+
+/// The longest note an event carries (the API server's limit is 1 kB).
+const NOTE_LIMIT: usize = 1000;
+
+/// Reports each refusal as a `Warning` event on the object (for a
+/// cluster-scoped one, in namespace `default`, as Kubernetes does),
+/// written by this node (`reportingInstance`), until `refusals` closes.
+/// An event the API does not take is logged, not retried: the log and
+/// `bulkhead_kubernetes_objects_rejected` still say it.
+pub async fn report_refusals(
+    client: Client,
+    node: String,
+    mut refusals: tokio::sync::mpsc::UnboundedReceiver<Refusal>,
+) {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::events::v1::Event as ApiEvent;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+    while let Some(refusal) = refusals.recv().await {
+        let Some((api_version, kind, namespace, name)) = object_of(&refusal.source) else { continue };
+        let mut message = format!("refused by {node}, not enforced: {}", refusal.problems.join("; "));
+        if message.len() > NOTE_LIMIT {
+            let mut end = NOTE_LIMIT;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let events_namespace = namespace.clone().unwrap_or_else(|| "default".to_owned());
+        let event = ApiEvent {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}.{node}.{:x}", now.as_nanosecond())),
+                namespace: Some(events_namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            type_: Some("Warning".to_owned()),
+            reason: Some("PolicyRefused".to_owned()),
+            action: Some("Enforce".to_owned()),
+            note: Some(message),
+            regarding: Some(ObjectReference {
+                api_version: Some(api_version),
+                kind: Some(kind.to_owned()),
+                namespace,
+                name: Some(name),
+                ..ObjectReference::default()
+            }),
+            reporting_controller: Some("bulkhead.dev/enforcer".to_owned()),
+            reporting_instance: Some(node.clone()),
+            ..ApiEvent::default()
+        };
+        let events: Api<ApiEvent> = Api::namespaced(client.clone(), &events_namespace);
+        if let Err(error) = events.create(&kube::api::PostParams::default(), &event).await {
+            log::warn!("kubernetes: reporting the refusal of {} on it failed: {error}", refusal.source);
+        }
+    }
 }
 
 /// Watches every kind until `report` says the receiver is gone.
@@ -408,6 +496,19 @@ fn segment_policy_json(policy: &DynamicObject) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_names_its_object() {
+        assert_eq!(
+            object_of("kubernetes:pods/shop/web-1"),
+            Some(("v1".into(), "Pod", Some("shop".into()), "web-1".into()))
+        );
+        assert_eq!(
+            object_of("kubernetes:segmentpolicies/base"),
+            Some(("bulkhead.dev/v1".into(), "SegmentPolicy", None, "base".into()))
+        );
+        assert_eq!(object_of("/etc/bulkhead/policy/a.yaml"), None);
+    }
 
     #[test]
     fn sources_are_named_by_kind_namespace_and_name() {

@@ -593,8 +593,10 @@ fn start_cluster(
     log::info!("kubernetes: watching the cluster as node {}", source.node_name);
     let (sender, receiver) = mpsc::channel();
     let mailbox = Mailbox::new(sender, wakeup.clone());
-    runtime.spawn(enforcer::kubernetes::watch_all(client, move |report| mailbox.send(report).is_ok()));
-    Ok(cluster::Cluster::new(receiver))
+    runtime.spawn(enforcer::kubernetes::watch_all(client.clone(), move |report| mailbox.send(report).is_ok()));
+    let (refused, refusals) = tokio::sync::mpsc::unbounded_channel();
+    runtime.spawn(enforcer::kubernetes::report_refusals(client, source.node_name.clone(), refusals));
+    Ok(cluster::Cluster::new(receiver, refused))
 }
 
 /// The cluster's part of the first policy: waits for the watchers' first

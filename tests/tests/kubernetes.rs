@@ -123,6 +123,18 @@ impl Cluster {
     }
 }
 
+/// What the watchers ask the API server for: list and watch each kind.
+fn watched() -> std::collections::BTreeSet<(String, String, String)> {
+    enforcer::kubernetes::Kind::ALL
+        .iter()
+        .flat_map(|kind| {
+            enforcer::kubernetes::VERBS
+                .iter()
+                .map(|verb| ((*verb).to_owned(), kind.group().to_owned(), kind.plural().to_owned()))
+        })
+        .collect()
+}
+
 fn readyz(cluster: &Cluster, daemon: &Daemon) -> (u16, String) {
     probe::http_get(&cluster.lab.router, daemon.metrics_addr, "/readyz").unwrap()
 }
@@ -171,6 +183,26 @@ fn an_invalid_segment_policy_is_refused_alone() {
     assert_eq!(metric(&cluster.lab, &daemon, "bulkhead_kubernetes_objects_rejected"), Some(1));
     let log = daemon.log_text();
     assert!(log.contains("kubernetes:segmentpolicies/broken is refused") && log.contains("10.9.9.300"), "{log}");
+    // Reported on the object too: a Warning event, written by this node.
+    let event_on_broken = || {
+        cluster.api.objects::<k8s_openapi::api::events::v1::Event>().unwrap().into_iter().find(|event| {
+            event
+                .regarding
+                .as_ref()
+                .is_some_and(|r| r.kind.as_deref() == Some("SegmentPolicy") && r.name.as_deref() == Some("broken"))
+        })
+    };
+    wait_until(&daemon, "an event on the refused SegmentPolicy", || event_on_broken().is_some());
+    let event = event_on_broken().unwrap();
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.reason.as_deref(), Some("PolicyRefused"));
+    assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+    assert!(event.note.as_deref().is_some_and(|note| note.contains("10.9.9.300")), "{event:?}");
+    assert_eq!(event.metadata.namespace.as_deref(), Some("default"), "cluster-scoped: events go to default");
+    let (verb, group, resource) = enforcer::kubernetes::EVENT_ACCESS;
+    let mut expected = watched();
+    expected.insert((verb.to_owned(), group.to_owned(), resource.to_owned()));
+    assert_eq!(cluster.api.access(), expected, "what the daemon asked of the API server");
     assert_eq!(cluster.to_db("web"), Outcome::Connected, "the rest of the cluster is enforced");
     assert_eq!(cluster.to_db("batch"), Outcome::TimedOut);
 
@@ -232,15 +264,7 @@ fn an_unreachable_api_leaves_the_last_state_enforced() {
     assert_eq!(readyz(&cluster, &daemon).0, 200);
 
     // Through all of it (lists, watches, relists, the probes of a failing
-    // kind) the daemon asked for exactly what the code says it watches.
-    let expected: std::collections::BTreeSet<(String, String, String)> = enforcer::kubernetes::Kind::ALL
-        .iter()
-        .flat_map(|kind| {
-            enforcer::kubernetes::VERBS
-                .iter()
-                .map(|verb| ((*verb).to_owned(), kind.group().to_owned(), kind.plural().to_owned()))
-        })
-        .collect();
-    // (tests/tests/manifests.rs holds the ClusterRole to the same set.)
-    assert_eq!(cluster.api.access(), expected);
+    // kind) the daemon asked for exactly what the code says it watches
+    // (tests/tests/manifests.rs holds the ClusterRole to the same).
+    assert_eq!(cluster.api.access(), watched());
 }

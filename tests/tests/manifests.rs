@@ -268,16 +268,17 @@ fn arg<'a>(container: &'a Value, flag: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {flag}=... argument"))
 }
 
-/// Every (verb, API group, resource) the daemon's watchers call: list and
-/// watch each kind of `enforcer::kubernetes`.
+/// Every (verb, API group, resource) the daemon calls: list and watch each
+/// kind of `enforcer::kubernetes`, and create the events it reports
+/// refusals with.
 fn watched() -> BTreeSet<(String, String, String)> {
-    enforcer::kubernetes::Kind::ALL
-        .iter()
-        .flat_map(|kind| {
+    let (verb, group, resource) = enforcer::kubernetes::EVENT_ACCESS;
+    std::iter::once((verb.to_owned(), group.to_owned(), resource.to_owned()))
+        .chain(enforcer::kubernetes::Kind::ALL.iter().flat_map(|kind| {
             enforcer::kubernetes::VERBS
                 .iter()
                 .map(|verb| ((*verb).to_owned(), kind.group().to_owned(), kind.plural().to_owned()))
-        })
+        }))
         .collect()
 }
 
@@ -426,7 +427,7 @@ fn the_daemon_may_list_and_watch_exactly_what_it_watches() {
         let pod = &find(&objects, "DaemonSet", "bulkhead")["spec"]["template"]["spec"];
         assert_eq!(pod["automountServiceAccountToken"], true, "{dir}");
         let _ = find(&objects, "ServiceAccount", "bulkhead");
-        assert_eq!(granted(&objects, dir), watched(), "{dir}: the ClusterRole grants what the watchers call");
+        assert_eq!(granted(&objects, dir), watched(), "{dir}: the ClusterRole grants what the daemon calls");
         for kind in ["Role", "RoleBinding"] {
             assert!(objects.iter().all(|o| o["kind"] != kind), "{dir}: the daemon needs no {kind}");
         }

@@ -44,7 +44,7 @@ impl ResourceType {
 
 pub(crate) const NAMESPACES: usize = 0;
 
-pub(crate) static RESOURCES: [ResourceType; 4] = [
+pub(crate) static RESOURCES: [ResourceType; 5] = [
     ResourceType {
         group: "",
         version: "v1",
@@ -91,6 +91,18 @@ pub(crate) static RESOURCES: [ResourceType; 4] = [
         singular: "segmentpolicy",
         short_names: &["segpol"],
         namespaced: false,
+        fields: &[],
+    },
+    // The one type clients may create (POST): what a daemon reports on an
+    // object it refuses.
+    ResourceType {
+        group: "events.k8s.io",
+        version: "v1",
+        kind: "Event",
+        plural: "events",
+        singular: "event",
+        short_names: &["ev"],
+        namespaced: true,
         fields: &[],
     },
 ];

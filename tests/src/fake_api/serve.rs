@@ -192,11 +192,14 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
         shared.counters.injected_failures.fetch_add(1, Ordering::Relaxed);
         return injected_failure(with);
     }
+    if request.method() == Method::POST {
+        return create(&shared, request).await;
+    }
     if request.method() != Method::GET {
         return failure(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            "the fake API server is read-only to clients; tests change it through FakeApiServer",
+            "the fake API server is read-only to clients (but for creating events); tests change it through FakeApiServer",
         );
     }
     let query = Query::parse(request.uri().query());
@@ -214,6 +217,42 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
         ["api", version, rest @ ..] => resource_request(&shared, "", version, rest, &query),
         ["apis", group, version, rest @ ..] => resource_request(&shared, group, version, rest, &query),
         _ => not_found("the server could not find the requested resource"),
+    }
+}
+
+/// `POST` to a namespaced collection: only `events.k8s.io/v1` `Events`,
+/// which daemons create to report on objects they refuse.
+async fn create(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let ["apis", "events.k8s.io", "v1", "namespaces", namespace, "events"] = segments.as_slice() else {
+        return failure(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "the fake API server creates only events");
+    };
+    let namespace = (*namespace).to_owned();
+    let Ok(body) = request.into_body().collect().await else {
+        return bad_request("the request body could not be read");
+    };
+    let Ok(mut object) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+        return bad_request("the request body is not JSON");
+    };
+    shared.note_access("create", "events.k8s.io", "events");
+    if object["metadata"]["namespace"].is_null() {
+        object["metadata"]["namespace"] = json!(namespace);
+    }
+    object["apiVersion"] = json!("events.k8s.io/v1");
+    object["kind"] = json!("Event");
+    let created = {
+        let mut store = shared.store();
+        store.create(object).map(|created| (created, store.resource_version()))
+    };
+    match created {
+        Ok((created, version)) => {
+            shared.changed.send_replace(version);
+            let mut response = json_response(&created);
+            *response.status_mut() = StatusCode::CREATED;
+            response
+        }
+        Err(error) => failure(StatusCode::CONFLICT, "AlreadyExists", &error.to_string()),
     }
 }
 
