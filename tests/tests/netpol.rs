@@ -167,3 +167,81 @@ fn an_address_given_to_another_pod_carries_none_of_the_old_pods_access() {
         "drop events name the pods: {log_text}"
     );
 }
+
+/// A cluster snapshot checked and explained offline, as `kubectl get
+/// ns,pods,netpol -A -o yaml > snap.yaml` would give it: the pods and the
+/// policies are named, and the verdict is NetworkPolicy's.
+#[test]
+fn a_cluster_snapshot_is_checked_and_explained_offline() {
+    let scratch = ScratchDir::new(&format!("bh-snapshot-{}", std::process::id())).unwrap();
+    let snapshot = scratch.0.join("snap.yaml");
+    std::fs::write(
+        &snapshot,
+        r"apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Namespace
+  metadata: {name: shop, labels: {kubernetes.io/metadata.name: shop}}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: web-7c9d, namespace: shop, labels: {app: web}, managedFields: [{manager: kubelet}]}
+  spec: {containers: [{name: web, image: web:1}]}
+  status: {phase: Running, podIP: 10.0.0.5, conditions: [{type: Ready, status: 'True'}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: db-0, namespace: shop, labels: {app: db}}
+  spec: {containers: [{name: db, ports: [{name: sql, containerPort: 5432}]}]}
+  status: {phase: Running, podIP: 10.0.1.7}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: db-from-web, namespace: shop}
+  spec:
+    podSelector: {matchLabels: {app: db}}
+    ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: sql}]}]
+- apiVersion: v1
+  kind: Service
+  metadata: {name: db, namespace: shop}
+",
+    )
+    .unwrap();
+    let bulkhead = |args: &[&str]| {
+        let output = std::process::Command::new(lab::topology::bulkhead_binary()).args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(output.status.success(), "{args:?}: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+        stdout
+    };
+    let path = snapshot.display().to_string();
+    let checked = bulkhead(&["policy", "check", &path]);
+    assert!(checked.contains("2 identities, 1 rules"), "{checked}");
+    assert!(checked.contains(": note: Service shop/db skipped"), "{checked}");
+
+    let explain = |from: &str, to: &str| {
+        bulkhead(&[
+            "policy",
+            "explain",
+            "--policy-dir",
+            &path,
+            "--policy-enforcement",
+            "default",
+            "--from",
+            from,
+            "--to",
+            to,
+        ])
+    };
+    let allowed = explain("10.0.0.5", "10.0.1.7:5432/tcp");
+    for line in [
+        "source:      10.0.0.5 (identity shop/web-7c9d)",
+        "destination: 10.0.1.7 (identity shop/db-0)",
+        "egress:      open (no policy selects this end for the direction)",
+        "ingress:     isolated by shop/db-from-web",
+        "verdict:     allow (rule shop/db-from-web#ingress-0)",
+    ] {
+        assert!(allowed.lines().any(|l| l == line), "`{line}` missing:\n{allowed}");
+    }
+    let other_port = explain("10.0.0.5", "10.0.1.7:22/tcp");
+    assert!(other_port.contains("verdict:     drop, reason default_deny"), "{other_port}");
+    let reverse = explain("10.0.1.7", "10.0.0.5:80/tcp");
+    assert!(reverse.contains("verdict:     allow (both ends open, no deny rule)"), "{reverse}");
+}
