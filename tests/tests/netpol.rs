@@ -170,7 +170,7 @@ fn an_address_given_to_another_pod_carries_none_of_the_old_pods_access() {
 
 /// A cluster snapshot checked and explained offline, as `kubectl get
 /// ns,pods,netpol -A -o yaml > snap.yaml` would give it: the pods and the
-/// policies are named, and the verdict is NetworkPolicy's.
+/// policies are named, and the verdict is `NetworkPolicy`'s.
 #[test]
 fn a_cluster_snapshot_is_checked_and_explained_offline() {
     let scratch = ScratchDir::new(&format!("bh-snapshot-{}", std::process::id())).unwrap();
