@@ -8,20 +8,20 @@
 
 #[path = "../../policy/tests/netpol/cases.rs"]
 mod cases;
+#[path = "support/matrix.rs"]
+mod matrix;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lab::cluster::{EmulatedCluster, PodPlace};
-use lab::probe::{self, EchoServer, Outcome};
+use lab::probe::EchoServer;
 use policy::kubernetes::{Objects, read_objects};
-use policy::model::Protocol;
 use serde_json::{Value, json};
 
-use cases::{NAMESPACES, PODS, address, all_pods, case_files, read_case};
+use cases::{PODS, address, all_pods, case_files, read_case};
 
 const POD_HOSTS: [&str; 9] = ["x-a", "x-b", "x-c", "y-a", "y-b", "y-c", "z-a", "z-b", "z-c"];
 
@@ -65,41 +65,6 @@ fn apply_case(
         latest.insert("networkpolicies", resource_version(&created));
     }
     latest
-}
-
-/// Probes every cell of one probe's matrix at once; returns what came out
-/// otherwise, a line each.
-fn probe_case(cluster: &EmulatedCluster, case: &str, expected: &cases::Probe) -> String {
-    let pods = all_pods();
-    let cells: Vec<((usize, usize), (usize, usize))> =
-        pods.iter().flat_map(|&from| pods.iter().filter(move |&&to| to != from).map(move |&to| (from, to))).collect();
-    let targets: Vec<(&lab::Netns, SocketAddr)> = cells
-        .iter()
-        .map(|&(from, to)| {
-            let target = SocketAddr::new(IpAddr::V4(address(to.0, to.1)), expected.number());
-            (&cluster.pod(POD_HOSTS[from.0 * 3 + from.1]).ns, target)
-        })
-        .collect();
-    let outcomes = probe::all_at_once(&targets, expected.protocol == Protocol::Udp).unwrap();
-    let mut report = String::new();
-    for ((from, to), outcome) in cells.into_iter().zip(outcomes) {
-        let want = if expected.expects(from, to) { Outcome::Connected } else { Outcome::TimedOut };
-        if outcome != want {
-            let _ = writeln!(
-                report,
-                "{case}: {}/{} {}/{} (node-{}) → {}/{} (node-{}): expected {want:?}, got {outcome:?}",
-                expected.protocol,
-                expected.port,
-                NAMESPACES[from.0],
-                PODS[from.1],
-                from.1 + 1,
-                NAMESPACES[to.0],
-                PODS[to.1],
-                to.1 + 1
-            );
-        }
-    }
-    report
 }
 
 /// The Kubernetes objects of a case's YAML.
@@ -170,7 +135,13 @@ fn upstream_network_policy_cases_across_three_nodes() {
 
         for expected in &case.probes {
             probes += 1;
-            report.push_str(&probe_case(&cluster, &case.name, expected));
+            let (_, wrong) = matrix::probe_matrix(
+                &case.name,
+                expected,
+                |(n, p)| &cluster.pod(POD_HOSTS[n * 3 + p]).ns,
+                |(_, p)| Some(p),
+            );
+            report.push_str(&wrong);
         }
     }
     assert!(report.is_empty(), "cells that came out otherwise:\n{report}\n{}", cluster.logs());

@@ -8,20 +8,17 @@
 
 #[path = "../../policy/tests/netpol/cases.rs"]
 mod cases;
+#[path = "support/matrix.rs"]
+mod matrix;
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lab::probe::{self, EchoServer, Outcome};
 use lab::{Daemon, ScratchDir, ThreeTier};
-use policy::model::Protocol;
 
-use cases::{NAMESPACES, PODS, address, all_pods, case_files, read_case};
-
-/// A pod by (namespace, pod) index.
-type PodAt = (usize, usize);
+use cases::{address, all_pods, case_files, read_case};
 
 /// The pods' hosts in the lab, in matrix order.
 const POD_HOSTS: [&str; 9] = ["x-a", "x-b", "x-c", "y-a", "y-b", "y-c", "z-a", "z-b", "z-c"];
@@ -88,37 +85,10 @@ fn upstream_network_policy_cases_over_real_packets() {
         }
         for expected in &case.probes {
             probes += 1;
-            let port = expected.number();
-            let pods = all_pods();
-            let pairs: Vec<(PodAt, PodAt)> = pods
-                .iter()
-                .flat_map(|&from| pods.iter().filter(move |&&to| to != from).map(move |&to| (from, to)))
-                .collect();
-            let targets: Vec<(&lab::Netns, SocketAddr)> = pairs
-                .iter()
-                .map(|&(from, to)| {
-                    (&lab.hosts[from.0 * 3 + from.1].ns, SocketAddr::new(IpAddr::V4(address(to.0, to.1)), port))
-                })
-                .collect();
-            let outcomes = probe::all_at_once(&targets, expected.protocol == Protocol::Udp).unwrap();
-            let outcomes = pairs.into_iter().zip(outcomes).map(|((from, to), outcome)| (from, to, outcome));
-            for (from, to, outcome) in outcomes {
-                cells += 1;
-                let want = if expected.expects(from, to) { Outcome::Connected } else { Outcome::TimedOut };
-                if outcome != want {
-                    let _ = writeln!(
-                        report,
-                        "{}: {}/{} {}/{} → {}/{}: expected {want:?}, got {outcome:?}",
-                        case.name,
-                        expected.protocol,
-                        expected.port,
-                        NAMESPACES[from.0],
-                        PODS[from.1],
-                        NAMESPACES[to.0],
-                        PODS[to.1]
-                    );
-                }
-            }
+            let (cells_probed, wrong) =
+                matrix::probe_matrix(&case.name, expected, |(n, p)| &lab.hosts[n * 3 + p].ns, |_| None);
+            cells += cells_probed;
+            report.push_str(&wrong);
         }
     }
     assert!(report.is_empty(), "cells that came out otherwise:\n{report}\ndaemon log:\n{}", daemon.log_text());

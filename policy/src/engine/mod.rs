@@ -35,6 +35,16 @@
 //!   and the partition and the indexes refer to owners by that number. At
 //!   100,000 identities and rules the engine holds about 75 MiB.
 //!
+//! Kubernetes `NetworkPolicy` rules speak for one end of a connection
+//! (`Side::Ingress`, `Side::Egress`): the atoms a rule of a side selects at
+//! its own end are isolated for that direction (under `default`
+//! enforcement; under `always` every atom is), and a pair's entries are
+//! resolved from the claims that count given which of its ends are open
+//! (`compile::Ends`). An atom whose isolation changes, or a pod whose named
+//! ports change, has its pairs resolved again; pod selectors are indexed
+//! by one `matchLabels` pair, so a pod that appears or is relabelled is
+//! checked only against the rules that may select it.
+//!
 //! Ids are stable: atoms keep their numbers and rules their `rule_index`
 //! while they exist; a freed number is given out again only by a later
 //! change, never in the change that freed it (see the daemon's map writer

@@ -16,8 +16,6 @@
 //! Each object is translated alone: a namespace's labels are matched by the
 //! engine when it selects, so a namespace relabelled changes no pod.
 
-use std::net::IpAddr;
-
 use ipnet::IpNet;
 
 use super::{NetworkPolicy, Objects, Pod, PolicyPeer, PolicyPort, PolicyRule, PortProtocol, PortRef};
@@ -176,13 +174,4 @@ pub fn translate(objects: &Objects) -> Policy {
     }
     policy.namespaces.extend(objects.namespaces.iter().cloned());
     policy
-}
-
-/// The pod identity `address` belongs to in `policy`, if any.
-#[must_use]
-pub fn pod_at(policy: &Policy, address: IpAddr) -> Option<&Identity> {
-    policy
-        .identities
-        .iter()
-        .find(|identity| identity.pod.is_some() && identity.addresses.iter().any(|a| a.net.contains(&address)))
 }
