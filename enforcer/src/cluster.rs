@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
+/// How often refused changes are tried again when nothing was removed.
+const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
 use enforcer::kubernetes::{Kind, Refusal, Report};
 use policy::engine::{Contents, SourceChange};
 
@@ -18,8 +21,13 @@ pub struct Cluster {
     listed: BTreeSet<Kind>,
     failing: BTreeMap<Kind, String>,
     /// Objects whose last change the policy refused, with the first
-    /// problem; what each gave before stays enforced.
-    refused: BTreeMap<String, String>,
+    /// problem and the change: what each gave before stays enforced, and
+    /// the change is tried again when something it may have collided with
+    /// goes (a pod's address is often given to the next pod before the
+    /// old pod's deletion arrives).
+    refused: BTreeMap<String, (String, SourceChange)>,
+    /// When refused changes were last tried again.
+    last_retry: Instant,
     /// The newest resourceVersion of each kind reported, whose changes are
     /// pending (published once they are applied).
     versions: BTreeMap<Kind, u64>,
@@ -35,6 +43,7 @@ impl Cluster {
             listed: BTreeSet::new(),
             failing: BTreeMap::new(),
             refused: BTreeMap::new(),
+            last_retry: Instant::now(),
             versions: BTreeMap::new(),
             refusals,
         }
@@ -96,8 +105,17 @@ impl Cluster {
     }
 
     /// The changes waiting, in source order (namespaces before pods before
-    /// policies: the order a snapshot is best read in).
+    /// policies: the order a snapshot is best read in). Refused changes come
+    /// along when something was removed, or every [`RETRY_INTERVAL`]: what
+    /// they collided with may be gone.
     pub fn take_pending(&mut self) -> Vec<SourceChange> {
+        let removal = self.pending.values().any(|change| matches!(change.contents, Contents::Removed));
+        if !self.refused.is_empty() && (removal || self.last_retry.elapsed() >= RETRY_INTERVAL) {
+            self.last_retry = Instant::now();
+            for (source, (_, change)) in &self.refused {
+                self.pending.entry(source.clone()).or_insert_with(|| change.clone());
+            }
+        }
         std::mem::take(&mut self.pending).into_values().collect()
     }
 
@@ -126,11 +144,16 @@ impl Cluster {
         }
     }
 
-    /// Notes that the policy refused `change`, for `problems`.
+    /// Notes that the policy refused `change`, for `problems`; reported
+    /// unless it was refused for the same reason already.
     pub fn refuse(&mut self, change: &SourceChange, problems: &[String]) {
         let first = problems.first().cloned().unwrap_or_default();
         if matches!(change.contents, Contents::Removed) {
             self.refused.remove(&change.source);
+            return;
+        }
+        let known = self.refused.insert(change.source.clone(), (first.clone(), change.clone()));
+        if known.is_some_and(|(before, _)| before == first) {
             return;
         }
         log::warn!(
@@ -139,7 +162,6 @@ impl Cluster {
             problems.len(),
             problems.join("; ")
         );
-        self.refused.insert(change.source.clone(), first);
         let _ = self.refusals.send(Refusal { source: change.source.clone(), problems: problems.to_vec() });
     }
 

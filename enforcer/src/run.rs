@@ -931,12 +931,14 @@ impl Maintainer<'_> {
                 self.reject(&format!("push by `{who}`: {why}"));
                 log::warn!(target: "audit", "who={who} action=push result=rejected digest=sha256:{digest} problems={problems}");
             }
-            // A batch refused is tried again object by object: only what
-            // is refused alone counts.
-            Origin::Cluster { objects } if *objects > 1 => {
-                log::debug!("a batch of {objects} cluster objects is refused ({why}); trying each alone");
+            // A batch refused is tried again object by object, and what is
+            // refused alone is reported by the cluster source (once per
+            // reason, in bulkhead_kubernetes_objects_rejected and an event
+            // on the object), however often it is tried again.
+            Origin::Cluster { objects } => {
+                log::debug!("{objects} cluster object(s) refused ({why})");
             }
-            Origin::Files | Origin::Expiry | Origin::Retry | Origin::Cluster { .. } => self.reject(why),
+            Origin::Files | Origin::Expiry | Origin::Retry => self.reject(why),
         }
     }
 

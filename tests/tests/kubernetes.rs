@@ -268,3 +268,26 @@ fn an_unreachable_api_leaves_the_last_state_enforced() {
     // (tests/tests/manifests.rs holds the ClusterRole to the same).
     assert_eq!(cluster.api.access(), watched());
 }
+
+/// A pod given an address another pod still holds (the old pod's deletion
+/// not seen yet, as happens when an address is reused quickly) is refused,
+/// reported on the pod, and taken once the old pod is gone.
+#[test]
+fn a_pod_whose_address_is_still_held_is_taken_once_the_holder_goes() {
+    let cluster = Cluster::new("kubereuse");
+    let daemon = cluster.start_daemon();
+    assert_eq!(cluster.to_db("batch"), Outcome::TimedOut);
+    cluster.api.create(&pod("shop", "web-2", "web", "10.1.3.10")).unwrap();
+    wait_until(&daemon, "the pod refused", || {
+        metric(&cluster.lab, &daemon, "bulkhead_kubernetes_objects_rejected") == Some(1)
+    });
+    let log = daemon.log_text();
+    assert!(log.contains("kubernetes:pods/shop/web-2 is refused"), "{log}");
+    assert_eq!(cluster.to_db("batch"), Outcome::TimedOut, "the address is still batch-1's");
+
+    cluster.api.delete::<Pod>(Some("shop"), "batch-1").unwrap();
+    wait_until(&daemon, "the new pod taken", || {
+        metric(&cluster.lab, &daemon, "bulkhead_kubernetes_objects_rejected") == Some(0)
+    });
+    wait_until(&daemon, "the address enforced as web-2", || cluster.to_db("batch") == Outcome::Connected);
+}
