@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
-/// How often refused changes are tried again when nothing was removed.
-const RETRY_INTERVAL: Duration = Duration::from_secs(5);
-
 use enforcer::kubernetes::{Kind, Refusal, Report};
 use policy::engine::{Contents, SourceChange};
+
+/// How often refused changes are tried again when nothing was removed.
+const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The Kubernetes source as the maintainer sees it.
 pub struct Cluster {
@@ -104,10 +104,9 @@ impl Cluster {
         }
     }
 
-    /// The changes waiting, in source order (namespaces before pods before
-    /// policies: the order a snapshot is best read in). Refused changes come
-    /// along when something was removed, or every [`RETRY_INTERVAL`]: what
-    /// they collided with may be gone.
+    /// The changes waiting (the engine takes them as one change, in any
+    /// order). Refused changes come along when something was removed, or
+    /// every [`RETRY_INTERVAL`]: what they collided with may be gone.
     pub fn take_pending(&mut self) -> Vec<SourceChange> {
         let removal = self.pending.values().any(|change| matches!(change.contents, Contents::Removed));
         if !self.refused.is_empty() && (removal || self.last_retry.elapsed() >= RETRY_INTERVAL) {
