@@ -105,17 +105,26 @@ impl Cluster {
     }
 
     /// The changes waiting (the engine takes them as one change, in any
-    /// order). Refused changes come along when something was removed, or
-    /// every [`RETRY_INTERVAL`]: what they collided with may be gone.
+    /// order).
     pub fn take_pending(&mut self) -> Vec<SourceChange> {
-        let removal = self.pending.values().any(|change| matches!(change.contents, Contents::Removed));
-        if !self.refused.is_empty() && (removal || self.last_retry.elapsed() >= RETRY_INTERVAL) {
-            self.last_retry = Instant::now();
-            for (source, (_, change)) in &self.refused {
-                self.pending.entry(source.clone()).or_insert_with(|| change.clone());
-            }
-        }
         std::mem::take(&mut self.pending).into_values().collect()
+    }
+
+    /// Refused changes to try again, one by one, after `taken` (the changes
+    /// just taken): when one of those removed something, or every
+    /// [`RETRY_INTERVAL`], as what they collided with may be gone. A refused
+    /// object that just changed again is not among them.
+    pub fn retries(&mut self, taken: &[SourceChange]) -> Vec<SourceChange> {
+        let removal = taken.iter().any(|change| matches!(change.contents, Contents::Removed));
+        if self.refused.is_empty() || !(removal || self.last_retry.elapsed() >= RETRY_INTERVAL) {
+            return Vec::new();
+        }
+        self.last_retry = Instant::now();
+        self.refused
+            .iter()
+            .filter(|(source, _)| !taken.iter().any(|change| &change.source == *source))
+            .map(|(_, (_, change))| change.clone())
+            .collect()
     }
 
     /// The newest resourceVersion of each kind that the changes taken so

@@ -1067,25 +1067,31 @@ impl Maintainer<'_> {
             log::error!("kubernetes: the watchers stopped; what the cluster gave last stays enforced");
         }
         let changes = cluster.take_pending();
+        let retries = cluster.retries(&changes);
         let versions = cluster.versions().clone();
         let why_not_up = cluster.why_not_up();
         *self.shared.kubernetes_down.lock().unwrap_or_else(PoisonError::into_inner) = why_not_up;
-        if changes.is_empty() {
+        if changes.is_empty() && retries.is_empty() {
             self.publish_versions(versions);
             return;
         }
-        let origin = Origin::Cluster { objects: changes.len() };
-        let each = match self.apply(&origin, Some(changes.clone())) {
-            Ok(_) => {
-                self.cluster.as_mut().expect("checked above").taken(&changes);
-                Vec::new()
-            }
-            Err(_) if changes.len() > 1 => changes,
-            Err(problems) => {
-                self.cluster.as_mut().expect("checked above").refuse(&changes[0], &problems);
-                Vec::new()
-            }
+        // What changed, as one change; what was refused before, alone, so
+        // that an object the policy still refuses never holds back others.
+        let mut each = match changes.len() {
+            0 => Vec::new(),
+            objects => match self.apply(&Origin::Cluster { objects }, Some(changes.clone())) {
+                Ok(_) => {
+                    self.cluster.as_mut().expect("checked above").taken(&changes);
+                    Vec::new()
+                }
+                Err(_) if objects > 1 => changes,
+                Err(problems) => {
+                    self.cluster.as_mut().expect("checked above").refuse(&changes[0], &problems);
+                    Vec::new()
+                }
+            },
         };
+        each.extend(retries);
         for change in each {
             let origin = Origin::Cluster { objects: 1 };
             match self.apply(&origin, Some(vec![change.clone()])) {
