@@ -129,6 +129,12 @@ impl fmt::Display for Kind {
 /// watch. Nothing is read one object at a time, and nothing is written.
 pub const VERBS: [&str; 2] = ["list", "watch"];
 
+/// Every (verb, API group, resource) the watchers call, as RBAC names them:
+/// [`VERBS`] on each [`Kind`].
+pub fn watch_access() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    Kind::ALL.into_iter().flat_map(|kind| VERBS.into_iter().map(move |verb| (verb, kind.group(), kind.plural())))
+}
+
 /// What the daemon writes: an `events.k8s.io` `Event` on each object it
 /// refuses (as RBAC names it). Each node writes its own events, so no two
 /// nodes ever write one object.

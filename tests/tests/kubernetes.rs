@@ -125,13 +125,8 @@ impl Cluster {
 
 /// What the watchers ask the API server for: list and watch each kind.
 fn watched() -> std::collections::BTreeSet<(String, String, String)> {
-    enforcer::kubernetes::Kind::ALL
-        .iter()
-        .flat_map(|kind| {
-            enforcer::kubernetes::VERBS
-                .iter()
-                .map(|verb| ((*verb).to_owned(), kind.group().to_owned(), kind.plural().to_owned()))
-        })
+    enforcer::kubernetes::watch_access()
+        .map(|(verb, group, resource)| (verb.to_owned(), group.to_owned(), resource.to_owned()))
         .collect()
 }
 

@@ -272,13 +272,9 @@ fn arg<'a>(container: &'a Value, flag: &str) -> &'a str {
 /// kind of `enforcer::kubernetes`, and create the events it reports
 /// refusals with.
 fn watched() -> BTreeSet<(String, String, String)> {
-    let (verb, group, resource) = enforcer::kubernetes::EVENT_ACCESS;
-    std::iter::once((verb.to_owned(), group.to_owned(), resource.to_owned()))
-        .chain(enforcer::kubernetes::Kind::ALL.iter().flat_map(|kind| {
-            enforcer::kubernetes::VERBS
-                .iter()
-                .map(|verb| ((*verb).to_owned(), kind.group().to_owned(), kind.plural().to_owned()))
-        }))
+    enforcer::kubernetes::watch_access()
+        .chain(std::iter::once(enforcer::kubernetes::EVENT_ACCESS))
+        .map(|(verb, group, resource)| (verb.to_owned(), group.to_owned(), resource.to_owned()))
         .collect()
 }
 

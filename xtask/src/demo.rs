@@ -155,18 +155,25 @@ fn probe_table(lab: &ThreeTier, evaluator: &policy::Evaluator<'_>) -> anyhow::Re
             Traffic::Udp(port) => probe::udp(&src.ns, SocketAddr::new(IpAddr::V4(dst.addr), port))?,
             Traffic::Ping => probe::ping(&src.ns, dst.addr)?,
         };
-        let (observed, agrees) = match outcome {
-            Outcome::Connected => ("ALLOWED: data both ways".to_owned(), expected_allowed),
-            Outcome::TimedOut => ("BLOCKED: timed out".to_owned(), !expected_allowed),
-            Outcome::Failed(why) => (format!("ERROR: {why}"), false),
-        };
+        let (observed, agrees) = observed(outcome, expected_allowed);
         if !agrees {
             mismatches += 1;
         }
-        let mark = if agrees { "" } else { "   <-- differs from the policy" };
-        println!("{from:<9} {to:<9} {:<10} {expected:<46} {observed}{mark}", traffic.label());
+        println!("{from:<9} {to:<9} {:<10} {expected:<46} {observed}", traffic.label());
     }
     Ok(Some(mismatches))
+}
+
+/// What a probe saw, as the demos print it (marked where it differs from
+/// what the policy says), and whether it agrees with `allowed`.
+pub(crate) fn observed(outcome: Outcome, allowed: bool) -> (String, bool) {
+    let (seen, agrees) = match outcome {
+        Outcome::Connected => ("ALLOWED: data both ways".to_owned(), allowed),
+        Outcome::TimedOut => ("BLOCKED: timed out".to_owned(), !allowed),
+        Outcome::Failed(why) => (format!("ERROR: {why}"), false),
+    };
+    let mark = if agrees { "" } else { "   <-- differs from the policy" };
+    (format!("{seen}{mark}"), agrees)
 }
 
 fn print_counters(lab: &ThreeTier, daemon: &Daemon) -> anyhow::Result<()> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use lab::cluster::{EmulatedCluster, PodPlace};
-use lab::probe::{self, EchoServer, Outcome};
+use lab::probe::{self, EchoServer};
 use policy::model::Enforcement;
 use policy::{Packet, Verdict};
 use serde_json::{Value, json};
@@ -204,17 +204,12 @@ fn table(cluster: &EmulatedCluster, objects: &[Value]) -> anyhow::Result<usize> 
             (Verdict::Drop(reason) | Verdict::Audit(reason), Some(rule)) => format!("drop {} ({rule})", reason.label()),
             (Verdict::Drop(reason) | Verdict::Audit(reason), None) => format!("drop {}", reason.label()),
         };
-        let (observed, agrees) = match outcome {
-            Outcome::Connected => ("ALLOWED".to_owned(), allowed),
-            Outcome::TimedOut => ("BLOCKED".to_owned(), !allowed),
-            Outcome::Failed(why) => (format!("ERROR: {why}"), false),
-        };
+        let (observed, agrees) = crate::demo::observed(outcome, allowed);
         if !agrees {
             mismatches += 1;
         }
-        let mark = if agrees { "" } else { "   <-- differs from the policy" };
         println!(
-            "{:<30} {:<30} {:<9} {said:<52} {observed}{mark}",
+            "{:<30} {:<30} {:<9} {said:<52} {observed}",
             format!("{} (node-{})", name(from), node(from)),
             format!("{} (node-{})", name(to), node(to)),
             format!("{port}/tcp"),
