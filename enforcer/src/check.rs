@@ -21,14 +21,19 @@ pub fn check(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
             for note in &parsed.notes {
                 println!("{}: note: {}", note.location, note.message);
             }
+            // Pods alike are declared once each, and are one identity.
+            let identities: std::collections::HashSet<&str> =
+                parsed.identities.iter().map(|identity| identity.name.as_str()).collect();
+            let pods = parsed.identities.iter().filter(|identity| identity.pod.is_some()).count();
             println!(
-                "ok: {} file(s), {} identities, {} rules, {} compiled entries ({} identity, {} policy){}",
+                "ok: {} file(s), {} identities, {} rules, {} compiled entries ({} identity, {} policy){}{}",
                 sources.len(),
-                parsed.identities.len(),
+                identities.len(),
                 parsed.rules.len(),
                 compiled.identity_entries.len() + compiled.policy_entries.len(),
                 compiled.identity_entries.len(),
                 compiled.policy_entries.len(),
+                if pods > 0 { format!("; {pods} pods") } else { String::new() },
                 match warnings.len() {
                     0 => String::new(),
                     n => format!("; {n} warning(s): peers that select no identity yet"),
@@ -123,8 +128,9 @@ pub fn explain(
     let evaluator =
         policy::Evaluator::new(&parsed).with_host_addresses(hosts).with_audit(audit).with_enforcement(enforcement);
     let decision = evaluator.evaluate(&packet);
-    println!("source:      {src} (identity {})", decision.src_identity);
-    println!("destination: {dst} (identity {})", decision.dst_identity);
+    let pod = |pod: &Option<String>| pod.as_ref().map(|pod| format!("pod {pod}, ")).unwrap_or_default();
+    println!("source:      {src} ({}identity {})", pod(&decision.src_pod), decision.src_identity);
+    println!("destination: {dst} ({}identity {})", pod(&decision.dst_pod), decision.dst_identity);
     let what = if protocol == 1 || protocol == 58 {
         format!("ICMP type {} code {}", port >> 8, port & 0xff)
     } else {

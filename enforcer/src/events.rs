@@ -32,6 +32,12 @@ pub struct EventRecord {
     pub icmp_code: Option<u8>,
     pub src_identity: String,
     pub dst_identity: String,
+    /// The pods (`namespace/name`) at either end, where they are pods: a
+    /// pod's identity stands for every pod alike.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src_pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_pod: Option<String>,
     /// The deciding rule, if a rule decided (a deny rule).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
@@ -118,6 +124,8 @@ pub fn describe(event: &Event, decision: policy::Decision, unix_offset_ns: i128)
         icmp_code: icmp.then_some(event.dst_port as u8),
         src_identity: decision.src_identity,
         dst_identity: decision.dst_identity,
+        src_pod: decision.src_pod,
+        dst_pod: decision.dst_pod,
         rule: if reason == DropReason::DenyRule { decision.rule } else { None },
         reason: reason.label(),
         verdict: if event.verdict == EVENT_AUDIT { "audit" } else { "drop" },

@@ -557,7 +557,8 @@ mod tests {
         let parsed = policy::parse_str(&source, &text).unwrap();
         assert_eq!(parsed.identities.len(), 1);
         let identity = &parsed.identities[0];
-        assert_eq!(identity.name, "shop/web-1");
+        assert_eq!(identity.name, "shop/{app=web}[http=8080/tcp]");
+        assert_eq!(identity.pod.as_ref().unwrap().name, "web-1");
         assert_eq!(identity.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(identity.addresses[0].net.to_string(), "10.0.0.7/32");
         assert_eq!(identity.pod.as_ref().unwrap().ports[0].name, "http");

@@ -275,8 +275,7 @@ pub fn compile_enforcing(
     }
     let mut atoms = partition_addresses(policy, &cidr_selectors, ids);
 
-    let identity_index: HashMap<&str, usize> =
-        policy.identities.iter().enumerate().map(|(i, identity)| (identity.name.as_str(), i)).collect();
+    let identity_index = first_declarations(policy);
     // Large policies repeat selectors across many rules; each is resolved once.
     let mut selected: HashMap<Selector, Vec<IdentityId>> = HashMap::new();
     let mut pairs: BTreeMap<(IdentityId, IdentityId), Vec<Claim<u32>>> = BTreeMap::new();
@@ -416,6 +415,17 @@ fn select_atoms(
     }
 }
 
+/// Each identity name's first declaration, by index: the one that stands
+/// for all of a name's declarations (pods alike, see
+/// `kubernetes::translate`; a valid policy has no other repeated names).
+fn first_declarations(policy: &Policy) -> HashMap<&str, usize> {
+    let mut first = HashMap::new();
+    for (i, identity) in policy.identities.iter().enumerate() {
+        first.entry(identity.name.as_str()).or_insert(i);
+    }
+    first
+}
+
 /// Partitions the address space into atoms. Every prefix that appears in the
 /// policy (identity addresses, CIDR peers and their exceptions, and the two
 /// default routes) is an entry whose atom is its owner plus the set of CIDR
@@ -423,11 +433,12 @@ fn select_atoms(
 /// same for every address the entry covers.
 fn partition_addresses(policy: &Policy, cidr_selectors: &[CidrSelector], ids: &mut IdAssigner) -> Partition {
     type AtomKey = (Option<usize>, Vec<usize>);
+    // Pods alike are declared once each, as one identity: its first declaration owns them all.
+    let first = first_declarations(policy);
     let identity_owner: HashMap<IpNet, usize> = policy
         .identities
         .iter()
-        .enumerate()
-        .flat_map(|(index, identity)| identity.addresses.iter().map(move |a| (a.net, index)))
+        .flat_map(|identity| identity.addresses.iter().map(|a| (a.net, first[identity.name.as_str()])))
         .collect();
     let owner_index = PrefixIndex::new(identity_owner.keys().copied());
     let mut cidr_members: HashMap<IpNet, Vec<usize>> = HashMap::new();

@@ -38,6 +38,10 @@ pub struct Decision {
     pub dst_identity: String,
     /// The deciding rule; `None` for the zero-trust default.
     pub rule: Option<String>,
+    /// The pods (`namespace/name`) at the source and destination, where
+    /// they are pods: an identity stands for all pods alike.
+    pub src_pod: Option<String>,
+    pub dst_pod: Option<String>,
 }
 
 /// Who owns an address.
@@ -133,6 +137,15 @@ impl<'p> Evaluator<'p> {
         self.owner_of(addr).name().to_owned()
     }
 
+    /// The pod (`namespace/name`) at `addr`, if a pod has it.
+    #[must_use]
+    pub fn pod_name(&self, addr: IpAddr) -> Option<String> {
+        match self.owner_of(addr) {
+            Owner::Declared(Identity { pod: Some(pod), .. }) => Some(format!("{}/{}", pod.namespace, pod.name)),
+            _ => None,
+        }
+    }
+
     fn rule_matches_peers(&self, rule: &Rule, src: IpAddr, dst: IpAddr) -> bool {
         let (src_owner, dst_owner) = (self.owner_of(src), self.owner_of(dst));
         rule.from.iter().any(|p| self.selector_matches(&p.selector, src, src_owner))
@@ -204,6 +217,8 @@ impl<'p> Evaluator<'p> {
             src_identity: self.identity_name(packet.src),
             dst_identity: self.identity_name(packet.dst),
             rule: rule.map(|r| r.name.clone()),
+            src_pod: self.pod_name(packet.src),
+            dst_pod: self.pod_name(packet.dst),
         }
     }
 
@@ -284,6 +299,8 @@ impl<'p> Evaluator<'p> {
                 src_identity: self.identity_name(packet.src),
                 dst_identity: self.identity_name(packet.dst),
                 rule,
+                src_pod: self.pod_name(packet.src),
+                dst_pod: self.pod_name(packet.dst),
             }
         }
     }

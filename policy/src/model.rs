@@ -94,8 +94,12 @@ pub enum Side {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodInfo {
     pub namespace: String,
-    /// Container ports that have a name, for named ports in rules.
+    /// Container ports that have a name, for named ports in rules, sorted.
     pub ports: Vec<NamedPort>,
+    /// The pod's own name. Its identity is shared by every pod of its
+    /// namespace with the same labels and named ports (see
+    /// [`crate::kubernetes::translate`]), so this is what names the pod.
+    pub name: String,
 }
 
 /// A container port with a name.
@@ -123,6 +127,24 @@ pub struct Identity {
     /// Set for a Kubernetes pod: its namespace and named ports.
     pub pod: Option<PodInfo>,
     pub location: Location,
+}
+
+impl Identity {
+    /// Whether `self` and `other` are pods alike in all the policy can see
+    /// of them (namespace, labels, named ports, mode): two such declarations
+    /// of one name are one identity, with the addresses of both.
+    #[must_use]
+    pub fn is_pod_like(&self, other: &Identity) -> bool {
+        match (&self.pod, &other.pod) {
+            (Some(a), Some(b)) => {
+                a.namespace == b.namespace
+                    && a.ports == b.ports
+                    && self.labels == other.labels
+                    && self.mode == other.mode
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Enforcement mode of an identity.

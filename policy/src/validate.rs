@@ -8,17 +8,22 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use ipnet::IpNet;
 
 use crate::error::Diagnostic;
-use crate::model::{HOST, Policy, Selector, WORLD};
+use crate::model::{HOST, Identity, Policy, Selector, WORLD};
 
 pub fn validate(policy: &Policy, problems: &mut Vec<Diagnostic>) {
-    let mut identity_names = HashMap::new();
+    let mut identity_names: HashMap<&str, &Identity> = HashMap::new();
     for identity in &policy.identities {
         if identity.name == WORLD || identity.name == HOST {
             problems.push(Diagnostic::new(
                 identity.location.clone(),
                 format!("identity name `{}` is reserved; choose another name", identity.name),
             ));
-        } else if let Some(first) = identity_names.insert(identity.name.as_str(), &identity.location) {
+            continue;
+        }
+        let first = *identity_names.entry(identity.name.as_str()).or_insert(identity);
+        // Pods alike are one identity (see `kubernetes::translate`).
+        if !std::ptr::eq(first, identity) && !first.is_pod_like(identity) {
+            let first = &first.location;
             problems.push(Diagnostic::new(
                 identity.location.clone(),
                 format!(

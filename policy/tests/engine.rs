@@ -78,7 +78,19 @@ fn pod(dice: &mut Dice) -> PodInfo {
         0 => Vec::new(),
         _ => vec![NamedPort { name: "http".to_owned(), protocol: Protocol::Tcp, port: *dice.pick(&[80, 85]) }],
     };
-    PodInfo { namespace: dice.pick(&["x", "y"]).to_string(), ports }
+    PodInfo { namespace: dice.pick(&["x", "y"]).to_string(), ports, name: format!("p{}", dice.roll(100)) }
+}
+
+/// Another pod alike `pod` (a replica), at other addresses: the same
+/// identity, so it may be declared beside it, in any source.
+fn replica(dice: &mut Dice, pod: &Identity) -> Identity {
+    let mut replica = pod.clone();
+    replica.addresses =
+        (0..=dice.roll(2)).map(|_| Address { net: dice.pick(&NETS).parse().unwrap(), location: here() }).collect();
+    if let Some(info) = &mut replica.pod {
+        info.name = format!("p{}", dice.roll(100));
+    }
+    replica
 }
 
 /// Declarations of the namespaces pods are in (or not: an undeclared
@@ -214,7 +226,15 @@ const SOURCES: usize = 3;
 fn change(dice: &mut Dice, sources: &[Policy], now: SystemTime) -> Vec<(usize, Policy)> {
     let s = dice.roll(SOURCES);
     let mut source = sources[s].clone();
-    match dice.roll(13) {
+    let pods: Vec<&Identity> =
+        sources.iter().flat_map(|source| &source.identities).filter(|i| i.pod.is_some()).collect();
+    match dice.roll(14) {
+        13 if !pods.is_empty() => {
+            // One more replica of a pod: the identity gains addresses.
+            let of = pods[dice.roll(pods.len())];
+            let alike = replica(dice, of);
+            source.identities.push(alike);
+        }
         12 if !source.identities.is_empty() => {
             // A pod moved, renamed a port, or an identity became or stopped
             // being a pod.
@@ -585,5 +605,65 @@ fn held_rule_numbers_come_back_early_only_when_the_rule_map_is_full() {
         assert_eq!(numbers(&apply(&["r0", "r1"])), [0, 1]);
         apply(&["r0"]);
         assert_eq!(numbers(&apply(&["r0", "r2"])), [expected], "rule map of {slots}");
+    }
+}
+
+/// Pods alike are one identity however their declarations come and go:
+/// another replica in another source adds its address; a declaration of
+/// the same name that is not alike is refused as a duplicate, and accepted
+/// once, in one change, it arrives as the first one leaves.
+#[test]
+fn pods_alike_are_one_identity_across_sources() {
+    let pod = |labels: &str, pod: &str, address: &str| {
+        let labels = BTreeMap::from([("app".to_owned(), labels.to_owned())]);
+        let info = PodInfo { namespace: "x".to_owned(), ports: Vec::new(), name: pod.to_owned() };
+        let net = address.parse().unwrap();
+        Policy {
+            identities: vec![Identity {
+                name: "x/{app=web}".to_owned(),
+                labels,
+                addresses: vec![Address { net, location: here() }],
+                mode: Mode::Enforce,
+                pod: Some(info),
+                location: here(),
+            }],
+            ..Policy::default()
+        }
+    };
+    let set = |source: &str, policy: Option<Policy>| SourceChange {
+        source: source.to_owned(),
+        contents: policy.map_or(Contents::Removed, Contents::Parsed),
+    };
+    for (first, second) in [("a", "b"), ("b", "a")] {
+        let mut engine = Engine::new();
+        engine.apply(vec![set(first, Some(pod("web", "web-1", "10.0.0.1/32")))], start()).expect("one pod");
+        let diff = engine.apply(vec![set(second, Some(pod("web", "web-2", "10.0.0.2/32")))], start()).expect("alike");
+        // One identity: the second address joins the first's atom.
+        let atoms: Vec<_> = engine.identity_entries().map(|(_, value)| value).collect();
+        assert_eq!(diff.atoms, [], "no new atom for a replica");
+        assert_eq!(atoms.len(), 2);
+        assert_eq!(atoms[0], atoms[1]);
+        assert_eq!(engine.identity_count(), 1);
+        let packet = policy::eval::Packet {
+            src: "10.0.0.2".parse().unwrap(),
+            dst: "10.0.0.1".parse().unwrap(),
+            protocol: 6,
+            port: 80,
+        };
+        let described = engine.describe(&packet, &[]);
+        assert_eq!((described.src_pod.as_deref(), described.dst_pod.as_deref()), (Some("x/web-2"), Some("x/web-1")));
+        // Not alike: a duplicate, refused; the last good state stays. Also
+        // when the first declaration leaves in the same change: the
+        // replica left is not alike the newcomer.
+        let refused = engine.apply(vec![set(second, Some(pod("api", "api-1", "10.0.0.2/32")))], start());
+        assert!(refused.unwrap_err().to_string().contains("duplicate identity name"));
+        let refused = engine.apply(vec![set("c", Some(pod("api", "api-1", "10.0.0.3/32"))), set(first, None)], start());
+        assert!(refused.unwrap_err().to_string().contains("duplicate identity name"));
+        // The first pod leaves as the other arrives: one declaration, valid.
+        engine
+            .apply(vec![set(second, Some(pod("api", "api-1", "10.0.0.2/32"))), set(first, None)], start())
+            .expect("a single declaration");
+        engine.apply(vec![set(first, Some(pod("api", "api-2", "10.0.0.1/32")))], start()).expect("alike the one left");
+        assert_eq!(engine.identity_count(), 1);
     }
 }

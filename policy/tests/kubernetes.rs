@@ -372,7 +372,7 @@ fn policy_types_default_to_ingress_and_to_egress_when_there_are_egress_rules() {
 }
 
 /// A cluster snapshot is a complete policy file: pods become identities
-/// named `namespace/pod`, the policy's rules are named after it, a kind
+/// named by namespace, labels and named ports, the policy's rules are named after it, a kind
 /// Bulkhead does not read is noted beside the policy, and the verdicts
 /// under `default` enforcement are `NetworkPolicy`'s.
 #[test]
@@ -383,7 +383,8 @@ fn a_snapshot_file_is_a_complete_policy() {
     let text = format!("{SNAPSHOT}{service}");
     let parsed = policy::parse_str("snap.yaml", &text).expect("a snapshot is valid policy");
     let names: Vec<&str> = parsed.identities.iter().map(|identity| identity.name.as_str()).collect();
-    assert_eq!(names, ["shop/frontend-7d9f8c6b5-x2k4q"]);
+    let frontend = "shop/{app=frontend,pod-template-hash=7d9f8c6b5}[http=8080/tcp,metrics=9090/tcp,statsd=9125/udp]";
+    assert_eq!(names, [frontend]);
     let rules: Vec<&str> = parsed.rules.iter().map(|rule| rule.name.as_str()).collect();
     assert_eq!(rules, ["shop/frontend-ingress#ingress-0"]);
     let notes: Vec<String> = parsed.notes.iter().map(ToString::to_string).collect();
@@ -396,7 +397,8 @@ fn a_snapshot_file_is_a_complete_policy() {
     // The ipBlock admits 10/8 outside 10.244/16, on the named port and the range.
     let decision = evaluator.evaluate(&packet("10.1.2.3", 8080));
     assert_eq!(decision.verdict, Verdict::Forward);
-    assert_eq!(decision.dst_identity, "shop/frontend-7d9f8c6b5-x2k4q");
+    assert_eq!(decision.dst_identity, frontend);
+    assert_eq!((decision.src_pod, decision.dst_pod.as_deref()), (None, Some("shop/frontend-7d9f8c6b5-x2k4q")));
     assert_eq!(decision.rule.as_deref(), Some("shop/frontend-ingress#ingress-0"));
     assert_eq!(evaluator.evaluate(&packet("10.1.2.3", 9150)).verdict, Verdict::Forward);
     assert!(

@@ -147,6 +147,14 @@ fn pods_and_policies_from_the_api_are_enforced_and_follow_the_cluster() {
     cluster.api.update(&pod("shop", "batch-1", "web", "10.1.3.10")).unwrap();
     wait_until(&daemon, "batch relabelled as web reaching db", || cluster.to_db("batch") == Outcome::Connected);
 
+    // batch-1 and web-1 are pods alike now: one identity with both
+    // addresses. A replica deleted takes only its own address out of it.
+    cluster.api.delete::<Pod>(Some("shop"), "web-1").unwrap();
+    wait_until(&daemon, "web-1's address out of the identity", || cluster.to_db("web") == Outcome::TimedOut);
+    assert_eq!(cluster.to_db("batch"), Outcome::Connected, "the pod left keeps the identity's access");
+    cluster.api.create(&pod("shop", "web-1", "web", "10.1.1.10")).unwrap();
+    wait_until(&daemon, "web-1 back in the identity", || cluster.to_db("web") == Outcome::Connected);
+
     // A lost watch and a compacted history: the watchers list again, and
     // what changed meanwhile (batch back to batch) is taken.
     cluster.api.compact();

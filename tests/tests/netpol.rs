@@ -132,9 +132,12 @@ fn an_address_given_to_another_pod_carries_none_of_the_old_pods_access() {
     );
     assert_eq!(probe::tcp(client, to_db).unwrap(), Outcome::TimedOut, "the new pod is not admitted");
     let log_text = daemon.log_text();
+    let drop = log_text.lines().find(|line| line.contains("\"src_pod\":\"shop/batch-7\""));
     assert!(
-        log_text.contains("\"src_identity\":\"shop/batch-7\"") && log_text.contains("\"dst_identity\":\"shop/db\""),
-        "drop events name the pods: {log_text}"
+        drop.is_some_and(|line| line.contains("\"src_identity\":\"shop/{app=batch}\"")
+            && line.contains("\"dst_identity\":\"shop/{app=db}\"")
+            && line.contains("\"dst_pod\":\"shop/db\"")),
+        "drop events name the pods and their identities: {log_text}"
     );
 }
 
@@ -160,6 +163,11 @@ items:
   status: {phase: Running, podIP: 10.0.0.5, conditions: [{type: Ready, status: 'True'}]}
 - apiVersion: v1
   kind: Pod
+  metadata: {name: web-4f1a, namespace: shop, labels: {app: web}}
+  spec: {containers: [{name: web, image: web:1}]}
+  status: {phase: Running, podIP: 10.0.0.6}
+- apiVersion: v1
+  kind: Pod
   metadata: {name: db-0, namespace: shop, labels: {app: db}}
   spec: {containers: [{name: db, ports: [{name: sql, containerPort: 5432}]}]}
   status: {phase: Running, podIP: 10.0.1.7}
@@ -183,7 +191,9 @@ items:
     };
     let path = snapshot.display().to_string();
     let checked = bulkhead(&["policy", "check", &path]);
+    // The two web pods are alike: one identity.
     assert!(checked.contains("2 identities, 1 rules"), "{checked}");
+    assert!(checked.contains("; 3 pods"), "{checked}");
     assert!(checked.contains(": note: Service shop/db skipped"), "{checked}");
 
     let explain = |from: &str, to: &str| {
@@ -202,13 +212,21 @@ items:
     };
     let allowed = explain("10.0.0.5", "10.0.1.7:5432/tcp");
     for line in [
-        "source:      10.0.0.5 (identity shop/web-7c9d)",
-        "destination: 10.0.1.7 (identity shop/db-0)",
+        "source:      10.0.0.5 (pod shop/web-7c9d, identity shop/{app=web})",
+        "destination: 10.0.1.7 (pod shop/db-0, identity shop/{app=db}[sql=5432/tcp])",
         "egress:      open (no policy selects this end for the direction)",
         "ingress:     isolated by shop/db-from-web",
         "verdict:     allow (rule shop/db-from-web#ingress-0)",
     ] {
         assert!(allowed.lines().any(|l| l == line), "`{line}` missing:\n{allowed}");
+    }
+    // The other web pod is the same identity, named as itself.
+    let replica = explain("10.0.0.6", "10.0.1.7:5432/tcp");
+    for line in [
+        "source:      10.0.0.6 (pod shop/web-4f1a, identity shop/{app=web})",
+        "verdict:     allow (rule shop/db-from-web#ingress-0)",
+    ] {
+        assert!(replica.lines().any(|l| l == line), "`{line}` missing:\n{replica}");
     }
     let other_port = explain("10.0.0.5", "10.0.1.7:22/tcp");
     assert!(other_port.contains("verdict:     drop, reason default_deny"), "{other_port}");

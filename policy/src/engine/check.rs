@@ -97,6 +97,11 @@ struct IdentityRecord {
     compiled: Option<Arc<Identity>>,
     /// Active rules with a peer naming the identity.
     naming_rules: SmallSet<u32>,
+    /// Declarations that are not pods alike the first: each a duplicate.
+    strays: u32,
+    /// Several declarations of pods alike as the one identity they are,
+    /// made once per change that touches them ([`Checks::merge_pods`]).
+    merged: Option<Arc<Identity>>,
 }
 
 impl IdentityRecord {
@@ -169,9 +174,34 @@ impl Checks {
         self.unmatched.undeclared_references + self.unmatched.label_selectors
     }
 
-    /// The identity numbered `id` when declared exactly once.
+    /// The identity numbered `id` when declared exactly once, or as pods
+    /// alike (merged by [`Self::merge_pods`]).
     pub(super) fn identity(&self, id: OwnerId) -> Option<&Arc<Identity>> {
-        self.record(id).and_then(|record| record.declared.only())
+        let record = self.record(id)?;
+        match &record.declared {
+            Declared::Many(_) if record.strays == 0 => record.merged.as_ref(),
+            declared => declared.only(),
+        }
+    }
+
+    /// Makes the one identity of several declarations of pods alike under
+    /// `id`, unless it is made already: once per change, however many of
+    /// its pods the change touches.
+    pub(super) fn merge_pods(&mut self, id: OwnerId) {
+        let Some(record) = self.identities.get_mut(id as usize).and_then(Option::as_mut) else { return };
+        if let Declared::Many(declarations) = &record.declared
+            && record.strays == 0
+            && record.merged.is_none()
+        {
+            record.merged = Some(Arc::new(Identity::merged(declarations)));
+        }
+    }
+
+    /// The name of the pod declared with `addr` under identity `id`.
+    pub(super) fn pod_at(&self, id: OwnerId, addr: std::net::IpAddr) -> Option<&str> {
+        let record = self.record(id)?;
+        let declared = record.declared.as_slice().iter();
+        declared.filter(|d| d.addresses.iter().any(|a| a.net.contains(&addr))).find_map(|d| d.pod_name())
     }
 
     /// The number of identity name `name`, while anything refers to it.
@@ -203,6 +233,8 @@ impl Checks {
                 refs: 0,
                 compiled: None,
                 naming_rules: SmallSet::default(),
+                strays: 0,
+                merged: None,
             };
             let id = if let Some(id) = self.free_ids.pop() {
                 self.identities[id as usize] = Some(record);
@@ -302,10 +334,13 @@ impl Checks {
             self.problems.reserved_names += 1;
         }
         let (_, record) = self.record_for(&identity.name);
-        if record.declared.push(Arc::clone(identity)) > 1 {
+        record.merged = None;
+        if record.declared.push(Arc::clone(identity)) == 1 {
+            let refs = record.refs as usize;
+            self.unmatched.undeclared_references -= refs;
+        } else if !record.declared.as_slice()[0].is_pod_like(identity) {
+            record.strays += 1;
             self.problems.duplicate_identities += 1;
-        } else {
-            self.unmatched.undeclared_references -= record.refs as usize;
         }
         for address in &identity.addresses {
             let found = partition.declare(address.net);
@@ -329,12 +364,29 @@ impl Checks {
             self.problems.reserved_names -= 1;
         }
         if let Some(id) = self.identity_id(name)
-            && let Some(record) = self.record_mut(id)
+            && let Some(record) = self.identities.get_mut(id as usize).and_then(Option::as_mut)
         {
-            match record.declared.remove(identity) {
-                0 => self.unmatched.undeclared_references += record.refs as usize,
-                _ => self.problems.duplicate_identities -= 1,
+            record.merged = None;
+            let strays = record.strays;
+            let was_first = record.declared.as_slice().first().is_some_and(|first| Arc::ptr_eq(first, identity));
+            let left = record.declared.remove(identity);
+            let first = record.declared.as_slice().first().map(Arc::clone);
+            record.strays = match &first {
+                // Strays are counted against the first: a new first, a new count.
+                Some(first) if was_first => {
+                    let others = record.declared.as_slice().iter().skip(1);
+                    u32::try_from(others.filter(|d| !first.is_pod_like(d)).count()).unwrap_or(u32::MAX)
+                }
+                Some(first) if !first.is_pod_like(identity) => strays - 1,
+                _ => strays,
+            };
+            if left == 0 {
+                record.strays = 0;
+                let refs = record.refs as usize;
+                self.unmatched.undeclared_references += refs;
             }
+            let now = record.strays;
+            self.problems.duplicate_identities = self.problems.duplicate_identities + now as usize - strays as usize;
             self.untidy.push(id);
         }
         for address in &identity.addresses {

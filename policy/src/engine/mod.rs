@@ -931,6 +931,7 @@ impl Engine {
         for name in touched {
             // Every name a change touches keeps its record to its end.
             let Some(id) = self.checks.identity_id(name) else { continue };
+            self.checks.merge_pods(id);
             let wanted = self.checks.identity(id).cloned();
             let current = self.checks.compiled_identity(id).cloned();
             if let (Some(a), Some(b)) = (&current, &wanted)
@@ -1419,15 +1420,17 @@ impl Engine {
     pub fn describe(&self, packet: &crate::eval::Packet, hosts: &[IpAddr]) -> crate::eval::Decision {
         use crate::eval::{Decision, Verdict};
         use enforcer_common::{ACTION_ALLOW, DropReason};
-        let identity = |addr: IpAddr| -> (IdentityId, String) {
+        let identity = |addr: IpAddr| -> (IdentityId, String, Option<String>) {
             if hosts.contains(&addr) {
-                return (IDENTITY_HOST, HOST.to_owned());
+                return (IDENTITY_HOST, HOST.to_owned(), None);
             }
             let id = self.partition.lookup(addr).id;
-            let owner = self.partition.owner_of(id).flatten().and_then(|owner| self.checks.identity_name(owner));
-            (id, owner.map_or_else(|| WORLD.to_owned(), ToString::to_string))
+            let owner = self.partition.owner_of(id).flatten();
+            let name = owner.and_then(|owner| self.checks.identity_name(owner));
+            let pod = owner.and_then(|owner| self.pod_name(owner, addr));
+            (id, name.map_or_else(|| WORLD.to_owned(), ToString::to_string), pod)
         };
-        let ((src, src_identity), (dst, dst_identity)) = (identity(packet.src), identity(packet.dst));
+        let ((src, src_identity, src_pod), (dst, dst_identity, dst_pod)) = (identity(packet.src), identity(packet.dst));
         let wanted = u32::from(packet.protocol) << 16 | u32::from(packet.port);
         let covering =
             self.pairs.get(&(src, dst)).into_iter().flat_map(|entries| entries.entries(src, dst)).find(|entry| {
@@ -1449,7 +1452,14 @@ impl Engine {
                 (verdict, rule)
             }
         };
-        Decision { verdict, src_identity, dst_identity, rule }
+        Decision { verdict, src_identity, dst_identity, rule, src_pod, dst_pod }
+    }
+
+    /// The pod (`namespace/name`) of identity `owner` at `addr`.
+    fn pod_name(&self, owner: OwnerId, addr: IpAddr) -> Option<String> {
+        let identity = self.checks.compiled_identity(owner)?;
+        let namespace = &identity.pod.as_ref()?.namespace;
+        Some(format!("{namespace}/{}", self.checks.pod_at(owner, addr)?))
     }
 }
 

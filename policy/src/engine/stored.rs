@@ -77,6 +77,45 @@ pub(crate) struct StoredIdentity {
     at: Pos,
 }
 
+impl StoredIdentity {
+    /// [`Identity::is_pod_like`], kept.
+    pub(crate) fn is_pod_like(&self, other: &StoredIdentity) -> bool {
+        match (&self.pod, &other.pod) {
+            (Some(a), Some(b)) => {
+                a.namespace == b.namespace
+                    && a.ports == b.ports
+                    && self.labels == other.labels
+                    && self.mode == other.mode
+            }
+            _ => false,
+        }
+    }
+
+    /// The one identity that pods alike (`declarations`, at least one, all
+    /// [`Self::is_pod_like`] the first) are: the first with the addresses
+    /// of all.
+    pub(crate) fn merged(declarations: &[Arc<StoredIdentity>]) -> StoredIdentity {
+        let first = &declarations[0];
+        StoredIdentity {
+            name: Name::clone(&first.name),
+            labels: first.labels.clone(),
+            addresses: declarations
+                .iter()
+                .flat_map(|declared| declared.addresses.iter())
+                .map(|address| StoredAddress { net: address.net, at: address.at })
+                .collect(),
+            mode: first.mode,
+            pod: first.pod.clone(),
+            at: first.at,
+        }
+    }
+
+    /// The pod's own name, when this declaration is a pod's.
+    pub(crate) fn pod_name(&self) -> Option<&str> {
+        self.pod.as_ref().map(|pod| pod.name.as_str())
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct StoredAddress {
     pub(crate) net: IpNet,

@@ -1,9 +1,18 @@
 //! Kubernetes objects as the identities and rules the engine compiles.
 //!
-//! - A pod is an identity named `namespace/pod` (a name no policy file can
-//!   declare: file names have no `/`), with the pod's labels and its
-//!   addresses. Its namespace and named container ports go along, for
-//!   `namespaceSelector`s and named ports.
+//! - A pod's identity is derived from its namespace, its labels and its
+//!   named container ports, which is all a policy can select it by: every
+//!   pod alike in these is one identity holding all their addresses, as
+//!   Cilium has it. The replicas of a Deployment are one identity, so a
+//!   rule between two sets of pods costs an entry per pair of *kinds* of
+//!   pod, not per pair of pods, and metrics are labelled by kind. The name
+//!   is `namespace/{key=value,…}` with the labels sorted by key, followed
+//!   by `[port-name=port/protocol,…]` when the pod has named ports, e.g.
+//!   `shop/{app=web,pod-template-hash=7c9d}[http=8080/tcp]` (no policy file
+//!   can declare such a name: file names have no `/`). The pod's own name
+//!   goes along ([`PodInfo::name`]) for events and `policy explain`, with
+//!   its namespace and named ports, for `namespaceSelector`s and named
+//!   ports.
 //! - A `NetworkPolicy` rule is a rule that speaks for one end
 //!   ([`Side::Ingress`] or [`Side::Egress`]): its `to` (`from`) is the
 //!   policy's `podSelector` in its namespace, which it isolates for that
@@ -25,10 +34,29 @@ use crate::model::{
     Protocol, Rule, Selector, Side,
 };
 
-/// The identity name of a pod.
+/// The identity name of the pods of `namespace` with these labels and
+/// named ports (sorted): see the module's documentation.
 #[must_use]
-pub fn pod_identity_name(namespace: &str, pod: &str) -> String {
-    format!("{namespace}/{pod}")
+pub fn pod_identity_name<'a>(
+    namespace: &str,
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ports: &[NamedPort],
+) -> String {
+    use std::fmt::Write as _;
+    let mut name = format!("{namespace}/{{");
+    for (n, (key, value)) in labels.into_iter().enumerate() {
+        let comma = if n == 0 { "" } else { "," };
+        let _ = write!(name, "{comma}{key}={value}");
+    }
+    name.push('}');
+    for (n, port) in ports.iter().enumerate() {
+        let open = if n == 0 { "[" } else { "," };
+        let _ = write!(name, "{open}{}={}/{}", port.name, port.port, port.protocol);
+    }
+    if !ports.is_empty() {
+        name.push(']');
+    }
+    name
 }
 
 /// The identity of one pod.
@@ -39,7 +67,7 @@ pub fn pod_identity(pod: &Pod) -> Identity {
         .iter()
         .map(|address| Address { net: IpNet::from(*address), location: pod.location.clone() })
         .collect();
-    let ports = pod
+    let mut ports: Vec<NamedPort> = pod
         .ports
         .iter()
         .filter_map(|port| {
@@ -48,12 +76,14 @@ pub fn pod_identity(pod: &Pod) -> Identity {
             Some(NamedPort { name, protocol, port: port.port })
         })
         .collect();
+    ports.sort();
+    ports.dedup();
     Identity {
-        name: pod_identity_name(&pod.namespace, &pod.name),
+        name: pod_identity_name(&pod.namespace, &pod.labels, &ports),
         labels: pod.labels.clone(),
         addresses,
         mode: Mode::Enforce,
-        pod: Some(PodInfo { namespace: pod.namespace.clone(), ports }),
+        pod: Some(PodInfo { namespace: pod.namespace.clone(), ports, name: pod.name.clone() }),
         location: pod.location.clone(),
     }
 }
