@@ -135,15 +135,16 @@ impl Identity {
     /// of one name are one identity, with the addresses of both.
     #[must_use]
     pub fn is_pod_like(&self, other: &Identity) -> bool {
-        match (&self.pod, &other.pod) {
-            (Some(a), Some(b)) => {
-                a.namespace == b.namespace
-                    && a.ports == b.ports
-                    && self.labels == other.labels
-                    && self.mode == other.mode
-            }
-            _ => false,
-        }
+        PodInfo::alike(self.pod.as_ref(), other.pod.as_ref()) && self.labels == other.labels && self.mode == other.mode
+    }
+}
+
+impl PodInfo {
+    /// Whether both are pods of one namespace with the same named ports
+    /// (their own names aside).
+    #[must_use]
+    pub fn alike(a: Option<&PodInfo>, b: Option<&PodInfo>) -> bool {
+        a.zip(b).is_some_and(|(a, b)| a.namespace == b.namespace && a.ports == b.ports)
     }
 }
 

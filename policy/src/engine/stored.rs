@@ -80,15 +80,9 @@ pub(crate) struct StoredIdentity {
 impl StoredIdentity {
     /// [`Identity::is_pod_like`], kept.
     pub(crate) fn is_pod_like(&self, other: &StoredIdentity) -> bool {
-        match (&self.pod, &other.pod) {
-            (Some(a), Some(b)) => {
-                a.namespace == b.namespace
-                    && a.ports == b.ports
-                    && self.labels == other.labels
-                    && self.mode == other.mode
-            }
-            _ => false,
-        }
+        PodInfo::alike(self.pod.as_deref(), other.pod.as_deref())
+            && self.labels == other.labels
+            && self.mode == other.mode
     }
 
     /// The one identity that pods alike (`declarations`, at least one, all
