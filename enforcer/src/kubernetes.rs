@@ -10,10 +10,14 @@
 //!
 //! Only what connectivity depends on is kept of an object (a pod's labels,
 //! addresses and named ports; a namespace's labels; a policy's spec), and
-//! the engine is the store: a reflector's cache of whole objects would hold
-//! every pod a second time. What each source last gave is remembered by
-//! digest, so an object the API repeats unchanged (a resync, a duplicate
-//! event, a status change that moves no address) changes nothing.
+//! the engine holds it. Each watcher also feeds a kube-rs reflector whose
+//! store keeps what names each object (name, namespace, uid,
+//! resourceVersion; [`Stores`]): a refusal is reported on the object by
+//! its uid, which `kubectl describe` finds events by, and a store of whole
+//! objects would hold every pod a second time. What each source last gave
+//! is remembered by digest, so an object the API repeats unchanged (a
+//! resync, a duplicate event, a status change that moves no address)
+//! changes nothing.
 //!
 //! A watcher's list (its first, and each after a lost watch or a
 //! `410 Gone`) arrives as one batch, ending with the objects it no longer
@@ -31,6 +35,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::runtime::WatchStreamExt as _;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt as _};
 use policy::engine::{Contents, SourceChange};
@@ -184,8 +190,9 @@ pub struct Refusal {
     pub problems: Vec<String>,
 }
 
-/// The object a source name stands for: (apiVersion, kind, namespace, name).
-fn object_of(source: &str) -> Option<(String, &'static str, Option<String>, String)> {
+/// The object a source name stands for: (kind, apiVersion, kind's name,
+/// namespace, name).
+fn object_of(source: &str) -> Option<(Kind, String, &'static str, Option<String>, String)> {
     let rest = source.strip_prefix(SOURCE_PREFIX)?;
     let (plural, rest) = rest.split_once('/')?;
     let kind = Kind::ALL.into_iter().find(|kind| kind.plural() == plural)?;
@@ -199,7 +206,94 @@ fn object_of(source: &str) -> Option<(String, &'static str, Option<String>, Stri
         Kind::NetworkPolicy => ("networking.k8s.io/v1".to_owned(), "NetworkPolicy"),
         Kind::SegmentPolicy => (policy::CRD_API_VERSION.to_owned(), policy::KIND),
     };
-    Some((api_version, kind_name, namespace, name))
+    Some((kind, api_version, kind_name, namespace, name))
+}
+
+/// The reflectors' stores: every object the watchers have seen, cut down
+/// to what names it (name, namespace, uid, resourceVersion).
+#[derive(Clone)]
+pub struct Stores {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    network_policies: Store<NetworkPolicy>,
+    segment_policies: Store<DynamicObject>,
+}
+
+/// The watchers' ends of the [`Stores`].
+pub struct Writers {
+    namespaces: Writer<Namespace>,
+    pods: Writer<Pod>,
+    network_policies: Writer<NetworkPolicy>,
+    segment_policies: Writer<DynamicObject>,
+}
+
+/// Empty stores, and the writers [`watch_all`] fills them with.
+#[must_use]
+pub fn reflectors() -> (Stores, Writers) {
+    let writers = Writers {
+        namespaces: Writer::default(),
+        pods: Writer::default(),
+        network_policies: Writer::default(),
+        segment_policies: Writer::new(ApiResource::erase::<SegmentPolicy>(&())),
+    };
+    let stores = Stores {
+        namespaces: writers.namespaces.as_reader(),
+        pods: writers.pods.as_reader(),
+        network_policies: writers.network_policies.as_reader(),
+        segment_policies: writers.segment_policies.as_reader(),
+    };
+    (stores, writers)
+}
+
+impl Stores {
+    /// The uid and resourceVersion of the object `kind` `namespace/name`,
+    /// as last seen.
+    #[must_use]
+    pub fn identify(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Option<(String, Option<String>)> {
+        fn meta<K: Resource>(object: &K) -> Option<(String, Option<String>)> {
+            Some((object.meta().uid.clone()?, object.meta().resource_version.clone()))
+        }
+        fn key<K: kube::runtime::reflector::Lookup>(mut key: ObjectRef<K>, namespace: Option<&str>) -> ObjectRef<K>
+        where
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            key.namespace = namespace.map(str::to_owned);
+            key
+        }
+        match kind {
+            Kind::Namespace => meta(&*self.namespaces.get(&key(ObjectRef::new(name), namespace))?),
+            Kind::Pod => meta(&*self.pods.get(&key(ObjectRef::new(name), namespace))?),
+            Kind::NetworkPolicy => meta(&*self.network_policies.get(&key(ObjectRef::new(name), namespace))?),
+            Kind::SegmentPolicy => {
+                let resource = ApiResource::erase::<SegmentPolicy>(&());
+                meta(&*self.segment_policies.get(&key(ObjectRef::new_with(name, resource), namespace))?)
+            }
+        }
+    }
+}
+
+/// What a reflector keeps of an object: what names it.
+fn naming<K: Resource>(object: &K, mut empty: K) -> K {
+    let meta = object.meta();
+    *empty.meta_mut() = kube::api::ObjectMeta {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..kube::api::ObjectMeta::default()
+    };
+    empty
+}
+
+fn naming_typed<K: Resource + Default>(object: &K) -> K {
+    naming(object, K::default())
+}
+
+fn naming_dynamic(object: &DynamicObject) -> DynamicObject {
+    naming(
+        object,
+        DynamicObject { types: object.types.clone(), metadata: kube::api::ObjectMeta::default(), data: Value::Null },
+    )
 }
 
 /// The longest note an event carries (the API server's limit is 1 kB).
@@ -213,13 +307,16 @@ const NOTE_LIMIT: usize = 1000;
 pub async fn report_refusals(
     client: Client,
     node: String,
+    stores: Stores,
     mut refusals: tokio::sync::mpsc::UnboundedReceiver<Refusal>,
 ) {
     use k8s_openapi::api::core::v1::ObjectReference;
     use k8s_openapi::api::events::v1::Event as ApiEvent;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
     while let Some(refusal) = refusals.recv().await {
-        let Some((api_version, kind, namespace, name)) = object_of(&refusal.source) else { continue };
+        let Some((kind, api_version, kind_name, namespace, name)) = object_of(&refusal.source) else { continue };
+        // `kubectl describe` finds an object's events by its uid.
+        let (uid, resource_version) = stores.identify(kind, namespace.as_deref(), &name).unzip();
         let mut message = format!("refused by {node}, not enforced: {}", refusal.problems.join("; "));
         if message.len() > NOTE_LIMIT {
             let mut end = NOTE_LIMIT;
@@ -243,9 +340,11 @@ pub async fn report_refusals(
             note: Some(message),
             regarding: Some(ObjectReference {
                 api_version: Some(api_version),
-                kind: Some(kind.to_owned()),
+                kind: Some(kind_name.to_owned()),
                 namespace,
                 name: Some(name),
+                uid,
+                resource_version: resource_version.flatten(),
                 ..ObjectReference::default()
             }),
             reporting_controller: Some("bulkhead.dev/enforcer".to_owned()),
@@ -260,14 +359,24 @@ pub async fn report_refusals(
 }
 
 /// Watches every kind until `report` says the receiver is gone.
-pub async fn watch_all(client: Client, report: impl Fn(Report) -> bool + Clone + Send + Sync + 'static) {
+pub async fn watch_all(
+    client: Client,
+    writers: Writers,
+    report: impl Fn(Report) -> bool + Clone + Send + Sync + 'static,
+) {
+    let Writers { namespaces, pods, network_policies, segment_policies } = writers;
     let tasks = [
-        tokio::spawn(watch(Api::<Namespace>::all(client.clone()), Kind::Namespace, namespace_json, report.clone())),
-        tokio::spawn(watch(Api::<Pod>::all(client.clone()), Kind::Pod, pod_json, report.clone())),
+        tokio::spawn(watch(
+            Api::<Namespace>::all(client.clone()),
+            Kind::Namespace,
+            (namespace_json, naming_typed, namespaces),
+            report.clone(),
+        )),
+        tokio::spawn(watch(Api::<Pod>::all(client.clone()), Kind::Pod, (pod_json, naming_typed, pods), report.clone())),
         tokio::spawn(watch(
             Api::<NetworkPolicy>::all(client.clone()),
             Kind::NetworkPolicy,
-            network_policy_json,
+            (network_policy_json, naming_typed, network_policies),
             report.clone(),
         )),
         // Untyped: a custom resource the API server holds may still be one
@@ -277,7 +386,7 @@ pub async fn watch_all(client: Client, report: impl Fn(Report) -> bool + Clone +
         tokio::spawn(watch(
             Api::<DynamicObject>::all_with(client, &ApiResource::erase::<SegmentPolicy>(&())),
             Kind::SegmentPolicy,
-            segment_policy_json,
+            (segment_policy_json, naming_dynamic, segment_policies),
             report,
         )),
     ];
@@ -293,12 +402,18 @@ const PROBE_WHILE_DOWN: Duration = Duration::from_secs(1);
 /// ends it by then anyway); a renewal resumes from the last version seen.
 const WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 
-/// One kind's watcher: its events as engine sources, until `report` says
-/// the receiver is gone.
-async fn watch<K>(api: Api<K>, kind: Kind, to_json: fn(&K) -> Value, report: impl Fn(Report) -> bool)
+/// How a watcher keeps one kind: its JSON for the engine, what the
+/// reflector keeps of it, and the reflector's writer.
+type Keeping<K> = (fn(&K) -> Value, fn(&K) -> K, Writer<K>);
+
+/// One kind's watcher: its events as engine sources, and its reflector's
+/// store kept, until `report` says the receiver is gone.
+async fn watch<K>(api: Api<K>, kind: Kind, keeping: Keeping<K>, report: impl Fn(Report) -> bool)
 where
-    K: Resource + Clone + DeserializeOwned + fmt::Debug + Send + 'static,
+    K: Resource + kube::runtime::reflector::Lookup + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+    <K as kube::runtime::reflector::Lookup>::DynamicType: Eq + std::hash::Hash + Clone,
 {
+    let (to_json, naming, mut writer) = keeping;
     let config = watcher::Config::default().timeout(u32::try_from(WATCH_TIMEOUT.as_secs()).unwrap_or(290));
     let probe = api.clone();
     let stream = watcher::watcher(api, config).default_backoff();
@@ -341,6 +456,13 @@ where
         if std::mem::take(&mut down) && !report(Report::Up(kind)) {
             return;
         }
+        writer.apply_watcher_event(&match &event {
+            Event::Init => Event::Init,
+            Event::InitApply(object) => Event::InitApply(naming(object)),
+            Event::InitDone => Event::InitDone,
+            Event::Apply(object) => Event::Apply(naming(object)),
+            Event::Delete(object) => Event::Delete(naming(object)),
+        });
         let sent = match event {
             Event::Init => {
                 relisted = Some((HashSet::new(), Vec::new()));
@@ -507,11 +629,11 @@ mod tests {
     fn a_source_names_its_object() {
         assert_eq!(
             object_of("kubernetes:pods/shop/web-1"),
-            Some(("v1".into(), "Pod", Some("shop".into()), "web-1".into()))
+            Some((Kind::Pod, "v1".into(), "Pod", Some("shop".into()), "web-1".into()))
         );
         assert_eq!(
             object_of("kubernetes:segmentpolicies/base"),
-            Some(("bulkhead.dev/v1".into(), "SegmentPolicy", None, "base".into()))
+            Some((Kind::SegmentPolicy, "bulkhead.dev/v1".into(), "SegmentPolicy", None, "base".into()))
         );
         assert_eq!(object_of("/etc/bulkhead/policy/a.yaml"), None);
     }
@@ -575,12 +697,16 @@ mod tests {
         let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let (sender, mut reports) = tokio::sync::mpsc::unbounded_channel();
-        let watcher = tokio::spawn(watch(Api::<Pod>::all(client), Kind::Pod, pod_json, move |report| {
-            sender.send(report).is_ok()
-        }));
+        let (stores, writers) = reflectors();
+        let keeping = (pod_json as fn(&Pod) -> Value, naming_typed as fn(&Pod) -> Pod, writers.pods);
+        let watcher =
+            tokio::spawn(watch(Api::<Pod>::all(client), Kind::Pod, keeping, move |report| sender.send(report).is_ok()));
+        // What the reflector's store names an object by.
+        let known = |name: &str| stores.identify(Kind::Pod, Some("shop"), name);
         let pod = |name: &str, version: &str, app: &str, ip: &str| {
             json!({"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": name, "namespace": "shop", "resourceVersion": version, "labels": {"app": app}},
+                   "metadata": {"name": name, "namespace": "shop", "resourceVersion": version, "labels": {"app": app},
+                                "uid": format!("uid-{name}")},
                    "status": {"phase": "Running", "podIP": ip}})
         };
         let list = |version: &str, items: Vec<Value>| json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": version}, "items": items});
@@ -610,6 +736,8 @@ mod tests {
         assert_eq!(listed, [("kubernetes:pods/shop/a".into(), false), ("kubernetes:pods/shop/b".into(), false)]);
         assert!(matches!(next().await, Report::Version { kind: Kind::Pod, version: 4 }));
         assert!(matches!(next().await, Report::Listed(Kind::Pod)));
+        assert_eq!(known("a"), Some(("uid-a".into(), Some("3".into()))));
+        assert_eq!(known("b"), Some(("uid-b".into(), Some("4".into()))));
 
         // A watch: a relabel, a deletion, and a repeat that changes nothing.
         let events = [
@@ -623,6 +751,7 @@ mod tests {
         assert!(matches!(next().await, Report::Version { version: 6, .. }), "the repeat: no change, its version");
         assert_eq!(sources(next().await), [("kubernetes:pods/shop/b".into(), true)]);
         assert!(matches!(next().await, Report::Version { version: 7, .. }));
+        assert_eq!((known("a"), known("b")), (Some(("uid-a".into(), Some("6".into()))), None));
 
         // The history is gone: 410, then a relist that no longer has `a`
         // and has a new `c`.
@@ -648,6 +777,7 @@ mod tests {
         assert_eq!(relisted, [("kubernetes:pods/shop/c".into(), false), ("kubernetes:pods/shop/a".into(), true)]);
         assert!(matches!(next().await, Report::Version { version: 8, .. }));
         assert!(matches!(next().await, Report::Listed(Kind::Pod)));
+        assert_eq!((known("a"), known("c")), (None, Some(("uid-c".into(), Some("8".into())))));
         watcher.abort();
         serving.abort();
     }

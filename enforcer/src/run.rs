@@ -593,9 +593,10 @@ fn start_cluster(
     log::info!("kubernetes: watching the cluster as node {}", source.node_name);
     let (sender, receiver) = mpsc::channel();
     let mailbox = Mailbox::new(sender, wakeup.clone());
-    runtime.spawn(enforcer::kubernetes::watch_all(client.clone(), move |report| mailbox.send(report).is_ok()));
+    let (stores, writers) = enforcer::kubernetes::reflectors();
+    runtime.spawn(enforcer::kubernetes::watch_all(client.clone(), writers, move |report| mailbox.send(report).is_ok()));
     let (refused, refusals) = tokio::sync::mpsc::unbounded_channel();
-    runtime.spawn(enforcer::kubernetes::report_refusals(client, source.node_name.clone(), refusals));
+    runtime.spawn(enforcer::kubernetes::report_refusals(client, source.node_name.clone(), stores, refusals));
     Ok(cluster::Cluster::new(receiver, refused))
 }
 

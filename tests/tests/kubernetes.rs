@@ -175,7 +175,7 @@ fn pods_and_policies_from_the_api_are_enforced_and_follow_the_cluster() {
 #[test]
 fn an_invalid_segment_policy_is_refused_alone() {
     let cluster = Cluster::new("kubecr");
-    cluster
+    let broken = cluster
         .api
         .create_value(json!({
             "apiVersion": "bulkhead.dev/v1", "kind": "SegmentPolicy", "metadata": {"name": "broken"},
@@ -200,6 +200,10 @@ fn an_invalid_segment_policy_is_refused_alone() {
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert_eq!(event.reason.as_deref(), Some("PolicyRefused"));
     assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+    // By uid, as `kubectl describe` finds an object's events.
+    let regarding = event.regarding.as_ref().unwrap();
+    assert_eq!(regarding.uid.as_deref(), broken["metadata"]["uid"].as_str());
+    assert_eq!(regarding.resource_version.as_deref(), broken["metadata"]["resourceVersion"].as_str());
     assert!(event.note.as_deref().is_some_and(|note| note.contains("10.9.9.300")), "{event:?}");
     assert_eq!(event.metadata.namespace.as_deref(), Some("default"), "cluster-scoped: events go to default");
     let (verb, group, resource) = enforcer::kubernetes::EVENT_ACCESS;
