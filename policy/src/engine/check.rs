@@ -21,15 +21,24 @@ use super::stored::{StoredIdentity as Identity, StoredRule as Rule, StoredSelect
 use crate::model::{HOST, WORLD};
 
 /// The declarations of one name: one in a valid policy, kept inline; none
-/// for an identity only named by rules (or only compiled, in a change).
+/// for an identity only named by rules (or only compiled, in a change);
+/// several for pods alike (one identity).
 #[derive(Debug, Default)]
 enum Declared<T> {
     #[default]
     None,
     One(Arc<T>),
     /// Boxed: a thin pointer keeps the usual case at 16 bytes.
-    #[allow(clippy::box_collection, reason = "a thin pointer, for the enum's size; see above")]
-    Many(Box<Vec<Arc<T>>>),
+    Many(Box<Many<T>>),
+}
+
+/// Several declarations of one name, and the one identity they make when
+/// they are pods alike ([`Checks::merge_pods`]), made again after any of
+/// them changes.
+#[derive(Debug)]
+struct Many<T> {
+    items: Vec<Arc<T>>,
+    merged: Option<Arc<T>>,
 }
 
 impl<T> Declared<T> {
@@ -37,7 +46,7 @@ impl<T> Declared<T> {
         match self {
             Self::None => &[],
             Self::One(one) => std::slice::from_ref(one),
-            Self::Many(many) => many,
+            Self::Many(many) => &many.items,
         }
     }
 
@@ -45,8 +54,13 @@ impl<T> Declared<T> {
     fn push(&mut self, item: Arc<T>) -> usize {
         match self {
             Self::None => *self = Self::One(item),
-            Self::One(one) => *self = Self::Many(Box::new(vec![Arc::clone(one), item])),
-            Self::Many(many) => many.push(item),
+            Self::One(one) => {
+                *self = Self::Many(Box::new(Many { items: vec![Arc::clone(one), item], merged: None }));
+            }
+            Self::Many(many) => {
+                many.items.push(item);
+                many.merged = None;
+            }
         }
         self.as_slice().len()
     }
@@ -61,11 +75,12 @@ impl<T> Declared<T> {
                 }
             }
             Self::Many(many) => {
-                if let Some(at) = many.iter().position(|d| Arc::ptr_eq(d, item)) {
-                    many.swap_remove(at);
+                if let Some(at) = many.items.iter().position(|d| Arc::ptr_eq(d, item)) {
+                    many.items.swap_remove(at);
+                    many.merged = None;
                 }
-                if many.len() == 1 {
-                    *self = Self::One(Arc::clone(&many[0]));
+                if many.items.len() == 1 {
+                    *self = Self::One(Arc::clone(&many.items[0]));
                 }
             }
         }
@@ -99,9 +114,6 @@ struct IdentityRecord {
     naming_rules: SmallSet<u32>,
     /// Declarations that are not pods alike the first: each a duplicate.
     strays: u32,
-    /// Several declarations of pods alike as the one identity they are,
-    /// made once per change that touches them ([`Checks::merge_pods`]).
-    merged: Option<Arc<Identity>>,
 }
 
 impl IdentityRecord {
@@ -179,7 +191,7 @@ impl Checks {
     pub(super) fn identity(&self, id: OwnerId) -> Option<&Arc<Identity>> {
         let record = self.record(id)?;
         match &record.declared {
-            Declared::Many(_) if record.strays == 0 => record.merged.as_ref(),
+            Declared::Many(many) if record.strays == 0 => many.merged.as_ref(),
             declared => declared.only(),
         }
     }
@@ -189,11 +201,11 @@ impl Checks {
     /// its pods the change touches.
     pub(super) fn merge_pods(&mut self, id: OwnerId) {
         let Some(record) = self.identities.get_mut(id as usize).and_then(Option::as_mut) else { return };
-        if let Declared::Many(declarations) = &record.declared
+        if let Declared::Many(many) = &mut record.declared
             && record.strays == 0
-            && record.merged.is_none()
+            && many.merged.is_none()
         {
-            record.merged = Some(Arc::new(Identity::merged(declarations)));
+            many.merged = Some(Arc::new(Identity::merged(&many.items)));
         }
     }
 
@@ -234,7 +246,6 @@ impl Checks {
                 compiled: None,
                 naming_rules: SmallSet::default(),
                 strays: 0,
-                merged: None,
             };
             let id = if let Some(id) = self.free_ids.pop() {
                 self.identities[id as usize] = Some(record);
@@ -334,7 +345,6 @@ impl Checks {
             self.problems.reserved_names += 1;
         }
         let (_, record) = self.record_for(&identity.name);
-        record.merged = None;
         if record.declared.push(Arc::clone(identity)) == 1 {
             let refs = record.refs as usize;
             self.unmatched.undeclared_references -= refs;
@@ -366,7 +376,6 @@ impl Checks {
         if let Some(id) = self.identity_id(name)
             && let Some(record) = self.identities.get_mut(id as usize).and_then(Option::as_mut)
         {
-            record.merged = None;
             let strays = record.strays;
             let was_first = record.declared.as_slice().first().is_some_and(|first| Arc::ptr_eq(first, identity));
             let left = record.declared.remove(identity);
@@ -519,5 +528,17 @@ impl Checks {
         }
         self.label_refs.remove(wanted);
         self.selectors.remove(wanted);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdentityRecord;
+
+    /// A record per identity name, 100,000 of them at scale: what pods
+    /// alike share lives behind the pointer of their declarations.
+    #[test]
+    fn identity_records_stay_compact() {
+        assert_eq!(size_of::<Option<IdentityRecord>>(), 64);
     }
 }
