@@ -239,7 +239,7 @@ async fn status(State(state): State<Arc<ApiState>>, Extension(caller): Extension
         generation: figures.generation,
         identities: figures.identities,
         rules: figures.rules,
-        load_errors: figures.load_errors,
+        load_errors: figures.load_errors.total(),
         last_error: shared.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         interfaces,
     })

@@ -1,4 +1,4 @@
-//! `bulkhead policy check` and `bulkhead policy explain`.
+//! `bulkhead policy check`, `explain`, and the signing commands (`keygen`, `sign`, `verify`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -168,6 +168,60 @@ pub fn explain(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `bulkhead policy keygen --out PREFIX`.
+pub fn keygen(prefix: &Path) -> anyhow::Result<ExitCode> {
+    let (secret, public, id) = enforcer::signing::keygen(prefix)?;
+    println!("key {id}: secret key {} (keep it secret), public key {}", secret.display(), public.display());
+    println!("trust it on a node by putting {} into the directory given to --trusted-keys", public.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bulkhead policy sign --key FILE --version N [--expires WHEN] DIR`.
+pub fn sign(dir: &Path, key: &Path, version: u64, expires: Option<&str>) -> anyhow::Result<ExitCode> {
+    let now = std::time::SystemTime::now();
+    let expires = expires
+        .map(|text| enforcer::signing::parse_time(text, now).map_err(|why| anyhow::anyhow!("--expires: {why}")))
+        .transpose()?;
+    if expires.is_some_and(|expires| expires <= now) {
+        anyhow::bail!("--expires is in the past: the set would never be enforced");
+    }
+    let manifest = enforcer::signing::sign(dir, key, version, expires)?;
+    println!(
+        "signed {} policy file(s) of {} as version {}: {} and {}",
+        manifest.files.len(),
+        dir.display(),
+        manifest.version,
+        dir.join(enforcer::signing::MANIFEST).display(),
+        dir.join(enforcer::signing::SIGNATURE).display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bulkhead policy verify --trusted-keys KEYDIR DIR`.
+pub fn verify(dir: &Path, keys: &Path) -> anyhow::Result<ExitCode> {
+    use enforcer::signing;
+    let trusted = signing::TrustedKeys::load(keys)?;
+    match signing::verify_set(dir, &signing::digests(dir)?, &trusted, std::time::SystemTime::now()) {
+        Ok(verified) => {
+            println!(
+                "ok: {} is signed by {}, version {}{}",
+                dir.display(),
+                verified.key.display(),
+                verified.version,
+                verified.expires.map_or_else(String::new, |expires| {
+                    let unix = expires.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    format!(", expires {}", enforcer::events::rfc3339(i128::from(unix) * 1_000_000_000))
+                })
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            println!("{error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 #[cfg(test)]

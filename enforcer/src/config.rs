@@ -60,6 +60,17 @@ pub struct RunArgs {
     /// With `--kubernetes`: this node's name, as the cluster knows it.
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Enforce the policy directory (and API pushes) only as a set signed
+    /// by a key in KEYDIR (minisign public keys, `*.pub`): its manifest
+    /// lists every file's SHA-256, a version that may not go down and an
+    /// optional expiry (see `bulkhead policy sign`). Anything else is
+    /// refused and the last good policy stays [default: off].
+    #[arg(long, value_name = "KEYDIR")]
+    pub trusted_keys: Option<PathBuf>,
+    /// Where the daemon keeps what must survive restarts and reboots (the
+    /// signed policy version enforced last) [default: /var/lib/bulkhead].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Tracked connection entries, two per connection [default: 262144].
     #[arg(long, value_name = "N")]
     pub conntrack_size: Option<u32>,
@@ -142,6 +153,9 @@ pub struct RunConfig {
     pub events_to: EventsTo,
     pub api: Option<ApiConfig>,
     pub identity_drops_top: usize,
+    /// `--trusted-keys`: enforce only signed policy sets.
+    pub trusted_keys: Option<PathBuf>,
+    pub state_dir: PathBuf,
 }
 
 /// The Kubernetes API as a policy source.
@@ -158,6 +172,9 @@ pub enum EventsTo {
     Off,
     File(PathBuf),
 }
+
+/// Where `bulkhead run` keeps state by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulkhead";
 
 /// Where `bulkhead run` pins by default.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/bulkhead";
@@ -220,6 +237,8 @@ impl RunArgs {
             detach_on_exit: self.detach_on_exit || file.detach_on_exit,
             api,
             identity_drops_top: self.identity_drops_top.or(file.identity_drops_top).unwrap_or(20),
+            trusted_keys: self.trusted_keys.clone().or(file.trusted_keys),
+            state_dir: self.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             events_to: match self.events_to.clone().or(file.events_to.clone()).as_deref() {
                 None | Some("stdout") => EventsTo::Stdout,
                 Some("off") => EventsTo::Off,
@@ -345,6 +364,8 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             }
             "kubeconfig" => args.kubeconfig = Some(PathBuf::from(scalar(value, &key)?)),
             "node-name" => args.node_name = Some(scalar(value, &key)?),
+            "trusted-keys" => args.trusted_keys = Some(PathBuf::from(scalar(value, &key)?)),
+            "state-dir" => args.state_dir = Some(PathBuf::from(scalar(value, &key)?)),
             "conntrack-size" => args.conntrack_size = Some(number(value, &key)?),
             "identity-map-size" => args.identity_map_size = Some(number(value, &key)?),
             "prefix-map-size" => args.prefix_map_size = Some(number(value, &key)?),
@@ -381,7 +402,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, policy-enforcement, kubernetes, kubeconfig, node-name, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, policy-enforcement, kubernetes, kubeconfig, node-name, trusted-keys, state-dir, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location(&file)
             ),
         }

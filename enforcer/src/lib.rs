@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod pins;
 pub mod quiesce;
 pub mod server;
+pub mod signing;
 pub mod sources;
 mod sys;
 pub mod testrun;

@@ -103,6 +103,37 @@ enum PolicyCommand {
         #[arg(long, value_name = "always|default")]
         policy_enforcement: Option<String>,
     },
+    /// Make a key pair for signing policy sets: PREFIX.key (secret,
+    /// unencrypted, mode 0600) and PREFIX.pub, in minisign's formats.
+    Keygen {
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Sign the policy set of DIR: write its manifest (every policy file's
+    /// SHA-256, the version, the expiry) and the manifest's minisign
+    /// signature into DIR, as hidden files.
+    Sign {
+        /// Unencrypted minisign secret key (`policy keygen`, `minisign -G -W`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The set's version: a node refuses a set older than one it enforced.
+        #[arg(long, value_name = "N")]
+        version: u64,
+        /// When the set stops being enforceable: a duration (30d, 12h) or an RFC 3339 time.
+        #[arg(long, value_name = "DURATION|RFC3339")]
+        expires: Option<String>,
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Check that DIR is a policy set signed by a key in KEYDIR, unchanged
+    /// and unexpired; exit 1 naming the file and the reason if not.
+    Verify {
+        /// Directory of trusted minisign public keys (`*.pub`).
+        #[arg(long, value_name = "KEYDIR")]
+        trusted_keys: PathBuf,
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 fn uninstall(root: &std::path::Path) -> anyhow::Result<ExitCode> {
@@ -134,6 +165,11 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Explain { policy_dir, from, to, audit, policy_enforcement }) => {
             check::explain(&policy_dir, &from, &to, audit, policy_enforcement.as_deref())
         }
+        Command::Policy(PolicyCommand::Keygen { out }) => check::keygen(&out),
+        Command::Policy(PolicyCommand::Sign { key, version, expires, dir }) => {
+            check::sign(&dir, &key, version, expires.as_deref())
+        }
+        Command::Policy(PolicyCommand::Verify { trusted_keys, dir }) => check::verify(&dir, &trusted_keys),
     };
     match result {
         Ok(code) => code,

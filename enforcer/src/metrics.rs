@@ -10,6 +10,46 @@ use prometheus::{
 
 use crate::datapath::{CounterSnapshot, Datapath};
 
+/// Why a candidate policy was refused: the `reason` label of
+/// `bulkhead_policy_load_errors_total`. `invalid`: the policy itself (or
+/// the maps' room); `unreadable`: the directory or a file could not be
+/// read; the rest are `--trusted-keys` refusals (see `signing`).
+pub const LOAD_ERROR_REASONS: [&str; 10] = [
+    "invalid",
+    "unreadable",
+    "unsigned",
+    "untrusted_key",
+    "bad_signature",
+    "bad_manifest",
+    "files_differ",
+    "expired",
+    "rollback",
+    "trusted_keys",
+];
+
+/// Refused candidate policies, counted by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadErrors([u64; LOAD_ERROR_REASONS.len()]);
+
+impl LoadErrors {
+    /// Counts one refusal for `reason` (one of [`LOAD_ERROR_REASONS`]; any
+    /// other counts as `invalid`).
+    pub fn count(&mut self, reason: &str) {
+        let at = LOAD_ERROR_REASONS.iter().position(|known| *known == reason).unwrap_or(0);
+        self.0[at] += 1;
+    }
+
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Every reason with its count, zeros included.
+    pub fn by_reason(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        LOAD_ERROR_REASONS.iter().copied().zip(self.0.iter().copied())
+    }
+}
+
 /// Policy figures exported beside the counters.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PolicyStats {
@@ -17,8 +57,8 @@ pub struct PolicyStats {
     pub rules: usize,
     /// Generation of the enforced policy; bumped by every applied change.
     pub generation: u32,
-    /// Candidate policies rejected since start.
-    pub load_errors: u64,
+    /// Candidate policies rejected since start, by reason.
+    pub load_errors: LoadErrors,
     /// Identity pairs exported by name in `bulkhead_identity_drops_total`;
     /// the rest are summed under `other`.
     pub identity_drops_top: usize,
@@ -201,12 +241,14 @@ fn policy_figures(builder: &Builder, snapshot: &CounterSnapshot, stats: PolicySt
             i64::try_from(stats.kubernetes_rejected).unwrap_or(i64::MAX),
         )?;
     }
-    let errors = prometheus::IntCounter::new(
+    let errors = builder.counters(
         "bulkhead_policy_load_errors_total",
-        "Candidate policies rejected (the previous policy stayed enforced).",
+        "Candidate policies rejected (the previous policy stayed enforced), by reason.",
+        &["reason"],
     )?;
-    errors.inc_by(stats.load_errors);
-    builder.registry.register(Box::new(errors))?;
+    for (reason, count) in stats.load_errors.by_reason() {
+        errors.with_label_values(&[reason]).inc_by(count);
+    }
     let pairs = builder.counters(
         "bulkhead_identity_drops_total",
         "Dropped packets by source and destination identity: the top pairs by name, the rest as other.",
@@ -399,7 +441,11 @@ mod tests {
             identities: 4,
             rules: 2,
             generation: 3,
-            load_errors: 1,
+            load_errors: {
+                let mut errors = LoadErrors::default();
+                errors.count("rollback");
+                errors
+            },
             identity_drops_top: 2,
             unmatched_peers: 5,
             files_up: false,
@@ -459,6 +505,7 @@ mod tests {
         let audit = "bulkhead_audit_packets_total{direction=\"egress\",reason=\"default_deny\"} 5";
         assert!(text.contains(audit), "{text}");
         assert!(text.contains("bulkhead_policy_generation 3"), "{text}");
-        assert!(text.contains("bulkhead_policy_load_errors_total 1"), "{text}");
+        assert!(text.contains("bulkhead_policy_load_errors_total{reason=\"rollback\"} 1"), "{text}");
+        assert!(text.contains("bulkhead_policy_load_errors_total{reason=\"invalid\"} 0"), "{text}");
     }
 }

@@ -70,7 +70,7 @@ fn unblock_stop_signals() {
 
 fn one_line(error: &PolicyError, dir: &Path) -> String {
     match error {
-        PolicyError::Invalid { diagnostics } => format!(
+        PolicyError::Invalid { diagnostics } if !diagnostics.is_empty() => format!(
             "policy in {} is invalid: {} problem(s), first: {}; run `bulkhead policy check {}` to list them all",
             dir.display(),
             diagnostics.len(),
@@ -79,6 +79,27 @@ fn one_line(error: &PolicyError, dir: &Path) -> String {
         ),
         other => other.to_string(),
     }
+}
+
+/// Reads, verifies (with `--trusted-keys`) and compiles the policy
+/// directory before anything is attached: any refusal ends the start.
+fn first_policy_from_files(
+    args: &RunConfig,
+    engine: &mut policy::Engine,
+    cluster: bool,
+) -> anyhow::Result<(enforcer::sources::PolicyDir, policy::EntryDiff)> {
+    let dir = &args.policy_dir;
+    let trust = args.trusted_keys.as_ref().map(|keys| enforcer::signing::Trust {
+        keys: keys.clone(),
+        enforced: enforcer::signing::EnforcedVersion::new(&args.state_dir),
+    });
+    let mut policy_dir = enforcer::sources::PolicyDir::new(dir).allowing_empty(cluster).trusting(trust);
+    let files = policy_dir.changes().map_err(|error| anyhow::anyhow!("{error}; nothing was attached"))?;
+    let diff = engine
+        .apply(files, SystemTime::now())
+        .map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, dir)))?;
+    policy_dir.enforced().map_err(|error| anyhow::anyhow!("{error}; nothing was attached"))?;
+    Ok((policy_dir, diff))
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
@@ -105,9 +126,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         Some(source) => Some(start_cluster(&runtime, source, &wakeup)?),
         None => None,
     };
-    let mut policy_dir = enforcer::sources::PolicyDir::new(&dir).allowing_empty(cluster.is_some());
-    let loaded = policy_dir.changes().and_then(|files| engine.apply(files, SystemTime::now()));
-    let diff = loaded.map_err(|error| anyhow::anyhow!("{}; nothing was attached", one_line(&error, &dir)))?;
+    let (policy_dir, diff) = first_policy_from_files(args, &mut engine, cluster.is_some())?;
     let selector = check_host(&args.interfaces)?;
 
     let root = args.bpffs_root.as_path();
@@ -568,7 +587,7 @@ fn publish_start(
         identities: engine.identity_count(),
         rules: engine.active_rule_count(),
         generation,
-        load_errors: 0,
+        load_errors: enforcer::metrics::LoadErrors::default(),
         identity_drops_top: args.identity_drops_top,
         unmatched_peers: engine.unmatched_peers(),
         files_up: true, // filled in at each scrape from `Shared::source_down`
@@ -929,7 +948,7 @@ impl Maintainer<'_> {
     fn refused(&self, origin: &Origin, why: &str, problems: usize) {
         match origin {
             Origin::Push { who, digest } => {
-                self.reject(&format!("push by `{who}`: {why}"));
+                self.reject(&format!("push by `{who}`: {why}"), "invalid");
                 log::warn!(target: "audit", "who={who} action=push result=rejected digest=sha256:{digest} problems={problems}");
             }
             // A batch refused is tried again object by object, and what is
@@ -939,14 +958,15 @@ impl Maintainer<'_> {
             Origin::Cluster { objects } => {
                 log::debug!("{objects} cluster object(s) refused ({why})");
             }
-            Origin::Files | Origin::Expiry | Origin::Retry => self.reject(why),
+            Origin::Files | Origin::Expiry | Origin::Retry => self.reject(why, "invalid"),
         }
     }
 
-    /// Records a rejected candidate: counted, shown in status, logged.
-    fn reject(&self, why: &str) {
+    /// Records a rejected candidate: counted under `reason` (see
+    /// `metrics::LOAD_ERROR_REASONS`), shown in status, logged.
+    fn reject(&self, why: &str, reason: &str) {
         log::error!("rejected policy change, previous policy stays enforced: {why}");
-        self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).load_errors += 1;
+        self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).load_errors.count(reason);
         *self.shared.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.to_owned());
     }
 
@@ -1009,7 +1029,7 @@ impl Maintainer<'_> {
                 // Reported once, not every second. What was seen stays: the
                 // next good pass reports every change since the last one.
                 if self.last_dir_error_differs(&error.to_string()) {
-                    self.reject(&error.to_string());
+                    self.reject(&error.to_string(), error.reason());
                 }
                 self.files_up(Some(&error.to_string()));
                 return_freed_memory();
@@ -1018,6 +1038,9 @@ impl Maintainer<'_> {
         };
         self.files_up(None);
         if changes.is_empty() {
+            // A signed set re-signed with the same files: nothing to
+            // apply, and its version is the one enforced now.
+            self.record_signed_version();
             return;
         }
         if self.pushed {
@@ -1035,7 +1058,7 @@ impl Maintainer<'_> {
             match self.policy_dir.changes() {
                 Ok(files) => all.extend(files),
                 Err(error) => {
-                    self.reject(&error.to_string());
+                    self.reject(&error.to_string(), error.reason());
                     self.files_up(Some(&error.to_string()));
                     return;
                 }
@@ -1052,8 +1075,17 @@ impl Maintainer<'_> {
         let kept = changes.clone();
         if self.apply(&Origin::Files, Some(changes)).is_ok() {
             self.pushed = false;
+            self.record_signed_version();
         } else {
             self.held_back = kept;
+        }
+    }
+
+    /// With `--trusted-keys`: the verified set's version is enforced now,
+    /// and the floor from here on (across restarts).
+    fn record_signed_version(&mut self) {
+        if let Err(error) = self.policy_dir.enforced() {
+            log::error!("{error}: a restart could not refuse an older signed policy until this is fixed");
         }
     }
 

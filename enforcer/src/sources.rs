@@ -14,6 +14,29 @@ use policy::PolicyError;
 use policy::engine::{Contents, SourceChange};
 use sha2::{Digest as _, Sha256};
 
+use crate::signing::{self, SigningError, Trust, Verified};
+
+/// Why the policy directory gave no changes.
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// With `--trusted-keys`: the files are not the signed set.
+    #[error(transparent)]
+    Signing(#[from] SigningError),
+}
+
+impl DirError {
+    /// The `reason` label of `bulkhead_policy_load_errors_total`.
+    #[must_use]
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            Self::Policy(_) => "unreadable",
+            Self::Signing(error) => error.reason(),
+        }
+    }
+}
+
 /// A policy file's text as the daemon keeps it for `GET /v1/policy`:
 /// deflated, since YAML shrinks about tenfold and the engine holds the
 /// parsed policy anyway (a 100,000-rule file: about 2 MB, not 20).
@@ -68,12 +91,48 @@ pub struct PolicyDir {
     /// A directory without policy files is an empty policy, not an error
     /// (with `--kubernetes`, the cluster may be the whole policy).
     empty_allowed: bool,
+    /// With `--trusted-keys`: the keys and the version enforced so far.
+    trust: Option<Trust>,
+    /// The manifest's and its signature's look when last verified.
+    signed_stamps: Option<(Option<Stamp>, Option<Stamp>)>,
+    /// The set verified last, until [`PolicyDir::enforced`] records it.
+    verified: Option<Verified>,
 }
 
 impl PolicyDir {
     #[must_use]
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf(), files: BTreeMap::new(), empty_allowed: false }
+        Self {
+            dir: dir.to_path_buf(),
+            files: BTreeMap::new(),
+            empty_allowed: false,
+            trust: None,
+            signed_stamps: None,
+            verified: None,
+        }
+    }
+
+    /// The same, enforcing only the set signed by a key `trust` holds
+    /// (`--trusted-keys`): each pass in which a file, the manifest or the
+    /// signature changed verifies the whole set first, with the keys read
+    /// anew, and gives no change unless it is the signed set, unexpired and
+    /// no older than the version enforced last.
+    #[must_use]
+    pub fn trusting(mut self, trust: Option<Trust>) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    /// Records the set verified last as enforced (its version is the floor
+    /// from now on, across restarts). Call once its changes are applied.
+    ///
+    /// # Errors
+    /// The state directory cannot be written.
+    pub fn enforced(&mut self) -> Result<(), SigningError> {
+        match (self.verified.take(), &self.trust) {
+            (Some(verified), Some(trust)) => trust.enforced.set(verified.version),
+            _ => Ok(()),
+        }
     }
 
     /// The same, taking a directory without policy files as an empty
@@ -92,14 +151,14 @@ impl PolicyDir {
     /// is an error, as is a file that cannot be read; then what was seen stays as it
     /// was, so the next call reports every change since the last good one
     /// (a removal too, which a fresh start would not know of).
-    pub fn changes(&mut self) -> Result<Vec<SourceChange>, PolicyError> {
+    pub fn changes(&mut self) -> Result<Vec<SourceChange>, DirError> {
         // The directory itself must be there: listed as a path, a vanished
         // directory would read as one vanished file, and every file it held
         // would seem removed (an empty policy, enforced).
         let dir_error = |source| PolicyError::Read { path: self.dir.clone(), source };
         let metadata = std::fs::metadata(&self.dir).map_err(dir_error)?;
         if !metadata.is_dir() {
-            return Err(dir_error(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")));
+            return Err(dir_error(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")).into());
         }
         let paths = match policy::list_files(std::slice::from_ref(&self.dir)) {
             Err(PolicyError::NoFiles { .. }) if self.empty_allowed => Vec::new(),
@@ -111,12 +170,7 @@ impl PolicyDir {
             let name = path.display().to_string();
             let read_error = |source| PolicyError::Read { path: path.clone(), source };
             let Some(metadata) = unless_gone(std::fs::metadata(&path)).map_err(read_error)? else { continue };
-            let stamp = Stamp {
-                len: metadata.len(),
-                modified: metadata.modified().ok(),
-                inode: metadata.ino(),
-                device: metadata.dev(),
-            };
+            let stamp = stamp_of(&metadata);
             let known = self.files.get(&name);
             if let Some(known) = known
                 && known.stamp == stamp
@@ -139,8 +193,39 @@ impl PolicyDir {
         for gone in self.files.keys().filter(|name| !seen.contains_key(*name)) {
             changes.push(SourceChange { source: gone.clone(), contents: Contents::Removed });
         }
+        self.verify(&seen, !changes.is_empty())?;
         self.files = seen;
         Ok(changes)
+    }
+
+    /// With trust, verifies the set `seen` when it, the manifest or the
+    /// signature changed (`changed`: a policy file did).
+    fn verify(&mut self, seen: &BTreeMap<String, Seen>, changed: bool) -> Result<(), SigningError> {
+        let Some(trust) = &self.trust else { return Ok(()) };
+        let stamp = |name: &str| std::fs::metadata(self.dir.join(name)).ok().map(|metadata| stamp_of(&metadata));
+        let stamps = (stamp(signing::MANIFEST), stamp(signing::SIGNATURE));
+        if !changed && self.signed_stamps.as_ref() == Some(&stamps) {
+            return Ok(());
+        }
+        let files = seen
+            .iter()
+            .map(|(name, seen)| {
+                let file = Path::new(name).file_name().map(|name| name.to_string_lossy().into_owned());
+                (file.unwrap_or_else(|| name.clone()), seen.digest)
+            })
+            .collect();
+        let keys = signing::TrustedKeys::load(&trust.keys)?;
+        let verified = signing::verify_set(&self.dir, &files, &keys, SystemTime::now())?;
+        trust.enforced.admit(&verified, &self.dir.join(signing::MANIFEST))?;
+        log::info!(
+            "policy set version {} of {} verified: signed by {}",
+            verified.version,
+            self.dir.display(),
+            verified.key.display()
+        );
+        self.signed_stamps = Some(stamps);
+        self.verified = Some(verified);
+        Ok(())
     }
 
     /// Every file as last read, by name.
@@ -155,6 +240,10 @@ impl PolicyDir {
     pub fn forget(&mut self) {
         self.files.clear();
     }
+}
+
+fn stamp_of(metadata: &std::fs::Metadata) -> Stamp {
+    Stamp { len: metadata.len(), modified: metadata.modified().ok(), inode: metadata.ino(), device: metadata.dev() }
 }
 
 /// `None` for a file deleted since the directory was listed.

@@ -24,7 +24,7 @@ pub use engine::{Contents, Engine, EntryDiff, SourceChange};
 pub use error::{Diagnostic, Location, PolicyError};
 pub use eval::{Decision, Evaluator, Packet, Verdict};
 pub use model::Policy;
-pub use parse::{API_VERSION, CRD_API_VERSION, KIND};
+pub use parse::{API_VERSION, CRD_API_VERSION, KIND, rfc3339 as parse_rfc3339};
 
 /// One policy file's name and contents.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -634,7 +634,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Parses an RFC 3339 timestamp (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`).
-fn rfc3339(text: &str) -> Option<SystemTime> {
+pub fn rfc3339(text: &str) -> Option<SystemTime> {
     let bytes = text.as_bytes();
     if bytes.len() < 20 || !matches!(bytes[10], b'T' | b't' | b' ') || bytes[4] != b'-' || bytes[7] != b'-' {
         return None;

@@ -81,7 +81,7 @@ fn a_time_bound_rule_lapses_by_itself() {
     wait_for_generation(&lab, &daemon, 2);
     assert_eq!(probe::tcp(&lab.host("gateway").ns, addr(&lab, "logic", 8080)).unwrap(), Outcome::TimedOut);
     assert_eq!(metric(&lab, &daemon, "bulkhead_policy_rules"), Some(4), "one rule fewer in force");
-    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total"), Some(0));
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total{reason=\"invalid\"}"), Some(0));
     assert_eq!(probe::tcp(&lab.host("logic").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected, "others stay");
 }
 
@@ -143,7 +143,7 @@ fn a_policy_too_large_for_the_maps_is_refused_whole() {
     std::fs::write(dir.join(".p.yaml.new"), bigger).unwrap();
     std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&lab, &daemon, "bulkhead_policy_load_errors_total") != Some(1) {
+    while metric(&lab, &daemon, "bulkhead_policy_load_errors_total{reason=\"invalid\"}") != Some(1) {
         assert!(Instant::now() < deadline, "rejection not counted: {}", daemon.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -229,7 +229,7 @@ fn rules_naming_an_identity_not_yet_declared_wait_for_it() {
     wait_for_generation(&lab, &daemon, 3);
     assert_eq!(metric(&lab, &daemon, "bulkhead_policy_unmatched_peers"), Some(3));
     assert_eq!(probe::tcp(logic, addr(&lab, "db", 5432)).unwrap(), Outcome::TimedOut, "gone with its identity");
-    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total"), Some(0));
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total{reason=\"invalid\"}"), Some(0));
 }
 
 /// `policy check` names each peer that selects nothing yet, as a warning,
@@ -456,7 +456,11 @@ fn a_configmap_style_symlink_swap_is_applied() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(probe::tcp(&lab.host("outsider").ns, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected);
-    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total"), Some(0), "no half-read state rejected");
+    assert_eq!(
+        metric(&lab, &daemon, "bulkhead_policy_load_errors_total{reason=\"invalid\"}"),
+        Some(0),
+        "no half-read state rejected"
+    );
 }
 
 #[test]

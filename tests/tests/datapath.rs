@@ -234,7 +234,7 @@ fn an_invalid_policy_change_is_rejected_whole() {
     let env = start(ThreeTier::new("reject").unwrap(), &policy(), &[]);
     env.push_policy(&policy().replace("8080/tcp", "8080/tcpp").replace("5432/tcp\", \"8125/udp", "5432/tcp\""));
     let deadline = Instant::now() + Duration::from_secs(15);
-    while probe::metric(&env.metrics(), "bulkhead_policy_load_errors_total") != Some(1) {
+    while probe::metric(&env.metrics(), "bulkhead_policy_load_errors_total{reason=\"invalid\"}") != Some(1) {
         assert!(Instant::now() < deadline, "rejection never counted: {}", env.daemon.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -17,8 +17,9 @@ const KUBECTL_MIN_MINOR: u32 = 27;
 /// Debian packages the tests and the demo use. `prometheus` brings
 /// `promtool` (rule checks and rule unit tests) and the server the
 /// monitoring test scrapes the daemon with; it is installed without starting
-/// its service (see [`packages`]).
-const PACKAGES: [&str; 3] = ["iproute2", "bpftool", "prometheus"];
+/// its service (see [`packages`]). `minisign`: the signed-policy tests
+/// sign and check with the stock tool too.
+const PACKAGES: [&str; 4] = ["iproute2", "bpftool", "prometheus", "minisign"];
 
 /// What `cargo xtask bench` adds: trafgen (in netsniff-ng) to generate the
 /// traffic, the peers Bulkhead is measured against, and perf to sample
