@@ -67,6 +67,8 @@ pub struct Push {
     /// Whether `sources` replace the whole policy (`POST /v1/policy`) or
     /// only the sources of the same names (`PUT /v1/policy/files/NAME`).
     pub whole: bool,
+    /// The pushed set's signed manifest, if it came with one.
+    pub signed: Option<SignedSet>,
     pub who: String,
     pub reply: tokio::sync::oneshot::Sender<Result<u32, Vec<String>>>,
 }
@@ -255,6 +257,18 @@ pub struct PolicyFiles {
     /// the whole policy.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_others: bool,
+    /// The set's signed manifest: required by a daemon that runs with
+    /// `--trusted-keys` (see `signing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<SignedSet>,
+}
+
+/// A signed manifest and its minisign signature, as the files
+/// `.bulkhead-manifest` and `.bulkhead-manifest.minisig` hold them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedSet {
+    pub manifest: String,
+    pub signature: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -271,6 +285,7 @@ async fn current_policy(State(state): State<Arc<ApiState>>, Extension(caller): E
     Json(PolicyFiles {
         files: sources.iter().map(|s| PolicyFile { name: s.name.clone(), text: s.text() }).collect(),
         keep_others: false,
+        signed: None,
     })
     .into_response()
 }
@@ -303,7 +318,7 @@ async fn push_policy(
     let whole = !body.keep_others;
     let sources: Vec<Source> = body.files.into_iter().map(|f| Source { name: f.name, text: f.text }).collect();
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let push = Push { sources, removed: Vec::new(), whole, who: caller.name.clone(), reply };
+    let push = Push { sources, removed: Vec::new(), whole, signed: body.signed, who: caller.name.clone(), reply };
     send_push(&state, push, answer).await
 }
 
@@ -325,6 +340,7 @@ async fn put_policy_file(
         sources: vec![Source { name, text }],
         removed: Vec::new(),
         whole: false,
+        signed: None,
         who: caller.name.clone(),
         reply,
     };
@@ -342,7 +358,8 @@ async fn delete_policy_file(
         return refusal;
     }
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let push = Push { sources: Vec::new(), removed: vec![name], whole: false, who: caller.name.clone(), reply };
+    let push =
+        Push { sources: Vec::new(), removed: vec![name], whole: false, signed: None, who: caller.name.clone(), reply };
     send_push(&state, push, answer).await
 }
 

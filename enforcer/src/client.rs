@@ -160,11 +160,29 @@ fn read_files(paths: &[PathBuf]) -> anyhow::Result<PolicyFiles> {
     Ok(PolicyFiles {
         files: sources.into_iter().map(|s| PolicyFile { name: s.name, text: s.text }).collect(),
         keep_others: false,
+        signed: None,
     })
 }
 
+/// The signed manifest of a directory pushed alone, if it has one.
+fn signed_set(paths: &[PathBuf]) -> anyhow::Result<Option<crate::api::SignedSet>> {
+    let [dir] = paths else { return Ok(None) };
+    let manifest = dir.join(enforcer::signing::MANIFEST);
+    if !dir.is_dir() || !manifest.exists() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    Ok(Some(crate::api::SignedSet {
+        manifest: read(&manifest)?,
+        signature: read(&dir.join(enforcer::signing::SIGNATURE))?,
+    }))
+}
+
 pub fn push(server: &ServerArgs, paths: &[PathBuf], keep_others: bool) -> anyhow::Result<ExitCode> {
-    let files = PolicyFiles { keep_others, ..read_files(paths)? };
+    // A signed directory goes with its manifest and signature.
+    let files = PolicyFiles { keep_others, signed: signed_set(paths)?, ..read_files(paths)? };
     let body = serde_json::to_string(&files)?;
     let (status, body) = server.request("POST", "/v1/policy", Some(&body))?.text()?;
     if status == 422 {

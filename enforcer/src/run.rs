@@ -786,6 +786,16 @@ impl Maintainer<'_> {
     /// stays enforced until the policy directory changes.
     fn push(&mut self, push: Push) {
         let digest = crate::api::digest(&push.sources);
+        let signed_version = match self.verify_push(&push) {
+            Ok(version) => version,
+            Err(error) => {
+                let why = format!("push by `{}`: {error}", push.who);
+                log::warn!(target: "audit", "who={} action=push result=rejected digest=sha256:{digest} reason={}", push.who, error.reason());
+                self.reject(&why, error.reason());
+                let _ = push.reply.send(Err(vec![error.to_string()]));
+                return;
+            }
+        };
         let origin = Origin::Push { who: push.who, digest };
         let pushed: BTreeSet<&str> = push.sources.iter().map(|s| s.name.as_str()).collect();
         let engine = self.engine();
@@ -816,6 +826,11 @@ impl Maintainer<'_> {
         let answer = self.apply(&origin, Some(changes));
         if answer.is_ok() {
             self.pushed = true;
+            if let (Some(version), Some(trust)) = (signed_version, self.policy_dir.trust())
+                && let Err(error) = trust.enforced.set(version)
+            {
+                log::error!("{error}: a restart could not refuse an older signed policy until this is fixed");
+            }
             let mut sources = self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner);
             if push.whole {
                 sources.clear();
@@ -826,6 +841,37 @@ impl Maintainer<'_> {
             sources.sort_by(|a, b| a.name.cmp(&b.name));
         }
         let _ = push.reply.send(answer);
+    }
+
+    /// With `--trusted-keys`, a push must be a whole set with its signed
+    /// manifest, verified as a directory would be (names are the files'
+    /// names): its version, or `None` without trust.
+    fn verify_push(&self, push: &Push) -> Result<Option<u64>, enforcer::signing::SigningError> {
+        use enforcer::signing::{self, SigningError, TrustedKeys};
+        let Some(trust) = self.policy_dir.trust() else { return Ok(None) };
+        let here = Path::new("push");
+        let unsigned = || SigningError::NoManifest { path: here.join(signing::MANIFEST) };
+        let Some(signed) = push.signed.as_ref().filter(|_| push.whole) else { return Err(unsigned()) };
+        let mut files = BTreeMap::new();
+        for source in &push.sources {
+            let name =
+                Path::new(&source.name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(source.text.as_bytes()).into();
+            if files.insert(name.clone(), digest).is_some() {
+                return Err(SigningError::Extra { path: here.join(name) });
+            }
+        }
+        let keys = TrustedKeys::load(&trust.keys)?;
+        let verified = signing::verify_texts(
+            here,
+            signed.manifest.as_bytes(),
+            &signed.signature,
+            &files,
+            &keys,
+            SystemTime::now(),
+        )?;
+        trust.enforced.admit(&verified, &here.join(signing::MANIFEST))?;
+        Ok(Some(verified.version))
     }
 
     /// The one path every policy change takes, whatever its source: the

@@ -123,6 +123,12 @@ impl PolicyDir {
         self
     }
 
+    /// With `--trusted-keys`: what a policy set must be signed by.
+    #[must_use]
+    pub fn trust(&self) -> Option<&Trust> {
+        self.trust.as_ref()
+    }
+
     /// Records the set verified last as enforced (its version is the floor
     /// from now on, across restarts). Call once its changes are applied.
     ///

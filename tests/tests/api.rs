@@ -38,6 +38,12 @@ struct Env {
 }
 
 fn start(label: &str) -> Env {
+    start_with(label, |_, _| Vec::new())
+}
+
+/// As [`start`], with extra `bulkhead run` arguments that `extra` gives
+/// from the policy and scratch directories (after writing what it needs).
+fn start_with(label: &str, extra: impl FnOnce(&Path, &Path) -> Vec<String>) -> Env {
     let lab = ThreeTier::new(label).unwrap();
     let scratch = ScratchDir::new(&lab.stem).unwrap();
     let pki = scratch.0.join("pki");
@@ -69,6 +75,8 @@ fn start(label: &str) -> Env {
         "--api-role",
         "viewer-bob=viewer",
     ];
+    let extra = extra(&policy, &scratch.0);
+    let args: Vec<&str> = args.iter().copied().chain(extra.iter().map(String::as_str)).collect();
     let daemon = Daemon::start_with(&lab, &policy, &scratch.0.join("log"), &args).unwrap();
     let servers =
         lab.hosts.iter().map(|h| EchoServer::start(&h.ns, &h.addrs(), &[22, 5432, 8080], &[8125]).unwrap()).collect();
@@ -226,6 +234,73 @@ fn operators_push_viewers_cannot_and_bad_pushes_change_nothing() {
     assert_eq!(env.generation(), Some(2), "a rejected push changes nothing");
     let diff = env.cli("viewer", &["policy", "diff", file]);
     assert!(stdout(&diff).contains("no difference"), "{}", stdout(&diff));
+}
+
+/// With `--trusted-keys`, a push is taken only as a whole set signed by a
+/// trusted key, no older than the enforced one; single-file changes are
+/// refused. Each refusal is audited and counted with its reason.
+#[test]
+fn a_node_with_trusted_keys_takes_only_signed_pushes() {
+    let bulkhead = |args: &[&str]| {
+        let output = std::process::Command::new(lab::topology::bulkhead_binary()).args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}: {}{}", stdout(&output), stderr(&output));
+    };
+    let env = start_with("apisigned", |policy, scratch| {
+        let keys = scratch.join("keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        bulkhead(&["policy", "keygen", "--out", keys.join("ops").to_str().unwrap()]);
+        bulkhead(&[
+            "policy",
+            "sign",
+            "--key",
+            keys.join("ops.key").to_str().unwrap(),
+            "--version",
+            "1",
+            policy.to_str().unwrap(),
+        ]);
+        let state = scratch.join("state");
+        vec!["--trusted-keys".into(), keys.display().to_string(), "--state-dir".into(), state.display().to_string()]
+    });
+    let scratch = env.pki.parent().unwrap();
+    let key = scratch.join("keys/ops.key");
+    let db = SocketAddr::new(IpAddr::V4(env.lab.host("db").addr), 5432);
+    let outsider = &env.lab.host("outsider").ns;
+    let opened = three_tier().replace(
+        "  rules:\n",
+        "  rules:\n    - name: outsider-to-db\n      from: [{identity: world}]\n      to: [{identity: db}]\n      ports: [\"5432/tcp\"]\n",
+    );
+    let set = scratch.join("set");
+    std::fs::create_dir_all(&set).unwrap();
+    let file = write(&set, "p.yaml", &opened);
+
+    // Unsigned: refused, counted, audited.
+    let unsigned = env.cli("operator", &["policy", "push", file.to_str().unwrap()]);
+    assert!(!unsigned.status.success());
+    assert!(stdout(&unsigned).contains("no policy manifest"), "{}", stdout(&unsigned));
+    let (status, body) = env.request("operator", "PUT", "/v1/policy/files/extra.yaml", &opened);
+    assert_eq!(status, 422, "one file alone is no signed set: {body}");
+    let metrics = || probe::http_get(&env.lab.router, env.daemon.metrics_addr, "/metrics").unwrap().1;
+    assert_eq!(probe::metric(&metrics(), "bulkhead_policy_load_errors_total{reason=\"unsigned\"}"), Some(2));
+    assert!(env.daemon.log_text().contains("who=ops-alice action=push result=rejected"), "{}", env.daemon.log_text());
+    assert_eq!(env.generation(), Some(1));
+
+    // Signed as version 2: pushed (the CLI sends the directory's manifest).
+    bulkhead(&["policy", "sign", "--key", key.to_str().unwrap(), "--version", "2", set.to_str().unwrap()]);
+    let pushed = env.cli("operator", &["policy", "push", set.to_str().unwrap()]);
+    assert!(pushed.status.success(), "{}{}", stdout(&pushed), stderr(&pushed));
+    assert_eq!(probe::tcp(outsider, db).unwrap(), Outcome::Connected, "enforced");
+
+    // A signed set changed after signing, and an older version: refused.
+    write(&set, "p.yaml", &three_tier());
+    let tampered = env.cli("operator", &["policy", "push", set.to_str().unwrap()]);
+    assert!(!tampered.status.success() && stdout(&tampered).contains("changed after signing"), "{}", stdout(&tampered));
+    bulkhead(&["policy", "sign", "--key", key.to_str().unwrap(), "--version", "1", set.to_str().unwrap()]);
+    let older = env.cli("operator", &["policy", "push", set.to_str().unwrap()]);
+    assert!(!older.status.success() && stdout(&older).contains("older than version 2"), "{}", stdout(&older));
+    assert_eq!(probe::tcp(outsider, db).unwrap(), Outcome::Connected, "version 2 stays");
+    let text = metrics();
+    assert_eq!(probe::metric(&text, "bulkhead_policy_load_errors_total{reason=\"files_differ\"}"), Some(1));
+    assert_eq!(probe::metric(&text, "bulkhead_policy_load_errors_total{reason=\"rollback\"}"), Some(1));
 }
 
 /// `PUT /v1/policy/files/NAME` and `DELETE` change one file of the
