@@ -192,6 +192,7 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/policy", get(current_policy).post(push_policy))
         .route("/v1/policy/files/{name}", axum::routing::put(put_policy_file).delete(delete_policy_file))
         .route("/v1/flows", get(flows))
+        .route("/v1/observed", get(observed))
         .with_state(state)
 }
 
@@ -379,6 +380,24 @@ async fn send_push(
         }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response(),
     }
+}
+
+/// `GET /v1/observed`: the flows audit mode passed, each pod end with
+/// its namespace and labels (for `bulkhead policy suggest`).
+async fn observed(State(state): State<Arc<ApiState>>, Extension(caller): Extension<Caller>) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Viewer) {
+        return refusal;
+    }
+    let mut report = state.shared.observed.lock().unwrap_or_else(PoisonError::into_inner).report();
+    let engine = state.shared.engine.read().unwrap_or_else(PoisonError::into_inner);
+    let pod = |name: &str| {
+        engine.pod_identity(name).map(|(namespace, labels)| enforcer::observed::PodEnd { namespace, labels })
+    };
+    for flow in &mut report.flows {
+        flow.src = pod(&flow.flow.src_identity);
+        flow.dst = pod(&flow.flow.dst_identity);
+    }
+    Json(report).into_response()
 }
 
 #[derive(Deserialize)]

@@ -234,6 +234,22 @@ fn policy_diff(running: &policy::Policy, local: &policy::Policy) -> Vec<String> 
         .collect()
 }
 
+/// `bulkhead policy suggest`: the policy that allows exactly what the
+/// daemon's audit mode passed, printed for review.
+pub fn suggest(server: &ServerArgs, format: &str) -> anyhow::Result<ExitCode> {
+    let render = match format {
+        "segment" => enforcer::observed::segment_policy,
+        "networkpolicy" => enforcer::observed::network_policies,
+        other => bail!("`{other}` is not a format: use segment or networkpolicy"),
+    };
+    let (status, body) = server.request("GET", "/v1/observed", None)?.text()?;
+    expect_ok(status, &body)?;
+    let report: enforcer::observed::ObservedReport =
+        serde_json::from_str(&body).context("the daemon's answer is not a list of observed flows")?;
+    print!("{}", render(&report));
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn flows(server: &ServerArgs, follow: bool) -> anyhow::Result<ExitCode> {
     let path = if follow { "/v1/flows?follow=true" } else { "/v1/flows" };
     let response = server.request("GET", path, None)?;

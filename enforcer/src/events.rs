@@ -157,7 +157,7 @@ pub fn pump(
     mut sink: Sink,
     stop: &AtomicBool,
     decide: DecideBatch<'_>,
-    publish: &dyn Fn(&[String]),
+    publish: &dyn Fn(&[EventRecord], &[String]),
 ) {
     let offset = monotonic_to_unix_offset();
     // Events read while there is no policy to name them by yet wait here.
@@ -186,12 +186,13 @@ pub fn pump(
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
-        let lines: Vec<String> = std::mem::take(&mut events)
+        let records: Vec<EventRecord> = std::mem::take(&mut events)
             .iter()
             .zip(decisions)
-            .filter_map(|(event, decision)| serde_json::to_string(&describe(event, decision, offset)).ok())
+            .map(|(event, decision)| describe(event, decision, offset))
             .collect();
-        publish(&lines);
+        let lines: Vec<String> = records.iter().filter_map(|record| serde_json::to_string(record).ok()).collect();
+        publish(&records, &lines);
         let written = match &mut sink {
             Sink::Stdout => write_lines(&mut std::io::stdout().lock(), &lines),
             Sink::File(file) => write_lines(file, &lines),

@@ -9,6 +9,7 @@ pub mod host;
 pub mod interfaces;
 pub mod kubernetes;
 pub mod metrics;
+pub mod observed;
 pub mod pins;
 pub mod quiesce;
 pub mod server;

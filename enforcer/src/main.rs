@@ -103,6 +103,17 @@ enum PolicyCommand {
         #[arg(long, value_name = "always|default")]
         policy_enforcement: Option<String>,
     },
+    /// Print the policy that would allow exactly the flows a daemon's audit
+    /// mode passed (viewer role), for review: the safe path from audit to
+    /// enforce.
+    Suggest {
+        #[command(flatten)]
+        server: client::ServerArgs,
+        /// `segment` (a `SegmentPolicy` by identity and port) or
+        /// `networkpolicy` (`NetworkPolicies` between pods).
+        #[arg(long, value_name = "segment|networkpolicy", default_value = "segment")]
+        format: String,
+    },
     /// Make a key pair for signing policy sets: PREFIX.key (secret,
     /// unencrypted, mode 0600) and PREFIX.pub, in minisign's formats.
     Keygen {
@@ -165,6 +176,7 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Explain { policy_dir, from, to, audit, policy_enforcement }) => {
             check::explain(&policy_dir, &from, &to, audit, policy_enforcement.as_deref())
         }
+        Command::Policy(PolicyCommand::Suggest { server, format }) => client::suggest(&server, &format),
         Command::Policy(PolicyCommand::Keygen { out }) => check::keygen(&out),
         Command::Policy(PolicyCommand::Sign { key, version, expires, dir }) => {
             check::sign(&dir, &key, version, expires.as_deref())

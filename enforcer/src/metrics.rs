@@ -363,6 +363,8 @@ pub struct Shared {
     pub events: tokio::sync::broadcast::Sender<String>,
     /// The most recent events, for `bulkhead flows` without `--follow`.
     pub recent_events: Mutex<std::collections::VecDeque<String>>,
+    /// The flows audit mode passed, for `bulkhead policy suggest`.
+    pub observed: Mutex<crate::observed::Observed>,
     pub ready: std::sync::atomic::AtomicBool,
     /// Why a policy source cannot be read now, if one cannot: `/readyz`
     /// says so (the last policy stays enforced meanwhile).
@@ -414,6 +416,7 @@ impl Shared {
             kubernetes_versions: Mutex::new(std::collections::BTreeMap::new()),
             events: tokio::sync::broadcast::channel(4096).0,
             recent_events: Mutex::new(std::collections::VecDeque::new()),
+            observed: Mutex::new(crate::observed::Observed::default()),
             ready: std::sync::atomic::AtomicBool::new(false),
             interfaces: Mutex::new(InterfaceStats::default()),
             apply_duration: apply_duration_histogram(),

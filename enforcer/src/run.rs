@@ -289,7 +289,13 @@ fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>)
                 let engine = shared.engine.read().unwrap_or_else(PoisonError::into_inner);
                 Some(packets.iter().map(|packet| engine.describe(packet, &hosts)).collect())
             };
-            let publish = |lines: &[String]| {
+            let publish = |records: &[enforcer::events::EventRecord], lines: &[String]| {
+                {
+                    let mut observed = shared.observed.lock().unwrap_or_else(PoisonError::into_inner);
+                    for record in records {
+                        observed.record(record);
+                    }
+                }
                 let mut recent = shared.recent_events.lock().unwrap_or_else(PoisonError::into_inner);
                 for line in lines {
                     let _ = shared.events.send(line.clone());

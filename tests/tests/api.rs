@@ -303,6 +303,52 @@ fn a_node_with_trusted_keys_takes_only_signed_pushes() {
     assert_eq!(probe::metric(&text, "bulkhead_policy_load_errors_total{reason=\"rollback\"}"), Some(1));
 }
 
+/// In audit mode the daemon tallies what the policy would have dropped;
+/// `bulkhead policy suggest` turns it into a `SegmentPolicy` that, once
+/// pushed, allows exactly those flows: they pass as allowed, no longer
+/// audited, and a flow audit mode did not see is still audited.
+#[test]
+fn audit_mode_suggests_the_policy_that_allows_what_it_saw() {
+    let env = start_with("apisuggest", |_, _| vec!["--audit".into()]);
+    let host = |name: &str, port| SocketAddr::new(IpAddr::V4(env.lab.host(name).addr), port);
+    let (outsider, logic) = (&env.lab.host("outsider").ns, &env.lab.host("logic").ns);
+    assert_eq!(probe::tcp(outsider, host("db", 5432)).unwrap(), Outcome::Connected, "audit mode passes it");
+    assert_eq!(probe::tcp(logic, host("gateway", 8080)).unwrap(), Outcome::Connected);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let suggested = loop {
+        let suggested = env.cli("viewer", &["policy", "suggest"]);
+        assert!(suggested.status.success(), "{}", stderr(&suggested));
+        let text = stdout(&suggested);
+        if text.contains("\"5432/tcp\"") && text.contains("\"8080/tcp\"") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the audited flows were not tallied: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        suggested.contains("from: [{identity: \"world\"}]") && suggested.contains("to: [{identity: \"db\"}]"),
+        "{suggested}"
+    );
+    assert!(
+        suggested.contains("from: [{identity: \"logic\"}]") && suggested.contains("to: [{identity: \"gateway\"}]"),
+        "{suggested}"
+    );
+    let file = write(&env.pki, "suggested.yaml", &suggested);
+    let pushed = env.cli("operator", &["policy", "push", "--keep-others", file.to_str().unwrap()]);
+    assert!(pushed.status.success(), "{}{}", stdout(&pushed), stderr(&pushed));
+
+    let audited = || {
+        let (_, body) = probe::http_get(&env.lab.router, env.daemon.metrics_addr, "/metrics").unwrap();
+        probe::metric(&body, "bulkhead_audit_packets_total{direction=\"ingress\",reason=\"default_deny\"}").unwrap_or(0)
+    };
+    let before = audited();
+    assert_eq!(probe::tcp(outsider, host("db", 5432)).unwrap(), Outcome::Connected);
+    assert_eq!(probe::tcp(logic, host("gateway", 8080)).unwrap(), Outcome::Connected);
+    assert_eq!(audited(), before, "the suggested rules allow them: nothing audited");
+    assert_eq!(probe::tcp(outsider, host("db", 22)).unwrap(), Outcome::Connected);
+    assert!(audited() > before, "a flow audit mode did not see is still only audited");
+}
+
 /// `PUT /v1/policy/files/NAME` and `DELETE` change one file of the
 /// enforced policy beside the others, validated like everything else.
 #[test]

@@ -1455,6 +1455,15 @@ impl Engine {
         Decision { verdict, src_identity, dst_identity, rule, src_pod, dst_pod }
     }
 
+    /// The namespace and labels of the pod identity `name`, if it is one
+    /// (what a `NetworkPolicy` selects it by).
+    #[must_use]
+    pub fn pod_identity(&self, name: &str) -> Option<(String, std::collections::BTreeMap<String, String>)> {
+        let identity = self.checks.compiled_identity(self.checks.identity_id(name)?)?;
+        let namespace = identity.pod.as_ref()?.namespace.clone();
+        Some((namespace, identity.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
+    }
+
     /// The pod (`namespace/name`) of identity `owner` at `addr`.
     fn pod_name(&self, owner: OwnerId, addr: IpAddr) -> Option<String> {
         let identity = self.checks.compiled_identity(owner)?;
