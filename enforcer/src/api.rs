@@ -193,6 +193,7 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/policy/files/{name}", axum::routing::put(put_policy_file).delete(delete_policy_file))
         .route("/v1/flows", get(flows))
         .route("/v1/observed", get(observed))
+        .route("/v1/rules/usage", get(rule_usage))
         .with_state(state)
 }
 
@@ -380,6 +381,22 @@ async fn send_push(
         }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response(),
     }
+}
+
+/// `GET /v1/rules/usage`: every rule in force, since when this node
+/// enforces it and when it last decided a packet (read now).
+async fn rule_usage(State(state): State<Arc<ApiState>>, Extension(caller): Extension<Caller>) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Viewer) {
+        return refusal;
+    }
+    let shared = Arc::clone(&state.shared);
+    let report = tokio::task::spawn_blocking(move || {
+        enforcer::usage::refresh(&shared);
+        shared.rule_usage.lock().unwrap_or_else(PoisonError::into_inner).report()
+    })
+    .await
+    .unwrap_or_default();
+    Json(report).into_response()
 }
 
 /// `GET /v1/observed`: the flows audit mode passed, each pod end with

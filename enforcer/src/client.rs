@@ -250,6 +250,38 @@ pub fn suggest(server: &ServerArgs, format: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `bulkhead policy unused [--since WHEN]`: the allow rules that decided
+/// nothing since then, from the daemon's record (kept across restarts).
+pub fn unused(server: &ServerArgs, since: &str) -> anyhow::Result<ExitCode> {
+    let now = std::time::SystemTime::now();
+    // A time as given; a duration counts back from now (`30d`: the last 30 days).
+    let since_time = if let Some(time) = policy::parse_rfc3339(since) {
+        time
+    } else {
+        let ahead = enforcer::signing::parse_time(since, now).map_err(|why| anyhow::anyhow!("--since: {why}"))?;
+        now - ahead.duration_since(now).unwrap_or_default()
+    };
+    let (status, body) = server.request("GET", "/v1/rules/usage", None)?.text()?;
+    expect_ok(status, &body)?;
+    let report: std::collections::BTreeMap<String, enforcer::usage::RuleUse> =
+        serde_json::from_str(&body).context("the daemon's answer is not a rule usage record")?;
+    let time = |seconds: u64| enforcer::events::rfc3339(i128::from(seconds) * 1_000_000_000);
+    let window = since_time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let unused = enforcer::usage::unused(&report, since_time);
+    for (name, rule) in &unused {
+        let used = rule.last_used.map_or_else(|| "never used".to_owned(), |used| format!("last used {}", time(used)));
+        let young = if rule.since > window { "; in force for less than the window" } else { "" };
+        println!("{name}: {used} (in force on this node since {}{young})", time(rule.since));
+    }
+    println!(
+        "{} of {} allow rule(s) decided nothing since {}",
+        unused.len(),
+        report.values().filter(|r| r.action == "allow").count(),
+        time(window)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn flows(server: &ServerArgs, follow: bool) -> anyhow::Result<ExitCode> {
     let path = if follow { "/v1/flows?follow=true" } else { "/v1/flows" };
     let response = server.request("GET", path, None)?;

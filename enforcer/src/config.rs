@@ -67,8 +67,9 @@ pub struct RunArgs {
     /// refused and the last good policy stays [default: off].
     #[arg(long, value_name = "KEYDIR")]
     pub trusted_keys: Option<PathBuf>,
-    /// Where the daemon keeps what must survive restarts and reboots (the
-    /// signed policy version enforced last) [default: /var/lib/bulkhead].
+    /// Where the daemon keeps what must survive restarts and reboots: the
+    /// rules' usage (`bulkhead policy unused`) and, with `--trusted-keys`,
+    /// the signed policy version enforced last [default: /var/lib/bulkhead].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Tracked connection entries, two per connection [default: 262144].

@@ -18,4 +18,5 @@ pub mod sources;
 mod sys;
 pub mod testrun;
 pub mod tls;
+pub mod usage;
 pub mod watch;

@@ -103,6 +103,15 @@ enum PolicyCommand {
         #[arg(long, value_name = "always|default")]
         policy_enforcement: Option<String>,
     },
+    /// List the allow rules that decided nothing in a window (viewer role),
+    /// from the daemon's per-rule counters kept across restarts.
+    Unused {
+        #[command(flatten)]
+        server: client::ServerArgs,
+        /// The window: a duration back from now (30d, 12h) or an RFC 3339 time.
+        #[arg(long, value_name = "DURATION|RFC3339", default_value = "30d")]
+        since: String,
+    },
     /// Print the policy that would allow exactly the flows a daemon's audit
     /// mode passed (viewer role), for review: the safe path from audit to
     /// enforce.
@@ -177,6 +186,7 @@ fn main() -> ExitCode {
             check::explain(&policy_dir, &from, &to, audit, policy_enforcement.as_deref())
         }
         Command::Policy(PolicyCommand::Suggest { server, format }) => client::suggest(&server, &format),
+        Command::Policy(PolicyCommand::Unused { server, since }) => client::unused(&server, &since),
         Command::Policy(PolicyCommand::Keygen { out }) => check::keygen(&out),
         Command::Policy(PolicyCommand::Sign { key, version, expires, dir }) => {
             check::sign(&dir, &key, version, expires.as_deref())

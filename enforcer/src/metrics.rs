@@ -365,6 +365,8 @@ pub struct Shared {
     pub recent_events: Mutex<std::collections::VecDeque<String>>,
     /// The flows audit mode passed, for `bulkhead policy suggest`.
     pub observed: Mutex<crate::observed::Observed>,
+    /// Which allow rules are used, for `bulkhead policy unused`.
+    pub rule_usage: Mutex<crate::usage::RuleUsage>,
     pub ready: std::sync::atomic::AtomicBool,
     /// Why a policy source cannot be read now, if one cannot: `/readyz`
     /// says so (the last policy stays enforced meanwhile).
@@ -417,6 +419,7 @@ impl Shared {
             events: tokio::sync::broadcast::channel(4096).0,
             recent_events: Mutex::new(std::collections::VecDeque::new()),
             observed: Mutex::new(crate::observed::Observed::default()),
+            rule_usage: Mutex::new(crate::usage::RuleUsage::default()),
             ready: std::sync::atomic::AtomicBool::new(false),
             interfaces: Mutex::new(InterfaceStats::default()),
             apply_duration: apply_duration_histogram(),

@@ -589,6 +589,8 @@ fn publish_start(
     args: &RunConfig,
     cluster: Option<&cluster::Cluster>,
 ) {
+    *shared.rule_usage.lock().unwrap_or_else(PoisonError::into_inner) =
+        enforcer::usage::RuleUsage::load(&args.state_dir);
     *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = PolicyStats {
         identities: engine.identity_count(),
         rules: engine.active_rule_count(),
@@ -752,13 +754,17 @@ fn maintain(
         Maintainer { shared, audit, policy_dir, pushed: false, unwritten: false, held_back: Vec::new(), cluster };
     let mut last_resync = Instant::now();
     let mut last_usage: Option<Instant> = None;
+    let mut last_rule_usage = Instant::now();
     loop {
         let changed = wakeup.wait(watcher.as_ref(), WAIT_SLICE);
         while let Ok(push) = pushes.try_recv() {
             maintainer.push(push);
         }
         let forced = match resync.try_recv() {
-            Ok(Resync::Stop) | Err(TryRecvError::Disconnected) => return,
+            Ok(Resync::Stop) | Err(TryRecvError::Disconnected) => {
+                enforcer::usage::refresh(shared);
+                return;
+            }
             Ok(Resync::Now) => true,
             Err(TryRecvError::Empty) => false,
         };
@@ -770,6 +776,10 @@ fn maintain(
         if last_usage.is_none_or(|t| t.elapsed() >= USAGE_INTERVAL) {
             last_usage = Some(Instant::now());
             maintainer.refresh_usage();
+        }
+        if last_rule_usage.elapsed() >= enforcer::usage::REFRESH {
+            last_rule_usage = Instant::now();
+            enforcer::usage::refresh(shared);
         }
         if maintainer.engine().next_expiry().is_some_and(|t| SystemTime::now() >= t) {
             let _ = maintainer.apply(&Origin::Expiry, None);

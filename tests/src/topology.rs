@@ -56,6 +56,7 @@ impl Drop for ThreeTier {
     /// namespaces go with the fields.
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(self.bpffs_root());
+        let _ = std::fs::remove_dir_all(self.state_dir());
     }
 }
 
@@ -187,6 +188,13 @@ impl ThreeTier {
         PathBuf::from("/sys/fs/bpf").join(&self.stem)
     }
 
+    /// The lab's daemons' `--state-dir`, unless a test gives its own:
+    /// nothing of a test's is kept on the host after it.
+    #[must_use]
+    pub fn state_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-state", self.stem))
+    }
+
     /// Whether anything is pinned under the lab's bpffs root.
     #[must_use]
     pub fn anything_pinned(&self) -> bool {
@@ -249,10 +257,11 @@ impl Daemon {
             }
             None => ns.command(binary_text),
         };
+        command.arg("run").arg("--bpffs-root").arg(lab.bpffs_root());
+        if !args.iter().any(|arg| arg == "--state-dir") {
+            command.arg("--state-dir").arg(lab.state_dir());
+        }
         let child = command
-            .arg("run")
-            .arg("--bpffs-root")
-            .arg(lab.bpffs_root())
             .args(args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

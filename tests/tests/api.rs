@@ -303,6 +303,32 @@ fn a_node_with_trusted_keys_takes_only_signed_pushes() {
     assert_eq!(probe::metric(&text, "bulkhead_policy_load_errors_total{reason=\"rollback\"}"), Some(1));
 }
 
+/// `bulkhead policy unused` names the allow rules that decided nothing in
+/// the window, from counters the daemon keeps in its state directory.
+#[test]
+fn unused_rules_are_the_allow_rules_nothing_used() {
+    let env = start("apiunused");
+    let logic = SocketAddr::new(IpAddr::V4(env.lab.host("logic").addr), 8080);
+    assert_eq!(probe::tcp(&env.lab.host("gateway").ns, logic).unwrap(), Outcome::Connected);
+    let listed = env.cli("viewer", &["policy", "unused", "--since", "1h"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let text = stdout(&listed);
+    let named: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(" used"))
+        .filter_map(|line| line.split_once(':').map(|(name, _)| name))
+        .collect();
+    assert_eq!(named, ["gateway-admin-to-db", "logic-to-db", "prod-ping"], "{text}");
+    assert!(text.contains("never used") && text.contains("3 of 4 allow rule(s) decided nothing since"), "{text}");
+    // Kept for the next start: the record in the state directory.
+    let kept = std::fs::read_to_string(env.lab.state_dir().join("rule-usage.json")).unwrap();
+    let kept: serde_json::Value = serde_json::from_str(&kept).unwrap();
+    assert!(kept["gateway-to-logic"]["last_used"].as_u64().is_some(), "{kept}");
+    assert!(kept["logic-to-db"]["last_used"].is_null(), "{kept}");
+    let viewer_only = env.cli("norole", &["policy", "unused"]);
+    assert!(!viewer_only.status.success() && stderr(&viewer_only).contains("403"), "{}", stderr(&viewer_only));
+}
+
 /// In audit mode the daemon tallies what the policy would have dropped;
 /// `bulkhead policy suggest` turns it into a `SegmentPolicy` that, once
 /// pushed, allows exactly those flows: they pass as allowed, no longer
