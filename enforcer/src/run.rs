@@ -1139,6 +1139,7 @@ impl Maintainer<'_> {
             self.pushed = false;
             self.record_signed_version();
         } else {
+            self.policy_dir.refused();
             self.held_back = kept;
         }
     }

@@ -123,6 +123,12 @@ impl PolicyDir {
         self
     }
 
+    /// Forgets the set verified last without recording it: the engine
+    /// refused it, so its version was never enforced.
+    pub fn refused(&mut self) {
+        self.verified = None;
+    }
+
     /// With `--trusted-keys`: what a policy set must be signed by.
     #[must_use]
     pub fn trust(&self) -> Option<&Trust> {

@@ -187,6 +187,14 @@ fn only_the_signed_policy_set_is_enforced() {
     while setup.logic_to_gateway() != Outcome::TimedOut {
         assert!(Instant::now() < deadline, "version 4 not enforced: {}", daemon.log_text());
     }
+
+    // Signed but invalid (the engine refuses it): never enforced, so its
+    // version is not the floor.
+    write(dir, "p.yaml", &three_tier().replace("ports: [\"8080/tcp\"]", "ports: [\"80800/tcp\"]"));
+    sign(dir, &next.with_extension("key"), 7);
+    refused(lab, &daemon, "invalid", 1);
+    // Passes over the unchanged directory (one a second) must not record it either.
+    std::thread::sleep(Duration::from_millis(2500));
     drop(daemon);
 
     // The node remembers version 4: after a restart, version 3 is refused.
