@@ -1092,6 +1092,9 @@ impl Maintainer<'_> {
                 // next good pass reports every change since the last one.
                 if self.last_dir_error_differs(&error.to_string()) {
                     self.reject(&error.to_string(), error.reason());
+                    if let enforcer::sources::DirError::Signing(_) = &error {
+                        log::warn!(target: "audit", "who=policy-dir action=load result=rejected reason={} {error}", error.reason());
+                    }
                 }
                 self.files_up(Some(&error.to_string()));
                 return_freed_memory();

@@ -141,6 +141,11 @@ fn only_the_signed_policy_set_is_enforced() {
     write(dir, "p.yaml", &looser());
     refused(lab, &daemon, "files_differ", 1);
     assert!(daemon.log_text().contains("p.yaml: the policy file's SHA-256 is not the one"), "{}", daemon.log_text());
+    assert!(
+        daemon.log_text().contains("who=policy-dir action=load result=rejected reason=files_differ"),
+        "audited: {}",
+        daemon.log_text()
+    );
     assert_eq!(setup.logic_to_gateway(), Outcome::TimedOut);
     let verify = bulkhead(&["policy", "verify", "--trusted-keys", &path(&setup.keys), &path(dir)]);
     assert!(!verify.status.success() && text(&verify).contains("p.yaml"), "{}", text(&verify));
