@@ -210,10 +210,9 @@ pub fn verify(dir: &Path, keys: &Path) -> anyhow::Result<ExitCode> {
                 dir.display(),
                 verified.key.display(),
                 verified.version,
-                verified.expires.map_or_else(String::new, |expires| {
-                    let unix = expires.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                    format!(", expires {}", enforcer::events::rfc3339(i128::from(unix) * 1_000_000_000))
-                })
+                verified
+                    .expires
+                    .map_or_else(String::new, |expires| format!(", expires {}", enforcer::events::rfc3339_at(expires)))
             );
             Ok(ExitCode::SUCCESS)
         }

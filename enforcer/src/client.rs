@@ -255,17 +255,17 @@ pub fn suggest(server: &ServerArgs, format: &str) -> anyhow::Result<ExitCode> {
 pub fn unused(server: &ServerArgs, since: &str) -> anyhow::Result<ExitCode> {
     let now = std::time::SystemTime::now();
     // A time as given; a duration counts back from now (`30d`: the last 30 days).
-    let since_time = if let Some(time) = policy::parse_rfc3339(since) {
-        time
-    } else {
-        let ahead = enforcer::signing::parse_time(since, now).map_err(|why| anyhow::anyhow!("--since: {why}"))?;
-        now - ahead.duration_since(now).unwrap_or_default()
-    };
+    let since_time = policy::parse_rfc3339(since)
+        .or_else(|| enforcer::signing::parse_duration(since).and_then(|back| now.checked_sub(back)))
+        .with_context(|| {
+            format!("--since: `{since}` is neither a duration (such as 12h or 30d) nor an RFC 3339 time")
+        })?;
     let (status, body) = server.request("GET", "/v1/rules/usage", None)?.text()?;
     expect_ok(status, &body)?;
     let report: std::collections::BTreeMap<String, enforcer::usage::RuleUse> =
         serde_json::from_str(&body).context("the daemon's answer is not a rule usage record")?;
-    let time = |seconds: u64| enforcer::events::rfc3339(i128::from(seconds) * 1_000_000_000);
+    let time =
+        |seconds: u64| enforcer::events::rfc3339_at(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds));
     let window = since_time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let unused = enforcer::usage::unused(&report, since_time);
     for (name, rule) in &unused {

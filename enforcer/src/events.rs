@@ -96,6 +96,14 @@ pub fn rfc3339(unix_ns: i128) -> String {
     )
 }
 
+/// RFC 3339 in UTC with millisecond precision, for a `SystemTime` (times
+/// before the epoch as the epoch).
+#[must_use]
+pub fn rfc3339_at(time: SystemTime) -> String {
+    let nanos = time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    rfc3339(i128::try_from(nanos).unwrap_or(i128::MAX))
+}
+
 /// What the policy says of the packet an event is about.
 #[must_use]
 pub fn packet_of(event: &Event) -> policy::Packet {

@@ -15,6 +15,7 @@ pub mod quiesce;
 pub mod server;
 pub mod signing;
 pub mod sources;
+pub mod state;
 mod sys;
 pub mod testrun;
 pub mod tls;

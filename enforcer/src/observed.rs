@@ -218,14 +218,9 @@ pub fn network_policies(report: &ObservedReport) -> String {
         let egress = &mut by_pod.entry(flow.src_identity.clone()).or_insert_with(|| fresh(src)).2;
         egress.entry(flow.dst_identity.clone()).or_default().push(port);
     }
-    let ends: BTreeMap<&str, &PodEnd> = report
-        .flows
-        .iter()
-        .flat_map(|o| [(o.flow.src_identity.as_str(), o.src.as_ref()), (o.flow.dst_identity.as_str(), o.dst.as_ref())])
-        .filter_map(|(name, end)| Some((name, end?)))
-        .collect();
+    // Every end of an expressible flow has its policy above, with its pod facts.
     let peer = |name: &str| {
-        let end = ends[name];
+        let end = &by_pod[name].0;
         format!(
             "{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, podSelector: {{matchLabels: {}}}}}",
             quoted(&end.namespace),
@@ -244,28 +239,17 @@ pub fn network_policies(report: &ObservedReport) -> String {
     };
     let mut text = header(report, "NetworkPolicy");
     for (n, (name, (end, ingress, egress))) in by_pod.iter().enumerate() {
-        let mut types = Vec::new();
-        if !ingress.is_empty() {
-            types.push("Ingress");
-        }
-        if !egress.is_empty() {
-            types.push("Egress");
-        }
+        let directions = [("Ingress", "ingress", "from", ingress), ("Egress", "egress", "to", egress)];
+        let types: Vec<&str> = directions.iter().filter(|d| !d.3.is_empty()).map(|d| d.0).collect();
         let _ = writeln!(text, "---\n# pods of {name}");
         let _ = writeln!(text, "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy");
         let _ = writeln!(text, "metadata: {{name: suggested-{}, namespace: {}}}", n + 1, quoted(&end.namespace));
         let _ = writeln!(text, "spec:\n  podSelector: {{matchLabels: {}}}", labels(&end.labels));
         let _ = writeln!(text, "  policyTypes: [{}]", types.join(", "));
-        if !ingress.is_empty() {
-            text.push_str("  ingress:\n");
-            for (from, list) in ingress {
-                let _ = writeln!(text, "    - from: [{}]\n      ports: [{}]", peer(from), ports(list));
-            }
-        }
-        if !egress.is_empty() {
-            text.push_str("  egress:\n");
-            for (to, list) in egress {
-                let _ = writeln!(text, "    - to: [{}]\n      ports: [{}]", peer(to), ports(list));
+        for (_, section, side, rules) in directions.iter().filter(|d| !d.3.is_empty()) {
+            let _ = writeln!(text, "  {section}:");
+            for (other, list) in *rules {
+                let _ = writeln!(text, "    - {side}: [{}]\n      ports: [{}]", peer(other), ports(list));
             }
         }
     }

@@ -863,7 +863,7 @@ impl Maintainer<'_> {
     /// manifest, verified as a directory would be (names are the files'
     /// names): its version, or `None` without trust.
     fn verify_push(&self, push: &Push) -> Result<Option<u64>, enforcer::signing::SigningError> {
-        use enforcer::signing::{self, SigningError, TrustedKeys};
+        use enforcer::signing::{self, SigningError};
         let Some(trust) = self.policy_dir.trust() else { return Ok(None) };
         let here = Path::new("push");
         let unsigned = || SigningError::NoManifest { path: here.join(signing::MANIFEST) };
@@ -877,17 +877,8 @@ impl Maintainer<'_> {
                 return Err(SigningError::Extra { path: here.join(name) });
             }
         }
-        let keys = TrustedKeys::load(&trust.keys)?;
-        let verified = signing::verify_texts(
-            here,
-            signed.manifest.as_bytes(),
-            &signed.signature,
-            &files,
-            &keys,
-            SystemTime::now(),
-        )?;
-        trust.enforced.admit(&verified, &here.join(signing::MANIFEST))?;
-        Ok(Some(verified.version))
+        let signed = (signed.manifest.as_bytes(), signed.signature.as_str());
+        Ok(Some(trust.check(here, signed, &files, SystemTime::now())?.version))
     }
 
     /// The one path every policy change takes, whatever its source: the

@@ -188,8 +188,7 @@ impl Manifest {
     pub fn render(&self) -> String {
         let mut text = format!("{HEADER}\nversion: {}\n", self.version);
         if let Some(expires) = self.expires {
-            let unix = expires.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let _ = writeln!(text, "expires: {}", crate::events::rfc3339(i128::from(unix) * 1_000_000_000));
+            let _ = writeln!(text, "expires: {}", crate::events::rfc3339_at(expires));
         }
         for (name, digest) in &self.files {
             let _ = writeln!(text, "{}  {name}", hex(digest));
@@ -209,11 +208,9 @@ fn file_line(line: &str) -> Option<([u8; 32], &str)> {
     Some((digest, name))
 }
 
+/// A plain file name (no path) that the loader reads as policy.
 fn is_policy_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.contains('/')
-        && !name.starts_with('.')
-        && Path::new(name).extension().is_some_and(|ext| ext == "yaml" || ext == "yml")
+    !name.contains('/') && policy::is_policy_file_name(name)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -320,22 +317,31 @@ pub fn verify_set(
     keys: &TrustedKeys,
     now: SystemTime,
 ) -> Result<Verified, SigningError> {
+    let (manifest, signature) = read_signed(dir)?;
+    verify_texts(dir, &manifest, &signature, files, keys, now)
+}
+
+/// The manifest and the signature of `dir`, as they are.
+///
+/// # Errors
+/// Either is missing or cannot be read.
+pub fn read_signed(dir: &Path) -> Result<(Vec<u8>, String), SigningError> {
     let (manifest_path, signature_path) = (dir.join(MANIFEST), dir.join(SIGNATURE));
-    let manifest_text = match std::fs::read(&manifest_path) {
+    let manifest = match std::fs::read(&manifest_path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             return Err(SigningError::NoManifest { path: manifest_path });
         }
         Err(source) => return Err(SigningError::Read { path: manifest_path, source }),
     };
-    let signature_text = match std::fs::read_to_string(&signature_path) {
+    let signature = match std::fs::read_to_string(&signature_path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             return Err(SigningError::NoSignature { path: signature_path });
         }
         Err(source) => return Err(SigningError::Read { path: signature_path, source }),
     };
-    verify_texts(dir, &manifest_text, &signature_text, files, keys, now)
+    Ok((manifest, signature))
 }
 
 /// [`verify_set`] for a manifest and signature given as texts (a push
@@ -362,9 +368,7 @@ pub fn verify_texts(
     if let Some(expires) = manifest.expires
         && now >= expires
     {
-        let unix = expires.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let expires = crate::events::rfc3339(i128::from(unix) * 1_000_000_000);
-        return Err(SigningError::Expired { path: manifest_path, expires });
+        return Err(SigningError::Expired { path: manifest_path, expires: crate::events::rfc3339_at(expires) });
     }
     for (name, digest) in files {
         match manifest.files.get(name) {
@@ -379,21 +383,28 @@ pub fn verify_texts(
     Ok(Verified { version: manifest.version, expires: manifest.expires, key })
 }
 
-/// The SHA-256 of every policy file of `dir`, by name.
+/// The SHA-256 of every policy file of `dir` (as the loader lists them),
+/// by name.
 ///
 /// # Errors
 /// The directory or a file cannot be read.
 pub fn digests(dir: &Path) -> Result<BTreeMap<String, [u8; 32]>, SigningError> {
-    let read_error = |source| SigningError::Read { path: dir.to_path_buf(), source };
-    let mut files = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).map_err(read_error)? {
-        let entry = entry.map_err(read_error)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if is_policy_file_name(&name) && entry.path().is_file() {
-            let path = entry.path();
-            let bytes = std::fs::read(&path).map_err(|source| SigningError::Read { path: path.clone(), source })?;
-            files.insert(name, Sha256::digest(&bytes).into());
+    let paths = match policy::list_files(&[dir.to_path_buf()]) {
+        Err(policy::PolicyError::NoFiles { .. }) => Vec::new(),
+        Err(policy::PolicyError::Read { path, source }) => return Err(SigningError::Read { path, source }),
+        Err(other) => {
+            return Err(SigningError::Read {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(other.to_string()),
+            });
         }
+        Ok(paths) => paths,
+    };
+    let mut files = BTreeMap::new();
+    for path in paths {
+        let bytes = std::fs::read(&path).map_err(|source| SigningError::Read { path: path.clone(), source })?;
+        let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        files.insert(name, Sha256::digest(&bytes).into());
     }
     Ok(files)
 }
@@ -493,11 +504,18 @@ fn secret_key(text: &str) -> Result<minisign::SecretKey, String> {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SigningError> {
-    let write_error = |source| SigningError::Write { path: path.to_path_buf(), source };
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    std::fs::write(&temporary, bytes).map_err(write_error)?;
-    std::fs::rename(&temporary, path).map_err(write_error)
+    crate::state::write_atomically(path, bytes)
+        .map_err(|source| SigningError::Write { path: path.to_path_buf(), source })
+}
+
+/// A duration as `90s`, `15m`, `12h` or `30d`.
+#[must_use]
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let units = [("s", 1u64), ("m", 60), ("h", 3600), ("d", 86_400)];
+    units.iter().find_map(|(unit, seconds)| {
+        let count: u64 = text.strip_suffix(unit)?.parse().ok()?;
+        Some(Duration::from_secs(count.checked_mul(*seconds)?))
+    })
 }
 
 /// A time given as a duration from `now` (`90s`, `15m`, `12h`, `30d`) or
@@ -509,13 +527,8 @@ pub fn parse_time(text: &str, now: SystemTime) -> Result<SystemTime, String> {
     if let Some(time) = policy::parse_rfc3339(text) {
         return Ok(time);
     }
-    let units = [("s", 1u64), ("m", 60), ("h", 3600), ("d", 86_400)];
-    let parsed = units.iter().find_map(|(unit, seconds)| {
-        let count: u64 = text.strip_suffix(unit)?.parse().ok()?;
-        count.checked_mul(*seconds)
-    });
-    parsed
-        .and_then(|seconds| now.checked_add(Duration::from_secs(seconds)))
+    parse_duration(text)
+        .and_then(|duration| now.checked_add(duration))
         .ok_or_else(|| format!("`{text}` is neither a duration (such as 90s, 15m, 12h or 30d) nor an RFC 3339 time"))
 }
 
@@ -525,6 +538,26 @@ pub fn parse_time(text: &str, now: SystemTime) -> Result<SystemTime, String> {
 pub struct Trust {
     pub keys: PathBuf,
     pub enforced: EnforcedVersion,
+}
+
+impl Trust {
+    /// Checks a set as a node must, whether it comes from the directory or
+    /// a push: the keys read anew, [`verify_texts`], then the version floor.
+    ///
+    /// # Errors
+    /// The first reason the set is refused.
+    pub fn check(
+        &self,
+        dir: &Path,
+        (manifest, signature): (&[u8], &str),
+        files: &BTreeMap<String, [u8; 32]>,
+        now: SystemTime,
+    ) -> Result<Verified, SigningError> {
+        let keys = TrustedKeys::load(&self.keys)?;
+        let verified = verify_texts(dir, manifest, signature, files, &keys, now)?;
+        self.enforced.admit(&verified, &dir.join(MANIFEST))?;
+        Ok(verified)
+    }
 }
 
 /// The version of the signed policy set this node enforced last, kept in
@@ -575,10 +608,6 @@ impl EnforcedVersion {
     /// # Errors
     /// The state directory cannot be written.
     pub fn set(&self, version: u64) -> Result<(), SigningError> {
-        if let Some(parent) = self.path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|source| SigningError::Write { path: parent.to_path_buf(), source })?;
-        }
         write_atomically(&self.path, format!("{version}\n").as_bytes())
     }
 }

@@ -226,9 +226,8 @@ impl PolicyDir {
                 (file.unwrap_or_else(|| name.clone()), seen.digest)
             })
             .collect();
-        let keys = signing::TrustedKeys::load(&trust.keys)?;
-        let verified = signing::verify_set(&self.dir, &files, &keys, SystemTime::now())?;
-        trust.enforced.admit(&verified, &self.dir.join(signing::MANIFEST))?;
+        let (manifest, signature) = signing::read_signed(&self.dir)?;
+        let verified = trust.check(&self.dir, (&manifest, &signature), &files, SystemTime::now())?;
         log::info!(
             "policy set version {} of {} verified: signed by {}",
             verified.version,

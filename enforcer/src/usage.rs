@@ -107,14 +107,9 @@ impl RuleUsage {
         if !self.changed {
             return;
         }
-        let written = (|| -> std::io::Result<()> {
-            if let Some(dir) = file.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let temporary = file.with_extension("json.tmp");
-            std::fs::write(&temporary, serde_json::to_vec(&self.rules).map_err(std::io::Error::other)?)?;
-            std::fs::rename(&temporary, file)
-        })();
+        let written = serde_json::to_vec(&self.rules)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::state::write_atomically(file, &bytes));
         match written {
             Ok(()) => {
                 self.changed = false;

@@ -78,6 +78,14 @@ pub fn parse_str(name: &str, text: &str) -> Result<Policy, PolicyError> {
     parse_sources(&[Source { name: name.to_owned(), text: text.to_owned() }])
 }
 
+/// Whether a directory entry named `name` is a policy file: `*.yaml` or
+/// `*.yml`, not hidden (hidden files beside the policy, such as a signed
+/// set's manifest, are never read as policy).
+#[must_use]
+pub fn is_policy_file_name(name: &str) -> bool {
+    !name.starts_with('.') && Path::new(name).extension().is_some_and(|ext| ext == "yaml" || ext == "yml")
+}
+
 /// The policy files at `paths`: each path is a file, or a directory whose
 /// `*.yaml` and `*.yml` files (not hidden, not recursive) are taken in name
 /// order. A Kubernetes `ConfigMap` mount works as is: its files are
@@ -92,8 +100,7 @@ pub fn list_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PolicyError> {
                 let entry = entry.map_err(read_error)?;
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                let is_policy = Path::new(name.as_ref()).extension().is_some_and(|ext| ext == "yaml" || ext == "yml");
-                if is_policy && !name.starts_with('.') && entry.path().is_file() {
+                if is_policy_file_name(&name) && entry.path().is_file() {
                     found.push(entry.path());
                 }
             }

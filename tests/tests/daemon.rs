@@ -49,12 +49,6 @@ fn wait_for_metric(lab: &ThreeTier, daemon: &Daemon, sample: &str, what: &str, d
     }
 }
 
-/// RFC 3339 for `time` (UTC), as an operator would write it.
-fn rfc3339(time: SystemTime) -> String {
-    let nanos = time.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos();
-    enforcer::events::rfc3339(i128::try_from(nanos).unwrap())
-}
-
 #[test]
 fn a_time_bound_rule_lapses_by_itself() {
     let lab = ThreeTier::new("expires").unwrap();
@@ -65,7 +59,7 @@ fn a_time_bound_rule_lapses_by_itself() {
     let expiry = SystemTime::now() + Duration::from_secs(10);
     let policy = three_tier().replace(
         "      ports: [\"8080/tcp\"]\n",
-        &format!("      ports: [\"8080/tcp\"]\n      expires: \"{}\"\n", rfc3339(expiry)),
+        &format!("      ports: [\"8080/tcp\"]\n      expires: \"{}\"\n", enforcer::events::rfc3339_at(expiry)),
     );
     std::fs::write(dir.join("p.yaml"), &policy).unwrap();
     let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
