@@ -35,11 +35,15 @@ pub enum DropReason {
     /// A packet entering the node that claims one of the node's own
     /// addresses as its source.
     HostSpoofed = 4,
+    /// The source or destination address is quarantined (`bulkhead
+    /// quarantine`): isolated whatever the policy or a tracked connection
+    /// says.
+    Quarantine = 5,
 }
 
 impl DropReason {
     /// Number of reasons; sizes the counter map.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
     /// Every reason, in discriminant order.
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::DefaultDeny,
@@ -47,6 +51,7 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::FragmentUnknown,
         DropReason::HostSpoofed,
+        DropReason::Quarantine,
     ];
 
     /// The Prometheus `reason` label.
@@ -58,6 +63,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::FragmentUnknown => "fragment_unknown",
             DropReason::HostSpoofed => "host_spoofed",
+            DropReason::Quarantine => "quarantine",
         }
     }
 
@@ -416,6 +422,29 @@ pub const CONFIG_FLAG_NO_FLOW_CACHE: u32 = 1 << 2;
 /// [`IDENTITY_FLAG_OPEN_EGRESS`]).
 pub const CONFIG_FLAG_WORLD_OPEN: u32 = 1 << 3;
 
+/// Some address is quarantined: every packet's addresses are looked up in
+/// the quarantine tries. Clear, the lookups are skipped, so a node with no
+/// quarantine pays nothing for the feature.
+pub const CONFIG_FLAG_QUARANTINE: u32 = 1 << 4;
+
+/// Entries of each quarantine trie (addresses and prefixes per family).
+pub const QUARANTINE_ENTRIES: u32 = 16_384;
+
+/// A quarantine trie's key data: the address, as the packet carries it.
+pub type QuarantinePrefixV4 = [u8; 4];
+pub type QuarantinePrefixV6 = [u8; 16];
+
+/// The key of a quarantine exemption: traffic between the node itself and
+/// a quarantined address on this port passes (see
+/// `--quarantine-allow-from-host`).
+#[must_use]
+pub const fn quarantine_exempt_key(protocol: u8, port: u16) -> u32 {
+    (protocol as u32) << 16 | port as u32
+}
+
+/// Entries of the quarantine exemption map.
+pub const QUARANTINE_EXEMPT_ENTRIES: u32 = 64;
+
 /// The `rule_index` of the entries that pass a pair both of whose ends
 /// are open, beside the rules on it: no rule's (no counter is kept).
 pub const RULE_INDEX_OPEN: u32 = u32::MAX - 1;
@@ -657,7 +686,7 @@ pub mod maps {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
     /// Every map, for pinning.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 25] = [
         EVENTS,
         IDENTITY_PAIRS,
         PAIR_DROPS,
@@ -680,6 +709,9 @@ pub mod maps {
         VERDICT_CACHE,
         FLOW_CACHE,
         CONNTRACK_EPOCH,
+        QUARANTINE_V4,
+        QUARANTINE_V6,
+        QUARANTINE_EXEMPT,
     ];
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
@@ -688,13 +720,19 @@ pub mod maps {
     /// Shared with the programs of a daemon being replaced, like `CONNTRACK`
     /// itself: a connection either build forgets stales both builds' flow caches.
     pub const CONNTRACK_EPOCH: &str = "CONNTRACK_EPOCH";
+    /// Quarantined addresses and prefixes: pinned, so a quarantine holds
+    /// while the daemon restarts.
+    pub const QUARANTINE_V4: &str = "QUARANTINE_V4";
+    pub const QUARANTINE_V6: &str = "QUARANTINE_V6";
+    /// (protocol, port) the node may use with a quarantined address.
+    pub const QUARANTINE_EXEMPT: &str = "QUARANTINE_EXEMPT";
 
     use core::mem::size_of;
 
     use super::{
         Config, Counter, EventBudget, FlowCacheEntry, FlowKey, FlowValue, FragmentKey, FragmentValue, IdentityKeyV4,
         IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue,
-        VerdictCacheEntry,
+        QuarantinePrefixV4, QuarantinePrefixV6, VerdictCacheEntry,
     };
 
     /// An LPM trie key: the prefix length, then the data.
@@ -719,6 +757,10 @@ pub mod maps {
         Layout { name, key: key as u32, value: value as u32, version: 1 }
     }
 
+    const fn versioned(layout: Layout, version: u32) -> Layout {
+        Layout { version, ..layout }
+    }
+
     /// Every map's layout. A test checks the sizes against the object.
     pub const LAYOUT: [Layout; ALL.len()] = [
         // A ring buffer has no keys or values.
@@ -735,15 +777,20 @@ pub mod maps {
         layout(POLICY_EXACT, size_of::<PolicyKeyData>(), size_of::<PolicyValue>()),
         layout(CONNTRACK, size_of::<FlowKey>(), size_of::<FlowValue>()),
         layout(CONFIG, 4, size_of::<Config>()),
-        layout(DROP_COUNTERS, 4, size_of::<Counter>()),
+        // 2: the reason `quarantine` added an entry per direction; a map
+        // with fewer entries would leave its drops uncounted.
+        versioned(layout(DROP_COUNTERS, 4, size_of::<Counter>()), 2),
         layout(FORWARD_COUNTERS, 4, size_of::<Counter>()),
-        layout(AUDIT_COUNTERS, 4, size_of::<Counter>()),
+        versioned(layout(AUDIT_COUNTERS, 4, size_of::<Counter>()), 2),
         layout(RULE_VERDICTS, 4, 8),
         layout(STATE_ERRORS, 4, 8),
         layout(FRAGMENTS, size_of::<FragmentKey>(), size_of::<FragmentValue>()),
         layout(VERDICT_CACHE, 4, size_of::<VerdictCacheEntry>()),
         layout(FLOW_CACHE, 4, size_of::<FlowCacheEntry>()),
         layout(CONNTRACK_EPOCH, 4, 8),
+        layout(QUARANTINE_V4, trie_key(size_of::<QuarantinePrefixV4>()) as usize, 4),
+        layout(QUARANTINE_V6, trie_key(size_of::<QuarantinePrefixV6>()) as usize, 4),
+        layout(QUARANTINE_EXEMPT, 4, 4),
     ];
 }
 

@@ -5,9 +5,10 @@
 //! `host`) and lets forwarded traffic, already judged at ingress, through
 //! uncounted. So every packet is judged and counted exactly once.
 //!
-//! Verdict order for an IP packet: parse (malformed → drop), connection
-//! tracking (replies and unchanged-generation originators pass with one
-//! lookup), then identities and policy. Every drop is counted with its
+//! Verdict order for an IP packet: parse (malformed → drop), quarantine
+//! (only while some address is quarantined), connection tracking (replies
+//! and unchanged-generation originators pass with one lookup), then
+//! identities and policy. Every drop is counted with its
 //! reason; nothing classifiable returns `XDP_ABORTED`.
 #![no_std]
 #![no_main]
@@ -30,6 +31,7 @@ mod maps;
 mod metrics;
 mod parse;
 mod policy;
+mod quarantine;
 
 use core::mem::MaybeUninit;
 
@@ -37,8 +39,8 @@ use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
 use aya_ebpf::macros::{classifier, xdp};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_INDEX, Config, Direction,
-    DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityPairKey, IdentityValue, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_FLAG_QUARANTINE, CONFIG_INDEX,
+    Config, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityPairKey, IdentityValue, slot_of,
 };
 
 use crate::parse::{Fragment, Frame, Kind, Packet, Parsed};
@@ -218,6 +220,15 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
         && packet.kind == Kind::Trackable
         && packet.flow.protocol == parse::PROTO_TCP
         && packet.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
+    // Quarantine first: it overrides every cache, connection and rule.
+    let quarantine = config.flags & CONFIG_FLAG_QUARANTINE != 0;
+    if quarantine && direction == Direction::Ingress {
+        match quarantine::check_ingress(packet, config) {
+            quarantine::Check::Clear => {}
+            quarantine::Check::Isolate => return Verdict::drop(DropReason::Quarantine),
+            quarantine::Check::Exempt => return Verdict::PASS,
+        }
+    }
     // Fast path: one conntrack lookup for established flows at ingress.
     let mut stale = false;
     if direction == Direction::Ingress && tracked_kind && !opening {
@@ -261,6 +272,14 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
     } else {
         let world = identity::world(config);
         let src = identity::lookup(slot, packet.flow.family, &packet.flow.src_addr, world);
+        // What the node itself sends (forwarded traffic was judged at ingress).
+        if quarantine && direction == Direction::Egress && src.id == IDENTITY_HOST {
+            match quarantine::check_egress(packet) {
+                quarantine::Check::Clear => {}
+                quarantine::Check::Isolate => return Verdict::drop(DropReason::Quarantine),
+                quarantine::Check::Exempt => return Verdict::PASS,
+            }
+        }
         match direction {
             Direction::Ingress if src.id == IDENTITY_HOST => {
                 return Verdict::drop(DropReason::HostSpoofed);

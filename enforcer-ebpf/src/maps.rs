@@ -8,7 +8,8 @@ use enforcer_common::{
     Config, Counter, DEFAULT_MAX_RULES, DROP_COUNTER_ENTRIES, Direction, EventBudget, FLOW_CACHE_ENTRIES,
     FlowCacheEntry, FlowKey, FlowValue, FragmentKey, FragmentValue, IDENTITY_PAIRS_PER_SLOT, IdentityKeyV4,
     IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue,
-    StateError, VERDICT_CACHE_ENTRIES, VerdictCacheEntry,
+    QUARANTINE_ENTRIES, QUARANTINE_EXEMPT_ENTRIES, QuarantinePrefixV4, QuarantinePrefixV6, StateError,
+    VERDICT_CACHE_ENTRIES, VerdictCacheEntry,
 };
 
 // Identity and policy keys start with the policy slot (see
@@ -121,3 +122,17 @@ pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entri
 /// an older epoch never match.
 #[map]
 pub static CONNTRACK_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Quarantined IPv4 addresses and prefixes (value unused, 1). Read only
+/// while `CONFIG_FLAG_QUARANTINE` is set.
+#[map]
+pub static QUARANTINE_V4: LpmTrie<QuarantinePrefixV4, u32> = LpmTrie::with_max_entries(QUARANTINE_ENTRIES, 0);
+
+/// Quarantined IPv6 addresses and prefixes.
+#[map]
+pub static QUARANTINE_V6: LpmTrie<QuarantinePrefixV6, u32> = LpmTrie::with_max_entries(QUARANTINE_ENTRIES, 0);
+
+/// `quarantine_exempt_key(protocol, port)` → 1: the node itself may still
+/// reach a quarantined address on these ports (and hear its replies).
+#[map]
+pub static QUARANTINE_EXEMPT: HashMap<u32, u32> = HashMap::with_max_entries(QUARANTINE_EXEMPT_ENTRIES, 0);

@@ -194,6 +194,7 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/flows", get(flows))
         .route("/v1/observed", get(observed))
         .route("/v1/rules/usage", get(rule_usage))
+        .route("/v1/quarantine", get(quarantine_list).post(quarantine_add).delete(quarantine_remove))
         .with_state(state)
 }
 
@@ -201,7 +202,7 @@ fn refuse(caller: &Caller, needed: Role) -> Option<Response> {
     match (caller.role, needed) {
         (Some(Role::Operator), _) | (Some(Role::Viewer), Role::Viewer) => None,
         (Some(Role::Viewer), Role::Operator) => Some(
-            (StatusCode::FORBIDDEN, format!("{} is a viewer; pushing policy needs the operator role\n", caller.name))
+            (StatusCode::FORBIDDEN, format!("{} is a viewer; changes need the operator role\n", caller.name))
                 .into_response(),
         ),
         (None, _) => Some(
@@ -415,6 +416,111 @@ async fn observed(State(state): State<Arc<ApiState>>, Extension(caller): Extensi
         flow.dst = pod(&flow.flow.dst_identity);
     }
     Json(report).into_response()
+}
+
+/// `POST /v1/quarantine`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QuarantineRequest {
+    pub target: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// A duration from now (`90s`, `15m`, `12h`, `30d`) or an RFC 3339 time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+}
+
+/// `GET /v1/quarantine`: what is quarantined, with the addresses each
+/// target stands for now.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QuarantineList {
+    pub quarantined: Vec<enforcer::quarantine::Entry>,
+}
+
+async fn quarantine_list(State(state): State<Arc<ApiState>>, Extension(caller): Extension<Caller>) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Viewer) {
+        return refusal;
+    }
+    let quarantined = state.shared.quarantine.lock().unwrap_or_else(PoisonError::into_inner).list();
+    Json(QuarantineList { quarantined }).into_response()
+}
+
+fn quarantine_refused(caller: &Caller, action: &str, target: &str, why: &str) {
+    log::warn!(target: "audit", "who={} action=quarantine-{action} target={target:?} result=refused why={why:?}", caller.name);
+}
+
+async fn quarantine_add(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<QuarantineRequest>,
+) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Operator) {
+        quarantine_refused(&caller, "add", &request.target, "not an operator");
+        return refusal;
+    }
+    let expires = match request.expires.as_deref().map(|text| enforcer::signing::parse_time(text, SystemTime::now())) {
+        None => None,
+        Some(Ok(at)) => Some(at),
+        Some(Err(why)) => {
+            quarantine_refused(&caller, "add", &request.target, &why);
+            return (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({ "errors": [why] }))).into_response();
+        }
+    };
+    let shared = Arc::clone(&state.shared);
+    let who = caller.name.clone();
+    let added = tokio::task::spawn_blocking(move || {
+        enforcer::quarantine::add(&shared, &request.target, &request.reason, expires, &who)
+            .map_err(|error| (request.target, error))
+    })
+    .await;
+    match added {
+        Ok(Ok(change)) => Json(change).into_response(),
+        Ok(Err((target, error))) => quarantine_error(&caller, "add", &target, &error),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct QuarantineTarget {
+    target: String,
+}
+
+async fn quarantine_remove(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Query(query): Query<QuarantineTarget>,
+) -> Response {
+    if let Some(refusal) = refuse(&caller, Role::Operator) {
+        quarantine_refused(&caller, "end", &query.target, "not an operator");
+        return refusal;
+    }
+    let shared = Arc::clone(&state.shared);
+    let who = caller.name.clone();
+    let removed = tokio::task::spawn_blocking(move || {
+        enforcer::quarantine::remove(&shared, &query.target, &who).map_err(|error| (query.target, error))
+    })
+    .await;
+    match removed {
+        Ok(Ok(entry)) => Json(entry).into_response(),
+        Ok(Err((target, error))) => quarantine_error(&caller, "end", &target, &error),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response(),
+    }
+}
+
+fn quarantine_error(
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    error: &enforcer::quarantine::QuarantineError,
+) -> Response {
+    use enforcer::quarantine::QuarantineError;
+    quarantine_refused(caller, action, target, &error.to_string());
+    let status = match error {
+        QuarantineError::NotQuarantined(_) => StatusCode::NOT_FOUND,
+        QuarantineError::NotRunning => StatusCode::SERVICE_UNAVAILABLE,
+        QuarantineError::Datapath(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    (status, Json(serde_json::json!({ "errors": [error.to_string()] }))).into_response()
 }
 
 #[derive(Deserialize)]

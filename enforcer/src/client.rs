@@ -1,6 +1,7 @@
 //! The CLI side of the admin API: `bulkhead status`, `policy push`,
 //! `policy diff` and `flows`, over HTTPS with a client certificate.
 
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -279,6 +280,92 @@ pub fn unused(server: &ServerArgs, since: &str) -> anyhow::Result<ExitCode> {
         report.values().filter(|r| r.action == "allow").count(),
         time(window)
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A query parameter's value, percent-encoded (targets hold `/`, `{`, `=`).
+fn query_value(text: &str) -> String {
+    text.bytes().fold(String::new(), |mut out, byte| {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+        out
+    })
+}
+
+/// Prints a refusal's errors and fails; passes anything else on.
+fn refused_change(status: u16, body: &str) -> anyhow::Result<Option<ExitCode>> {
+    if matches!(status, 404 | 422) {
+        let value: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        for problem in value["errors"].as_array().into_iter().flatten() {
+            eprintln!("error: {}", problem.as_str().unwrap_or_default());
+        }
+        return Ok(Some(ExitCode::FAILURE));
+    }
+    expect_ok(status, body)?;
+    Ok(None)
+}
+
+fn describe_entry(entry: &enforcer::quarantine::Entry) -> String {
+    let addresses = if entry.addresses.is_empty() { "no address now".to_owned() } else { entry.addresses.join(", ") };
+    let expires = entry.expires.as_deref().map_or_else(|| "until removed".to_owned(), |at| format!("until {at}"));
+    let reason = if entry.reason.is_empty() { String::new() } else { format!("; reason: {}", entry.reason) };
+    format!("{} ({addresses}) by {} since {}, {expires}{reason}", entry.target, entry.by, entry.since)
+}
+
+pub fn quarantine_add(
+    server: &ServerArgs,
+    target: &str,
+    reason: Option<&str>,
+    expires: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    if let Some(expires) = expires {
+        // Checked here too, so a typo fails before anything is sent.
+        enforcer::signing::parse_time(expires, std::time::SystemTime::now())
+            .map_err(|why| anyhow::anyhow!("--expires: {why}"))?;
+    }
+    let request = crate::api::QuarantineRequest {
+        target: target.to_owned(),
+        reason: reason.unwrap_or_default().to_owned(),
+        expires: expires.map(str::to_owned),
+    };
+    let (status, body) = server.request("POST", "/v1/quarantine", Some(&serde_json::to_string(&request)?))?.text()?;
+    if let Some(code) = refused_change(status, &body)? {
+        return Ok(code);
+    }
+    let change: serde_json::Value = serde_json::from_str(&body).context("the daemon's answer is not a quarantine")?;
+    let entry: enforcer::quarantine::Entry = serde_json::from_value(change["entry"].clone())?;
+    println!("quarantined {}", describe_entry(&entry));
+    if entry.addresses.is_empty() {
+        println!("(nothing has this name now: its addresses are isolated as soon as they appear)");
+    }
+    println!("{} tracked connection entries cut", change["flows_cut"]);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn quarantine_list(server: &ServerArgs) -> anyhow::Result<ExitCode> {
+    let (status, body) = server.request("GET", "/v1/quarantine", None)?.text()?;
+    expect_ok(status, &body)?;
+    let list: crate::api::QuarantineList =
+        serde_json::from_str(&body).context("the daemon's answer is not a quarantine list")?;
+    for entry in &list.quarantined {
+        println!("{}", describe_entry(entry));
+    }
+    println!("{} target(s) quarantined", list.quarantined.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn quarantine_remove(server: &ServerArgs, target: &str) -> anyhow::Result<ExitCode> {
+    let path = format!("/v1/quarantine?target={}", query_value(target));
+    let (status, body) = server.request("DELETE", &path, None)?.text()?;
+    if let Some(code) = refused_change(status, &body)? {
+        return Ok(code);
+    }
+    let entry: enforcer::quarantine::Entry =
+        serde_json::from_str(&body).context("the daemon's answer is not a quarantine")?;
+    println!("released {}", describe_entry(&entry));
     Ok(ExitCode::SUCCESS)
 }
 

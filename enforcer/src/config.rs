@@ -72,6 +72,26 @@ pub struct RunArgs {
     /// the signed policy version enforced last [default: /var/lib/bulkhead].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Let the node itself (identity `host`) open TCP connections to
+    /// quarantined addresses on this port, whatever the policy says, so an
+    /// operator can still look inside: `22/tcp`; repeatable. Nothing else
+    /// reaches a quarantined address, and it opens nothing [default: none].
+    #[arg(long = "quarantine-allow-from-host", value_name = "PORT/PROTO")]
+    pub quarantine_allow_from_host: Vec<String>,
+    /// What the lateral-movement detector does about a source that probes
+    /// many destinations or ports it may not reach: `off`, `alert` (a JSON
+    /// event and `bulkhead_lateral_movement_suspects_total`) or
+    /// `quarantine` (also quarantines the source) [default: alert].
+    #[arg(long, value_name = "off|alert|quarantine")]
+    pub lateral_movement: Option<String>,
+    /// How long `--lateral-movement quarantine` quarantines a suspect, such
+    /// as `10m` or `1h` [default: 10m].
+    #[arg(long, value_name = "DURATION")]
+    pub lateral_movement_quarantine_for: Option<String>,
+    /// An identity the detector never flags (a scanner you run on purpose);
+    /// repeatable.
+    #[arg(long = "lateral-movement-exempt", value_name = "IDENTITY")]
+    pub lateral_movement_exempt: Vec<String>,
     /// Tracked connection entries, two per connection [default: 262144].
     #[arg(long, value_name = "N")]
     pub conntrack_size: Option<u32>,
@@ -157,6 +177,9 @@ pub struct RunConfig {
     /// `--trusted-keys`: enforce only signed policy sets.
     pub trusted_keys: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// `--quarantine-allow-from-host`: (protocol, port).
+    pub quarantine_exempt: Vec<(u8, u16)>,
+    pub lateral: enforcer::lateral::LateralConfig,
 }
 
 /// The Kubernetes API as a policy source.
@@ -193,6 +216,8 @@ impl RunArgs {
         };
         let api = self.api(&file)?;
         let kubernetes = self.kubernetes_source(&file)?;
+        let quarantine_exempt = self.quarantine_exempt(&file)?;
+        let lateral = self.lateral(&file)?;
         let defaults = MapSizes::default();
         let interfaces = if self.interfaces.is_empty() { file.interfaces } else { self.interfaces.clone() };
         let Some(policy_dir) = self.policy_dir.clone().or(file.policy_dir) else {
@@ -220,6 +245,8 @@ impl RunArgs {
         };
         Ok(RunConfig {
             policy_dir,
+            quarantine_exempt,
+            lateral,
             enforcement,
             kubernetes,
             interfaces,
@@ -258,6 +285,63 @@ impl RunArgs {
 }
 
 impl RunArgs {
+    /// `--quarantine-allow-from-host`: flags replace the file's list.
+    fn quarantine_exempt(&self, file: &RunArgs) -> anyhow::Result<Vec<(u8, u16)>> {
+        let given = if self.quarantine_allow_from_host.is_empty() {
+            &file.quarantine_allow_from_host
+        } else {
+            &self.quarantine_allow_from_host
+        };
+        let mut ports = Vec::new();
+        for text in given {
+            // TCP only: the quarantined side answers a connection the node
+            // opened, and a datagram has no such direction.
+            let port = text.strip_suffix("/tcp").unwrap_or(text).parse::<u16>().ok().filter(|port| *port > 0);
+            let Some(port) = port.map(|port| (6, port)) else {
+                bail!(
+                    "--quarantine-allow-from-host `{text}` is not PORT/tcp (for example 22/tcp); only TCP can be exempt"
+                );
+            };
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        if ports.len() > enforcer::datapath::MAX_QUARANTINE_EXEMPT {
+            bail!(
+                "--quarantine-allow-from-host: at most {} ports; these are management exceptions, keep them few",
+                enforcer::datapath::MAX_QUARANTINE_EXEMPT
+            );
+        }
+        Ok(ports)
+    }
+
+    /// The lateral-movement detector's settings.
+    fn lateral(&self, file: &RunArgs) -> anyhow::Result<enforcer::lateral::LateralConfig> {
+        use enforcer::lateral::{LateralConfig, LateralMode};
+        let mode = match self.lateral_movement.clone().or_else(|| file.lateral_movement.clone()).as_deref() {
+            None | Some("alert") => LateralMode::Alert,
+            Some("off") => LateralMode::Off,
+            Some("quarantine") => LateralMode::Quarantine,
+            Some(other) => bail!("`{other}` is not a lateral-movement mode: use off, alert or quarantine"),
+        };
+        let quarantine_for =
+            match self.lateral_movement_quarantine_for.clone().or_else(|| file.lateral_movement_quarantine_for.clone())
+            {
+                None => LateralConfig::default().quarantine_for,
+                Some(text) => {
+                    enforcer::signing::parse_duration(&text).filter(|duration| !duration.is_zero()).with_context(
+                        || format!("--lateral-movement-quarantine-for `{text}` is not a duration such as 10m or 1h"),
+                    )?
+                }
+            };
+        let exempt = if self.lateral_movement_exempt.is_empty() {
+            file.lateral_movement_exempt.clone()
+        } else {
+            self.lateral_movement_exempt.clone()
+        };
+        Ok(LateralConfig { mode, quarantine_for, exempt, ..LateralConfig::default() })
+    }
+
     /// The Kubernetes source's settings, if `kubernetes` is set anywhere.
     fn kubernetes_source(&self, file: &RunArgs) -> anyhow::Result<Option<KubernetesSource>> {
         let kubeconfig = self.kubeconfig.clone().or_else(|| file.kubeconfig.clone());
@@ -367,6 +451,23 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             "node-name" => args.node_name = Some(scalar(value, &key)?),
             "trusted-keys" => args.trusted_keys = Some(PathBuf::from(scalar(value, &key)?)),
             "state-dir" => args.state_dir = Some(PathBuf::from(scalar(value, &key)?)),
+            "quarantine-allow-from-host" | "lateral-movement-exempt" => {
+                let list = if key == "quarantine-allow-from-host" {
+                    &mut args.quarantine_allow_from_host
+                } else {
+                    &mut args.lateral_movement_exempt
+                };
+                match &value.value {
+                    Value::Sequence(items) => {
+                        for item in items {
+                            list.push(scalar(item, &key)?);
+                        }
+                    }
+                    _ => list.push(scalar(value, &key)?),
+                }
+            }
+            "lateral-movement" => args.lateral_movement = Some(scalar(value, &key)?),
+            "lateral-movement-quarantine-for" => args.lateral_movement_quarantine_for = Some(scalar(value, &key)?),
             "conntrack-size" => args.conntrack_size = Some(number(value, &key)?),
             "identity-map-size" => args.identity_map_size = Some(number(value, &key)?),
             "prefix-map-size" => args.prefix_map_size = Some(number(value, &key)?),
@@ -403,7 +504,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                 }
             }
             other => bail!(
-                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, policy-enforcement, kubernetes, kubeconfig, node-name, trusted-keys, state-dir, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
+                "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, policy-enforcement, kubernetes, kubeconfig, node-name, trusted-keys, state-dir, quarantine-allow-from-host, lateral-movement, lateral-movement-quarantine-for, lateral-movement-exempt, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location(&file)
             ),
         }

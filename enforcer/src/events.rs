@@ -166,6 +166,7 @@ pub fn pump(
     stop: &AtomicBool,
     decide: DecideBatch<'_>,
     publish: &dyn Fn(&[EventRecord], &[String]),
+    daemon_events: &dyn Fn() -> Vec<String>,
 ) {
     let offset = monotonic_to_unix_offset();
     // Events read while there is no policy to name them by yet wait here.
@@ -174,6 +175,14 @@ pub fn pump(
         let mut poll = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&raw mut poll, 1, 200) };
+        // The daemon's own events (quarantine, lateral movement) go where
+        // the kernel's go, within one poll interval.
+        let own = daemon_events();
+        if !own.is_empty()
+            && let Err(error) = write_to(&mut sink, &own)
+        {
+            log::warn!("writing events failed: {error}");
+        }
         if ready <= 0 && events.is_empty() {
             continue;
         }
@@ -201,14 +210,17 @@ pub fn pump(
             .collect();
         let lines: Vec<String> = records.iter().filter_map(|record| serde_json::to_string(record).ok()).collect();
         publish(&records, &lines);
-        let written = match &mut sink {
-            Sink::Stdout => write_lines(&mut std::io::stdout().lock(), &lines),
-            Sink::File(file) => write_lines(file, &lines),
-            Sink::Off => Ok(()),
-        };
-        if let Err(error) = written {
+        if let Err(error) = write_to(&mut sink, &lines) {
             log::warn!("writing events failed: {error}");
         }
+    }
+}
+
+fn write_to(sink: &mut Sink, lines: &[String]) -> std::io::Result<()> {
+    match sink {
+        Sink::Stdout => write_lines(&mut std::io::stdout().lock(), lines),
+        Sink::File(file) => write_lines(file, lines),
+        Sink::Off => Ok(()),
     }
 }
 

@@ -47,6 +47,10 @@ enum Command {
     },
     /// Show a daemon's state through its admin API (viewer role).
     Status(client::ServerArgs),
+    /// Cut workloads off at once, whatever the policy says: quarantine
+    /// through a daemon's admin API (operator role; viewers may list).
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// Show drop and audit events through a daemon's admin API (viewer role).
     Flows {
         #[command(flatten)]
@@ -54,6 +58,35 @@ enum Command {
         /// Keep streaming new events until interrupted.
         #[arg(long)]
         follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// Isolate TARGET at its next packet, established connections included:
+    /// an identity name, an address or CIDR, `pod/NAMESPACE/NAME`, or a
+    /// label selector `[NAMESPACE/]KEY=VALUE[,KEY=VALUE...]`.
+    Add {
+        #[command(flatten)]
+        server: client::ServerArgs,
+        /// Why, for the list, the event and the audit log.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// When it lapses by itself: a duration (90s, 15m, 12h, 30d) or an
+        /// RFC 3339 time [default: never].
+        #[arg(long, value_name = "DURATION|RFC3339")]
+        expires: Option<String>,
+        #[arg(value_name = "TARGET")]
+        target: String,
+    },
+    /// List what is quarantined, with the addresses each target stands for.
+    List(client::ServerArgs),
+    /// Lift the quarantine of TARGET (as listed).
+    Remove {
+        #[command(flatten)]
+        server: client::ServerArgs,
+        #[arg(value_name = "TARGET")]
+        target: String,
     },
 }
 
@@ -177,6 +210,13 @@ fn main() -> ExitCode {
         Command::Uninstall { bpffs_root } => uninstall(&bpffs_root),
         Command::Status(server) => client::status(&server),
         Command::Flows { server, follow } => client::flows(&server, follow),
+        Command::Quarantine(QuarantineCommand::Add { server, reason, expires, target }) => {
+            client::quarantine_add(&server, &target, reason.as_deref(), expires.as_deref())
+        }
+        Command::Quarantine(QuarantineCommand::List(server)) => client::quarantine_list(&server),
+        Command::Quarantine(QuarantineCommand::Remove { server, target }) => {
+            client::quarantine_remove(&server, &target)
+        }
         Command::Policy(PolicyCommand::Push { server, keep_others, paths }) => {
             client::push(&server, &paths, keep_others)
         }

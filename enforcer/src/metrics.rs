@@ -74,6 +74,12 @@ pub struct PolicyStats {
     /// With `--kubernetes`: cluster objects the policy refuses (each
     /// reported in the log; what they gave before stays enforced).
     pub kubernetes_rejected: usize,
+    /// Quarantined targets, from [`Shared::quarantine`] at each scrape.
+    pub quarantined: usize,
+    /// Suspects the lateral-movement detector flagged since start, and the
+    /// sources it tracks now; from [`Shared::lateral`] at each scrape.
+    pub lateral_suspects: u64,
+    pub lateral_tracked: usize,
 }
 
 /// How full the maps are; refreshed by the daemon's maintenance loop, since
@@ -241,6 +247,22 @@ fn policy_figures(builder: &Builder, snapshot: &CounterSnapshot, stats: PolicySt
             i64::try_from(stats.kubernetes_rejected).unwrap_or(i64::MAX),
         )?;
     }
+    builder.gauge(
+        "bulkhead_quarantined",
+        "Targets quarantined now (bulkhead quarantine list): their addresses are isolated whatever the policy says.",
+        saturating(stats.quarantined),
+    )?;
+    let suspects = builder.counters(
+        "bulkhead_lateral_movement_suspects_total",
+        "Sources the lateral-movement detector flagged for probing targets they may not reach.",
+        &[],
+    )?;
+    suspects.with_label_values(&[] as &[&str]).inc_by(stats.lateral_suspects);
+    builder.gauge(
+        "bulkhead_lateral_movement_tracked_sources",
+        "Sources the lateral-movement detector tracks now (denied recently).",
+        saturating(stats.lateral_tracked),
+    )?;
     let errors = builder.counters(
         "bulkhead_policy_load_errors_total",
         "Candidate policies rejected (the previous policy stayed enforced), by reason.",
@@ -379,6 +401,13 @@ pub struct Shared {
     pub kubernetes_versions: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Where the programs are attached; see [`InterfaceStats`].
     pub interfaces: Mutex<InterfaceStats>,
+    /// Quarantined targets (see `quarantine`).
+    pub quarantine: Mutex<crate::quarantine::Quarantine>,
+    /// The lateral-movement detector (see `lateral`), fed by the event pump.
+    pub lateral: Mutex<crate::lateral::Detector>,
+    /// JSON lines the daemon itself reports (quarantine, lateral movement),
+    /// waiting for the event pump to write them where drop events go.
+    pub daemon_events: Mutex<std::collections::VecDeque<String>>,
     /// Time from reading a changed policy to publishing its generation.
     pub apply_duration: Histogram,
     /// Of that, the wait for program runs still reading the slot rewritten.
@@ -422,9 +451,47 @@ impl Shared {
             rule_usage: Mutex::new(crate::usage::RuleUsage::default()),
             ready: std::sync::atomic::AtomicBool::new(false),
             interfaces: Mutex::new(InterfaceStats::default()),
+            quarantine: Mutex::new(crate::quarantine::Quarantine::default()),
+            lateral: Mutex::new(crate::lateral::Detector::new(crate::lateral::LateralConfig::default())),
+            daemon_events: Mutex::new(std::collections::VecDeque::new()),
             apply_duration: apply_duration_histogram(),
             slot_wait: slot_wait_histogram(),
         })
+    }
+}
+
+/// Daemon events waiting for the pump beyond this are dropped, oldest first
+/// (they are in the log too).
+const MAX_DAEMON_EVENTS: usize = 4096;
+
+/// Recent events kept for `bulkhead flows` without `--follow`.
+pub const RECENT_EVENTS: usize = 1000;
+
+impl Shared {
+    /// Reports a daemon event (one JSON line): to API subscribers, to the
+    /// recent events, and where drop events go.
+    pub fn announce(&self, line: String) {
+        let _ = self.events.send(line.clone());
+        self.remember_event(line.clone());
+        let mut waiting = self.daemon_events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if waiting.len() == MAX_DAEMON_EVENTS {
+            waiting.pop_front();
+        }
+        waiting.push_back(line);
+    }
+
+    /// Keeps `line` among the recent events.
+    pub fn remember_event(&self, line: String) {
+        let mut recent = self.recent_events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recent.len() == RECENT_EVENTS {
+            recent.pop_front();
+        }
+        recent.push_back(line);
+    }
+
+    /// Takes the daemon events waiting to be written.
+    pub fn take_daemon_events(&self) -> Vec<String> {
+        self.daemon_events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..).collect()
     }
 }
 

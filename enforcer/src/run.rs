@@ -143,9 +143,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         None => diff,
     };
     let loaded = loading.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    let mut quarantine = None;
     let started = loaded
         .map_err(anyhow::Error::from)
-        .and_then(|datapath| start_datapath(args, datapath, &diff, &engine, &selector));
+        .and_then(|datapath| start_datapath(args, datapath, &diff, &engine, &selector, &mut quarantine));
     let (mut datapath, generation, interface_stats) = match started {
         Ok(started) => started,
         Err(error) => {
@@ -165,6 +166,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
         Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
     *shared.interfaces.lock().unwrap_or_else(PoisonError::into_inner) = interface_stats;
+    if let Some(quarantine) = quarantine {
+        *shared.quarantine.lock().unwrap_or_else(PoisonError::into_inner) = quarantine;
+    }
+    *shared.lateral.lock().unwrap_or_else(PoisonError::into_inner) =
+        enforcer::lateral::Detector::new(args.lateral.clone());
     *shared.engine.write().unwrap_or_else(PoisonError::into_inner) = engine;
     return_freed_memory();
     let events = start_events(args, &mut datapath, &shared)?;
@@ -183,6 +189,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         std::thread::spawn(move || maintain(&shared, &dir, start, audit, (&wakeup, &resync_rx, &push_rx)))
     };
 
+    let quarantine_expiry = enforcer::quarantine::spawn_expiry(Arc::clone(&shared), Arc::clone(&stopping));
     let interface_keeper = {
         let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stopping));
         let root = args.bpffs_root.clone();
@@ -194,6 +201,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let _ = maintenance.join();
     stopping.store(true, Ordering::Release);
     let _ = interface_keeper.join();
+    let _ = quarantine_expiry.join();
     shared.ready.store(false, Ordering::Release);
     if let Some((stop, pump)) = events {
         stop.store(true, Ordering::Relaxed);
@@ -252,7 +260,6 @@ fn prepare_node(root: &Path) -> anyhow::Result<Option<LinkWatcher>> {
 }
 
 /// Events kept for `bulkhead flows` without `--follow`.
-const RECENT_EVENTS: usize = 1000;
 
 /// A running event pump: its stop flag and thread.
 type EventPump = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
@@ -296,16 +303,14 @@ fn start_events(args: &RunConfig, datapath: &mut Datapath, shared: &Arc<Shared>)
                         observed.record(record);
                     }
                 }
-                let mut recent = shared.recent_events.lock().unwrap_or_else(PoisonError::into_inner);
                 for line in lines {
                     let _ = shared.events.send(line.clone());
-                    if recent.len() == RECENT_EVENTS {
-                        recent.pop_front();
-                    }
-                    recent.push_back(line.clone());
+                    shared.remember_event(line.clone());
                 }
+                enforcer::lateral::observe_events(&shared, records);
             };
-            enforcer::events::pump(ring, sink, &stop, &decide, &publish);
+            let daemon_events = || shared.take_daemon_events();
+            enforcer::events::pump(ring, sink, &stop, &decide, &publish, &daemon_events);
         })
     };
     Ok(Some((stop, pump)))
@@ -322,6 +327,7 @@ fn start_datapath(
     diff: &policy::EntryDiff,
     engine: &policy::Engine,
     selector: &Selector,
+    quarantine: &mut Option<enforcer::quarantine::Quarantine>,
 ) -> anyhow::Result<(Datapath, u32, InterfaceStats)> {
     let root = args.bpffs_root.as_path();
     let adopted = datapath.adopt_state()?;
@@ -333,6 +339,23 @@ fn start_datapath(
     let generation = datapath.apply(diff, engine, args.audit)?;
     // The other slot too, so that the first change writes only itself.
     datapath.prefill_standby(engine)?;
+    // Quarantines hold from the first packet the programs judge.
+    let mut list = enforcer::quarantine::Quarantine::load(
+        Some(&args.state_dir),
+        &datapath.quarantined_nets()?,
+        args.quarantine_exempt.clone(),
+        SystemTime::now(),
+    );
+    let written = list.install(engine, &mut datapath)?;
+    if !list.is_empty() {
+        log::info!(
+            "quarantine: {} targets in force ({} addresses and prefixes)",
+            list.len(),
+            datapath.quarantined_nets().map_or(0, |nets| nets.len())
+        );
+        log::debug!("quarantine at start: {} isolated anew, {} released", written.added.len(), written.removed.len());
+    }
+    *quarantine = Some(list);
     datapath.set_xdp_attach(args.xdp_attach);
     datapath.set_ingress_hook(args.ingress_hook);
     let mut stats = InterfaceStats::default();
@@ -602,6 +625,10 @@ fn publish_start(
         // Likewise from `Shared::kubernetes_down`.
         kubernetes_up: cluster.map(|_| false),
         kubernetes_rejected: cluster.map_or(0, cluster::Cluster::refused),
+        // From `Shared::quarantine` and `Shared::lateral` at each scrape.
+        quarantined: 0,
+        lateral_suspects: 0,
+        lateral_tracked: 0,
     };
     if let Some(cluster) = cluster {
         *shared.kubernetes_down.lock().unwrap_or_else(PoisonError::into_inner) = cluster.why_not_up();
@@ -973,6 +1000,9 @@ impl Maintainer<'_> {
             }
         }
         drop(engine);
+        // A quarantined identity's new addresses are isolated with the
+        // change that brought them.
+        enforcer::quarantine::enforce(&self.shared);
         let big = parsed_bytes > BIG_CHANGE_BYTES || diff.entries() > BIG_CHANGE_ENTRIES;
         // The diff goes first: a large one is itself tens of megabytes.
         drop(diff);

@@ -54,6 +54,12 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         stats.kubernetes_up =
             Some(shared.kubernetes_down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none());
     }
+    stats.quarantined = shared.quarantine.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
+    {
+        let detector = shared.lateral.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        stats.lateral_suspects = detector.suspects;
+        stats.lateral_tracked = detector.tracked();
+    }
     let snapshot = {
         let datapath = shared.datapath.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match datapath.as_ref().map(crate::datapath::Datapath::counters) {

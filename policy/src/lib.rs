@@ -13,6 +13,7 @@ pub mod eval;
 pub mod kubernetes;
 pub mod model;
 mod parse;
+pub mod target;
 mod validate;
 pub mod yaml;
 

@@ -34,7 +34,10 @@ struct Env {
     pki: PathBuf,
     ca_pem: PathBuf,
     server_ca: Ca,
-    _scratch: ScratchDir,
+    /// What the daemon was started with, to start it again.
+    args: Vec<String>,
+    policy: PathBuf,
+    scratch: ScratchDir,
 }
 
 fn start(label: &str) -> Env {
@@ -76,14 +79,32 @@ fn start_with(label: &str, extra: impl FnOnce(&Path, &Path) -> Vec<String>) -> E
         "viewer-bob=viewer",
     ];
     let extra = extra(&policy, &scratch.0);
-    let args: Vec<&str> = args.iter().copied().chain(extra.iter().map(String::as_str)).collect();
-    let daemon = Daemon::start_with(&lab, &policy, &scratch.0.join("log"), &args).unwrap();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).chain(extra).collect();
+    let daemon = Daemon::start_with(&lab, &policy, &scratch.0.join("log"), &as_strs(&args)).unwrap();
     let servers =
         lab.hosts.iter().map(|h| EchoServer::start(&h.ns, &h.addrs(), &[22, 5432, 8080], &[8125]).unwrap()).collect();
-    Env { _servers: servers, daemon, lab, pki, ca_pem, server_ca, _scratch: scratch }
+    Env { _servers: servers, daemon, lab, pki, ca_pem, server_ca, args, policy, scratch }
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 impl Env {
+    /// Kills the daemon (SIGKILL: its pins stay, as after a crash) and
+    /// starts it again with the same arguments.
+    fn crash_and_restart(&mut self, while_down: impl FnOnce(&Self)) {
+        self.daemon.kill();
+        while_down(self);
+        let log = self.scratch.0.join("log-restarted");
+        self.daemon = Daemon::start_with(&self.lab, &self.policy, &log, &as_strs(&self.args)).unwrap();
+    }
+
+    fn metric(&self, sample: &str) -> Option<u64> {
+        let (_, body) = probe::http_get(&self.lab.router, self.daemon.metrics_addr, "/metrics").unwrap();
+        probe::metric(&body, sample)
+    }
+
     /// Runs the `bulkhead` CLI in the router namespace as client `who`.
     fn cli(&self, who: &str, args: &[&str]) -> Output {
         let cert = self.pki.join(format!("{who}.pem"));
@@ -500,4 +521,122 @@ fn a_rotated_server_certificate_is_served_without_restart() {
     let status = env.cli("viewer", &["status"]);
     assert!(status.status.success(), "works with the new certificate: {}", stderr(&status));
     assert_eq!(env.generation(), Some(1), "no restart, no new generation");
+}
+
+/// `bulkhead quarantine`: an operator cuts an identity off at its next
+/// packet, its established connection included, whatever the rules say;
+/// the node's management connection on the exempt port still gets
+/// through; the quarantine holds while the daemon is down and after it
+/// restarts, is listed, counted and reported, and ends when removed or
+/// when it lapses. Viewers may only list; every call is audited.
+#[test]
+fn quarantine_cuts_a_workload_off_until_lifted() {
+    let mut env = start_with("apiquar", |_, _| vec!["--quarantine-allow-from-host".into(), "22/tcp".into()]);
+    let at = |name: &str, port| {
+        SocketAddr::new(
+            IpAddr::V4(
+                lab::topology::HOSTS
+                    .iter()
+                    .find(|h| h.0 == name)
+                    .map(|h| std::net::Ipv4Addr::new(10, 0, h.1, 10))
+                    .unwrap(),
+            ),
+            port,
+        )
+    };
+    let mut session = probe::TcpSession::connect(&env.lab.host("gateway").ns, at("logic", 8080)).unwrap().unwrap();
+    assert_eq!(session.exchange("before", Duration::from_secs(3)), Outcome::Connected);
+
+    let refused = env.cli("viewer", &["quarantine", "add", "logic"]);
+    assert!(!refused.status.success() && stderr(&refused).contains("403"), "{}", stderr(&refused));
+    let bad = env.cli("operator", &["quarantine", "add", "pod/only-namespace"]);
+    assert!(!bad.status.success() && stderr(&bad).contains("pod/NAMESPACE/NAME"), "{}", stderr(&bad));
+    let added = env.cli("operator", &["quarantine", "add", "logic", "--reason", "beaconing to a C2 host"]);
+    assert!(added.status.success(), "{}{}", stdout(&added), stderr(&added));
+    assert!(stdout(&added).contains("quarantined logic (10.0.2.0/24) by ops-alice"), "{}", stdout(&added));
+
+    let cut = |env: &Env, session: &mut probe::TcpSession, what: &str| {
+        let (gateway, logic) = (&env.lab.host("gateway").ns, &env.lab.host("logic").ns);
+        assert_eq!(session.exchange(what, Duration::from_millis(700)), Outcome::TimedOut, "{what}: established");
+        let (to_it, from_it) = (at("logic", 8080), at("db", 5432));
+        let opened = probe::all_at_once(&[(gateway, to_it), (logic, from_it)], false).unwrap();
+        assert_eq!(opened, [Outcome::TimedOut, Outcome::TimedOut], "{what}: new connections both ways");
+        // The node's management port, whatever the policy (no rule lets the
+        // node reach logic at all), and nothing else.
+        let node = &env.lab.router;
+        assert_eq!(probe::tcp(node, at("logic", 22)).unwrap(), Outcome::Connected, "{what}: exempt port");
+        assert_eq!(probe::tcp(node, at("logic", 8080)).unwrap(), Outcome::TimedOut, "{what}: other port");
+    };
+    cut(&env, &mut session, "quarantined");
+    assert_eq!(
+        probe::tcp(&env.lab.host("gateway").ns, at("db", 22)).unwrap(),
+        Outcome::Connected,
+        "others are untouched"
+    );
+    assert_eq!(env.metric("bulkhead_quarantined"), Some(1));
+    assert!(env.metric("bulkhead_drop_packets_total{direction=\"ingress\",reason=\"quarantine\"}").unwrap() > 0);
+    assert!(env.metric("bulkhead_drop_packets_total{direction=\"egress\",reason=\"quarantine\"}").unwrap() > 0);
+    let flows = stdout(&env.cli("viewer", &["flows"]));
+    assert!(
+        flows.contains("\"event\":\"quarantine\",\"action\":\"start\",\"target\":\"logic\"")
+            && flows.contains("\"by\":\"ops-alice\""),
+        "{flows}"
+    );
+    assert!(flows.contains("\"reason\":\"quarantine\""), "drops are reported with their reason: {flows}");
+
+    // Down, the pinned quarantine holds; back up, it is still listed.
+    env.crash_and_restart(|env| {
+        assert_eq!(
+            probe::tcp(&env.lab.host("gateway").ns, at("logic", 8080)).unwrap(),
+            Outcome::TimedOut,
+            "while down"
+        );
+    });
+    let (gateway, logic) = (&env.lab.host("gateway").ns, &env.lab.host("logic").ns);
+    cut(&env, &mut session, "restarted");
+    let listed = env.cli("viewer", &["quarantine", "list"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(
+        stdout(&listed).contains("logic (10.0.2.0/24) by ops-alice")
+            && stdout(&listed).contains("reason: beaconing to a C2 host")
+            && stdout(&listed).contains("1 target(s) quarantined"),
+        "{}",
+        stdout(&listed)
+    );
+    // A policy change keeps it.
+    let pushed = env.cli("operator", &["policy", "push", env.policy.join("p.yaml").to_str().unwrap()]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert_eq!(probe::tcp(gateway, at("logic", 8080)).unwrap(), Outcome::TimedOut, "after a policy push");
+
+    let viewer_remove = env.cli("viewer", &["quarantine", "remove", "logic"]);
+    assert!(!viewer_remove.status.success(), "{}", stdout(&viewer_remove));
+    let unknown = env.cli("operator", &["quarantine", "remove", "db"]);
+    assert!(!unknown.status.success() && stderr(&unknown).contains("`db` is not quarantined"), "{}", stderr(&unknown));
+    let removed = env.cli("operator", &["quarantine", "remove", "logic"]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    assert_eq!(probe::tcp(gateway, at("logic", 8080)).unwrap(), Outcome::Connected, "lifted");
+    assert_eq!(env.metric("bulkhead_quarantined"), Some(0));
+
+    // An address, by itself until it lapses.
+    let db = env.lab.host("db").addr.to_string();
+    let lapsing = env.cli("operator", &["quarantine", "add", &db, "--expires", "2s"]);
+    assert!(lapsing.status.success(), "{}", stderr(&lapsing));
+    assert_eq!(probe::tcp(logic, at("db", 5432)).unwrap(), Outcome::TimedOut);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.metric("bulkhead_quarantined") != Some(0) {
+        assert!(Instant::now() < deadline, "the quarantine did not lapse");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(probe::tcp(logic, at("db", 5432)).unwrap(), Outcome::Connected, "lapsed");
+    let flows = stdout(&env.cli("viewer", &["flows"]));
+    assert!(
+        flows.contains(&format!("\"action\":\"end\",\"target\":\"{db}\"")) && flows.contains("\"ended\":\"expired\""),
+        "{flows}"
+    );
+    let audit = env.daemon.log_text();
+    for line in ["who=ops-alice action=quarantine-start target=10.0.3.10", "action=quarantine-end target=10.0.3.10"] {
+        assert!(audit.contains(line), "{line} not audited:\n{audit}");
+    }
+    let refusal = std::fs::read_to_string(env.scratch.0.join("log")).unwrap();
+    assert!(refusal.contains("who=viewer-bob action=quarantine-add target=\"logic\" result=refused"), "{refusal}");
 }

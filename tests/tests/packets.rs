@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use Observed::{Audit, Drop, Ignored, Pass};
 use enforcer::datapath::{Hook, clock_tick_ns};
-use enforcer_common::DropReason::{self, DefaultDeny, DenyRule, FragmentUnknown, HostSpoofed, Malformed};
+use enforcer_common::DropReason::{self, DefaultDeny, DenyRule, FragmentUnknown, HostSpoofed, Malformed, Quarantine};
 use enforcer_common::{FAMILY_IPV4, FAMILY_IPV6, FlowKey, timeouts};
 use kernel::{Kernel, Observed};
 use lab::frames::{
@@ -947,7 +947,10 @@ mod differential {
         // The differential test compares reasons by value; their labels are
         // a public contract too.
         let labels: Vec<&str> = DropReason::ALL.iter().map(|r| r.label()).collect();
-        assert_eq!(labels, ["default_deny", "deny_rule", "malformed", "fragment_unknown", "host_spoofed"]);
+        assert_eq!(
+            labels,
+            ["default_deny", "deny_rule", "malformed", "fragment_unknown", "host_spoofed", "quarantine"]
+        );
     }
 }
 
@@ -965,4 +968,82 @@ fn events_are_rate_limited_per_cpu_and_the_excess_counted() {
     assert_eq!(run.retval, 1, "XDP_DROP");
     let refused = limited(&kernel) - before;
     assert!((1900..=2000).contains(&refused), "{refused} events refused");
+}
+
+/// A quarantined address is cut off before anything else is asked: its
+/// established connection (both directions, the flow cache warm), new
+/// connections allowed by rules, audit-mode identities. The node's own TCP
+/// connections to an exempt port pass, whatever the policy says, but the
+/// quarantined side opens nothing, from any port. Lifted, the policy judges
+/// again, and the connection the quarantine cut is not resumed from state.
+#[test]
+fn quarantine_cuts_everything_but_the_nodes_exempt_connections() {
+    let mut kernel = kernel(false);
+    for h in [V4, V6] {
+        kernel.datapath.clear_state().unwrap();
+        let f = |src, dst, sport, dport, flags| frames::simple(src, dst, TCP, tcp(sport, dport, flags));
+        assert_eq!(kernel.ingress(&f(h.web, h.db, 40000, 5432, SYN)), Pass);
+        for _ in 0..3 {
+            assert_eq!(kernel.ingress(&f(h.web, h.db, 40000, 5432, ACK)), Pass, "established, cached");
+        }
+        let web = ipnet::IpNet::from(h.web);
+        let written = kernel.datapath.set_quarantine(&[web].into_iter().collect()).unwrap();
+        assert_eq!(written.added, [web]);
+        assert!(written.flows_cut >= 2, "both directions of the connection are forgotten: {written:?}");
+        kernel.datapath.set_quarantine_exempt(&[(TCP, 22)]).unwrap();
+        assert_eq!(kernel.ingress(&f(h.web, h.db, 40000, 5432, ACK)), Drop(Quarantine), "established, from it");
+        assert_eq!(kernel.ingress(&f(h.db, h.web, 5432, 40000, ACK)), Drop(Quarantine), "established, to it");
+        assert_eq!(kernel.ingress(&f(h.web, h.db, 40001, 5432, SYN)), Drop(Quarantine), "new, allowed by a rule");
+        let ping = frames::simple(h.web, h.db, echo_request(&h).0, echo(echo_request(&h).1, 7));
+        assert_eq!(kernel.ingress(&ping), Drop(Quarantine), "any protocol");
+        assert_eq!(kernel.ingress(&f(h.sandbox, h.web, 40000, 80, SYN)), Drop(Quarantine), "audit mode too");
+        // The node's management connection on the exempt port, both ways.
+        assert_eq!(kernel.egress(&f(h.host, h.web, 40000, 22, SYN)), Pass, "the node opens to the exempt port");
+        assert_eq!(kernel.ingress(&f(h.web, h.host, 22, 40000, SYN | ACK)), Pass, "and hears the reply");
+        assert_eq!(kernel.ingress(&f(h.web, h.host, 22, 40000, ACK)), Pass);
+        assert_eq!(kernel.egress(&f(h.host, h.web, 40000, 80, SYN)), Drop(Quarantine), "another port");
+        // The quarantined side opens nothing, not even from the exempt port,
+        // and its exempt-port packets reach only the node.
+        assert_eq!(kernel.ingress(&f(h.web, h.host, 22, 10250, SYN)), Drop(Quarantine), "an open from port 22");
+        assert_eq!(kernel.ingress(&f(h.web, h.db, 22, 40000, ACK)), Drop(Quarantine), "port 22 to another");
+        let udp_22 = frames::simple(h.web, h.host, UDP, udp(22, 40000, b"x"));
+        assert_eq!(kernel.ingress(&udp_22), Drop(Quarantine), "exemptions are TCP only");
+        // Unrelated traffic is untouched.
+        assert_eq!(kernel.ingress(&f(h.world, h.db, 40000, 5432, SYN)), Drop(DefaultDeny));
+        assert_eq!(kernel.egress(&f(h.host, h.db, 40000, 5432, SYN)), Pass);
+
+        let lifted = kernel.datapath.set_quarantine(&BTreeSet::new()).unwrap();
+        assert_eq!(lifted.removed, [web]);
+        assert!(kernel.datapath.quarantined_nets().unwrap().is_empty());
+        assert_eq!(kernel.ingress(&f(h.db, h.web, 5432, 40000, ACK)), Drop(DefaultDeny), "not resumed from state");
+        assert_eq!(kernel.ingress(&f(h.web, h.db, 40002, 5432, SYN)), Pass, "the policy judges again");
+    }
+}
+
+/// A prefix quarantines every address in it, and the counters say so.
+#[test]
+fn a_quarantined_prefix_covers_its_addresses_and_is_counted() {
+    let mut kernel = kernel(false);
+    let prefix: ipnet::IpNet = "10.1.0.0/24".parse().unwrap();
+    kernel.datapath.set_quarantine(&[prefix].into_iter().collect()).unwrap();
+    let before = kernel.datapath.counters().unwrap().drops[&(Quarantine, enforcer_common::Direction::Ingress)].packets;
+    for last in [1, 5, 254] {
+        let from = IpAddr::V4(Ipv4Addr::new(10, 1, 0, last));
+        assert_eq!(kernel.ingress(&frames::simple(from, V4.db, TCP, tcp(40000, 5432, SYN))), Drop(Quarantine));
+    }
+    let outside = IpAddr::V4(Ipv4Addr::new(10, 1, 1, 5));
+    assert_eq!(kernel.ingress(&frames::simple(outside, V4.db, TCP, tcp(40000, 5432, SYN))), Drop(DefaultDeny));
+    let after = kernel.datapath.counters().unwrap().drops[&(Quarantine, enforcer_common::Direction::Ingress)].packets;
+    assert_eq!(after - before, 3);
+    // The node's own address inside a quarantined prefix is not quarantined:
+    // the policy judges what reaches it.
+    let around_node: ipnet::IpNet = "10.9.0.0/24".parse().unwrap();
+    kernel.datapath.set_quarantine(&[prefix, around_node].into_iter().collect()).unwrap();
+    let web = IpAddr::V4(Ipv4Addr::new(10, 1, 1, 5));
+    assert_eq!(kernel.ingress(&frames::simple(V4.world, V4.host, TCP, tcp(40000, 22, SYN))), Drop(DefaultDeny));
+    assert_eq!(kernel.ingress(&frames::simple(V4.web, V4.host, TCP, tcp(40000, 22, SYN))), Drop(Quarantine));
+    assert_eq!(kernel.ingress(&frames::simple(web, V4.host, TCP, tcp(40000, 22, SYN))), Drop(DefaultDeny));
+    let neighbour = IpAddr::V4(Ipv4Addr::new(10, 9, 0, 7));
+    assert_eq!(kernel.ingress(&frames::simple(V4.world, neighbour, TCP, tcp(40000, 22, SYN))), Drop(Quarantine));
+    kernel.datapath.set_quarantine(&BTreeSet::new()).unwrap();
 }

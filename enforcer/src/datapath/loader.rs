@@ -95,7 +95,12 @@ impl Datapath {
         for name in [TC_PROGRAM, TC_INGRESS_PROGRAM] {
             program::<SchedClassifier>(&mut ebpf, name)?.load().map_err(verify(name))?;
         }
+        let quarantine = super::quarantine::QuarantineMaps::take(&mut ebpf)?;
+        // An earlier daemon's quarantine, pinned, holds from the first write.
+        let quarantine_flag = if quarantine.nets()?.is_empty() { 0 } else { enforcer_common::CONFIG_FLAG_QUARANTINE };
         Ok(Self {
+            quarantine,
+            quarantine_flag,
             maps: PolicyMaps::take(&mut ebpf)?,
             slots: [Slot::new(0), Slot::new(1)],
             config: take(&mut ebpf, maps::CONFIG)?,

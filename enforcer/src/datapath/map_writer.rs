@@ -200,7 +200,8 @@ impl Datapath {
             policy_generation: generation,
             flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 }
                 | if state.enforcement() == Enforcement::Default { CONFIG_FLAG_WORLD_OPEN } else { 0 }
-                | self.caches_off,
+                | self.caches_off
+                | self.quarantine_flag,
             clock_tick_ns: clock_tick_ns(),
             verdict_epoch: self.config_value.verdict_epoch,
         };

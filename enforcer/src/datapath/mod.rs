@@ -11,10 +11,12 @@ mod in_place;
 mod loader;
 mod map_writer;
 mod pairs;
+mod quarantine;
 
 pub use crate::testrun::TestRun;
 pub use attach::{IngressHook, XdpAttach, uninstall};
 pub use loader::{MapSizes, map_pin_name, retire_maps};
+pub use quarantine::{MAX_QUARANTINE_EXEMPT, MAX_QUARANTINED, QuarantineWrite};
 
 use attach::Attachment;
 use map_writer::{PolicyMaps, Slot, ignore_missing, map_of, write_error};
@@ -119,6 +121,10 @@ pub enum DatapathError {
     },
     #[error("the policy is invalid: {0}")]
     Policy(#[source] policy::PolicyError),
+    #[error(
+        "the quarantine would need {count} entries of one address family, and the kernel holds {capacity}; quarantine whole prefixes instead of single addresses"
+    )]
+    QuarantineFull { count: usize, capacity: usize },
     #[error("BPF_PROG_TEST_RUN of `{name}` failed: {source}")]
     TestRun {
         name: &'static str,
@@ -207,6 +213,10 @@ pub struct Datapath {
     /// `CONFIG_FLAG_NO_*_CACHE` bits of the caches turned off (see
     /// `set_verdict_cache`, `set_flow_cache`): every config write keeps them.
     caches_off: u32,
+    quarantine: quarantine::QuarantineMaps,
+    /// `CONFIG_FLAG_QUARANTINE` while the tries hold anything: every config
+    /// write keeps it.
+    quarantine_flag: u32,
 }
 
 /// Counter totals summed over CPUs.

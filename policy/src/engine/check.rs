@@ -285,6 +285,15 @@ impl Checks {
         })
     }
 
+    /// Every compiled identity with its declarations (each pod's own, for
+    /// identities of pods alike).
+    pub(super) fn compiled_declarations(&self) -> impl Iterator<Item = (&Arc<Identity>, &[Arc<Identity>])> + '_ {
+        self.identities.iter().filter_map(|record| {
+            let record = record.as_ref()?;
+            Some((record.compiled.as_ref()?, record.declared.as_slice()))
+        })
+    }
+
     pub(super) fn compiled_identity_count(&self) -> usize {
         self.compiled_identities
     }

@@ -1455,6 +1455,40 @@ impl Engine {
         Decision { verdict, src_identity, dst_identity, rule, src_pod, dst_pod }
     }
 
+    /// The addresses `target` stands for in the policy in force: none for
+    /// a name, pod or selector nothing matches (yet).
+    #[must_use]
+    pub fn resolve_target(&self, target: &crate::target::Target) -> Vec<IpNet> {
+        use crate::target::Target;
+        let nets = |identity: &StoredIdentity| identity.addresses.iter().map(|a| a.net).collect::<Vec<_>>();
+        match target {
+            Target::Net(net) => vec![*net],
+            Target::Identity(name) => {
+                let id = self.checks.identity_id(name);
+                id.and_then(|id| self.checks.compiled_identity(id)).map(|identity| nets(identity)).unwrap_or_default()
+            }
+            Target::Pod { namespace, name } => self
+                .checks
+                .compiled_declarations()
+                .flat_map(|(_, declared)| declared.iter())
+                .filter(|d| d.pod.as_ref().is_some_and(|pod| pod.namespace == *namespace && pod.name == *name))
+                .flat_map(|d| nets(d))
+                .collect(),
+            Target::Selector { namespace, labels } => {
+                self.checks
+                    .compiled_declarations()
+                    .map(|(compiled, _)| compiled)
+                    .filter(|identity| {
+                        namespace.as_ref().is_none_or(|namespace| {
+                            identity.pod.as_ref().is_some_and(|pod| pod.namespace == *namespace)
+                        }) && labels.iter().all(|(key, value)| identity.labels.get(key).is_some_and(|v| **v == **value))
+                    })
+                    .flat_map(|identity| nets(identity))
+                    .collect()
+            }
+        }
+    }
+
     /// The namespace and labels of the pod identity `name`, if it is one
     /// (what a `NetworkPolicy` selects it by).
     #[must_use]
