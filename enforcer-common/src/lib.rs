@@ -427,6 +427,10 @@ pub const CONFIG_FLAG_WORLD_OPEN: u32 = 1 << 3;
 /// quarantine pays nothing for the feature.
 pub const CONFIG_FLAG_QUARANTINE: u32 = 1 << 4;
 
+/// Report every connection the policy admits at ingress ([`EVENT_ADMIT`]):
+/// set while the lateral-movement detector runs.
+pub const CONFIG_FLAG_REPORT_ADMITS: u32 = 1 << 5;
+
 /// Entries of each quarantine trie (addresses and prefixes per family).
 pub const QUARANTINE_ENTRIES: u32 = 16_384;
 
@@ -570,16 +574,20 @@ pub enum StateError {
     EventsRingFull = 3,
     /// A drop could not be counted against its identity pair.
     IdentityDrops = 4,
+    /// An admitted connection was not reported to the lateral-movement
+    /// detector: over the per-CPU rate of its own bucket.
+    AdmitsRateLimited = 5,
 }
 
 impl StateError {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
     pub const ALL: [StateError; Self::COUNT as usize] = [
         StateError::Conntrack,
         StateError::Fragments,
         StateError::EventsRateLimited,
         StateError::EventsRingFull,
         StateError::IdentityDrops,
+        StateError::AdmitsRateLimited,
     ];
 
     /// The Prometheus `map` label.
@@ -591,6 +599,7 @@ impl StateError {
             StateError::EventsRateLimited => "rate_limit",
             StateError::EventsRingFull => "ring_full",
             StateError::IdentityDrops => "identity_drops",
+            StateError::AdmitsRateLimited => "admit_rate_limit",
         }
     }
 }
@@ -648,6 +657,16 @@ pub const NO_PAIR_INDEX: u32 = u32::MAX;
 pub const EVENT_DROP: u8 = 1;
 /// [`Event::verdict`] of a packet passed by audit mode.
 pub const EVENT_AUDIT: u8 = 2;
+/// [`Event::verdict`] of a connection the policy admitted: reported only
+/// while [`CONFIG_FLAG_REPORT_ADMITS`] is set, for the daemon's
+/// lateral-movement detector (an allowed first contact is evidence that
+/// its source is benign), from a budget of its own.
+pub const EVENT_ADMIT: u8 = 3;
+
+/// Token buckets per CPU: drops and audits, then admits.
+pub const EVENT_BUDGET_ENTRIES: u32 = 2;
+/// The admits' bucket in `EVENT_BUDGET`.
+pub const EVENT_BUDGET_ADMITS: u32 = 1;
 
 /// Events each CPU may emit per second, and in one burst: a flood of drops
 /// must not flood the ring or the SIEM behind it. Excess is counted.
@@ -768,7 +787,8 @@ pub mod maps {
         layout(IDENTITY_PAIRS, size_of::<IdentityPairKey>(), 4),
         layout(PAIR_DROPS, 4, 8),
         layout(PAIRS_ALLOCATED, 4, 8),
-        layout(EVENT_BUDGET, 4, size_of::<EventBudget>()),
+        // 2: a second bucket, for admits.
+        versioned(layout(EVENT_BUDGET, 4, size_of::<EventBudget>()), 2),
         layout(IDENTITY_V4_EXACT, size_of::<IdentityKeyV4>(), size_of::<IdentityValue>()),
         layout(IDENTITY_V4_PREFIX, trie_key(size_of::<IdentityPrefixV4>()) as usize, size_of::<IdentityValue>()),
         layout(IDENTITY_V6_EXACT, size_of::<IdentityKeyV6>(), size_of::<IdentityValue>()),
@@ -783,7 +803,8 @@ pub mod maps {
         layout(FORWARD_COUNTERS, 4, size_of::<Counter>()),
         versioned(layout(AUDIT_COUNTERS, 4, size_of::<Counter>()), 2),
         layout(RULE_VERDICTS, 4, 8),
-        layout(STATE_ERRORS, 4, 8),
+        // 2: admits over their rate are counted too.
+        versioned(layout(STATE_ERRORS, 4, 8), 2),
         layout(FRAGMENTS, size_of::<FragmentKey>(), size_of::<FragmentValue>()),
         layout(VERDICT_CACHE, 4, size_of::<VerdictCacheEntry>()),
         layout(FLOW_CACHE, 4, size_of::<FlowCacheEntry>()),

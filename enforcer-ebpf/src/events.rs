@@ -1,11 +1,13 @@
 //! Drop and audit events, rate-limited per CPU so a flood of drops cannot
-//! flood the ring (or whatever reads it). Everything not reported is counted.
+//! flood the ring (or whatever reads it), and admits for the
+//! lateral-movement detector, from a bucket of their own. Everything not
+//! reported is counted.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use enforcer_common::{
-    CONFIG_INDEX, Direction, DropReason, EVENTS_PER_SECOND, Event, IDENTITY_PAIRS_PER_SLOT, IdentityPairKey,
-    NO_PAIR_INDEX, StateError, slot_of,
+    CONFIG_INDEX, Direction, DropReason, EVENT_ADMIT, EVENT_BUDGET_ADMITS, EVENTS_PER_SECOND, Event,
+    IDENTITY_PAIRS_PER_SLOT, IdentityPairKey, NO_PAIR_INDEX, StateError, slot_of,
 };
 
 use crate::identity;
@@ -14,10 +16,10 @@ use crate::parse::Packet;
 
 const SECOND_NS: u64 = 1_000_000_000;
 
-/// Takes one token from this CPU's bucket; false if it is empty.
+/// Takes one token from this CPU's bucket `bucket`; false if it is empty.
 #[inline(always)]
-fn take_token(now: u64) -> bool {
-    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else { return false };
+fn take_token(bucket: u32, now: u64) -> bool {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(bucket) else { return false };
     // SAFETY: per-CPU slot, so no other writer runs concurrently.
     let budget = unsafe { &mut *budget };
     let elapsed = now.saturating_sub(budget.refilled_ns);
@@ -176,11 +178,27 @@ pub fn report<I: Fn() -> u32>(packet: &Packet, judged: &Judged<I>, pair: &Pair, 
     if !judged.audit {
         count_pair(packet, pair);
     }
-    if !take_token(now) {
+    if !take_token(0, now) {
         crate::metrics::count_state_error(StateError::EventsRateLimited);
         return;
     }
     let event = describe(packet, judged.direction, judged.reason, judged.audit, (judged.ifindex)());
+    if EVENTS.output::<Event>(&event, 0).is_err() {
+        crate::metrics::count_state_error(StateError::EventsRingFull);
+    }
+}
+
+/// Reports a connection the policy admitted at ingress, for the daemon's
+/// lateral-movement detector, within this CPU's admits budget. Only new
+/// connections pay for it, and only while the detector runs.
+#[inline(always)]
+pub fn report_admit(packet: &Packet, now: u64) {
+    if !take_token(EVENT_BUDGET_ADMITS, now) {
+        crate::metrics::count_state_error(StateError::AdmitsRateLimited);
+        return;
+    }
+    let mut event = describe(packet, Direction::Ingress, DropReason::DefaultDeny, false, 0);
+    event.verdict = EVENT_ADMIT;
     if EVENTS.output::<Event>(&event, 0).is_err() {
         crate::metrics::count_state_error(StateError::EventsRingFull);
     }

@@ -39,8 +39,9 @@ use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
 use aya_ebpf::macros::{classifier, xdp};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_FLAG_QUARANTINE, CONFIG_INDEX,
-    Config, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST, IdentityPairKey, IdentityValue, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_FLAG_QUARANTINE,
+    CONFIG_FLAG_REPORT_ADMITS, CONFIG_INDEX, Config, Direction, DropReason, IDENTITY_FLAG_AUDIT, IDENTITY_HOST,
+    IdentityPairKey, IdentityValue, slot_of,
 };
 
 use crate::parse::{Fragment, Frame, Kind, Packet, Parsed};
@@ -335,20 +336,22 @@ fn judge_ip(packet: &Packet, direction: Direction, config: &Config, now: u64, pa
             conntrack::Hit::Miss => {}
         }
     }
-    conclude(packet, direction, dst, config.policy_generation, (audit, stale), now, outcome)
+    let report_admit = direction == Direction::Ingress && config.flags & CONFIG_FLAG_REPORT_ADMITS != 0;
+    conclude(packet, direction, dst, config.policy_generation, (audit, stale, report_admit), now, outcome)
 }
 
 /// The verdict for a packet no tracked flow covers, from the policy's
 /// `outcome`, with the conntrack bookkeeping it implies. `stale`: conntrack
 /// holds an unusable entry for the packet's tuple, which a denial must
-/// forget.
+/// forget. `report_admit`: a connection admitted is reported for the
+/// lateral-movement detector.
 #[inline(always)]
 fn conclude(
     packet: &Packet,
     direction: Direction,
     dst: IdentityValue,
     generation: u32,
-    (audit, stale): (bool, bool),
+    (audit, stale, report_admit): (bool, bool, bool),
     now: u64,
     outcome: policy::Outcome,
 ) -> Verdict {
@@ -363,6 +366,9 @@ fn conclude(
         policy::Outcome::Allow { rule_index } => {
             if trackable {
                 conntrack::admit(packet, hooks, generation, rule_index, None, now);
+                if report_admit {
+                    events::report_admit(packet, now);
+                }
             }
             metrics::count_rule(slot, rule_index);
             Verdict::PASS

@@ -5,10 +5,10 @@ use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use enforcer_common::{
-    Config, Counter, DEFAULT_MAX_RULES, DROP_COUNTER_ENTRIES, Direction, EventBudget, FLOW_CACHE_ENTRIES,
-    FlowCacheEntry, FlowKey, FlowValue, FragmentKey, FragmentValue, IDENTITY_PAIRS_PER_SLOT, IdentityKeyV4,
-    IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData, PolicyValue,
-    QUARANTINE_ENTRIES, QUARANTINE_EXEMPT_ENTRIES, QuarantinePrefixV4, QuarantinePrefixV6, StateError,
+    Config, Counter, DEFAULT_MAX_RULES, DROP_COUNTER_ENTRIES, Direction, EVENT_BUDGET_ENTRIES, EventBudget,
+    FLOW_CACHE_ENTRIES, FlowCacheEntry, FlowKey, FlowValue, FragmentKey, FragmentValue, IDENTITY_PAIRS_PER_SLOT,
+    IdentityKeyV4, IdentityKeyV6, IdentityPairKey, IdentityPrefixV4, IdentityPrefixV6, IdentityValue, PolicyKeyData,
+    PolicyValue, QUARANTINE_ENTRIES, QUARANTINE_EXEMPT_ENTRIES, QuarantinePrefixV4, QuarantinePrefixV6, StateError,
     VERDICT_CACHE_ENTRIES, VerdictCacheEntry,
 };
 
@@ -81,9 +81,10 @@ pub static STATE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(StateE
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// Per-CPU token bucket limiting how many events each CPU reports.
+/// Per-CPU token buckets limiting how many events each CPU reports: drops
+/// and audits, then admits (`EVENT_BUDGET_ADMITS`).
 #[map]
-pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(EVENT_BUDGET_ENTRIES, 0);
 
 /// (slot, source identity, destination identity) → index of the pair's
 /// drop count in `PAIR_DROPS`, handed out on its first drop (see

@@ -465,16 +465,14 @@ async fn quarantine_add(
             return (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({ "errors": [why] }))).into_response();
         }
     };
-    let shared = Arc::clone(&state.shared);
-    let who = caller.name.clone();
+    let (shared, who, target) = (Arc::clone(&state.shared), caller.name.clone(), request.target.clone());
     let added = tokio::task::spawn_blocking(move || {
         enforcer::quarantine::add(&shared, &request.target, &request.reason, expires, &who)
-            .map_err(|error| (request.target, error))
     })
     .await;
     match added {
         Ok(Ok(change)) => Json(change).into_response(),
-        Ok(Err((target, error))) => quarantine_error(&caller, "add", &target, &error),
+        Ok(Err(error)) => quarantine_error(&caller, "add", &target, &error),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response(),
     }
 }
@@ -493,15 +491,11 @@ async fn quarantine_remove(
         quarantine_refused(&caller, "end", &query.target, "not an operator");
         return refusal;
     }
-    let shared = Arc::clone(&state.shared);
-    let who = caller.name.clone();
-    let removed = tokio::task::spawn_blocking(move || {
-        enforcer::quarantine::remove(&shared, &query.target, &who).map_err(|error| (query.target, error))
-    })
-    .await;
+    let (shared, who, target) = (Arc::clone(&state.shared), caller.name.clone(), query.target.clone());
+    let removed = tokio::task::spawn_blocking(move || enforcer::quarantine::remove(&shared, &query.target, &who)).await;
     match removed {
         Ok(Ok(entry)) => Json(entry).into_response(),
-        Ok(Err((target, error))) => quarantine_error(&caller, "end", &target, &error),
+        Ok(Err(error)) => quarantine_error(&caller, "end", &target, &error),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response(),
     }
 }

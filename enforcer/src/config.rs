@@ -406,6 +406,20 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
             _ => bail!("{}: `{key}` must be a single value, found {}", node.location(&file), node.kind()),
         }
     };
+    let flag = |node: &Node, key: &str| -> anyhow::Result<bool> {
+        match scalar(node, key)?.as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            other => bail!("{}: `{key}` must be true or false, found `{other}`", node.location(&file)),
+        }
+    };
+    // A list, or one value for a list of one.
+    let items = |node: &Node, key: &str| -> anyhow::Result<Vec<String>> {
+        match &node.value {
+            Value::Sequence(items) => items.iter().map(|item| scalar(item, key)).collect(),
+            _ => Ok(vec![scalar(node, key)?]),
+        }
+    };
     let number = |node: &Node, key: &str| -> anyhow::Result<u32> {
         let text = scalar(node, key)?;
         match text.parse::<u32>() {
@@ -418,54 +432,22 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
         let at = &value.location(&file);
         match key.as_str() {
             "policy-dir" => args.policy_dir = Some(PathBuf::from(scalar(value, &key)?)),
-            "interface" | "interfaces" => match &value.value {
-                Value::Sequence(items) => {
-                    for item in items {
-                        args.interfaces.push(scalar(item, &key)?);
-                    }
-                }
-                _ => args.interfaces.push(scalar(value, &key)?),
-            },
+            "interface" | "interfaces" => args.interfaces.extend(items(value, &key)?),
             "metrics-addr" => {
                 let text = scalar(value, &key)?;
                 args.metrics_addr = Some(
                     text.parse().with_context(|| format!("{at}: `{text}` is not an address like 127.0.0.1:9090"))?,
                 );
             }
-            "audit" => {
-                args.audit = match scalar(value, &key)?.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    other => bail!("{at}: `audit` must be true or false, found `{other}`"),
-                }
-            }
+            "audit" => args.audit = flag(value, &key)?,
             "policy-enforcement" => args.policy_enforcement = Some(scalar(value, &key)?),
-            "kubernetes" => {
-                args.kubernetes = match scalar(value, &key)?.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    other => bail!("{at}: `kubernetes` must be true or false, found `{other}`"),
-                }
-            }
+            "kubernetes" => args.kubernetes = flag(value, &key)?,
             "kubeconfig" => args.kubeconfig = Some(PathBuf::from(scalar(value, &key)?)),
             "node-name" => args.node_name = Some(scalar(value, &key)?),
             "trusted-keys" => args.trusted_keys = Some(PathBuf::from(scalar(value, &key)?)),
             "state-dir" => args.state_dir = Some(PathBuf::from(scalar(value, &key)?)),
-            "quarantine-allow-from-host" | "lateral-movement-exempt" => {
-                let list = if key == "quarantine-allow-from-host" {
-                    &mut args.quarantine_allow_from_host
-                } else {
-                    &mut args.lateral_movement_exempt
-                };
-                match &value.value {
-                    Value::Sequence(items) => {
-                        for item in items {
-                            list.push(scalar(item, &key)?);
-                        }
-                    }
-                    _ => list.push(scalar(value, &key)?),
-                }
-            }
+            "quarantine-allow-from-host" => args.quarantine_allow_from_host.extend(items(value, &key)?),
+            "lateral-movement-exempt" => args.lateral_movement_exempt.extend(items(value, &key)?),
             "lateral-movement" => args.lateral_movement = Some(scalar(value, &key)?),
             "lateral-movement-quarantine-for" => args.lateral_movement_quarantine_for = Some(scalar(value, &key)?),
             "conntrack-size" => args.conntrack_size = Some(number(value, &key)?),
@@ -496,13 +478,7 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
                     args.api_roles.push(format!("{}={}", scalar(name, &key)?, scalar(role, &key)?));
                 }
             }
-            "detach-on-exit" => {
-                args.detach_on_exit = match scalar(value, &key)?.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    other => bail!("{at}: `detach-on-exit` must be true or false, found `{other}`"),
-                }
-            }
+            "detach-on-exit" => args.detach_on_exit = flag(value, &key)?,
             other => bail!(
                 "{}: unknown option `{other}`; the config file takes policy-dir, interface, metrics-addr, audit, policy-enforcement, kubernetes, kubeconfig, node-name, trusted-keys, state-dir, quarantine-allow-from-host, lateral-movement, lateral-movement-quarantine-for, lateral-movement-exempt, conntrack-size, identity-map-size, prefix-map-size, policy-map-size, fragment-map-size, rule-map-size, xdp-mode, ingress-hook, bpffs-root, detach-on-exit, events-to, identity-drops-top, api-addr, tls-cert, tls-key, client-ca, api-roles",
                 key_node.location(&file)
@@ -514,6 +490,8 @@ fn parse_file(name: &str, text: &str) -> anyhow::Result<RunArgs> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn file(text: &str) -> PathBuf {
@@ -565,6 +543,42 @@ mod tests {
         assert_eq!(config.kubernetes, Some(expected));
         let stray = RunArgs { kubeconfig: Some("/k".into()), ..base() }.resolve().unwrap_err();
         assert!(stray.to_string().contains("add --kubernetes"), "{stray}");
+    }
+
+    #[test]
+    fn quarantine_and_lateral_movement_from_flag_or_file() {
+        use enforcer::lateral::LateralMode;
+        let base = || RunArgs { policy_dir: Some("/p".into()), interfaces: vec!["eth0".into()], ..RunArgs::default() };
+        let defaults = base().resolve().unwrap();
+        assert_eq!(
+            (defaults.lateral.mode, defaults.lateral.quarantine_for),
+            (LateralMode::Alert, Duration::from_mins(10))
+        );
+        assert!(defaults.quarantine_exempt.is_empty() && defaults.lateral.exempt.is_empty());
+        let path = file(
+            "policy-dir: /p\ninterface: eth0\nquarantine-allow-from-host: [22/tcp, \"2222\"]\nlateral-movement: quarantine\nlateral-movement-quarantine-for: 1h\nlateral-movement-exempt: nmap\n",
+        );
+        let config = RunArgs { config: Some(path.clone()), ..RunArgs::default() }.resolve().unwrap();
+        assert_eq!(config.quarantine_exempt, [(6, 22), (6, 2222)]);
+        assert_eq!(
+            (config.lateral.mode, config.lateral.quarantine_for),
+            (LateralMode::Quarantine, Duration::from_hours(1))
+        );
+        assert_eq!(config.lateral.exempt, ["nmap"]);
+        let flagged =
+            RunArgs { config: Some(path.clone()), lateral_movement: Some("off".into()), ..RunArgs::default() };
+        assert_eq!(flagged.resolve().unwrap().lateral.mode, LateralMode::Off, "the flag wins");
+        std::fs::remove_file(path).unwrap();
+        for (args, wanted) in [
+            (RunArgs { quarantine_allow_from_host: vec!["53/udp".into()], ..base() }, "only TCP can be exempt"),
+            (RunArgs { quarantine_allow_from_host: vec!["0".into()], ..base() }, "is not PORT/tcp"),
+            (RunArgs { lateral_movement: Some("block".into()), ..base() }, "use off, alert or quarantine"),
+            (RunArgs { lateral_movement_quarantine_for: Some("0s".into()), ..base() }, "not a duration"),
+            (RunArgs { lateral_movement_quarantine_for: Some("soon".into()), ..base() }, "not a duration"),
+        ] {
+            let error = args.resolve().unwrap_err().to_string();
+            assert!(error.contains(wanted), "{error}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{Direction, DropReason, EVENT_AUDIT, Event, FAMILY_IPV4};
+use enforcer_common::{Direction, DropReason, EVENT_ADMIT, EVENT_AUDIT, Event, FAMILY_IPV4};
 use serde::Serialize;
 
 /// One event as written out.
@@ -42,7 +42,8 @@ pub struct EventRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     pub reason: &'static str,
-    /// `drop` or `audit`.
+    /// `drop` or `audit` (or `admit`: a connection admitted, reported only
+    /// to the lateral-movement detector, never written out).
     pub verdict: &'static str,
 }
 
@@ -134,9 +135,13 @@ pub fn describe(event: &Event, decision: policy::Decision, unix_offset_ns: i128)
         dst_identity: decision.dst_identity,
         src_pod: decision.src_pod,
         dst_pod: decision.dst_pod,
-        rule: if reason == DropReason::DenyRule { decision.rule } else { None },
-        reason: reason.label(),
-        verdict: if event.verdict == EVENT_AUDIT { "audit" } else { "drop" },
+        rule: if reason == DropReason::DenyRule && event.verdict != EVENT_ADMIT { decision.rule } else { None },
+        reason: if event.verdict == EVENT_ADMIT { "admitted" } else { reason.label() },
+        verdict: match event.verdict {
+            EVENT_AUDIT => "audit",
+            EVENT_ADMIT => "admit",
+            _ => "drop",
+        },
     }
 }
 
@@ -208,7 +213,12 @@ pub fn pump(
             .zip(decisions)
             .map(|(event, decision)| describe(event, decision, offset))
             .collect();
-        let lines: Vec<String> = records.iter().filter_map(|record| serde_json::to_string(record).ok()).collect();
+        // Admits are for the lateral-movement detector, not the flow log.
+        let lines: Vec<String> = records
+            .iter()
+            .filter(|record| record.verdict != "admit")
+            .filter_map(|record| serde_json::to_string(record).ok())
+            .collect();
         publish(&records, &lines);
         if let Err(error) = write_to(&mut sink, &lines) {
             log::warn!("writing events failed: {error}");

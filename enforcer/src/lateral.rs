@@ -8,26 +8,37 @@
 //! observation. A denied one multiplies the source's likelihood ratio by
 //! `(1 - θ1) / (1 - θ0)`, an allowed one by `θ1 / θ0`, where θ0 is how
 //! often a benign source's first contacts succeed and θ1 a scanner's. The
-//! source is a suspect once the ratio reaches `η1 = P_D / P_F`. With the
-//! published parameters (θ0 0.8, θ1 0.2, P_D 0.99, P_F 0.01) a denied
-//! first contact multiplies by 4 and η1 is 99: the fourth distinct denied
-//! target in a window decides (4⁴ = 256 ≥ 99 > 4³).
+//! source is a suspect once the ratio reaches `η1 = P_D / P_F`. θ0 0.8,
+//! θ1 0.2 and `P_D` 0.99 are the published parameters: a denied first
+//! contact multiplies by 4, an allowed one divides by 4.
 //!
-//! Observations older than the window (30 s) leave the walk: TRW's walk
-//! never forgets, and a benign host's rare denied attempts (a stale
-//! address, a misconfigured client) would add up over days. With a 30 s
-//! window, three denied attempts a minute never reach the threshold, and
-//! any scan faster than four targets in 30 s is caught.
+//! Observations older than the window leave the walk: TRW's walk never
+//! forgets, and a benign host's rare denied attempts (a stale address, a
+//! misconfigured client) would add up over days.
+//!
+//! The defaults were chosen by measurement (`cargo xtask bench --only
+//! lateral`, BENCHMARKS.md): simulated days of benign hosts whose every
+//! denial is a target never tried before, against each window (10, 30,
+//! 60 s) and `P_F` (0.01, 0.001, 0.0001). The published `P_F` of 0.01
+//! decides after 4 denials, but flags most hosts that see one denial a
+//! minute at random; a 10 s window with `P_F` 0.0001 (η1 9,900: the
+//! seventh distinct denied target decides, 4⁷ ≥ 9,900 > 4⁶) flagged none
+//! of them, nor any host with three denials a minute in a burst, and
+//! still decides on any scan of seven targets in 10 s within a fraction
+//! of a second.
 //!
 //! Events are rate-limited in the kernel: a scan's later probes may not be
 //! reported. Counting distinct targets, not events, keeps the test sound:
 //! a lost event only delays the decision, never invents evidence, and a
 //! retransmitted probe is one target however often it is seen.
 //!
-//! What the kernel reports today are denials: allowed first contacts are
-//! not reported (reporting them would cost every new connection a ring
-//! buffer write), so the walk moves on denials only and the window does
-//! what TRW's benign evidence would.
+//! The kernel reports denials as drop events, and, while the detector runs
+//! (`--lateral-movement` not `off`), every connection the policy admits at
+//! ingress as an admit event: one ring buffer write per new connection,
+//! nothing per packet of an established one, from a budget of its own
+//! (1,000 per second per CPU; the excess is counted in
+//! `bulkhead_events_lost_total{cause="admit_rate_limit"}`). An admit lost
+//! to the budget only leaves out benign evidence.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -69,9 +80,9 @@ pub struct LateralConfig {
     pub benign_success: f64,
     /// How often a scanner's first contacts succeed (θ1).
     pub scanner_success: f64,
-    /// Probability of flagging a scanner (P_D).
+    /// Probability of flagging a scanner (`P_D`).
     pub detection: f64,
-    /// Probability of flagging a benign source (P_F).
+    /// Probability of flagging a benign source (`P_F`).
     pub false_positive: f64,
     /// Sources tracked at once; beyond, the one seen longest ago is dropped.
     pub max_sources: usize,
@@ -81,32 +92,54 @@ impl Default for LateralConfig {
     fn default() -> Self {
         Self {
             mode: LateralMode::Alert,
-            quarantine_for: Duration::from_secs(600),
+            quarantine_for: Duration::from_mins(10),
             exempt: Vec::new(),
-            window: Duration::from_secs(30),
+            window: Duration::from_secs(10),
             benign_success: 0.8,
             scanner_success: 0.2,
             detection: 0.99,
-            false_positive: 0.01,
+            false_positive: 0.0001,
             max_sources: 10_000,
         }
     }
 }
 
-/// A probed target: destination, protocol and port (ICMP type for ICMP).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A probed target: destination, IP protocol number and port (ICMP type
+/// for ICMP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProbeTarget {
     pub dst: IpAddr,
-    pub protocol: String,
+    pub protocol: u8,
     pub port: Option<u16>,
+}
+
+impl ProbeTarget {
+    /// The protocol number of an event's protocol name.
+    #[must_use]
+    pub fn protocol_number(name: &str) -> u8 {
+        match name {
+            "icmp" => 1,
+            "tcp" => 6,
+            "udp" => 17,
+            "icmpv6" => 58,
+            other => other.parse().unwrap_or(0),
+        }
+    }
 }
 
 impl std::fmt::Display for ProbeTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let protocol = match self.protocol {
+            1 => "icmp".to_owned(),
+            6 => "tcp".to_owned(),
+            17 => "udp".to_owned(),
+            58 => "icmpv6".to_owned(),
+            other => other.to_string(),
+        };
         match (self.port, self.dst) {
-            (Some(port), IpAddr::V6(addr)) => write!(f, "[{addr}]:{port}/{}", self.protocol),
-            (Some(port), addr) => write!(f, "{addr}:{port}/{}", self.protocol),
-            (None, addr) => write!(f, "{addr}/{}", self.protocol),
+            (Some(port), IpAddr::V6(addr)) => write!(f, "[{addr}]:{port}/{protocol}"),
+            (Some(port), addr) => write!(f, "{addr}:{port}/{protocol}"),
+            (None, addr) => write!(f, "{addr}/{protocol}"),
         }
     }
 }
@@ -207,7 +240,7 @@ impl Detector {
             last_seen: now,
         });
         walk.last_seen = now;
-        walk.identity = identity.to_owned();
+        identity.clone_into(&mut walk.identity);
         while walk.contacts.front().is_some_and(|(at, _, _)| now.saturating_duration_since(*at) >= window) {
             walk.contacts.pop_front();
         }
@@ -250,6 +283,29 @@ impl Detector {
         Some(suspect)
     }
 
+    /// Denied first contacts (and nothing allowed) it takes to decide.
+    #[must_use]
+    pub fn denials_to_decide(&self) -> u32 {
+        let threshold = (self.config.detection / self.config.false_positive).ln();
+        let step = self.log_ratio(false);
+        let mut denials = 1;
+        while f64::from(denials) * step < threshold {
+            denials += 1;
+        }
+        denials
+    }
+
+    /// The bytes one tracked source takes with `contacts` first contacts
+    /// in its window (its map slot at the table's load, the contacts'
+    /// buffer, a short identity name), for the docs and the benchmark.
+    #[must_use]
+    pub fn bytes_per_source(contacts: usize) -> usize {
+        let slot = std::mem::size_of::<(IpAddr, Walk)>() + 1;
+        let buffer = contacts.next_power_of_two() * std::mem::size_of::<(Instant, ProbeTarget, bool)>();
+        // hashbrown keeps its table at most 7/8 full; names are ~16 bytes.
+        slot * 8 / 7 + buffer + 16
+    }
+
     /// Forgets sources with nothing in the window and not flagged recently.
     pub fn forget_stale(&mut self, now: Instant) {
         let window = self.config.window;
@@ -279,17 +335,18 @@ pub fn observe_events(shared: &crate::metrics::Shared, records: &[crate::events:
         }
         let mut suspects = Vec::new();
         for record in records {
-            // Policy denials only: a broken, spoofed or quarantined packet
-            // says nothing of what its source may reach.
+            // Policy denials and admits only: a broken, spoofed or
+            // quarantined packet says nothing of what its source may reach.
             let denied = record.verdict == "drop" && matches!(record.reason, "default_deny" | "deny_rule");
+            let allowed = record.verdict == "admit";
             // The node's own traffic is the node's, not a workload's.
-            if !denied || record.src_identity == policy::model::HOST {
+            if !(denied || allowed) || record.src_identity == policy::model::HOST {
                 continue;
             }
             let (Ok(source), Ok(dst)) = (record.src.parse::<IpAddr>(), record.dst.parse::<IpAddr>()) else { continue };
             let port = record.dst_port.or(record.icmp_type.map(u16::from));
-            let target = ProbeTarget { dst, protocol: record.protocol.clone(), port };
-            if let Some(suspect) = detector.observe(source, &record.src_identity, target, false, now) {
+            let target = ProbeTarget { dst, protocol: ProbeTarget::protocol_number(&record.protocol), port };
+            if let Some(suspect) = detector.observe(source, &record.src_identity, target, allowed, now) {
                 suspects.push(suspect);
             }
         }
@@ -339,30 +396,49 @@ mod tests {
     use super::*;
 
     fn target(host: u8, port: u16) -> ProbeTarget {
-        ProbeTarget { dst: IpAddr::from([10, 0, 0, host]), protocol: "tcp".to_owned(), port: Some(port) }
+        ProbeTarget { dst: IpAddr::from([10, 0, 0, host]), protocol: 6, port: Some(port) }
     }
 
     const SCANNER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 9, 9));
 
     #[test]
-    fn the_fourth_distinct_denied_target_decides() {
+    fn the_seventh_distinct_denied_target_decides() {
         let mut detector = Detector::new(LateralConfig::default());
+        assert_eq!(detector.denials_to_decide(), 7);
+        let published = Detector::new(LateralConfig { false_positive: 0.01, ..LateralConfig::default() });
+        assert_eq!(published.denials_to_decide(), 4, "TRW's published parameters");
         let start = Instant::now();
-        for port in 1..=3 {
-            let at = start + Duration::from_millis(u64::from(port) * 10);
-            assert!(detector.observe(SCANNER, "web", target(2, port), false, at).is_none(), "port {port}");
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        for port in 1..=6 {
+            assert!(detector.observe(SCANNER, "web", target(2, port), false, at(u64::from(port) * 10)).is_none());
         }
         // Retransmissions of a probe are not new evidence.
         for _ in 0..10 {
-            assert!(detector.observe(SCANNER, "web", target(2, 3), false, start + Duration::from_millis(40)).is_none());
+            assert!(detector.observe(SCANNER, "web", target(2, 6), false, at(70)).is_none());
         }
-        let suspect =
-            detector.observe(SCANNER, "web", target(3, 22), false, start + Duration::from_millis(50)).unwrap();
-        assert_eq!(suspect.denied_targets, ["10.0.0.2:1/tcp", "10.0.0.2:2/tcp", "10.0.0.2:3/tcp", "10.0.0.3:22/tcp"]);
-        assert_eq!((suspect.after_ms, suspect.likelihood_ratio.round()), (40, 256.0));
+        let suspect = detector.observe(SCANNER, "web", target(3, 22), false, at(80)).unwrap();
+        assert_eq!(suspect.denied_targets.len(), 7);
+        assert_eq!(suspect.denied_targets[0], "10.0.0.2:1/tcp");
+        assert_eq!(suspect.denied_targets[6], "10.0.0.3:22/tcp");
+        assert_eq!((suspect.after_ms, suspect.likelihood_ratio.round()), (70, 16384.0));
         // Flagged once, not again while its evidence is in the window.
-        assert!(detector.observe(SCANNER, "web", target(4, 22), false, start + Duration::from_millis(60)).is_none());
+        assert!(detector.observe(SCANNER, "web", target(4, 22), false, at(90)).is_none());
         assert_eq!(detector.suspects, 1);
+    }
+
+    #[test]
+    fn evidence_leaves_with_the_window() {
+        let mut detector = Detector::new(LateralConfig::default());
+        let start = Instant::now();
+        // Six denials, then a pause longer than the window: they are gone.
+        for port in 1..=6 {
+            assert!(detector.observe(SCANNER, "web", target(2, port), false, start).is_none());
+        }
+        let later = start + Duration::from_secs(11);
+        for port in 7..=12 {
+            assert!(detector.observe(SCANNER, "web", target(2, port), false, later).is_none(), "port {port}");
+        }
+        assert!(detector.observe(SCANNER, "web", target(2, 13), false, later).is_some());
     }
 
     #[test]
@@ -389,11 +465,11 @@ mod tests {
         for host in 10..14 {
             detector.observe(SCANNER, "web", target(host, 80), true, start);
         }
-        // Four allowed contacts take 4⁴ off the ratio: eight denials are needed.
-        for port in 1..=7 {
+        // Four allowed contacts take 4⁴ off the ratio: eleven denials are needed.
+        for port in 1..=10 {
             assert!(detector.observe(SCANNER, "web", target(2, port), false, start).is_none(), "port {port}");
         }
-        assert!(detector.observe(SCANNER, "web", target(2, 8), false, start).is_some());
+        assert!(detector.observe(SCANNER, "web", target(2, 11), false, start).is_some());
 
         let config = LateralConfig { exempt: vec!["nmap".to_owned()], ..LateralConfig::default() };
         let mut detector = Detector::new(config);

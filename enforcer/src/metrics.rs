@@ -307,7 +307,7 @@ fn usage_figures(builder: &Builder, snapshot: &CounterSnapshot, usage: &Usage) -
     )?;
     let lost = builder.counters(
         "bulkhead_events_lost_total",
-        "Drop and audit events not reported: over the per-CPU rate (rate_limit) or with the ring full (ring_full).",
+        "Events not reported: drops and audits over the per-CPU rate (rate_limit) or with the ring full (ring_full); admitted connections over their own rate, reported only to the lateral-movement detector (admit_rate_limit).",
         &["cause"],
     )?;
     for error in StateError::ALL {
@@ -316,7 +316,7 @@ fn usage_figures(builder: &Builder, snapshot: &CounterSnapshot, usage: &Usage) -
             StateError::Conntrack | StateError::Fragments | StateError::IdentityDrops => {
                 failures.with_label_values(&[error.label()]).inc_by(count);
             }
-            StateError::EventsRateLimited | StateError::EventsRingFull => {
+            StateError::EventsRateLimited | StateError::EventsRingFull | StateError::AdmitsRateLimited => {
                 lost.with_label_values(&[error.label()]).inc_by(count);
             }
         }
@@ -524,6 +524,9 @@ mod tests {
             files_up: false,
             kubernetes_up: Some(true),
             kubernetes_rejected: 2,
+            quarantined: 3,
+            lateral_suspects: 7,
+            lateral_tracked: 11,
         };
         snapshot.rules.insert(("web-to-db".to_owned(), policy::model::Action::Allow), 9);
         let usage = Usage { maps: vec![("policy", 12, 100)], conntrack: (4, 1000) };
@@ -579,6 +582,10 @@ mod tests {
         assert!(text.contains(audit), "{text}");
         assert!(text.contains("bulkhead_policy_generation 3"), "{text}");
         assert!(text.contains("bulkhead_policy_load_errors_total{reason=\"rollback\"} 1"), "{text}");
+        assert!(text.contains("\nbulkhead_quarantined 3\n"), "{text}");
+        assert!(text.contains("\nbulkhead_lateral_movement_suspects_total 7\n"), "{text}");
+        assert!(text.contains("\nbulkhead_lateral_movement_tracked_sources 11\n"), "{text}");
+        assert!(text.contains("bulkhead_drop_packets_total{direction=\"egress\",reason=\"quarantine\"} 0"), "{text}");
         assert!(text.contains("bulkhead_policy_load_errors_total{reason=\"invalid\"} 0"), "{text}");
     }
 }

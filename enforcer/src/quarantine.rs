@@ -44,7 +44,7 @@ pub enum QuarantineError {
     #[error("the reason is longer than {MAX_REASON} bytes or has control characters; shorten it")]
     Reason,
     #[error("the kernel refused the quarantine ({0}); nothing was changed")]
-    Datapath(#[source] DatapathError),
+    Datapath(#[source] Box<DatapathError>),
     #[error("the daemon has no datapath yet (starting or stopping); try again")]
     NotRunning,
 }
@@ -125,7 +125,7 @@ impl Quarantine {
                         log::error!("quarantine list: dropping `{}`: not a target", entry.target);
                         continue;
                     };
-                    let expires = entry.expires.as_deref().and_then(|at| policy::parse_rfc3339(at));
+                    let expires = entry.expires.as_deref().and_then(policy::parse_rfc3339);
                     quarantine.entries.insert(target, Kept { entry, expires, addresses: Vec::new() });
                 }
             }
@@ -270,7 +270,7 @@ fn write(quarantine: &mut Quarantine, shared: &Shared) -> Result<crate::datapath
     };
     let mut guard = shared.datapath.lock().unwrap_or_else(PoisonError::into_inner);
     let datapath = guard.as_mut().ok_or(QuarantineError::NotRunning)?;
-    let result = datapath.set_quarantine(&nets).map_err(QuarantineError::Datapath);
+    let result = datapath.set_quarantine(&nets).map_err(|error| QuarantineError::Datapath(Box::new(error)));
     quarantine.in_step = result.is_ok();
     result
 }
@@ -440,7 +440,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let now = SystemTime::now();
         let mut list = Quarantine::load(Some(&dir), &BTreeSet::new(), Vec::new(), now);
-        let later = now + Duration::from_secs(3600);
+        let later = now + Duration::from_hours(1);
         list.insert(Target::parse("web").unwrap(), "beaconing", "alice", Some(later), now).unwrap();
         list.insert(Target::parse("10.0.0.0/24").unwrap(), "", "bob", None, now).unwrap();
         list.save();

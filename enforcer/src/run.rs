@@ -163,14 +163,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     let shared = Shared::new();
     publish_start(&shared, &engine, generation, args, cluster.as_ref());
-    *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
-        Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
-    *shared.interfaces.lock().unwrap_or_else(PoisonError::into_inner) = interface_stats;
     if let Some(quarantine) = quarantine {
         *shared.quarantine.lock().unwrap_or_else(PoisonError::into_inner) = quarantine;
     }
-    *shared.lateral.lock().unwrap_or_else(PoisonError::into_inner) =
-        enforcer::lateral::Detector::new(args.lateral.clone());
+    *shared.usage.lock().unwrap_or_else(PoisonError::into_inner) =
+        Usage { maps: datapath.map_usage(), conntrack: datapath.conntrack_usage() };
+    *shared.interfaces.lock().unwrap_or_else(PoisonError::into_inner) = interface_stats;
     *shared.engine.write().unwrap_or_else(PoisonError::into_inner) = engine;
     return_freed_memory();
     let events = start_events(args, &mut datapath, &shared)?;
@@ -259,8 +257,6 @@ fn prepare_node(root: &Path) -> anyhow::Result<Option<LinkWatcher>> {
     ))
 }
 
-/// Events kept for `bulkhead flows` without `--follow`.
-
 /// A running event pump: its stop flag and thread.
 type EventPump = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
 
@@ -337,6 +333,8 @@ fn start_datapath(
     let hosts = enforcer::host::addresses().context("listing the node's addresses failed")?;
     datapath.set_host_addresses(&hosts, engine)?;
     let generation = datapath.apply(diff, engine, args.audit)?;
+    // After the first write: an adopted config is only ever replaced whole.
+    datapath.set_report_admits(args.lateral.mode != enforcer::lateral::LateralMode::Off)?;
     // The other slot too, so that the first change writes only itself.
     datapath.prefill_standby(engine)?;
     // Quarantines hold from the first packet the programs judge.
@@ -614,6 +612,8 @@ fn publish_start(
 ) {
     *shared.rule_usage.lock().unwrap_or_else(PoisonError::into_inner) =
         enforcer::usage::RuleUsage::load(&args.state_dir);
+    *shared.lateral.lock().unwrap_or_else(PoisonError::into_inner) =
+        enforcer::lateral::Detector::new(args.lateral.clone());
     *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = PolicyStats {
         identities: engine.identity_count(),
         rules: engine.active_rule_count(),
@@ -1002,7 +1002,7 @@ impl Maintainer<'_> {
         drop(engine);
         // A quarantined identity's new addresses are isolated with the
         // change that brought them.
-        enforcer::quarantine::enforce(&self.shared);
+        enforcer::quarantine::enforce(self.shared);
         let big = parsed_bytes > BIG_CHANGE_BYTES || diff.entries() > BIG_CHANGE_ENTRIES;
         // The diff goes first: a large one is itself tens of megabytes.
         drop(diff);

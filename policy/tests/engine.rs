@@ -667,3 +667,52 @@ fn pods_alike_are_one_identity_across_sources() {
         assert_eq!(engine.identity_count(), 1);
     }
 }
+
+/// A quarantine target stands for the addresses the policy in force gives
+/// it: an identity's, a pod's own (not its replicas'), or those of every
+/// identity a label selector picks (within a namespace when given); and
+/// again after a change, so a replacement pod is covered as it appears.
+#[test]
+fn quarantine_targets_resolve_to_the_addresses_in_force() {
+    use policy::target::Target;
+    let pod = |name: &str, namespace: &str, app: &str, ip: &str| SourceChange {
+        source: format!("kubernetes:pods/{namespace}/{name}"),
+        contents: Contents::Text(format!(
+            r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"labels":{{"app":"{app}"}},"name":"{name}","namespace":"{namespace}"}},"spec":{{"containers":[{{"name":"c"}}]}},"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#
+        )),
+    };
+    let file = SourceChange {
+        source: "p.yaml".into(),
+        contents: Contents::Text(
+            "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: t}\nspec:\n  identities:\n    - {name: db, labels: {app: db}, addresses: [\"10.9.0.0/24\"]}\n".into(),
+        ),
+    };
+    let mut engine = Engine::with_enforcement(Enforcement::Default);
+    let changes = vec![
+        file,
+        pod("web-1", "shop", "web", "10.64.0.1"),
+        pod("web-2", "shop", "web", "10.64.0.2"),
+        pod("web-1", "staging", "web", "10.65.0.1"),
+        pod("db-0", "shop", "db", "10.64.0.9"),
+    ];
+    engine.apply(changes, start()).unwrap();
+    let resolve = |engine: &Engine, text: &str| {
+        let mut nets: Vec<String> =
+            engine.resolve_target(&Target::parse(text).unwrap()).iter().map(ToString::to_string).collect();
+        nets.sort();
+        nets
+    };
+    assert_eq!(resolve(&engine, "db"), ["10.9.0.0/24"]);
+    assert_eq!(resolve(&engine, "pod/shop/web-1"), ["10.64.0.1/32"], "one pod, not its replicas");
+    assert_eq!(resolve(&engine, "shop/{app=web}"), ["10.64.0.1/32", "10.64.0.2/32"], "the pods' identity");
+    assert_eq!(resolve(&engine, "shop/app=web"), ["10.64.0.1/32", "10.64.0.2/32"]);
+    assert_eq!(resolve(&engine, "app=web"), ["10.64.0.1/32", "10.64.0.2/32", "10.65.0.1/32"], "every namespace");
+    assert_eq!(resolve(&engine, "app=db"), ["10.64.0.9/32", "10.9.0.0/24"], "pods and file identities alike");
+    assert_eq!(resolve(&engine, "10.1.2.3"), ["10.1.2.3/32"]);
+    assert!(resolve(&engine, "pod/shop/web-3").is_empty() && resolve(&engine, "nothing").is_empty());
+    // web-1 is replaced by a pod at another address.
+    let removed = SourceChange { source: "kubernetes:pods/shop/web-1".into(), contents: Contents::Removed };
+    engine.apply(vec![removed, pod("web-1", "shop", "web", "10.64.0.7")], start()).unwrap();
+    assert_eq!(resolve(&engine, "pod/shop/web-1"), ["10.64.0.7/32"]);
+    assert_eq!(resolve(&engine, "shop/app=web"), ["10.64.0.2/32", "10.64.0.7/32"]);
+}

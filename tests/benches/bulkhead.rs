@@ -19,6 +19,8 @@ mod daemon;
 mod footprint;
 #[path = "common/incremental.rs"]
 mod incremental;
+#[path = "common/lateral.rs"]
+mod lateral;
 #[path = "common/live.rs"]
 mod live;
 #[path = "common/load.rs"]
@@ -43,7 +45,7 @@ fn main() -> Result<(), Error> {
     let out =
         value_of("--out").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"), PathBuf::from);
     std::fs::create_dir_all(&out)?;
-    // For working on one part: `--only packets|daemon|loads|traffic|cluster`, `--sizes 10,100000`,
+    // For working on one part: `--only packets|daemon|loads|traffic|cluster|lateral`, `--sizes 10,100000`,
     // and `--spin established` (see `per_packet`).
     let only = value_of("--only");
     let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
@@ -87,6 +89,15 @@ fn main() -> Result<(), Error> {
         let figures = cluster::figures(pods, policies, changes, churn_seconds)?;
         cluster::markdown(&mut md, &figures);
         json.insert("cluster".into(), cluster::json(&figures));
+    }
+    if wanted("lateral") {
+        let (trials, scan_seconds) = if quick { (4, 3) } else { (8, 10) };
+        eprintln!(
+            "bench: the lateral-movement detector ({trials} scanners quarantined, {scan_seconds} s of a 100 kpps scan with the detector on and off, a simulated day of benign hosts)"
+        );
+        let figures = lateral::figures(trials, scan_seconds)?;
+        lateral::markdown(&mut md, &figures);
+        json.insert("lateral".into(), lateral::json(&figures));
     }
     if wanted("traffic") {
         let (seconds, rounds, profiled) = if quick { (2, 1, (1, 2)) } else { (5, 5, (3, 3)) };

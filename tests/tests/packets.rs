@@ -1047,3 +1047,44 @@ fn a_quarantined_prefix_covers_its_addresses_and_is_counted() {
     assert_eq!(kernel.ingress(&frames::simple(V4.world, neighbour, TCP, tcp(40000, 22, SYN))), Drop(Quarantine));
     kernel.datapath.set_quarantine(&BTreeSet::new()).unwrap();
 }
+
+/// Events in the ring, oldest first.
+fn ring_events(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<enforcer_common::Event> {
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        assert!(item.len() >= std::mem::size_of::<enforcer_common::Event>());
+        // SAFETY: the kernel wrote a whole `Event` (size checked above).
+        events.push(unsafe { item.as_ptr().cast::<enforcer_common::Event>().read_unaligned() });
+    }
+    events
+}
+
+/// While the lateral-movement detector runs, every connection the policy
+/// admits at ingress is reported once (an allowed first contact), beside
+/// the drops; established packets, the node's own connections and replies
+/// report nothing. Off, admits are not reported at all.
+#[test]
+fn admitted_connections_are_reported_only_for_the_detector() {
+    let mut kernel = kernel(false);
+    let mut ring = kernel.datapath.take_events().unwrap();
+    let _ = ring_events(&mut ring);
+    let f = |src, dst, sport, dport, flags| frames::simple(src, dst, TCP, tcp(sport, dport, flags));
+    let verdicts = |ring: &mut aya::maps::RingBuf<aya::maps::MapData>| -> Vec<(u8, u16)> {
+        ring_events(ring).iter().map(|e| (e.verdict, e.dst_port)).collect()
+    };
+    assert_eq!(kernel.ingress(&f(V4.web, V4.db, 40000, 5432, SYN)), Pass);
+    assert_eq!(verdicts(&mut ring), [], "off: no admit event");
+
+    kernel.datapath.set_report_admits(true).unwrap();
+    kernel.datapath.clear_state().unwrap();
+    assert_eq!(kernel.ingress(&f(V4.web, V4.db, 40001, 5432, SYN)), Pass);
+    assert_eq!(kernel.ingress(&f(V4.web, V4.db, 40001, 5432, ACK)), Pass, "established");
+    assert_eq!(kernel.ingress(&f(V4.db, V4.web, 5432, 40001, ACK)), Pass, "reply");
+    assert_eq!(kernel.ingress(&f(V4.world, V4.db, 40002, 5433, SYN)), Drop(DefaultDeny));
+    assert_eq!(kernel.egress(&f(V4.host, V4.db, 40003, 5432, SYN)), Pass, "the node's own");
+    let (admit, drop) = (enforcer_common::EVENT_ADMIT, enforcer_common::EVENT_DROP);
+    assert_eq!(verdicts(&mut ring), [(admit, 5432), (drop, 5433)]);
+    kernel.datapath.set_report_admits(false).unwrap();
+    assert_eq!(kernel.ingress(&f(V4.web, V4.db, 40004, 5432, SYN)), Pass);
+    assert_eq!(verdicts(&mut ring), []);
+}

@@ -101,6 +101,7 @@ impl Datapath {
         Ok(Self {
             quarantine,
             quarantine_flag,
+            report_admits: 0,
             maps: PolicyMaps::take(&mut ebpf)?,
             slots: [Slot::new(0), Slot::new(1)],
             config: take(&mut ebpf, maps::CONFIG)?,

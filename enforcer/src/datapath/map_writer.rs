@@ -14,9 +14,10 @@ use aya::maps::IterableMap as _;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues};
 use enforcer_common::{
-    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_FLAG_WORLD_OPEN, CONFIG_INDEX,
-    Config, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4, IdentityPrefixV6, IdentityValue,
-    POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue, SLOT_BITS, maps, rule_counter_index, slot_of,
+    CONFIG_FLAG_AUDIT, CONFIG_FLAG_NO_FLOW_CACHE, CONFIG_FLAG_NO_VERDICT_CACHE, CONFIG_FLAG_REPORT_ADMITS,
+    CONFIG_FLAG_WORLD_OPEN, CONFIG_INDEX, Config, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityPrefixV4,
+    IdentityPrefixV6, IdentityValue, POLICY_KEY_MAX_PREFIX, PolicyKeyData, PolicyValue, SLOT_BITS, maps,
+    rule_counter_index, slot_of,
 };
 use ipnet::IpNet;
 use policy::engine::{Contents, EntryCounts, Name, SourceChange};
@@ -201,7 +202,8 @@ impl Datapath {
             flags: if audit_all { CONFIG_FLAG_AUDIT } else { 0 }
                 | if state.enforcement() == Enforcement::Default { CONFIG_FLAG_WORLD_OPEN } else { 0 }
                 | self.caches_off
-                | self.quarantine_flag,
+                | self.quarantine_flag
+                | self.report_admits,
             clock_tick_ns: clock_tick_ns(),
             verdict_epoch: self.config_value.verdict_epoch,
         };
@@ -423,6 +425,14 @@ impl Datapath {
     /// measuring.
     pub fn set_flow_cache(&mut self, enabled: bool) -> Result<(), DatapathError> {
         self.set_cache(CONFIG_FLAG_NO_FLOW_CACHE, enabled)
+    }
+
+    /// Has the kernel report every connection the policy admits at ingress,
+    /// for the lateral-movement detector (or stop).
+    pub fn set_report_admits(&mut self, on: bool) -> Result<(), DatapathError> {
+        self.report_admits = if on { CONFIG_FLAG_REPORT_ADMITS } else { 0 };
+        self.config_value.flags = self.config_value.flags & !CONFIG_FLAG_REPORT_ADMITS | self.report_admits;
+        self.config.set(CONFIG_INDEX, self.config_value, 0).map_err(write_error(maps::CONFIG))
     }
 
     fn set_cache(&mut self, off_flag: u32, enabled: bool) -> Result<(), DatapathError> {

@@ -214,6 +214,9 @@ pub struct Datapath {
     /// `set_verdict_cache`, `set_flow_cache`): every config write keeps them.
     caches_off: u32,
     quarantine: quarantine::QuarantineMaps,
+    /// `CONFIG_FLAG_REPORT_ADMITS` while the lateral-movement detector
+    /// runs: every config write keeps it.
+    report_admits: u32,
     /// `CONFIG_FLAG_QUARANTINE` while the tries hold anything: every config
     /// write keeps it.
     quarantine_flag: u32,
