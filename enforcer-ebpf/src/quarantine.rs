@@ -70,19 +70,20 @@ fn is_node(config: &Config, family: u8, addr: &[u8; 16]) -> bool {
 pub fn check_ingress(packet: &Packet, config: &Config) -> Check {
     let flow = &packet.flow;
     let src = quarantined(flow.family, &flow.src_addr);
-    let dst = quarantined(flow.family, &flow.dst_addr);
-    if !src && !dst {
-        return Check::Clear;
-    }
-    let to_node = is_node(config, flow.family, &flow.dst_addr);
-    if dst && !to_node {
+    if quarantined(flow.family, &flow.dst_addr) && !is_node(config, flow.family, &flow.dst_addr) {
         return Check::Isolate;
     }
     if !src {
         return Check::Clear;
     }
+    // The node's address is asked last: only a quarantined packet from an
+    // exempt port, not the flood a quarantined address may send, pays it.
     let opening = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if to_node && !opening && exempt(packet, flow.src_port) { Check::Exempt } else { Check::Isolate }
+    if !opening && exempt(packet, flow.src_port) && is_node(config, flow.family, &flow.dst_addr) {
+        Check::Exempt
+    } else {
+        Check::Isolate
+    }
 }
 
 /// A packet the node itself sends: isolated if its destination is
