@@ -237,7 +237,11 @@ impl Quarantine {
         let nets = self.resolve(engine);
         let written = datapath.set_quarantine(&nets);
         self.in_step = written.is_ok();
-        self.save();
+        // Kept as read, or as recovered from the kernel; nothing to keep
+        // when there is nothing and never was.
+        if !self.entries.is_empty() || self.file.as_ref().is_some_and(|file| file.exists()) {
+            self.save();
+        }
         written
     }
 

@@ -344,14 +344,13 @@ fn start_datapath(
         args.quarantine_exempt.clone(),
         SystemTime::now(),
     );
-    let written = list.install(engine, &mut datapath)?;
+    list.install(engine, &mut datapath)?;
     if !list.is_empty() {
         log::info!(
             "quarantine: {} targets in force ({} addresses and prefixes)",
             list.len(),
             datapath.quarantined_nets().map_or(0, |nets| nets.len())
         );
-        log::debug!("quarantine at start: {} isolated anew, {} released", written.added.len(), written.removed.len());
     }
     *quarantine = Some(list);
     datapath.set_xdp_attach(args.xdp_attach);

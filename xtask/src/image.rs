@@ -129,7 +129,7 @@ pub fn rfc3339(epoch: u64) -> String {
 
 /// The shared objects `binary` loads, as the paths the loader resolves them
 /// to (its interpreter included); empty for a static binary.
-fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let output = Command::new("ldd").arg(binary).output().context("cannot run ldd (Debian package libc-bin)")?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {

@@ -4,6 +4,7 @@ mod demo;
 mod demo_cluster;
 mod image;
 mod setup;
+mod supply;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,14 @@ enum Task {
         /// A shorter subset: fewer policy sizes, repeats and changes.
         #[arg(long)]
         quick: bool,
+        /// One part only, for working on it: packets, daemon, loads, cluster,
+        /// lateral or traffic (BENCHMARKS.md is then left as it is).
+        #[arg(long, value_name = "PART")]
+        only: Option<String>,
     },
+    /// Build, then write a `CycloneDX` SBOM of what ships in the image to
+    /// target/sbom/bulkhead.cdx.json (crates and Debian packages).
+    Sbom,
     /// Build, then pack the daemon into an OCI image at target/image/bulkhead.oci.tar (offline, with umoci).
     Image {
         /// Only assemble the image's files at target/image/rootfs from an existing
@@ -118,6 +126,8 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    supply::deny()?;
+    supply::sbom(&binary)?;
     println!(
         "test: unit and integration tests (integration tests run real traffic through the XDP program in namespaces)"
     );
@@ -168,13 +178,20 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::setup(),
         Task::Build => build().map(drop),
         Task::Test => test(),
-        Task::Bench { quick } => {
+        Task::Sbom => {
+            let binary = build()?;
+            supply::sbom(&binary).map(drop)
+        }
+        Task::Bench { quick, only } => {
             let binary = build()?;
             setup::packages(&setup::BENCH_PACKAGES)?;
             let mut command = cargo();
             command.args(["bench", "-p", "tests", "--bench", "bulkhead", "--"]).env("BULKHEAD_BIN", &binary);
             if quick {
                 command.arg("--quick");
+            }
+            if let Some(part) = only {
+                command.args(["--only", &part]);
             }
             run(&mut command)
         }

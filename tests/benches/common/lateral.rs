@@ -201,8 +201,7 @@ fn scan_cost(
             .output()?;
         let seconds = started.elapsed().as_secs_f64();
         let ticks = cpu_ticks(daemon.pid())? - ticks0;
-        let drops =
-            metric(lab, &daemon, "bulkhead_drop_packets_total{direction=\"ingress\",reason=\"default_deny\"}")?;
+        let drops = metric(lab, &daemon, "bulkhead_drop_packets_total{direction=\"ingress\",reason=\"default_deny\"}")?;
         let suspects = metric(lab, &daemon, "bulkhead_lateral_movement_suspects_total")?;
         let _ = daemon.stop();
         #[allow(clippy::cast_precision_loss, reason = "counts of a few million")]
