@@ -3,7 +3,14 @@
 //! name maps to a role: `viewer` (status, current policy, flows) or
 //! `operator` (also push policy). Server certificate, key and client CA are
 //! re-read when their files change, without a restart and without dropping
-//! open connections. Every change is audit-logged: who, what, when.
+//! open connections. Every change is audit-logged: who, what, when; so is
+//! every refusal (a bad certificate, a missing role, a body too large, a
+//! client too slow or with too many connections).
+//!
+//! The API shares the node with the enforcer, so what a client can take is
+//! bounded (see [`Limits`]): connections in all and per address, time to
+//! finish the TLS handshake, to send the headers and to send a request,
+//! header and body sizes.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -72,6 +79,37 @@ pub struct Push {
     pub who: String,
     pub reply: tokio::sync::oneshot::Sender<Result<u32, Vec<String>>>,
 }
+
+/// What the API lets clients take, documented in the README (*Admin API*).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once, in all: beyond, new ones are closed at once.
+    pub connections: usize,
+    /// Connections open at once from one address.
+    pub per_address: usize,
+    /// From accepting a connection to the end of the TLS handshake.
+    pub handshake: Duration,
+    /// To send a request's headers (also between requests on a kept-alive
+    /// connection).
+    pub headers: Duration,
+    /// To send a whole request, body included (a streamed answer, `flows
+    /// --follow`, runs on after it).
+    pub request: Duration,
+    /// The most bytes of headers a request may have.
+    pub header_bytes: usize,
+    /// The largest request body (a whole policy pushed at once).
+    pub body_bytes: usize,
+}
+
+pub const LIMITS: Limits = Limits {
+    connections: 512,
+    per_address: 256,
+    handshake: Duration::from_secs(10),
+    headers: Duration::from_secs(10),
+    request: Duration::from_secs(30),
+    header_bytes: 64 * 1024,
+    body_bytes: 32 * 1024 * 1024,
+};
 
 /// Who is calling, from the verified client certificate.
 #[derive(Debug, Clone)]
@@ -148,6 +186,7 @@ pub async fn serve(config: ApiConfig, shared: Arc<Shared>, push: Mailbox<Push>) 
     }
     let state = Arc::new(ApiState { shared, push });
     let roles = Arc::new(config.roles);
+    let connections = Arc::new(Connections::default());
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -156,15 +195,33 @@ pub async fn serve(config: ApiConfig, shared: Arc<Shared>, push: Mailbox<Push>) 
                 continue;
             }
         };
+        let Some(slot) = connections.take(peer.ip()) else {
+            log::warn!(
+                target: "audit",
+                "who=- peer={peer} action=connect result=refused why=\"too many connections (at most {} in all, {} per address)\"",
+                LIMITS.connections,
+                LIMITS.per_address
+            );
+            continue;
+        };
         // Responses are small and final: no waiting for delayed acknowledgements.
         let _ = tcp.set_nodelay(true);
         let acceptor = TlsAcceptor::from(Arc::clone(&current.read().unwrap_or_else(PoisonError::into_inner)));
         let (state, roles) = (Arc::clone(&state), Arc::clone(&roles));
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(error) => {
-                    log::warn!("admin API: refused a client from {peer}: {error}");
+            let _slot = slot;
+            let tls = match tokio::time::timeout(LIMITS.handshake, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    log::warn!(target: "audit", "who=- peer={peer} action=connect result=refused why=\"TLS: {error}\"");
+                    return;
+                }
+                Err(_) => {
+                    log::warn!(
+                        target: "audit",
+                        "who=- peer={peer} action=connect result=refused why=\"no TLS handshake within {} s\"",
+                        LIMITS.handshake.as_secs()
+                    );
                     return;
                 }
             };
@@ -176,14 +233,97 @@ pub async fn serve(config: ApiConfig, shared: Arc<Shared>, push: Mailbox<Push>) 
                 .and_then(common_name)
                 .unwrap_or_default();
             let caller = Caller { role: roles.get(&name).copied(), name };
+            let who = caller.name.clone();
             let app = router(state).layer(Extension(caller));
             let service = hyper_util::service::TowerToHyperService::new(app);
             let io = hyper_util::rt::TokioIo::new(tls);
-            if let Err(error) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
-                log::debug!("admin API connection from {peer} ended: {error}");
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(LIMITS.headers)
+                .max_buf_size(LIMITS.header_bytes)
+                .serve_connection(io, service)
+                .await;
+            match served {
+                Err(error) if error.is_parse_too_large() || error.is_timeout() || error.is_parse() => {
+                    log::warn!(target: "audit", "who={who} peer={peer} action=request result=refused why=\"{error}\"");
+                }
+                Err(error) => log::debug!("admin API connection from {peer} ended: {error}"),
+                Ok(()) => {}
             }
         });
     }
+}
+
+/// Connections open now, in all and per address.
+#[derive(Default)]
+struct Connections {
+    open: std::sync::Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One open connection, given back when dropped.
+struct ConnectionSlot {
+    connections: Arc<Connections>,
+    addr: std::net::IpAddr,
+}
+
+impl Connections {
+    fn take(self: &Arc<Self>, addr: std::net::IpAddr) -> Option<ConnectionSlot> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let total: usize = open.values().sum();
+        let mine = open.entry(addr).or_default();
+        if total >= LIMITS.connections || *mine >= LIMITS.per_address {
+            return None;
+        }
+        *mine += 1;
+        Some(ConnectionSlot { connections: Arc::clone(self), addr })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.connections.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.addr) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.addr);
+            }
+        }
+    }
+}
+
+/// Bounds the time to send a request and audit-logs every refusal the
+/// handlers and extractors give (a missing role, a body too large or
+/// malformed, a request too slow).
+async fn audited(
+    Extension(caller): Extension<Caller>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let header_bytes: usize = request.uri().to_string().len()
+        + request.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
+    let response = if header_bytes > LIMITS.header_bytes {
+        let why = format!("the request's headers exceed {} KiB\n", LIMITS.header_bytes / 1024);
+        (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why).into_response()
+    } else {
+        match tokio::time::timeout(LIMITS.request, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => {
+                let why = format!("the request took over {} s\n", LIMITS.request.as_secs());
+                (StatusCode::REQUEST_TIMEOUT, why).into_response()
+            }
+        }
+    };
+    let status = response.status();
+    if status.is_client_error() || status.is_server_error() {
+        log::warn!(
+            target: "audit",
+            "who={} action=request method={method} path={path} result=refused status={}",
+            caller.name,
+            status.as_u16()
+        );
+    }
+    response
 }
 
 fn router(state: Arc<ApiState>) -> Router {
@@ -195,6 +335,8 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/observed", get(observed))
         .route("/v1/rules/usage", get(rule_usage))
         .route("/v1/quarantine", get(quarantine_list).post(quarantine_add).delete(quarantine_remove))
+        .layer(axum::middleware::from_fn(audited))
+        .layer(axum::extract::DefaultBodyLimit::max(LIMITS.body_bytes))
         .with_state(state)
 }
 
@@ -315,7 +457,6 @@ async fn push_policy(
     Json(body): Json<PolicyFiles>,
 ) -> Response {
     if let Some(refusal) = refuse(&caller, Role::Operator) {
-        log::warn!(target: "audit", "refused policy push by `{}`: not an operator", caller.name);
         return refusal;
     }
     let whole = !body.keep_others;
@@ -335,7 +476,6 @@ async fn put_policy_file(
     text: String,
 ) -> Response {
     if let Some(refusal) = refuse(&caller, Role::Operator) {
-        log::warn!(target: "audit", "refused policy file change by `{}`: not an operator", caller.name);
         return refusal;
     }
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -357,7 +497,6 @@ async fn delete_policy_file(
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Response {
     if let Some(refusal) = refuse(&caller, Role::Operator) {
-        log::warn!(target: "audit", "refused policy file removal by `{}`: not an operator", caller.name);
         return refusal;
     }
     let (reply, answer) = tokio::sync::oneshot::channel();
