@@ -305,14 +305,11 @@ async fn audited(
     let response = if header_bytes > LIMITS.header_bytes {
         let why = format!("the request's headers exceed {} KiB\n", LIMITS.header_bytes / 1024);
         (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why).into_response()
+    } else if let Ok(response) = tokio::time::timeout(LIMITS.request, next.run(request)).await {
+        response
     } else {
-        match tokio::time::timeout(LIMITS.request, next.run(request)).await {
-            Ok(response) => response,
-            Err(_) => {
-                let why = format!("the request took over {} s\n", LIMITS.request.as_secs());
-                (StatusCode::REQUEST_TIMEOUT, why).into_response()
-            }
-        }
+        let why = format!("the request took over {} s\n", LIMITS.request.as_secs());
+        (StatusCode::REQUEST_TIMEOUT, why).into_response()
     };
     let status = response.status();
     if status.is_client_error() || status.is_server_error() {

@@ -662,6 +662,62 @@ fn quarantine_cuts_a_workload_off_until_lifted() {
     assert!(refusal.contains("who=viewer-bob action=quarantine-add target=\"logic\" result=refused"), "{refusal}");
 }
 
+/// 300 connections from 127.0.0.1 that never say a word: those over the
+/// address's share are closed at once, the rest at the handshake limit,
+/// and a client from another address is answered meanwhile.
+fn slowloris(env: &Env) {
+    // Slowloris: 300 connections from 127.0.0.1 that never say a word.
+    let idle: Vec<TcpStream> =
+        (0..300).map(|_| env.lab.router.enter(|| connect_from(IpAddr::from([127, 0, 0, 1]))).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let answered = Instant::now();
+    assert_eq!(env.request_from(IpAddr::from([127, 0, 0, 2]), "viewer", "GET", "/v1/status", "").0, 200);
+    println!("another address answered in {:?} while 300 idle connections were open", answered.elapsed());
+    // Those over the address's share were closed at once, the rest at
+    // the handshake limit.
+    let closed = |stream: &TcpStream| {
+        let mut stream = stream;
+        stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut byte = [0u8; 1];
+        matches!(stream.read(&mut byte), Ok(0) | Err(_))
+    };
+    let waited = Instant::now();
+    assert!(idle.iter().all(closed), "an idle connection outlived the handshake limit");
+    println!("300 idle connections closed within {:?}", waited.elapsed());
+    drop(idle);
+}
+
+/// Headers sent a byte every 500 ms never finish: the daemon cuts the
+/// client off at the header limit.
+fn slow_headers(env: &Env) {
+    // Headers sent one byte a second never finish.
+    let slow = env
+        .lab
+        .router
+        .enter(|| {
+            let config =
+                enforcer::tls::client_config(&env.ca_pem, &env.pki.join("viewer.pem"), &env.pki.join("viewer.key"))
+                    .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut connection = rustls::ClientConnection::new(config, name).unwrap();
+            let mut tcp = TcpStream::connect(API).unwrap();
+            let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
+            let started = Instant::now();
+            for byte in b"GET /v1/status HTTP/1.1\r\nHost: slow\r\n".iter().cycle() {
+                if tls.write_all(&[*byte]).and_then(|()| tls.flush()).is_err()
+                    || started.elapsed() > Duration::from_secs(30)
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            started.elapsed()
+        })
+        .unwrap();
+    assert!(slow < Duration::from_secs(30), "a slow client was never cut off");
+    println!("a client sending its headers a byte every 500 ms was cut off after {slow:?}");
+}
+
 /// The daemon's resident set, KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -729,26 +785,7 @@ fn the_api_holds_under_load_and_abuse() {
         );
         let rss_storm = rss_kib(env.daemon.pid());
 
-        // Slowloris: 300 connections from 127.0.0.1 that never say a word.
-        let idle: Vec<TcpStream> =
-            (0..300).map(|_| env.lab.router.enter(|| connect_from(IpAddr::from([127, 0, 0, 1]))).unwrap()).collect();
-        std::thread::sleep(Duration::from_millis(300));
-        let answered = Instant::now();
-        assert_eq!(env.request_from(IpAddr::from([127, 0, 0, 2]), "viewer", "GET", "/v1/status", "").0, 200);
-        println!("another address answered in {:?} while 300 idle connections were open", answered.elapsed());
-        // Those over the address's share were closed at once, the rest at
-        // the handshake limit.
-        let closed = |stream: &TcpStream| {
-            let mut stream = stream;
-            stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-            let mut byte = [0u8; 1];
-            matches!(stream.read(&mut byte), Ok(0) | Err(_))
-        };
-        let waited = Instant::now();
-        assert!(idle.iter().all(closed), "an idle connection outlived the handshake limit");
-        println!("300 idle connections closed within {:?}", waited.elapsed());
-        drop(idle);
-
+        slowloris(&env);
         // Garbage instead of TLS.
         env.lab
             .router
@@ -772,33 +809,7 @@ fn the_api_holds_under_load_and_abuse() {
             let cli = env.cli(who, &["status"]);
             assert!(!cli.status.success(), "{who} got in");
         }
-        // Headers sent one byte a second never finish.
-        let slow = env
-            .lab
-            .router
-            .enter(|| {
-                let config =
-                    enforcer::tls::client_config(&env.ca_pem, &env.pki.join("viewer.pem"), &env.pki.join("viewer.key"))
-                        .unwrap();
-                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-                let mut connection = rustls::ClientConnection::new(config, name).unwrap();
-                let mut tcp = TcpStream::connect(API).unwrap();
-                let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
-                let started = Instant::now();
-                for byte in b"GET /v1/status HTTP/1.1\r\nHost: slow\r\n".iter().cycle() {
-                    if tls.write_all(&[*byte]).and_then(|()| tls.flush()).is_err()
-                        || started.elapsed() > Duration::from_secs(30)
-                    {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                started.elapsed()
-            })
-            .unwrap();
-        assert!(slow < Duration::from_secs(30), "a slow client was never cut off");
-        println!("a client sending its headers a byte every 500 ms was cut off after {slow:?}");
-
+        slow_headers(&env);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let rounds = traffic.join().unwrap();
         assert!(rounds > 0);
