@@ -2,6 +2,7 @@
 
 mod demo;
 mod demo_cluster;
+mod fuzz;
 mod image;
 mod setup;
 
@@ -32,6 +33,17 @@ enum Task {
         /// A shorter subset: fewer policy sizes, repeats and changes.
         #[arg(long)]
         quick: bool,
+    },
+    /// Fuzz the parsers (policy, Kubernetes objects, admin API requests, config
+    /// file, kernel events) with libFuzzer on nightly; any crash, hang or
+    /// memory blowup fails and leaves its input under fuzz/artifacts/.
+    Fuzz {
+        /// Seconds to run each target.
+        #[arg(long, value_name = "S", default_value_t = 60)]
+        time: u64,
+        /// One target (policy, kubernetes, api, config, events); all of them if left out.
+        #[arg(value_name = "TARGET")]
+        target: Option<String>,
     },
     /// Build, then pack the daemon into an OCI image at target/image/bulkhead.oci.tar (offline, with umoci).
     Image {
@@ -118,6 +130,7 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    fuzz_briefly()?;
     println!(
         "test: unit and integration tests (integration tests run real traffic through the XDP program in namespaces)"
     );
@@ -152,6 +165,17 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Seconds `cargo xtask test` fuzzes each target: enough to run every seed
+/// and some thousands of mutations, while the whole test stays near half an
+/// hour; `cargo xtask fuzz` runs longer.
+const TEST_FUZZ_SECONDS: u64 = 10;
+
+/// The fuzz slice of `cargo xtask test`: every target, briefly.
+fn fuzz_briefly() -> anyhow::Result<()> {
+    println!("test: fuzz targets, {TEST_FUZZ_SECONDS} s each");
+    fuzz::fuzz(TEST_FUZZ_SECONDS, None).map(drop)
+}
+
 /// Reads `test result: ok. 12 passed; 0 failed; ...` into (passed, failed).
 fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     let rest = line.strip_prefix("test result: ")?;
@@ -178,6 +202,7 @@ fn main() -> anyhow::Result<()> {
             }
             run(&mut command)
         }
+        Task::Fuzz { time, target } => fuzz::fuzz(time, target.as_deref()).map(drop),
         Task::Image { rootfs_only: true } => image::rootfs_only(),
         Task::Image { rootfs_only: false } => {
             let binary = build()?;
