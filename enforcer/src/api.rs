@@ -25,34 +25,19 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+pub use enforcer::api_types::{
+    FlowsQuery, PolicyFile, PolicyFiles, QuarantineList, QuarantineRequest, QuarantineTarget, Role, SignedSet,
+};
 use enforcer::metrics::Shared;
 use enforcer::tls;
 use enforcer::watch::Mailbox;
 use policy::Source;
 use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-
-/// What a client certificate may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Viewer,
-    Operator,
-}
-
-impl Role {
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "viewer" => Some(Role::Viewer),
-            "operator" => Some(Role::Operator),
-            _ => None,
-        }
-    }
-}
 
 /// The API's files and roles.
 #[derive(Debug, Clone, PartialEq)]
@@ -390,35 +375,6 @@ async fn status(State(state): State<Arc<ApiState>>, Extension(caller): Extension
     .into_response()
 }
 
-/// Policy files as the API carries them.
-#[derive(Serialize, Deserialize)]
-pub struct PolicyFiles {
-    pub files: Vec<PolicyFile>,
-    /// On a push: change only these files and keep the enforced policy's
-    /// other files (one change, validated with them), instead of replacing
-    /// the whole policy.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub keep_others: bool,
-    /// The set's signed manifest: required by a daemon that runs with
-    /// `--trusted-keys` (see `signing`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signed: Option<SignedSet>,
-}
-
-/// A signed manifest and its minisign signature, as the files
-/// `.bulkhead-manifest` and `.bulkhead-manifest.minisig` hold them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SignedSet {
-    pub manifest: String,
-    pub signature: String,
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct PolicyFile {
-    pub name: String,
-    pub text: String,
-}
-
 async fn current_policy(State(state): State<Arc<ApiState>>, Extension(caller): Extension<Caller>) -> Response {
     if let Some(refusal) = refuse(&caller, Role::Viewer) {
         return refusal;
@@ -554,24 +510,6 @@ async fn observed(State(state): State<Arc<ApiState>>, Extension(caller): Extensi
     Json(report).into_response()
 }
 
-/// `POST /v1/quarantine`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct QuarantineRequest {
-    pub target: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-    /// A duration from now (`90s`, `15m`, `12h`, `30d`) or an RFC 3339 time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires: Option<String>,
-}
-
-/// `GET /v1/quarantine`: what is quarantined, with the addresses each
-/// target stands for now.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct QuarantineList {
-    pub quarantined: Vec<enforcer::quarantine::Entry>,
-}
-
 async fn quarantine_list(State(state): State<Arc<ApiState>>, Extension(caller): Extension<Caller>) -> Response {
     if let Some(refusal) = refuse(&caller, Role::Viewer) {
         return refusal;
@@ -613,11 +551,6 @@ async fn quarantine_add(
     }
 }
 
-#[derive(Deserialize)]
-struct QuarantineTarget {
-    target: String,
-}
-
 async fn quarantine_remove(
     State(state): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
@@ -651,12 +584,6 @@ fn quarantine_error(
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     };
     (status, Json(serde_json::json!({ "errors": [error.to_string()] }))).into_response()
-}
-
-#[derive(Deserialize)]
-struct FlowsQuery {
-    #[serde(default)]
-    follow: bool,
 }
 
 async fn flows(

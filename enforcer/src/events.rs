@@ -105,6 +105,20 @@ pub fn rfc3339_at(time: SystemTime) -> String {
     rfc3339(i128::try_from(nanos).unwrap_or(i128::MAX))
 }
 
+/// One ring buffer record as the kernel's `Event`, or `None` if it is too
+/// short to be one (never written by the kernel; skipped rather than read
+/// past its end). Longer records are read up to an `Event`'s size.
+#[must_use]
+pub fn decode(item: &[u8]) -> Option<Event> {
+    if item.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: `item` holds at least a whole `Event` (checked above), a
+    // plain-old-data struct every bit pattern of which is valid;
+    // read_unaligned copes with the ring's 8-byte alignment.
+    Some(unsafe { item.as_ptr().cast::<Event>().read_unaligned() })
+}
+
 /// What the policy says of the packet an event is about.
 #[must_use]
 pub fn packet_of(event: &Event) -> policy::Packet {
@@ -192,12 +206,7 @@ pub fn pump(
             continue;
         }
         while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<Event>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote a whole `Event` (size checked above);
-            // read_unaligned copes with the ring's 8-byte alignment.
-            events.push(unsafe { item.as_ptr().cast::<Event>().read_unaligned() });
+            events.extend(decode(&item));
         }
         let packets: Vec<policy::Packet> = events.iter().map(packet_of).collect();
         let Some(decisions) = decide(&packets) else {
@@ -244,6 +253,19 @@ fn write_lines(out: &mut dyn Write, lines: &[String]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decodes_whole_records_and_skips_short_ones() {
+        let mut event = Event { time_ns: 7, dst_port: 22, protocol: 6, family: FAMILY_IPV4, ..Event::default() };
+        event.src_addr[..4].copy_from_slice(&[10, 1, 0, 5]);
+        // SAFETY: `Event` is plain old data; its bytes are what the kernel writes.
+        let bytes: [u8; 64] = unsafe { std::mem::transmute(event) };
+        assert_eq!(decode(&bytes), Some(event));
+        // The ring's records may be padded beyond the struct.
+        assert_eq!(decode(&[&bytes[..], &[0xff; 8]].concat()), Some(event));
+        assert_eq!(decode(&bytes[..63]), None);
+        assert_eq!(decode(&[]), None);
+    }
 
     #[test]
     fn describes_a_deny_rule_drop() {

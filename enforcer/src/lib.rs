@@ -1,7 +1,9 @@
 //! The Bulkhead daemon's building blocks, shared by the `bulkhead` binary,
 //! the integration tests and the benchmarks.
 
+pub mod api_types;
 pub mod batch;
+pub mod config_file;
 pub mod crd;
 pub mod datapath;
 pub mod events;

@@ -27,6 +27,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::RunArgs;
 use crate::api::Push;
 use crate::cluster;
+use crate::config::Resolve as _;
 use crate::config::{EventsTo, KubernetesSource, RunConfig};
 use enforcer::events::Sink;
 

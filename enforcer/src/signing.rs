@@ -280,6 +280,9 @@ impl TrustedKeys {
         let unreadable = |reason: String| SigningError::SignatureUnreadable { path: path.to_path_buf(), reason };
         let signature =
             minisign::SignatureBox::from_string(signature_text).map_err(|error| unreadable(error.to_string()))?;
+        if !trusted_comment_signature_is_whole(signature_text) {
+            return Err(unreadable("its trusted comment signature (the fourth line) is not 64 bytes".to_owned()));
+        }
         let signer = key_id(signature.keynum());
         let Some((key_path, key)) = self.keys.iter().find(|(_, key)| key.keynum() == signature.keynum()) else {
             return Err(SigningError::UntrustedKey {
@@ -293,6 +296,20 @@ impl TrustedKeys {
         })?;
         Ok(key_path)
     }
+}
+
+/// Whether the signature's fourth line, the signature of its trusted
+/// comment, is a whole Ed25519 signature. minisign 0.10 reads the line
+/// without checking its length and, for a signature that is otherwise
+/// good, panics verifying a shorter one (found by fuzzing): anyone holding
+/// a signed set could rewrite that unsigned line and stop the daemon.
+fn trusted_comment_signature_is_whole(signature_text: &str) -> bool {
+    use ct_codecs::{Base64, Decoder as _};
+    signature_text
+        .lines()
+        .nth(3)
+        .and_then(|line| Base64::decode_to_vec(line.trim().as_bytes(), None).ok())
+        .is_some_and(|bytes| bytes.len() == 64)
 }
 
 /// What a verified policy set is.
@@ -636,6 +653,35 @@ mod tests {
 
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_hours(500_000)
+    }
+
+    /// The input the API fuzz target found: a good signature whose trusted
+    /// comment signature is cut short made minisign panic.
+    #[test]
+    fn a_short_trusted_comment_signature_is_refused_not_a_panic() {
+        let scratch = Scratch::new("short-global");
+        let (policy, keys) = (scratch.0.join("policy"), scratch.0.join("keys"));
+        std::fs::write(policy.join("a.yaml"), "a: 1\n").unwrap();
+        let (secret, _, _) = keygen(&keys.join("ops")).unwrap();
+        sign(&policy, &secret, 1, None).unwrap();
+        let trusted = TrustedKeys::load(&keys).unwrap();
+        let (manifest, signature) = read_signed(&policy).unwrap();
+        let files = digests(&policy).unwrap();
+        assert!(verify_texts(&policy, &manifest, &signature, &files, &trusted, now()).is_ok());
+        let mut lines: Vec<String> = signature.lines().map(str::to_owned).collect();
+        for cut in [0, 1, 60, 61, 63] {
+            use ct_codecs::{Base64, Decoder as _, Encoder as _};
+            let whole = Base64::decode_to_vec(lines[3].as_bytes(), None).unwrap();
+            let short = Base64::encode_to_string(&whole[..cut]).unwrap();
+            let original = std::mem::replace(&mut lines[3], short);
+            let cut_short = lines.join("\n") + "\n";
+            lines[3] = original;
+            let error = verify_texts(&policy, &manifest, &cut_short, &files, &trusted, now()).unwrap_err();
+            assert!(
+                matches!(error, SigningError::SignatureUnreadable { .. }) && error.to_string().contains("64 bytes"),
+                "{cut} bytes: {error}"
+            );
+        }
     }
 
     /// A signed directory verifies; every way of changing it afterwards is

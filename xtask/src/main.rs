@@ -2,6 +2,7 @@
 
 mod demo;
 mod demo_cluster;
+mod fuzz;
 mod image;
 mod setup;
 mod supply;
@@ -41,6 +42,17 @@ enum Task {
     /// Build, then write a `CycloneDX` SBOM of what ships in the image to
     /// target/sbom/bulkhead.cdx.json (crates and Debian packages).
     Sbom,
+    /// Fuzz the parsers (policy, Kubernetes objects, admin API requests, config
+    /// file, kernel events) with libFuzzer on nightly; any crash, hang or
+    /// memory blowup fails and leaves its input under fuzz/artifacts/.
+    Fuzz {
+        /// Seconds to run each target.
+        #[arg(long, value_name = "S", default_value_t = 60)]
+        time: u64,
+        /// One target (policy, kubernetes, api, config, events); all of them if left out.
+        #[arg(value_name = "TARGET")]
+        target: Option<String>,
+    },
     /// Build, then pack the daemon into an OCI image at target/image/bulkhead.oci.tar (offline, with umoci).
     Image {
         /// Only assemble the image's files at target/image/rootfs from an existing
@@ -128,6 +140,7 @@ fn test() -> anyhow::Result<()> {
     ]))?;
     supply::deny()?;
     supply::sbom(&binary)?;
+    fuzz_briefly()?;
     println!(
         "test: unit and integration tests (integration tests run real traffic through the XDP program in namespaces)"
     );
@@ -160,6 +173,17 @@ fn test() -> anyhow::Result<()> {
         bail!("cargo test ran no test");
     }
     Ok(())
+}
+
+/// Seconds `cargo xtask test` fuzzes each target: enough to run every seed
+/// and some thousands of mutations, while the whole test stays near half an
+/// hour; `cargo xtask fuzz` runs longer.
+const TEST_FUZZ_SECONDS: u64 = 10;
+
+/// The fuzz slice of `cargo xtask test`: every target, briefly.
+fn fuzz_briefly() -> anyhow::Result<()> {
+    println!("test: fuzz targets, {TEST_FUZZ_SECONDS} s each");
+    fuzz::fuzz(TEST_FUZZ_SECONDS, None).map(drop)
 }
 
 /// Reads `test result: ok. 12 passed; 0 failed; ...` into (passed, failed).
@@ -195,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             }
             run(&mut command)
         }
+        Task::Fuzz { time, target } => fuzz::fuzz(time, target.as_deref()).map(drop),
         Task::Image { rootfs_only: true } => image::rootfs_only(),
         Task::Image { rootfs_only: false } => {
             let binary = build()?;

@@ -11,6 +11,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// kubernetes-validate release the manifest tests validate with; it carries
 /// the Kubernetes JSON schemas up to 1.37, the tests ask for 1.32.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// cargo-fuzz release `cargo xtask fuzz` drives libFuzzer with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Oldest kubectl whose built-in kustomize (v5) renders `deploy/`.
 const KUBECTL_MIN_MINOR: u32 = 27;
 
@@ -60,6 +62,30 @@ pub fn setup() -> anyhow::Result<()> {
     bpffs()?;
     kubectl()?;
     kubernetes_validate()?;
+    Ok(())
+}
+
+/// What `cargo xtask fuzz` needs: nightly (libFuzzer's instrumentation),
+/// cargo-fuzz, and, since the daemon's library is fuzzed too and its build
+/// script builds the kernel programs, rust-src and bpf-linker. No root.
+pub fn fuzz_tools() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    cargo_fuzz()
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if let Some(version) = output("cargo", &["+nightly", "fuzz", "--version"])
+        && version.contains(CARGO_FUZZ_VERSION)
+    {
+        println!("setup: {version} already installed");
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (a couple of minutes, once)");
+    run("cargo", &["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked", "--force"], &[])?;
+    let version = output("cargo", &["+nightly", "fuzz", "--version"])
+        .context("cargo-fuzz was installed but `cargo fuzz` does not run; is ~/.cargo/bin on PATH?")?;
+    println!("setup: {version} installed");
     Ok(())
 }
 
