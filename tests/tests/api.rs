@@ -718,6 +718,15 @@ fn slow_headers(env: &Env) {
     println!("a client sending its headers a byte every 500 ms was cut off after {slow:?}");
 }
 
+/// Sets its flag when dropped, unwinding included.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The daemon's resident set, KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -743,6 +752,9 @@ fn the_api_holds_under_load_and_abuse() {
     let rss_before = rss_kib(env.daemon.pid());
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
+        // A failed assertion stops the probing too, so the scope ends and
+        // the lab is torn down.
+        let _stop = StopOnDrop(&stop);
         // The enforcer keeps judging: allowed connects, denied stays denied.
         let traffic = scope.spawn(|| {
             let mut rounds = 0;
