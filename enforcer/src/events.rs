@@ -51,7 +51,7 @@ fn address(family: u8, bytes: [u8; 16]) -> IpAddr {
     if family == FAMILY_IPV4 { IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]) } else { IpAddr::from(bytes) }
 }
 
-fn protocol_name(protocol: u8) -> String {
+pub(crate) fn protocol_name(protocol: u8) -> String {
     match protocol {
         1 => "icmp".to_owned(),
         6 => "tcp".to_owned(),

@@ -129,13 +129,7 @@ impl ProbeTarget {
 
 impl std::fmt::Display for ProbeTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let protocol = match self.protocol {
-            1 => "icmp".to_owned(),
-            6 => "tcp".to_owned(),
-            17 => "udp".to_owned(),
-            58 => "icmpv6".to_owned(),
-            other => other.to_string(),
-        };
+        let protocol = crate::events::protocol_name(self.protocol);
         match (self.port, self.dst) {
             (Some(port), IpAddr::V6(addr)) => write!(f, "[{addr}]:{port}/{protocol}"),
             (Some(port), addr) => write!(f, "{addr}:{port}/{protocol}"),

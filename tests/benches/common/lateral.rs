@@ -320,24 +320,13 @@ pub fn markdown(md: &mut String, figures: &LateralFigures) {
     let seen: Vec<f64> = figures.trials.iter().map(|t| t.1).collect();
     let decided: Vec<f64> = figures.trials.iter().map(|t| t.2 as f64).collect();
     let _ = writeln!(md, "| | p50 | max |\n|---|---:|---:|");
-    let _ = writeln!(
-        md,
-        "| denied first contacts to decide | {:.0} | {:.0} |",
-        percentile(&attempts, 0.5),
-        percentile(&attempts, 1.0)
-    );
-    let _ = writeln!(
-        md,
-        "| first denied contact → decision, ms | {:.0} | {:.0} |",
-        percentile(&decided, 0.5),
-        percentile(&decided, 1.0)
-    );
-    let _ = writeln!(
-        md,
-        "| first probe → quarantine in force (metrics), ms | {:.0} | {:.0} |",
-        percentile(&seen, 0.5),
-        percentile(&seen, 1.0)
-    );
+    for (what, values) in [
+        ("denied first contacts to decide", &attempts),
+        ("first denied contact → decision, ms", &decided),
+        ("first probe → quarantine in force (metrics), ms", &seen),
+    ] {
+        let _ = writeln!(md, "| {what} | {:.0} | {:.0} |", percentile(values, 0.5), percentile(values, 1.0));
+    }
     let _ = writeln!(
         md,
         "\nA {:.0} pps SYN scan from 100 spoofed sources to 1,024 ports, dropped in the kernel:\n",
