@@ -210,32 +210,49 @@ pub async fn serve(config: ApiConfig, shared: Arc<Shared>, push: Mailbox<Push>) 
                     return;
                 }
             };
-            let name = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .and_then(common_name)
-                .unwrap_or_default();
-            let caller = Caller { role: roles.get(&name).copied(), name };
-            let who = caller.name.clone();
-            let app = router(state).layer(Extension(caller));
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let io = hyper_util::rt::TokioIo::new(tls);
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(LIMITS.headers)
-                .max_buf_size(LIMITS.header_bytes)
-                .serve_connection(io, service)
-                .await;
-            match served {
-                Err(error) if error.is_parse_too_large() || error.is_timeout() || error.is_parse() => {
-                    log::warn!(target: "audit", "who={who} peer={peer} action=request result=refused why=\"{error}\"");
-                }
-                Err(error) => log::debug!("admin API connection from {peer} ended: {error}"),
-                Ok(()) => {}
-            }
+            serve_connection(tls, peer, state, &roles).await;
         });
+    }
+}
+
+/// Serves one caller's requests, its role fixed by its certificate, within
+/// the limits on heads; refusals hyper gives before the router are audited.
+async fn serve_connection(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: SocketAddr,
+    state: Arc<ApiState>,
+    roles: &HashMap<String, Role>,
+) {
+    let name =
+        tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).and_then(common_name).unwrap_or_default();
+    let caller = Caller { role: roles.get(&name).copied(), name };
+    let who = caller.name.clone();
+    let app = router(state).layer(Extension(caller));
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(LIMITS.headers)
+        .max_buf_size(LIMITS.header_bytes)
+        .serve_connection(io, service)
+        .await;
+    match served {
+        // Hyper answers these itself, before the router: 431 for a
+        // head over the buffer, 400 for one it cannot parse; a head
+        // too slow gets no answer. The status is logged as the
+        // router's refusals log it, so one search finds both.
+        Err(error) if error.is_parse_too_large() || error.is_parse() => {
+            let status = if error.is_parse_too_large() { 431 } else { 400 };
+            log::warn!(
+                target: "audit",
+                "who={who} peer={peer} action=request result=refused status={status} why=\"{error}\""
+            );
+        }
+        Err(error) if error.is_timeout() => {
+            log::warn!(target: "audit", "who={who} peer={peer} action=request result=refused why=\"{error}\"");
+        }
+        Err(error) => log::debug!("admin API connection from {peer} ended: {error}"),
+        Ok(()) => {}
     }
 }
 

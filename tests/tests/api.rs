@@ -835,7 +835,9 @@ fn the_api_holds_under_load_and_abuse() {
         "action=connect result=refused why=\"no TLS handshake within 10 s\"",
         "action=connect result=refused why=\"TLS:",
         "path=/v1/policy result=refused status=413",
-        "path=/v1/status result=refused status=431",
+        // The router refuses it with its path, or hyper before the router
+        // without one: which depends on how the head arrives in reads.
+        "result=refused status=431",
         "action=request result=refused why=\"",
     ] {
         let audit: Vec<&str> = log.lines().filter(|line| line.contains("audit")).collect();
