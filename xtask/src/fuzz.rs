@@ -29,6 +29,26 @@ pub const TARGETS: [Target; 5] = [
     Target { name: "events", max_len: 128 },
 ];
 
+/// The name `cargo xtask fuzz` gives the kernel differential test.
+pub const KERNEL: &str = "kernel";
+
+/// Runs the kernel programs against the reference datapath
+/// (`tests/tests/differential.rs`) on `frames` hostile frames, in a release
+/// build: the test prints the frames per second, what the frames were and
+/// how they were judged, and fails on the first disagreement.
+pub fn differential(frames: u64) -> anyhow::Result<()> {
+    crate::build()?;
+    println!(
+        "fuzz: kernel: {frames} frames through the XDP and TC programs, each checked against the reference datapath"
+    );
+    crate::run(
+        crate::cargo()
+            .args(["test", "--release", "-p", "tests", "--test", "differential", "--", "--nocapture"])
+            .env("BULKHEAD_DIFFERENTIAL_FRAMES", frames.to_string())
+            .current_dir(crate::workspace_root()),
+    )
+}
+
 /// Memory a target may use (`-rss_limit_mb`, and so the largest single
 /// allocation too) before the run counts as out of memory.
 const RSS_LIMIT_MB: u32 = 2048;
@@ -71,7 +91,7 @@ pub fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<Vec<Outcome>> {
         None => TARGETS.iter().collect(),
         Some(name) => {
             let Some(target) = TARGETS.iter().find(|t| t.name == name) else {
-                let names: Vec<&str> = TARGETS.iter().map(|t| t.name).collect();
+                let names: Vec<&str> = TARGETS.iter().map(|t| t.name).chain([KERNEL]).collect();
                 bail!("no fuzz target `{name}`; the targets are {}", names.join(", "));
             };
             vec![target]

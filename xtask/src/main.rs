@@ -44,12 +44,18 @@ enum Task {
     Sbom,
     /// Fuzz the parsers (policy, Kubernetes objects, admin API requests, config
     /// file, kernel events) with libFuzzer on nightly; any crash, hang or
-    /// memory blowup fails and leaves its input under fuzz/artifacts/.
+    /// memory blowup fails and leaves its input under fuzz/artifacts/. Then
+    /// (target `kernel`) compare the kernel programs with the reference
+    /// datapath on hostile frames; a disagreement fails and leaves its case
+    /// under target/differential/.
     Fuzz {
-        /// Seconds to run each target.
+        /// Seconds to run each libFuzzer target.
         #[arg(long, value_name = "S", default_value_t = 60)]
         time: u64,
-        /// One target (policy, kubernetes, api, config, events); all of them if left out.
+        /// Frames the kernel differential test compares.
+        #[arg(long, value_name = "N", default_value_t = 10_000_000)]
+        frames: u64,
+        /// One target (policy, kubernetes, api, config, events, kernel); all of them if left out.
         #[arg(value_name = "TARGET")]
         target: Option<String>,
     },
@@ -219,7 +225,14 @@ fn main() -> anyhow::Result<()> {
             }
             run(&mut command)
         }
-        Task::Fuzz { time, target } => fuzz::fuzz(time, target.as_deref()).map(drop),
+        Task::Fuzz { time, frames, target } => match target.as_deref() {
+            Some(fuzz::KERNEL) => fuzz::differential(frames),
+            Some(one) => fuzz::fuzz(time, Some(one)).map(drop),
+            None => {
+                fuzz::fuzz(time, None)?;
+                fuzz::differential(frames)
+            }
+        },
         Task::Image { rootfs_only: true } => image::rootfs_only(),
         Task::Image { rootfs_only: false } => {
             let binary = build()?;
