@@ -1,9 +1,9 @@
 //! The packet table: hundreds of crafted frames through the real XDP and TC
 //! programs (`BPF_PROG_TEST_RUN`), each with its expected verdict and
 //! reason, plus truncations of each at every byte boundary, stateful
-//! sequences (conntrack, fragments, ICMP errors, audit), and a differential
-//! test against the reference evaluator. Needs root; run through
-//! `cargo xtask test`.
+//! sequences (conntrack, fragments, ICMP errors, audit). Random and
+//! mutated frames against the reference are `differential.rs`'s. Needs
+//! root; run through `cargo xtask test`.
 
 mod kernel;
 
