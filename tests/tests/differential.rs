@@ -44,6 +44,9 @@ struct Case {
     audit_all: bool,
     /// Before which step the second policy takes over.
     switch_at: Option<usize>,
+    /// Quarantined addresses and the TCP ports exempt for the node.
+    quarantine: Vec<String>,
+    exempt_ports: Vec<u16>,
     steps: Vec<Step>,
 }
 
@@ -177,11 +180,29 @@ impl Bench {
         policy
     }
 
+    /// Makes the case's policy, quarantine and a clean state the kernel's,
+    /// and gives the reference the same.
+    fn start(&mut self, case: &Case) -> Result<Reference, String> {
+        let policy = self.enforce(&case.policies[0], case.audit_all);
+        let quarantine = model::Quarantine {
+            nets: case
+                .quarantine
+                .iter()
+                .map(|net| net.parse().map_err(|e| format!("{net}: {e}")))
+                .collect::<Result<_, _>>()?,
+            exempt_ports: case.exempt_ports.iter().copied().collect(),
+        };
+        let datapath = &mut self.kernel.datapath;
+        datapath.set_quarantine(&quarantine.nets.iter().copied().collect()).map_err(|e| e.to_string())?;
+        let exempt: Vec<(u8, u16)> = quarantine.exempt_ports.iter().map(|&port| (6, port)).collect();
+        datapath.set_quarantine_exempt(&exempt).map_err(|e| e.to_string())?;
+        datapath.clear_state().map_err(|e| e.to_string())?;
+        Ok(Reference::new(policy, case.audit_all, quarantine, self.hosts.clone(), self.generation))
+    }
+
     /// Runs a case; `Err` says how the kernel and the reference disagree.
     fn run(&mut self, case: &Case, tally: &mut Tally) -> Result<(), String> {
-        let policy = self.enforce(&case.policies[0], case.audit_all);
-        self.kernel.datapath.clear_state().map_err(|e| e.to_string())?;
-        let mut reference = Reference::new(policy, case.audit_all, self.hosts.clone(), self.generation);
+        let mut reference = self.start(case)?;
         let before = self.kernel.datapath.verdict_counters().map_err(|e| e.to_string())?;
         let mut expected = Movements::new();
         for (i, step) in case.steps.iter().enumerate() {
@@ -226,9 +247,7 @@ impl Bench {
     /// and names the first frame the kernel and the reference judge apart.
     fn first_disagreement(&mut self, case: &Case) -> String {
         self.current = None;
-        let policy = self.enforce(&case.policies[0], case.audit_all);
-        self.kernel.datapath.clear_state().expect("clear state");
-        let mut reference = Reference::new(policy, case.audit_all, self.hosts.clone(), self.generation);
+        let mut reference = self.start(case).expect("set the case up again");
         for (i, step) in case.steps.iter().enumerate() {
             if case.switch_at == Some(i) {
                 let policy = self.enforce(&case.policies[1], case.audit_all);
@@ -282,6 +301,8 @@ fn case_json(case: &Case, why: &str) -> serde_json::Value {
         "policies": case.policies,
         "audit_all": case.audit_all,
         "switch_at": case.switch_at,
+        "quarantine": case.quarantine,
+        "exempt_ports": case.exempt_ports,
         "steps": steps,
     })
 }
@@ -297,7 +318,22 @@ fn case_from_json(value: &serde_json::Value) -> Option<Case> {
         })
         .collect::<Option<_>>()?;
     let switch_at = value["switch_at"].as_u64().and_then(|i| usize::try_from(i).ok());
-    Some(Case { policies, audit_all: value["audit_all"].as_bool()?, switch_at, steps })
+    let strings = |key: &str| -> Option<Vec<String>> {
+        value
+            .get(key)
+            .map_or(Some(Vec::new()), |list| list.as_array()?.iter().map(|v| v.as_str().map(str::to_owned)).collect())
+    };
+    let exempt_ports = value.get("exempt_ports").map_or(Some(Vec::new()), |list| {
+        list.as_array()?.iter().map(|v| v.as_u64().and_then(|p| u16::try_from(p).ok())).collect()
+    })?;
+    Some(Case {
+        policies,
+        audit_all: value["audit_all"].as_bool()?,
+        switch_at,
+        quarantine: strings("quarantine")?,
+        exempt_ports,
+        steps,
+    })
 }
 
 fn regressions_dir() -> PathBuf {
@@ -326,12 +362,13 @@ fn random_case(rng: &mut Rng, policy: &str, audit_all: bool) -> Case {
     } else {
         (vec![policy.to_owned()], None)
     };
-    Case { policies, audit_all, switch_at, steps }
+    let (quarantine, exempt_ports) = generate::quarantine(rng);
+    Case { policies, audit_all, switch_at, quarantine, exempt_ports, steps }
 }
 
 /// Kinds of frame and verdict a run of this size must have produced, so a
 /// generator that stopped producing them cannot pass unnoticed.
-const MUST_SEE: [&str; 16] = [
+const MUST_SEE: [&str; 17] = [
     "not IP",
     "malformed",
     "first fragment",
@@ -347,6 +384,7 @@ const MUST_SEE: [&str; 16] = [
     "drop malformed",
     "drop fragment_unknown",
     "drop host_spoofed",
+    "drop quarantine",
     "ignored (egress, not the node's)",
 ];
 

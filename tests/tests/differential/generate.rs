@@ -145,6 +145,22 @@ pub fn policy_text(rng: &mut Rng) -> String {
     text
 }
 
+/// Prefixes a case may quarantine.
+const QUARANTINED: [&str; 7] =
+    ["10.10.3.4/32", "10.10.0.0/16", "10.20.0.5/32", "10.9.0.0/24", "192.0.2.0/24", "fd10::/32", "fd20::5/128"];
+
+/// What a case quarantines: usually nothing; else one to three of a
+/// single address, an identity's prefix, a prefix holding the node's own
+/// address, and an IPv6 prefix, with TCP ports exempt for the node.
+pub fn quarantine(rng: &mut Rng) -> (Vec<String>, Vec<u16>) {
+    if !rng.chance(25) {
+        return (Vec::new(), Vec::new());
+    }
+    let nets = (0..=rng.below(3)).map(|_| (*rng.pick(&QUARANTINED)).to_owned()).collect();
+    let ports = (0..rng.below(3)).map(|_| *rng.pick(&FRAME_PORTS)).collect();
+    (nets, ports)
+}
+
 /// One frame and the program it goes through.
 #[derive(Debug, Clone)]
 pub struct Step {

@@ -341,10 +341,31 @@ enum Hit {
     Stale,
 }
 
+/// Addresses cut off from everything, and the TCP ports on which the node
+/// may still open connections to them.
+#[derive(Debug, Clone, Default)]
+pub struct Quarantine {
+    pub nets: Vec<ipnet::IpNet>,
+    pub exempt_ports: BTreeSet<u16>,
+}
+
+impl Quarantine {
+    fn holds(&self, addr: IpAddr) -> bool {
+        self.nets.iter().any(|net| net.contains(&addr))
+    }
+
+    /// The node's TCP connection on an exempt `port` (not an ICMP error,
+    /// not a fragment: a packet with a TCP header).
+    fn exempt(&self, packet: &Packet, port: u16) -> bool {
+        packet.tuple.protocol == TCP && packet.kind == Kind::Trackable && self.exempt_ports.contains(&port)
+    }
+}
+
 /// The reference datapath's state and policy.
 pub struct Reference {
     policy: policy::Policy,
     audit_all: bool,
+    quarantine: Quarantine,
     hosts: BTreeSet<IpAddr>,
     generation: u32,
     connections: HashMap<Tuple, Entry>,
@@ -354,8 +375,53 @@ pub struct Reference {
 
 impl Reference {
     #[must_use]
-    pub fn new(policy: policy::Policy, audit_all: bool, hosts: BTreeSet<IpAddr>, generation: u32) -> Self {
-        Self { policy, audit_all, hosts, generation, connections: HashMap::new(), fragments: HashMap::new() }
+    pub fn new(
+        policy: policy::Policy,
+        audit_all: bool,
+        quarantine: Quarantine,
+        hosts: BTreeSet<IpAddr>,
+        generation: u32,
+    ) -> Self {
+        Self {
+            policy,
+            audit_all,
+            quarantine,
+            hosts,
+            generation,
+            connections: HashMap::new(),
+            fragments: HashMap::new(),
+        }
+    }
+
+    /// What the quarantine says of a packet entering the node: dropped if
+    /// its destination is quarantined (the node's own addresses never are,
+    /// even inside a quarantined prefix) or its source is, unless the source
+    /// answers the node from an exempt port (anything but a bare SYN).
+    fn quarantine_ingress(&self, packet: &Packet) -> Option<Verdict> {
+        let tuple = packet.tuple;
+        if self.quarantine.holds(tuple.dst) && !self.hosts.contains(&tuple.dst) {
+            return Some(Verdict::Drop(DropReason::Quarantine));
+        }
+        if !self.quarantine.holds(tuple.src) {
+            return None;
+        }
+        let opening = packet.tcp_flags & (SYN | ACK) == SYN;
+        if !opening && self.quarantine.exempt(packet, tuple.src_port) && self.hosts.contains(&tuple.dst) {
+            Some(Verdict::Pass)
+        } else {
+            Some(Verdict::Drop(DropReason::Quarantine))
+        }
+    }
+
+    /// What the quarantine says of a packet the node sends.
+    fn quarantine_egress(&self, packet: &Packet) -> Option<Verdict> {
+        if !self.quarantine.holds(packet.tuple.dst) {
+            None
+        } else if self.quarantine.exempt(packet, packet.tuple.dst_port) {
+            Some(Verdict::Pass)
+        } else {
+            Some(Verdict::Drop(DropReason::Quarantine))
+        }
     }
 
     /// A new policy, as the kernel has it at `generation`; state is kept.
@@ -418,6 +484,13 @@ impl Reference {
         let ingress = hook == Direction::Ingress;
         let opening =
             ingress && packet.kind == Kind::Trackable && tuple.protocol == TCP && packet.tcp_flags & (SYN | ACK) == SYN;
+        let quarantine = !self.quarantine.nets.is_empty();
+        if quarantine
+            && ingress
+            && let Some(verdict) = self.quarantine_ingress(packet)
+        {
+            return verdict;
+        }
         let mut stale = false;
         let tracked = |reference: &Self, stale: &mut bool| match reference.lookup(&tuple, hook) {
             Hit::Pass => Some(Verdict::Pass),
@@ -436,6 +509,13 @@ impl Reference {
             return verdict;
         }
         let from_host = self.hosts.contains(&tuple.src);
+        if quarantine
+            && hook == Direction::Egress
+            && from_host
+            && let Some(verdict) = self.quarantine_egress(packet)
+        {
+            return verdict;
+        }
         match hook {
             Direction::Ingress if from_host => return Verdict::Drop(DropReason::HostSpoofed),
             Direction::Egress if !from_host => return Verdict::Ignored,
