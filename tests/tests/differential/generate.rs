@@ -8,10 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer_common::Direction;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
-const ICMPV6: u8 = 58;
+use lab::frames::{ICMP, ICMPV6, TCP, UDP};
 
 /// xoshiro256** seeded by splitmix64: fast, and the same stream everywhere.
 pub struct Rng([u64; 4]);

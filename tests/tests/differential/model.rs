@@ -13,12 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer_common::{Direction, DropReason};
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
-const ICMPV6: u8 = 58;
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
+use lab::frames::{ACK, ICMP, ICMPV6, SYN, TCP, UDP};
 
 /// What a program does with a frame, and which counter it moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
