@@ -557,15 +557,10 @@ async fn quarantine_add(
         }
     };
     let (shared, who, target) = (Arc::clone(&state.shared), caller.name.clone(), request.target.clone());
-    let added = tokio::task::spawn_blocking(move || {
+    quarantine_change(&caller, "add", &target, move || {
         enforcer::quarantine::add(&shared, &request.target, &request.reason, expires, &who)
     })
-    .await;
-    match added {
-        Ok(Ok(change)) => Json(change).into_response(),
-        Ok(Err(error)) => quarantine_error(&caller, "add", &target, &error),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response(),
-    }
+    .await
 }
 
 async fn quarantine_remove(
@@ -578,10 +573,20 @@ async fn quarantine_remove(
         return refusal;
     }
     let (shared, who, target) = (Arc::clone(&state.shared), caller.name.clone(), query.target.clone());
-    let removed = tokio::task::spawn_blocking(move || enforcer::quarantine::remove(&shared, &query.target, &who)).await;
-    match removed {
-        Ok(Ok(entry)) => Json(entry).into_response(),
-        Ok(Err(error)) => quarantine_error(&caller, "end", &target, &error),
+    quarantine_change(&caller, "end", &target, move || enforcer::quarantine::remove(&shared, &query.target, &who)).await
+}
+
+/// Runs a quarantine change off the async threads (it writes kernel maps
+/// and the state dir) and answers with what it did, or why it could not.
+async fn quarantine_change<T: Serialize + Send + 'static>(
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    change: impl FnOnce() -> Result<T, enforcer::quarantine::QuarantineError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(change).await {
+        Ok(Ok(done)) => Json(done).into_response(),
+        Ok(Err(error)) => quarantine_error(caller, action, target, &error),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down\n").into_response(),
     }
 }
