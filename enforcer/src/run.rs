@@ -988,7 +988,7 @@ impl Maintainer<'_> {
             log::warn!("{note}");
         }
         engine.commit();
-        self.enforced_now(generation, &engine);
+        self.enforced_now(origin, generation, &engine);
         if diff.entries() > BIG_CHANGE_ENTRIES {
             // Catch the other slot up now, while nothing waits, rather
             // than in the next change.
@@ -1054,7 +1054,10 @@ impl Maintainer<'_> {
     }
 
     /// Records a newly enforced policy everywhere the daemon reports it.
-    fn enforced_now(&mut self, generation: u32, engine: &policy::Engine) {
+    /// The directory's files are what it enforces unless a push replaced
+    /// them, and again once a directory change replaces the push (`pushed`
+    /// is cleared only after this change is applied).
+    fn enforced_now(&mut self, origin: &Origin, generation: u32, engine: &policy::Engine) {
         {
             let mut stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
             stats.generation = generation;
@@ -1062,7 +1065,7 @@ impl Maintainer<'_> {
             stats.rules = engine.active_rule_count();
             stats.unmatched_peers = engine.unmatched_peers();
         }
-        if !self.pushed {
+        if !self.pushed || matches!(origin, Origin::Files) {
             *self.shared.sources.lock().unwrap_or_else(PoisonError::into_inner) = self.policy_dir.sources();
         }
         *self.shared.last_error.lock().unwrap_or_else(PoisonError::into_inner) = None;

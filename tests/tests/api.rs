@@ -278,6 +278,39 @@ fn operators_push_viewers_cannot_and_bad_pushes_change_nothing() {
     assert!(stdout(&diff).contains("no difference"), "{}", stdout(&diff));
 }
 
+/// A push stays until the policy directory changes, which brings the
+/// directory's files back whole: from then on `GET /v1/policy` (and so
+/// `policy diff`) reports the directory's files, not the push it replaced.
+#[test]
+fn after_a_push_a_directory_change_is_what_the_api_reports() {
+    let env = start("apipushdir");
+    let opened = three_tier().replace(
+        "  rules:\n",
+        "  rules:\n    - name: outsider-to-db\n      from: [{identity: world}]\n      to: [{identity: db}]\n      ports: [\"5432/tcp\"]\n",
+    );
+    let file = write(&env.pki, "p.yaml", &opened);
+    let pushed = env.cli("operator", &["policy", "push", file.to_str().unwrap()]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let files = |env: &Env| {
+        let (status, body) = env.request("viewer", "GET", "/v1/policy", "");
+        assert_eq!(status, 200, "{body}");
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+        value["files"].as_array().unwrap().iter().map(|f| f["text"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    assert_eq!(files(&env), std::slice::from_ref(&opened), "the push is reported");
+
+    let changed = format!("# changed in the directory\n{}", three_tier());
+    write(&env.policy, "p.yaml", &changed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.generation() < Some(3) {
+        assert!(Instant::now() < deadline, "the directory change was not applied: {}", env.daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let db = SocketAddr::new(IpAddr::V4(env.lab.host("db").addr), 5432);
+    assert_eq!(probe::tcp(&env.lab.host("outsider").ns, db).unwrap(), Outcome::TimedOut, "the directory is enforced");
+    assert_eq!(files(&env), [changed], "the directory's files are reported, not the push they replaced");
+}
+
 /// With `--trusted-keys`, a push is taken only as a whole set signed by a
 /// trusted key, no older than the enforced one; single-file changes are
 /// refused. Each refusal is audited and counted with its reason.

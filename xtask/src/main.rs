@@ -59,6 +59,15 @@ enum Task {
         #[arg(value_name = "TARGET")]
         target: Option<String>,
     },
+    /// Build, then run the soak (`tests/tests/soak.rs`): traffic through the
+    /// namespace topology while policies flip, identities and interfaces
+    /// churn, the daemon is killed (SIGKILL) and restarted, and API clients with
+    /// good and bad certificates call in.
+    Soak {
+        /// How long, in minutes (fractions allowed).
+        #[arg(long, value_name = "N", default_value_t = 30.0)]
+        minutes: f64,
+    },
     /// Build, then pack the daemon into an OCI image at target/image/bulkhead.oci.tar (offline, with umoci).
     Image {
         /// Only assemble the image's files at target/image/rootfs from an existing
@@ -181,6 +190,20 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo xtask soak`: the soak test alone, for `minutes`. `cargo xtask
+/// test` runs the same test for its default short slice.
+fn soak(minutes: f64) -> anyhow::Result<()> {
+    if !(minutes > 0.0 && minutes.is_finite()) {
+        bail!("--minutes must be a positive number, not {minutes}");
+    }
+    let binary = build()?;
+    println!("soak: {minutes} min (tests/tests/soak.rs)");
+    run(cargo()
+        .args(["test", "-p", "tests", "--test", "soak", "--", "--nocapture"])
+        .env("BULKHEAD_BIN", &binary)
+        .env("BULKHEAD_SOAK_MINUTES", minutes.to_string()))
+}
+
 /// Seconds `cargo xtask test` fuzzes each target: enough to run every seed
 /// and some thousands of mutations, while the whole test stays near half an
 /// hour; `cargo xtask fuzz` runs longer.
@@ -225,6 +248,7 @@ fn main() -> anyhow::Result<()> {
             }
             run(&mut command)
         }
+        Task::Soak { minutes } => soak(minutes),
         Task::Fuzz { time, frames, target } => match target.as_deref() {
             Some(fuzz::KERNEL) => fuzz::differential(frames),
             Some(one) => fuzz::fuzz(time, Some(one)).map(drop),
