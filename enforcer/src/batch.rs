@@ -142,18 +142,35 @@ pub fn per_cpu_sums(map: &MapData, keys: std::ops::Range<u32>, cpus: usize) -> R
 
 /// Every entry of a hash map (not a per-CPU one) whose keys are `K` and
 /// values `V`, a chunk of buckets per system call instead of two calls per
-/// entry: the conntrack table holds up to 262,144 entries at its default
-/// size, and the daemon counts them every few seconds.
+/// entry.
 pub fn hash_entries<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>, MapError> {
+    let mut entries = Vec::new();
+    for_each_hash_entry(map, |key, value| entries.push((key, value)))?;
+    Ok(entries)
+}
+
+/// How many entries a hash map holds, read in batches and not kept: the
+/// conntrack gauge counts up to 262,144 entries every scrape, and a vector
+/// of them all (grown by doubling) left its peak in the daemon's resident
+/// set, growing with the table.
+pub fn hash_len<K: Pod, V: Pod>(map: &MapData) -> Result<usize, MapError> {
+    let mut count = 0;
+    for_each_hash_entry::<K, V>(map, |_, _| count += 1)?;
+    Ok(count)
+}
+
+/// Calls `each` with every entry of a hash map, read a chunk at a time
+/// into two buffers reused from chunk to chunk.
+fn for_each_hash_entry<K: Pod, V: Pod>(map: &MapData, mut each: impl FnMut(K, V)) -> Result<(), MapError> {
     let map_fd = map_fd(map).map_err(|error| failed("bpf_map_lookup_batch", error))?;
     let (key_size, value_size) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
-    let mut entries = Vec::new();
     // The kernel's cursor: a bucket number, opaque to us.
     let mut cursor: Option<u32> = None;
     let mut chunk = CHUNK;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
     loop {
-        let mut keys = vec![0u8; chunk * key_size];
-        let mut values = vec![0u8; chunk * value_size];
+        keys.resize(chunk * key_size, 0u8);
+        values.resize(chunk * value_size, 0u8);
         let wanted = u32::try_from(chunk).unwrap_or(u32::MAX);
         let Chunk { got, next, at_end } =
             match lookup_chunk(map_fd, cursor, keys.as_mut_ptr(), values.as_mut_ptr(), wanted) {
@@ -168,20 +185,20 @@ pub fn hash_entries<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>, MapErr
         for i in 0..got {
             // SAFETY: the kernel wrote `got` whole keys and values of the
             // map's sizes, which are `K`'s and `V`'s; both are plain data.
-            let entry = unsafe {
+            let (key, value) = unsafe {
                 (
                     std::ptr::read_unaligned(keys.as_ptr().add(i * key_size).cast::<K>()),
                     std::ptr::read_unaligned(values.as_ptr().add(i * value_size).cast::<V>()),
                 )
             };
-            entries.push(entry);
+            each(key, value);
         }
         if at_end || (got == 0 && cursor == Some(next)) {
             break;
         }
         cursor = Some(next);
     }
-    Ok(entries)
+    Ok(())
 }
 
 fn failed(call: &'static str, io_error: io::Error) -> MapError {

@@ -397,8 +397,8 @@ impl Datapath {
     /// Tracked connection entries (two per connection) and the table's capacity.
     #[must_use]
     pub fn conntrack_usage(&self) -> (u64, u32) {
-        let entries = crate::batch::hash_entries::<FlowKey, FlowValue>(self.conntrack.map())
-            .map_or_else(|_| self.conntrack.keys().flatten().count(), |entries| entries.len());
+        let entries = crate::batch::hash_len::<FlowKey, FlowValue>(self.conntrack.map())
+            .unwrap_or_else(|_| self.conntrack.keys().flatten().count());
         (entries as u64, self.sizes.conntrack)
     }
 
