@@ -20,6 +20,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Extension, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -421,14 +422,21 @@ pub fn digest(sources: &[Source]) -> String {
     })
 }
 
+/// `POST /v1/policy`. Like every handler that takes a body, it asks the
+/// caller's role before the body is read: a viewer is answered 403 whatever
+/// it sent, not told what is wrong with the body.
 async fn push_policy(
     State(state): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
-    Json(body): Json<PolicyFiles>,
+    body: Result<Json<PolicyFiles>, JsonRejection>,
 ) -> Response {
     if let Some(refusal) = refuse(&caller, Role::Operator) {
         return refusal;
     }
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return rejection.into_response(),
+    };
     let whole = !body.keep_others;
     let sources: Vec<Source> = body.files.into_iter().map(|f| Source { name: f.name, text: f.text }).collect();
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -443,11 +451,15 @@ async fn put_policy_file(
     State(state): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
     axum::extract::Path(name): axum::extract::Path<String>,
-    text: String,
+    text: Result<String, axum::extract::rejection::StringRejection>,
 ) -> Response {
     if let Some(refusal) = refuse(&caller, Role::Operator) {
         return refusal;
     }
+    let text = match text {
+        Ok(text) => text,
+        Err(rejection) => return rejection.into_response(),
+    };
     let (reply, answer) = tokio::sync::oneshot::channel();
     let push = Push {
         sources: vec![Source { name, text }],
@@ -542,12 +554,17 @@ fn quarantine_refused(caller: &Caller, action: &str, target: &str, why: &str) {
 async fn quarantine_add(
     State(state): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
-    Json(request): Json<QuarantineRequest>,
+    request: Result<Json<QuarantineRequest>, JsonRejection>,
 ) -> Response {
     if let Some(refusal) = refuse(&caller, Role::Operator) {
-        quarantine_refused(&caller, "add", &request.target, "not an operator");
+        let target = request.as_ref().map_or("?", |Json(request)| request.target.as_str());
+        quarantine_refused(&caller, "add", target, "not an operator");
         return refusal;
     }
+    let Json(request) = match request {
+        Ok(request) => request,
+        Err(rejection) => return rejection.into_response(),
+    };
     let expires = match request.expires.as_deref().map(|text| enforcer::signing::parse_time(text, SystemTime::now())) {
         None => None,
         Some(Ok(at)) => Some(at),

@@ -260,6 +260,16 @@ fn operators_push_viewers_cannot_and_bad_pushes_change_nothing() {
     assert!(!denied.status.success());
     assert!(stderr(&denied).contains("403"), "{}", stderr(&denied));
     assert_eq!(env.generation(), Some(1), "a refused push changes nothing");
+    // The role is asked before the body is read: a viewer learns nothing
+    // of what is wrong with its body, whatever it sends.
+    for (method, path, body) in [
+        ("POST", "/v1/policy", "not json"),
+        ("PUT", "/v1/policy/files/x.yaml", "anything"),
+        ("POST", "/v1/quarantine", "{"),
+    ] {
+        assert_eq!(env.request("viewer", method, path, body).0, 403, "{method} {path} by a viewer");
+    }
+    assert_eq!(env.request("operator", "POST", "/v1/policy", "not json").0, 415, "no Content-Type, from an operator");
 
     let pushed = env.cli("operator", &["policy", "push", file]);
     assert!(pushed.status.success(), "{}", stderr(&pushed));
