@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aya::EbpfLoader;
-use aya::programs::{SchedClassifier, Xdp};
+use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use enforcer_common::{Config, DEFAULT_MAX_RULES, maps};
 
 use crate::pins;
@@ -90,10 +90,12 @@ impl Datapath {
         let barrier = Arc::new(ProgramBarrier::new()?);
         let verify = |name| move |source| DatapathError::Verify { name, source };
         for name in [XDP_PROGRAM, CALIBRATION_PROGRAM] {
-            program::<Xdp>(&mut ebpf, name)?.load().map_err(verify(name))?;
+            let xdp = program::<Xdp>(&mut ebpf, name)?;
+            load_retrying(|| xdp.load()).map_err(verify(name))?;
         }
         for name in [TC_PROGRAM, TC_INGRESS_PROGRAM] {
-            program::<SchedClassifier>(&mut ebpf, name)?.load().map_err(verify(name))?;
+            let tc = program::<SchedClassifier>(&mut ebpf, name)?;
+            load_retrying(|| tc.load()).map_err(verify(name))?;
         }
         let quarantine = super::quarantine::QuarantineMaps::take(&mut ebpf)?;
         // An earlier daemon's quarantine, pinned, holds from the first write.
@@ -207,4 +209,23 @@ fn check_pinned_layout(dir: &Path) -> Result<(), DatapathError> {
         }
     }
     Ok(())
+}
+
+/// Loads a program, again when the kernel gave up with `EAGAIN`: the
+/// verifier stops when a signal is pending for the loading thread (a child
+/// process exiting, with a `SIGCHLD` handler installed, is enough), and the
+/// same program loads on the next attempt. libbpf retries five times too.
+fn load_retrying(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
