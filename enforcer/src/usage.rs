@@ -9,12 +9,18 @@
 //! again after a policy change (established flows pass by conntrack, so a
 //! long-lived connection counts when it opened). Times have the
 //! granularity of the refresh ([`REFRESH`]).
+//!
+//! The record holds every rule in force, so it is as large as the policy:
+//! it is kept as one sorted vector of fixed-size records whose names are
+//! the engine's own (shared, not copied), 48 bytes a rule. As a map of
+//! strings to the JSON shape it took 137 bytes a rule, 13.7 MB at 100,000.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::PoisonError;
 use std::time::{Duration, SystemTime};
 
+use policy::engine::Name;
 use policy::model::Action;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +29,8 @@ use crate::metrics::Shared;
 /// How often the counters are read (and the file written, when changed).
 pub const REFRESH: Duration = Duration::from_secs(30);
 
-/// One rule's use, in seconds since the epoch.
+/// One rule's use, in seconds since the epoch: the record's file format
+/// and the API's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleUse {
     /// `allow` or `deny`.
@@ -35,13 +42,35 @@ pub struct RuleUse {
     pub last_used: Option<u64>,
 }
 
+/// One rule's use as kept.
+#[derive(Debug, Clone)]
+struct Tracked {
+    name: Name,
+    action: Action,
+    since: u64,
+    /// 0 when never used (no packet is decided at the epoch).
+    last_used: u64,
+    /// This run's count when last read: counters start at zero with the
+    /// daemon.
+    counted: u64,
+}
+
+impl Tracked {
+    fn as_use(&self) -> RuleUse {
+        RuleUse {
+            action: self.action.to_string(),
+            since: self.since,
+            last_used: (self.last_used != 0).then_some(self.last_used),
+        }
+    }
+}
+
 /// The rules in force and their use.
 #[derive(Debug, Default)]
 pub struct RuleUsage {
     file: Option<PathBuf>,
-    rules: BTreeMap<String, RuleUse>,
-    /// This run's counts when last read: counters start at zero with the daemon.
-    counted: BTreeMap<String, u64>,
+    /// Sorted by name; names are unique.
+    rules: Vec<Tracked>,
     changed: bool,
     /// A failure to write is logged once, not every refresh.
     write_failed: bool,
@@ -49,6 +78,24 @@ pub struct RuleUsage {
 
 fn seconds(time: SystemTime) -> u64 {
     time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The record as read from its file; an entry with an action other than
+/// `allow` or `deny` makes the whole record unreadable, like any other
+/// damage.
+fn from_file(text: &str) -> Result<Vec<Tracked>, String> {
+    let read: BTreeMap<String, RuleUse> = serde_json::from_str(text).map_err(|error| error.to_string())?;
+    read.into_iter()
+        .map(|(name, rule)| {
+            let action = match rule.action.as_str() {
+                "allow" => Action::Allow,
+                "deny" => Action::Deny,
+                other => return Err(format!("rule {name:?} has action {other:?}")),
+            };
+            let last_used = rule.last_used.unwrap_or(0);
+            Ok(Tracked { name: Name::from(name), action, since: rule.since, last_used, counted: 0 })
+        })
+        .collect()
 }
 
 impl RuleUsage {
@@ -59,14 +106,14 @@ impl RuleUsage {
     pub fn load(state_dir: &Path) -> Self {
         let file = state_dir.join("rule-usage.json");
         let rules = match std::fs::read_to_string(&file) {
-            Ok(text) => serde_json::from_str(&text).unwrap_or_else(|error| {
+            Ok(text) => from_file(&text).unwrap_or_else(|error| {
                 log::warn!("{} is not a rule usage record ({error}); starting it afresh", file.display());
-                BTreeMap::new()
+                Vec::new()
             }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(error) => {
                 log::warn!("cannot read {} ({error}); starting rule usage afresh", file.display());
-                BTreeMap::new()
+                Vec::new()
             }
         };
         Self { file: Some(file), rules, ..Self::default() }
@@ -74,30 +121,46 @@ impl RuleUsage {
 
     /// Takes the rules in force now and the counts of this run (rule and
     /// action → packets decided since the daemon started): a rule whose
-    /// count grew was used now; rules that left are forgotten.
+    /// count grew was used now; rules that left are forgotten. One pass
+    /// over the three, each in name order.
     pub fn update(
         &mut self,
-        in_force: &BTreeMap<String, Action>,
+        in_force: impl IntoIterator<Item = (Name, Action)>,
         counts: &BTreeMap<(String, Action), u64>,
         now: SystemTime,
     ) {
-        let before = self.rules.len();
-        self.rules.retain(|name, _| in_force.contains_key(name));
-        self.counted.retain(|name, _| in_force.contains_key(name));
-        self.changed |= self.rules.len() != before;
+        let mut in_force: Vec<(Name, Action)> = in_force.into_iter().collect();
+        in_force.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        in_force.dedup_by(|a, b| a.0 == b.0);
+        let now = seconds(now);
+        let mut counts = counts.iter().peekable();
+        let mut before = std::mem::take(&mut self.rules).into_iter().peekable();
+        let mut kept = Vec::with_capacity(in_force.len());
         for (name, action) in in_force {
-            let entry = self.rules.entry(name.clone()).or_insert_with(|| {
-                self.changed = true;
-                RuleUse { action: action.to_string(), since: seconds(now), last_used: None }
-            });
-            let count = counts.get(&(name.clone(), *action)).copied().unwrap_or(0);
-            let counted = self.counted.entry(name.clone()).or_insert(0);
-            if count > *counted {
-                entry.last_used = Some(seconds(now));
+            while before.next_if(|old| *old.name < *name).is_some() {
+                self.changed = true; // a rule that left
+            }
+            let mut tracked = match before.next_if(|old| old.name == name) {
+                Some(old) if old.action == action => Tracked { name, ..old },
+                // New, or the name now has the other action: another permission.
+                _ => {
+                    self.changed = true;
+                    Tracked { name, action, since: now, last_used: 0, counted: 0 }
+                }
+            };
+            while counts.next_if(|((counted, a), _)| (counted.as_str(), *a) < (&*tracked.name, action)).is_some() {}
+            let count = counts
+                .next_if(|((counted, a), _)| counted.as_str() == &*tracked.name && *a == action)
+                .map_or(0, |(_, count)| *count);
+            if count > tracked.counted {
+                tracked.last_used = now;
                 self.changed = true;
             }
-            *counted = count;
+            tracked.counted = count;
+            kept.push(tracked);
         }
+        self.changed |= before.next().is_some();
+        self.rules = kept;
     }
 
     /// Writes the record if it changed (atomically; best effort: a failure
@@ -107,7 +170,8 @@ impl RuleUsage {
         if !self.changed {
             return;
         }
-        let written = serde_json::to_vec(&self.rules)
+        let record = Record(&self.rules);
+        let written = serde_json::to_vec(&record)
             .map_err(std::io::Error::other)
             .and_then(|bytes| crate::state::write_atomically(file, &bytes));
         match written {
@@ -126,7 +190,17 @@ impl RuleUsage {
     /// Every rule in force with its use.
     #[must_use]
     pub fn report(&self) -> BTreeMap<String, RuleUse> {
-        self.rules.clone()
+        self.rules.iter().map(|tracked| (tracked.name.to_string(), tracked.as_use())).collect()
+    }
+}
+
+/// The record in its file's shape (a map of names to [`RuleUse`]), written
+/// without building that map.
+struct Record<'a>(&'a [Tracked]);
+
+impl Serialize for Record<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|tracked| (&*tracked.name, tracked.as_use())))
     }
 }
 
@@ -144,12 +218,12 @@ pub fn refresh(shared: &Shared) {
             }
         }
     };
-    let in_force: BTreeMap<String, Action> = {
+    let in_force: Vec<(Name, Action)> = {
         let engine = shared.engine.read().unwrap_or_else(PoisonError::into_inner);
-        engine.rule_table().map(|(_, rule)| (rule.name.to_string(), rule.action)).collect()
+        engine.rule_table().map(|(_, rule)| (rule.name, rule.action)).collect()
     };
     let mut usage = shared.rule_usage.lock().unwrap_or_else(PoisonError::into_inner);
-    usage.update(&in_force, &counts, SystemTime::now());
+    usage.update(in_force, &counts, SystemTime::now());
     usage.save();
 }
 
@@ -170,6 +244,10 @@ pub fn unused(report: &BTreeMap<String, RuleUse>, since: SystemTime) -> Vec<(&st
 mod tests {
     use super::*;
 
+    fn rules(list: &[(&str, Action)]) -> Vec<(Name, Action)> {
+        list.iter().map(|(name, action)| (Name::from(*name), *action)).collect()
+    }
+
     fn at(seconds: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
     }
@@ -178,20 +256,15 @@ mod tests {
     fn rules_are_used_when_their_count_grows_and_the_record_survives_a_restart() {
         let dir = std::env::temp_dir().join(format!("bulkhead-usage-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let in_force: BTreeMap<String, Action> = [
-            ("web".to_owned(), Action::Allow),
-            ("admin".to_owned(), Action::Allow),
-            ("never".to_owned(), Action::Deny),
-        ]
-        .into();
+        let in_force = rules(&[("web", Action::Allow), ("admin", Action::Allow), ("never", Action::Deny)]);
         let mut usage = RuleUsage::load(&dir);
-        usage.update(&in_force, &BTreeMap::from([(("web".to_owned(), Action::Allow), 3)]), at(1000));
+        usage.update(in_force.clone(), &BTreeMap::from([(("web".to_owned(), Action::Allow), 3)]), at(1000));
         usage.save();
         let report = usage.report();
         assert_eq!(report["web"].last_used, Some(1000));
         assert_eq!((report["admin"].since, report["admin"].last_used), (1000, None));
         // Counted again, unchanged: not used again.
-        usage.update(&in_force, &BTreeMap::from([(("web".to_owned(), Action::Allow), 3)]), at(2000));
+        usage.update(in_force.clone(), &BTreeMap::from([(("web".to_owned(), Action::Allow), 3)]), at(2000));
         assert_eq!(usage.report()["web"].last_used, Some(1000));
         let report = usage.report();
         let unused_now: Vec<&str> = unused(&report, at(1500)).into_iter().map(|(name, _)| name).collect();
@@ -201,13 +274,21 @@ mod tests {
         // A restart: counters start at zero, the record is read back.
         let mut restarted = RuleUsage::load(&dir);
         assert_eq!(restarted.report(), usage.report());
-        restarted.update(&in_force, &BTreeMap::from([(("admin".to_owned(), Action::Allow), 1)]), at(3000));
+        restarted.update(in_force.clone(), &BTreeMap::from([(("admin".to_owned(), Action::Allow), 1)]), at(3000));
         let report = restarted.report();
         assert_eq!((report["web"].last_used, report["admin"].last_used), (Some(1000), Some(3000)));
         // A rule that leaves is forgotten; one that comes is new.
-        let fewer: BTreeMap<String, Action> = [("admin".to_owned(), Action::Allow)].into();
-        restarted.update(&fewer, &BTreeMap::new(), at(4000));
+        restarted.update(rules(&[("admin", Action::Allow)]), &BTreeMap::new(), at(4000));
         assert_eq!(restarted.report().keys().collect::<Vec<_>>(), ["admin"]);
+        // The file is a map of names to their use, as it always was.
+        restarted.save();
+        let text = std::fs::read_to_string(dir.join("rule-usage.json")).unwrap();
+        assert_eq!(text, r#"{"admin":{"action":"allow","since":1000,"last_used":3000}}"#);
+        // A name that comes back with the other action is another permission.
+        restarted.update(rules(&[("admin", Action::Deny)]), &BTreeMap::new(), at(5000));
+        assert_eq!((restarted.report()["admin"].since, restarted.report()["admin"].last_used), (5000, None));
+        std::fs::write(dir.join("rule-usage.json"), r#"{"admin":{"action":"permit","since":1}}"#).unwrap();
+        assert!(RuleUsage::load(&dir).report().is_empty(), "an unknown action starts afresh");
         std::fs::write(dir.join("rule-usage.json"), "garbage").unwrap();
         assert!(RuleUsage::load(&dir).report().is_empty(), "a damaged record starts afresh");
         let _ = std::fs::remove_dir_all(&dir);

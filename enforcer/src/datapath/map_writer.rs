@@ -65,6 +65,19 @@ pub(super) struct PolicyMaps {
     pub(super) rule_verdicts: PerCpuArray<MapData, u64>,
 }
 
+/// Makes `table` long enough to hold index `at`, growing its capacity by
+/// an eighth, not double: the two slots each keep two tables as long as
+/// the policy, and doubled vectors of 100,000 entries are a third empty.
+fn make_room<T: Clone>(table: &mut Vec<Option<T>>, at: usize) {
+    if at < table.len() {
+        return;
+    }
+    if at >= table.capacity() {
+        table.reserve_exact((at + 1 - table.len()).max(table.len() / 8).max(16));
+    }
+    table.resize(at + 1, None);
+}
+
 /// Numeric identity → owner name: a vector by number, as the engine hands
 /// numbers out lowest first (a hash map of 100,000 names cost twice this).
 #[derive(Default)]
@@ -76,11 +89,8 @@ impl AtomNames {
     }
 
     pub(super) fn insert(&mut self, id: IdentityId, name: Name) {
-        let at = id as usize;
-        if at >= self.0.len() {
-            self.0.resize(at + 1, None);
-        }
-        self.0[at] = Some(name);
+        make_room(&mut self.0, id as usize);
+        self.0[id as usize] = Some(name);
     }
 
     pub(super) fn remove(&mut self, id: IdentityId) {
@@ -90,12 +100,70 @@ impl AtomNames {
     }
 }
 
+/// `rule_index` → the rule's name and action, for one slot's generation.
+/// The names are the engine's (shared, not copied) and the actions a bit
+/// each beside them: 16 bytes a rule where a vector of (name, action)
+/// pairs took 24.
+#[derive(Default)]
+pub(super) struct RuleTable {
+    names: Vec<Option<Name>>,
+    /// Bit `i` set: rule `i` denies.
+    denies: Vec<u64>,
+}
+
+impl RuleTable {
+    /// One past the highest rule number in the table.
+    pub(super) fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    pub(super) fn get(&self, index: usize) -> Option<(&Name, Action)> {
+        let name = self.names.get(index)?.as_ref()?;
+        let denies = self.denies.get(index / 64).is_some_and(|word| word & (1 << (index % 64)) != 0);
+        Some((name, if denies { Action::Deny } else { Action::Allow }))
+    }
+
+    pub(super) fn set(&mut self, id: u32, rule: Option<(Name, Action)>) {
+        let at = id as usize;
+        match rule {
+            None if at >= self.names.len() => return,
+            None => self.names[at] = None,
+            Some((name, action)) => {
+                make_room(&mut self.names, at);
+                self.names[at] = Some(name);
+                if self.denies.len() <= at / 64 {
+                    self.denies.resize(at / 64 + 1, 0);
+                }
+                let bit = 1 << (at % 64);
+                if action == Action::Deny {
+                    self.denies[at / 64] |= bit;
+                } else {
+                    self.denies[at / 64] &= !bit;
+                }
+            }
+        }
+        while self.names.last().is_some_and(Option::is_none) {
+            self.names.pop();
+        }
+        self.denies.truncate(self.names.len().div_ceil(64));
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.names.clear();
+        self.denies.clear();
+    }
+}
+
 /// What the daemon knows of one policy slot. It keeps no copy of the
 /// entries: the engine holds the policy once, and a slot records only the
 /// changes it has not received yet.
 pub(super) struct Slot {
     /// The rule table of the generation in this slot: `rule_index` → rule.
-    pub(super) rule_table: Vec<Option<(Name, Action)>>,
+    pub(super) rule_table: RuleTable,
     /// Numeric identity → owner name, for the generation in this slot.
     pub(super) atom_names: AtomNames,
     /// What the engine changed since this slot was last written.
@@ -459,7 +527,7 @@ pub(super) fn map_of(net: IpNet) -> usize {
 impl Slot {
     pub(super) fn new(index: usize) -> Self {
         Self {
-            rule_table: Vec::new(),
+            rule_table: RuleTable::default(),
             atom_names: AtomNames::default(),
             behind: EntryDiff::default(),
             in_step: false,
@@ -468,17 +536,7 @@ impl Slot {
     }
 
     pub(super) fn set_rule(&mut self, id: u32, rule: Option<(Name, Action)>) {
-        let at = id as usize;
-        if at >= self.rule_table.len() {
-            if rule.is_none() {
-                return;
-            }
-            self.rule_table.resize(at + 1, None);
-        }
-        self.rule_table[at] = rule;
-        while self.rule_table.last().is_some_and(Option::is_none) {
-            self.rule_table.pop();
-        }
+        self.rule_table.set(id, rule);
     }
 
     /// Takes a change's rule table and identity names into this slot.
@@ -499,7 +557,7 @@ impl Slot {
     }
 
     fn rule_name(&self, index: usize) -> Option<(String, Action)> {
-        self.rule_table.get(index).and_then(Option::as_ref).map(|(name, action)| (name.to_string(), *action))
+        self.rule_table.get(index).map(|(name, action)| (name.to_string(), action))
     }
 
     /// The rules of this slot whose decision counters moved: (`rule_index`,
@@ -714,4 +772,40 @@ fn write_policy_entries(
     }
     delete_batch(exact.map(), maps::POLICY_EXACT, &gone)?;
     write_batch(exact.map(), maps::POLICY_EXACT, &set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Action, Name, RuleTable};
+
+    #[test]
+    fn a_rule_table_keeps_each_rule_s_name_and_action_and_ends_at_its_last_rule() {
+        let mut table = RuleTable::default();
+        let mut model: Vec<Option<(String, Action)>> = Vec::new();
+        let mut x: u32 = 1;
+        for step in 0..5000u32 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let id = (x >> 8) % 200;
+            let rule = match x % 3 {
+                0 => None,
+                1 => Some((format!("r{step}"), Action::Allow)),
+                _ => Some((format!("r{step}"), Action::Deny)),
+            };
+            table.set(id, rule.clone().map(|(name, action)| (Name::from(name), action)));
+            if model.len() <= id as usize {
+                model.resize(id as usize + 1, None);
+            }
+            model[id as usize] = rule;
+            while model.last().is_some_and(Option::is_none) {
+                model.pop();
+            }
+            assert_eq!(table.len(), model.len());
+            for (index, expected) in model.iter().enumerate() {
+                let got = table.get(index).map(|(name, action)| (name.to_string(), action));
+                assert_eq!(&got, expected, "rule {index} after step {step}");
+            }
+        }
+        table.clear();
+        assert!(table.is_empty() && table.get(0).is_none());
+    }
 }

@@ -196,6 +196,11 @@ impl Partition {
         self.prefixes.entry(net).or_insert_with(|| PrefixState::new(false))
     }
 
+    /// Rebuilds the prefix table from its entries (see [`super::Engine::compact`]).
+    pub(super) fn compact(&mut self) {
+        self.prefixes = std::mem::take(&mut self.prefixes).into_iter().collect();
+    }
+
     /// Forgets `net` from the map and its length count.
     fn forget(&mut self, net: IpNet) -> Option<PrefixState> {
         let state = self.prefixes.remove(&net)?;
