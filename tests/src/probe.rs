@@ -277,6 +277,50 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String
     .map_err(LabError::Io)
 }
 
+/// An HTTP/1.1 request to send over TLS ([`https_exchange`]).
+pub struct HttpsRequest<'a> {
+    /// `address:port`, as the `Host` header and, without the port, the
+    /// name the server's certificate must carry.
+    pub host: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// Sent only when given: the API tests also send bodies without one.
+    pub content_type: Option<&'a str>,
+    pub body: &'a str,
+}
+
+/// Sends `request` over TLS (`config`, which holds the client's own
+/// certificate for mutual TLS) on `tcp`, connected to `request.host`, and
+/// reads until the server closes: (status, body), status 0 if no HTTP
+/// answer came (a handshake refused, a connection reset). A server
+/// refusing a body too large answers and closes before the body is all
+/// sent: what it answered is still read.
+#[must_use]
+pub fn https_exchange(
+    mut tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    request: &HttpsRequest<'_>,
+) -> (u16, String) {
+    let HttpsRequest { host, method, path, content_type, body } = *request;
+    let server = host.rsplit_once(':').map_or(host, |(address, _)| address).to_owned();
+    let Ok(name) = rustls::pki_types::ServerName::try_from(server) else { return (0, String::new()) };
+    let Ok(mut connection) = rustls::ClientConnection::new(config, name) else { return (0, String::new()) };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
+    let kind = content_type.map(|kind| format!("Content-Type: {kind}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{kind}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let _ = tls.write_all(head.as_bytes()).and_then(|()| tls.write_all(body.as_bytes()));
+    let mut response = Vec::new();
+    let _ = tls.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    let status = response.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
 /// The integer value of one sample in a Prometheus text exposition, e.g.
 /// `bulkhead_drop_packets_total{direction="ingress",reason="deny_rule"}`.
 /// Every Bulkhead metric is an integer count.

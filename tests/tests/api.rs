@@ -169,29 +169,8 @@ impl Env {
             &self.pki.join(format!("{who}.key")),
         )
         .unwrap();
-        self.lab
-            .router
-            .enter(|| {
-                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-                let mut connection = rustls::ClientConnection::new(config, name).unwrap();
-                let mut tcp = connect_from(source);
-                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
-                let request = format!(
-                    "{method} {path} HTTP/1.1\r\nHost: {API}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                // A daemon refusing a body too large answers and closes
-                // before it is all sent: what it answered is still read.
-                let _ = tls.write_all(request.as_bytes());
-                let mut response = Vec::new();
-                let _ = tls.read_to_end(&mut response);
-                let response = String::from_utf8_lossy(&response).into_owned();
-                let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-                let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-                (status, body)
-            })
-            .unwrap()
+        let request = probe::HttpsRequest { host: API, method, path, content_type: None, body };
+        self.lab.router.enter(|| probe::https_exchange(connect_from(source), config, &request)).unwrap()
     }
 }
 

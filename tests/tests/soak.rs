@@ -14,7 +14,7 @@
 //! a long one. `BULKHEAD_SOAK_SEED` repeats a run's random choices. Needs
 //! root; run through `cargo xtask test` or `cargo xtask soak`.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -385,28 +385,13 @@ impl Soak {
     fn request(&self, who: &str, method: &str, path: &str, body: &str) -> (u16, String) {
         let (cert, key) = (self.pki.join(format!("{who}.pem")), self.pki.join(format!("{who}.key")));
         let config = enforcer::tls::client_config(&self.ca_pem, &cert, &key).unwrap();
+        let content_type = (!body.is_empty()).then_some("application/json");
+        let request = probe::HttpsRequest { host: API, method, path, content_type, body };
         self.lab
             .router
-            .enter(|| {
-                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-                let mut connection = rustls::ClientConnection::new(config, name).unwrap();
-                let Ok(mut tcp) = TcpStream::connect_timeout(&API.parse().unwrap(), Duration::from_secs(2)) else {
-                    return (0, String::new());
-                };
-                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
-                let kind = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
-                let request = format!(
-                    "{method} {path} HTTP/1.1\r\nHost: {API}\r\nConnection: close\r\n{kind}Content-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.write_all(request.as_bytes());
-                let mut response = Vec::new();
-                let _ = tls.read_to_end(&mut response);
-                let response = String::from_utf8_lossy(&response).into_owned();
-                let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-                let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-                (status, body)
+            .enter(|| match TcpStream::connect_timeout(&API.parse().unwrap(), Duration::from_secs(2)) {
+                Ok(tcp) => probe::https_exchange(tcp, config, &request),
+                Err(_) => (0, String::new()),
             })
             .unwrap()
     }
