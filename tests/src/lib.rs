@@ -13,6 +13,7 @@ pub mod manifests;
 pub mod netns;
 pub mod pki;
 pub mod probe;
+pub mod rng;
 pub mod topology;
 
 pub use netns::{LabError, Netns};

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use lab::pki::Ca;
 use lab::probe::{self, EchoServer, Outcome, TcpSession};
+use lab::rng::Rng;
 use lab::{Daemon, Netns, ScratchDir, ThreeTier};
 
 /// The short slice `cargo xtask test` runs, in minutes: long enough for
@@ -240,40 +241,10 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-/// A small deterministic generator (xorshift64*), so a seed repeats a run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
-    }
-
-    fn chance(&mut self, one_in: u64) -> bool {
-        self.below(one_in) == 0
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i as u64 + 1) as usize);
-        }
-    }
-
-    /// A policy other than `not`.
-    fn policy_other_than(&mut self, not: Policy) -> Policy {
-        let others: Vec<Policy> = Policy::ALL.into_iter().filter(|&p| p != not).collect();
-        others[self.below(others.len() as u64) as usize]
-    }
+/// A policy other than `not`.
+fn policy_other_than(rng: &mut Rng, not: Policy) -> Policy {
+    let others: Vec<Policy> = Policy::ALL.into_iter().filter(|&p| p != not).collect();
+    *rng.pick(&others)
 }
 
 fn soak_length() -> Duration {
@@ -649,14 +620,14 @@ impl Chaos<'_> {
         let soak = self.soak;
         match action {
             Action::File => {
-                let next = self.rng.policy_other_than(self.enforced.0);
+                let next = policy_other_than(&mut self.rng, self.enforced.0);
                 self.write(next);
                 self.enforced = self.dir.clone();
                 self.settle("a policy written to the directory");
             }
             Action::Burst => {
                 for _ in 0..3 + self.rng.below(10) {
-                    let next = self.rng.policy_other_than(self.dir.0);
+                    let next = policy_other_than(&mut self.rng, self.dir.0);
                     self.write(next);
                     std::thread::sleep(self.rng.millis(5, 120));
                 }
@@ -672,7 +643,7 @@ impl Chaos<'_> {
     }
 
     fn push(&mut self) {
-        let policy = self.rng.policy_other_than(self.enforced.0);
+        let policy = policy_other_than(&mut self.rng, self.enforced.0);
         let text = self.next_text(policy);
         let body = serde_json::json!({"files": [{"name": "p.yaml", "text": text}]}).to_string();
         let (status, answer) = self.soak.request("operator", "POST", "/v1/policy", &body);
@@ -763,14 +734,14 @@ impl Chaos<'_> {
         let before = self.generation;
         let mut daemon = lock(&soak.daemon);
         if mid_flip {
-            let next = self.rng.policy_other_than(self.dir.0);
+            let next = policy_other_than(&mut self.rng, self.dir.0);
             self.write(next);
             std::thread::sleep(self.rng.millis(0, 150));
             Tally::add(&soak.tally.kills_mid_flip);
         }
         soak.going_down();
         daemon.kill();
-        let rewired = self.rng.chance(3);
+        let rewired = self.rng.one_in(3);
         if rewired {
             // No daemon watches: the new veth carries no program until one
             // starts (README, *Node churn*), so nothing probes through it.
@@ -815,7 +786,7 @@ impl Chaos<'_> {
         while Instant::now() < until && !self.soak.stopped() {
             let mut actions = vec![Action::File, Action::Burst, Action::Push, Action::Interface, Action::Namespace];
             if Instant::now() < restarts_until {
-                actions.push(Action::Restart { mid_flip: self.rng.chance(2) });
+                actions.push(Action::Restart { mid_flip: self.rng.one_in(2) });
             }
             self.rng.shuffle(&mut actions);
             for action in actions {
@@ -1015,8 +986,15 @@ fn the_enforcer_holds_through_flips_churn_restarts_and_bad_clients() {
         scope.spawn(|| api_loop(soak));
         let sampler = scope.spawn(|| sample_loop(soak));
         let start = (Policy::A, Policy::A.text(0));
-        let mut chaos =
-            Chaos { soak, rng: Rng(seed), flip: 0, dir: start.clone(), enforced: start, generation: 0, namespaces: 0 };
+        let mut chaos = Chaos {
+            soak,
+            rng: Rng::new(seed),
+            flip: 0,
+            dir: start.clone(),
+            enforced: start,
+            generation: 0,
+            namespaces: 0,
+        };
         chaos.settle("the first policy");
         let now = Instant::now();
         chaos.run_until(now + length, now + length / 2);
