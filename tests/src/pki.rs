@@ -54,3 +54,56 @@ impl Ca {
         ))
     }
 }
+
+/// The admin API's certificates as the API tests and the soak use them, in
+/// one directory: the server's for 127.0.0.1 (`server.pem`, `server.key`)
+/// and the clients' as `dir/WHO.pem` and `dir/WHO.key`:
+/// - `operator` (`ops-alice`, role operator),
+/// - `viewer` (`viewer-bob`, role viewer),
+/// - `norole` (`carol`, trusted, no role),
+/// - `expired` (`ops-alice`, expired),
+/// - `untrusted` (`ops-alice`, from a CA the daemon does not trust).
+pub struct ApiPki {
+    /// Issues further server certificates (a rotation).
+    pub server_ca: Ca,
+    /// The server CA's certificate, for clients.
+    pub ca_pem: PathBuf,
+    client_ca_pem: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl ApiPki {
+    /// Issues every certificate into `dir`.
+    ///
+    /// # Panics
+    /// If key generation or signing fails.
+    pub fn issue(dir: &Path) -> std::io::Result<Self> {
+        let server_ca = Ca::new("bulkhead test server CA");
+        let client_ca = Ca::new("bulkhead test client CA");
+        let ca_pem = server_ca.write_pem(dir, "server-ca.pem")?;
+        let client_ca_pem = client_ca.write_pem(dir, "client-ca.pem")?;
+        let (cert, key) = server_ca.issue(dir, "server", "server", false)?;
+        client_ca.issue(dir, "operator", "ops-alice", false)?;
+        client_ca.issue(dir, "viewer", "viewer-bob", false)?;
+        client_ca.issue(dir, "norole", "carol", false)?;
+        client_ca.issue(dir, "expired", "ops-alice", true)?;
+        Ca::new("someone else").issue(dir, "untrusted", "ops-alice", false)?;
+        Ok(Self { server_ca, ca_pem, client_ca_pem, cert, key })
+    }
+
+    /// `bulkhead run`'s flags for this: the server certificate and key,
+    /// the client CA, and the operator's and viewer's roles.
+    #[must_use]
+    pub fn daemon_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, path) in [("--tls-cert", &self.cert), ("--tls-key", &self.key), ("--client-ca", &self.client_ca_pem)]
+        {
+            args.extend([flag.to_owned(), path.display().to_string()]);
+        }
+        for role in ["ops-alice=operator", "viewer-bob=viewer"] {
+            args.extend(["--api-role".to_owned(), role.to_owned()]);
+        }
+        args
+    }
+}

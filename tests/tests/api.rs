@@ -11,7 +11,7 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lab::pki::Ca;
+use lab::pki::{ApiPki, Ca};
 use lab::probe::{self, EchoServer, Outcome};
 use lab::{Daemon, ScratchDir, ThreeTier};
 
@@ -19,6 +19,15 @@ const API: &str = "127.0.0.1:9443";
 
 fn three_tier() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier.yaml")).unwrap()
+}
+
+/// The example policy with one more rule: the outsider may reach db on
+/// 5432 (the example refuses it).
+fn opened_to_outsider() -> String {
+    three_tier().replace(
+        "  rules:\n",
+        "  rules:\n    - name: outsider-to-db\n      from: [{identity: world}]\n      to: [{identity: db}]\n      ports: [\"5432/tcp\"]\n",
+    )
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -54,32 +63,11 @@ fn start_with(label: &str, extra: impl FnOnce(&Path, &Path) -> Vec<String>) -> E
     std::fs::create_dir_all(&pki).unwrap();
     std::fs::create_dir_all(&policy).unwrap();
     write(&policy, "p.yaml", &three_tier());
-    let server_ca = Ca::new("bulkhead test server CA");
-    let client_ca = Ca::new("bulkhead test client CA");
-    let ca_pem = write(&pki, "server-ca.pem", &server_ca.issuer.pem());
-    let client_ca_pem = write(&pki, "client-ca.pem", &client_ca.issuer.pem());
-    let (cert, key) = server_ca.issue(&pki, "server", "server", false).unwrap();
-    client_ca.issue(&pki, "operator", "ops-alice", false).unwrap();
-    client_ca.issue(&pki, "viewer", "viewer-bob", false).unwrap();
-    client_ca.issue(&pki, "expired", "ops-alice", true).unwrap();
-    client_ca.issue(&pki, "norole", "carol", false).unwrap();
-    Ca::new("someone else").issue(&pki, "untrusted", "ops-alice", false).unwrap();
-    let args = [
-        "--api-addr",
-        API,
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-        "--client-ca",
-        client_ca_pem.to_str().unwrap(),
-        "--api-role",
-        "ops-alice=operator",
-        "--api-role",
-        "viewer-bob=viewer",
-    ];
-    let extra = extra(&policy, &scratch.0);
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).chain(extra).collect();
+    let api_pki = ApiPki::issue(&pki).unwrap();
+    let mut args = vec!["--api-addr".to_owned(), API.to_owned()];
+    args.extend(api_pki.daemon_args());
+    args.extend(extra(&policy, &scratch.0));
+    let ApiPki { server_ca, ca_pem, .. } = api_pki;
     let daemon = Daemon::start_with(&lab, &policy, &scratch.0.join("log"), &as_strs(&args)).unwrap();
     let servers =
         lab.hosts.iter().map(|h| EchoServer::start(&h.ns, &h.addrs(), &[22, 5432, 8080], &[8125]).unwrap()).collect();
@@ -222,10 +210,7 @@ fn only_trusted_current_certificates_with_a_role_get_in() {
 #[test]
 fn operators_push_viewers_cannot_and_bad_pushes_change_nothing() {
     let env = start("apipush");
-    let opened = three_tier().replace(
-        "  rules:\n",
-        "  rules:\n    - name: outsider-to-db\n      from: [{identity: world}]\n      to: [{identity: db}]\n      ports: [\"5432/tcp\"]\n",
-    );
+    let opened = opened_to_outsider();
     let file = write(&env.pki, "opened.yaml", &opened);
     let file = file.to_str().unwrap();
     let db = SocketAddr::new(IpAddr::V4(env.lab.host("db").addr), 5432);
@@ -273,10 +258,7 @@ fn operators_push_viewers_cannot_and_bad_pushes_change_nothing() {
 #[test]
 fn after_a_push_a_directory_change_is_what_the_api_reports() {
     let env = start("apipushdir");
-    let opened = three_tier().replace(
-        "  rules:\n",
-        "  rules:\n    - name: outsider-to-db\n      from: [{identity: world}]\n      to: [{identity: db}]\n      ports: [\"5432/tcp\"]\n",
-    );
+    let opened = opened_to_outsider();
     let file = write(&env.pki, "p.yaml", &opened);
     let pushed = env.cli("operator", &["policy", "push", file.to_str().unwrap()]);
     assert!(pushed.status.success(), "{}", stderr(&pushed));
@@ -329,10 +311,7 @@ fn a_node_with_trusted_keys_takes_only_signed_pushes() {
     let key = scratch.join("keys/ops.key");
     let db = SocketAddr::new(IpAddr::V4(env.lab.host("db").addr), 5432);
     let outsider = &env.lab.host("outsider").ns;
-    let opened = three_tier().replace(
-        "  rules:\n",
-        "  rules:\n    - name: outsider-to-db\n      from: [{identity: world}]\n      to: [{identity: db}]\n      ports: [\"5432/tcp\"]\n",
-    );
+    let opened = opened_to_outsider();
     let set = scratch.join("set");
     std::fs::create_dir_all(&set).unwrap();
     let file = write(&set, "p.yaml", &opened);

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use lab::pki::Ca;
+use lab::pki::ApiPki;
 use lab::probe::{self, EchoServer, Outcome, TcpSession};
 use lab::rng::Rng;
 use lab::{Daemon, Netns, ScratchDir, ThreeTier};
@@ -280,24 +280,11 @@ impl Soak {
         std::fs::create_dir_all(&pki).unwrap();
         std::fs::create_dir_all(&policy_dir).unwrap();
         write_atomically(&policy_dir, "p.yaml", &Policy::A.text(0));
-        let server_ca = Ca::new("bulkhead soak server CA");
-        let client_ca = Ca::new("bulkhead soak client CA");
-        let ca_pem = server_ca.write_pem(&pki, "server-ca.pem").unwrap();
-        let client_ca_pem = client_ca.write_pem(&pki, "client-ca.pem").unwrap();
-        let (cert, key) = server_ca.issue(&pki, "server", "server", false).unwrap();
-        client_ca.issue(&pki, "operator", "ops-alice", false).unwrap();
-        client_ca.issue(&pki, "viewer", "viewer-bob", false).unwrap();
-        client_ca.issue(&pki, "norole", "carol", false).unwrap();
-        client_ca.issue(&pki, "expired", "ops-alice", true).unwrap();
-        Ca::new("someone else").issue(&pki, "untrusted", "ops-alice", false).unwrap();
+        let api_pki = ApiPki::issue(&pki).unwrap();
         let mut args: Vec<String> = vec!["--policy-dir".into(), policy_dir.display().to_string()];
         args.extend(["--interface".into(), "to-*".into(), "--api-addr".into(), API.into()]);
-        for (flag, path) in [("--tls-cert", &cert), ("--tls-key", &key), ("--client-ca", &client_ca_pem)] {
-            args.extend([flag.to_owned(), path.display().to_string()]);
-        }
-        for role in ["ops-alice=operator", "viewer-bob=viewer"] {
-            args.extend(["--api-role".to_owned(), role.to_owned()]);
-        }
+        args.extend(api_pki.daemon_args());
+        let ca_pem = api_pki.ca_pem;
         let log = scratch.0.join("daemon-0.log");
         let daemon = Daemon::spawn(&lab, &args, &log).unwrap();
         let servers = vec![EchoServer::start(&lab.host("db").ns, &[db(0).ip()], &[22, 5432, 8080, 8081], &[]).unwrap()];
