@@ -318,22 +318,12 @@ fn case_from_json(value: &serde_json::Value) -> Option<Case> {
         })
         .collect::<Option<_>>()?;
     let switch_at = value["switch_at"].as_u64().and_then(|i| usize::try_from(i).ok());
-    let strings = |key: &str| -> Option<Vec<String>> {
-        value
-            .get(key)
-            .map_or(Some(Vec::new()), |list| list.as_array()?.iter().map(|v| v.as_str().map(str::to_owned)).collect())
-    };
-    let exempt_ports = value.get("exempt_ports").map_or(Some(Vec::new()), |list| {
-        list.as_array()?.iter().map(|v| v.as_u64().and_then(|p| u16::try_from(p).ok())).collect()
-    })?;
-    Some(Case {
-        policies,
-        audit_all: value["audit_all"].as_bool()?,
-        switch_at,
-        quarantine: strings("quarantine")?,
-        exempt_ports,
-        steps,
-    })
+    // Cases written before the quarantine was generated have no lists.
+    let list = |key: &str| value.get(key).map_or(Some(&[][..]), |list| list.as_array().map(Vec::as_slice));
+    let quarantine = list("quarantine")?.iter().map(|v| v.as_str().map(str::to_owned)).collect::<Option<_>>()?;
+    let exempt_ports =
+        list("exempt_ports")?.iter().map(|v| v.as_u64().and_then(|p| u16::try_from(p).ok())).collect::<Option<_>>()?;
+    Some(Case { policies, audit_all: value["audit_all"].as_bool()?, switch_at, quarantine, exempt_ports, steps })
 }
 
 fn regressions_dir() -> PathBuf {

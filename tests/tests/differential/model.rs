@@ -391,8 +391,9 @@ impl Reference {
     /// What the quarantine says of a packet entering the node: dropped if
     /// its destination is quarantined (the node's own addresses never are,
     /// even inside a quarantined prefix) or its source is, unless the source
-    /// answers the node from an exempt port (anything but a bare SYN).
-    fn quarantine_ingress(&self, packet: &Packet) -> Option<Verdict> {
+    /// answers the node from an exempt port (anything but a bare SYN:
+    /// `opening`).
+    fn quarantine_ingress(&self, packet: &Packet, opening: bool) -> Option<Verdict> {
         let tuple = packet.tuple;
         if self.quarantine.holds(tuple.dst) && !self.hosts.contains(&tuple.dst) {
             return Some(Verdict::Drop(DropReason::Quarantine));
@@ -400,7 +401,6 @@ impl Reference {
         if !self.quarantine.holds(tuple.src) {
             return None;
         }
-        let opening = packet.tcp_flags & (SYN | ACK) == SYN;
         if !opening && self.quarantine.exempt(packet, tuple.src_port) && self.hosts.contains(&tuple.dst) {
             Some(Verdict::Pass)
         } else {
@@ -482,7 +482,7 @@ impl Reference {
         let quarantine = !self.quarantine.nets.is_empty();
         if quarantine
             && ingress
-            && let Some(verdict) = self.quarantine_ingress(packet)
+            && let Some(verdict) = self.quarantine_ingress(packet, opening)
         {
             return verdict;
         }
