@@ -226,6 +226,42 @@ fn rules_naming_an_identity_not_yet_declared_wait_for_it() {
     assert_eq!(metric(&lab, &daemon, "bulkhead_policy_load_errors_total{reason=\"invalid\"}"), Some(0));
 }
 
+/// The directory is taken as a whole: a file whose change is refused is
+/// tried again with the next change to any file, and applied once the
+/// whole is valid (the daemon keeps its text compressed meanwhile, not a
+/// second copy).
+#[test]
+fn a_refused_file_is_tried_again_with_the_next_change() {
+    let lab = ThreeTier::new("heldback").unwrap();
+    let scratch = ScratchDir::new(&lab.stem).unwrap();
+    let dir = scratch.0.join("policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = "    - name: db\n      labels: {tier: db, env: prod}\n      addresses: [\"10.0.3.10\"]\n";
+    assert!(three_tier().contains(db), "the example declares db as this test expects");
+    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
+    let _servers = servers(&lab);
+    let logic = &lab.host("logic").ns;
+
+    // `db` again, from another file: a duplicate, refused.
+    let moved =
+        format!("apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {{name: db}}\nspec:\n  identities:\n{db}");
+    std::fs::write(dir.join(".db.yaml.new"), moved).unwrap();
+    std::fs::rename(dir.join(".db.yaml.new"), dir.join("db.yaml")).unwrap();
+    let invalid = "bulkhead_policy_load_errors_total{reason=\"invalid\"}";
+    wait_for_metric(&lab, &daemon, invalid, "1", |now| now == Some(1));
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_generation"), Some(1));
+
+    // The example without `db`: valid only with the refused file, which
+    // comes with it.
+    std::fs::write(dir.join(".p.yaml.new"), three_tier().replace(db, "")).unwrap();
+    std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml")).unwrap();
+    wait_for_generation(&lab, &daemon, 2);
+    assert_eq!(metric(&lab, &daemon, "bulkhead_policy_unmatched_peers"), Some(0), "{}", daemon.log_text());
+    assert_eq!(probe::tcp(logic, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected, "{}", daemon.log_text());
+    assert_eq!(metric(&lab, &daemon, invalid), Some(1));
+}
+
 /// `policy check` names each peer that selects nothing yet, as a warning,
 /// and still passes the policy; an error still fails it.
 #[test]

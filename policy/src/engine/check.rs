@@ -589,6 +589,6 @@ mod tests {
     /// alike share lives behind the pointer of their declarations.
     #[test]
     fn identity_records_stay_compact() {
-        assert_eq!(size_of::<Option<IdentityRecord>>(), 64);
+        assert_eq!(size_of::<Option<IdentityRecord>>(), 56);
     }
 }

@@ -94,8 +94,9 @@ const OPEN_ORDER: &str = "\u{10ffff}";
 /// Identity pairs whose entries must be resolved again.
 type PairSet = HashSet<(IdentityId, IdentityId), std::hash::BuildHasherDefault<small::NumberHasher>>;
 
-/// A name shared between the model and the engine's indexes.
-pub type Name = Arc<str>;
+/// A name shared between the model and the engine's indexes: a thin,
+/// reference-counted string, so each index holding a name holds 8 bytes.
+pub type Name = arcstr::ArcStr;
 
 /// The new contents of one source.
 #[derive(Debug, Clone)]
@@ -801,7 +802,7 @@ impl Engine {
     pub fn rule_table(&self) -> impl Iterator<Item = (u32, RuleInfo)> + '_ {
         self.active
             .iter()
-            .map(|(id, rule)| (id, RuleInfo { name: Arc::clone(&rule.rule.name), action: rule.rule.action }))
+            .map(|(id, rule)| (id, RuleInfo { name: Name::clone(&rule.rule.name), action: rule.rule.action }))
     }
 
     /// Brings the compiled state to the model: `touched` names what the
@@ -1121,7 +1122,7 @@ impl Engine {
                     self.checks.name_rule(target, id);
                 }
                 StoredSelector::Labels(wanted) => {
-                    self.label_rules.entry(wanted.clone()).or_default().insert(id);
+                    self.label_rules.entry(Labels::clone(wanted)).or_default().insert(id);
                     self.label_selectors.insert(wanted);
                 }
                 StoredSelector::Cidr(peer) => {
