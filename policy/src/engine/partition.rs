@@ -92,14 +92,40 @@ impl PrefixState {
     }
 }
 
+/// One atom, 48 bytes (in a vector of 100,000): its [`AtomKey`] is kept
+/// as an owner number and, for the few atoms inside CIDR peers, their list
+/// behind a thin pointer, where the key's own form takes 24 bytes.
 #[derive(Debug)]
 struct AtomState {
-    key: AtomKey,
+    /// [`NO_OWNER`] for none.
+    owner: OwnerId,
     /// Prefixes whose atom this is.
     prefixes: u32,
     flags: u32,
+    /// The CIDR peers its addresses are part of, sorted; `None` for none.
+    #[allow(clippy::box_collection, reason = "a thin pointer, for the state's size; see above")]
+    cidrs: Option<Box<Vec<SelectorId>>>,
     /// Prefixes with an identity entry of this atom.
     entries: SmallSet<IpNet, 1>,
+}
+
+impl AtomState {
+    fn new(key: AtomKey, flags: u32) -> Self {
+        let cidrs = (!key.1.is_empty()).then(|| Box::new(key.1.into_vec()));
+        Self { owner: key.0.unwrap_or(NO_OWNER), prefixes: 0, flags, cidrs, entries: SmallSet::default() }
+    }
+
+    fn owner(&self) -> Option<OwnerId> {
+        (self.owner != NO_OWNER).then_some(self.owner)
+    }
+
+    fn cidrs(&self) -> &[SelectorId] {
+        self.cidrs.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    fn is(&self, key: &AtomKey) -> bool {
+        self.owner() == key.0 && self.cidrs() == &*key.1
+    }
 }
 
 /// What a `settle` changed in the set of atoms.
@@ -141,16 +167,9 @@ impl Partition {
             pool: IdPool::starting_at(first_dynamic),
             dirty: BTreeSet::new(),
         };
-        let world: AtomKey = (None, Box::default());
-        partition.atoms.insert(
-            IDENTITY_WORLD,
-            AtomState {
-                key: world,
-                prefixes: 2,
-                flags: IDENTITY_FLAG_NO_RULES_FROM_WORLD,
-                entries: SmallSet::default(),
-            },
-        );
+        let mut world = AtomState::new((None, Box::default()), IDENTITY_FLAG_NO_RULES_FROM_WORLD);
+        world.prefixes = 2;
+        partition.atoms.insert(IDENTITY_WORLD, world);
         partition.unowned.insert(IDENTITY_WORLD);
         for net in [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())] {
             let mut state = PrefixState::new(true);
@@ -172,7 +191,7 @@ impl Partition {
                 .min_by_key(|atoms| atoms.len())
                 .unwrap_or(self.unowned.as_slice()),
         };
-        candidates.iter().copied().find(|id| self.atoms.get(id).is_some_and(|atom| atom.key == *key))
+        candidates.iter().copied().find(|id| self.atoms.get(id).is_some_and(|atom| atom.is(key)))
     }
 
     fn atoms_of_mut(&mut self, owner: Option<OwnerId>) -> &mut SmallSet<IdentityId> {
@@ -353,7 +372,7 @@ impl Partition {
                     for selector in &key.1 {
                         self.by_selector.entry(*selector).or_default().insert(id);
                     }
-                    self.atoms.insert(id, AtomState { key, prefixes: 0, flags, entries: SmallSet::default() });
+                    self.atoms.insert(id, AtomState::new(key, flags));
                     created.push(id);
                     id
                 }
@@ -387,19 +406,19 @@ impl Partition {
         for id in touched_atoms.iter().chain(&created) {
             if self.atoms.get(id).is_some_and(|atom| atom.prefixes == 0) {
                 let atom = self.atoms.remove(id).expect("checked above");
-                self.atoms_of_mut(atom.key.0).remove(id);
-                if let Some(owner) = atom.key.0
+                self.atoms_of_mut(atom.owner()).remove(id);
+                if let Some(owner) = atom.owner()
                     && self.owned.get(&owner).is_some_and(SmallSet::is_empty)
                 {
                     self.owned.remove(&owner);
                 }
-                for selector in &atom.key.1 {
+                for selector in atom.cidrs() {
                     remove_id(&mut self.by_selector, selector, *id);
                 }
                 self.pool.give_back(*id);
                 // An atom born and gone within this change was never seen.
                 if !created.contains(id) {
-                    atoms.record(*id, Some(name_of(atom.key.0)), None);
+                    atoms.record(*id, Some(name_of(atom.owner())), None);
                     vanished.push(*id);
                 }
             }
@@ -407,8 +426,8 @@ impl Partition {
         let mut appeared = Vec::new();
         for id in created {
             if let Some(atom) = self.atoms.get(&id) {
-                atoms.record(id, None, Some(name_of(atom.key.0)));
-                appeared.push((id, atom.key.0, atom.key.1.clone()));
+                atoms.record(id, None, Some(name_of(atom.owner())));
+                appeared.push((id, atom.owner(), atom.cidrs().into()));
             }
         }
         Settled { appeared, vanished }
@@ -473,7 +492,7 @@ impl Partition {
     /// `id` is an atom.
     #[allow(clippy::option_option, reason = "not an atom, an atom of no identity, an atom of one")]
     pub(super) fn owner_of(&self, id: IdentityId) -> Option<Option<OwnerId>> {
-        self.atoms.get(&id).map(|atom| atom.key.0)
+        self.atoms.get(&id).map(AtomState::owner)
     }
 
     pub(super) fn entry(&self, net: IpNet) -> Option<IdentityValue> {
@@ -488,7 +507,7 @@ impl Partition {
     }
 
     pub(super) fn atoms(&self) -> impl Iterator<Item = (IdentityId, Option<OwnerId>, u32)> + '_ {
-        self.atoms.iter().map(|(id, atom)| (id, atom.key.0, atom.flags))
+        self.atoms.iter().map(|(id, atom)| (id, atom.owner(), atom.flags))
     }
 
     /// The longest identity entry containing `addr`, else `world`.
@@ -562,5 +581,14 @@ fn remove_id<K: std::hash::Hash + Eq, S: std::hash::BuildHasher>(
         if set.is_empty() {
             map.remove(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// One state per atom, 100,000 of them at scale.
+    #[test]
+    fn atom_states_stay_compact() {
+        assert_eq!(size_of::<Option<super::AtomState>>(), 48);
     }
 }
