@@ -187,19 +187,22 @@ fn wait_for_generation(lab: &ThreeTier, daemon: &Daemon, generation: u64) {
     wait_for_metric(lab, daemon, "bulkhead_policy_generation", &what, |now| now >= Some(generation));
 }
 
+/// The example's declaration of `db`.
+const DB: &str = "    - name: db\n      labels: {tier: db, env: prod}\n      addresses: [\"10.0.3.10\"]\n";
+
+/// A policy file declaring `db` alone.
+fn db_alone() -> String {
+    format!("apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {{name: db}}\nspec:\n  identities:\n{DB}")
+}
+
 /// Rules may come before the identities they name (as network policies
 /// before their pods): the daemon accepts them, they admit nothing until
 /// the identity is declared by another file, and from then on they do.
 #[test]
 fn rules_naming_an_identity_not_yet_declared_wait_for_it() {
-    let lab = ThreeTier::new("waiting").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = "    - name: db\n      labels: {tier: db, env: prod}\n      addresses: [\"10.0.3.10\"]\n";
-    let without_db = three_tier().replace(db, "");
+    let without_db = three_tier().replace(DB, "");
     assert_ne!(without_db, three_tier(), "the example declares db as this test expects");
-    std::fs::write(dir.join("p.yaml"), &without_db).unwrap();
+    let (lab, scratch, dir) = lab_with_policy("waiting", &without_db);
     let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
     let _servers = servers(&lab);
     // Three rules name `db`: logic-to-db, gateway-admin-to-db and the deny.
@@ -210,9 +213,7 @@ fn rules_naming_an_identity_not_yet_declared_wait_for_it() {
     assert_eq!(probe::tcp(gateway, addr(&lab, "db", 22)).unwrap(), Outcome::TimedOut);
     assert_eq!(probe::tcp(gateway, addr(&lab, "logic", 8080)).unwrap(), Outcome::Connected, "the rest is enforced");
 
-    let declared =
-        format!("apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {{name: db}}\nspec:\n  identities:\n{db}");
-    std::fs::write(dir.join("db.yaml"), declared).unwrap();
+    std::fs::write(dir.join("db.yaml"), db_alone()).unwrap();
     wait_for_generation(&lab, &daemon, 2);
     assert_eq!(metric(&lab, &daemon, "bulkhead_policy_unmatched_peers"), Some(0));
     assert_eq!(probe::tcp(logic, addr(&lab, "db", 5432)).unwrap(), Outcome::Connected, "{}", daemon.log_text());
@@ -232,29 +233,23 @@ fn rules_naming_an_identity_not_yet_declared_wait_for_it() {
 /// second copy).
 #[test]
 fn a_refused_file_is_tried_again_with_the_next_change() {
-    let lab = ThreeTier::new("heldback").unwrap();
-    let scratch = ScratchDir::new(&lab.stem).unwrap();
-    let dir = scratch.0.join("policy");
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = "    - name: db\n      labels: {tier: db, env: prod}\n      addresses: [\"10.0.3.10\"]\n";
-    assert!(three_tier().contains(db), "the example declares db as this test expects");
-    std::fs::write(dir.join("p.yaml"), three_tier()).unwrap();
+    assert!(three_tier().contains(DB), "the example declares db as this test expects");
+    let (lab, scratch, dir) = lab_with_policy("heldback", &three_tier());
     let daemon = Daemon::start(&lab, &dir, &scratch.0.join("log")).unwrap();
     let _servers = servers(&lab);
     let logic = &lab.host("logic").ns;
 
     // `db` again, from another file: a duplicate, refused.
-    let moved =
-        format!("apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {{name: db}}\nspec:\n  identities:\n{db}");
-    std::fs::write(dir.join(".db.yaml.new"), moved).unwrap();
+    std::fs::write(dir.join(".db.yaml.new"), db_alone()).unwrap();
     std::fs::rename(dir.join(".db.yaml.new"), dir.join("db.yaml")).unwrap();
     let invalid = "bulkhead_policy_load_errors_total{reason=\"invalid\"}";
     wait_for_metric(&lab, &daemon, invalid, "1", |now| now == Some(1));
     assert_eq!(metric(&lab, &daemon, "bulkhead_policy_generation"), Some(1));
 
-    // The example without `db`: valid only with the refused file, which
-    // comes with it.
-    std::fs::write(dir.join(".p.yaml.new"), three_tier().replace(db, "")).unwrap();
+    // The example without `db`: the refused file's `db` is no longer a
+    // duplicate, and comes with this change (left out, no rule's `db`
+    // would be declared).
+    std::fs::write(dir.join(".p.yaml.new"), three_tier().replace(DB, "")).unwrap();
     std::fs::rename(dir.join(".p.yaml.new"), dir.join("p.yaml")).unwrap();
     wait_for_generation(&lab, &daemon, 2);
     assert_eq!(metric(&lab, &daemon, "bulkhead_policy_unmatched_peers"), Some(0), "{}", daemon.log_text());
