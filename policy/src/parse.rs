@@ -700,7 +700,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::{Parser, Policy, parse_file, rfc3339};
-    use crate::engine::stored::{Fragment, Interner};
+    use crate::engine::stored::{Fragment, Interner, Names};
     use crate::error::Diagnostic;
 
     /// The policy and problems as reading the whole tree at once gives them.
@@ -758,7 +758,9 @@ mod tests {
             assert_eq!(whole_problems, streamed_problems, "{text}");
             // The engine's path: each item stored as soon as it is read.
             let mut problems = Vec::new();
-            let fragment = Fragment::parse(&file, text, &mut Interner::default(), &mut problems);
+            let (mut labels, mut fresh) = (Interner::default(), std::collections::HashSet::new());
+            let mut names = Names { labels: &mut labels, known: &|_| None, fresh: &mut fresh };
+            let fragment = Fragment::parse(&file, text, &mut names, &mut problems);
             let mut stored = Policy::default();
             fragment.extend_policy(&mut stored);
             problems.sort_by(|a, b| a.location.cmp(&b.location));

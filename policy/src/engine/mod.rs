@@ -85,7 +85,7 @@ use self::labels::{LabelSelectors, Labels, labels_match};
 use self::partition::{Partition, Settled};
 use self::small::{DenseMap, NumberMap, SmallSet};
 pub use self::stored::Fragment;
-use self::stored::{Interner, StoredIdentity, StoredPeer, StoredRule, StoredSelector};
+use self::stored::{Interner, Names, StoredIdentity, StoredPeer, StoredRule, StoredSelector};
 
 /// Orders the entries that pass a pair with both ends open after every
 /// rule's (see [`crate::compile`]).
@@ -382,7 +382,8 @@ pub struct Engine {
     counts: EntryCounts,
     /// The sources the last `apply` replaced, for [`Engine::revert`].
     undo: Vec<(String, Option<Arc<Fragment>>)>,
-    /// Shares the names of identities and labels between fragments.
+    /// Shares label keys and values between fragments (identity names are
+    /// shared through their records in `checks`).
     names: Interner,
     /// `host` and `world`, as the atoms' owners are named.
     reserved: [Name; 2],
@@ -513,17 +514,22 @@ impl Engine {
         let mut problems = Vec::new();
         let mut replaced: Vec<(String, Option<Arc<Fragment>>)> = Vec::new();
         let mut incoming = Vec::new();
+        let checks = &self.checks;
+        let known = |name: &str| checks.identity_id(name).and_then(|id| checks.identity_name(id)).cloned();
+        let mut fresh = HashSet::new();
+        let mut names = Names { labels: &mut self.names, known: &known, fresh: &mut fresh };
         for change in changes {
             let fragment = match change.contents {
                 Contents::Removed => None,
-                Contents::Parsed(policy) => Some(Arc::new(Fragment::new(policy, &mut self.names))),
+                Contents::Parsed(policy) => Some(Arc::new(Fragment::new(policy, &mut names))),
                 Contents::Text(text) => {
                     let file: Arc<str> = Arc::from(change.source.as_str());
-                    Some(Arc::new(Fragment::parse(&file, &text, &mut self.names, &mut problems)))
+                    Some(Arc::new(Fragment::parse(&file, &text, &mut names, &mut problems)))
                 }
             };
             incoming.push((change.source, fragment));
         }
+        drop(fresh);
         let mut touched = Touched::default();
         for (source, fragment) in incoming {
             let old = self.replace_source(&source, fragment.as_ref(), &mut touched);
