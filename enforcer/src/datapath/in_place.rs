@@ -168,7 +168,7 @@ impl Datapath {
         // Names first: whatever is counted from now on can be named.
         for delta in &diff.atoms {
             if let Some(owner) = &delta.new {
-                self.slots[index].atom_names.insert(delta.key, Name::clone(owner));
+                self.slots[index].set_atom_name(delta.key, Some(owner));
             }
         }
         for delta in diff.rules.iter().filter(|d| d.new.is_some()) {
@@ -307,7 +307,7 @@ impl Datapath {
             *self.harvested_pairs.entry(pair).or_default() += count;
         }
         for atom in &atoms {
-            self.slots[slot].atom_names.remove(*atom);
+            self.slots[slot].set_atom_name(*atom, None);
         }
         if numbers_held {
             self.retiring.released.0.extend(atoms);
