@@ -165,9 +165,9 @@ impl RuleTable {
 ///
 /// The tables are shared between the two slots while they hold the same
 /// generation (after a large change, once the standby slot is caught up:
-/// see [`Datapath::prefill_standby`]) and copied by the first change to
+/// see `Datapath::prefill_standby`) and copied by the first change to
 /// either: at 100,000 rules each table is 0.8 MB, held once instead of
-/// twice while the policy rests, for one copy of about a millisecond.
+/// twice while the policy rests, for one copy of each at the next change.
 pub(super) struct Slot {
     /// The rule table of the generation in this slot: `rule_index` → rule.
     pub(super) rule_table: Arc<RuleTable>,
