@@ -759,7 +759,7 @@ mod tests {
             // The engine's path: each item stored as soon as it is read.
             let mut problems = Vec::new();
             let (mut labels, mut fresh) = (Interner::default(), std::collections::HashSet::new());
-            let mut names = Names { labels: &mut labels, known: &|_| None, fresh: &mut fresh };
+            let mut names = Names { labels: &mut labels, known: &|_| None, known_rule: &|_| None, fresh: &mut fresh };
             let fragment = Fragment::parse(&file, text, &mut names, &mut problems);
             let mut stored = Policy::default();
             fragment.extend_policy(&mut stored);

@@ -336,6 +336,11 @@ impl Checks {
         (only.map(|only| (Name::clone(name), Arc::clone(only))), record.number())
     }
 
+    /// Rule name `name` as its record holds it, while there is one.
+    pub(super) fn rule_name(&self, name: &str) -> Option<&Name> {
+        self.rules.get_key_value(name).map(|(name, _)| name)
+    }
+
     /// The declaration of identity `id` compiled now.
     pub(super) fn compiled_identity(&self, id: OwnerId) -> Option<&Arc<Identity>> {
         self.record(id).and_then(|record| record.compiled.as_ref())
@@ -565,6 +570,10 @@ impl Checks {
             let others_left = others.map_or(0, |others| others.len());
             if others_left == 0 {
                 self.duplicate_rules.remove(&*rule.name);
+                if self.duplicate_rules.is_empty() {
+                    // A refused change may have filled it: its room goes too.
+                    self.duplicate_rules = HashMap::new();
+                }
             }
             if record.declared.is_some() {
                 // Another declaration of the name is left: one duplicate fewer.

@@ -67,6 +67,10 @@ pub(crate) struct Names<'n> {
     /// a name a rule refers to is stored once, with no set of every name
     /// beside the records (1.2 MB at 100,000 identities).
     pub(crate) known: &'n dyn Fn(&str) -> Option<Name>,
+    /// A rule name the engine knows already, as its record holds it: a
+    /// file read again shares its rules' names with the records (100,000
+    /// rules kept a second copy of each name, 3.2 MB).
+    pub(crate) known_rule: &'n dyn Fn(&str) -> Option<Name>,
     /// Identity names new in this change, shared by all its fragments.
     pub(crate) fresh: &'n mut HashSet<Name>,
 }
@@ -82,6 +86,10 @@ impl Names<'_> {
         let name = Name::from(name);
         self.fresh.insert(Name::clone(&name));
         name
+    }
+
+    fn rule(&mut self, name: String) -> Name {
+        (self.known_rule)(&name).unwrap_or_else(|| Name::from(name))
     }
 }
 
@@ -391,7 +399,7 @@ impl crate::parse::Collect for FragmentBuilder<'_, '_> {
     fn rule(&mut self, rule: Rule) -> Arc<StoredRule> {
         let (from, to) = (self.peers(rule.from), self.peers(rule.to));
         Arc::new(StoredRule {
-            name: Name::from(rule.name),
+            name: self.names.rule(rule.name),
             action: rule.action,
             from,
             to,
