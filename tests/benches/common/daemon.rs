@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use lab::pki::Ca;
+use lab::pki::ApiPki;
 use lab::{Daemon, ScratchDir, ThreeTier};
 
 use std::time::Instant;
@@ -78,35 +78,23 @@ pub fn figures(
     let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier.yaml"))?;
     let variant = |k: usize| example.replace("8080/tcp", &format!("{}/tcp", 8080 + k % 2));
     std::fs::write(dir.join("p.yaml"), variant(0))?;
-    let (server_ca, client_ca) = (Ca::new("bench server CA"), Ca::new("bench client CA"));
-    let ca_pem = server_ca.write_pem(&pki, "server-ca.pem")?;
-    let client_ca_pem = client_ca.write_pem(&pki, "client-ca.pem")?;
-    let (cert, key) = server_ca.issue(&pki, "server", "server", false)?;
-    let (client_cert, client_key) = client_ca.issue(&pki, "operator", "bench-operator", false)?;
-    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let api_pki = ApiPki::issue(&pki)?;
     let rule_room = (big + 16).to_string();
-    let args = [
-        "--events-to",
-        "off",
-        "--rule-map-size",
-        &rule_room,
-        "--api-addr",
-        API,
-        "--tls-cert",
-        &path(&cert),
-        "--tls-key",
-        &path(&key),
-        "--client-ca",
-        &path(&client_ca_pem),
-        "--api-role",
-        "bench-operator=operator",
-    ];
+    let mut args: Vec<String> =
+        ["--events-to", "off", "--rule-map-size", &rule_room, "--api-addr", API].map(str::to_owned).into();
+    args.extend(api_pki.daemon_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log"), &args)?;
     std::thread::sleep(Duration::from_secs(1));
     let pid = daemon.pid();
     let idle_kib = footprint::rss_kib(pid);
     let program = LiveProgram::attached_under(&lab.bpffs_root())?;
-    let client = ClientFiles { ca: ca_pem, cert: client_cert, key: client_key, scratch: scratch.0.clone() };
+    let client = ClientFiles {
+        ca: api_pki.ca_pem,
+        cert: pki.join("operator.pem"),
+        key: pki.join("operator.key"),
+        scratch: scratch.0.clone(),
+    };
     let updates = if loads_only {
         None
     } else {
