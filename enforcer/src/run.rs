@@ -771,10 +771,11 @@ fn compacted(mut engine: policy::Engine) -> policy::Engine {
 /// while the delay is positive (with none, it assumes nothing waits
 /// there); a second one with the delay set to none returns at once the
 /// pages it frees itself, which otherwise wait for the allocator's next
-/// call. At 100k, one forced pass left 123 MiB until the idle daemon next
-/// allocated, and 108 MiB after; the two passes leave about 8 MiB less
-/// than that, at once. The delay stays for everything else: with none at
-/// all, loads take a fifth longer.
+/// call. At 100k, when the daemon held 97 MiB after a load, one forced
+/// pass left 123 MiB until the idle daemon next allocated, and 108 MiB
+/// after; the two passes left about 8 MiB less than that, at once. The
+/// delay stays for everything else: with none at all, loads took 10–20%
+/// longer (two measurements).
 fn return_freed_memory() {
     /// `mi_option_purge_delay` in mimalloc v2's `mimalloc.h` (the crate
     /// does not name it).
