@@ -441,7 +441,7 @@ impl Checks {
             }
         }
         self.identity_declarations += 1;
-        for pair in &identity.labels {
+        for pair in identity.labels() {
             let key = (pair.0.clone(), pair.1.clone());
             self.by_label.entry(key).or_default().insert(Arc::as_ptr(identity) as usize, Arc::clone(identity));
         }
@@ -487,7 +487,7 @@ impl Checks {
             }
         }
         self.identity_declarations -= 1;
-        for pair in &identity.labels {
+        for pair in identity.labels() {
             let key = (pair.0.clone(), pair.1.clone());
             if let Some(found) = self.by_label.get_mut(&key) {
                 found.remove(&(Arc::as_ptr(identity) as usize));
@@ -505,7 +505,7 @@ impl Checks {
         if self.label_refs.is_empty() {
             return;
         }
-        for wanted in self.selectors.satisfied_by(&identity.labels) {
+        for wanted in self.selectors.satisfied_by(identity.labels()) {
             if let Some((refs, matches)) = self.label_refs.get_mut(wanted) {
                 let before = *matches;
                 *matches = matches.saturating_add_signed(delta);
@@ -527,7 +527,7 @@ impl Checks {
         match smallest {
             None => self.identity_declarations,
             Some(None) => 0,
-            Some(Some(found)) => found.values().filter(|identity| labels_match(wanted, &identity.labels)).count(),
+            Some(Some(found)) => found.values().filter(|identity| labels_match(wanted, identity.labels())).count(),
         }
     }
 

@@ -964,10 +964,10 @@ impl Engine {
             // identity to another within one change.
             released.extend(old_nets.difference(&new_nets).copied());
             claimed.extend(new_nets.difference(&old_nets).map(|net| (*net, id)));
-            let pod_key = |i: &Arc<StoredIdentity>| i.pod.as_ref().map(|pod| (pod.namespace.clone(), i.labels.clone()));
+            let pod_key = |i: &Arc<StoredIdentity>| i.pod().map(|pod| (pod.namespace.clone(), i.labels().clone()));
             if current.as_ref().and_then(pod_key) != wanted.as_ref().and_then(pod_key) {
-                changed.pods.extend(current.iter().chain(&wanted).filter(|i| i.pod.is_some()).cloned());
-                if let Some(pod) = current.as_ref().and_then(|i| i.pod.as_ref())
+                changed.pods.extend(current.iter().chain(&wanted).filter(|i| i.pod().is_some()).cloned());
+                if let Some(pod) = current.as_ref().and_then(|i| i.pod())
                     && let Some(owners) = self.pods_by_namespace.get_mut(pod.namespace.as_str())
                 {
                     owners.remove(&id);
@@ -975,20 +975,20 @@ impl Engine {
                         self.pods_by_namespace.remove(pod.namespace.as_str());
                     }
                 }
-                if let Some(pod) = wanted.as_ref().and_then(|i| i.pod.as_ref()) {
+                if let Some(pod) = wanted.as_ref().and_then(|i| i.pod()) {
                     self.pods_by_namespace.entry(self.names.intern(&pod.namespace)).or_default().insert(id);
                 }
             }
-            let ports = |i: &Arc<StoredIdentity>| i.pod.as_ref().map(|pod| pod.ports.clone());
+            let ports = |i: &Arc<StoredIdentity>| i.pod().map(|pod| pod.ports.clone());
             if current.as_ref().and_then(ports) != wanted.as_ref().and_then(ports) {
                 changed.ports.push(id);
             }
-            let old_labels = current.as_ref().map(|i| &i.labels);
-            let new_labels = wanted.as_ref().map(|i| &i.labels);
+            let old_labels = current.as_ref().map(|i| i.labels());
+            let new_labels = wanted.as_ref().map(|i| i.labels());
             if old_labels != new_labels {
-                changed.relabelled.extend(current.iter().chain(&wanted).map(|i| i.labels.clone()));
+                changed.relabelled.extend(current.iter().chain(&wanted).map(|i| i.labels().clone()));
                 if let Some(old) = &current {
-                    for pair in &old.labels {
+                    for pair in old.labels() {
                         let key = (pair.0.clone(), pair.1.clone());
                         if let Some(ids) = self.by_label.get_mut(&key) {
                             ids.remove(&id);
@@ -999,7 +999,7 @@ impl Engine {
                     }
                 }
                 if let Some(new) = &wanted {
-                    for pair in &new.labels {
+                    for pair in new.labels() {
                         self.by_label.entry((pair.0.clone(), pair.1.clone())).or_default().insert(id);
                     }
                 }
@@ -1032,7 +1032,7 @@ impl Engine {
             if let Some(owner) = owner {
                 dirty_rules.extend(self.checks.rules_naming(*owner));
                 if let Some(identity) = self.checks.compiled_identity(*owner) {
-                    let labels = identity.labels.clone();
+                    let labels = identity.labels().clone();
                     dirty_rules.extend(self.label_rules_matching(&labels));
                     dirty_rules.extend(self.pod_rules_selecting(identity));
                 }
@@ -1056,8 +1056,8 @@ impl Engine {
     /// Active rules with a pod selector that selects `identity`.
     fn pod_rules_selecting<'a>(&'a self, identity: &'a StoredIdentity) -> impl Iterator<Item = u32> + 'a {
         let mut candidates: Vec<u32> = self.pod_rules_any.iter().copied().collect();
-        if identity.pod.is_some() {
-            for pair in &identity.labels {
+        if identity.pod().is_some() {
+            for pair in identity.labels() {
                 candidates.extend(self.pod_rules_by_label.get(pair).into_iter().flatten().copied());
             }
         }
@@ -1075,12 +1075,12 @@ impl Engine {
 
     /// Whether `identity` is a pod `peer` chooses.
     fn pod_selected(&self, peer: &PodPeer, identity: &StoredIdentity) -> bool {
-        let Some(pod) = &identity.pod else { return false };
+        let Some(pod) = identity.pod() else { return false };
         let namespace = self.namespaces.get(&pod.namespace).and_then(|declared| declared.first());
         peer.matches_by(
             &pod.namespace,
             |key| namespace.and_then(|n| n.labels.get(key)).map(String::as_str),
-            |key| identity.labels.get(key).map(|value| &**value),
+            |key| identity.labels().get(key).map(|value| &**value),
         )
     }
 
@@ -1313,7 +1313,7 @@ impl Engine {
             Some(Some(ids)) => ids
                 .iter()
                 .copied()
-                .filter(|id| self.checks.compiled_identity(*id).is_some_and(|i| labels_match(wanted, &i.labels)))
+                .filter(|id| self.checks.compiled_identity(*id).is_some_and(|i| labels_match(wanted, i.labels())))
                 .collect(),
         }
     }
@@ -1377,7 +1377,7 @@ impl Engine {
         let mut claims: Vec<Claim<&str>> = Vec::new();
         let dst_ports = || {
             let owner = self.partition.owner_of(dst).flatten()?;
-            Some(&self.checks.compiled_identity(owner)?.pod.as_ref()?.ports)
+            Some(&self.checks.compiled_identity(owner)?.pod()?.ports)
         };
         for id in self.rules_from.get(&src).into_iter().flatten() {
             let Some(active) = self.active.get(id) else { continue };
@@ -1489,21 +1489,21 @@ impl Engine {
                 .checks
                 .compiled_declarations()
                 .flat_map(|(_, declared)| declared.iter())
-                .filter(|d| d.pod.as_ref().is_some_and(|pod| pod.namespace == *namespace && pod.name == *name))
+                .filter(|d| d.pod().is_some_and(|pod| pod.namespace == *namespace && pod.name == *name))
                 .flat_map(|d| nets(d))
                 .collect(),
-            Target::Selector { namespace, labels } => {
-                self.checks
-                    .compiled_declarations()
-                    .map(|(compiled, _)| compiled)
-                    .filter(|identity| {
-                        namespace.as_ref().is_none_or(|namespace| {
-                            identity.pod.as_ref().is_some_and(|pod| pod.namespace == *namespace)
-                        }) && labels.iter().all(|(key, value)| identity.labels.get(key).is_some_and(|v| **v == **value))
-                    })
-                    .flat_map(|identity| nets(identity))
-                    .collect()
-            }
+            Target::Selector { namespace, labels } => self
+                .checks
+                .compiled_declarations()
+                .map(|(compiled, _)| compiled)
+                .filter(|identity| {
+                    namespace
+                        .as_ref()
+                        .is_none_or(|namespace| identity.pod().is_some_and(|pod| pod.namespace == *namespace))
+                        && labels.iter().all(|(key, value)| identity.labels().get(key).is_some_and(|v| **v == **value))
+                })
+                .flat_map(|identity| nets(identity))
+                .collect(),
         }
     }
 
@@ -1512,14 +1512,14 @@ impl Engine {
     #[must_use]
     pub fn pod_identity(&self, name: &str) -> Option<(String, std::collections::BTreeMap<String, String>)> {
         let identity = self.checks.compiled_identity(self.checks.identity_id(name)?)?;
-        let namespace = identity.pod.as_ref()?.namespace.clone();
-        Some((namespace, identity.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
+        let namespace = identity.pod()?.namespace.clone();
+        Some((namespace, identity.labels().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
     }
 
     /// The pod (`namespace/name`) of identity `owner` at `addr`.
     fn pod_name(&self, owner: OwnerId, addr: IpAddr) -> Option<String> {
         let identity = self.checks.compiled_identity(owner)?;
-        let namespace = &identity.pod.as_ref()?.namespace;
+        let namespace = &identity.pod()?.namespace;
         Some(format!("{namespace}/{}", self.checks.pod_at(owner, addr)?))
     }
 }

@@ -92,9 +92,11 @@ impl PrefixState {
     }
 }
 
-/// One atom, 48 bytes (in a vector of 100,000): its [`AtomKey`] is kept
+/// One atom, 40 bytes (in a vector of 100,000): its [`AtomKey`] is kept
 /// as an owner number and, for the few atoms inside CIDR peers, their list
-/// behind a thin pointer, where the key's own form takes 24 bytes.
+/// behind a thin pointer, where the key's own form takes 24 bytes. Its
+/// first identity entry is inline (an identity's one address, mostly); an
+/// inline set of prefixes beside the pointer took the state to 48.
 #[derive(Debug)]
 struct AtomState {
     /// [`NO_OWNER`] for none.
@@ -102,17 +104,24 @@ struct AtomState {
     /// Prefixes whose atom this is.
     prefixes: u32,
     flags: u32,
-    /// The CIDR peers its addresses are part of, sorted; `None` for none.
-    #[allow(clippy::box_collection, reason = "a thin pointer, for the state's size; see above")]
-    cidrs: Option<Box<Vec<SelectorId>>>,
-    /// Prefixes with an identity entry of this atom.
-    entries: SmallSet<IpNet, 1>,
+    /// The lowest prefix with an identity entry of this atom.
+    first_entry: Option<IpNet>,
+    /// The CIDR peers and the other entries, when there are any.
+    more: Option<Box<AtomMore>>,
+}
+
+#[derive(Debug, Default)]
+struct AtomMore {
+    /// The CIDR peers its addresses are part of, sorted.
+    cidrs: Vec<SelectorId>,
+    /// Prefixes with an identity entry after the first, sorted.
+    entries: Vec<IpNet>,
 }
 
 impl AtomState {
     fn new(key: AtomKey, flags: u32) -> Self {
-        let cidrs = (!key.1.is_empty()).then(|| Box::new(key.1.into_vec()));
-        Self { owner: key.0.unwrap_or(NO_OWNER), prefixes: 0, flags, cidrs, entries: SmallSet::default() }
+        let more = (!key.1.is_empty()).then(|| Box::new(AtomMore { cidrs: key.1.into_vec(), entries: Vec::new() }));
+        Self { owner: key.0.unwrap_or(NO_OWNER), prefixes: 0, flags, first_entry: None, more }
     }
 
     fn owner(&self) -> Option<OwnerId> {
@@ -120,11 +129,48 @@ impl AtomState {
     }
 
     fn cidrs(&self) -> &[SelectorId] {
-        self.cidrs.as_deref().map_or(&[], Vec::as_slice)
+        self.more.as_ref().map_or(&[], |more| &more.cidrs)
     }
 
     fn is(&self, key: &AtomKey) -> bool {
         self.owner() == key.0 && self.cidrs() == &*key.1
+    }
+
+    /// The prefixes with an identity entry of this atom, in order.
+    fn entries(&self) -> impl Iterator<Item = &IpNet> {
+        let more = self.more.as_ref().map_or(&[][..], |more| &more.entries);
+        self.first_entry.iter().chain(more)
+    }
+
+    fn add_entry(&mut self, net: IpNet) {
+        match self.first_entry {
+            None => self.first_entry = Some(net),
+            Some(first) if first == net => {}
+            Some(first) => {
+                let (low, high) = if net < first { (net, first) } else { (first, net) };
+                self.first_entry = Some(low);
+                let more = &mut self.more.get_or_insert_with(Box::default).entries;
+                if let Err(at) = more.binary_search(&high) {
+                    more.insert(at, high);
+                }
+            }
+        }
+    }
+
+    fn remove_entry(&mut self, net: &IpNet) {
+        if self.first_entry.as_ref() == Some(net) {
+            self.first_entry =
+                self.more.as_mut().and_then(|more| (!more.entries.is_empty()).then(|| more.entries.remove(0)));
+        } else if let Some(more) = self.more.as_mut()
+            && let Ok(at) = more.entries.binary_search(net)
+        {
+            more.entries.remove(at);
+        } else {
+            return;
+        }
+        if self.more.as_ref().is_some_and(|more| more.cidrs.is_empty() && more.entries.is_empty()) {
+            self.more = None;
+        }
     }
 }
 
@@ -383,7 +429,7 @@ impl Partition {
             if before != id {
                 if let Some(atom) = self.atoms.get_mut(&before) {
                     atom.prefixes -= 1;
-                    atom.entries.remove(&net);
+                    atom.remove_entry(&net);
                     touched_atoms.insert(before);
                 }
                 state.atom = id;
@@ -397,9 +443,9 @@ impl Partition {
                 state.has_entry = wanted.is_some();
             }
             if wanted.is_some() {
-                atom.entries.insert(net);
+                atom.add_entry(net);
             } else {
-                atom.entries.remove(&net);
+                atom.remove_entry(&net);
             }
         }
         let mut vanished = Vec::new();
@@ -449,7 +495,7 @@ impl Partition {
             }
             if let Some(atom) = self.atoms.get_mut(&state.atom) {
                 atom.prefixes -= 1;
-                atom.entries.remove(&net);
+                atom.remove_entry(&net);
                 touched_atoms.insert(state.atom);
             }
         }
@@ -463,7 +509,7 @@ impl Partition {
         }
         let (old, new) = (IdentityValue { id, flags: atom.flags }, IdentityValue { id, flags });
         atom.flags = flags;
-        for net in &atom.entries {
+        for net in atom.entries() {
             if self.prefixes.get(net).is_some_and(|state| state.has_entry) {
                 identities.record(*net, Some(old), Some(new));
             }
@@ -589,6 +635,35 @@ mod tests {
     /// One state per atom, 100,000 of them at scale.
     #[test]
     fn atom_states_stay_compact() {
-        assert_eq!(size_of::<Option<super::AtomState>>(), 48);
+        assert_eq!(size_of::<Option<super::AtomState>>(), 40);
+    }
+
+    /// An atom's entries (the first inline, the others boxed) behave as a
+    /// sorted set, and the box goes once nothing is left in it.
+    #[test]
+    fn atom_entries_behave_like_a_sorted_set() {
+        use std::collections::BTreeSet;
+
+        use ipnet::IpNet;
+
+        for cidrs in [Vec::new(), vec![7]] {
+            let mut atom = super::AtomState::new((Some(1), cidrs.clone().into_boxed_slice()), 0);
+            let mut model = BTreeSet::new();
+            let mut x: u32 = 11;
+            for _ in 0..3000 {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let net = IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from((10 << 24) | ((x >> 16) % 6))));
+                if x & 1 == 0 {
+                    atom.add_entry(net);
+                    model.insert(net);
+                } else {
+                    atom.remove_entry(&net);
+                    model.remove(&net);
+                }
+                assert!(atom.entries().copied().eq(model.iter().copied()));
+                assert_eq!(atom.cidrs(), cidrs.as_slice());
+                assert_eq!(atom.more.is_some(), model.len() > 1 || !cidrs.is_empty());
+            }
+        }
     }
 }
