@@ -107,9 +107,92 @@ impl<'a, T: Ord + Copy + Default, const N: usize> IntoIterator for &'a SmallSet<
     }
 }
 
+/// One end of a rule: its sources or its destinations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    From = 0,
+    To = 1,
+}
+
+/// Numbers at both ends in one sorted set: the atoms a rule selects as
+/// sources and as destinations, or the rules selecting an atom as one or
+/// the other. Each is kept shifted left, its end in the low bit, so one
+/// at each end (a rule of one identity to another, an identity one rule
+/// lets out and another in) is two numbers inline in 16 bytes, where a set
+/// for each end took 32 (3.4 MB at 100,000 rules).
+///
+/// The numbers are atom and rule numbers, handed out lowest first and one
+/// for each atom or rule in force: they stay far below 2^31, which would
+/// take billions of prefixes or rules in memory.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BothEnds(SmallSet<u32>);
+
+impl BothEnds {
+    fn tag(number: u32, end: End) -> u32 {
+        debug_assert!(number < 1 << 31, "number {number} too large to tag");
+        (number << 1) | end as u32
+    }
+
+    /// From the numbers at each end, each list sorted.
+    pub(crate) fn from_ends(from: &[u32], to: &[u32]) -> Self {
+        let mut tagged: Vec<u32> = from.iter().map(|&n| Self::tag(n, End::From)).collect();
+        tagged.extend(to.iter().map(|&n| Self::tag(n, End::To)));
+        tagged.sort_unstable();
+        Self(SmallSet::from_sorted(tagged))
+    }
+
+    /// The numbers at `end`, in order.
+    pub(crate) fn at(&self, end: End) -> impl Iterator<Item = u32> + '_ {
+        let bit = end as u32;
+        self.0.iter().filter(move |&&tagged| tagged & 1 == bit).map(|&tagged| tagged >> 1)
+    }
+
+    /// The numbers at `end`, in order, collected.
+    pub(crate) fn list(&self, end: End) -> Vec<u32> {
+        self.at(end).collect()
+    }
+
+    pub(crate) fn contains(&self, number: u32, end: End) -> bool {
+        self.0.contains(&Self::tag(number, end))
+    }
+
+    pub(crate) fn insert(&mut self, number: u32, end: End) -> bool {
+        self.0.insert(Self::tag(number, end))
+    }
+
+    pub(crate) fn remove(&mut self, number: u32, end: End) -> bool {
+        self.0.remove(&Self::tag(number, end))
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::SmallSet;
+    use super::{BothEnds, End, SmallSet};
+
+    #[test]
+    fn both_ends_keep_their_numbers_apart() {
+        let mut ends = BothEnds::from_ends(&[3, 9], &[3, 4]);
+        assert_eq!(ends.list(End::From), [3, 9]);
+        assert_eq!(ends.list(End::To), [3, 4]);
+        assert!(ends.contains(9, End::From) && !ends.contains(9, End::To));
+        assert!(ends.remove(3, End::From) && !ends.remove(3, End::From));
+        assert!(ends.insert(7, End::To) && !ends.insert(7, End::To));
+        assert_eq!(ends.list(End::From), [9]);
+        assert_eq!(ends.list(End::To), [3, 4, 7]);
+        ends.remove(9, End::From);
+        for n in [3, 4, 7] {
+            ends.remove(n, End::To);
+        }
+        assert!(ends.is_empty());
+        let largest = (1 << 31) - 1;
+        let ends = BothEnds::from_ends(&[largest], &[0]);
+        assert_eq!((ends.list(End::From), ends.list(End::To)), (vec![largest], vec![0]));
+        assert_eq!(size_of::<BothEnds>(), 16);
+    }
 
     #[test]
     fn behaves_like_a_sorted_set() {
@@ -287,18 +370,5 @@ impl<V> DenseMap<V> {
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &V)> + '_ {
         #[allow(clippy::cast_possible_truncation, reason = "keys are u32, so every index is one")]
         self.slots.iter().enumerate().filter_map(|(at, slot)| slot.as_ref().map(|value| (at as u32, value)))
-    }
-}
-
-#[allow(clippy::trivially_copy_pass_by_ref, reason = "called as the hash maps it replaced are")]
-impl DenseMap<SmallSet<u32>> {
-    /// Takes `item` out of the set of `key`, dropping the set once empty.
-    pub(crate) fn remove_from(&mut self, key: &u32, item: u32) {
-        if let Some(set) = self.get_mut(key) {
-            set.remove(&item);
-            if set.is_empty() {
-                self.remove(key);
-            }
-        }
     }
 }
