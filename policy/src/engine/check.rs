@@ -577,7 +577,7 @@ impl Checks {
             }
         }
         for peer in rule.from.iter().chain(&rule.to) {
-            match &peer.selector {
+            match peer {
                 Selector::Identity(name) if &**name == WORLD || &**name == HOST => {}
                 Selector::Identity(name) => {
                     let (_, record) = self.record_for(name);
@@ -623,7 +623,7 @@ impl Checks {
             }
         }
         for peer in rule.from.iter().chain(&rule.to) {
-            match &peer.selector {
+            match peer {
                 Selector::Identity(name) if &**name == WORLD || &**name == HOST => {}
                 Selector::Identity(name) => {
                     if let Some(id) = self.identity_id(name)

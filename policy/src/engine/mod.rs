@@ -85,7 +85,7 @@ use self::labels::{LabelSelectors, Labels, labels_match};
 use self::partition::{Partition, Settled};
 use self::small::{BothEnds, DenseMap, End, NumberMap, SmallSet};
 pub use self::stored::Fragment;
-use self::stored::{Interner, Names, StoredIdentity, StoredPeer, StoredRule, StoredSelector};
+use self::stored::{Interner, Names, StoredIdentity, StoredRule, StoredSelector};
 
 /// Orders the entries that pass a pair with both ends open after every
 /// rule's (see [`crate::compile`]).
@@ -1063,7 +1063,7 @@ impl Engine {
         candidates.dedup();
         candidates.into_iter().filter(move |id| {
             self.active.get(id).is_some_and(|active| {
-                active.rule.from.iter().chain(&active.rule.to).any(|peer| match &peer.selector {
+                active.rule.from.iter().chain(&active.rule.to).any(|peer| match peer {
                     StoredSelector::Pods(pods) => self.pod_selected(pods, identity),
                     _ => false,
                 })
@@ -1122,7 +1122,7 @@ impl Engine {
             self.expiries.insert((expires, Name::clone(&rule.name)));
         }
         for peer in rule.from.iter().chain(&rule.to) {
-            match &peer.selector {
+            match peer {
                 StoredSelector::Identity(target) if &**target == WORLD => {
                     self.world_rules.insert(id);
                 }
@@ -1195,7 +1195,7 @@ impl Engine {
         if self.pod_rules.remove(&id) {
             self.pod_rules_any.remove(&id);
             for peer in active.rule.from.iter().chain(&active.rule.to) {
-                if let StoredSelector::Pods(pods) = &peer.selector
+                if let StoredSelector::Pods(pods) = peer
                     && let Some((key, value)) = pods.pods.match_labels.iter().next()
                 {
                     let pair = (Name::from(key.as_str()), Name::from(value.as_str()));
@@ -1204,7 +1204,7 @@ impl Engine {
             }
         }
         for peer in active.rule.from.iter().chain(&active.rule.to) {
-            match &peer.selector {
+            match peer {
                 StoredSelector::Identity(target) if &**target == WORLD => {
                     self.world_rules.remove(&id);
                 }
@@ -1245,10 +1245,10 @@ impl Engine {
     }
 
     /// The atoms `peers` select now.
-    fn select(&self, peers: &[StoredPeer]) -> Vec<IdentityId> {
+    fn select(&self, peers: &[StoredSelector]) -> Vec<IdentityId> {
         let mut atoms = Vec::new();
         for peer in peers {
-            match &peer.selector {
+            match peer {
                 StoredSelector::Identity(name) if &**name == WORLD => atoms.extend(self.partition.atoms_of(None)),
                 StoredSelector::Identity(name) if &**name == HOST => {
                     atoms.push(IDENTITY_HOST);
@@ -1395,9 +1395,9 @@ impl Engine {
             let Some(active) = self.active.get(&id) else { continue };
             if active.selected.contains(dst, End::To) {
                 let rule = &active.rule;
-                let named = (rule.ports.is_some() && !rule.named_ports().is_empty()).then(dst_ports).flatten();
+                let named = (rule.ports().is_some() && !rule.named_ports().is_empty()).then(dst_ports).flatten();
                 let named = named.into_iter().flat_map(|ports| named_port_ranges(rule.named_ports(), ports));
-                claims.extend(rule_ranges(rule.ports.as_deref()).chain(named).map(|(first, last)| Claim {
+                claims.extend(rule_ranges(rule.ports()).chain(named).map(|(first, last)| Claim {
                     action: rule.action,
                     order: &*rule.name,
                     rule_index: id,
@@ -1687,7 +1687,7 @@ mod tests {
             let id = engine.checks.identity_id(&identity.name).unwrap();
             assert!(Name::ptr_eq(&identity.name, engine.checks.identity_name(id).unwrap()), "{}", identity.name);
         }
-        let super::StoredSelector::Identity(to) = &rule.to[0].selector else { panic!("a peer naming b") };
+        let super::StoredSelector::Identity(to) = &rule.to[0] else { panic!("a peer naming b") };
         assert!(Name::ptr_eq(to, &fragment.identities[1].name), "the peer's name is the declaration's");
     }
 }

@@ -8,7 +8,8 @@
 //! label set is a B-tree with a node of its own, an identity named by a
 //! rule is a string of its own. At 100,000 identities and rules that was
 //! about 50 MB held for as long as the policy is enforced. Kept here, a
-//! position is three numbers (the file is the fragment's), an identity's
+//! position is two or three numbers (the file is the fragment's), a
+//! rule's one peer at each end packed into one each, an identity's
 //! name is shared with its record in the engine and labels through the
 //! engine's [`Interner`], and lists are boxed slices.
 
@@ -186,38 +187,96 @@ pub(crate) struct StoredAddress {
     at: LineColumn,
 }
 
+/// A rule, 80 bytes (an allocation of 96 with its `Arc`): its peers
+/// without their positions, which for the usual rule of one peer at each
+/// end are packed beside them ([`PackedAt`]); what few rules have (more
+/// peers, more ports, an expiry, ports by name, a file other than the
+/// fragment's first) in a [`RuleTail`] behind one thin pointer.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct StoredRule {
     pub(crate) name: Name,
+    pub(crate) from: Few<StoredSelector>,
+    pub(crate) to: Few<StoredSelector>,
+    ports: RulePorts,
+    /// In the fragment's first file, unless the tail names another.
+    at: LineColumn,
+    /// The one peer's position at each end, when both ends have at most
+    /// one and their positions pack; else every peer's is in the tail.
+    peers_at: [PackedAt; 2],
     pub(crate) action: Action,
-    pub(crate) from: Few<StoredPeer>,
-    pub(crate) to: Few<StoredPeer>,
-    /// `None` when `ports` is omitted: the rule covers every protocol.
-    pub(crate) ports: Option<Few<PortSpec>>,
     pub(crate) side: Side,
-    /// What few rules have: an expiry, ports by name.
-    extras: Option<Box<RuleExtras>>,
-    at: Pos,
+}
+
+/// A rule's ports: most name one port or range, or none (every protocol).
+#[derive(Debug, PartialEq, Eq)]
+enum RulePorts {
+    All,
+    One(PortSpec),
+    Tail(Box<RuleTail>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
-struct RuleExtras {
+struct RuleTail {
+    /// `None` when `ports` is omitted: the rule covers every protocol.
+    ports: Option<Box<[PortSpec]>>,
     /// When the rule lapses, in nanoseconds since the epoch (see
     /// [`StoredRule::expires`]).
     expires_ns: Option<NonZeroU64>,
     named_ports: Box<[PortName]>,
+    /// The rule's file among the fragment's, when not the first.
+    file: u32,
+    /// Every peer's position, `from` then `to`, when they are not packed.
+    peers_at: Option<Box<[LineColumn]>>,
+}
+
+/// A peer's position relative to its rule's: lines after the rule's in
+/// the top 12 bits, the column in the low 20. [`PackedAt::NONE`] when
+/// there is none, or it does not fit (a peer 4,096 lines from its rule,
+/// or a column past a million, as in a policy written on one line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PackedAt(u32);
+
+impl PackedAt {
+    const NONE: Self = Self(u32::MAX);
+    const COLUMN_BITS: u32 = 20;
+
+    fn pack(rule: LineColumn, peer: LineColumn) -> Option<Self> {
+        let lines = peer.line.checked_sub(rule.line)?;
+        let fits = lines < 1 << (32 - Self::COLUMN_BITS) && peer.column < (1 << Self::COLUMN_BITS) - 1;
+        fits.then_some(Self((lines << Self::COLUMN_BITS) | peer.column))
+    }
+
+    fn unpack(self, rule: LineColumn) -> LineColumn {
+        LineColumn { line: rule.line + (self.0 >> Self::COLUMN_BITS), column: self.0 & ((1 << Self::COLUMN_BITS) - 1) }
+    }
 }
 
 impl StoredRule {
+    fn tail(&self) -> Option<&RuleTail> {
+        match &self.ports {
+            RulePorts::Tail(tail) => Some(tail),
+            RulePorts::All | RulePorts::One(_) => None,
+        }
+    }
+
+    /// The rule's ports; `None` when it covers every protocol.
+    pub(crate) fn ports(&self) -> Option<&[PortSpec]> {
+        match &self.ports {
+            RulePorts::All => None,
+            RulePorts::One(one) => Some(std::slice::from_ref(one)),
+            RulePorts::Tail(tail) => tail.ports.as_deref(),
+        }
+    }
+
     /// When the rule lapses by itself, if it does.
     pub(crate) fn expires(&self) -> Option<SystemTime> {
-        let ns = self.extras.as_ref()?.expires_ns?;
+        let ns = self.tail()?.expires_ns?;
         Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.get()))
     }
 
     /// Ports by name, each looked up among the destination pod's ports.
     pub(crate) fn named_ports(&self) -> &[PortName] {
-        self.extras.as_ref().map_or(&[], |extras| &extras.named_ports)
+        self.tail().map_or(&[], |tail| &tail.named_ports)
     }
 
     /// Whether the rule is in force at `now`.
@@ -227,23 +286,28 @@ impl StoredRule {
 
     /// Whether two versions of a rule compile alike (positions aside).
     pub(crate) fn compiles_like(&self, other: &StoredRule) -> bool {
-        fn same_peers(a: &[StoredPeer], b: &[StoredPeer]) -> bool {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.selector == y.selector)
-        }
         self.action == other.action
             && self.side == other.side
-            && self.ports == other.ports
-            && self.extras == other.extras
-            && same_peers(&self.from, &other.from)
-            && same_peers(&self.to, &other.to)
+            && self.ports() == other.ports()
+            && self.tail().and_then(|tail| tail.expires_ns) == other.tail().and_then(|tail| tail.expires_ns)
+            && self.named_ports() == other.named_ports()
+            && self.from == other.from
+            && self.to == other.to
     }
-}
 
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct StoredPeer {
-    pub(crate) selector: StoredSelector,
-    /// In the rule's file.
-    at: LineColumn,
+    /// The rule's own position.
+    fn pos(&self) -> Pos {
+        Pos { file: self.tail().map_or(0, |tail| tail.file), at: self.at }
+    }
+
+    /// The positions of its peers, `from` then `to`.
+    fn peer_positions(&self) -> Vec<LineColumn> {
+        if let Some(all) = self.tail().and_then(|tail| tail.peers_at.as_deref()) {
+            return all.to_vec();
+        }
+        let ends = [(self.from.len(), self.peers_at[0]), (self.to.len(), self.peers_at[1])];
+        ends.iter().filter(|(peers, _)| *peers == 1).map(|(_, packed)| packed.unpack(self.at)).collect()
+    }
 }
 
 /// [`Selector`], compact: all but the common peer, one naming an identity,
@@ -381,11 +445,13 @@ impl<'a, 'n> FragmentBuilder<'a, 'n> {
         Pos { file: u32::try_from(file).unwrap_or(u32::MAX), at: Self::line_column(location) }
     }
 
-    fn peers(&mut self, peers: Vec<Peer>) -> Few<StoredPeer> {
+    /// The peers' selectors; their positions are appended to `positions`.
+    fn peers(&mut self, peers: Vec<Peer>, positions: &mut Vec<LineColumn>) -> Few<StoredSelector> {
         peers
             .into_iter()
-            .map(|peer| StoredPeer {
-                selector: match peer.selector {
+            .map(|peer| {
+                positions.push(Self::line_column(&peer.location));
+                match peer.selector {
                     Selector::Identity(name) => StoredSelector::Identity(self.names.identity(&name)),
                     Selector::Labels(labels) => {
                         StoredSelector::Labels(Box::new(Labels::new(&labels, self.names.labels)))
@@ -394,8 +460,7 @@ impl<'a, 'n> FragmentBuilder<'a, 'n> {
                         StoredSelector::Cidr(Box::new(CidrPeer { cidr, except: except.into_boxed_slice() }))
                     }
                     Selector::Pods(pods) => StoredSelector::Pods(Box::new(pods)),
-                },
-                at: Self::line_column(&peer.location),
+                }
             })
             .collect()
     }
@@ -418,21 +483,46 @@ impl crate::parse::Collect for FragmentBuilder<'_, '_> {
     }
 
     fn rule(&mut self, rule: Rule) -> Arc<StoredRule> {
-        let (from, to) = (self.peers(rule.from), self.peers(rule.to));
+        let mut positions = Vec::new();
+        let from = self.peers(rule.from, &mut positions);
+        let to = self.peers(rule.to, &mut positions);
+        let Pos { file, at } = self.pos(&rule.location);
+        // The one peer at each end, packed, when that is what there is.
+        let packed = (from.len() <= 1 && to.len() <= 1).then(|| {
+            let mut at_each = positions.iter();
+            let mut end = |peers: usize| match peers {
+                0 => Some(PackedAt::NONE),
+                _ => at_each.next().and_then(|peer| PackedAt::pack(at, *peer)),
+            };
+            Some([end(from.len())?, end(to.len())?])
+        });
+        let peers_at = packed.flatten();
+        let one_port = match rule.ports.as_deref() {
+            None => Some(RulePorts::All),
+            Some([one]) => Some(RulePorts::One(*one)),
+            Some(_) => None,
+        };
+        let ports = match one_port {
+            Some(ports) if file == 0 && peers_at.is_some() && rule.expires.is_none() && rule.named_ports.is_empty() => {
+                ports
+            }
+            _ => RulePorts::Tail(Box::new(RuleTail {
+                ports: rule.ports.map(Vec::into_boxed_slice),
+                expires_ns: rule.expires.map(nanos_since_epoch),
+                named_ports: rule.named_ports.into_boxed_slice(),
+                file,
+                peers_at: peers_at.is_none().then(|| positions.into_boxed_slice()),
+            })),
+        };
         Arc::new(StoredRule {
             name: self.names.rule(rule.name),
-            action: rule.action,
             from,
             to,
-            ports: rule.ports.map(|ports| ports.into_iter().collect()),
+            ports,
+            at,
+            peers_at: peers_at.unwrap_or([PackedAt::NONE; 2]),
+            action: rule.action,
             side: rule.side,
-            extras: (rule.expires.is_some() || !rule.named_ports.is_empty()).then(|| {
-                Box::new(RuleExtras {
-                    expires_ns: rule.expires.map(nanos_since_epoch),
-                    named_ports: rule.named_ports.into_boxed_slice(),
-                })
-            }),
-            at: self.pos(&rule.location),
         })
     }
 
@@ -511,30 +601,34 @@ impl Fragment {
                 location: location(identity.at, identity.at.at),
             }
         }));
-        let peers = |rule: Pos, peers: &[StoredPeer]| -> Vec<Peer> {
+        let peers = |rule: Pos, peers: &[StoredSelector], at: &mut dyn Iterator<Item = LineColumn>| -> Vec<Peer> {
             peers
                 .iter()
                 .map(|peer| Peer {
-                    selector: match &peer.selector {
+                    selector: match peer {
                         StoredSelector::Identity(name) => Selector::Identity(name.to_string()),
                         StoredSelector::Labels(labels) => Selector::Labels(labels.to_map()),
                         StoredSelector::Cidr(peer) => Selector::Cidr { cidr: peer.cidr, except: peer.except.to_vec() },
                         StoredSelector::Pods(pods) => Selector::Pods(PodPeer::clone(pods)),
                     },
-                    location: location(rule, peer.at),
+                    location: location(rule, at.next().unwrap_or(rule.at)),
                 })
                 .collect()
         };
-        policy.rules.extend(self.rules.iter().map(|rule| Rule {
-            name: rule.name.to_string(),
-            action: rule.action,
-            from: peers(rule.at, &rule.from),
-            to: peers(rule.at, &rule.to),
-            ports: rule.ports.as_ref().map(|ports| ports.to_vec()),
-            named_ports: rule.named_ports().to_vec(),
-            expires: rule.expires(),
-            side: rule.side,
-            location: location(rule.at, rule.at.at),
+        policy.rules.extend(self.rules.iter().map(|rule| {
+            let pos = rule.pos();
+            let mut at = rule.peer_positions().into_iter();
+            Rule {
+                name: rule.name.to_string(),
+                action: rule.action,
+                from: peers(pos, &rule.from, &mut at),
+                to: peers(pos, &rule.to, &mut at),
+                ports: rule.ports().map(<[PortSpec]>::to_vec),
+                named_ports: rule.named_ports().to_vec(),
+                expires: rule.expires(),
+                side: rule.side,
+                location: location(pos, rule.at),
+            }
         }));
         policy.namespaces.extend(self.namespaces.iter().cloned());
         policy.notes.extend(self.notes.iter().cloned());
@@ -550,7 +644,7 @@ impl Labels {
 
 #[cfg(test)]
 mod tests {
-    use super::{Few, StoredIdentity, StoredPeer, StoredRule};
+    use super::{Few, LineColumn, PackedAt, StoredIdentity, StoredRule, StoredSelector};
 
     #[test]
     fn few_keeps_order_and_items() {
@@ -561,15 +655,59 @@ mod tests {
         }
     }
 
-    /// The sizes the module's compactness rests on: a rule of one peer a
-    /// side and one port is one allocation of 112 bytes with its `Arc` (the
-    /// allocator's size class; 97 bytes would take 128).
+    /// The sizes the module's compactness rests on: a rule is one
+    /// allocation of 96 bytes with its `Arc` (the allocator's size class;
+    /// 81 bytes would take 112).
     #[test]
     fn records_stay_compact() {
-        assert_eq!(size_of::<StoredPeer>(), 24);
-        assert_eq!(size_of::<Few<StoredPeer>>(), 24);
-        assert_eq!(size_of::<Option<Few<crate::model::PortSpec>>>(), 16);
-        assert!(size_of::<StoredRule>() <= 96);
+        assert_eq!(size_of::<Few<StoredSelector>>(), 16);
+        assert_eq!(size_of::<super::RulePorts>(), 16);
+        assert!(size_of::<StoredRule>() <= 80);
+    }
+
+    #[test]
+    fn packed_positions_come_back_or_do_not_pack() {
+        let rule = LineColumn { line: 7, column: 5 };
+        for (line, column) in [(7, 1), (7, 900), (8, 3), (7 + 4095, (1 << 20) - 2)] {
+            let peer = LineColumn { line, column };
+            let packed = PackedAt::pack(rule, peer).expect("fits");
+            assert_ne!(packed, PackedAt::NONE);
+            assert_eq!(packed.unpack(rule), peer);
+        }
+        for (line, column) in [(6, 1), (7 + 4096, 1), (7, (1 << 20) - 1), (7, 5_000_000)] {
+            assert_eq!(PackedAt::pack(rule, LineColumn { line, column }), None);
+        }
+    }
+
+    /// Every rule comes back as parsed, positions included, whether its
+    /// peers' positions were packed or kept whole.
+    #[test]
+    fn rules_come_back_with_their_positions() {
+        use std::collections::HashSet;
+
+        let wide = " ".repeat(1_100_000);
+        let text = format!(
+            "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {{name: p}}\nspec:\n  identities:\n    \
+             - {{name: a, addresses: [\"10.0.0.1\"]}}\n    - {{name: b, addresses: [\"10.0.0.2\"]}}\n  rules:\n    \
+             - {{name: flow, from: [{{identity: a}}], to: [{{identity: b}}], ports: [\"80/tcp\"]}}\n    \
+             - name: block\n      from:\n        - identity: a\n        - identity: b\n      to:\n        \
+             - identity: b\n      ports: [\"80/tcp\", \"443/tcp\"]\n    \
+             - name: open\n      from: [{{identity: a}}]\n      to: [{{cidr: 10.1.0.0/16}}]\n    \
+             - {{name: wide, from: [{{identity: b}}], to: [{wide}{{identity: a}}], ports: [\"53/udp\"]}}\n"
+        );
+        let parsed = crate::parse_str("p.yaml", &text).expect("a valid policy");
+        let (mut labels, mut fresh) = (super::Interner::default(), HashSet::new());
+        let mut names =
+            super::Names { labels: &mut labels, known: &|_| None, known_rule: &|_| None, fresh: &mut fresh };
+        let fragment = super::Fragment::new(parsed.clone(), &mut names);
+        let inline = |name: &str| fragment.rules.iter().find(|r| &*r.name == name).map(|r| r.tail().is_none());
+        assert_eq!(inline("flow"), Some(true));
+        assert_eq!(inline("open"), Some(true));
+        assert_eq!(inline("block"), Some(false));
+        assert_eq!(inline("wide"), Some(false));
+        let mut back = crate::model::Policy::default();
+        fragment.extend_policy(&mut back);
+        assert_eq!(format!("{:?}", back.rules), format!("{:?}", parsed.rules));
     }
 
     #[test]
