@@ -300,7 +300,7 @@ impl Checks {
     pub(super) fn pod_at(&self, id: OwnerId, addr: std::net::IpAddr) -> Option<&str> {
         let record = self.record(id)?;
         let declared = declarations(record, &self.several, id).iter();
-        declared.filter(|d| d.addresses.iter().any(|a| a.net.contains(&addr))).find_map(|d| d.pod_name())
+        declared.filter(|d| d.addresses().any(|net| net.contains(&addr))).find_map(|d| d.pod_name())
     }
 
     /// The number of identity name `name`, while anything refers to it.
@@ -465,8 +465,8 @@ impl Checks {
             record.strays += 1;
             self.problems.duplicate_identities += 1;
         }
-        for address in &identity.addresses {
-            let found = partition.declare(address.net);
+        for net in identity.addresses() {
+            let found = partition.declare(net);
             if found.duplicate {
                 self.problems.duplicate_addresses += 1;
             } else {
@@ -511,8 +511,8 @@ impl Checks {
             self.problems.duplicate_identities = self.problems.duplicate_identities + now as usize - strays as usize;
             self.untidy.push(id);
         }
-        for address in &identity.addresses {
-            let found = partition.undeclare(address.net);
+        for net in identity.addresses() {
+            let found = partition.undeclare(net);
             if found.duplicate {
                 self.problems.duplicate_addresses -= 1;
             } else {

@@ -956,8 +956,8 @@ impl Engine {
                 continue;
             }
             self.checks.set_compiled(id, wanted.clone());
-            let old_nets: BTreeSet<IpNet> = current.iter().flat_map(|i| i.addresses.iter().map(|a| a.net)).collect();
-            let new_nets: BTreeSet<IpNet> = wanted.iter().flat_map(|i| i.addresses.iter().map(|a| a.net)).collect();
+            let old_nets: BTreeSet<IpNet> = current.iter().flat_map(|i| i.addresses()).collect();
+            let new_nets: BTreeSet<IpNet> = wanted.iter().flat_map(|i| i.addresses()).collect();
             // All releases before all claims: an address may pass from one
             // identity to another within one change.
             released.extend(old_nets.difference(&new_nets).copied());
@@ -1490,7 +1490,7 @@ impl Engine {
     #[must_use]
     pub fn resolve_target(&self, target: &crate::target::Target) -> Vec<IpNet> {
         use crate::target::Target;
-        let nets = |identity: &StoredIdentity| identity.addresses.iter().map(|a| a.net).collect::<Vec<_>>();
+        let nets = |identity: &StoredIdentity| identity.addresses().collect::<Vec<_>>();
         match target {
             Target::Net(net) => vec![*net],
             Target::Identity(name) => {

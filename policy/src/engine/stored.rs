@@ -111,16 +111,21 @@ pub(crate) struct LineColumn {
     column: u32,
 }
 
+/// An identity, 48 bytes (an allocation of 64 with its `Arc`): its first
+/// address inline, its position packed relative to the identity's
+/// ([`PackedAt`]); labels, pod, more addresses and a file other than the
+/// fragment's first behind one thin pointer (a plain identity has none).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct StoredIdentity {
     pub(crate) name: Name,
-    pub(crate) addresses: Few<StoredAddress>,
-    pub(crate) mode: Mode,
-    /// Labels and pod, behind one thin pointer: a plain identity has
-    /// neither, and two inline fields (a label slice and a pod pointer, 24
-    /// bytes) took its allocation from 80 bytes to 96.
     extras: Option<Box<IdentityExtras>>,
-    at: Pos,
+    /// In the fragment's first file, unless the extras name another.
+    at: LineColumn,
+    /// The first address's position, unless it does not pack (then it is
+    /// in the extras).
+    first_at: PackedAt,
+    first: Option<IpNet>,
+    pub(crate) mode: Mode,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -128,6 +133,12 @@ struct IdentityExtras {
     labels: Labels,
     /// A pod's namespace, name and named ports.
     pod: Option<PodInfo>,
+    /// The addresses after the first.
+    more: Vec<StoredAddress>,
+    /// The identity's file among the fragment's, when not the first.
+    file: u32,
+    /// The first address's position, when it does not pack.
+    first_at: Option<LineColumn>,
 }
 
 /// The label set of an identity without labels.
@@ -136,14 +147,44 @@ static NO_LABELS: std::sync::LazyLock<Labels> = std::sync::LazyLock::new(Labels:
 impl StoredIdentity {
     fn with(
         name: Name,
-        addresses: Few<StoredAddress>,
+        addresses: Vec<StoredAddress>,
         mode: Mode,
         labels: Labels,
         pod: Option<PodInfo>,
-        at: Pos,
+        Pos { file, at }: Pos,
     ) -> Self {
-        let extras = (!labels.is_empty() || pod.is_some()).then(|| Box::new(IdentityExtras { labels, pod }));
-        Self { name, addresses, mode, extras, at }
+        let mut addresses = addresses.into_iter();
+        let first = addresses.next();
+        let packed = first.as_ref().map_or(Some(PackedAt::NONE), |first| PackedAt::pack(at, first.at));
+        let rest: Vec<StoredAddress> = addresses.collect();
+        let plain = labels.is_empty() && pod.is_none() && rest.is_empty() && file == 0 && packed.is_some();
+        let extras = (!plain).then(|| {
+            let first_at = packed.is_none().then(|| first.as_ref().map(|first| first.at)).flatten();
+            Box::new(IdentityExtras { labels, pod, more: rest, file, first_at })
+        });
+        Self { name, extras, at, first_at: packed.unwrap_or(PackedAt::NONE), first: first.map(|first| first.net), mode }
+    }
+
+    /// The identity's addresses.
+    pub(crate) fn addresses(&self) -> impl Iterator<Item = IpNet> + '_ {
+        let more = self.extras.as_ref().map_or(&[][..], |extras| &extras.more);
+        self.first.into_iter().chain(more.iter().map(|address| address.net))
+    }
+
+    /// The identity's addresses with their positions.
+    fn stored_addresses(&self) -> Vec<StoredAddress> {
+        let first_at = match self.extras.as_ref().and_then(|extras| extras.first_at) {
+            Some(at) => at,
+            None => self.first_at.unpack(self.at),
+        };
+        let first = self.first.map(|net| StoredAddress { net, at: first_at });
+        let more = self.extras.as_ref().map_or(&[][..], |extras| &extras.more);
+        first.into_iter().chain(more.iter().map(|address| StoredAddress { net: address.net, at: address.at })).collect()
+    }
+
+    /// The identity's own position.
+    fn pos(&self) -> Pos {
+        Pos { file: self.extras.as_ref().map_or(0, |extras| extras.file), at: self.at }
     }
 
     pub(crate) fn labels(&self) -> &Labels {
@@ -165,13 +206,9 @@ impl StoredIdentity {
     /// of all.
     pub(crate) fn merged(declarations: &[Arc<StoredIdentity>]) -> StoredIdentity {
         let first = &declarations[0];
-        let addresses = declarations
-            .iter()
-            .flat_map(|declared| declared.addresses.iter())
-            .map(|address| StoredAddress { net: address.net, at: address.at })
-            .collect();
+        let addresses = declarations.iter().flat_map(|declared| declared.stored_addresses()).collect();
         let (labels, pod) = (first.labels().clone(), first.pod().cloned());
-        StoredIdentity::with(Name::clone(&first.name), addresses, first.mode, labels, pod, first.at)
+        StoredIdentity::with(Name::clone(&first.name), addresses, first.mode, labels, pod, first.pos())
     }
 
     /// The pod's own name, when this declaration is a pod's.
@@ -592,13 +629,13 @@ impl Fragment {
                 name: identity.name.to_string(),
                 labels: identity.labels().to_map(),
                 addresses: identity
-                    .addresses
-                    .iter()
-                    .map(|address| Address { net: address.net, location: location(identity.at, address.at) })
+                    .stored_addresses()
+                    .into_iter()
+                    .map(|address| Address { net: address.net, location: location(identity.pos(), address.at) })
                     .collect(),
                 mode: identity.mode,
                 pod: identity.pod().cloned(),
-                location: location(identity.at, identity.at.at),
+                location: location(identity.pos(), identity.at),
             }
         }));
         let peers = |rule: Pos, peers: &[StoredSelector], at: &mut dyn Iterator<Item = LineColumn>| -> Vec<Peer> {
@@ -679,16 +716,18 @@ mod tests {
         }
     }
 
-    /// Every rule comes back as parsed, positions included, whether its
-    /// peers' positions were packed or kept whole.
+    /// Every identity and rule comes back as parsed, positions included,
+    /// whether they were packed or kept whole.
     #[test]
-    fn rules_come_back_with_their_positions() {
+    fn items_come_back_with_their_positions() {
         use std::collections::HashSet;
 
         let wide = " ".repeat(1_100_000);
         let text = format!(
             "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {{name: p}}\nspec:\n  identities:\n    \
-             - {{name: a, addresses: [\"10.0.0.1\"]}}\n    - {{name: b, addresses: [\"10.0.0.2\"]}}\n  rules:\n    \
+             - {{name: a, addresses: [\"10.0.0.1\"]}}\n    - {{name: b, addresses: [\"10.0.0.2\"]}}\n    \
+             - name: c\n      addresses:\n        - 10.0.0.3\n        - 10.0.3.0/24\n    \
+             - {{name: d, addresses: [{wide}\"10.0.0.4\"]}}\n  rules:\n    \
              - {{name: flow, from: [{{identity: a}}], to: [{{identity: b}}], ports: [\"80/tcp\"]}}\n    \
              - name: block\n      from:\n        - identity: a\n        - identity: b\n      to:\n        \
              - identity: b\n      ports: [\"80/tcp\", \"443/tcp\"]\n    \
@@ -705,9 +744,12 @@ mod tests {
         assert_eq!(inline("open"), Some(true));
         assert_eq!(inline("block"), Some(false));
         assert_eq!(inline("wide"), Some(false));
+        let plain = |name: &str| fragment.identities.iter().find(|i| &*i.name == name).map(|i| i.extras.is_none());
+        assert_eq!((plain("a"), plain("c"), plain("d")), (Some(true), Some(false), Some(false)));
         let mut back = crate::model::Policy::default();
         fragment.extend_policy(&mut back);
         assert_eq!(format!("{:?}", back.rules), format!("{:?}", parsed.rules));
+        assert_eq!(format!("{:?}", back.identities), format!("{:?}", parsed.identities));
     }
 
     #[test]
@@ -720,7 +762,7 @@ mod tests {
             let ns = super::nanos_since_epoch(time);
             assert_eq!(SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.get()), time);
         }
-        // 64: with its `Arc`, an allocation of 80 bytes.
-        assert!(size_of::<StoredIdentity>() <= 64);
+        // 48: with its `Arc`, an allocation of 64 bytes.
+        assert!(size_of::<StoredIdentity>() <= 48);
     }
 }
