@@ -57,6 +57,7 @@
 
 mod check;
 mod labels;
+mod name;
 mod partition;
 mod small;
 pub(crate) mod stored;
@@ -96,7 +97,7 @@ type PairSet = HashSet<(IdentityId, IdentityId), std::hash::BuildHasherDefault<s
 
 /// A name shared between the model and the engine's indexes: a thin,
 /// reference-counted string, so each index holding a name holds 8 bytes.
-pub type Name = arcstr::ArcStr;
+pub use self::name::Name;
 
 /// The new contents of one source.
 #[derive(Debug, Clone)]

@@ -53,7 +53,7 @@ impl Interner {
     /// Forgets names nothing else holds any more: names stay as long as the
     /// policy uses them, and the set stays within twice what it uses.
     fn sweep(&mut self) {
-        self.names.retain(|name| Name::strong_count(name).is_some_and(|count| count > 1));
+        self.names.retain(|name| Name::strong_count(name) > 1);
         self.names.shrink_to_fit();
         self.kept = self.names.len();
     }
