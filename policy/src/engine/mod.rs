@@ -378,7 +378,7 @@ pub struct Engine {
     /// Active rules by an atom they select, as a source or a destination.
     rules_by_atom: DenseMap<BothEnds>,
     /// Entries of each identity pair some rule claims.
-    pairs: NumberMap<(IdentityId, IdentityId), PairEntries>,
+    pairs: Pairs,
     counts: EntryCounts,
     /// The sources the last `apply` replaced, for [`Engine::revert`].
     undo: Vec<(String, Option<Arc<Fragment>>)>,
@@ -473,7 +473,7 @@ impl Engine {
             selector_pool: IdPool::starting_at(0),
             partition: Partition::new(IDENTITY_FIRST_DYNAMIC),
             rules_by_atom: DenseMap::default(),
-            pairs: NumberMap::default(),
+            pairs: Pairs::default(),
             counts: EntryCounts::default(),
             undo: Vec::new(),
             names: Interner::default(),
@@ -774,7 +774,7 @@ impl Engine {
 
     /// Every policy entry.
     pub fn policy_entries(&self) -> impl Iterator<Item = PolicyEntry> + '_ {
-        self.pairs.iter().flat_map(|(&(src, dst), entries)| entries.entries(src, dst))
+        self.pairs.iter().flat_map(|((src, dst), entries)| entries.iter().map(move |entry| entry.entry(src, dst)))
     }
 
     /// Every atom: number, owner (`world` for unowned) and flags; `host`
@@ -796,7 +796,7 @@ impl Engine {
     #[must_use]
     pub fn host_flags(&self) -> u32 {
         let isolation = self.isolation(IDENTITY_HOST);
-        isolation | unreachable_from_world(isolation, self.pairs.contains_key(&(IDENTITY_WORLD, IDENTITY_HOST)))
+        isolation | unreachable_from_world(isolation, self.pairs.contains((IDENTITY_WORLD, IDENTITY_HOST)))
     }
 
     /// The name of an atom's owner: `world` for none.
@@ -871,8 +871,7 @@ impl Engine {
             let owner_flags = self.partition.owner_of(id).map(|owner| mode_of_owner(&self.checks, owner));
             let Some(mode) = owner_flags else { continue };
             let isolation = self.isolation(id);
-            let flags =
-                mode | isolation | unreachable_from_world(isolation, self.pairs.contains_key(&(IDENTITY_WORLD, id)));
+            let flags = mode | isolation | unreachable_from_world(isolation, self.pairs.contains((IDENTITY_WORLD, id)));
             self.partition.set_flags(id, flags, &mut rec.identities);
         }
 
@@ -1413,11 +1412,11 @@ impl Engine {
             let ends = Ends::of(self.isolation(src), self.isolation(dst));
             pair_entries(src, dst, &claims, ends, OPEN_ORDER, &mut entries);
         }
-        let old = self.pairs.remove(&(src, dst)).unwrap_or_default();
+        let old = self.pairs.take((src, dst));
         if src == IDENTITY_WORLD && old.is_empty() != entries.is_empty() {
             reach_changed.insert(dst);
         }
-        for entry in old.entries(src, dst) {
+        for entry in old.iter().map(|entry| entry.entry(src, dst)) {
             policy.record((entry.prefix_len, entry.key), Some(entry.value), None);
             self.counts.policy(entry.prefix_len, -1);
         }
@@ -1425,9 +1424,7 @@ impl Engine {
             policy.record((entry.prefix_len, entry.key), None, Some(entry.value));
             self.counts.policy(entry.prefix_len, 1);
         }
-        if !entries.is_empty() {
-            self.pairs.insert((src, dst), PairEntries::from(&entries[..]));
-        }
+        self.pairs.set((src, dst), &entries);
     }
 
     /// What the identity maps answer for `addr` before the node's own
@@ -1463,12 +1460,11 @@ impl Engine {
         };
         let ((src, src_identity, src_pod), (dst, dst_identity, dst_pod)) = (identity(packet.src), identity(packet.dst));
         let wanted = u32::from(packet.protocol) << 16 | u32::from(packet.port);
-        let covering =
-            self.pairs.get(&(src, dst)).into_iter().flat_map(|entries| entries.entries(src, dst)).find(|entry| {
-                let length = entry.prefix_len.saturating_sub(POLICY_KEY_IDENTITY_BITS).min(24);
-                let bits = u32::from(entry.key.protocol) << 16 | u32::from(u16::from_be_bytes(entry.key.port));
-                length == 0 || wanted >> (24 - length) == bits >> (24 - length)
-            });
+        let covering = self.pairs.get((src, dst)).iter().map(|entry| entry.entry(src, dst)).find(|entry| {
+            let length = entry.prefix_len.saturating_sub(POLICY_KEY_IDENTITY_BITS).min(24);
+            let bits = u32::from(entry.key.protocol) << 16 | u32::from(u16::from_be_bytes(entry.key.port));
+            length == 0 || wanted >> (24 - length) == bits >> (24 - length)
+        });
         let flags = |id: IdentityId| if id == IDENTITY_HOST { self.host_flags() } else { self.partition.flags(id) };
         let (verdict, rule) = match covering {
             None if enforcer_common::open_between(flags(src), flags(dst)) => (Verdict::Forward, None),
@@ -1537,15 +1533,52 @@ impl Engine {
     }
 }
 
-/// The entries of one identity pair: usually one, kept inline.
+/// The entries of each identity pair some rule claims. Most pairs have
+/// one: those are kept in a table of 20-byte buckets (the pair and the
+/// entry), the others beside it, where one table of lists took 24.
 #[derive(Debug, Default)]
-enum PairEntries {
-    #[default]
-    None,
-    One(PairEntry),
-    /// Boxed: a thin pointer keeps the usual case at 16 bytes.
-    #[allow(clippy::box_collection, reason = "a thin pointer, for the enum's size; see above")]
-    Many(Box<Vec<PairEntry>>),
+struct Pairs {
+    one: NumberMap<(IdentityId, IdentityId), PairEntry>,
+    more: NumberMap<(IdentityId, IdentityId), Box<[PairEntry]>>,
+}
+
+impl Pairs {
+    fn contains(&self, pair: (IdentityId, IdentityId)) -> bool {
+        self.one.contains_key(&pair) || (!self.more.is_empty() && self.more.contains_key(&pair))
+    }
+
+    fn get(&self, pair: (IdentityId, IdentityId)) -> &[PairEntry] {
+        match self.one.get(&pair) {
+            Some(one) => std::slice::from_ref(one),
+            None => self.more.get(&pair).map_or(&[], |more| more),
+        }
+    }
+
+    /// Takes the pair's entries out.
+    fn take(&mut self, pair: (IdentityId, IdentityId)) -> Box<[PairEntry]> {
+        match self.one.remove(&pair) {
+            Some(one) => Box::new([one]),
+            None => self.more.remove(&pair).unwrap_or_default(),
+        }
+    }
+
+    /// Keeps `entries` for the pair, which has none now.
+    fn set(&mut self, pair: (IdentityId, IdentityId), entries: &[PolicyEntry]) {
+        match entries {
+            [] => {}
+            [one] => {
+                self.one.insert(pair, PairEntry::of(one));
+            }
+            _ => {
+                self.more.insert(pair, entries.iter().map(PairEntry::of).collect());
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = ((IdentityId, IdentityId), &[PairEntry])> + '_ {
+        let one = self.one.iter().map(|(pair, entry)| (*pair, std::slice::from_ref(entry)));
+        one.chain(self.more.iter().map(|(pair, entries)| (*pair, &**entries)))
+    }
 }
 
 /// A policy entry without its pair (the key it is kept under) and slot:
@@ -1594,35 +1627,6 @@ impl PairEntry {
     }
 }
 
-impl PairEntries {
-    fn as_slice(&self) -> &[PairEntry] {
-        match self {
-            Self::None => &[],
-            Self::One(one) => std::slice::from_ref(one),
-            Self::Many(many) => many,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
-    }
-
-    /// The entries, as written for the pair `src` → `dst`.
-    fn entries(&self, src: IdentityId, dst: IdentityId) -> impl Iterator<Item = PolicyEntry> + '_ {
-        self.as_slice().iter().map(move |entry| entry.entry(src, dst))
-    }
-}
-
-impl From<&[PolicyEntry]> for PairEntries {
-    fn from(entries: &[PolicyEntry]) -> Self {
-        match entries {
-            [] => Self::None,
-            [one] => Self::One(PairEntry::of(one)),
-            _ => Self::Many(Box::new(entries.iter().map(PairEntry::of).collect())),
-        }
-    }
-}
-
 /// The flags [`isolation_flags`] sets.
 const ISOLATION_FLAGS: u32 = enforcer_common::IDENTITY_FLAG_OPEN_INGRESS
     | enforcer_common::IDENTITY_FLAG_OPEN_EGRESS
@@ -1663,6 +1667,8 @@ mod tests {
     #[test]
     fn active_rules_stay_compact() {
         assert_eq!(size_of::<Option<ActiveRule>>(), 24);
+        // A pair of one entry, 100,000 at scale: a 20-byte bucket.
+        assert_eq!(size_of::<((u32, u32), super::PairEntry)>(), 20);
     }
 
     /// A file read again (the usual edit of a large policy) shares its
