@@ -12,7 +12,7 @@
 //!
 //! The record holds every rule in force, so it is as large as the policy:
 //! it is kept as one sorted vector of fixed-size records whose names are
-//! the engine's own (shared, not copied), 32 bytes a rule. As a map of
+//! the engine's own (shared, not copied), 24 bytes a rule. As a map of
 //! strings to the JSON shape it took 137 bytes a rule, 13.7 MB at 100,000.
 
 use std::collections::BTreeMap;
@@ -42,18 +42,22 @@ pub struct RuleUse {
     pub last_used: Option<u64>,
 }
 
-/// One rule's use as kept.
+/// One rule's use as kept: 24 bytes.
 #[derive(Debug, Clone)]
 struct Tracked {
     name: Name,
     /// Since when, and whether the rule denies in the top bit ([`DENIES`]):
-    /// a byte of its own would round the record from 32 bytes up to 40.
+    /// a byte of its own would round the record up by 8 bytes.
     since_and_action: u64,
-    /// 0 when never used (no packet is decided at the epoch).
-    last_used: u64,
-    /// This run's count when last read: counters start at zero with the
-    /// daemon.
-    counted: u64,
+    /// Seconds from `since` to the last use, plus one; 0 when never used.
+    /// A last use before `since` (a clock set back, a record edited by
+    /// hand) is kept as `since`, one 136 years after as that.
+    used_after: u32,
+    /// The low 32 bits of this run's count when last read (counters start
+    /// at zero with the daemon): a count that grew changes them by less
+    /// than 2^31, unless it grew by more between two reads, 71 million
+    /// decisions a second for one rule.
+    counted: u32,
 }
 
 /// [`Tracked::since_and_action`]'s action bit. Times are seconds since
@@ -64,7 +68,24 @@ const DENIES: u64 = 1 << 63;
 impl Tracked {
     fn new(name: Name, action: Action, since: u64, last_used: u64) -> Self {
         let denies = if action == Action::Deny { DENIES } else { 0 };
-        Self { name, since_and_action: since.min(DENIES - 1) | denies, last_used, counted: 0 }
+        let mut tracked = Self { name, since_and_action: since.min(DENIES - 1) | denies, used_after: 0, counted: 0 };
+        if last_used != 0 {
+            tracked.set_last_used(last_used);
+        }
+        tracked
+    }
+
+    fn set_last_used(&mut self, at: u64) {
+        let after = at.saturating_sub(self.since()).saturating_add(1);
+        self.used_after = u32::try_from(after).unwrap_or(u32::MAX);
+    }
+
+    /// 0 when never used (no packet is decided at the epoch).
+    fn last_used(&self) -> u64 {
+        match self.used_after {
+            0 => 0,
+            after => self.since() + u64::from(after) - 1,
+        }
     }
 
     fn action(&self) -> Action {
@@ -79,7 +100,7 @@ impl Tracked {
         RuleUse {
             action: self.action().to_string(),
             since: self.since(),
-            last_used: (self.last_used != 0).then_some(self.last_used),
+            last_used: Some(self.last_used()).filter(|&used| used != 0),
         }
     }
 }
@@ -171,8 +192,12 @@ impl RuleUsage {
             let count = counts
                 .next_if(|((counted, a), _)| counted.as_str() == &*tracked.name && *a == action)
                 .map_or(0, |(_, count)| *count);
-            if count > tracked.counted {
-                tracked.last_used = now;
+            #[allow(clippy::cast_possible_truncation, reason = "the low bits tell a count that grew; see `counted`")]
+            let count = count as u32;
+            // Grown, as the low bits tell (a count read as less, a rule's
+            // counter gone, is no use).
+            if (1..1 << 31).contains(&count.wrapping_sub(tracked.counted)) {
+                tracked.set_last_used(now);
                 self.changed = true;
             }
             tracked.counted = count;
@@ -316,11 +341,36 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A count past 2^32 is still a count that grew; one read as less is
+    /// no use.
+    #[test]
+    fn counts_are_followed_past_32_bits() {
+        let mut usage = RuleUsage::default();
+        let in_force = rules(&[("web", Action::Allow)]);
+        let count = |n: u64| BTreeMap::from([(("web".to_owned(), Action::Allow), n)]);
+        usage.update(in_force.clone(), &count((1 << 32) - 2), at(1000));
+        usage.update(in_force.clone(), &count((1 << 32) + 5), at(2000));
+        assert_eq!(usage.report()["web"].last_used, Some(2000));
+        usage.update(in_force.clone(), &count(3), at(3000));
+        assert_eq!(usage.report()["web"].last_used, Some(2000));
+        usage.update(in_force, &count(4), at(4000));
+        assert_eq!(usage.report()["web"].last_used, Some(4000));
+    }
+
     /// 100,000 rules in force are 100,000 records.
     #[test]
     fn records_stay_compact() {
-        assert_eq!(size_of::<Tracked>(), 32);
+        assert_eq!(size_of::<Tracked>(), 24);
         let far = Tracked::new(Name::from("r"), Action::Deny, u64::MAX, 0);
-        assert_eq!((far.action(), far.since()), (Action::Deny, DENIES - 1));
+        assert_eq!((far.action(), far.since(), far.last_used()), (Action::Deny, DENIES - 1, 0));
+        // Last uses come back as they were, from the second `since` is.
+        let used = Tracked::new(Name::from("r"), Action::Allow, 1000, 1000);
+        assert_eq!(used.last_used(), 1000);
+        let used = Tracked::new(Name::from("r"), Action::Allow, 1000, 1000 + u64::from(u32::MAX) - 1);
+        assert_eq!(used.last_used(), 1000 + u64::from(u32::MAX) - 1);
+        // Before `since`: kept as `since`; past the range, as its end.
+        assert_eq!(Tracked::new(Name::from("r"), Action::Allow, 1000, 10).last_used(), 1000);
+        let far_use = Tracked::new(Name::from("r"), Action::Allow, 1000, u64::MAX);
+        assert_eq!(far_use.last_used(), 1000 + u64::from(u32::MAX) - 1);
     }
 }
