@@ -106,11 +106,12 @@ impl PrefixState {
     }
 }
 
-/// One atom, 40 bytes (in a vector of 100,000): its [`AtomKey`] is kept
+/// One atom, 32 bytes (in a vector of 100,000): its [`AtomKey`] is kept
 /// as an owner number and, for the few atoms inside CIDR peers, their list
 /// behind a thin pointer, where the key's own form takes 24 bytes. Its
-/// first identity entry is inline (an identity's one address, mostly); an
-/// inline set of prefixes beside the pointer took the state to 48.
+/// first identity entry is inline when it is an IPv4 prefix (an identity's
+/// one address, mostly): an inline `IpNet` took the state to 40, a set of
+/// them to 48.
 #[derive(Debug)]
 struct AtomState {
     /// [`NO_OWNER`] for none.
@@ -118,8 +119,9 @@ struct AtomState {
     /// Prefixes whose atom this is.
     prefixes: u32,
     flags: u32,
-    /// The lowest prefix with an identity entry of this atom.
-    first_entry: Option<IpNet>,
+    /// The lowest prefix with an identity entry of this atom, when it is
+    /// an IPv4 one (IPv4 prefixes sort before IPv6 ones).
+    first_entry: Option<Ipv4Net>,
     /// The CIDR peers and the other entries, when there are any.
     more: Option<Box<AtomMore>>,
 }
@@ -128,7 +130,7 @@ struct AtomState {
 struct AtomMore {
     /// The CIDR peers its addresses are part of, sorted.
     cidrs: Vec<SelectorId>,
-    /// Prefixes with an identity entry after the first, sorted.
+    /// Prefixes with an identity entry other than the first, sorted.
     entries: Vec<IpNet>,
 }
 
@@ -151,30 +153,46 @@ impl AtomState {
     }
 
     /// The prefixes with an identity entry of this atom, in order.
-    fn entries(&self) -> impl Iterator<Item = &IpNet> {
+    fn entries(&self) -> impl Iterator<Item = IpNet> + '_ {
         let more = self.more.as_ref().map_or(&[][..], |more| &more.entries);
-        self.first_entry.iter().chain(more)
+        self.first_entry.map(IpNet::V4).into_iter().chain(more.iter().copied())
     }
 
     fn add_entry(&mut self, net: IpNet) {
-        match self.first_entry {
-            None => self.first_entry = Some(net),
-            Some(first) if first == net => {}
-            Some(first) => {
-                let (low, high) = if net < first { (net, first) } else { (first, net) };
-                self.first_entry = Some(low);
-                let more = &mut self.more.get_or_insert_with(Box::default).entries;
-                if let Err(at) = more.binary_search(&high) {
-                    more.insert(at, high);
+        let mut other = net;
+        if let IpNet::V4(v4) = net {
+            match self.first_entry {
+                None => {
+                    // No IPv4 entry yet: this is the lowest.
+                    self.first_entry = Some(v4);
+                    return;
                 }
+                Some(first) if first == v4 => return,
+                Some(first) if v4 < first => {
+                    self.first_entry = Some(v4);
+                    other = IpNet::V4(first);
+                }
+                Some(_) => {}
             }
+        }
+        let more = &mut self.more.get_or_insert_with(Box::default).entries;
+        if let Err(at) = more.binary_search(&other) {
+            more.insert(at, other);
         }
     }
 
     fn remove_entry(&mut self, net: &IpNet) {
-        if self.first_entry.as_ref() == Some(net) {
-            self.first_entry =
-                self.more.as_mut().and_then(|more| (!more.entries.is_empty()).then(|| more.entries.remove(0)));
+        if let IpNet::V4(v4) = net
+            && self.first_entry == Some(*v4)
+        {
+            // The next lowest, if it is an IPv4 prefix, comes inline.
+            self.first_entry = self.more.as_mut().and_then(|more| match more.entries.first().copied() {
+                Some(IpNet::V4(lowest)) => {
+                    more.entries.remove(0);
+                    Some(lowest)
+                }
+                _ => None,
+            });
         } else if let Some(more) = self.more.as_mut()
             && let Ok(at) = more.entries.binary_search(net)
         {
@@ -542,8 +560,8 @@ impl Partition {
         let (old, new) = (IdentityValue { id, flags: atom.flags }, IdentityValue { id, flags });
         atom.flags = flags;
         for net in atom.entries() {
-            if self.prefixes.get(net).is_some_and(PrefixState::has_entry) {
-                identities.record(*net, Some(old), Some(new));
+            if self.prefixes.get(&net).is_some_and(PrefixState::has_entry) {
+                identities.record(net, Some(old), Some(new));
             }
         }
     }
@@ -670,7 +688,7 @@ mod tests {
     /// One state per atom, 100,000 of them at scale.
     #[test]
     fn atom_states_stay_compact() {
-        assert_eq!(size_of::<Option<super::AtomState>>(), 40);
+        assert_eq!(size_of::<Option<super::AtomState>>(), 32);
         assert_eq!(size_of::<super::PrefixState>(), 12);
     }
 
@@ -709,7 +727,12 @@ mod tests {
             let mut x: u32 = 11;
             for _ in 0..3000 {
                 x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                let net = IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from((10 << 24) | ((x >> 16) % 6))));
+                let n = (x >> 16) % 8;
+                let net = if n < 5 {
+                    IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from((10 << 24) | n)))
+                } else {
+                    IpNet::from(std::net::IpAddr::from(std::net::Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(n))))
+                };
                 if x & 1 == 0 {
                     atom.add_entry(net);
                     model.insert(net);
@@ -717,9 +740,10 @@ mod tests {
                     atom.remove_entry(&net);
                     model.remove(&net);
                 }
-                assert!(atom.entries().copied().eq(model.iter().copied()));
+                assert!(atom.entries().eq(model.iter().copied()));
                 assert_eq!(atom.cidrs(), cidrs.as_slice());
-                assert_eq!(atom.more.is_some(), model.len() > 1 || !cidrs.is_empty());
+                let inline = usize::from(model.first().is_some_and(|first| first.addr().is_ipv4()));
+                assert_eq!(atom.more.is_some(), model.len() > inline || !cidrs.is_empty());
             }
         }
     }
