@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 
 use enforcer_common::{IDENTITY_FLAG_NO_RULES_FROM_WORLD, IDENTITY_WORLD, IdentityId, IdentityValue};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -225,8 +226,11 @@ pub(super) struct Partition {
     atoms: DenseMap<AtomState>,
     /// Atoms by owner, and those of no declared identity. An atom is found
     /// by its key among its owner's (a few at most), or among the atoms of
-    /// its least-used CIDR peer.
-    owned: DenseMap<SmallSet<IdentityId>>,
+    /// its least-used CIDR peer. An owner of one atom (most: an identity no
+    /// CIDR peer splits) has it in `owned`, four bytes, where a set took 16;
+    /// owners of more have them all in `owned_more`.
+    owned: DenseMap<NonZeroU32>,
+    owned_more: HashMap<OwnerId, SmallSet<IdentityId>>,
     unowned: SmallSet<IdentityId>,
     by_selector: NumberMap<SelectorId, SmallSet<IdentityId>>,
     pool: IdPool,
@@ -243,6 +247,7 @@ impl Partition {
             declared_lengths: BTreeMap::new(),
             atoms: DenseMap::default(),
             owned: DenseMap::default(),
+            owned_more: HashMap::new(),
             unowned: SmallSet::default(),
             by_selector: NumberMap::default(),
             pool: IdPool::starting_at(first_dynamic),
@@ -263,22 +268,55 @@ impl Partition {
 
     /// The atom standing for `key`, if there is one.
     fn find_atom(&self, key: &AtomKey) -> Option<IdentityId> {
-        let candidates = match key.0 {
-            Some(owner) => self.owned.get(&owner).map_or(&[][..], SmallSet::as_slice),
-            None => key
-                .1
-                .iter()
-                .map(|selector| self.by_selector.get(selector).map_or(&[][..], SmallSet::as_slice))
-                .min_by_key(|atoms| atoms.len())
-                .unwrap_or(self.unowned.as_slice()),
-        };
-        candidates.iter().copied().find(|id| self.atoms.get(id).is_some_and(|atom| atom.is(key)))
+        let is_key = |id: &IdentityId| self.atoms.get(id).is_some_and(|atom| atom.is(key));
+        if key.0.is_some() {
+            return self.atoms_of(key.0).find(is_key);
+        }
+        let candidates = key
+            .1
+            .iter()
+            .map(|selector| self.by_selector.get(selector).map_or(&[][..], SmallSet::as_slice))
+            .min_by_key(|atoms| atoms.len())
+            .unwrap_or(self.unowned.as_slice());
+        candidates.iter().copied().find(is_key)
     }
 
-    fn atoms_of_mut(&mut self, owner: Option<OwnerId>) -> &mut SmallSet<IdentityId> {
-        match owner {
-            Some(owner) => self.owned.get_or_default(owner),
-            None => &mut self.unowned,
+    /// Files atom `id` under `owner`.
+    fn add_owned(&mut self, owner: Option<OwnerId>, id: IdentityId) {
+        let Some(owner) = owner else {
+            self.unowned.insert(id);
+            return;
+        };
+        if let Some(atoms) = self.owned_more.get_mut(&owner) {
+            atoms.insert(id);
+        } else if let Some(only) = self.owned.get(&owner).map(|only| only.get()) {
+            if only != id {
+                self.owned.remove(&owner);
+                self.owned_more
+                    .insert(owner, SmallSet::from_sorted(if only < id { vec![only, id] } else { vec![id, only] }));
+            }
+        } else if let Some(id) = NonZeroU32::new(id) {
+            // Never 0: atoms are numbered from `world` (1) up.
+            self.owned.insert(owner, id);
+        }
+    }
+
+    /// Takes atom `id` off `owner`'s.
+    fn remove_owned(&mut self, owner: Option<OwnerId>, id: IdentityId) {
+        let Some(owner) = owner else {
+            self.unowned.remove(&id);
+            return;
+        };
+        if let Some(atoms) = self.owned_more.get_mut(&owner) {
+            atoms.remove(&id);
+            if let [only] = atoms.as_slice()
+                && let Some(only) = NonZeroU32::new(*only)
+            {
+                self.owned_more.remove(&owner);
+                self.owned.insert(owner, only);
+            }
+        } else if self.owned.get(&owner).is_some_and(|only| only.get() == id) {
+            self.owned.remove(&owner);
         }
     }
 
@@ -464,7 +502,7 @@ impl Partition {
                 {
                     let id = self.pool.take();
                     let flags = mode_of(key.0) | IDENTITY_FLAG_NO_RULES_FROM_WORLD;
-                    self.atoms_of_mut(key.0).insert(id);
+                    self.add_owned(key.0, id);
                     for selector in &key.1 {
                         self.by_selector.entry(*selector).or_default().insert(id);
                     }
@@ -502,12 +540,7 @@ impl Partition {
         for id in touched_atoms.iter().chain(&created) {
             if self.atoms.get(id).is_some_and(|atom| atom.prefixes == 0) {
                 let atom = self.atoms.remove(id).expect("checked above");
-                self.atoms_of_mut(atom.owner()).remove(id);
-                if let Some(owner) = atom.owner()
-                    && self.owned.get(&owner).is_some_and(SmallSet::is_empty)
-                {
-                    self.owned.remove(&owner);
-                }
+                self.remove_owned(atom.owner(), *id);
                 for selector in atom.cidrs() {
                     remove_id(&mut self.by_selector, selector, *id);
                 }
@@ -567,12 +600,14 @@ impl Partition {
     }
 
     pub(super) fn atoms_of(&self, owner: Option<OwnerId>) -> impl Iterator<Item = IdentityId> + '_ {
-        match owner {
-            Some(owner) => self.owned.get(&owner).map_or(&[][..], SmallSet::as_slice),
-            None => self.unowned.as_slice(),
-        }
-        .iter()
-        .copied()
+        let (only, atoms) = match owner {
+            Some(owner) => (
+                self.owned.get(&owner).map(|only| only.get()),
+                self.owned_more.get(&owner).map_or(&[][..], SmallSet::as_slice),
+            ),
+            None => (None, self.unowned.as_slice()),
+        };
+        only.into_iter().chain(atoms.iter().copied())
     }
 
     pub(super) fn atoms_of_selector(&self, selector: SelectorId) -> impl Iterator<Item = IdentityId> + '_ {
