@@ -760,7 +760,7 @@ fn compacted(mut engine: policy::Engine) -> policy::Engine {
 
 /// Hands memory freed after a policy load back to the kernel. Loading a
 /// large policy peaks at nearly twice what it leaves (100,000 identities
-/// and rules: about 145 MiB resident at the peak, 77 MiB after), and the
+/// and rules: about 121 MiB resident at the peak, 60 MiB after), and the
 /// allocator keeps freed pages for reuse, so without this the daemon's
 /// resident size would stay near the peak on every node. Call it once the
 /// change's own buffers (its text, its entry diff) are dropped: what is
