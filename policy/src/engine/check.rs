@@ -5,10 +5,11 @@
 //! take. The counters only say *whether* the policy is valid; the full
 //! validator names the problems of a refused change.
 //!
-//! A name's record also holds what the engine compiled of it (the
-//! identity's declaration in force, the rules naming it, the rule's
-//! number): one table per kind of name, where separate maps for each
-//! question cost a key and a bucket each at 100,000 names.
+//! A name's record also holds what the engine compiled of it (the rules
+//! naming the identity, the rule's number; an identity's compiled
+//! declaration is its declaration in force, except within a change): one
+//! table per kind of name, where separate maps for each question cost a
+//! key and a bucket each at 100,000 names.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
@@ -104,8 +105,6 @@ struct IdentityRecord {
     declared: Option<Arc<Identity>>,
     /// Peers naming the identity (`world` and `host` aside).
     refs: u32,
-    /// The declaration compiled now.
-    compiled: Option<Arc<Identity>>,
     /// Active rules with a peer naming the identity.
     naming_rules: SmallSet<u32>,
     /// Declarations that are not pods alike the first: each a duplicate.
@@ -113,8 +112,9 @@ struct IdentityRecord {
 }
 
 impl IdentityRecord {
-    fn is_unused(&self) -> bool {
-        self.declared.is_none() && self.refs == 0 && self.compiled.is_none() && self.naming_rules.is_empty()
+    /// Unused, once nothing is compiled of it either.
+    fn is_unreferenced(&self) -> bool {
+        self.declared.is_none() && self.refs == 0 && self.naming_rules.is_empty()
     }
 }
 
@@ -221,6 +221,12 @@ pub(super) struct Checks {
     identities: Vec<Option<IdentityRecord>>,
     /// The declarations of identity names declared more than once.
     several: HashMap<OwnerId, Several>,
+    /// The declaration compiled now of each identity whose declaration in
+    /// force ([`Self::identity`]) is another: those a change has touched
+    /// and not compiled yet. Every other identity has its declaration in
+    /// force compiled, so a record keeps no pointer of its own for it (8
+    /// bytes for each of 100,000), and this is empty between changes.
+    compiled_apart: HashMap<OwnerId, Option<Arc<Identity>>>,
     free_ids: Vec<OwnerId>,
     /// Records that may have become unused: freed at the end of a change,
     /// never within one, so a number refers to one name for a whole change.
@@ -287,6 +293,7 @@ impl Checks {
     /// `id`, unless it is made already: once per change, however many of
     /// its pods the change touches.
     pub(super) fn merge_pods(&mut self, id: OwnerId) {
+        self.keep_compiled(id);
         let Some(record) = self.identities.get(id as usize).and_then(Option::as_ref) else { return };
         if let Some(several) = self.several.get_mut(&id)
             && record.strays == 0
@@ -330,7 +337,6 @@ impl Checks {
                 name: Name::clone(name),
                 declared: None,
                 refs: 0,
-                compiled: None,
                 naming_rules: SmallSet::default(),
                 strays: 0,
             };
@@ -368,24 +374,54 @@ impl Checks {
 
     /// The declaration of identity `id` compiled now.
     pub(super) fn compiled_identity(&self, id: OwnerId) -> Option<&Arc<Identity>> {
-        self.record(id).and_then(|record| record.compiled.as_ref())
+        match self.compiled_apart.get(&id) {
+            Some(apart) => apart.as_ref(),
+            None => self.identity(id),
+        }
+    }
+
+    /// Forgets the compiled declarations kept apart that are in force
+    /// again: a refused change puts the declarations back uncompiled.
+    pub(super) fn forget_compiled_in_force(&mut self) {
+        for (id, compiled) in std::mem::take(&mut self.compiled_apart) {
+            let in_force = match (&compiled, self.identity(id)) {
+                (None, None) => true,
+                (Some(compiled), Some(in_force)) => Arc::ptr_eq(compiled, in_force),
+                _ => false,
+            };
+            if !in_force {
+                self.compiled_apart.insert(id, compiled);
+            }
+        }
+    }
+
+    /// Identities whose compiled declaration is kept apart now.
+    #[cfg(test)]
+    pub(super) fn compiled_apart(&self) -> usize {
+        self.compiled_apart.len()
+    }
+
+    /// Keeps what is compiled of identity `id` before its declaration in
+    /// force changes (see [`Self::compiled_apart`]).
+    fn keep_compiled(&mut self, id: OwnerId) {
+        if !self.compiled_apart.contains_key(&id) {
+            let compiled = self.identity(id).cloned();
+            self.compiled_apart.insert(id, compiled);
+        }
     }
 
     /// Every identity compiled now, by number.
     pub(super) fn compiled_identities(&self) -> impl Iterator<Item = (OwnerId, &Arc<Identity>)> + '_ {
-        self.identities.iter().enumerate().filter_map(|(id, record)| {
-            let identity = record.as_ref()?.compiled.as_ref()?;
-            Some((OwnerId::try_from(id).ok()?, identity))
-        })
+        let ids = 0..OwnerId::try_from(self.identities.len()).unwrap_or(OwnerId::MAX);
+        ids.filter_map(|id| Some((id, self.compiled_identity(id)?)))
     }
 
     /// Every compiled identity with its declarations (each pod's own, for
     /// identities of pods alike).
     pub(super) fn compiled_declarations(&self) -> impl Iterator<Item = (&Arc<Identity>, &[Arc<Identity>])> + '_ {
-        self.identities.iter().enumerate().filter_map(|(id, record)| {
-            let record = record.as_ref()?;
-            let id = OwnerId::try_from(id).ok()?;
-            Some((record.compiled.as_ref()?, declarations(record, &self.several, id)))
+        self.compiled_identities().filter_map(|(id, compiled)| {
+            let record = self.record(id)?;
+            Some((compiled, declarations(record, &self.several, id)))
         })
     }
 
@@ -395,9 +431,24 @@ impl Checks {
 
     /// Records which declaration of identity `id` is compiled now.
     pub(super) fn set_compiled(&mut self, id: OwnerId, identity: Option<Arc<Identity>>) {
-        let Some(record) = self.record_mut(id) else { return };
-        let (was, is) = (record.compiled.is_some(), identity.is_some());
-        record.compiled = identity;
+        if self.record(id).is_none() {
+            return;
+        }
+        let (was, is) = (self.compiled_identity(id).is_some(), identity.is_some());
+        let in_force = match (&identity, self.identity(id)) {
+            (None, None) => true,
+            (Some(compiled), Some(in_force)) => Arc::ptr_eq(compiled, in_force),
+            _ => false,
+        };
+        if in_force {
+            self.compiled_apart.remove(&id);
+            if self.compiled_apart.is_empty() {
+                // A large change fills it: its room goes once it is done.
+                self.compiled_apart = HashMap::new();
+            }
+        } else {
+            self.compiled_apart.insert(id, identity);
+        }
         self.compiled_identities = self.compiled_identities - usize::from(was) + usize::from(is);
         self.untidy.push(id);
     }
@@ -439,9 +490,11 @@ impl Checks {
     pub(super) fn tidy(&mut self) {
         for id in std::mem::take(&mut self.untidy) {
             if let Some(record) = self.record(id)
-                && record.is_unused()
+                && record.is_unreferenced()
+                && self.compiled_identity(id).is_none()
             {
                 let name = Name::clone(&record.name);
+                self.compiled_apart.remove(&id);
                 self.identity_ids.remove(&name, &self.identities);
                 self.identities[id as usize] = None;
                 self.free_ids.push(id);
@@ -457,6 +510,7 @@ impl Checks {
             self.problems.reserved_names += 1;
         }
         let (id, _) = self.record_for(&identity.name);
+        self.keep_compiled(id);
         let record = self.identities[id as usize].as_mut().expect("made above");
         if declare(record, &mut self.several, id, Arc::clone(identity)) == 1 {
             let refs = record.refs as usize;
@@ -485,6 +539,9 @@ impl Checks {
         let name = &*identity.name;
         if name == WORLD || name == HOST {
             self.problems.reserved_names -= 1;
+        }
+        if let Some(id) = self.identity_id(name) {
+            self.keep_compiled(id);
         }
         if let Some(id) = self.identity_id(name)
             && let Some(record) = self.identities.get_mut(id as usize).and_then(Option::as_mut)
@@ -680,7 +737,7 @@ mod tests {
     /// alike share lives behind the pointer of their declarations.
     #[test]
     fn identity_records_stay_compact() {
-        assert_eq!(size_of::<Option<IdentityRecord>>(), 48);
+        assert_eq!(size_of::<Option<IdentityRecord>>(), 40);
     }
 
     /// A record per rule name, in a table of 100,000: 16 bytes a bucket.

@@ -541,6 +541,7 @@ impl Engine {
             for (source, old) in replaced.into_iter().rev() {
                 self.replace_source(&source, old.as_ref(), &mut Touched::default());
             }
+            self.checks.forget_compiled_in_force();
             self.checks.tidy();
             problems.sort_by(|a, b| a.location.cmp(&b.location));
             problems.dedup();
@@ -953,6 +954,8 @@ impl Engine {
             if let (Some(a), Some(b)) = (&current, &wanted)
                 && Arc::ptr_eq(a, b)
             {
+                // Nothing to compile; what is compiled is in force again.
+                self.checks.set_compiled(id, wanted);
                 continue;
             }
             self.checks.set_compiled(id, wanted.clone());
@@ -1696,5 +1699,34 @@ mod tests {
         }
         let super::StoredSelector::Identity(to) = &rule.to[0] else { panic!("a peer naming b") };
         assert!(Name::ptr_eq(to, &fragment.identities[1].name), "the peer's name is the declaration's");
+    }
+
+    /// Between changes every identity has its declaration in force
+    /// compiled, so nothing is kept apart; a refused change leaves the
+    /// same.
+    #[test]
+    fn compiled_declarations_are_kept_apart_only_within_a_change() {
+        let text = |address: &str, second: &str| {
+            format!(
+                "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {{name: p}}\nspec:\n  identities:\n    - {{name: a, addresses: [\"{address}\"]}}\n    - {{name: {second}, addresses: [\"10.0.0.2\"]}}\n"
+            )
+        };
+        let change = |address: &str, second: &str| {
+            vec![SourceChange { source: "p.yaml".into(), contents: Contents::Text(text(address, second)) }]
+        };
+        let mut engine = Engine::new();
+        engine.apply(change("10.0.0.1", "b"), SystemTime::now()).unwrap();
+        engine.commit();
+        assert_eq!(engine.checks.compiled_apart(), 0);
+        let a = engine.checks.identity_id("a").unwrap();
+        let before = std::sync::Arc::clone(engine.checks.compiled_identity(a).unwrap());
+        engine.apply(change("10.0.0.3", "b"), SystemTime::now()).unwrap();
+        engine.commit();
+        assert_eq!(engine.checks.compiled_apart(), 0);
+        assert!(!std::sync::Arc::ptr_eq(&before, engine.checks.compiled_identity(a).unwrap()));
+        // A duplicate name is refused, and the last good state compiled.
+        assert!(engine.apply(change("10.0.0.4", "a"), SystemTime::now()).is_err());
+        assert_eq!(engine.checks.compiled_apart(), 0);
+        assert_eq!(engine.checks.compiled_identity_count(), 2);
     }
 }
