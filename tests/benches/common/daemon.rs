@@ -85,6 +85,7 @@ pub fn figures(
     args.extend(api_pki.daemon_args());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log"), &args)?;
+    let started = std::time::Instant::now();
     std::thread::sleep(Duration::from_secs(1));
     let pid = daemon.pid();
     let idle_kib = footprint::rss_kib(pid);
@@ -114,6 +115,10 @@ pub fn figures(
         }
     }
     let large = explained(load::through_daemon(&daemon, &program, &dir, big), &daemon)?;
+    // The steady state: once the rule usage record has taken in the large
+    // policy's rules (its first refresh comes a period after the start).
+    let first_usage_refresh = enforcer::usage::REFRESH + Duration::from_secs(3);
+    std::thread::sleep(first_usage_refresh.saturating_sub(started.elapsed()));
     let loaded_kib = footprint::settled_rss_kib(pid);
     rss_by_size.push((big, loaded_kib));
     let mut churn = None;
