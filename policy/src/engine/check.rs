@@ -380,16 +380,21 @@ impl Checks {
         }
     }
 
+    /// Whether `compiled` (`None`: nothing) is identity `id`'s declaration
+    /// in force, the very one.
+    fn is_in_force(&self, id: OwnerId, compiled: Option<&Arc<Identity>>) -> bool {
+        match (compiled, self.identity(id)) {
+            (None, None) => true,
+            (Some(compiled), Some(in_force)) => Arc::ptr_eq(compiled, in_force),
+            _ => false,
+        }
+    }
+
     /// Forgets the compiled declarations kept apart that are in force
     /// again: a refused change puts the declarations back uncompiled.
     pub(super) fn forget_compiled_in_force(&mut self) {
         for (id, compiled) in std::mem::take(&mut self.compiled_apart) {
-            let in_force = match (&compiled, self.identity(id)) {
-                (None, None) => true,
-                (Some(compiled), Some(in_force)) => Arc::ptr_eq(compiled, in_force),
-                _ => false,
-            };
-            if !in_force {
+            if !self.is_in_force(id, compiled.as_ref()) {
                 self.compiled_apart.insert(id, compiled);
             }
         }
@@ -435,12 +440,7 @@ impl Checks {
             return;
         }
         let (was, is) = (self.compiled_identity(id).is_some(), identity.is_some());
-        let in_force = match (&identity, self.identity(id)) {
-            (None, None) => true,
-            (Some(compiled), Some(in_force)) => Arc::ptr_eq(compiled, in_force),
-            _ => false,
-        };
-        if in_force {
+        if self.is_in_force(id, identity.as_ref()) {
             self.compiled_apart.remove(&id);
             if self.compiled_apart.is_empty() {
                 // A large change fills it: its room goes once it is done.

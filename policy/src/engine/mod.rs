@@ -1045,8 +1045,9 @@ impl Engine {
             }
         }
         for id in &outcome.vanished {
-            dirty_rules.extend(self.rules_by_atom.get(id).into_iter().flat_map(|rules| rules.at(End::From)));
-            dirty_rules.extend(self.rules_by_atom.get(id).into_iter().flat_map(|rules| rules.at(End::To)));
+            if let Some(rules) = self.rules_by_atom.get(id) {
+                dirty_rules.extend(rules.at(End::From).chain(rules.at(End::To)));
+            }
         }
         for labels in &changed.relabelled {
             dirty_rules.extend(self.label_rules_matching(labels));

@@ -85,7 +85,7 @@ pub fn figures(
     args.extend(api_pki.daemon_args());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut daemon = Daemon::start_with(&lab, &dir, &scratch.0.join("log"), &args)?;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
     let pid = daemon.pid();
     let idle_kib = footprint::rss_kib(pid);
