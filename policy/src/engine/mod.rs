@@ -1416,11 +1416,12 @@ impl Engine {
             let ends = Ends::of(self.isolation(src), self.isolation(dst));
             pair_entries(src, dst, &claims, ends, OPEN_ORDER, &mut entries);
         }
-        let old = self.pairs.take((src, dst));
-        if src == IDENTITY_WORLD && old.is_empty() != entries.is_empty() {
+        let (old_one, old_more) = self.pairs.take((src, dst));
+        let had_entries = old_one.is_some() || !old_more.is_empty();
+        if src == IDENTITY_WORLD && had_entries == entries.is_empty() {
             reach_changed.insert(dst);
         }
-        for entry in old.iter().map(|entry| entry.entry(src, dst)) {
+        for entry in old_one.iter().chain(&*old_more).map(|entry| entry.entry(src, dst)) {
             policy.record((entry.prefix_len, entry.key), Some(entry.value), None);
             self.counts.policy(entry.prefix_len, -1);
         }
@@ -1558,11 +1559,13 @@ impl Pairs {
         }
     }
 
-    /// Takes the pair's entries out.
-    fn take(&mut self, pair: (IdentityId, IdentityId)) -> Box<[PairEntry]> {
+    /// Takes the pair's entries out: its one entry, or its several (an
+    /// empty list allocates nothing, so the usual pair costs no
+    /// allocation here).
+    fn take(&mut self, pair: (IdentityId, IdentityId)) -> (Option<PairEntry>, Box<[PairEntry]>) {
         match self.one.remove(&pair) {
-            Some(one) => Box::new([one]),
-            None => self.more.remove(&pair).unwrap_or_default(),
+            Some(one) => (Some(one), Box::default()),
+            None => (None, self.more.remove(&pair).unwrap_or_default()),
         }
     }
 
