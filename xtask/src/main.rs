@@ -120,7 +120,7 @@ fn build() -> anyhow::Result<PathBuf> {
 }
 
 /// Builds the test-only daemon whose map layout differs (feature
-/// `layout-test`) and copies it to `target/layout-test/bulkhead`; the
+/// `layout-test`) and keeps it as `target/layout-test/bulkhead`; the
 /// upgrade test runs it beside the release binary. A debug build: its
 /// dependencies are the ones `cargo test` builds anyway, so it costs one
 /// crate and the kernel programs, not a second release build of everything.
@@ -131,7 +131,18 @@ fn build_other_layout() -> anyhow::Result<PathBuf> {
     let dir = workspace_root().join("target/layout-test");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let copy = dir.join("bulkhead");
-    std::fs::copy(&built, &copy).with_context(|| format!("cannot copy {} to {}", built.display(), copy.display()))?;
+    // A hard link, where it can be one: the test build later replaces
+    // target/debug/bulkhead with a new file and leaves this one as it is,
+    // and a copy would take the binary's size again on disk.
+    match std::fs::remove_file(&copy) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).with_context(|| format!("cannot replace {}", copy.display())),
+    }
+    if std::fs::hard_link(&built, &copy).is_err() {
+        std::fs::copy(&built, &copy)
+            .with_context(|| format!("cannot copy {} to {}", built.display(), copy.display()))?;
+    }
     Ok(copy)
 }
 
