@@ -540,10 +540,11 @@ impl Checks {
         if name == WORLD || name == HOST {
             self.problems.reserved_names -= 1;
         }
-        if let Some(id) = self.identity_id(name) {
+        let id = self.identity_id(name);
+        if let Some(id) = id {
             self.keep_compiled(id);
         }
-        if let Some(id) = self.identity_id(name)
+        if let Some(id) = id
             && let Some(record) = self.identities.get_mut(id as usize).and_then(Option::as_mut)
         {
             let strays = record.strays;

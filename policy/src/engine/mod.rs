@@ -951,14 +951,12 @@ impl Engine {
             self.checks.merge_pods(id);
             let wanted = self.checks.identity(id).cloned();
             let current = self.checks.compiled_identity(id).cloned();
-            if let (Some(a), Some(b)) = (&current, &wanted)
-                && Arc::ptr_eq(a, b)
-            {
+            let unchanged = matches!((&current, &wanted), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
+            self.checks.set_compiled(id, wanted.clone());
+            if unchanged {
                 // Nothing to compile; what is compiled is in force again.
-                self.checks.set_compiled(id, wanted);
                 continue;
             }
-            self.checks.set_compiled(id, wanted.clone());
             let old_nets: BTreeSet<IpNet> = current.iter().flat_map(|i| i.addresses()).collect();
             let new_nets: BTreeSet<IpNet> = wanted.iter().flat_map(|i| i.addresses()).collect();
             // All releases before all claims: an address may pass from one
