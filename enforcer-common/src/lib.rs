@@ -198,7 +198,7 @@ pub const SLOT_BITS: u32 = 8;
 /// places aligned prefixes, so one lookup resolves any port range or
 /// protocol wildcard.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyKeyData {
     /// The policy slot (see [`slot_of`]).
     pub slot: u8,

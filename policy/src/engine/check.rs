@@ -147,6 +147,12 @@ impl NameIndex {
         self.numbers.insert_unique(hash, id, |&other| hasher.hash_one(name_in(records, other)));
     }
 
+    /// Room for `more` numbers without growing on the way.
+    fn reserve(&mut self, more: usize, records: &[Option<IdentityRecord>]) {
+        let hasher = &self.hasher;
+        self.numbers.reserve(more, |&other| hasher.hash_one(name_in(records, other)));
+    }
+
     /// Forgets `name`: call while its record is still in `records`.
     fn remove(&mut self, name: &str, records: &[Option<IdentityRecord>]) {
         let hash = self.hasher.hash_one(name);
@@ -205,6 +211,11 @@ impl RuleRecords {
         let hasher = &self.hasher;
         let hash = hasher.hash_one(&*record.rule.name);
         self.records.insert_unique(hash, record, |other| hasher.hash_one(&*other.rule.name));
+    }
+
+    fn reserve(&mut self, more: usize) {
+        let hasher = &self.hasher;
+        self.records.reserve(more, |other| hasher.hash_one(&*other.rule.name));
     }
 
     fn remove(&mut self, name: &str) {
@@ -504,6 +515,16 @@ impl Checks {
 
     /// Adds a declaration; its addresses are counted in `partition`,
     /// which holds every prefix anyway.
+    /// Makes room for a fragment of `identities` and `rules` at once: a
+    /// large file's records would otherwise grow their tables a step at a
+    /// time, each step moving every record made before it.
+    pub(super) fn reserve(&mut self, identities: usize, rules: usize) {
+        let free = self.free_ids.len() + (self.identities.capacity() - self.identities.len());
+        self.identities.reserve_exact(identities.saturating_sub(free));
+        self.identity_ids.reserve(identities, &self.identities);
+        self.rules.reserve(rules);
+    }
+
     pub(super) fn add_identity(&mut self, identity: &Arc<Identity>, partition: &mut Partition) {
         let name = &*identity.name;
         if name == WORLD || name == HOST {

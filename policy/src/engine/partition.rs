@@ -11,7 +11,7 @@
 //! `settle` visits them in address order, where every prefix comes after
 //! the prefixes containing it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, btree_map};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 
@@ -234,8 +234,10 @@ pub(super) struct Partition {
     unowned: SmallSet<IdentityId>,
     by_selector: NumberMap<SelectorId, SmallSet<IdentityId>>,
     pool: IdPool,
-    /// Prefixes whose role changed since the last settle.
-    dirty: BTreeSet<IpNet>,
+    /// Prefixes whose role changed since the last settle, in the order
+    /// they changed (sorted once, at the settle: a load of 100,000
+    /// addresses spent 2% of its time keeping a set of them in order).
+    dirty: Vec<IpNet>,
 }
 
 impl Partition {
@@ -251,7 +253,7 @@ impl Partition {
             unowned: SmallSet::default(),
             by_selector: NumberMap::default(),
             pool: IdPool::starting_at(first_dynamic),
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
         };
         let mut world = AtomState::new((None, Box::default()), IDENTITY_FLAG_NO_RULES_FROM_WORLD);
         world.prefixes = 2;
@@ -322,16 +324,19 @@ impl Partition {
 
     /// The state of `net`, to be derived again at the next settle.
     fn state(&mut self, net: IpNet) -> &mut PrefixState {
-        self.dirty.insert(net);
+        self.dirty.push(net);
         self.state_kept(net)
     }
 
     /// The state of `net`, made if there is none.
     fn state_kept(&mut self, net: IpNet) -> &mut PrefixState {
-        if !self.prefixes.contains_key(&net) {
-            *self.lengths.entry((net.addr().is_ipv4(), net.prefix_len())).or_default() += 1;
+        match self.prefixes.entry(net) {
+            btree_map::Entry::Occupied(known) => known.into_mut(),
+            btree_map::Entry::Vacant(new) => {
+                *self.lengths.entry((net.addr().is_ipv4(), net.prefix_len())).or_default() += 1;
+                new.insert(PrefixState::new(false))
+            }
         }
-        self.prefixes.entry(net).or_insert_with(|| PrefixState::new(false))
     }
 
     /// Rebuilds the prefix table from its entries (see [`super::Engine::compact`]).
@@ -391,6 +396,10 @@ impl Partition {
             .filter_map(|(&(_, length), _)| IpNet::new(net.addr(), length).ok())
             .filter(|outer| declared(&outer.trunc()))
             .count();
+        if net.prefix_len() == net.max_prefix_len() {
+            // A single address has nothing nested in it.
+            return covering;
+        }
         let last = IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(net);
         let nested = self
             .prefixes
@@ -440,21 +449,23 @@ impl Partition {
         })
     }
 
-    /// The prefixes `dirty` and every prefix nested in one of them.
-    fn region(&self, dirty: BTreeSet<IpNet>) -> BTreeSet<IpNet> {
-        // Single addresses contain no other prefix: then the region is
-        // what changed (the common case, and a load of 100,000 of them).
-        if dirty.iter().all(|net| net.prefix_len() == net.max_prefix_len()) {
-            return dirty;
+    /// The prefixes `dirty` and every prefix nested in one of them, in
+    /// order, each once.
+    fn region(&self, mut dirty: Vec<IpNet>) -> Vec<IpNet> {
+        let mut nested = Vec::new();
+        for net in &dirty {
+            // A single address contains no other prefix (the common case,
+            // and a load of 100,000 of them).
+            if net.prefix_len() != net.max_prefix_len() {
+                let last = IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(*net);
+                let inside = self.prefixes.range(*net..=last).map(|(inner, _)| *inner);
+                nested.extend(inside.filter(|inner| net.contains(inner)));
+            }
         }
-        let mut region: BTreeSet<IpNet> = BTreeSet::new();
-        for net in dirty {
-            let last = IpNet::new(net.broadcast(), net.max_prefix_len()).unwrap_or(net);
-            let nested = self.prefixes.range(net..=last).map(|(inner, _)| *inner);
-            region.extend(nested.filter(|inner| net.contains(inner)));
-            region.insert(net);
-        }
-        region
+        dirty.append(&mut nested);
+        dirty.sort_unstable();
+        dirty.dedup();
+        dirty
     }
 
     /// Derives again every prefix whose role changed and the prefixes

@@ -43,6 +43,9 @@ struct Line {
     /// Byte offset of the first non-space byte.
     content: usize,
     end: usize,
+    /// All ASCII: a column is then a byte offset (most policy lines are,
+    /// and a flow line has a dozen marks to place).
+    ascii: bool,
 }
 
 impl Line {
@@ -72,7 +75,8 @@ impl<'t> Lines<'t> {
             self.number += 1;
             let content = start + bytes[start..end].iter().take_while(|&&b| b == b' ').count();
             if content < end && bytes[content] != b'#' {
-                return Some(Line { number: self.number, start, content, end });
+                let ascii = bytes[start..end].is_ascii();
+                return Some(Line { number: self.number, start, content, end, ascii });
             }
         }
         None
@@ -129,7 +133,16 @@ struct Reader<'t, 'o> {
 
 impl Reader<'_, '_> {
     fn mark(&self, line: &Line, at: usize) -> Mark {
-        Mark { line: line.number, column: column_of(self.text, line.start, at) }
+        Mark { line: line.number, column: self.column(line, at) }
+    }
+
+    /// The 1-based column of byte `at` of `line`.
+    fn column(&self, line: &Line, at: usize) -> u32 {
+        if line.ascii {
+            u32::try_from(at - line.start + 1).unwrap_or(u32::MAX)
+        } else {
+            column_of(self.text, line.start, at)
+        }
     }
 
     fn byte(&self, at: usize) -> u8 {
@@ -241,7 +254,7 @@ impl Reader<'_, '_> {
     /// A node starting at byte `at` of `line` (in block context): a block
     /// sequence or mapping opening here, or a one-line flow or scalar node.
     fn node_block(&mut self, line: &Line, at: usize, compact: bool) -> Read<()> {
-        let indent = column_of(self.text, line.start, at) as usize - 1;
+        let indent = self.column(line, at) as usize - 1;
         if self.is_item(at) {
             let content = self.skip_spaces(at + 1, line.end);
             // The general parser marks an indented sequence at its first
@@ -281,7 +294,7 @@ impl Reader<'_, '_> {
             return Err(GiveUp);
         }
         if self.key_end(line, content).is_some() {
-            let column = column_of(self.text, line.start, content) as usize - 1;
+            let column = self.column(line, content) as usize - 1;
             self.out.mapping_start(self.mark(line, content));
             self.stack.push(Block::Mapping(column));
             return self.entry(line, content, column);
