@@ -213,6 +213,7 @@ impl RuleRecords {
         self.records.insert_unique(hash, record, |other| hasher.hash_one(&*other.rule.name));
     }
 
+    /// Room for `more` records without growing on the way.
     fn reserve(&mut self, more: usize) {
         let hasher = &self.hasher;
         self.records.reserve(more, |other| hasher.hash_one(&*other.rule.name));
@@ -513,18 +514,28 @@ impl Checks {
         }
     }
 
-    /// Adds a declaration; its addresses are counted in `partition`,
-    /// which holds every prefix anyway.
     /// Makes room for a fragment of `identities` and `rules` at once: a
     /// large file's records would otherwise grow their tables a step at a
-    /// time, each step moving every record made before it.
+    /// time, each step moving every record made before it. Room for that
+    /// many in all, not that many more: a file read again finds its names'
+    /// records still here (they stay to the end of the change), and room
+    /// for a second set of them would stay empty for good.
     pub(super) fn reserve(&mut self, identities: usize, rules: usize) {
-        let free = self.free_ids.len() + (self.identities.capacity() - self.identities.len());
-        self.identities.reserve_exact(identities.saturating_sub(free));
-        self.identity_ids.reserve(identities, &self.identities);
-        self.rules.reserve(rules);
+        let numbered = self.identities.len() - self.free_ids.len();
+        let more = identities.saturating_sub(numbered);
+        self.identities.reserve_exact(more.saturating_sub(self.free_ids.len()));
+        self.identity_ids.reserve(more, &self.identities);
+        self.rules.reserve(rules.saturating_sub(self.rules.records.len()));
     }
 
+    /// Room in the identity records, their index and the rule records.
+    #[cfg(test)]
+    pub(super) fn capacities(&self) -> (usize, usize, usize) {
+        (self.identities.capacity(), self.identity_ids.numbers.capacity(), self.rules.records.capacity())
+    }
+
+    /// Adds a declaration; its addresses are counted in `partition`,
+    /// which holds every prefix anyway.
     pub(super) fn add_identity(&mut self, identity: &Arc<Identity>, partition: &mut Partition) {
         let name = &*identity.name;
         if name == WORLD || name == HOST {

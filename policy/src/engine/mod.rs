@@ -1727,6 +1727,39 @@ mod tests {
         assert!(Name::ptr_eq(to, &fragment.identities[1].name), "the peer's name is the declaration's");
     }
 
+    /// A large file is given room for its records at once, and read again
+    /// it finds room enough: the tables do not grow.
+    #[test]
+    fn a_file_read_again_keeps_the_room_it_was_given() {
+        use std::fmt::Write as _;
+        let text = |port: u16| {
+            let mut text =
+                "apiVersion: bulkhead/v1\nkind: SegmentPolicy\nmetadata: {name: p}\nspec:\n  identities:\n".to_owned();
+            for i in 0..2000 {
+                let _ = writeln!(text, "    - {{name: id{i}, addresses: [\"10.0.{}.{}\"]}}", i / 256, i % 256);
+            }
+            text += "  rules:\n";
+            for i in 0..2000 {
+                let _ = writeln!(
+                    text,
+                    "    - {{name: r{i}, from: [{{identity: id{i}}}], to: [{{identity: id{}}}], ports: [\"{port}/tcp\"]}}",
+                    (i + 1) % 2000
+                );
+            }
+            text
+        };
+        let change = |port| vec![SourceChange { source: "p.yaml".into(), contents: Contents::Text(text(port)) }];
+        let mut engine = Engine::new();
+        engine.apply(change(80), SystemTime::now()).unwrap();
+        engine.commit();
+        let (records, index, rules) = engine.checks.capacities();
+        assert!((2000..2250).contains(&records), "{records}");
+        assert!(index >= 2000 && rules >= 2000, "{index} {rules}");
+        engine.apply(change(81), SystemTime::now()).unwrap();
+        engine.commit();
+        assert_eq!(engine.checks.capacities(), (records, index, rules));
+    }
+
     /// Between changes every identity has its declaration in force
     /// compiled, so nothing is kept apart; a refused change leaves the
     /// same.
