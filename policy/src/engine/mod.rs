@@ -186,10 +186,10 @@ fn compose<K: Ord + Clone, V: PartialEq + Clone>(first: Vec<Delta<K, V>>, then: 
 
 /// Collects changes by key, keeping the first old and the last new value.
 /// Changes are kept in the order they come and brought together by key
-/// once, at the end: a full load records 100,000 identity entries, and
-/// appending them then sorting (they come nearly in order) took a quarter
-/// of the time a hash map keyed by entry did, which missed the cache on
-/// every one.
+/// once, at the end, with a sort: a full load records 200,000 entries, and
+/// a hash map keyed by entry, which missed the cache on every one, took 9%
+/// of the load's time; appending and sorting takes under 4% (identity
+/// entries come nearly in order).
 struct Recorder<K, V> {
     changes: Vec<Delta<K, V>>,
 }
